@@ -1,0 +1,187 @@
+//! Conversion workflows over any model that exposes its linear layers by name:
+//! `quantize_dynamic`; `prepare` → run calibration data → `convert`; `prepare_qat` → train →
+//! `convert`. The PyTorch verbs, as a visitor over [`QLinear`]s (no global hooks).
+
+mod pattern;
+
+pub use pattern::matches;
+
+use crate::nn::{ActivationQuant, QLinear, QLinearKind};
+use crate::observer::{MinMaxObserver, Observer};
+use crate::quant::{QDType, QScheme, QSpec};
+use candle_core::{bail, Result};
+
+/// A model whose linear layers can be visited, each with its full name.
+pub trait Quantizable {
+    /// Calls `f` on every [`QLinear`] of the model, in a fixed order.
+    fn visit_linears(&mut self, f: &mut dyn FnMut(&mut QLinear) -> Result<()>) -> Result<()>;
+}
+
+impl Quantizable for QLinear {
+    fn visit_linears(&mut self, f: &mut dyn FnMut(&mut QLinear) -> Result<()>) -> Result<()> {
+        f(self)
+    }
+}
+
+impl<T: Quantizable> Quantizable for [T] {
+    fn visit_linears(&mut self, f: &mut dyn FnMut(&mut QLinear) -> Result<()>) -> Result<()> {
+        self.iter_mut().try_for_each(|m| m.visit_linears(f))
+    }
+}
+
+impl<T: Quantizable> Quantizable for Vec<T> {
+    fn visit_linears(&mut self, f: &mut dyn FnMut(&mut QLinear) -> Result<()>) -> Result<()> {
+        self.as_mut_slice().visit_linears(f)
+    }
+}
+
+/// Observer factory used by `prepare`/`prepare_qat` for each layer's input.
+pub type ObserverFactory = fn() -> Box<dyn Observer>;
+
+/// Which layers to convert and how.
+///
+/// A layer is selected when it matches some `include` pattern (all layers when `include` is
+/// empty) and no `exclude` pattern. Per-layer activation overrides: the first matching
+/// `(pattern, ActivationQuant)` wins.
+#[derive(Debug, Clone)]
+pub struct QuantConfig {
+    pub include: Vec<String>,
+    pub exclude: Vec<String>,
+    pub activation: ActivationQuant,
+    pub overrides: Vec<(String, ActivationQuant)>,
+    /// Observer for static calibration and QAT inputs.
+    pub observer: ObserverFactory,
+}
+
+/// Per-tensor affine qint8 min/max: the default static activation observer.
+pub fn default_static_observer() -> Box<dyn Observer> {
+    Box::new(MinMaxObserver::new(QSpec::new(QDType::QInt8, QScheme::Affine)))
+}
+
+impl Default for QuantConfig {
+    fn default() -> Self {
+        Self {
+            include: vec![],
+            exclude: vec![],
+            activation: ActivationQuant::default(),
+            overrides: vec![],
+            observer: default_static_observer,
+        }
+    }
+}
+
+impl QuantConfig {
+    pub fn include(mut self, pattern: impl Into<String>) -> Self {
+        self.include.push(pattern.into());
+        self
+    }
+
+    pub fn exclude(mut self, pattern: impl Into<String>) -> Self {
+        self.exclude.push(pattern.into());
+        self
+    }
+
+    pub fn activation(mut self, act: ActivationQuant) -> Self {
+        self.activation = act;
+        self
+    }
+
+    pub fn override_activation(mut self, pattern: impl Into<String>, act: ActivationQuant) -> Self {
+        self.overrides.push((pattern.into(), act));
+        self
+    }
+
+    pub fn observer(mut self, factory: ObserverFactory) -> Self {
+        self.observer = factory;
+        self
+    }
+
+    /// Whether the layer called `name` is selected.
+    pub fn selects(&self, name: &str) -> bool {
+        (self.include.is_empty() || self.include.iter().any(|p| matches(p, name))) && !self.exclude.iter().any(|p| matches(p, name))
+    }
+
+    /// Activation quantization for the layer called `name`.
+    pub fn activation_for(&self, name: &str) -> ActivationQuant {
+        self.overrides.iter().find(|(p, _)| matches(p, name)).map_or(self.activation, |(_, a)| *a)
+    }
+}
+
+/// Which layers a conversion changed and which it left alone.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ConversionReport {
+    pub converted: Vec<String>,
+    pub skipped: Vec<String>,
+}
+
+fn convert_selected(
+    model: &mut (impl Quantizable + ?Sized),
+    config: &QuantConfig,
+    mut step: impl FnMut(&mut QLinear) -> Result<bool>,
+) -> Result<ConversionReport> {
+    let mut report = ConversionReport::default();
+    model.visit_linears(&mut |layer| {
+        let name = layer.name().to_string();
+        if config.selects(&name) && step(layer)? {
+            report.converted.push(name);
+        } else {
+            report.skipped.push(name);
+        }
+        Ok(())
+    })?;
+    Ok(report)
+}
+
+/// Swaps every selected layer for a dynamic int8 one (int8 weights per output channel,
+/// activations quantized on the fly) — the counterpart of
+/// `torch.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)`.
+pub fn quantize_dynamic(model: &mut (impl Quantizable + ?Sized), config: &QuantConfig) -> Result<ConversionReport> {
+    convert_selected(model, config, |layer| {
+        let act = config.activation_for(layer.name());
+        layer.quantize_dynamic(act)?;
+        Ok(true)
+    })
+}
+
+/// Swaps every selected layer for a weight-only int8 one.
+pub fn quantize_weight_only(model: &mut (impl Quantizable + ?Sized), config: &QuantConfig) -> Result<ConversionReport> {
+    convert_selected(model, config, |layer| layer.quantize_weight_only().map(|_| true))
+}
+
+/// Static quantization, step 1: selected float layers start observing their inputs.
+/// Run calibration data through the model, then call [`convert`].
+pub fn prepare(model: &mut (impl Quantizable + ?Sized), config: &QuantConfig) -> Result<ConversionReport> {
+    convert_selected(model, config, |layer| match layer.kind() {
+        QLinearKind::Float(_) => layer.observe_with((config.observer)()).map(|_| true),
+        _ => Ok(false),
+    })
+}
+
+/// QAT, step 1: selected float layers become fake-quantized with trainable weights.
+/// Train, then call [`convert`].
+pub fn prepare_qat(model: &mut (impl Quantizable + ?Sized), config: &QuantConfig) -> Result<ConversionReport> {
+    convert_selected(model, config, |layer| match layer.kind() {
+        QLinearKind::Float(_) => layer.prepare_qat((config.observer)()).map(|_| true),
+        _ => Ok(false),
+    })
+}
+
+/// Static quantization / QAT, last step: observed and fake-quant layers become static int8
+/// layers with the activation qparams their observers learned. Fails, naming the layer, if a
+/// layer saw no calibration data.
+pub fn convert(model: &mut (impl Quantizable + ?Sized)) -> Result<ConversionReport> {
+    let mut report = ConversionReport::default();
+    model.visit_linears(&mut |layer| {
+        if matches!(layer.kind(), QLinearKind::Observed(_) | QLinearKind::FakeQuant(_)) {
+            layer.convert_static()?;
+            report.converted.push(layer.name().to_string());
+        } else {
+            report.skipped.push(layer.name().to_string());
+        }
+        Ok(())
+    })?;
+    if report.converted.is_empty() {
+        bail!("convert found no prepared layer: call prepare or prepare_qat first")
+    }
+    Ok(report)
+}

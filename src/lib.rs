@@ -1,0 +1,38 @@
+//! # candle-quant
+//!
+//! Int8 quantization for [candle](https://github.com/huggingface/candle): observers, int8
+//! `Linear` modules (dynamic, static, weight-only), fake quantization for QAT, and the
+//! conversion verbs `quantize_dynamic`, `prepare` → `convert`, `prepare_qat` → `convert`.
+//!
+//! `q = clamp(round(x / scale) + zero_point, qmin, qmax)`, `x ≈ (q − zero_point) · scale`.
+//!
+//! ```
+//! use candle_core::{Device, Module, Tensor};
+//! use candle_quant::{quantize_dynamic, QLinear, QuantConfig};
+//!
+//! # fn main() -> candle_core::Result<()> {
+//! let dev = Device::Cpu;
+//! let w = Tensor::randn(0f32, 1.0, (8, 16), &dev)?;
+//! let float = candle_nn::Linear::new(w, None);
+//! let mut layer = QLinear::from_linear(&float, "proj")?;
+//! let report = quantize_dynamic(&mut layer, &QuantConfig::default())?;
+//! assert_eq!(report.converted, ["proj"]);
+//! let x = Tensor::randn(0f32, 1.0, (2, 16), &dev)?;
+//! let (y, y_ref) = (layer.forward(&x)?, float.forward(&x)?);
+//! let err = (y - &y_ref)?.abs()?.max_all()?.to_scalar::<f32>()?;
+//! assert!(err < 0.1 * y_ref.abs()?.max_all()?.to_scalar::<f32>()?);
+//! # Ok(()) }
+//! ```
+//!
+//! Layers, from the maths up: [`quant`] → [`observer`], [`kernels`] → [`nn`] → [`convert`].
+
+pub mod convert;
+pub mod kernels;
+pub mod nn;
+pub mod observer;
+pub mod quant;
+
+pub use convert::{convert, prepare, prepare_qat, quantize_dynamic, quantize_weight_only, ConversionReport, QuantConfig, Quantizable};
+pub use nn::{ActivationQuant, QLinear, QLinearKind};
+pub use observer::{HistogramObserver, MinMaxObserver, Observer, PercentileObserver};
+pub use quant::{dequantize_value, fake_quantize, quantize_value, Granularity, QDType, QParams, QScheme, QSpec, QTensor};

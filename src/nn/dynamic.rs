@@ -1,0 +1,70 @@
+//! Dynamic int8 linear: int8 weights ahead of time, activations quantized on every call.
+
+use crate::kernels::{int8_linear, PackedInt8Weights, QuantizedActivations};
+use candle_core::{bail, Result};
+
+/// How activations are quantized on the fly (symmetric int8, `[-127, 127]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ActivationQuant {
+    /// One scale per token (row).
+    PerToken,
+    /// One scale per run of `n` input channels within a token, so one outlier channel only
+    /// coarsens its own group.
+    PerGroup(usize),
+}
+
+impl Default for ActivationQuant {
+    /// Per group of 32 input channels: the granularity candle's Q8_0 uses for its activations.
+    fn default() -> Self {
+        ActivationQuant::PerGroup(32)
+    }
+}
+
+impl ActivationQuant {
+    pub(crate) fn validate(&self) -> Result<()> {
+        if let ActivationQuant::PerGroup(0) = self {
+            bail!("activation group size must be at least 1")
+        }
+        Ok(())
+    }
+
+    /// Group size for a row of `k` values.
+    pub fn group_size(&self, k: usize) -> usize {
+        match *self {
+            ActivationQuant::PerToken => k,
+            ActivationQuant::PerGroup(g) => g.min(k),
+        }
+    }
+}
+
+/// `y = sw ⊙ Σ_g sa_g · (qa_g · qw_gᵀ) + b` with `qa = round(x / sa)` computed per call.
+#[derive(Debug, Clone)]
+pub struct DynamicLinear {
+    weights: PackedInt8Weights,
+    bias: Option<Vec<f32>>,
+    act: ActivationQuant,
+}
+
+impl DynamicLinear {
+    pub fn new(weights: PackedInt8Weights, bias: Option<Vec<f32>>, act: ActivationQuant) -> Self {
+        Self { weights, bias, act }
+    }
+
+    pub fn weights(&self) -> &PackedInt8Weights {
+        &self.weights
+    }
+
+    pub fn bias(&self) -> Option<&[f32]> {
+        self.bias.as_deref()
+    }
+
+    pub fn activation_quant(&self) -> ActivationQuant {
+        self.act
+    }
+
+    pub(crate) fn forward_rows(&self, x: &[f32], m: usize, out: &mut [f32]) -> Result<()> {
+        let k = self.weights.in_features();
+        let acts = QuantizedActivations::quantize_dynamic(x, m, k, self.act.group_size(k))?;
+        int8_linear(&acts, &self.weights, self.bias(), out)
+    }
+}

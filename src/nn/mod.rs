@@ -1,0 +1,265 @@
+//! `QLinear`: one linear layer type whose kind (float, int8 dynamic/static/weight-only,
+//! observing, fake-quantized) is a closed enum, so a model holds one type and conversion swaps
+//! the kind in place.
+
+mod dynamic;
+mod fake_quant;
+mod observed;
+mod static_linear;
+mod weight_only;
+
+pub use dynamic::{ActivationQuant, DynamicLinear};
+pub use fake_quant::FakeQuantLinear;
+pub use observed::ObservedLinear;
+pub use static_linear::StaticLinear;
+pub use weight_only::WeightOnlyLinear;
+
+use crate::kernels::PackedInt8Weights;
+use crate::observer::Observer;
+use crate::quant::float_values;
+use candle_core::{bail, DType, Module, Result, Tensor};
+use candle_nn::{Linear, VarBuilder};
+
+/// What a [`QLinear`] currently is.
+#[derive(Debug, Clone)]
+pub enum QLinearKind {
+    /// `candle_nn::Linear`, untouched.
+    Float(Linear),
+    /// Int8 weights; activations quantized on the fly per token or per group.
+    Dynamic(DynamicLinear),
+    /// Int8 weights and activations, activation qparams fixed by calibration.
+    Static(StaticLinear),
+    /// Int8 weights, float activations.
+    WeightOnly(WeightOnlyLinear),
+    /// Float forward that records input ranges for calibration.
+    Observed(ObservedLinear),
+    /// Fake-quantized weights and activations with trainable weights (QAT).
+    FakeQuant(FakeQuantLinear),
+}
+
+/// A linear layer `y = x·Wᵀ + b` that knows its name (its VarBuilder path) and can be
+/// quantized in place.
+#[derive(Debug, Clone)]
+pub struct QLinear {
+    name: String,
+    in_features: usize,
+    out_features: usize,
+    kind: QLinearKind,
+}
+
+impl QLinear {
+    /// Loads `weight` `[out, in]` (and `bias` `[out]`) from `vb`, like `candle_nn::linear_b`.
+    pub fn load(in_features: usize, out_features: usize, bias: bool, vb: VarBuilder) -> Result<Self> {
+        let name = vb.prefix();
+        let linear = candle_nn::linear_b(in_features, out_features, bias, vb)
+            .map_err(|e| e.context(format!("loading linear layer '{name}'")))?;
+        Ok(Self { name, in_features, out_features, kind: QLinearKind::Float(linear) })
+    }
+
+    /// Wraps an existing float layer under `name`.
+    pub fn from_linear(linear: &Linear, name: impl Into<String>) -> Result<Self> {
+        let name = name.into();
+        let &[out_features, in_features] = linear.weight().dims() else {
+            bail!("layer '{name}': weight must be 2-D [out, in], got shape {:?}", linear.weight().shape())
+        };
+        if let Some(b) = linear.bias() {
+            if b.dims() != [out_features] {
+                bail!("layer '{name}': bias shape {:?} does not match {out_features} outputs", b.shape())
+            }
+        }
+        Ok(Self { name, in_features, out_features, kind: QLinearKind::Float(linear.clone()) })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn in_features(&self) -> usize {
+        self.in_features
+    }
+
+    pub fn out_features(&self) -> usize {
+        self.out_features
+    }
+
+    pub fn kind(&self) -> &QLinearKind {
+        &self.kind
+    }
+
+    /// Replaces the kind with one built by hand; its shapes must match the layer's.
+    pub fn set_kind(&mut self, kind: QLinearKind) -> Result<()> {
+        let probe = Self { name: self.name.clone(), in_features: self.in_features, out_features: self.out_features, kind };
+        let l = probe.float_equivalent()?;
+        if l.weight().dims() != [self.out_features, self.in_features] {
+            bail!("layer '{}' is {}→{}, the new kind has weights of shape {:?}", self.name, self.in_features, self.out_features, l.weight().shape())
+        }
+        self.kind = probe.kind;
+        Ok(())
+    }
+
+    /// Short label of the kind: `float`, `int8-dynamic`, `int8-static`, `int8-weight-only`,
+    /// `observed`, `fake-quant`.
+    pub fn kind_name(&self) -> &'static str {
+        match self.kind {
+            QLinearKind::Float(_) => "float",
+            QLinearKind::Dynamic(_) => "int8-dynamic",
+            QLinearKind::Static(_) => "int8-static",
+            QLinearKind::WeightOnly(_) => "int8-weight-only",
+            QLinearKind::Observed(_) => "observed",
+            QLinearKind::FakeQuant(_) => "fake-quant",
+        }
+    }
+
+    /// Whether the weights are stored as int8.
+    pub fn is_int8(&self) -> bool {
+        matches!(self.kind, QLinearKind::Dynamic(_) | QLinearKind::Static(_) | QLinearKind::WeightOnly(_))
+    }
+
+    /// Bytes held by weights and bias.
+    pub fn weight_bytes(&self) -> usize {
+        let tensor_bytes = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
+        let float = |l: &Linear| tensor_bytes(l.weight()) + l.bias().map_or(0, tensor_bytes);
+        match &self.kind {
+            QLinearKind::Float(l) => float(l),
+            QLinearKind::Observed(o) => float(o.linear()),
+            QLinearKind::FakeQuant(f) => f.weight_bytes(),
+            QLinearKind::Dynamic(d) => d.weights().nbytes() + d.bias().map_or(0, |b| b.len() * 4),
+            QLinearKind::Static(s) => s.weights().nbytes() + s.bias().map_or(0, |b| b.len() * 4),
+            QLinearKind::WeightOnly(w) => w.weights().nbytes() + w.bias().map_or(0, |b| b.len() * 4),
+        }
+    }
+
+    /// The float layer this one computes: the original for float kinds, and a `Linear` built
+    /// from the *dequantized* weights for int8 kinds (to measure kernel error apart from
+    /// weight-rounding error).
+    pub fn float_equivalent(&self) -> Result<Linear> {
+        let int8 = |w: &PackedInt8Weights, b: Option<&[f32]>| -> Result<Linear> {
+            let device = candle_core::Device::Cpu;
+            let bias = b.map(|b| Tensor::from_slice(b, b.len(), &device)).transpose()?;
+            Ok(Linear::new(w.dequantize(&device)?, bias))
+        };
+        match &self.kind {
+            QLinearKind::Float(l) => Ok(l.clone()),
+            QLinearKind::Observed(o) => Ok(o.linear().clone()),
+            QLinearKind::FakeQuant(f) => f.float_linear(),
+            QLinearKind::Dynamic(d) => int8(d.weights(), d.bias()),
+            QLinearKind::Static(s) => int8(s.weights(), s.bias()),
+            QLinearKind::WeightOnly(w) => int8(w.weights(), w.bias()),
+        }
+    }
+
+    /// Int8 weights and f32 bias: reused when already int8, quantized per output channel
+    /// ([`crate::quant::QSpec::WEIGHT`]) from the float weights otherwise.
+    fn int8_weights(&self) -> Result<(PackedInt8Weights, Option<Vec<f32>>)> {
+        match &self.kind {
+            QLinearKind::Dynamic(d) => Ok((d.weights().clone(), d.bias().map(<[f32]>::to_vec))),
+            QLinearKind::Static(s) => Ok((s.weights().clone(), s.bias().map(<[f32]>::to_vec))),
+            QLinearKind::WeightOnly(w) => Ok((w.weights().clone(), w.bias().map(<[f32]>::to_vec))),
+            _ => {
+                let l = self.float_equivalent()?;
+                let w = PackedInt8Weights::quantize(l.weight())
+                    .map_err(|e| e.context(format!("quantizing the weight of layer '{}'", self.name)))?;
+                let b = l.bias().map(|b| float_values(b, &self.name)).transpose()?;
+                Ok((w, b))
+            }
+        }
+    }
+
+    /// Becomes [`QLinearKind::Dynamic`] (int8 weights, activations quantized per `act`).
+    pub fn quantize_dynamic(&mut self, act: ActivationQuant) -> Result<()> {
+        act.validate()?;
+        let (w, b) = self.int8_weights()?;
+        self.kind = QLinearKind::Dynamic(DynamicLinear::new(w, b, act));
+        Ok(())
+    }
+
+    /// Becomes [`QLinearKind::WeightOnly`].
+    pub fn quantize_weight_only(&mut self) -> Result<()> {
+        let (w, b) = self.int8_weights()?;
+        self.kind = QLinearKind::WeightOnly(WeightOnlyLinear::new(w, b));
+        Ok(())
+    }
+
+    /// Becomes [`QLinearKind::Observed`]: float forward that feeds its inputs to `observer`.
+    pub fn observe_with(&mut self, observer: Box<dyn Observer>) -> Result<()> {
+        let linear = self.float_equivalent()?;
+        self.kind = QLinearKind::Observed(ObservedLinear::new(linear, observer));
+        Ok(())
+    }
+
+    /// Becomes [`QLinearKind::FakeQuant`] with trainable weights and `observer` for activations.
+    pub fn prepare_qat(&mut self, observer: Box<dyn Observer>) -> Result<()> {
+        let linear = self.float_equivalent()?;
+        self.kind = QLinearKind::FakeQuant(FakeQuantLinear::new(&linear, observer)?);
+        Ok(())
+    }
+
+    /// Becomes [`QLinearKind::Static`], taking activation qparams from the observer of an
+    /// `Observed` or `FakeQuant` layer.
+    pub fn convert_static(&mut self) -> Result<()> {
+        let params = match &self.kind {
+            QLinearKind::Observed(o) => o.activation_qparams(),
+            QLinearKind::FakeQuant(f) => f.activation_qparams(),
+            _ => bail!("layer '{}' is {}: only observed or fake-quant layers carry calibrated activation ranges", self.name, self.kind_name()),
+        }
+        .map_err(|e| e.context(format!("layer '{}'", self.name)))?;
+        let (w, b) = self.int8_weights()?;
+        self.kind = QLinearKind::Static(StaticLinear::new(w, b, params)?);
+        Ok(())
+    }
+}
+
+impl Module for QLinear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match &self.kind {
+            QLinearKind::Float(l) => {
+                check_input(x, self.in_features, &self.name)?;
+                l.forward(x)
+            }
+            QLinearKind::Observed(o) => {
+                check_input(x, self.in_features, &self.name)?;
+                o.forward(x)
+            }
+            QLinearKind::FakeQuant(f) => {
+                check_input(x, self.in_features, &self.name)?;
+                f.forward(x)
+            }
+            QLinearKind::Dynamic(d) => rows_forward(x, self.in_features, self.out_features, &self.name, |xs, m, out| d.forward_rows(xs, m, out)),
+            QLinearKind::Static(s) => rows_forward(x, self.in_features, self.out_features, &self.name, |xs, m, out| s.forward_rows(xs, m, out)),
+            QLinearKind::WeightOnly(w) => rows_forward(x, self.in_features, self.out_features, &self.name, |xs, m, out| w.forward_rows(xs, m, out)),
+        }
+    }
+}
+
+fn check_input(x: &Tensor, in_features: usize, name: &str) -> Result<()> {
+    match x.dims().last() {
+        Some(&k) if k == in_features && x.rank() >= 1 => Ok(()),
+        _ => bail!("layer '{name}': expected an input whose last dimension is {in_features}, got shape {:?}", x.shape()),
+    }
+}
+
+/// Runs an int8 kernel over `x` viewed as `M×K` rows of f32 and reshapes the `M×N` result
+/// back to `x`'s leading dims, in `x`'s dtype.
+fn rows_forward(
+    x: &Tensor,
+    in_features: usize,
+    out_features: usize,
+    name: &str,
+    kernel: impl FnOnce(&[f32], usize, &mut [f32]) -> Result<()>,
+) -> Result<Tensor> {
+    check_input(x, in_features, name)?;
+    let xs = float_values(x, name)?;
+    let m = xs.len() / in_features;
+    let mut out = vec![0f32; m * out_features];
+    kernel(&xs, m, &mut out).map_err(|e| e.context(format!("layer '{name}'")))?;
+    let mut dims = x.dims().to_vec();
+    if let Some(last) = dims.last_mut() {
+        *last = out_features;
+    }
+    let y = Tensor::from_vec(out, dims, x.device())?;
+    if x.dtype() == DType::F32 {
+        Ok(y)
+    } else {
+        y.to_dtype(x.dtype())
+    }
+}

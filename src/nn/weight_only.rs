@@ -1,0 +1,29 @@
+//! Weight-only int8 linear: int8 weights, float activations.
+
+use crate::kernels::{weight_only_linear, PackedInt8Weights};
+use candle_core::Result;
+
+/// `y = x · (qw ⊙ sw)ᵀ + b`, weights widened to f32 inside the dot product.
+#[derive(Debug, Clone)]
+pub struct WeightOnlyLinear {
+    weights: PackedInt8Weights,
+    bias: Option<Vec<f32>>,
+}
+
+impl WeightOnlyLinear {
+    pub fn new(weights: PackedInt8Weights, bias: Option<Vec<f32>>) -> Self {
+        Self { weights, bias }
+    }
+
+    pub fn weights(&self) -> &PackedInt8Weights {
+        &self.weights
+    }
+
+    pub fn bias(&self) -> Option<&[f32]> {
+        self.bias.as_deref()
+    }
+
+    pub(crate) fn forward_rows(&self, x: &[f32], m: usize, out: &mut [f32]) -> Result<()> {
+        weight_only_linear(x, m, &self.weights, self.bias(), out)
+    }
+}

@@ -1,0 +1,48 @@
+//! Observers watch float tensors (weights, or activations during calibration) and turn what
+//! they saw into [`QParams`].
+//!
+//! Non-finite values (NaN, ±Inf) never enter a range: they are skipped and counted
+//! ([`Observer::nonfinite_count`]), so one bad activation cannot blow a scale up to infinity.
+//! An observer that has seen no finite value refuses to produce qparams.
+
+mod histogram;
+mod minmax;
+mod percentile;
+
+pub use histogram::HistogramObserver;
+pub use minmax::MinMaxObserver;
+pub use percentile::PercentileObserver;
+
+use crate::quant::{QParams, QSpec};
+use candle_core::{Result, Tensor};
+
+/// Something that learns a quantization range from the tensors it is shown.
+pub trait Observer: std::fmt::Debug + Send + Sync {
+    /// Folds `x` into the observed range.
+    fn observe(&mut self, x: &Tensor) -> Result<()>;
+    /// The parameters for what was observed so far; an error if nothing finite was observed.
+    fn qparams(&self) -> Result<QParams>;
+    /// Forgets everything observed.
+    fn reset(&mut self);
+    /// Integer type, scheme and range options the observer produces parameters for.
+    fn spec(&self) -> QSpec;
+    /// NaN/±Inf values seen and skipped.
+    fn nonfinite_count(&self) -> u64;
+}
+
+/// The finite extremes of `values` and how many values were not finite; `None` if none was.
+pub(crate) fn finite_min_max(values: &[f32]) -> (Option<(f32, f32)>, u64) {
+    let mut nonfinite = 0u64;
+    let mut range: Option<(f32, f32)> = None;
+    for &v in values {
+        if !v.is_finite() {
+            nonfinite += 1;
+            continue;
+        }
+        range = Some(match range {
+            None => (v, v),
+            Some((lo, hi)) => (lo.min(v), hi.max(v)),
+        });
+    }
+    (range, nonfinite)
+}

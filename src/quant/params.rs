@@ -1,0 +1,115 @@
+//! Quantization parameters: one `(scale, zero_point)` pair per slice that the granularity defines.
+
+use super::spec::{Granularity, QSpec};
+use candle_core::{bail, Result, Shape};
+
+/// Scales and zero points of one quantized tensor (or of one observer's view of a tensor).
+#[derive(Debug, Clone, PartialEq)]
+pub struct QParams {
+    pub spec: QSpec,
+    pub granularity: Granularity,
+    pub scales: Vec<f32>,
+    pub zero_points: Vec<i32>,
+}
+
+impl QParams {
+    /// Per-tensor parameters for the range `[min, max]`.
+    pub fn per_tensor(spec: QSpec, min: f32, max: f32) -> Result<Self> {
+        Self::from_min_max(spec, Granularity::PerTensor, &[min], &[max])
+    }
+
+    /// One `(scale, zero_point)` per `(min[i], max[i])`, through [`QSpec::scale_zero_point`].
+    pub fn from_min_max(spec: QSpec, granularity: Granularity, min: &[f32], max: &[f32]) -> Result<Self> {
+        if min.len() != max.len() || min.is_empty() {
+            bail!("qparams need as many minima as maxima, and at least one (got {} and {})", min.len(), max.len())
+        }
+        let (scales, zero_points) = min
+            .iter()
+            .zip(max)
+            .map(|(&lo, &hi)| spec.scale_zero_point(lo, hi))
+            .collect::<Result<Vec<_>>>()?
+            .into_iter()
+            .unzip();
+        Ok(Self { spec, granularity, scales, zero_points })
+    }
+
+    /// Explicit parameters, checked: scales finite and positive, zero points inside the range.
+    pub fn new(spec: QSpec, granularity: Granularity, scales: Vec<f32>, zero_points: Vec<i32>) -> Result<Self> {
+        let (qmin, qmax) = spec.qrange();
+        if scales.is_empty() || scales.len() != zero_points.len() {
+            bail!("qparams need as many scales as zero points, and at least one (got {} and {})", scales.len(), zero_points.len())
+        }
+        if let Some(s) = scales.iter().find(|s| !(s.is_finite() && **s > 0.0)) {
+            bail!("scale {s} is not a finite positive number")
+        }
+        if let Some(z) = zero_points.iter().find(|z| !(qmin..=qmax).contains(*z)) {
+            bail!("zero point {z} is outside the integer range [{qmin}, {qmax}]")
+        }
+        Ok(Self { spec, granularity, scales, zero_points })
+    }
+
+    /// How the elements of a tensor of `shape` map to parameter slots.
+    pub fn layout(&self, shape: &Shape) -> Result<SlotLayout> {
+        let layout = SlotLayout::new(self.granularity, shape)?;
+        if layout.slots != self.scales.len() {
+            bail!(
+                "{:?} qparams hold {} scales but a tensor of shape {shape:?} needs {}",
+                self.granularity,
+                self.scales.len(),
+                layout.slots
+            )
+        }
+        Ok(layout)
+    }
+}
+
+/// Maps a flat (row-major) element index to its parameter slot.
+#[derive(Debug, Clone, Copy)]
+pub struct SlotLayout {
+    granularity: Granularity,
+    /// Per-channel: elements after the axis. Per-token/group: length of the last dimension.
+    inner: usize,
+    /// Per-channel: size of the axis. Per-group: groups per row.
+    span: usize,
+    group: usize,
+    /// Number of `(scale, zero_point)` pairs needed.
+    pub slots: usize,
+}
+
+impl SlotLayout {
+    pub fn new(granularity: Granularity, shape: &Shape) -> Result<Self> {
+        let dims = shape.dims();
+        let numel = shape.elem_count();
+        let last = dims.last().copied().unwrap_or(1);
+        let rows = if last == 0 { 0 } else { numel / last };
+        let (inner, span, group, slots) = match granularity {
+            Granularity::PerTensor => (1, 1, 1, 1),
+            Granularity::PerChannel { axis } => {
+                let Some(&size) = dims.get(axis) else {
+                    bail!("per-channel axis {axis} does not exist in a tensor of shape {shape:?}")
+                };
+                (dims[axis + 1..].iter().product(), size, 1, size)
+            }
+            Granularity::PerToken => (last, 1, last, rows),
+            Granularity::PerGroup { size } => {
+                if size == 0 {
+                    bail!("per-group quantization needs a group size of at least 1")
+                }
+                let groups = last.div_ceil(size);
+                (last, groups, size, rows * groups)
+            }
+        };
+        Ok(Self { granularity, inner, span, group, slots })
+    }
+
+    /// Slot of flat element `i`.
+    #[inline]
+    pub fn slot(&self, i: usize) -> usize {
+        match self.granularity {
+            Granularity::PerTensor => 0,
+            Granularity::PerChannel { .. } => (i / self.inner) % self.span,
+            Granularity::PerToken => i / self.inner,
+            Granularity::PerGroup { .. } => (i / self.inner) * self.span + (i % self.inner) / self.group,
+        }
+    }
+}

@@ -1,0 +1,56 @@
+//! Test helpers: a seeded generator (candle's CPU `randn` cannot be seeded) and error metrics.
+#![allow(dead_code)]
+
+use candle_core::{Device, Result, Tensor};
+
+/// SplitMix64 + Box–Muller: deterministic normal samples for reproducible tests.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Self(seed)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in [0, 1).
+    pub fn uniform(&mut self) -> f32 {
+        (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32
+    }
+
+    pub fn normal(&mut self) -> f32 {
+        let u1 = self.uniform().max(1e-7);
+        let u2 = self.uniform();
+        (-2.0 * u1.ln()).sqrt() * (2.0 * std::f32::consts::PI * u2).cos()
+    }
+
+    pub fn normals(&mut self, n: usize, std: f32) -> Vec<f32> {
+        (0..n).map(|_| self.normal() * std).collect()
+    }
+
+    pub fn tensor(&mut self, shape: &[usize], std: f32) -> Result<Tensor> {
+        let n = shape.iter().product();
+        Tensor::from_vec(self.normals(n, std), shape, &Device::Cpu)
+    }
+
+    pub fn i8s(&mut self, n: usize, lo: i32, hi: i32) -> Vec<i8> {
+        (0..n).map(|_| (lo + (self.next_u64() % (hi - lo + 1) as u64) as i32) as i8).collect()
+    }
+}
+
+/// `‖a − b‖ / ‖b‖` over all elements.
+pub fn rel_error(a: &Tensor, b: &Tensor) -> Result<f32> {
+    let num = (a - b)?.sqr()?.sum_all()?.to_scalar::<f32>()?.sqrt();
+    let den = b.sqr()?.sum_all()?.to_scalar::<f32>()?.sqrt();
+    Ok(num / den)
+}
+
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
+    (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
+}

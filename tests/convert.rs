@@ -1,0 +1,114 @@
+//! convert/: the workflow verbs over a model that exposes its layers through `Quantizable`.
+
+mod common;
+
+use candle_core::{Module, Result, Tensor};
+use candle_nn::Linear;
+use candle_quant::convert::{convert, prepare, prepare_qat, quantize_dynamic, QuantConfig, Quantizable};
+use candle_quant::nn::{ActivationQuant, QLinear, QLinearKind};
+use common::{rel_error, Rng};
+
+/// A two-block MLP with a head, named like a checkpoint.
+struct Mlp {
+    blocks: Vec<[QLinear; 2]>,
+    head: QLinear,
+}
+
+impl Mlp {
+    fn new(rng: &mut Rng) -> Self {
+        let mut lin = |k: usize, n: usize, name: String| {
+            let w = rng.tensor(&[n, k], 1.0 / (k as f32).sqrt()).unwrap();
+            QLinear::from_linear(&Linear::new(w, Some(rng.tensor(&[n], 0.1).unwrap())), name).unwrap()
+        };
+        let blocks = (0..2).map(|i| [lin(32, 64, format!("blocks.{i}.up")), lin(64, 32, format!("blocks.{i}.down"))]).collect();
+        Self { blocks, head: lin(32, 10, "head".into()) }
+    }
+}
+
+impl Module for Mlp {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let mut h = x.clone();
+        for [up, down] in &self.blocks {
+            h = (&h + down.forward(&up.forward(&h)?.relu()?)?)?;
+        }
+        self.head.forward(&h)
+    }
+}
+
+impl Quantizable for Mlp {
+    fn visit_linears(&mut self, f: &mut dyn FnMut(&mut QLinear) -> Result<()>) -> Result<()> {
+        for block in &mut self.blocks {
+            block.as_mut_slice().visit_linears(f)?;
+        }
+        f(&mut self.head)
+    }
+}
+
+fn kinds(m: &mut Mlp) -> Vec<(String, &'static str)> {
+    let mut out = vec![];
+    m.visit_linears(&mut |l| {
+        out.push((l.name().to_string(), l.kind_name()));
+        Ok(())
+    })
+    .unwrap();
+    out
+}
+
+#[test]
+fn quantize_dynamic_with_patterns_and_overrides() {
+    let mut rng = Rng::new(11);
+    let mut model = Mlp::new(&mut rng);
+    let x = rng.tensor(&[4, 32], 1.0).unwrap();
+    let y = model.forward(&x).unwrap();
+    let config = QuantConfig::default()
+        .exclude("head")
+        .exclude("blocks.1.*")
+        .override_activation("*.down", ActivationQuant::PerToken);
+    let report = quantize_dynamic(&mut model, &config).unwrap();
+    assert_eq!(report.converted, ["blocks.0.up", "blocks.0.down"]);
+    assert_eq!(report.skipped, ["blocks.1.up", "blocks.1.down", "head"]);
+    let QLinearKind::Dynamic(d) = model.blocks[0][1].kind() else { panic!() };
+    assert_eq!(d.activation_quant(), ActivationQuant::PerToken);
+    let QLinearKind::Dynamic(d) = model.blocks[0][0].kind() else { panic!() };
+    assert_eq!(d.activation_quant(), ActivationQuant::default());
+    assert!(rel_error(&model.forward(&x).unwrap(), &y).unwrap() < 0.02);
+    // Include patterns restrict the selection.
+    let mut model = Mlp::new(&mut rng);
+    let report = quantize_dynamic(&mut model, &QuantConfig::default().include("*.up")).unwrap();
+    assert_eq!(report.converted, ["blocks.0.up", "blocks.1.up"]);
+    assert_eq!(kinds(&mut model)[4], ("head".to_string(), "float"));
+}
+
+#[test]
+fn prepare_calibrate_convert() {
+    let mut rng = Rng::new(12);
+    let mut model = Mlp::new(&mut rng);
+    let reference = Mlp::new(&mut Rng::new(12));
+    let report = prepare(&mut model, &QuantConfig::default()).unwrap();
+    assert_eq!(report.converted.len(), 5);
+    // Converting before any data flowed names the first layer that saw nothing.
+    let e = format!("{:#}", convert(&mut model).unwrap_err());
+    assert!(e.contains("blocks.0.up"), "{e}");
+    for _ in 0..8 {
+        model.forward(&rng.tensor(&[16, 32], 1.0).unwrap()).unwrap();
+    }
+    convert(&mut model).unwrap();
+    assert!(kinds(&mut model).iter().all(|(_, k)| *k == "int8-static"));
+    let x = rng.tensor(&[16, 32], 1.0).unwrap();
+    let rel = rel_error(&model.forward(&x).unwrap(), &reference.forward(&x).unwrap()).unwrap();
+    assert!(rel < 0.05, "static model relative error {rel}");
+    // Nothing left to convert.
+    assert!(convert(&mut model).is_err());
+}
+
+#[test]
+fn prepare_qat_then_convert() {
+    let mut rng = Rng::new(13);
+    let mut model = Mlp::new(&mut rng);
+    let report = prepare_qat(&mut model, &QuantConfig::default().exclude("head")).unwrap();
+    assert_eq!(report.skipped, ["head"]);
+    model.forward(&rng.tensor(&[16, 32], 1.0).unwrap()).unwrap();
+    let report = convert(&mut model).unwrap();
+    assert_eq!(report.converted.len(), 4);
+    assert_eq!(kinds(&mut model)[4].1, "float");
+}

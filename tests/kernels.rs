@@ -1,0 +1,104 @@
+//! kernels/: the scalar reference GEMM and the fused int8 linear built on it.
+
+mod common;
+
+use candle_quant::kernels::{int8_linear, reference, PackedInt8Weights, QuantizedActivations};
+use candle_quant::quant::{Granularity, QDType, QParams, QScheme, QSpec, QTensor};
+use proptest::prelude::*;
+
+#[test]
+fn reference_gemm_golden() {
+    // a = [[1, 2], [3, 4]] with a_zp = 1 -> [[0, 1], [2, 3]]; b rows [5, 6] and [7, 8]:
+    // out = [[0·5 + 1·6, 0·7 + 1·8], [2·5 + 3·6, 2·7 + 3·8]] = [[6, 8], [28, 38]].
+    let mut out = [0i32; 4];
+    reference::gemm_i8_i32(&[1, 2, 3, 4], 1, &[5, 6, 7, 8], 0, 2, 2, 2, &mut out);
+    assert_eq!(out, [6, 8, 28, 38]);
+    // Extremes accumulate exactly: 1000 · (-128 · -128) = 16 384 000.
+    let (a, b) = (vec![-128i8; 1000], vec![-128i8; 1000]);
+    reference::gemm_i8_i32(&a, 0, &b, 0, 1, 1, 1000, &mut out[..1]);
+    assert_eq!(out[0], 16_384_000);
+}
+
+fn weights_from(values: &[i8], n: usize, k: usize, scales: Vec<f32>) -> PackedInt8Weights {
+    let params = QParams::new(QSpec::WEIGHT, Granularity::PerChannel { axis: 0 }, scales, vec![0; n]).unwrap();
+    let ints: Vec<i32> = values.iter().map(|&v| v as i32).collect();
+    PackedInt8Weights::from_qtensor(&QTensor::from_values(&ints, (n, k), params).unwrap()).unwrap()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+    /// The fused dynamic int8 linear equals `Σ_g sa·sw·gemm_g + bias`, with each group's
+    /// integer sum taken from the reference GEMM.
+    #[test]
+    fn dynamic_int8_linear_matches_reference(seed in any::<u64>(), m in 1usize..6, k in 1usize..80, n in 1usize..9, group in 1usize..40) {
+        let mut rng = common::Rng::new(seed);
+        let x = rng.normals(m * k, 2.0);
+        let qw = rng.i8s(n * k, -127, 127);
+        let sw: Vec<f32> = (0..n).map(|_| 0.01 + rng.uniform()).collect();
+        let bias: Vec<f32> = rng.normals(n, 1.0);
+        let w = weights_from(&qw, n, k, sw.clone());
+        let acts = QuantizedActivations::quantize_dynamic(&x, m, k, group).unwrap();
+        let mut got = vec![0f32; m * n];
+        int8_linear(&acts, &w, Some(&bias), &mut got).unwrap();
+
+        let g = acts.group_size();
+        for i in 0..m {
+            for j in 0..n {
+                let mut want = 0f64;
+                for (gi, &sa) in acts.row_scales(i).iter().enumerate() {
+                    let r = gi * g..((gi + 1) * g).min(k);
+                    let len = r.len();
+                    let a: Vec<i8> = acts.row(i)[r.clone()].to_vec();
+                    let b: Vec<i8> = qw[j * k..(j + 1) * k][r].to_vec();
+                    let mut acc = [0i32];
+                    reference::gemm_i8_i32(&a, 0, &b, 0, 1, 1, len, &mut acc);
+                    want += sa as f64 * acc[0] as f64;
+                }
+                let want = (want * sw[j] as f64 + bias[j] as f64) as f32;
+                prop_assert!((got[i * n + j] - want).abs() <= 1e-4 * want.abs().max(1.0), "({i},{j}) {} vs {want}", got[i * n + j]);
+            }
+        }
+    }
+
+    /// Static activations with a zero point: `sa·sw·Σ(qa − za)·qw` against the reference GEMM
+    /// that subtracts the zero point before multiplying (quint8 and qint8 activations).
+    #[test]
+    fn static_int8_linear_matches_reference(seed in any::<u64>(), m in 1usize..5, k in 1usize..70, n in 1usize..7, unsigned in any::<bool>()) {
+        let mut rng = common::Rng::new(seed);
+        let x = rng.normals(m * k, 1.5);
+        let qw = rng.i8s(n * k, -127, 127);
+        let w = weights_from(&qw, n, k, vec![0.5; n]);
+        let spec = QSpec::new(if unsigned { QDType::QUInt8 } else { QDType::QInt8 }, QScheme::Affine);
+        let (scale, zp) = spec.scale_zero_point(-2.0, 5.0).unwrap();
+        let acts = QuantizedActivations::quantize_static(&x, m, k, &spec, scale, zp).unwrap();
+        let mut got = vec![0f32; m * n];
+        int8_linear(&acts, &w, None, &mut got).unwrap();
+        // Reference on the true integer values q (not the shifted storage).
+        let q: Vec<i32> = x.iter().map(|&v| spec.quantize_value(v, scale, zp)).collect();
+        for i in 0..m {
+            for j in 0..n {
+                let acc: i64 = (0..k).map(|p| (q[i * k + p] - zp) as i64 * qw[j * k + p] as i64).sum();
+                let want = acc as f32 * scale * 0.5;
+                prop_assert!((got[i * n + j] - want).abs() <= 1e-4 * want.abs().max(1.0));
+            }
+        }
+    }
+}
+
+#[test]
+fn kernel_shape_errors() {
+    let w = weights_from(&[1, 2, 3, 4, 5, 6], 2, 3, vec![1.0, 1.0]);
+    let acts = QuantizedActivations::quantize_dynamic(&[1.0; 8], 2, 4, 4).unwrap();
+    let e = int8_linear(&acts, &w, None, &mut [0.0; 4]).unwrap_err().to_string();
+    assert!(e.contains("4 columns") && e.contains("expect 3"), "{e}");
+    let acts = QuantizedActivations::quantize_dynamic(&[1.0; 6], 2, 3, 3).unwrap();
+    assert!(int8_linear(&acts, &w, None, &mut [0.0; 3]).is_err());
+    assert!(int8_linear(&acts, &w, Some(&[0.0]), &mut [0.0; 4]).is_err());
+    assert!(QuantizedActivations::quantize_dynamic(&[1.0; 5], 2, 3, 3).is_err());
+    assert!(QuantizedActivations::quantize_dynamic(&[f32::NAN, 1.0, 1.0], 1, 3, 3).is_err());
+    // Weights outside the narrow range or with a zero point are refused.
+    let wide = QSpec::new(QDType::QInt8, QScheme::Symmetric);
+    let p = QParams::new(wide, Granularity::PerTensor, vec![1.0], vec![0]).unwrap();
+    let q = QTensor::from_values(&[-128, 0], (1, 2), p).unwrap();
+    assert!(PackedInt8Weights::from_qtensor(&q).unwrap_err().to_string().contains("-127"));
+}
