@@ -32,7 +32,13 @@ pub mod nn;
 pub mod observer;
 pub mod quant;
 
-pub use convert::{convert, prepare, prepare_qat, quantize_dynamic, quantize_weight_only, ConversionReport, QuantConfig, Quantizable};
+pub use convert::{
+    convert, prepare, prepare_qat, quantize_dynamic, quantize_weight_only, ConversionReport,
+    QuantConfig, Quantizable,
+};
 pub use nn::{ActivationQuant, QLinear, QLinearKind};
 pub use observer::{HistogramObserver, MinMaxObserver, Observer, PercentileObserver};
-pub use quant::{dequantize_value, fake_quantize, quantize_value, Granularity, QDType, QParams, QScheme, QSpec, QTensor};
+pub use quant::{
+    dequantize_value, fake_quantize, quantize_value, Granularity, QDType, QParams, QScheme, QSpec,
+    QTensor,
+};

@@ -55,7 +55,10 @@ pub struct QuantConfig {
 
 /// Per-tensor affine qint8 min/max: the default static activation observer.
 pub fn default_static_observer() -> Box<dyn Observer> {
-    Box::new(MinMaxObserver::new(QSpec::new(QDType::QInt8, QScheme::Affine)))
+    Box::new(MinMaxObserver::new(QSpec::new(
+        QDType::QInt8,
+        QScheme::Affine,
+    )))
 }
 
 impl Default for QuantConfig {
@@ -98,12 +101,16 @@ impl QuantConfig {
 
     /// Whether the layer called `name` is selected.
     pub fn selects(&self, name: &str) -> bool {
-        (self.include.is_empty() || self.include.iter().any(|p| matches(p, name))) && !self.exclude.iter().any(|p| matches(p, name))
+        (self.include.is_empty() || self.include.iter().any(|p| matches(p, name)))
+            && !self.exclude.iter().any(|p| matches(p, name))
     }
 
     /// Activation quantization for the layer called `name`.
     pub fn activation_for(&self, name: &str) -> ActivationQuant {
-        self.overrides.iter().find(|(p, _)| matches(p, name)).map_or(self.activation, |(_, a)| *a)
+        self.overrides
+            .iter()
+            .find(|(p, _)| matches(p, name))
+            .map_or(self.activation, |(_, a)| *a)
     }
 }
 
@@ -135,7 +142,10 @@ fn convert_selected(
 /// Swaps every selected layer for a dynamic int8 one (int8 weights per output channel,
 /// activations quantized on the fly) — the counterpart of
 /// `torch.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)`.
-pub fn quantize_dynamic(model: &mut (impl Quantizable + ?Sized), config: &QuantConfig) -> Result<ConversionReport> {
+pub fn quantize_dynamic(
+    model: &mut (impl Quantizable + ?Sized),
+    config: &QuantConfig,
+) -> Result<ConversionReport> {
     convert_selected(model, config, |layer| {
         let act = config.activation_for(layer.name());
         layer.quantize_dynamic(act)?;
@@ -144,13 +154,21 @@ pub fn quantize_dynamic(model: &mut (impl Quantizable + ?Sized), config: &QuantC
 }
 
 /// Swaps every selected layer for a weight-only int8 one.
-pub fn quantize_weight_only(model: &mut (impl Quantizable + ?Sized), config: &QuantConfig) -> Result<ConversionReport> {
-    convert_selected(model, config, |layer| layer.quantize_weight_only().map(|_| true))
+pub fn quantize_weight_only(
+    model: &mut (impl Quantizable + ?Sized),
+    config: &QuantConfig,
+) -> Result<ConversionReport> {
+    convert_selected(model, config, |layer| {
+        layer.quantize_weight_only().map(|_| true)
+    })
 }
 
 /// Static quantization, step 1: selected float layers start observing their inputs.
 /// Run calibration data through the model, then call [`convert`].
-pub fn prepare(model: &mut (impl Quantizable + ?Sized), config: &QuantConfig) -> Result<ConversionReport> {
+pub fn prepare(
+    model: &mut (impl Quantizable + ?Sized),
+    config: &QuantConfig,
+) -> Result<ConversionReport> {
     convert_selected(model, config, |layer| match layer.kind() {
         QLinearKind::Float(_) => layer.observe_with((config.observer)()).map(|_| true),
         _ => Ok(false),
@@ -159,7 +177,10 @@ pub fn prepare(model: &mut (impl Quantizable + ?Sized), config: &QuantConfig) ->
 
 /// QAT, step 1: selected float layers become fake-quantized with trainable weights.
 /// Train, then call [`convert`].
-pub fn prepare_qat(model: &mut (impl Quantizable + ?Sized), config: &QuantConfig) -> Result<ConversionReport> {
+pub fn prepare_qat(
+    model: &mut (impl Quantizable + ?Sized),
+    config: &QuantConfig,
+) -> Result<ConversionReport> {
     convert_selected(model, config, |layer| match layer.kind() {
         QLinearKind::Float(_) => layer.prepare_qat((config.observer)()).map(|_| true),
         _ => Ok(false),
@@ -172,7 +193,10 @@ pub fn prepare_qat(model: &mut (impl Quantizable + ?Sized), config: &QuantConfig
 pub fn convert(model: &mut (impl Quantizable + ?Sized)) -> Result<ConversionReport> {
     let mut report = ConversionReport::default();
     model.visit_linears(&mut |layer| {
-        if matches!(layer.kind(), QLinearKind::Observed(_) | QLinearKind::FakeQuant(_)) {
+        if matches!(
+            layer.kind(),
+            QLinearKind::Observed(_) | QLinearKind::FakeQuant(_)
+        ) {
             layer.convert_static()?;
             report.converted.push(layer.name().to_string());
         } else {

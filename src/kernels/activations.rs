@@ -29,7 +29,9 @@ impl QuantizedActivations {
         for (xr, qr) in x.chunks(k).zip(data.chunks_mut(k)) {
             for (xg, qg) in xr.chunks(group).zip(qr.chunks_mut(group)) {
                 // `f32::max` skips NaN, so NaN is caught by the sum (NaN + anything = NaN).
-                let (amax, probe) = xg.iter().fold((0f32, 0f32), |(a, p), v| (a.max(v.abs()), p + v * 0.0));
+                let (amax, probe) = xg
+                    .iter()
+                    .fold((0f32, 0f32), |(a, p), v| (a.max(v.abs()), p + v * 0.0));
                 if !amax.is_finite() || probe.is_nan() {
                     bail!("activation row contains a non-finite value (NaN or ±Inf)")
                 }
@@ -41,18 +43,42 @@ impl QuantizedActivations {
                 scales.push(scale);
             }
         }
-        Ok(Self { m, k, group, data, scales, zero_point: 0 })
+        Ok(Self {
+            m,
+            k,
+            group,
+            data,
+            scales,
+            zero_point: 0,
+        })
     }
 
     /// Static quantization with fixed per-tensor `scale` and `zero_point` under `spec`
     /// (qint8 or quint8; quint8 values are shifted by -128 into i8 storage, zero point with them).
-    pub fn quantize_static(x: &[f32], m: usize, k: usize, spec: &QSpec, scale: f32, zero_point: i32) -> Result<Self> {
+    pub fn quantize_static(
+        x: &[f32],
+        m: usize,
+        k: usize,
+        spec: &QSpec,
+        scale: f32,
+        zero_point: i32,
+    ) -> Result<Self> {
         check_dims(x, m, k)?;
         let (qmin, qmax) = spec.qrange();
         let shift = if qmin >= 0 { 128 } else { 0 };
         let inv = 1.0 / scale;
-        let data = x.iter().map(|&v| (quantize_value(v, inv, zero_point, qmin, qmax) - shift) as i8).collect();
-        Ok(Self { m, k, group: k.max(1), data, scales: vec![scale; m], zero_point: zero_point - shift })
+        let data = x
+            .iter()
+            .map(|&v| (quantize_value(v, inv, zero_point, qmin, qmax) - shift) as i8)
+            .collect();
+        Ok(Self {
+            m,
+            k,
+            group: k.max(1),
+            data,
+            scales: vec![scale; m],
+            zero_point: zero_point - shift,
+        })
     }
 
     pub fn rows(&self) -> usize {
@@ -90,7 +116,10 @@ impl QuantizedActivations {
 
 fn check_dims(x: &[f32], m: usize, k: usize) -> Result<()> {
     if x.len() != m * k || k == 0 {
-        bail!("activations: {} values do not form {m} rows of {k}", x.len())
+        bail!(
+            "activations: {} values do not form {m} rows of {k}",
+            x.len()
+        )
     }
     Ok(())
 }

@@ -20,13 +20,24 @@ use candle_core::{bail, Result};
 
 /// `y = dequant(acts) · dequant(weights)ᵀ + bias`, computed as integer dot products per
 /// activation group followed by a float rescale. `out` is `M×N` row-major.
-pub fn int8_linear(acts: &QuantizedActivations, weights: &PackedInt8Weights, bias: Option<&[f32]>, out: &mut [f32]) -> Result<()> {
+pub fn int8_linear(
+    acts: &QuantizedActivations,
+    weights: &PackedInt8Weights,
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+) -> Result<()> {
     let (m, k, n) = (acts.rows(), acts.cols(), weights.out_features());
     if k != weights.in_features() {
-        bail!("int8 linear: activations have {k} columns but the weights expect {}", weights.in_features())
+        bail!(
+            "int8 linear: activations have {k} columns but the weights expect {}",
+            weights.in_features()
+        )
     }
     if out.len() != m * n {
-        bail!("int8 linear: output buffer holds {} values, {m}×{n} needed", out.len())
+        bail!(
+            "int8 linear: output buffer holds {} values, {m}×{n} needed",
+            out.len()
+        )
     }
     if let Some(b) = bias {
         if b.len() != n {
@@ -58,15 +69,26 @@ pub fn int8_linear(acts: &QuantizedActivations, weights: &PackedInt8Weights, bia
 }
 
 /// `y = x · dequant(weights)ᵀ + bias` with float activations (weight-only int8).
-pub fn weight_only_linear(x: &[f32], m: usize, weights: &PackedInt8Weights, bias: Option<&[f32]>, out: &mut [f32]) -> Result<()> {
+pub fn weight_only_linear(
+    x: &[f32],
+    m: usize,
+    weights: &PackedInt8Weights,
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+) -> Result<()> {
     let (k, n) = (weights.in_features(), weights.out_features());
     if x.len() != m * k || out.len() != m * n {
-        bail!("weight-only linear: {} inputs / {} outputs do not fit {m}×{k} → {m}×{n}", x.len(), out.len())
+        bail!(
+            "weight-only linear: {} inputs / {} outputs do not fit {m}×{k} → {m}×{n}",
+            x.len(),
+            out.len()
+        )
     }
     for i in 0..m {
         let row = &x[i * k..(i + 1) * k];
         for j in 0..n {
-            out[i * n + j] = reference::dot_f32_i8(row, weights.row(j)) * weights.scale(j) + bias.map_or(0.0, |b| b[j]);
+            out[i * n + j] = reference::dot_f32_i8(row, weights.row(j)) * weights.scale(j)
+                + bias.map_or(0.0, |b| b[j]);
         }
     }
     Ok(())

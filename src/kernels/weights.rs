@@ -20,7 +20,8 @@ pub struct PackedInt8Weights {
 impl PackedInt8Weights {
     /// Quantizes a float `[out, in]` weight per output channel with [`QSpec::WEIGHT`].
     pub fn quantize(weight: &Tensor) -> Result<Self> {
-        let params = QParams::from_tensor(QSpec::WEIGHT, Granularity::PerChannel { axis: 0 }, weight)?;
+        let params =
+            QParams::from_tensor(QSpec::WEIGHT, Granularity::PerChannel { axis: 0 }, weight)?;
         Self::from_qtensor(&QTensor::quantize(weight, &params)?)
     }
 
@@ -28,7 +29,10 @@ impl PackedInt8Weights {
     /// point 0, per tensor or per output channel, and inside `[-127, 127]`.
     pub fn from_qtensor(q: &QTensor) -> Result<Self> {
         let &[n, k] = q.shape().dims() else {
-            bail!("int8 weights must be 2-D [out, in], got shape {:?}", q.shape())
+            bail!(
+                "int8 weights must be 2-D [out, in], got shape {:?}",
+                q.shape()
+            )
         };
         if n == 0 || k == 0 {
             bail!("int8 weights must not be empty, got shape {:?}", q.shape())
@@ -38,7 +42,10 @@ impl PackedInt8Weights {
         }
         let p = q.params();
         if p.zero_points.iter().any(|&z| z != 0) || p.spec.qrange().0 >= 0 {
-            bail!("int8 weights must be signed with zero point 0 (symmetric qint8), got {:?}", p.spec)
+            bail!(
+                "int8 weights must be signed with zero point 0 (symmetric qint8), got {:?}",
+                p.spec
+            )
         }
         let scales = match p.granularity {
             Granularity::PerTensor => vec![p.scales[0]; n],
@@ -50,8 +57,17 @@ impl PackedInt8Weights {
             bail!("int8 weights must lie in [-127, 127] (narrow range); -128 found")
         }
         let data: Vec<i8> = values.iter().map(|&v| v as i8).collect();
-        let row_sums = data.chunks(k).map(|r| r.iter().map(|&v| v as i32).sum()).collect();
-        Ok(Self { n, k, data, scales, row_sums })
+        let row_sums = data
+            .chunks(k)
+            .map(|r| r.iter().map(|&v| v as i32).sum())
+            .collect();
+        Ok(Self {
+            n,
+            k,
+            data,
+            scales,
+            row_sums,
+        })
     }
 
     pub fn out_features(&self) -> usize {
@@ -84,7 +100,12 @@ impl PackedInt8Weights {
 
     /// The float weights these integers stand for: `w[n,k] = q[n,k] · scale[n]`.
     pub fn dequantize(&self, device: &Device) -> Result<Tensor> {
-        let data: Vec<f32> = self.data.iter().enumerate().map(|(i, &q)| q as f32 * self.scales[i / self.k]).collect();
+        let data: Vec<f32> = self
+            .data
+            .iter()
+            .enumerate()
+            .map(|(i, &q)| q as f32 * self.scales[i / self.k])
+            .collect();
         Tensor::from_vec(data, (self.n, self.k), device)
     }
 

@@ -49,25 +49,46 @@ pub struct QLinear {
 
 impl QLinear {
     /// Loads `weight` `[out, in]` (and `bias` `[out]`) from `vb`, like `candle_nn::linear_b`.
-    pub fn load(in_features: usize, out_features: usize, bias: bool, vb: VarBuilder) -> Result<Self> {
+    pub fn load(
+        in_features: usize,
+        out_features: usize,
+        bias: bool,
+        vb: VarBuilder,
+    ) -> Result<Self> {
         let name = vb.prefix();
         let linear = candle_nn::linear_b(in_features, out_features, bias, vb)
             .map_err(|e| e.context(format!("loading linear layer '{name}'")))?;
-        Ok(Self { name, in_features, out_features, kind: QLinearKind::Float(linear) })
+        Ok(Self {
+            name,
+            in_features,
+            out_features,
+            kind: QLinearKind::Float(linear),
+        })
     }
 
     /// Wraps an existing float layer under `name`.
     pub fn from_linear(linear: &Linear, name: impl Into<String>) -> Result<Self> {
         let name = name.into();
         let &[out_features, in_features] = linear.weight().dims() else {
-            bail!("layer '{name}': weight must be 2-D [out, in], got shape {:?}", linear.weight().shape())
+            bail!(
+                "layer '{name}': weight must be 2-D [out, in], got shape {:?}",
+                linear.weight().shape()
+            )
         };
         if let Some(b) = linear.bias() {
             if b.dims() != [out_features] {
-                bail!("layer '{name}': bias shape {:?} does not match {out_features} outputs", b.shape())
+                bail!(
+                    "layer '{name}': bias shape {:?} does not match {out_features} outputs",
+                    b.shape()
+                )
             }
         }
-        Ok(Self { name, in_features, out_features, kind: QLinearKind::Float(linear.clone()) })
+        Ok(Self {
+            name,
+            in_features,
+            out_features,
+            kind: QLinearKind::Float(linear.clone()),
+        })
     }
 
     pub fn name(&self) -> &str {
@@ -88,10 +109,21 @@ impl QLinear {
 
     /// Replaces the kind with one built by hand; its shapes must match the layer's.
     pub fn set_kind(&mut self, kind: QLinearKind) -> Result<()> {
-        let probe = Self { name: self.name.clone(), in_features: self.in_features, out_features: self.out_features, kind };
+        let probe = Self {
+            name: self.name.clone(),
+            in_features: self.in_features,
+            out_features: self.out_features,
+            kind,
+        };
         let l = probe.float_equivalent()?;
         if l.weight().dims() != [self.out_features, self.in_features] {
-            bail!("layer '{}' is {}→{}, the new kind has weights of shape {:?}", self.name, self.in_features, self.out_features, l.weight().shape())
+            bail!(
+                "layer '{}' is {}→{}, the new kind has weights of shape {:?}",
+                self.name,
+                self.in_features,
+                self.out_features,
+                l.weight().shape()
+            )
         }
         self.kind = probe.kind;
         Ok(())
@@ -112,7 +144,10 @@ impl QLinear {
 
     /// Whether the weights are stored as int8.
     pub fn is_int8(&self) -> bool {
-        matches!(self.kind, QLinearKind::Dynamic(_) | QLinearKind::Static(_) | QLinearKind::WeightOnly(_))
+        matches!(
+            self.kind,
+            QLinearKind::Dynamic(_) | QLinearKind::Static(_) | QLinearKind::WeightOnly(_)
+        )
     }
 
     /// Bytes held by weights and bias.
@@ -125,7 +160,9 @@ impl QLinear {
             QLinearKind::FakeQuant(f) => f.weight_bytes(),
             QLinearKind::Dynamic(d) => d.weights().nbytes() + d.bias().map_or(0, |b| b.len() * 4),
             QLinearKind::Static(s) => s.weights().nbytes() + s.bias().map_or(0, |b| b.len() * 4),
-            QLinearKind::WeightOnly(w) => w.weights().nbytes() + w.bias().map_or(0, |b| b.len() * 4),
+            QLinearKind::WeightOnly(w) => {
+                w.weights().nbytes() + w.bias().map_or(0, |b| b.len() * 4)
+            }
         }
     }
 
@@ -135,7 +172,9 @@ impl QLinear {
     pub fn float_equivalent(&self) -> Result<Linear> {
         let int8 = |w: &PackedInt8Weights, b: Option<&[f32]>| -> Result<Linear> {
             let device = candle_core::Device::Cpu;
-            let bias = b.map(|b| Tensor::from_slice(b, b.len(), &device)).transpose()?;
+            let bias = b
+                .map(|b| Tensor::from_slice(b, b.len(), &device))
+                .transpose()?;
             Ok(Linear::new(w.dequantize(&device)?, bias))
         };
         match &self.kind {
@@ -157,8 +196,9 @@ impl QLinear {
             QLinearKind::WeightOnly(w) => Ok((w.weights().clone(), w.bias().map(<[f32]>::to_vec))),
             _ => {
                 let l = self.float_equivalent()?;
-                let w = PackedInt8Weights::quantize(l.weight())
-                    .map_err(|e| e.context(format!("quantizing the weight of layer '{}'", self.name)))?;
+                let w = PackedInt8Weights::quantize(l.weight()).map_err(|e| {
+                    e.context(format!("quantizing the weight of layer '{}'", self.name))
+                })?;
                 let b = l.bias().map(|b| float_values(b, &self.name)).transpose()?;
                 Ok((w, b))
             }
@@ -224,9 +264,27 @@ impl Module for QLinear {
                 check_input(x, self.in_features, &self.name)?;
                 f.forward(x)
             }
-            QLinearKind::Dynamic(d) => rows_forward(x, self.in_features, self.out_features, &self.name, |xs, m, out| d.forward_rows(xs, m, out)),
-            QLinearKind::Static(s) => rows_forward(x, self.in_features, self.out_features, &self.name, |xs, m, out| s.forward_rows(xs, m, out)),
-            QLinearKind::WeightOnly(w) => rows_forward(x, self.in_features, self.out_features, &self.name, |xs, m, out| w.forward_rows(xs, m, out)),
+            QLinearKind::Dynamic(d) => rows_forward(
+                x,
+                self.in_features,
+                self.out_features,
+                &self.name,
+                |xs, m, out| d.forward_rows(xs, m, out),
+            ),
+            QLinearKind::Static(s) => rows_forward(
+                x,
+                self.in_features,
+                self.out_features,
+                &self.name,
+                |xs, m, out| s.forward_rows(xs, m, out),
+            ),
+            QLinearKind::WeightOnly(w) => rows_forward(
+                x,
+                self.in_features,
+                self.out_features,
+                &self.name,
+                |xs, m, out| w.forward_rows(xs, m, out),
+            ),
         }
     }
 }

@@ -19,9 +19,18 @@ impl QParams {
     }
 
     /// One `(scale, zero_point)` per `(min[i], max[i])`, through [`QSpec::scale_zero_point`].
-    pub fn from_min_max(spec: QSpec, granularity: Granularity, min: &[f32], max: &[f32]) -> Result<Self> {
+    pub fn from_min_max(
+        spec: QSpec,
+        granularity: Granularity,
+        min: &[f32],
+        max: &[f32],
+    ) -> Result<Self> {
         if min.len() != max.len() || min.is_empty() {
-            bail!("qparams need as many minima as maxima, and at least one (got {} and {})", min.len(), max.len())
+            bail!(
+                "qparams need as many minima as maxima, and at least one (got {} and {})",
+                min.len(),
+                max.len()
+            )
         }
         let (scales, zero_points) = min
             .iter()
@@ -30,14 +39,28 @@ impl QParams {
             .collect::<Result<Vec<_>>>()?
             .into_iter()
             .unzip();
-        Ok(Self { spec, granularity, scales, zero_points })
+        Ok(Self {
+            spec,
+            granularity,
+            scales,
+            zero_points,
+        })
     }
 
     /// Explicit parameters, checked: scales finite and positive, zero points inside the range.
-    pub fn new(spec: QSpec, granularity: Granularity, scales: Vec<f32>, zero_points: Vec<i32>) -> Result<Self> {
+    pub fn new(
+        spec: QSpec,
+        granularity: Granularity,
+        scales: Vec<f32>,
+        zero_points: Vec<i32>,
+    ) -> Result<Self> {
         let (qmin, qmax) = spec.qrange();
         if scales.is_empty() || scales.len() != zero_points.len() {
-            bail!("qparams need as many scales as zero points, and at least one (got {} and {})", scales.len(), zero_points.len())
+            bail!(
+                "qparams need as many scales as zero points, and at least one (got {} and {})",
+                scales.len(),
+                zero_points.len()
+            )
         }
         if let Some(s) = scales.iter().find(|s| !(s.is_finite() && **s > 0.0)) {
             bail!("scale {s} is not a finite positive number")
@@ -45,7 +68,12 @@ impl QParams {
         if let Some(z) = zero_points.iter().find(|z| !(qmin..=qmax).contains(*z)) {
             bail!("zero point {z} is outside the integer range [{qmin}, {qmax}]")
         }
-        Ok(Self { spec, granularity, scales, zero_points })
+        Ok(Self {
+            spec,
+            granularity,
+            scales,
+            zero_points,
+        })
     }
 
     /// How the elements of a tensor of `shape` map to parameter slots.
@@ -99,7 +127,13 @@ impl SlotLayout {
                 (last, groups, size, rows * groups)
             }
         };
-        Ok(Self { granularity, inner, span, group, slots })
+        Ok(Self {
+            granularity,
+            inner,
+            span,
+            group,
+            slots,
+        })
     }
 
     /// Slot of flat element `i`.
@@ -109,7 +143,9 @@ impl SlotLayout {
             Granularity::PerTensor => 0,
             Granularity::PerChannel { .. } => (i / self.inner) % self.span,
             Granularity::PerToken => i / self.inner,
-            Granularity::PerGroup { .. } => (i / self.inner) * self.span + (i % self.inner) / self.group,
+            Granularity::PerGroup { .. } => {
+                (i / self.inner) * self.span + (i % self.inner) / self.group
+            }
         }
     }
 }

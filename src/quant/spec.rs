@@ -78,7 +78,12 @@ impl QSpec {
     pub const DYNAMIC_ACTIVATION: QSpec = QSpec::WEIGHT;
 
     pub fn new(dtype: QDType, scheme: QScheme) -> Self {
-        Self { dtype, scheme, reduce_range: false, narrow_range: false }
+        Self {
+            dtype,
+            scheme,
+            reduce_range: false,
+            narrow_range: false,
+        }
     }
 
     pub fn with_reduce_range(mut self, on: bool) -> Self {
@@ -153,7 +158,14 @@ impl QSpec {
 #[inline]
 pub fn quantize_value(x: f32, inv_scale: f32, zero_point: i32, qmin: i32, qmax: i32) -> i32 {
     let r = (x * inv_scale).round_ties_even();
-    let r = if r.is_nan() { 0.0 } else { r.clamp(qmin as f32 - zero_point as f32, qmax as f32 - zero_point as f32) };
+    let r = if r.is_nan() {
+        0.0
+    } else {
+        r.clamp(
+            qmin as f32 - zero_point as f32,
+            qmax as f32 - zero_point as f32,
+        )
+    };
     (r as i32 + zero_point).clamp(qmin, qmax)
 }
 
