@@ -42,3 +42,10 @@ pub use quant::{
     dequantize_value, fake_quantize, quantize_value, Granularity, QDType, QParams, QScheme, QSpec,
     QTensor,
 };
+pub mod models;
+#[cfg(feature = "hub")]
+pub mod io;
+#[cfg(feature = "hub")]
+pub mod generate;
+#[cfg(feature = "hub")]
+pub mod eval;

@@ -1,1 +1,343 @@
-fn main() {}
+//! The `candle-quant` command line: argument parsing and dispatch over the library.
+
+use anyhow::{bail, Context, Result};
+use candle_quant::convert::{quantize_dynamic, ConversionReport, QuantConfig, Quantizable};
+use candle_quant::eval::{evaluate, evaluate_from, EvalReport};
+use candle_quant::generate::{apply_chat_template, encode, generate, Generation, Sampling};
+use candle_quant::io::{self, LanguageModel, ModelSource};
+use candle_quant::nn::ActivationQuant;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+use std::io::Write;
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(name = "candle-quant", version, about = "Int8 quantization for candle models: generate, compare f32 vs int8, evaluate, inspect")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate text with the model in one precision.
+    Generate {
+        #[command(flatten)]
+        model: ModelArgs,
+        #[arg(long, value_enum, default_value_t = Precision::Int8)]
+        precision: Precision,
+        #[command(flatten)]
+        gen: GenArgs,
+        #[command(flatten)]
+        sampling: SamplingArgs,
+    },
+    /// Greedy generation in f32 and int8 on the same prompt: texts, speed, agreement.
+    Compare {
+        #[command(flatten)]
+        model: ModelArgs,
+        #[command(flatten)]
+        gen: GenArgs,
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Perplexity of f32 and int8 over a text, KL(f32 ‖ int8) and top-1 agreement.
+    Eval {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Text file to score.
+        #[arg(long)]
+        text: PathBuf,
+        /// Score at most this many tokens (from the start of the text).
+        #[arg(long, default_value_t = 8192)]
+        max_tokens: usize,
+        /// Tokens per window (each window starts with an empty cache).
+        #[arg(long, default_value_t = 512)]
+        window: usize,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List every linear layer: shape, kind, bytes.
+    Inspect {
+        #[command(flatten)]
+        model: ModelArgs,
+        #[arg(long, value_enum, default_value_t = Precision::Int8)]
+        precision: Precision,
+    },
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Precision {
+    F32,
+    Int8,
+}
+
+#[derive(Args)]
+struct ModelArgs {
+    /// Hub id (org/name[@revision]), local HF folder, or .gguf file. Default: SmolLM2-135M-Instruct
+    /// (offline copy if present, else the hub, else the offline copy is fetched).
+    #[arg(long)]
+    model: Option<String>,
+    /// Activation group size for int8 (input channels per scale); 0 = one scale per token.
+    #[arg(long, default_value_t = 32)]
+    act_group: usize,
+    /// Keep lm_head in float.
+    #[arg(long)]
+    float_lm_head: bool,
+    /// Layer-name patterns to keep in float (glob, `*` = anything), repeatable.
+    #[arg(long)]
+    exclude: Vec<String>,
+    /// Compute threads (candle's and ours); default: all cores.
+    #[arg(long)]
+    threads: Option<usize>,
+}
+
+#[derive(Args)]
+struct GenArgs {
+    #[arg(long, default_value = "The capital of France is")]
+    prompt: String,
+    #[arg(long, default_value_t = 64)]
+    max_new_tokens: usize,
+    /// Feed the prompt as-is, without the model's chat template.
+    #[arg(long)]
+    no_chat_template: bool,
+}
+
+#[derive(Args)]
+struct SamplingArgs {
+    /// 0 = greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f64,
+    #[arg(long)]
+    top_k: Option<usize>,
+    #[arg(long)]
+    top_p: Option<f64>,
+    #[arg(long, default_value_t = 1.0)]
+    repeat_penalty: f32,
+    #[arg(long, default_value_t = 64)]
+    repeat_last_n: usize,
+    #[arg(long, default_value_t = 299_792_458)]
+    seed: u64,
+}
+
+fn bar(len: usize, msg: &str) -> ProgressBar {
+    let pb = ProgressBar::new(len as u64).with_message(msg.to_string());
+    pb.set_style(ProgressStyle::with_template("{msg:>28} [{bar:30}] {pos}/{len} {elapsed}").unwrap_or_else(|_| ProgressStyle::default_bar()).progress_chars("=> "));
+    pb
+}
+
+/// Loads the model named by `--model`, or the default one (offline copy → hub → fetch).
+fn load_model(spec: Option<&str>) -> Result<LanguageModel> {
+    let mut pb: Option<ProgressBar> = None;
+    let mut stage = String::new();
+    let mut progress = |s: &str, done: usize, total: usize| {
+        if s != stage || pb.is_none() {
+            if let Some(p) = pb.take() {
+                p.finish();
+            }
+            pb = Some(bar(total, s));
+            stage = s.to_string();
+        }
+        if let Some(p) = &pb {
+            p.set_position(done as u64);
+        }
+    };
+    let result = match spec {
+        Some(spec) => {
+            let source = ModelSource::parse(spec)?;
+            io::load_llama(&source, &mut progress).with_context(|| format!("loading {source}"))
+        }
+        None => {
+            let local = io::models_dir().join(io::DEFAULT_GGUF);
+            if local.is_file() {
+                io::load_llama(&ModelSource::Gguf(local), &mut progress).context("loading the offline default model")
+            } else {
+                let hub = ModelSource::Hub { id: io::DEFAULT_HUB_MODEL.into(), revision: "main".into() };
+                match io::load_llama(&hub, &mut progress) {
+                    Ok(m) => Ok(m),
+                    Err(e) => {
+                        eprintln!("{} is not reachable ({e}); fetching the offline copy with scripts/fetch-models.sh", io::DEFAULT_HUB_MODEL);
+                        fetch_offline_models()?;
+                        io::load_llama(&ModelSource::Gguf(local), &mut progress).context("loading the offline default model")
+                    }
+                }
+            }
+        }
+    };
+    if let Some(p) = pb {
+        p.finish_and_clear();
+    }
+    result
+}
+
+fn fetch_offline_models() -> Result<()> {
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/fetch-models.sh");
+    if !script.is_file() {
+        bail!("{} not found: run it from a checkout of candle-quant, or pass --model", script.display())
+    }
+    let status = std::process::Command::new("bash").arg(&script).env("CANDLE_QUANT_MODELS", io::models_dir()).status().with_context(|| format!("running {}", script.display()))?;
+    if !status.success() {
+        bail!("{} failed ({status})", script.display())
+    }
+    Ok(())
+}
+
+fn quant_config(args: &ModelArgs) -> QuantConfig {
+    let act = if args.act_group == 0 { ActivationQuant::PerToken } else { ActivationQuant::PerGroup(args.act_group) };
+    let mut cfg = QuantConfig::default().activation(act);
+    if args.float_lm_head {
+        cfg = cfg.exclude("lm_head");
+    }
+    for p in &args.exclude {
+        cfg = cfg.exclude(p.clone());
+    }
+    cfg
+}
+
+fn quantized(lm: &LanguageModel, args: &ModelArgs) -> Result<(LanguageModel, ConversionReport)> {
+    let mut q = lm.clone();
+    let report = quantize_dynamic(&mut q.model, &quant_config(args))?;
+    Ok((q, report))
+}
+
+fn prompt_tokens(lm: &LanguageModel, gen: &GenArgs) -> Result<Vec<u32>> {
+    let text = match (&lm.chat_template, gen.no_chat_template) {
+        (Some(t), false) => apply_chat_template(t, &gen.prompt).unwrap_or_else(|| gen.prompt.clone()),
+        _ => gen.prompt.clone(),
+    };
+    Ok(encode(lm, &text)?)
+}
+
+fn set_threads(threads: Option<usize>) {
+    if let Some(t) = threads {
+        // Read by candle's CPU kernels and by rayon when their pools start (first use).
+        std::env::set_var("RAYON_NUM_THREADS", t.to_string());
+    }
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Generate { model, precision, gen, sampling } => {
+            set_threads(model.threads);
+            let lm = load_model(model.model.as_deref())?;
+            let lm = if precision == Precision::Int8 { quantized(&lm, &model)?.0 } else { lm };
+            let tokens = prompt_tokens(&lm, &gen)?;
+            let s = Sampling {
+                temperature: sampling.temperature,
+                top_k: sampling.top_k,
+                top_p: sampling.top_p,
+                repetition_penalty: sampling.repeat_penalty,
+                repeat_last_n: sampling.repeat_last_n,
+                seed: sampling.seed,
+            };
+            print!("{}", gen.prompt);
+            let g = generate(&lm, &tokens, gen.max_new_tokens, &s, |piece| {
+                print!("{piece}");
+                let _ = std::io::stdout().flush();
+            })?;
+            println!();
+            eprintln!(
+                "{} prompt tokens, prefill {:.1} ms; {} new tokens at {:.1} tok/s",
+                g.stats.prompt_tokens, g.stats.prefill_ms, g.stats.new_tokens, g.stats.decode_tok_s
+            );
+        }
+        Command::Compare { model, gen, json } => {
+            set_threads(model.threads);
+            let lm = load_model(model.model.as_deref())?;
+            let (q, report) = quantized(&lm, &model)?;
+            let tokens = prompt_tokens(&lm, &gen)?;
+            let greedy = Sampling::default();
+            let run = |m: &LanguageModel, label: &str| -> Result<Generation> {
+                if !json {
+                    eprintln!("--- {label} ---");
+                }
+                let g = generate(m, &tokens, gen.max_new_tokens, &greedy, |piece| {
+                    if !json {
+                        print!("{piece}");
+                        let _ = std::io::stdout().flush();
+                    }
+                })?;
+                if !json {
+                    println!();
+                }
+                Ok(g)
+            };
+            let (gf, gq) = (run(&lm, "f32")?, run(&q, "int8")?);
+            let first_divergence = gf.tokens.iter().zip(&gq.tokens).position(|(a, b)| a != b).or((gf.tokens.len() != gq.tokens.len()).then(|| gf.tokens.len().min(gq.tokens.len())));
+            let seq: Vec<u32> = tokens.iter().chain(&gf.tokens).copied().collect();
+            let agreement = if gf.tokens.is_empty() { None } else { Some(evaluate_from(&lm.model, &q.model, &seq, tokens.len() - 1)?.top1_agreement) };
+            let speedup = if gf.stats.decode_tok_s > 0.0 { gq.stats.decode_tok_s / gf.stats.decode_tok_s } else { 0.0 };
+            let side = |g: &Generation, m: &LanguageModel| {
+                serde_json::json!({"text": g.text, "prefill_ms": g.stats.prefill_ms, "decode_tok_s": g.stats.decode_tok_s, "weight_bytes": m.model.weight_bytes()})
+            };
+            if json {
+                let out = serde_json::json!({
+                    "model": lm.source,
+                    "prompt_tokens": tokens.len(),
+                    "new_tokens": gf.tokens.len(),
+                    "f32": side(&gf, &lm),
+                    "int8": side(&gq, &q),
+                    "decode_speedup": speedup,
+                    "first_divergence": first_divergence,
+                    "top1_agreement": agreement,
+                    "quantized_layers": report.converted.len(),
+                    "skipped_layers": report.skipped,
+                });
+                println!("{}", serde_json::to_string_pretty(&out)?);
+            } else {
+                println!("{:<6} {:>12} {:>14} {:>14}", "", "prefill ms", "decode tok/s", "weight MB");
+                for (label, g, m) in [("f32", &gf, &lm), ("int8", &gq, &q)] {
+                    println!("{label:<6} {:>12.1} {:>14.1} {:>14.1}", g.stats.prefill_ms, g.stats.decode_tok_s, m.model.weight_bytes() as f64 / 1e6);
+                }
+                println!("decode speedup int8/f32: {speedup:.2}x");
+                match first_divergence {
+                    Some(p) => println!("outputs first differ at generated token {p}"),
+                    None => println!("outputs are identical"),
+                }
+                if let Some(a) = agreement {
+                    println!("top-1 agreement of int8 with f32 along the f32 text: {:.1}%", a * 100.0);
+                }
+                println!("{} layers int8, {} kept float {:?}", report.converted.len(), report.skipped.len(), report.skipped);
+            }
+        }
+        Command::Eval { model, text, max_tokens, window, json } => {
+            set_threads(model.threads);
+            let lm = load_model(model.model.as_deref())?;
+            let (q, report) = quantized(&lm, &model)?;
+            let body = std::fs::read_to_string(&text).with_context(|| format!("reading {}", text.display()))?;
+            let mut tokens = encode(&lm, &body)?;
+            tokens.truncate(max_tokens);
+            let pb = bar(tokens.len().div_ceil(window.max(1)), "evaluating windows");
+            let r: EvalReport = evaluate(&lm.model, &q.model, &tokens, window, |d, _| pb.set_position(d as u64))?;
+            pb.finish_and_clear();
+            if json {
+                let mut v = serde_json::to_value(&r)?;
+                v["model"] = lm.source.clone().into();
+                v["text"] = text.display().to_string().into();
+                v["window"] = window.into();
+                v["quantized_layers"] = report.converted.len().into();
+                v["skipped_layers"] = serde_json::to_value(&report.skipped)?;
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!("{} tokens of {} in windows of {window}", r.tokens, text.display());
+                println!("perplexity f32 {:.3}, int8 {:.3} ({:+.2}%)", r.f32_ppl, r.int8_ppl, r.ppl_delta_pct);
+                println!("mean KL(f32 || int8) {:.5} nats, top-1 agreement {:.2}%", r.kld, r.top1_agreement * 100.0);
+            }
+        }
+        Command::Inspect { model, precision } => {
+            let lm = load_model(model.model.as_deref())?;
+            let mut m = if precision == Precision::Int8 { quantized(&lm, &model)?.0 } else { lm };
+            let (mut n, mut int8) = (0usize, 0usize);
+            println!("{:<44} {:>12} {:<18} {:>12}", "layer", "in x out", "kind", "bytes");
+            m.model.visit_linears(&mut |l| {
+                println!("{:<44} {:>12} {:<18} {:>12}", l.name(), format!("{}x{}", l.in_features(), l.out_features()), l.kind_name(), l.weight_bytes());
+                n += 1;
+                int8 += l.is_int8() as usize;
+                Ok(())
+            })?;
+            println!("{n} linear layers, {int8} int8; all weights {:.1} MB", m.model.weight_bytes() as f64 / 1e6);
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,189 @@
+//! Text generation with a KV cache: greedy or sampled (temperature, top-k, top-p, repetition
+//! penalty, seeded), streaming text as it is produced, with prefill and decode timed apart.
+
+use crate::io::LanguageModel;
+use crate::models::llama::KvCache;
+use candle_core::{bail, Result};
+use std::time::Instant;
+
+/// How the next token is chosen.
+#[derive(Debug, Clone)]
+pub struct Sampling {
+    /// 0 means greedy (argmax).
+    pub temperature: f64,
+    pub top_k: Option<usize>,
+    pub top_p: Option<f64>,
+    /// Logits of recently generated tokens are divided (if positive) or multiplied (if
+    /// negative) by this; 1.0 disables it.
+    pub repetition_penalty: f32,
+    /// How many recent tokens the penalty looks at.
+    pub repeat_last_n: usize,
+    pub seed: u64,
+}
+
+impl Default for Sampling {
+    fn default() -> Self {
+        Self { temperature: 0.0, top_k: None, top_p: None, repetition_penalty: 1.0, repeat_last_n: 64, seed: 299_792_458 }
+    }
+}
+
+/// Timings and counts of one generation.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct GenerationStats {
+    pub prompt_tokens: usize,
+    pub new_tokens: usize,
+    pub prefill_ms: f64,
+    /// New tokens after the first, per second of decoding.
+    pub decode_tok_s: f64,
+}
+
+/// What a generation produced.
+#[derive(Debug, Clone)]
+pub struct Generation {
+    pub tokens: Vec<u32>,
+    pub text: String,
+    pub stats: GenerationStats,
+}
+
+/// Formats a single user message with the model's chat template. Templates in the ChatML style
+/// (`<|im_start|>role\n…<|im_end|>`, SmolLM2, Qwen) are supported; `None` for other templates.
+pub fn apply_chat_template(template: &str, prompt: &str) -> Option<String> {
+    if !template.contains("<|im_start|>") {
+        return None;
+    }
+    let system = template
+        .split("<|im_start|>system\n")
+        .nth(1)
+        .and_then(|s| s.split("<|im_end|>").next())
+        .filter(|s| !s.contains("{{") && !s.contains("{%"));
+    let mut out = String::new();
+    if let Some(sys) = system {
+        out.push_str(&format!("<|im_start|>system\n{sys}<|im_end|>\n"));
+    }
+    out.push_str(&format!("<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n"));
+    Some(out)
+}
+
+/// Encodes `text` (special tokens in it are honoured).
+pub fn encode(lm: &LanguageModel, text: &str) -> Result<Vec<u32>> {
+    let enc = lm.tokenizer.encode(text, false).map_err(|e| candle_core::Error::Msg(format!("tokenizing the prompt: {e}")))?;
+    Ok(enc.get_ids().to_vec())
+}
+
+/// End-of-sequence token ids of the model (config, then the tokenizer's usual names).
+pub fn eos_tokens(lm: &LanguageModel) -> Vec<u32> {
+    let mut eos = lm.model.config().eos_token_id.clone();
+    for name in ["<|im_end|>", "<|endoftext|>", "</s>", "<|eot_id|>"] {
+        if let Some(id) = lm.tokenizer.token_to_id(name) {
+            if !eos.contains(&id) {
+                eos.push(id);
+            }
+        }
+    }
+    eos
+}
+
+/// SplitMix64: small, seedable, good enough for sampling.
+struct Rng(u64);
+
+impl Rng {
+    fn uniform(&mut self) -> f64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+/// Picks the next token from one row of logits.
+fn choose(logits: &mut [f32], history: &[u32], s: &Sampling, rng: &mut Rng) -> u32 {
+    if s.repetition_penalty != 1.0 {
+        let start = history.len().saturating_sub(s.repeat_last_n);
+        for &t in &history[start..] {
+            if let Some(l) = logits.get_mut(t as usize) {
+                *l = if *l >= 0.0 { *l / s.repetition_penalty } else { *l * s.repetition_penalty };
+            }
+        }
+    }
+    let argmax = || logits.iter().enumerate().fold((0, f32::NEG_INFINITY), |b, (i, &v)| if v > b.1 { (i, v) } else { b }).0 as u32;
+    if s.temperature <= 0.0 {
+        return argmax();
+    }
+    let mut idx: Vec<usize> = (0..logits.len()).collect();
+    idx.sort_unstable_by(|&a, &b| logits[b].total_cmp(&logits[a]));
+    if let Some(k) = s.top_k {
+        idx.truncate(k.max(1));
+    }
+    let max = logits[idx[0]] as f64;
+    let mut probs: Vec<f64> = idx.iter().map(|&i| ((logits[i] as f64 - max) / s.temperature).exp()).collect();
+    let total: f64 = probs.iter().sum();
+    probs.iter_mut().for_each(|p| *p /= total);
+    if let Some(top_p) = s.top_p {
+        let mut acc = 0.0;
+        let keep = probs.iter().position(|p| {
+            acc += p;
+            acc >= top_p
+        });
+        let keep = keep.map_or(probs.len(), |k| k + 1);
+        probs.truncate(keep);
+        idx.truncate(keep);
+    }
+    let total: f64 = probs.iter().sum();
+    let mut r = rng.uniform() * total;
+    for (p, &i) in probs.iter().zip(&idx) {
+        r -= p;
+        if r <= 0.0 {
+            return i as u32;
+        }
+    }
+    idx[probs.len() - 1] as u32
+}
+
+/// Generates up to `max_new` tokens after `prompt`, calling `on_text` with each new piece of
+/// text as soon as it decodes cleanly. Stops at an end-of-sequence token.
+pub fn generate(lm: &LanguageModel, prompt: &[u32], max_new: usize, sampling: &Sampling, mut on_text: impl FnMut(&str)) -> Result<Generation> {
+    let ctx = lm.model.config().max_position_embeddings;
+    if prompt.is_empty() {
+        bail!("the prompt is empty")
+    }
+    if prompt.len() + max_new > ctx {
+        bail!("prompt of {} tokens plus {max_new} new tokens exceeds the model's context of {ctx} tokens", prompt.len())
+    }
+    let eos = eos_tokens(lm);
+    let mut rng = Rng(sampling.seed);
+    let mut cache = KvCache::default();
+    let mut history = prompt.to_vec();
+    let mut new = Vec::new();
+    let (mut shown, mut text) = (0usize, String::new());
+    let start = Instant::now();
+    let mut logits = lm.model.forward(prompt, &mut cache, false)?;
+    let prefill = start.elapsed();
+    let decode_start = Instant::now();
+    while new.len() < max_new {
+        let mut row = logits.flatten_all()?.to_vec1::<f32>()?;
+        let next = choose(&mut row, &history, sampling, &mut rng);
+        if eos.contains(&next) {
+            break;
+        }
+        new.push(next);
+        history.push(next);
+        text = lm.tokenizer.decode(&new, true).map_err(|e| candle_core::Error::Msg(format!("decoding: {e}")))?;
+        if !text.ends_with('\u{FFFD}') && text.len() > shown && text.is_char_boundary(shown) {
+            on_text(&text[shown..]);
+            shown = text.len();
+        }
+        if new.len() == max_new {
+            break;
+        }
+        logits = lm.model.forward(&[next], &mut cache, false)?;
+    }
+    let decode = decode_start.elapsed().as_secs_f64();
+    let stats = GenerationStats {
+        prompt_tokens: prompt.len(),
+        new_tokens: new.len(),
+        prefill_ms: prefill.as_secs_f64() * 1e3,
+        decode_tok_s: if new.len() > 1 && decode > 0.0 { (new.len() - 1) as f64 / decode } else { 0.0 },
+    };
+    Ok(Generation { tokens: new, text, stats })
+}

@@ -1,0 +1,123 @@
+//! Hugging Face model folders (local, or fetched into the hf-hub cache): `config.json`,
+//! `model.safetensors` or sharded `model-0000i-of-0000n.safetensors` with
+//! `model.safetensors.index.json`, and `tokenizer.json`.
+
+use candle_core::{bail, DType, Device, Result, Tensor};
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+
+fn io_err(what: &Path, e: impl std::fmt::Display) -> candle_core::Error {
+    candle_core::Error::Msg(format!("{}: {e}", what.display()))
+}
+
+/// Files of one model, wherever they live.
+#[derive(Debug, Clone)]
+pub struct HfFiles {
+    pub config: PathBuf,
+    pub weights: Vec<PathBuf>,
+    pub tokenizer: Option<PathBuf>,
+}
+
+/// Shard file names listed by a `model.safetensors.index.json`.
+fn shard_names(index: &Path) -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(index).map_err(|e| io_err(index, e))?;
+    let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| io_err(index, format!("invalid JSON: {e}")))?;
+    let Some(map) = json.get("weight_map").and_then(|m| m.as_object()) else {
+        bail!("{}: no 'weight_map' object", index.display())
+    };
+    let names: BTreeSet<String> = map.values().filter_map(|v| v.as_str().map(str::to_string)).collect();
+    if names.is_empty() {
+        bail!("{}: 'weight_map' lists no shard", index.display())
+    }
+    Ok(names.into_iter().collect())
+}
+
+/// Finds the model files in a local folder.
+pub fn local_files(dir: &Path) -> Result<HfFiles> {
+    let config = dir.join("config.json");
+    if !config.is_file() {
+        bail!("{}: no config.json in this model folder", dir.display())
+    }
+    let index = dir.join("model.safetensors.index.json");
+    let weights = if index.is_file() {
+        shard_names(&index)?.into_iter().map(|n| dir.join(n)).collect()
+    } else if dir.join("model.safetensors").is_file() {
+        vec![dir.join("model.safetensors")]
+    } else {
+        bail!("{}: neither model.safetensors nor model.safetensors.index.json found", dir.display())
+    };
+    for w in &weights {
+        if !w.is_file() {
+            bail!("{}: weight shard missing", w.display())
+        }
+    }
+    let tokenizer = Some(dir.join("tokenizer.json")).filter(|p| p.is_file());
+    Ok(HfFiles { config, weights, tokenizer })
+}
+
+/// Fetches (or finds in the cache) the files of hub repo `id` at `revision`.
+///
+/// With `HF_HUB_OFFLINE=1` only the local cache (`HF_HOME`, default `~/.cache/huggingface`) is
+/// consulted; otherwise cached files are used and missing ones downloaded.
+#[cfg(feature = "hub")]
+pub fn hub_files(id: &str, revision: &str) -> Result<HfFiles> {
+    use hf_hub::{Cache, Repo, RepoType};
+    let repo = Repo::with_revision(id.to_string(), RepoType::Model, revision.to_string());
+    let offline = std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"));
+    let cached = Cache::from_env().repo(repo.clone());
+    let api = if offline {
+        None
+    } else {
+        Some(hf_hub::api::sync::ApiBuilder::from_env().with_progress(true).build().map_err(|e| candle_core::Error::Msg(format!("hub client: {e}")))?)
+    };
+    let get = |file: &str| -> Result<Option<PathBuf>> {
+        if let Some(p) = cached.get(file) {
+            return Ok(Some(p));
+        }
+        match &api {
+            None => Ok(None),
+            Some(api) => match api.repo(repo.clone()).get(file) {
+                Ok(p) => Ok(Some(p)),
+                Err(hf_hub::api::sync::ApiError::RequestError(e)) if e.to_string().contains("404") => Ok(None),
+                Err(e) => bail!("hub model '{id}' ({revision}): fetching {file}: {e}"),
+            },
+        }
+    };
+    let where_ = if offline { "in the local hub cache (HF_HUB_OFFLINE is set)" } else { "on the hub" };
+    let Some(config) = get("config.json")? else { bail!("hub model '{id}' ({revision}): config.json not found {where_}") };
+    let weights = if let Some(index) = get("model.safetensors.index.json")? {
+        shard_names(&index)?
+            .iter()
+            .map(|n| get(n)?.ok_or_else(|| candle_core::Error::Msg(format!("hub model '{id}': shard {n} not found {where_}"))))
+            .collect::<Result<Vec<_>>>()?
+    } else if let Some(w) = get("model.safetensors")? {
+        vec![w]
+    } else {
+        bail!("hub model '{id}' ({revision}): no model.safetensors {where_}")
+    };
+    Ok(HfFiles { config, weights, tokenizer: get("tokenizer.json")? })
+}
+
+/// Loads every tensor of every shard as f32 (f16/bf16 checkpoints are widened), naming the
+/// file in any error (truncated or corrupt safetensors included).
+pub fn load_safetensors(files: &[PathBuf], mut progress: impl FnMut(usize, usize)) -> Result<HashMap<String, Tensor>> {
+    let mut all = HashMap::new();
+    for (i, f) in files.iter().enumerate() {
+        let tensors = candle_core::safetensors::load(f, &Device::Cpu).map_err(|e| e.context(format!("reading safetensors file {}", f.display())))?;
+        for (name, t) in tensors {
+            let t = match t.dtype() {
+                DType::F16 | DType::BF16 | DType::F64 => t.to_dtype(DType::F32)?,
+                _ => t,
+            };
+            all.insert(name, t);
+        }
+        progress(i + 1, files.len());
+    }
+    Ok(all)
+}
+
+/// Reads and parses `config.json`.
+pub fn read_config(path: &Path) -> Result<serde_json::Value> {
+    let text = std::fs::read_to_string(path).map_err(|e| io_err(path, e))?;
+    serde_json::from_str(&text).map_err(|e| io_err(path, format!("invalid JSON: {e}")))
+}

@@ -1,0 +1,161 @@
+//! BERT encoder (all-MiniLM-L6-v2 and kin) with mean pooling → sentence embeddings. Every dense
+//! layer is a [`QLinear`] named as in the checkpoint (`encoder.layer.0.attention.self.query`).
+
+use crate::convert::Quantizable;
+use crate::nn::QLinear;
+use candle_core::{bail, Device, Module, Result, Tensor, D};
+use candle_nn::{Embedding, LayerNorm, VarBuilder};
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct BertConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub intermediate_size: usize,
+    pub max_position_embeddings: usize,
+    #[serde(default = "two")]
+    pub type_vocab_size: usize,
+    #[serde(default = "eps")]
+    pub layer_norm_eps: f64,
+    #[serde(default)]
+    pub hidden_act: String,
+}
+
+fn two() -> usize {
+    2
+}
+fn eps() -> f64 {
+    1e-12
+}
+
+impl BertConfig {
+    pub fn from_json(json: &serde_json::Value) -> Result<Self> {
+        match json.get("model_type").and_then(|v| v.as_str()).unwrap_or("") {
+            "bert" => {}
+            other => bail!("unknown architecture '{other}' in config.json (expected bert)"),
+        }
+        let cfg: Self = serde_json::from_value(json.clone()).map_err(|e| candle_core::Error::Msg(format!("config.json (bert): {e}")))?;
+        if !matches!(cfg.hidden_act.as_str(), "gelu" | "") {
+            bail!("config.json: activation '{}' is not supported (supported: gelu)", cfg.hidden_act)
+        }
+        Ok(cfg)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Layer {
+    query: QLinear,
+    key: QLinear,
+    value: QLinear,
+    attn_out: QLinear,
+    attn_norm: LayerNorm,
+    intermediate: QLinear,
+    output: QLinear,
+    out_norm: LayerNorm,
+}
+
+/// The encoder; [`Bert::embed`] gives a unit-length sentence embedding.
+#[derive(Debug, Clone)]
+pub struct Bert {
+    word: Embedding,
+    position: Embedding,
+    token_type: Embedding,
+    emb_norm: LayerNorm,
+    layers: Vec<Layer>,
+    heads: usize,
+    max_len: usize,
+}
+
+impl Bert {
+    /// Loads from checkpoint names, with or without a leading `bert.` prefix.
+    pub fn load(cfg: &BertConfig, vb: VarBuilder) -> Result<Self> {
+        let vb = if vb.contains_tensor("bert.embeddings.word_embeddings.weight") { vb.pp("bert") } else { vb };
+        let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+        let ln = |vb: VarBuilder| candle_nn::layer_norm(h, cfg.layer_norm_eps, vb);
+        let e = vb.pp("embeddings");
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|n| {
+                let l = vb.pp(format!("encoder.layer.{n}"));
+                Ok(Layer {
+                    query: QLinear::load(h, h, true, l.pp("attention.self.query"))?,
+                    key: QLinear::load(h, h, true, l.pp("attention.self.key"))?,
+                    value: QLinear::load(h, h, true, l.pp("attention.self.value"))?,
+                    attn_out: QLinear::load(h, h, true, l.pp("attention.output.dense"))?,
+                    attn_norm: ln(l.pp("attention.output.LayerNorm"))?,
+                    intermediate: QLinear::load(h, i, true, l.pp("intermediate.dense"))?,
+                    output: QLinear::load(i, h, true, l.pp("output.dense"))?,
+                    out_norm: ln(l.pp("output.LayerNorm"))?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            word: candle_nn::embedding(cfg.vocab_size, h, e.pp("word_embeddings"))?,
+            position: candle_nn::embedding(cfg.max_position_embeddings, h, e.pp("position_embeddings"))?,
+            token_type: candle_nn::embedding(cfg.type_vocab_size, h, e.pp("token_type_embeddings"))?,
+            emb_norm: ln(e.pp("LayerNorm"))?,
+            layers,
+            heads: cfg.num_attention_heads,
+            max_len: cfg.max_position_embeddings,
+        })
+    }
+
+    /// Hidden states `[len, hidden]` of one sequence.
+    pub fn hidden_states(&self, tokens: &[u32]) -> Result<Tensor> {
+        let s = tokens.len();
+        if s == 0 || s > self.max_len {
+            bail!("BERT input must hold 1 to {} tokens, got {s}", self.max_len)
+        }
+        let dev = Device::Cpu;
+        let ids = Tensor::new(tokens, &dev)?;
+        let pos = Tensor::arange(0u32, s as u32, &dev)?;
+        let types = Tensor::zeros(s, candle_core::DType::U32, &dev)?;
+        let x = (self.word.forward(&ids)? + self.position.forward(&pos)?)?;
+        let mut x = self.emb_norm.forward(&(x + self.token_type.forward(&types)?)?)?;
+        for l in &self.layers {
+            let a = self.attention(l, &x)?;
+            x = l.attn_norm.forward(&(l.attn_out.forward(&a)? + &x)?)?;
+            let h = l.intermediate.forward(&x)?.gelu_erf()?;
+            x = l.out_norm.forward(&(l.output.forward(&h)? + &x)?)?;
+        }
+        Ok(x)
+    }
+
+    fn attention(&self, l: &Layer, x: &Tensor) -> Result<Tensor> {
+        let (s, h) = x.dims2()?;
+        let d = h / self.heads;
+        let split = |t: Tensor| t.reshape((s, self.heads, d))?.transpose(0, 1)?.contiguous();
+        let (q, k, v) = (split(l.query.forward(x)?)?, split(l.key.forward(x)?)?, split(l.value.forward(x)?)?);
+        let att = (q.matmul(&k.t()?.contiguous()?)? / (d as f64).sqrt())?;
+        let att = candle_nn::ops::softmax_last_dim(&att)?;
+        att.matmul(&v)?.transpose(0, 1)?.reshape((s, h))
+    }
+
+    /// Mean of the hidden states, scaled to unit length (sentence-transformers' pooling +
+    /// normalisation).
+    pub fn embed(&self, tokens: &[u32]) -> Result<Tensor> {
+        let mean = self.hidden_states(tokens)?.mean(0)?;
+        let norm = mean.sqr()?.sum_all()?.sqrt()?;
+        mean.broadcast_div(&norm.maximum(1e-12)?)
+    }
+
+    /// Cosine similarity of two embeddings.
+    pub fn cosine(a: &Tensor, b: &Tensor) -> Result<f32> {
+        let dot = (a * b)?.sum_all()?.to_scalar::<f32>()?;
+        let na = a.sqr()?.sum(D::Minus1)?.sqrt()?.to_scalar::<f32>()?;
+        let nb = b.sqr()?.sum(D::Minus1)?.sqrt()?.to_scalar::<f32>()?;
+        Ok(dot / (na * nb).max(1e-12))
+    }
+}
+
+impl Quantizable for Bert {
+    fn visit_linears(&mut self, f: &mut dyn FnMut(&mut QLinear) -> Result<()>) -> Result<()> {
+        for l in &mut self.layers {
+            for q in [&mut l.query, &mut l.key, &mut l.value, &mut l.attn_out, &mut l.intermediate, &mut l.output] {
+                f(q)?;
+            }
+        }
+        Ok(())
+    }
+}

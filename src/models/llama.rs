@@ -1,0 +1,360 @@
+//! Llama-family decoder (SmolLM2, TinyLlama, Llama 2/3, Qwen2-style q/k/v bias) whose linear
+//! layers are [`QLinear`]s named as in the checkpoint. Grouped-query attention, RoPE (with
+//! llama3 frequency scaling), RMSNorm, SwiGLU, tied or untied `lm_head`, KV cache. Batch 1.
+
+use crate::convert::Quantizable;
+use crate::nn::QLinear;
+use candle_core::{bail, DType, Device, Module, Result, Tensor, D};
+use candle_nn::{Embedding, Linear, RmsNorm, VarBuilder};
+use serde::Deserialize;
+
+/// The fields of a Hugging Face `config.json` this model reads.
+#[derive(Debug, Clone, Deserialize)]
+pub struct LlamaConfig {
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    #[serde(default)]
+    pub num_key_value_heads: Option<usize>,
+    #[serde(default)]
+    pub head_dim: Option<usize>,
+    pub rms_norm_eps: f64,
+    #[serde(default = "default_rope_theta")]
+    pub rope_theta: f32,
+    #[serde(default = "default_context")]
+    pub max_position_embeddings: usize,
+    pub vocab_size: usize,
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    /// q/k/v projections carry a bias (Qwen2; some Llama variants).
+    #[serde(default)]
+    pub attention_bias: bool,
+    #[serde(default)]
+    pub rope_scaling: Option<RopeScaling>,
+    #[serde(default)]
+    pub bos_token_id: Option<u32>,
+    #[serde(default, deserialize_with = "one_or_many")]
+    pub eos_token_id: Vec<u32>,
+    #[serde(default)]
+    pub model_type: String,
+}
+
+fn default_rope_theta() -> f32 {
+    10_000.0
+}
+
+fn default_context() -> usize {
+    4096
+}
+
+fn one_or_many<'de, De: serde::Deserializer<'de>>(d: De) -> std::result::Result<Vec<u32>, De::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(u32),
+        Many(Vec<u32>),
+        Null,
+    }
+    Ok(match OneOrMany::deserialize(d)? {
+        OneOrMany::One(x) => vec![x],
+        OneOrMany::Many(v) => v,
+        OneOrMany::Null => vec![],
+    })
+}
+
+/// Llama 3 rope scaling (`rope_type: "llama3"`): long wavelengths slowed by `factor`, short kept,
+/// smooth in between.
+#[derive(Debug, Clone, Deserialize)]
+pub struct RopeScaling {
+    #[serde(default, alias = "type")]
+    pub rope_type: String,
+    pub factor: f32,
+    #[serde(default = "one")]
+    pub low_freq_factor: f32,
+    #[serde(default = "four")]
+    pub high_freq_factor: f32,
+    #[serde(default = "default_orig")]
+    pub original_max_position_embeddings: usize,
+}
+
+fn one() -> f32 {
+    1.0
+}
+fn four() -> f32 {
+    4.0
+}
+fn default_orig() -> usize {
+    8192
+}
+
+impl LlamaConfig {
+    /// Parses a `config.json`, checking that it describes a supported architecture.
+    pub fn from_json(json: &serde_json::Value) -> Result<Self> {
+        let model_type = json.get("model_type").and_then(|v| v.as_str()).unwrap_or("");
+        let mut cfg: LlamaConfig = match model_type {
+            "llama" | "mistral" | "qwen2" => serde_json::from_value(json.clone()).map_err(|e| candle_core::Error::Msg(format!("config.json ({model_type}): {e}")))?,
+            other => bail!("unknown architecture '{other}' in config.json (supported: llama, mistral, qwen2)"),
+        };
+        if model_type == "qwen2" {
+            cfg.attention_bias = true;
+        }
+        if let Some(rs) = &cfg.rope_scaling {
+            if !matches!(rs.rope_type.as_str(), "llama3" | "default" | "") {
+                bail!("config.json: rope scaling '{}' is not supported (supported: llama3)", rs.rope_type)
+            }
+        }
+        Ok(cfg)
+    }
+
+    pub fn kv_heads(&self) -> usize {
+        self.num_key_value_heads.unwrap_or(self.num_attention_heads)
+    }
+
+    pub fn head_dim(&self) -> usize {
+        self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads)
+    }
+
+    /// Inverse frequencies `θ^(-2i/d)`, with llama3 scaling applied when configured.
+    fn inv_freq(&self) -> Vec<f32> {
+        let d = self.head_dim();
+        let base: Vec<f32> = (0..d / 2).map(|i| 1.0 / self.rope_theta.powf(2.0 * i as f32 / d as f32)).collect();
+        let Some(rs) = self.rope_scaling.as_ref().filter(|r| r.rope_type == "llama3") else { return base };
+        let orig = rs.original_max_position_embeddings as f32;
+        let (low_wl, high_wl) = (orig / rs.low_freq_factor, orig / rs.high_freq_factor);
+        base.into_iter()
+            .map(|f| {
+                let wavelen = 2.0 * std::f32::consts::PI / f;
+                if wavelen < high_wl {
+                    f
+                } else if wavelen > low_wl {
+                    f / rs.factor
+                } else {
+                    let smooth = (orig / wavelen - rs.low_freq_factor) / (rs.high_freq_factor - rs.low_freq_factor);
+                    (1.0 - smooth) * f / rs.factor + smooth * f
+                }
+            })
+            .collect()
+    }
+}
+
+/// Keys and values of past positions, one pair per layer.
+#[derive(Debug, Clone, Default)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+}
+
+impl KvCache {
+    /// Number of cached positions.
+    pub fn len(&self) -> usize {
+        self.layers.first().and_then(|l| l.as_ref()).map_or(0, |(k, _)| k.dim(2).unwrap_or(0))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Attention {
+    q_proj: QLinear,
+    k_proj: QLinear,
+    v_proj: QLinear,
+    o_proj: QLinear,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+}
+
+#[derive(Debug, Clone)]
+struct Mlp {
+    gate_proj: QLinear,
+    up_proj: QLinear,
+    down_proj: QLinear,
+}
+
+#[derive(Debug, Clone)]
+struct Block {
+    attn: Attention,
+    mlp: Mlp,
+    input_layernorm: RmsNorm,
+    post_attention_layernorm: RmsNorm,
+}
+
+/// The decoder with its language-model head.
+#[derive(Debug, Clone)]
+pub struct Llama {
+    embed_tokens: Embedding,
+    layers: Vec<Block>,
+    norm: RmsNorm,
+    lm_head: QLinear,
+    cos: Tensor,
+    sin: Tensor,
+    config: LlamaConfig,
+}
+
+impl Attention {
+    fn load(cfg: &LlamaConfig, vb: VarBuilder) -> Result<Self> {
+        let (h, kv, d, hid) = (cfg.num_attention_heads, cfg.kv_heads(), cfg.head_dim(), cfg.hidden_size);
+        if h % kv != 0 {
+            bail!("config: {h} attention heads are not a multiple of {kv} key/value heads")
+        }
+        Ok(Self {
+            q_proj: QLinear::load(hid, h * d, cfg.attention_bias, vb.pp("q_proj"))?,
+            k_proj: QLinear::load(hid, kv * d, cfg.attention_bias, vb.pp("k_proj"))?,
+            v_proj: QLinear::load(hid, kv * d, cfg.attention_bias, vb.pp("v_proj"))?,
+            o_proj: QLinear::load(h * d, hid, false, vb.pp("o_proj"))?,
+            heads: h,
+            kv_heads: kv,
+            head_dim: d,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, cache: &mut Option<(Tensor, Tensor)>) -> Result<Tensor> {
+        let (b, s, _) = x.dims3()?;
+        let split = |t: Tensor, n: usize| t.reshape((b, s, n, self.head_dim))?.transpose(1, 2)?.contiguous();
+        let q = split(self.q_proj.forward(x)?, self.heads)?;
+        let k = split(self.k_proj.forward(x)?, self.kv_heads)?;
+        let v = split(self.v_proj.forward(x)?, self.kv_heads)?;
+        let q = candle_nn::rotary_emb::rope(&q, cos, sin)?;
+        let k = candle_nn::rotary_emb::rope(&k, cos, sin)?;
+        let (k, v) = match cache.take() {
+            Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+            None => (k, v),
+        };
+        *cache = Some((k.clone(), v.clone()));
+        let t = k.dim(2)?;
+        let rep = self.heads / self.kv_heads;
+        let expand = |t: Tensor| -> Result<Tensor> {
+            if rep == 1 {
+                return Ok(t);
+            }
+            let (b, n, len, d) = t.dims4()?;
+            t.unsqueeze(2)?.expand((b, n, rep, len, d))?.reshape((b, n * rep, len, d))
+        };
+        let (k, v) = (expand(k)?, expand(v)?);
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        let mut att = (q.matmul(&k.t()?.contiguous()?)? * scale)?;
+        if s > 1 {
+            // Query i sits at position t - s + i and sees keys 0..=t - s + i.
+            let offset = t - s;
+            let mask: Vec<f32> = (0..s).flat_map(|i| (0..t).map(move |j| if j > offset + i { f32::NEG_INFINITY } else { 0.0 })).collect();
+            att = att.broadcast_add(&Tensor::from_vec(mask, (s, t), x.device())?)?;
+        }
+        let att = candle_nn::ops::softmax_last_dim(&att)?;
+        let y = att.matmul(&v.contiguous()?)?.transpose(1, 2)?.reshape((b, s, self.heads * self.head_dim))?;
+        self.o_proj.forward(&y)
+    }
+}
+
+impl Mlp {
+    fn load(cfg: &LlamaConfig, vb: VarBuilder) -> Result<Self> {
+        let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+        Ok(Self {
+            gate_proj: QLinear::load(h, i, false, vb.pp("gate_proj"))?,
+            up_proj: QLinear::load(h, i, false, vb.pp("up_proj"))?,
+            down_proj: QLinear::load(i, h, false, vb.pp("down_proj"))?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let gate = candle_nn::ops::silu(&self.gate_proj.forward(x)?)?;
+        self.down_proj.forward(&(gate * self.up_proj.forward(x)?)?)
+    }
+}
+
+impl Llama {
+    /// Builds the model from tensors named as in the HF checkpoint (`model.…`, `lm_head.weight`).
+    pub fn load(cfg: &LlamaConfig, vb: VarBuilder) -> Result<Self> {
+        let m = vb.pp("model");
+        let embed_tokens = candle_nn::embedding(cfg.vocab_size, cfg.hidden_size, m.pp("embed_tokens"))
+            .map_err(|e| e.context("loading model.embed_tokens"))?;
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| {
+                let l = m.pp(format!("layers.{i}"));
+                Ok(Block {
+                    attn: Attention::load(cfg, l.pp("self_attn"))?,
+                    mlp: Mlp::load(cfg, l.pp("mlp"))?,
+                    input_layernorm: candle_nn::rms_norm(cfg.hidden_size, cfg.rms_norm_eps, l.pp("input_layernorm"))?,
+                    post_attention_layernorm: candle_nn::rms_norm(cfg.hidden_size, cfg.rms_norm_eps, l.pp("post_attention_layernorm"))?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let norm = candle_nn::rms_norm(cfg.hidden_size, cfg.rms_norm_eps, m.pp("norm"))?;
+        let lm_head = if cfg.tie_word_embeddings && !vb.contains_tensor("lm_head.weight") {
+            QLinear::from_linear(&Linear::new(embed_tokens.embeddings().clone(), None), "lm_head")?
+        } else {
+            QLinear::load(cfg.hidden_size, cfg.vocab_size, false, vb.pp("lm_head"))?
+        };
+        let inv_freq = cfg.inv_freq();
+        let n = inv_freq.len();
+        let inv = Tensor::from_vec(inv_freq, (1, n), &Device::Cpu)?;
+        let pos = Tensor::arange(0u32, cfg.max_position_embeddings as u32, &Device::Cpu)?.to_dtype(DType::F32)?.reshape((cfg.max_position_embeddings, 1))?;
+        let freqs = pos.matmul(&inv)?;
+        Ok(Self { embed_tokens, layers, norm, lm_head, cos: freqs.cos()?, sin: freqs.sin()?, config: cfg.clone() })
+    }
+
+    pub fn config(&self) -> &LlamaConfig {
+        &self.config
+    }
+
+    /// Logits `[n, vocab]` for `tokens` placed at positions `cache.len()..`, extending the
+    /// cache. `all_logits = false` returns only the last position's row (`n = 1`), which skips
+    /// most of the `lm_head` work during prefill.
+    pub fn forward(&self, tokens: &[u32], cache: &mut KvCache, all_logits: bool) -> Result<Tensor> {
+        let (pos, s) = (cache.len(), tokens.len());
+        if s == 0 {
+            bail!("forward needs at least one token")
+        }
+        if pos + s > self.config.max_position_embeddings {
+            bail!("{} positions exceed the model's context of {} tokens", pos + s, self.config.max_position_embeddings)
+        }
+        if let Some(&t) = tokens.iter().find(|&&t| t as usize >= self.config.vocab_size) {
+            bail!("token id {t} is outside the vocabulary of {}", self.config.vocab_size)
+        }
+        cache.layers.resize(self.layers.len(), None);
+        let ids = Tensor::new(tokens, &Device::Cpu)?.unsqueeze(0)?;
+        let (cos, sin) = (self.cos.narrow(0, pos, s)?, self.sin.narrow(0, pos, s)?);
+        let mut x = self.embed_tokens.forward(&ids)?;
+        for (block, kv) in self.layers.iter().zip(cache.layers.iter_mut()) {
+            let h = block.attn.forward(&block.input_layernorm.forward(&x)?, &cos, &sin, kv)?;
+            x = (x + h)?;
+            let h = block.mlp.forward(&block.post_attention_layernorm.forward(&x)?)?;
+            x = (x + h)?;
+        }
+        let x = if all_logits { x } else { x.narrow(1, s - 1, 1)? };
+        let x = self.norm.forward(&x)?;
+        self.lm_head.forward(&x)?.squeeze(0)?.to_dtype(DType::F32)
+    }
+
+    /// Bytes of all weights: embeddings, norms and every linear layer (a float `lm_head` tied
+    /// to the embedding shares its storage and is counted once).
+    pub fn weight_bytes(&self) -> usize {
+        let bytes = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
+        let norms = self.layers.len() * 2 + 1;
+        let mut total = bytes(self.embed_tokens.embeddings()) + norms * self.config.hidden_size * 4;
+        for b in &self.layers {
+            let a = &b.attn;
+            total += [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &b.mlp.gate_proj, &b.mlp.up_proj, &b.mlp.down_proj].iter().map(|l| l.weight_bytes()).sum::<usize>();
+        }
+        let shared = self.config.tie_word_embeddings && !self.lm_head.is_int8();
+        total + if shared { 0 } else { self.lm_head.weight_bytes() }
+    }
+
+    /// Index of the largest logit in each row.
+    pub fn argmax(logits: &Tensor) -> Result<Vec<u32>> {
+        logits.argmax(D::Minus1)?.to_vec1::<u32>()
+    }
+}
+
+impl Quantizable for Llama {
+    fn visit_linears(&mut self, f: &mut dyn FnMut(&mut QLinear) -> Result<()>) -> Result<()> {
+        for b in &mut self.layers {
+            let a = &mut b.attn;
+            for l in [&mut a.q_proj, &mut a.k_proj, &mut a.v_proj, &mut a.o_proj, &mut b.mlp.gate_proj, &mut b.mlp.up_proj, &mut b.mlp.down_proj] {
+                f(l)?;
+            }
+        }
+        f(&mut self.lm_head)
+    }
+}

@@ -1,0 +1,5 @@
+//! Hugging Face architectures whose linear layers are [`crate::nn::QLinear`]s, loading from
+//! checkpoint names and implementing [`crate::convert::Quantizable`].
+
+pub mod bert;
+pub mod llama;
