@@ -58,34 +58,13 @@ fn main() -> Result<()> {
     println!("relative error ‖y_int8 − y_f32‖ / ‖y_f32‖, {k}→{n}, {m} tokens");
     println!("{:<44} {:>12} {:>14}", "scheme", "N(0,1)", "outlier chans");
     let rows: Vec<(&str, Box<dyn Fn(&Tensor) -> Result<QLinear>>)> = vec![
-        (
-            "dynamic, per-tensor W, per-token A",
-            Box::new(|_| dynamic(ActivationQuant::PerToken, false)),
-        ),
-        (
-            "dynamic, per-channel W, per-token A",
-            Box::new(|_| dynamic(ActivationQuant::PerToken, true)),
-        ),
-        (
-            "dynamic, per-channel W, per-group(128) A",
-            Box::new(|_| dynamic(ActivationQuant::PerGroup(128), true)),
-        ),
-        (
-            "dynamic, per-channel W, per-group(64) A",
-            Box::new(|_| dynamic(ActivationQuant::PerGroup(64), true)),
-        ),
-        (
-            "dynamic, per-channel W, per-group(32) A",
-            Box::new(|_| dynamic(ActivationQuant::PerGroup(32), true)),
-        ),
-        (
-            "static, per-tensor A, min/max observer",
-            Box::new(|x| static_with(Box::new(MinMaxObserver::new(act_spec)), x)),
-        ),
-        (
-            "static, per-tensor A, histogram observer",
-            Box::new(|x| static_with(Box::new(HistogramObserver::new(act_spec, 2048)?), x)),
-        ),
+        ("dynamic, per-tensor W, per-token A", Box::new(|_| dynamic(ActivationQuant::PerToken, false))),
+        ("dynamic, per-channel W, per-token A", Box::new(|_| dynamic(ActivationQuant::PerToken, true))),
+        ("dynamic, per-channel W, per-group(128) A", Box::new(|_| dynamic(ActivationQuant::PerGroup(128), true))),
+        ("dynamic, per-channel W, per-group(64) A", Box::new(|_| dynamic(ActivationQuant::PerGroup(64), true))),
+        ("dynamic, per-channel W, per-group(32) A", Box::new(|_| dynamic(ActivationQuant::PerGroup(32), true))),
+        ("static, per-tensor A, min/max observer", Box::new(|x| static_with(Box::new(MinMaxObserver::new(act_spec)), x))),
+        ("static, per-tensor A, histogram observer", Box::new(|x| static_with(Box::new(HistogramObserver::new(act_spec, 2048)?), x))),
     ];
     for (label, build) in rows {
         let mut cells = vec![];
@@ -97,13 +76,8 @@ fn main() -> Result<()> {
     }
     let mut wo = QLinear::from_linear(&float, "layer")?;
     wo.quantize_weight_only()?;
-    let (a, b) = (
-        rel_error(&wo.forward(&normal)?, &float.forward(&normal)?)?,
-        rel_error(&wo.forward(&outlier)?, &float.forward(&outlier)?)?,
-    );
-    println!(
-        "{:<44} {a:>12.5} {b:>14.5}",
-        "weight-only (per-channel W, f32 A)"
-    );
+    let (a, b) =
+        (rel_error(&wo.forward(&normal)?, &float.forward(&normal)?)?, rel_error(&wo.forward(&outlier)?, &float.forward(&outlier)?)?);
+    println!("{:<44} {a:>12.5} {b:>14.5}", "weight-only (per-channel W, f32 A)");
     Ok(())
 }

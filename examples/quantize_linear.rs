@@ -27,20 +27,13 @@ fn main() -> Result<()> {
 
     if let QLinearKind::Dynamic(d) = layer.kind() {
         let w = d.weights();
-        println!(
-            "int8 weight scales (one per output channel): {:?}",
-            w.scales()
-        );
+        println!("int8 weight scales (one per output channel): {:?}", w.scales());
         println!("int8 weights, row 0: {:?}", w.row(0));
     }
     println!("input:\n{x}");
     println!("float output:\n{y_f32}");
     println!("int8 output:\n{y_int8}");
     println!("max |int8 - float| = {err:.6}");
-    println!(
-        "weight bytes: float {} -> int8 {}",
-        float.weight_bytes(),
-        layer.weight_bytes()
-    );
+    println!("weight bytes: float {} -> int8 {}", float.weight_bytes(), layer.weight_bytes());
     Ok(())
 }

@@ -45,12 +45,25 @@ fn score(reference: &Llama, candidate: &Llama, tokens: &[u32], from: usize) -> R
 fn report(s: &Sums) -> EvalReport {
     let n = s.n.max(1) as f64;
     let (p, q) = ((s.nll_ref / n).exp(), (s.nll_cand / n).exp());
-    EvalReport { f32_ppl: p, int8_ppl: q, ppl_delta_pct: (q / p - 1.0) * 100.0, kld: s.kl / n, top1_agreement: s.agree as f64 / n, tokens: s.n }
+    EvalReport {
+        f32_ppl: p,
+        int8_ppl: q,
+        ppl_delta_pct: (q / p - 1.0) * 100.0,
+        kld: s.kl / n,
+        top1_agreement: s.agree as f64 / n,
+        tokens: s.n,
+    }
 }
 
 /// Perplexity, KL and agreement over consecutive non-overlapping windows of `window` tokens
 /// (each window starts with an empty cache). `progress(done, total)` after each window.
-pub fn evaluate(reference: &Llama, candidate: &Llama, tokens: &[u32], window: usize, mut progress: impl FnMut(usize, usize)) -> Result<EvalReport> {
+pub fn evaluate(
+    reference: &Llama,
+    candidate: &Llama,
+    tokens: &[u32],
+    window: usize,
+    mut progress: impl FnMut(usize, usize),
+) -> Result<EvalReport> {
     if window < 2 {
         bail!("evaluation window must hold at least 2 tokens, got {window}")
     }

@@ -142,7 +142,13 @@ fn choose(logits: &mut [f32], history: &[u32], s: &Sampling, rng: &mut Rng) -> u
 
 /// Generates up to `max_new` tokens after `prompt`, calling `on_text` with each new piece of
 /// text as soon as it decodes cleanly. Stops at an end-of-sequence token.
-pub fn generate(lm: &LanguageModel, prompt: &[u32], max_new: usize, sampling: &Sampling, mut on_text: impl FnMut(&str)) -> Result<Generation> {
+pub fn generate(
+    lm: &LanguageModel,
+    prompt: &[u32],
+    max_new: usize,
+    sampling: &Sampling,
+    mut on_text: impl FnMut(&str),
+) -> Result<Generation> {
     let ctx = lm.model.config().max_position_embeddings;
     if prompt.is_empty() {
         bail!("the prompt is empty")

@@ -32,20 +32,15 @@ pub mod nn;
 pub mod observer;
 pub mod quant;
 
-pub use convert::{
-    convert, prepare, prepare_qat, quantize_dynamic, quantize_weight_only, ConversionReport,
-    QuantConfig, Quantizable,
-};
+pub use convert::{convert, prepare, prepare_qat, quantize_dynamic, quantize_weight_only, ConversionReport, QuantConfig, Quantizable};
+pub use kernels::WeightQuant;
 pub use nn::{ActivationQuant, QLinear, QLinearKind};
 pub use observer::{HistogramObserver, MinMaxObserver, Observer, PercentileObserver};
-pub use quant::{
-    dequantize_value, fake_quantize, quantize_value, Granularity, QDType, QParams, QScheme, QSpec,
-    QTensor,
-};
-pub mod models;
+pub use quant::{dequantize_value, fake_quantize, quantize_value, Granularity, QDType, QParams, QScheme, QSpec, QTensor};
 #[cfg(feature = "hub")]
-pub mod io;
+pub mod eval;
 #[cfg(feature = "hub")]
 pub mod generate;
 #[cfg(feature = "hub")]
-pub mod eval;
+pub mod io;
+pub mod models;

@@ -1,11 +1,12 @@
 //! The `candle-quant` command line: argument parsing and dispatch over the library.
 
 use anyhow::{bail, Context, Result};
-use candle_quant::convert::{quantize_dynamic, ConversionReport, QuantConfig, Quantizable};
+use candle_quant::convert::{quantize_dynamic, quantize_ggml, quantize_weight_only, ConversionReport, QuantConfig, Quantizable};
 use candle_quant::eval::{evaluate, evaluate_from, EvalReport};
 use candle_quant::generate::{apply_chat_template, encode, generate, Generation, Sampling};
 use candle_quant::io::{self, LanguageModel, ModelSource};
 use candle_quant::nn::ActivationQuant;
+use candle_quant::WeightQuant;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::io::Write;
@@ -67,6 +68,15 @@ enum Command {
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Mode {
+    Dynamic,
+    WeightOnly,
+    /// candle's Q8_0 QMatMul (baseline).
+    #[value(name = "q8_0")]
+    Q8_0,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Precision {
     F32,
     Int8,
@@ -81,9 +91,19 @@ struct ModelArgs {
     /// Activation group size for int8 (input channels per scale); 0 = one scale per token.
     #[arg(long, default_value_t = 32)]
     act_group: usize,
+    /// Weight group size for int8 (input channels per scale); 0 = one scale per output channel.
+    #[arg(long, default_value_t = 32)]
+    weight_group: usize,
+    /// Multiply activations with |x| above this in float (LLM.int8()-style); 0 = off.
+    #[arg(long, default_value_t = 0.0)]
+    outlier_threshold: f32,
     /// Keep lm_head in float.
     #[arg(long)]
     float_lm_head: bool,
+    /// int8 layer kind: dynamic (int8 weights and activations), weight-only (float activations),
+    /// or candle's q8_0 (the baseline).
+    #[arg(long, value_enum, default_value_t = Mode::Dynamic)]
+    mode: Mode,
     /// Layer-name patterns to keep in float (glob, `*` = anything), repeatable.
     #[arg(long)]
     exclude: Vec<String>,
@@ -122,7 +142,11 @@ struct SamplingArgs {
 
 fn bar(len: usize, msg: &str) -> ProgressBar {
     let pb = ProgressBar::new(len as u64).with_message(msg.to_string());
-    pb.set_style(ProgressStyle::with_template("{msg:>28} [{bar:30}] {pos}/{len} {elapsed}").unwrap_or_else(|_| ProgressStyle::default_bar()).progress_chars("=> "));
+    pb.set_style(
+        ProgressStyle::with_template("{msg:>28} [{bar:30}] {pos}/{len} {elapsed}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
     pb
 }
 
@@ -156,7 +180,10 @@ fn load_model(spec: Option<&str>) -> Result<LanguageModel> {
                 match io::load_llama(&hub, &mut progress) {
                     Ok(m) => Ok(m),
                     Err(e) => {
-                        eprintln!("{} is not reachable ({e}); fetching the offline copy with scripts/fetch-models.sh", io::DEFAULT_HUB_MODEL);
+                        eprintln!(
+                            "{} is not reachable ({e}); fetching the offline copy with scripts/fetch-models.sh",
+                            io::DEFAULT_HUB_MODEL
+                        );
                         fetch_offline_models()?;
                         io::load_llama(&ModelSource::Gguf(local), &mut progress).context("loading the offline default model")
                     }
@@ -175,7 +202,11 @@ fn fetch_offline_models() -> Result<()> {
     if !script.is_file() {
         bail!("{} not found: run it from a checkout of candle-quant, or pass --model", script.display())
     }
-    let status = std::process::Command::new("bash").arg(&script).env("CANDLE_QUANT_MODELS", io::models_dir()).status().with_context(|| format!("running {}", script.display()))?;
+    let status = std::process::Command::new("bash")
+        .arg(&script)
+        .env("CANDLE_QUANT_MODELS", io::models_dir())
+        .status()
+        .with_context(|| format!("running {}", script.display()))?;
     if !status.success() {
         bail!("{} failed ({status})", script.display())
     }
@@ -184,7 +215,9 @@ fn fetch_offline_models() -> Result<()> {
 
 fn quant_config(args: &ModelArgs) -> QuantConfig {
     let act = if args.act_group == 0 { ActivationQuant::PerToken } else { ActivationQuant::PerGroup(args.act_group) };
-    let mut cfg = QuantConfig::default().activation(act);
+    let weight = if args.weight_group == 0 { WeightQuant::PerChannel } else { WeightQuant::PerGroup(args.weight_group) };
+    let outliers = (args.outlier_threshold > 0.0).then_some(args.outlier_threshold);
+    let mut cfg = QuantConfig::default().activation(act).weight(weight).outlier_threshold(outliers);
     if args.float_lm_head {
         cfg = cfg.exclude("lm_head");
     }
@@ -196,7 +229,12 @@ fn quant_config(args: &ModelArgs) -> QuantConfig {
 
 fn quantized(lm: &LanguageModel, args: &ModelArgs) -> Result<(LanguageModel, ConversionReport)> {
     let mut q = lm.clone();
-    let report = quantize_dynamic(&mut q.model, &quant_config(args))?;
+    let cfg = quant_config(args);
+    let report = match args.mode {
+        Mode::Dynamic => quantize_dynamic(&mut q.model, &cfg)?,
+        Mode::WeightOnly => quantize_weight_only(&mut q.model, &cfg)?,
+        Mode::Q8_0 => quantize_ggml(&mut q.model, &cfg, candle_core::quantized::GgmlDType::Q8_0)?,
+    };
     Ok((q, report))
 }
 
@@ -264,13 +302,17 @@ fn main() -> Result<()> {
                 Ok(g)
             };
             let (gf, gq) = (run(&lm, "f32")?, run(&q, "int8")?);
-            let first_divergence = gf.tokens.iter().zip(&gq.tokens).position(|(a, b)| a != b).or((gf.tokens.len() != gq.tokens.len()).then(|| gf.tokens.len().min(gq.tokens.len())));
+            let first_divergence = gf
+                .tokens
+                .iter()
+                .zip(&gq.tokens)
+                .position(|(a, b)| a != b)
+                .or((gf.tokens.len() != gq.tokens.len()).then(|| gf.tokens.len().min(gq.tokens.len())));
             let seq: Vec<u32> = tokens.iter().chain(&gf.tokens).copied().collect();
-            let agreement = if gf.tokens.is_empty() { None } else { Some(evaluate_from(&lm.model, &q.model, &seq, tokens.len() - 1)?.top1_agreement) };
+            let agreement =
+                if gf.tokens.is_empty() { None } else { Some(evaluate_from(&lm.model, &q.model, &seq, tokens.len() - 1)?.top1_agreement) };
             let speedup = if gf.stats.decode_tok_s > 0.0 { gq.stats.decode_tok_s / gf.stats.decode_tok_s } else { 0.0 };
-            let side = |g: &Generation, m: &LanguageModel| {
-                serde_json::json!({"text": g.text, "prefill_ms": g.stats.prefill_ms, "decode_tok_s": g.stats.decode_tok_s, "weight_bytes": m.model.weight_bytes()})
-            };
+            let side = |g: &Generation, m: &LanguageModel| serde_json::json!({"text": g.text, "prefill_ms": g.stats.prefill_ms, "decode_tok_s": g.stats.decode_tok_s, "weight_bytes": m.model.weight_bytes()});
             if json {
                 let out = serde_json::json!({
                     "model": lm.source,
@@ -288,7 +330,12 @@ fn main() -> Result<()> {
             } else {
                 println!("{:<6} {:>12} {:>14} {:>14}", "", "prefill ms", "decode tok/s", "weight MB");
                 for (label, g, m) in [("f32", &gf, &lm), ("int8", &gq, &q)] {
-                    println!("{label:<6} {:>12.1} {:>14.1} {:>14.1}", g.stats.prefill_ms, g.stats.decode_tok_s, m.model.weight_bytes() as f64 / 1e6);
+                    println!(
+                        "{label:<6} {:>12.1} {:>14.1} {:>14.1}",
+                        g.stats.prefill_ms,
+                        g.stats.decode_tok_s,
+                        m.model.weight_bytes() as f64 / 1e6
+                    );
                 }
                 println!("decode speedup int8/f32: {speedup:.2}x");
                 match first_divergence {
@@ -331,7 +378,13 @@ fn main() -> Result<()> {
             let (mut n, mut int8) = (0usize, 0usize);
             println!("{:<44} {:>12} {:<18} {:>12}", "layer", "in x out", "kind", "bytes");
             m.model.visit_linears(&mut |l| {
-                println!("{:<44} {:>12} {:<18} {:>12}", l.name(), format!("{}x{}", l.in_features(), l.out_features()), l.kind_name(), l.weight_bytes());
+                println!(
+                    "{:<44} {:>12} {:<18} {:>12}",
+                    l.name(),
+                    format!("{}x{}", l.in_features(), l.out_features()),
+                    l.kind_name(),
+                    l.weight_bytes()
+                );
                 n += 1;
                 int8 += l.is_int8() as usize;
                 Ok(())

@@ -4,9 +4,7 @@ mod common;
 
 use candle_core::{Module, Result, Tensor};
 use candle_nn::Linear;
-use candle_quant::convert::{
-    convert, prepare, prepare_qat, quantize_dynamic, QuantConfig, Quantizable,
-};
+use candle_quant::convert::{convert, prepare, prepare_qat, quantize_dynamic, QuantConfig, Quantizable};
 use candle_quant::nn::{ActivationQuant, QLinear, QLinearKind};
 use common::{rel_error, Rng};
 
@@ -20,21 +18,10 @@ impl Mlp {
     fn new(rng: &mut Rng) -> Self {
         let mut lin = |k: usize, n: usize, name: String| {
             let w = rng.tensor(&[n, k], 1.0 / (k as f32).sqrt()).unwrap();
-            QLinear::from_linear(&Linear::new(w, Some(rng.tensor(&[n], 0.1).unwrap())), name)
-                .unwrap()
+            QLinear::from_linear(&Linear::new(w, Some(rng.tensor(&[n], 0.1).unwrap())), name).unwrap()
         };
-        let blocks = (0..2)
-            .map(|i| {
-                [
-                    lin(32, 64, format!("blocks.{i}.up")),
-                    lin(64, 32, format!("blocks.{i}.down")),
-                ]
-            })
-            .collect();
-        Self {
-            blocks,
-            head: lin(32, 10, "head".into()),
-        }
+        let blocks = (0..2).map(|i| [lin(32, 64, format!("blocks.{i}.up")), lin(64, 32, format!("blocks.{i}.down"))]).collect();
+        Self { blocks, head: lin(32, 10, "head".into()) }
     }
 }
 
@@ -73,20 +60,13 @@ fn quantize_dynamic_with_patterns_and_overrides() {
     let mut model = Mlp::new(&mut rng);
     let x = rng.tensor(&[4, 32], 1.0).unwrap();
     let y = model.forward(&x).unwrap();
-    let config = QuantConfig::default()
-        .exclude("head")
-        .exclude("blocks.1.*")
-        .override_activation("*.down", ActivationQuant::PerToken);
+    let config = QuantConfig::default().exclude("head").exclude("blocks.1.*").override_activation("*.down", ActivationQuant::PerToken);
     let report = quantize_dynamic(&mut model, &config).unwrap();
     assert_eq!(report.converted, ["blocks.0.up", "blocks.0.down"]);
     assert_eq!(report.skipped, ["blocks.1.up", "blocks.1.down", "head"]);
-    let QLinearKind::Dynamic(d) = model.blocks[0][1].kind() else {
-        panic!()
-    };
+    let QLinearKind::Dynamic(d) = model.blocks[0][1].kind() else { panic!() };
     assert_eq!(d.activation_quant(), ActivationQuant::PerToken);
-    let QLinearKind::Dynamic(d) = model.blocks[0][0].kind() else {
-        panic!()
-    };
+    let QLinearKind::Dynamic(d) = model.blocks[0][0].kind() else { panic!() };
     assert_eq!(d.activation_quant(), ActivationQuant::default());
     assert!(rel_error(&model.forward(&x).unwrap(), &y).unwrap() < 0.02);
     // Include patterns restrict the selection.

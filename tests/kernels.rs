@@ -20,13 +20,7 @@ fn reference_gemm_golden() {
 }
 
 fn weights_from(values: &[i8], n: usize, k: usize, scales: Vec<f32>) -> PackedInt8Weights {
-    let params = QParams::new(
-        QSpec::WEIGHT,
-        Granularity::PerChannel { axis: 0 },
-        scales,
-        vec![0; n],
-    )
-    .unwrap();
+    let params = QParams::new(QSpec::WEIGHT, Granularity::PerChannel { axis: 0 }, scales, vec![0; n]).unwrap();
     let ints: Vec<i32> = values.iter().map(|&v| v as i32).collect();
     PackedInt8Weights::from_qtensor(&QTensor::from_values(&ints, (n, k), params).unwrap()).unwrap()
 }
@@ -95,9 +89,7 @@ proptest! {
 fn kernel_shape_errors() {
     let w = weights_from(&[1, 2, 3, 4, 5, 6], 2, 3, vec![1.0, 1.0]);
     let acts = QuantizedActivations::quantize_dynamic(&[1.0; 8], 2, 4, 4).unwrap();
-    let e = int8_linear(&acts, &w, None, &mut [0.0; 4])
-        .unwrap_err()
-        .to_string();
+    let e = int8_linear(&acts, &w, None, &mut [0.0; 4]).unwrap_err().to_string();
     assert!(e.contains("4 columns") && e.contains("expect 3"), "{e}");
     let acts = QuantizedActivations::quantize_dynamic(&[1.0; 6], 2, 3, 3).unwrap();
     assert!(int8_linear(&acts, &w, None, &mut [0.0; 3]).is_err());
@@ -108,8 +100,5 @@ fn kernel_shape_errors() {
     let wide = QSpec::new(QDType::QInt8, QScheme::Symmetric);
     let p = QParams::new(wide, Granularity::PerTensor, vec![1.0], vec![0]).unwrap();
     let q = QTensor::from_values(&[-128, 0], (1, 2), p).unwrap();
-    assert!(PackedInt8Weights::from_qtensor(&q)
-        .unwrap_err()
-        .to_string()
-        .contains("-127"));
+    assert!(PackedInt8Weights::from_qtensor(&q).unwrap_err().to_string().contains("-127"));
 }

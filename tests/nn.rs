@@ -20,10 +20,7 @@ fn layer(rng: &mut Rng, k: usize, n: usize, bias: bool) -> Linear {
 fn activation_rounding_bound(x: &Tensor, w_hat: &Tensor, group: usize) -> Tensor {
     let (m, k) = x.dims2().unwrap();
     let groups = k.div_ceil(group);
-    let (xs, wa) = (
-        x.to_vec2::<f32>().unwrap(),
-        w_hat.abs().unwrap().to_vec2::<f32>().unwrap(),
-    );
+    let (xs, wa) = (x.to_vec2::<f32>().unwrap(), w_hat.abs().unwrap().to_vec2::<f32>().unwrap());
     let n = wa.len();
     let mut bound = vec![0f32; m * n];
     for i in 0..m {
@@ -41,11 +38,9 @@ fn activation_rounding_bound(x: &Tensor, w_hat: &Tensor, group: usize) -> Tensor
 #[test]
 fn dynamic_matches_dequantized_float_within_the_rounding_bound() {
     let mut rng = Rng::new(1);
-    for (k, n, act) in [
-        (64, 24, ActivationQuant::PerToken),
-        (100, 17, ActivationQuant::PerGroup(32)),
-        (576, 40, ActivationQuant::PerGroup(64)),
-    ] {
+    for (k, n, act) in
+        [(64, 24, ActivationQuant::PerToken), (100, 17, ActivationQuant::PerGroup(32)), (576, 40, ActivationQuant::PerGroup(64))]
+    {
         let float = layer(&mut rng, k, n, true);
         let mut q = QLinear::from_linear(&float, "l").unwrap();
         q.quantize_dynamic(act).unwrap();
@@ -53,20 +48,9 @@ fn dynamic_matches_dequantized_float_within_the_rounding_bound() {
         let x = rng.tensor(&[7, k], 1.0).unwrap();
         let (y, y_deq) = (q.forward(&x).unwrap(), deq.forward(&x).unwrap());
         let bound = activation_rounding_bound(&x, deq.weight(), act.group_size(k));
-        let excess = ((y.sub(&y_deq).unwrap().abs().unwrap() - (bound * 1.0001).unwrap()).unwrap()
-            - 1e-5)
-            .unwrap();
-        let worst = excess
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        assert!(
-            worst <= 0.0,
-            "k={k} n={n} {act:?}: error exceeds the rounding bound by {worst}"
-        );
+        let excess = ((y.sub(&y_deq).unwrap().abs().unwrap() - (bound * 1.0001).unwrap()).unwrap() - 1e-5).unwrap();
+        let worst = excess.flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        assert!(worst <= 0.0, "k={k} n={n} {act:?}: error exceeds the rounding bound by {worst}");
         // And against the original float layer: small relative error.
         let rel = rel_error(&y, &float.forward(&x).unwrap()).unwrap();
         println!("k={k} n={n} {act:?}: relative error vs float {rel:.5}");
@@ -84,11 +68,7 @@ fn dynamic_accepts_batched_and_half_inputs() {
     let y = q.forward(&x).unwrap();
     assert_eq!(y.dims(), &[2, 3, 8]);
     let flat = q.forward(&x.reshape((6, 48)).unwrap()).unwrap();
-    assert_eq!(
-        max_abs_diff(&y.reshape((6, 8)).unwrap(), &flat).unwrap(),
-        0.0,
-        "rows are independent"
-    );
+    assert_eq!(max_abs_diff(&y.reshape((6, 8)).unwrap(), &flat).unwrap(), 0.0, "rows are independent");
     let yh = q.forward(&x.to_dtype(DType::F16).unwrap()).unwrap();
     assert_eq!(yh.dtype(), DType::F16);
 }
@@ -112,10 +92,7 @@ fn per_group_beats_per_token_with_outlier_channels() {
         q.quantize_dynamic(act).unwrap();
         rel_error(&q.forward(&x).unwrap(), &y).unwrap()
     };
-    let (tok, grp) = (
-        err(ActivationQuant::PerToken),
-        err(ActivationQuant::PerGroup(32)),
-    );
+    let (tok, grp) = (err(ActivationQuant::PerToken), err(ActivationQuant::PerGroup(32)));
     assert!(grp < tok / 2.0, "per-group {grp} vs per-token {tok}");
 }
 
@@ -137,14 +114,9 @@ fn static_after_calibration() {
     let mut rng = Rng::new(5);
     let float = layer(&mut rng, 64, 16, true);
     let mut q = QLinear::from_linear(&float, "l").unwrap();
-    q.observe_with(Box::new(MinMaxObserver::new(QSpec::new(
-        QDType::QUInt8,
-        QScheme::Affine,
-    ))))
-    .unwrap();
+    q.observe_with(Box::new(MinMaxObserver::new(QSpec::new(QDType::QUInt8, QScheme::Affine)))).unwrap();
     for _ in 0..4 {
-        q.forward(&(rng.tensor(&[8, 64], 1.0).unwrap() + 0.5).unwrap())
-            .unwrap();
+        q.forward(&(rng.tensor(&[8, 64], 1.0).unwrap() + 0.5).unwrap()).unwrap();
     }
     q.convert_static().unwrap();
     assert_eq!(q.kind_name(), "int8-static");
@@ -159,33 +131,17 @@ fn qat_trains_and_converts_to_what_it_simulated() {
     let target = layer(&mut rng, 32, 4, true);
     let start = layer(&mut rng, 32, 4, true);
     let mut q = QLinear::from_linear(&start, "l").unwrap();
-    q.prepare_qat(Box::new(
-        MinMaxObserver::moving_average(QSpec::new(QDType::QInt8, QScheme::Affine), 0.1).unwrap(),
-    ))
-    .unwrap();
-    let QLinearKind::FakeQuant(fq) = q.kind() else {
-        panic!("expected fake-quant")
-    };
+    q.prepare_qat(Box::new(MinMaxObserver::moving_average(QSpec::new(QDType::QInt8, QScheme::Affine), 0.1).unwrap())).unwrap();
+    let QLinearKind::FakeQuant(fq) = q.kind() else { panic!("expected fake-quant") };
     let mut opt = <candle_nn::SGD as candle_nn::Optimizer>::new(fq.vars(), 0.05).unwrap();
     let mut losses = vec![];
     for _ in 0..200 {
         let x = rng.tensor(&[16, 32], 1.0).unwrap();
-        let loss = q
-            .forward(&x)
-            .unwrap()
-            .sub(&target.forward(&x).unwrap())
-            .unwrap()
-            .sqr()
-            .unwrap()
-            .mean_all()
-            .unwrap();
+        let loss = q.forward(&x).unwrap().sub(&target.forward(&x).unwrap()).unwrap().sqr().unwrap().mean_all().unwrap();
         losses.push(loss.to_scalar::<f32>().unwrap());
         candle_nn::Optimizer::backward_step(&mut opt, &loss).unwrap();
     }
-    let (first, last) = (
-        losses[..10].iter().sum::<f32>() / 10.0,
-        losses[190..].iter().sum::<f32>() / 10.0,
-    );
+    let (first, last) = (losses[..10].iter().sum::<f32>() / 10.0, losses[190..].iter().sum::<f32>() / 10.0);
     assert!(last < first / 5.0, "loss {first} -> {last}");
     // Frozen observer: converting gives an int8 layer computing what fake quantization simulated.
     fq.set_observing(false);
@@ -195,17 +151,7 @@ fn qat_trains_and_converts_to_what_it_simulated() {
     let int8 = q.forward(&x).unwrap();
     let diff = max_abs_diff(&int8, &simulated).unwrap();
     assert!(
-        diff < 1e-4
-            * simulated
-                .abs()
-                .unwrap()
-                .max_keepdim(D::Minus1)
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap()
-                .max(1.0),
+        diff < 1e-4 * simulated.abs().unwrap().max_keepdim(D::Minus1).unwrap().max_all().unwrap().to_scalar::<f32>().unwrap().max(1.0),
         "diff {diff}"
     );
 }
@@ -217,15 +163,10 @@ fn load_mirrors_linear_b_and_keeps_the_name() {
     let vb = candle_nn::VarBuilder::from_varmap(&varmap, DType::F32, &dev);
     let l = QLinear::load(8, 3, true, vb.pp("model").pp("layers.0").pp("q_proj")).unwrap();
     assert_eq!(l.name(), "model.layers.0.q_proj");
-    assert_eq!(
-        (l.in_features(), l.out_features(), l.kind_name()),
-        (8, 3, "float")
-    );
+    assert_eq!((l.in_features(), l.out_features(), l.kind_name()), (8, 3, "float"));
     // Missing tensor in a fixed checkpoint: the error names the layer.
     let vb = candle_nn::VarBuilder::from_tensors(Default::default(), DType::F32, &dev);
-    let e = QLinear::load(8, 3, false, vb.pp("fc"))
-        .unwrap_err()
-        .to_string();
+    let e = QLinear::load(8, 3, false, vb.pp("fc")).unwrap_err().to_string();
     assert!(e.contains("fc"), "{e}");
 }
 
@@ -240,30 +181,18 @@ fn bad_inputs_are_errors_naming_the_layer() {
             2 => q.quantize_weight_only().unwrap(),
             _ => {}
         }
-        let e = q
-            .forward(&rng.tensor(&[2, 15], 1.0).unwrap())
-            .unwrap_err()
-            .to_string();
+        let e = q.forward(&rng.tensor(&[2, 15], 1.0).unwrap()).unwrap_err().to_string();
         assert!(e.contains("model.fc") && e.contains("15"), "{e}");
     }
-    let e = q
-        .forward(&Tensor::zeros((2, 16), DType::U32, &Device::Cpu).unwrap())
-        .unwrap_err()
-        .to_string();
+    let e = q.forward(&Tensor::zeros((2, 16), DType::U32, &Device::Cpu).unwrap()).unwrap_err().to_string();
     assert!(e.contains("float"), "{e}");
     assert!(q.quantize_dynamic(ActivationQuant::PerGroup(0)).is_err());
     // Static conversion without observation.
     let e = q.convert_static().unwrap_err().to_string();
     assert!(e.contains("model.fc"), "{e}");
     let mut fresh = QLinear::from_linear(&float, "model.fc2").unwrap();
-    fresh
-        .observe_with(Box::new(MinMaxObserver::new(QSpec::WEIGHT)))
-        .unwrap();
+    fresh.observe_with(Box::new(MinMaxObserver::new(QSpec::WEIGHT))).unwrap();
     let e = format!("{:#}", fresh.convert_static().unwrap_err());
     assert!(e.contains("model.fc2") && e.contains("not observed"), "{e}");
-    assert!(QLinear::from_linear(
-        &Linear::new(Tensor::zeros(4, DType::F32, &Device::Cpu).unwrap(), None),
-        "x"
-    )
-    .is_err());
+    assert!(QLinear::from_linear(&Linear::new(Tensor::zeros(4, DType::F32, &Device::Cpu).unwrap(), None), "x").is_err());
 }

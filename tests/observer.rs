@@ -7,12 +7,7 @@ use candle_quant::observer::{HistogramObserver, MinMaxObserver, Observer, Percen
 use candle_quant::quant::{quantization_mse, QDType, QScheme, QSpec};
 use proptest::prelude::*;
 
-const AFFINE_U8: QSpec = QSpec {
-    dtype: QDType::QUInt8,
-    scheme: QScheme::Affine,
-    reduce_range: false,
-    narrow_range: false,
-};
+const AFFINE_U8: QSpec = QSpec { dtype: QDType::QUInt8, scheme: QScheme::Affine, reduce_range: false, narrow_range: false };
 
 fn t(v: &[f32]) -> Tensor {
     Tensor::new(v, &Device::Cpu).unwrap()
@@ -47,30 +42,24 @@ fn per_channel_golden() {
     // Rows [1, -2] and [3, 4] along axis 0: ranges [-2, 1] and [0, 4] (widened to 0);
     // narrow symmetric scales 2/127 and 4/127.
     let mut o = MinMaxObserver::per_channel(QSpec::WEIGHT, 0);
-    o.observe(&Tensor::new(&[[1f32, -2.0], [3.0, 4.0]], &Device::Cpu).unwrap())
-        .unwrap();
+    o.observe(&Tensor::new(&[[1f32, -2.0], [3.0, 4.0]], &Device::Cpu).unwrap()).unwrap();
     let p = o.qparams().unwrap();
     assert_eq!(p.scales, vec![2.0 / 127.0, 4.0 / 127.0]);
     // Moving-average per channel: second batch [[3, 0], [1, 2]] -> channel 0 [-2 + 0.5·2, 1 + 0.5·2] = [-1, 2].
     let mut o = MinMaxObserver::moving_average_per_channel(QSpec::WEIGHT, 0, 0.5).unwrap();
-    o.observe(&Tensor::new(&[[1f32, -2.0], [3.0, 4.0]], &Device::Cpu).unwrap())
-        .unwrap();
-    o.observe(&Tensor::new(&[[3f32, 0.0], [1.0, 2.0]], &Device::Cpu).unwrap())
-        .unwrap();
+    o.observe(&Tensor::new(&[[1f32, -2.0], [3.0, 4.0]], &Device::Cpu).unwrap()).unwrap();
+    o.observe(&Tensor::new(&[[3f32, 0.0], [1.0, 2.0]], &Device::Cpu).unwrap()).unwrap();
     assert_eq!(o.range().unwrap().0[0], -1.0);
     assert_eq!(o.range().unwrap().1[0], 2.0);
     // A tensor with a different channel count is refused.
-    let e = o
-        .observe(&Tensor::ones((3, 2), candle_core::DType::F32, &Device::Cpu).unwrap())
-        .unwrap_err();
+    let e = o.observe(&Tensor::ones((3, 2), candle_core::DType::F32, &Device::Cpu).unwrap()).unwrap_err();
     assert!(e.to_string().contains("tracks 2 channels"), "{e}");
 }
 
 #[test]
 fn non_finite_values_are_skipped_and_counted() {
     let mut o = MinMaxObserver::new(AFFINE_U8);
-    o.observe(&t(&[f32::NAN, -1.0, f32::INFINITY, 3.0, f32::NEG_INFINITY]))
-        .unwrap();
+    o.observe(&t(&[f32::NAN, -1.0, f32::INFINITY, 3.0, f32::NEG_INFINITY])).unwrap();
     assert_eq!(o.nonfinite_count(), 3);
     assert_eq!(o.qparams().unwrap().zero_points[0], 64);
     let mut h = HistogramObserver::new(AFFINE_U8, 64).unwrap();
@@ -120,35 +109,22 @@ fn histogram_beats_minmax_with_an_outlier() {
         mm.observe(&part).unwrap();
         hist.observe(&part).unwrap();
     }
-    let (mse_mm, mse_hist) = (
-        quantization_mse(&x, &mm.qparams().unwrap()).unwrap(),
-        quantization_mse(&x, &hist.qparams().unwrap()).unwrap(),
-    );
-    assert!(
-        mse_hist < 0.8 * mse_mm,
-        "histogram MSE {mse_hist} vs min/max {mse_mm}"
-    );
+    let (mse_mm, mse_hist) =
+        (quantization_mse(&x, &mm.qparams().unwrap()).unwrap(), quantization_mse(&x, &hist.qparams().unwrap()).unwrap());
+    assert!(mse_hist < 0.8 * mse_mm, "histogram MSE {mse_hist} vs min/max {mse_mm}");
 }
 
 #[test]
 fn histogram_keeps_the_full_range_when_clipping_does_not_pay() {
     // Uniform data: nothing to clip, the chosen range must stay close to [min, max].
-    let v: Vec<f32> = (0..10_000)
-        .map(|i| i as f32 / 10_000.0 * 4.0 - 1.0)
-        .collect();
+    let v: Vec<f32> = (0..10_000).map(|i| i as f32 / 10_000.0 * 4.0 - 1.0).collect();
     let x = Tensor::from_vec(v, 10_000, &Device::Cpu).unwrap();
     let mut mm = MinMaxObserver::new(AFFINE_U8);
     let mut hist = HistogramObserver::new(AFFINE_U8, 2048).unwrap();
     mm.observe(&x).unwrap();
     hist.observe(&x).unwrap();
-    let (a, b) = (
-        mm.qparams().unwrap().scales[0],
-        hist.qparams().unwrap().scales[0],
-    );
-    assert!(
-        (a - b).abs() / a < 0.02,
-        "min/max scale {a}, histogram scale {b}"
-    );
+    let (a, b) = (mm.qparams().unwrap().scales[0], hist.qparams().unwrap().scales[0]);
+    assert!((a - b).abs() / a < 0.02, "min/max scale {a}, histogram scale {b}");
 }
 
 #[test]
@@ -157,14 +133,9 @@ fn percentile_clips_tails() {
     // 10000/1000 = 10) and the 1st ≈ 100; symmetric takes max(|lo|, |hi|) ≈ 9900.
     let v: Vec<f32> = (0..10_000).map(|i| i as f32).collect();
     let mut o = PercentileObserver::new(QSpec::WEIGHT, 99.0, 1000).unwrap();
-    o.observe(&Tensor::from_vec(v, 10_000, &Device::Cpu).unwrap())
-        .unwrap();
+    o.observe(&Tensor::from_vec(v, 10_000, &Device::Cpu).unwrap()).unwrap();
     let s = o.qparams().unwrap().scales[0];
-    assert!(
-        (s * 127.0 - 9900.0).abs() < 20.0,
-        "scale {s} → range {}",
-        s * 127.0
-    );
+    assert!((s * 127.0 - 9900.0).abs() < 20.0, "scale {s} → range {}", s * 127.0);
 }
 
 proptest! {

@@ -3,29 +3,12 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor, Var};
-use candle_quant::quant::{
-    fake_quantize, Granularity, QDType, QParams, QScheme, QSpec, QTensor, SCALE_EPS,
-};
+use candle_quant::quant::{fake_quantize, Granularity, QDType, QParams, QScheme, QSpec, QTensor, SCALE_EPS};
 use proptest::prelude::*;
 
-const AFFINE_U8: QSpec = QSpec {
-    dtype: QDType::QUInt8,
-    scheme: QScheme::Affine,
-    reduce_range: false,
-    narrow_range: false,
-};
-const SYM_I8: QSpec = QSpec {
-    dtype: QDType::QInt8,
-    scheme: QScheme::Symmetric,
-    reduce_range: false,
-    narrow_range: false,
-};
-const AFFINE_I8: QSpec = QSpec {
-    dtype: QDType::QInt8,
-    scheme: QScheme::Affine,
-    reduce_range: false,
-    narrow_range: false,
-};
+const AFFINE_U8: QSpec = QSpec { dtype: QDType::QUInt8, scheme: QScheme::Affine, reduce_range: false, narrow_range: false };
+const SYM_I8: QSpec = QSpec { dtype: QDType::QInt8, scheme: QScheme::Symmetric, reduce_range: false, narrow_range: false };
+const AFFINE_I8: QSpec = QSpec { dtype: QDType::QInt8, scheme: QScheme::Affine, reduce_range: false, narrow_range: false };
 
 fn close(a: f32, b: f32) -> bool {
     (a - b).abs() <= 1e-6 * b.abs().max(1.0)
@@ -85,17 +68,8 @@ fn constant_and_zero_tensors_get_valid_scales() {
     // A constant 5.0 tensor is representable: scale 5/255 (affine u8), 5.0 maps to 255 and back.
     let x = Tensor::full(5f32, (2, 2), &Device::Cpu).unwrap();
     let p = QParams::from_tensor(AFFINE_U8, Granularity::PerTensor, &x).unwrap();
-    let back = QTensor::quantize(&x, &p)
-        .unwrap()
-        .dequantize(&Device::Cpu)
-        .unwrap();
-    assert!(back
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap()
-        .iter()
-        .all(|v| close(*v, 5.0)));
+    let back = QTensor::quantize(&x, &p).unwrap().dequantize(&Device::Cpu).unwrap();
+    assert!(back.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().all(|v| close(*v, 5.0)));
 }
 
 #[test]
@@ -107,11 +81,7 @@ fn golden_quantize_rounding_and_clamping() {
     let x = Tensor::new(&[1.25f32, 1.75, 100.0, -100.0, 0.0], &Device::Cpu).unwrap();
     let q = QTensor::quantize(&x, &p).unwrap();
     assert_eq!(q.values(), vec![12, 14, 127, -128, 10]);
-    let back = q
-        .dequantize(&Device::Cpu)
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap();
+    let back = q.dequantize(&Device::Cpu).unwrap().to_vec1::<f32>().unwrap();
     assert_eq!(back, vec![1.0, 2.0, 58.5, -69.0, 0.0]);
 }
 
@@ -120,10 +90,7 @@ fn quint8_storage_round_trips() {
     // quint8 values 0 and 255 survive the i8 storage offset.
     let p = QParams::new(AFFINE_U8, Granularity::PerTensor, vec![1.0], vec![0]).unwrap();
     let x = Tensor::new(&[0f32, 255.0, 128.0, 300.0], &Device::Cpu).unwrap();
-    assert_eq!(
-        QTensor::quantize(&x, &p).unwrap().values(),
-        vec![0, 255, 128, 255]
-    );
+    assert_eq!(QTensor::quantize(&x, &p).unwrap().values(), vec![0, 255, 128, 255]);
 }
 
 #[test]
@@ -132,30 +99,15 @@ fn half_precision_inputs() {
     let p = QParams::from_tensor(AFFINE_U8, Granularity::PerTensor, &x).unwrap();
     let want = QTensor::quantize(&x, &p).unwrap().values();
     for dt in [DType::F16, DType::BF16] {
-        assert_eq!(
-            QTensor::quantize(&x.to_dtype(dt).unwrap(), &p)
-                .unwrap()
-                .values(),
-            want,
-            "{dt:?}"
-        );
+        assert_eq!(QTensor::quantize(&x.to_dtype(dt).unwrap(), &p).unwrap().values(), want, "{dt:?}");
     }
 }
 
 #[test]
 fn per_group_layout() {
     // Row of 5 with groups of 2: slots [0,0,1,1,2] then [3,3,4,4,5].
-    let x = Tensor::new(
-        &[[1.5f32, -2.0, 4.0, 0.5, 8.0], [0.0, 0.0, 1.0, 1.0, -1.0]],
-        &Device::Cpu,
-    )
-    .unwrap();
-    let p = QParams::from_tensor(
-        SYM_I8.with_narrow_range(true),
-        Granularity::PerGroup { size: 2 },
-        &x,
-    )
-    .unwrap();
+    let x = Tensor::new(&[[1.5f32, -2.0, 4.0, 0.5, 8.0], [0.0, 0.0, 1.0, 1.0, -1.0]], &Device::Cpu).unwrap();
+    let p = QParams::from_tensor(SYM_I8.with_narrow_range(true), Granularity::PerGroup { size: 2 }, &x).unwrap();
     // Group maxima 2, 4, 8, 0, 1, 1 -> scales m/127 (0 floors to eps);
     // 1.5 / (2/127) = 95.25 -> 95, 0.5 / (4/127) = 15.875 -> 16.
     let want = [2.0f32, 4.0, 8.0, 0.0, 1.0, 1.0].map(|m| (m / 127.0).max(SCALE_EPS));
@@ -186,35 +138,17 @@ fn bad_inputs_are_errors() {
     let dev = Device::Cpu;
     // Integer dtype.
     let xi = Tensor::new(&[1u32, 2], &dev).unwrap();
-    let e = QParams::from_tensor(SYM_I8, Granularity::PerTensor, &xi)
-        .unwrap_err()
-        .to_string();
+    let e = QParams::from_tensor(SYM_I8, Granularity::PerTensor, &xi).unwrap_err().to_string();
     assert!(e.contains("expected a float tensor"), "{e}");
     // Empty tensor.
     let empty = Tensor::zeros((0, 4), DType::F32, &dev).unwrap();
-    let e = QParams::from_tensor(SYM_I8, Granularity::PerTensor, &empty)
-        .unwrap_err()
-        .to_string();
+    let e = QParams::from_tensor(SYM_I8, Granularity::PerTensor, &empty).unwrap_err().to_string();
     assert!(e.contains("empty"), "{e}");
     // Axis out of range, parameter count mismatch, bad scale, zero point out of range.
     let x = Tensor::ones((2, 3), DType::F32, &dev).unwrap();
-    assert!(
-        QParams::from_tensor(SYM_I8, Granularity::PerChannel { axis: 2 }, &x)
-            .unwrap_err()
-            .to_string()
-            .contains("axis 2")
-    );
-    let p = QParams::new(
-        SYM_I8,
-        Granularity::PerChannel { axis: 0 },
-        vec![1.0; 3],
-        vec![0; 3],
-    )
-    .unwrap();
-    assert!(QTensor::quantize(&x, &p)
-        .unwrap_err()
-        .to_string()
-        .contains("needs 2"));
+    assert!(QParams::from_tensor(SYM_I8, Granularity::PerChannel { axis: 2 }, &x).unwrap_err().to_string().contains("axis 2"));
+    let p = QParams::new(SYM_I8, Granularity::PerChannel { axis: 0 }, vec![1.0; 3], vec![0; 3]).unwrap();
+    assert!(QTensor::quantize(&x, &p).unwrap_err().to_string().contains("needs 2"));
     assert!(QParams::new(SYM_I8, Granularity::PerTensor, vec![0.0], vec![0]).is_err());
     assert!(QParams::new(AFFINE_U8, Granularity::PerTensor, vec![1.0], vec![300]).is_err());
     assert!(SYM_I8.scale_zero_point(f32::NAN, 1.0).is_err());
@@ -223,18 +157,12 @@ fn bad_inputs_are_errors() {
 }
 
 fn spec_strategy() -> impl Strategy<Value = QSpec> {
-    (any::<bool>(), any::<bool>(), any::<bool>(), any::<bool>()).prop_map(
-        |(u8_, sym, rr, narrow)| QSpec {
-            dtype: if u8_ { QDType::QUInt8 } else { QDType::QInt8 },
-            scheme: if sym {
-                QScheme::Symmetric
-            } else {
-                QScheme::Affine
-            },
-            reduce_range: rr,
-            narrow_range: narrow,
-        },
-    )
+    (any::<bool>(), any::<bool>(), any::<bool>(), any::<bool>()).prop_map(|(u8_, sym, rr, narrow)| QSpec {
+        dtype: if u8_ { QDType::QUInt8 } else { QDType::QInt8 },
+        scheme: if sym { QScheme::Symmetric } else { QScheme::Affine },
+        reduce_range: rr,
+        narrow_range: narrow,
+    })
 }
 
 proptest! {

@@ -6,6 +6,7 @@ mod pattern;
 
 pub use pattern::matches;
 
+use crate::kernels::WeightQuant;
 use crate::nn::{ActivationQuant, QLinear, QLinearKind};
 use crate::observer::{MinMaxObserver, Observer};
 use crate::quant::{QDType, QScheme, QSpec};
@@ -48,6 +49,10 @@ pub struct QuantConfig {
     pub include: Vec<String>,
     pub exclude: Vec<String>,
     pub activation: ActivationQuant,
+    /// Weight scales of dynamic and weight-only layers (static layers are per channel).
+    pub weight: WeightQuant,
+    /// Dynamic layers multiply inputs with `|x|` above this in float (LLM.int8()-style).
+    pub outlier_threshold: Option<f32>,
     pub overrides: Vec<(String, ActivationQuant)>,
     /// Observer for static calibration and QAT inputs.
     pub observer: ObserverFactory,
@@ -55,10 +60,7 @@ pub struct QuantConfig {
 
 /// Per-tensor affine qint8 min/max: the default static activation observer.
 pub fn default_static_observer() -> Box<dyn Observer> {
-    Box::new(MinMaxObserver::new(QSpec::new(
-        QDType::QInt8,
-        QScheme::Affine,
-    )))
+    Box::new(MinMaxObserver::new(QSpec::new(QDType::QInt8, QScheme::Affine)))
 }
 
 impl Default for QuantConfig {
@@ -67,6 +69,8 @@ impl Default for QuantConfig {
             include: vec![],
             exclude: vec![],
             activation: ActivationQuant::default(),
+            weight: WeightQuant::default(),
+            outlier_threshold: None,
             overrides: vec![],
             observer: default_static_observer,
         }
@@ -89,6 +93,16 @@ impl QuantConfig {
         self
     }
 
+    pub fn outlier_threshold(mut self, threshold: Option<f32>) -> Self {
+        self.outlier_threshold = threshold;
+        self
+    }
+
+    pub fn weight(mut self, how: WeightQuant) -> Self {
+        self.weight = how;
+        self
+    }
+
     pub fn override_activation(mut self, pattern: impl Into<String>, act: ActivationQuant) -> Self {
         self.overrides.push((pattern.into(), act));
         self
@@ -101,16 +115,12 @@ impl QuantConfig {
 
     /// Whether the layer called `name` is selected.
     pub fn selects(&self, name: &str) -> bool {
-        (self.include.is_empty() || self.include.iter().any(|p| matches(p, name)))
-            && !self.exclude.iter().any(|p| matches(p, name))
+        (self.include.is_empty() || self.include.iter().any(|p| matches(p, name))) && !self.exclude.iter().any(|p| matches(p, name))
     }
 
     /// Activation quantization for the layer called `name`.
     pub fn activation_for(&self, name: &str) -> ActivationQuant {
-        self.overrides
-            .iter()
-            .find(|(p, _)| matches(p, name))
-            .map_or(self.activation, |(_, a)| *a)
+        self.overrides.iter().find(|(p, _)| matches(p, name)).map_or(self.activation, |(_, a)| *a)
     }
 }
 
@@ -142,33 +152,28 @@ fn convert_selected(
 /// Swaps every selected layer for a dynamic int8 one (int8 weights per output channel,
 /// activations quantized on the fly) — the counterpart of
 /// `torch.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)`.
-pub fn quantize_dynamic(
-    model: &mut (impl Quantizable + ?Sized),
-    config: &QuantConfig,
-) -> Result<ConversionReport> {
+pub fn quantize_dynamic(model: &mut (impl Quantizable + ?Sized), config: &QuantConfig) -> Result<ConversionReport> {
     convert_selected(model, config, |layer| {
         let act = config.activation_for(layer.name());
-        layer.quantize_dynamic(act)?;
+        layer.quantize_dynamic(act, config.weight, config.outlier_threshold)?;
         Ok(true)
     })
 }
 
 /// Swaps every selected layer for a weight-only int8 one.
-pub fn quantize_weight_only(
-    model: &mut (impl Quantizable + ?Sized),
-    config: &QuantConfig,
-) -> Result<ConversionReport> {
-    convert_selected(model, config, |layer| {
-        layer.quantize_weight_only().map(|_| true)
-    })
+pub fn quantize_weight_only(model: &mut (impl Quantizable + ?Sized), config: &QuantConfig) -> Result<ConversionReport> {
+    convert_selected(model, config, |layer| layer.quantize_weight_only(config.weight).map(|_| true))
+}
+
+/// Swaps every selected layer for candle's block-quantized `QMatMul` in `dtype` (the
+/// Q8_0 baseline).
+pub fn quantize_ggml(model: &mut (impl Quantizable + ?Sized), config: &QuantConfig, dtype: candle_core::quantized::GgmlDType) -> Result<ConversionReport> {
+    convert_selected(model, config, |layer| layer.quantize_ggml(dtype).map(|_| true))
 }
 
 /// Static quantization, step 1: selected float layers start observing their inputs.
 /// Run calibration data through the model, then call [`convert`].
-pub fn prepare(
-    model: &mut (impl Quantizable + ?Sized),
-    config: &QuantConfig,
-) -> Result<ConversionReport> {
+pub fn prepare(model: &mut (impl Quantizable + ?Sized), config: &QuantConfig) -> Result<ConversionReport> {
     convert_selected(model, config, |layer| match layer.kind() {
         QLinearKind::Float(_) => layer.observe_with((config.observer)()).map(|_| true),
         _ => Ok(false),
@@ -177,10 +182,7 @@ pub fn prepare(
 
 /// QAT, step 1: selected float layers become fake-quantized with trainable weights.
 /// Train, then call [`convert`].
-pub fn prepare_qat(
-    model: &mut (impl Quantizable + ?Sized),
-    config: &QuantConfig,
-) -> Result<ConversionReport> {
+pub fn prepare_qat(model: &mut (impl Quantizable + ?Sized), config: &QuantConfig) -> Result<ConversionReport> {
     convert_selected(model, config, |layer| match layer.kind() {
         QLinearKind::Float(_) => layer.prepare_qat((config.observer)()).map(|_| true),
         _ => Ok(false),
@@ -193,10 +195,7 @@ pub fn prepare_qat(
 pub fn convert(model: &mut (impl Quantizable + ?Sized)) -> Result<ConversionReport> {
     let mut report = ConversionReport::default();
     model.visit_linears(&mut |layer| {
-        if matches!(
-            layer.kind(),
-            QLinearKind::Observed(_) | QLinearKind::FakeQuant(_)
-        ) {
+        if matches!(layer.kind(), QLinearKind::Observed(_) | QLinearKind::FakeQuant(_)) {
             layer.convert_static()?;
             report.converted.push(layer.name().to_string());
         } else {

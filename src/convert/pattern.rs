@@ -32,10 +32,7 @@ mod tests {
         assert!(matches("*lm_head", "model.lm_head"));
         assert!(matches("*.mlp.*", "model.layers.3.mlp.down_proj"));
         assert!(!matches("*.mlp.*", "model.layers.3.self_attn.q_proj"));
-        assert!(matches(
-            "model.layers.*.q_proj",
-            "model.layers.12.self_attn.q_proj"
-        ));
+        assert!(matches("model.layers.*.q_proj", "model.layers.12.self_attn.q_proj"));
         assert!(matches("*", ""));
         assert!(!matches("a*a", "a"));
         assert!(matches("a*b*c", "axxbyyc"));

@@ -66,9 +66,7 @@ pub fn load_gguf_llama(path: &Path, mut progress: impl FnMut(usize, usize)) -> R
     let total = names.len();
     let mut tensors = HashMap::new();
     for (i, name) in names.into_iter().enumerate() {
-        let Some(hf) = hf_name(name) else {
-            bail!("{}: unexpected tensor '{name}' in a llama GGUF file", path.display())
-        };
+        let Some(hf) = hf_name(name) else { bail!("{}: unexpected tensor '{name}' in a llama GGUF file", path.display()) };
         let t = content.tensor(&mut file, name, &device).map_err(ctx)?.dequantize(&device).map_err(ctx)?;
         // llama.cpp stores q/k rows interleaved for its rope; put them back in HF order.
         let t = match name.rsplit('.').nth(1) {
@@ -128,11 +126,8 @@ fn tokenizer_from_gguf(content: &Content, path: &Path) -> Result<Tokenizer> {
     if model != "gpt2" {
         bail!("{}: tokenizer model '{model}' is not supported (supported: gpt2 byte-level BPE)", path.display())
     }
-    let tokens: Vec<String> = meta(content, "tokenizer.ggml.tokens", path)?
-        .to_vec()?
-        .iter()
-        .map(|v| v.to_string().cloned())
-        .collect::<Result<_>>()?;
+    let tokens: Vec<String> =
+        meta(content, "tokenizer.ggml.tokens", path)?.to_vec()?.iter().map(|v| v.to_string().cloned()).collect::<Result<_>>()?;
     let merges: Vec<(String, String)> = meta(content, "tokenizer.ggml.merges", path)?
         .to_vec()?
         .iter()

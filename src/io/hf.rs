@@ -22,9 +22,7 @@ pub struct HfFiles {
 fn shard_names(index: &Path) -> Result<Vec<String>> {
     let text = std::fs::read_to_string(index).map_err(|e| io_err(index, e))?;
     let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| io_err(index, format!("invalid JSON: {e}")))?;
-    let Some(map) = json.get("weight_map").and_then(|m| m.as_object()) else {
-        bail!("{}: no 'weight_map' object", index.display())
-    };
+    let Some(map) = json.get("weight_map").and_then(|m| m.as_object()) else { bail!("{}: no 'weight_map' object", index.display()) };
     let names: BTreeSet<String> = map.values().filter_map(|v| v.as_str().map(str::to_string)).collect();
     if names.is_empty() {
         bail!("{}: 'weight_map' lists no shard", index.display())
@@ -68,7 +66,12 @@ pub fn hub_files(id: &str, revision: &str) -> Result<HfFiles> {
     let api = if offline {
         None
     } else {
-        Some(hf_hub::api::sync::ApiBuilder::from_env().with_progress(true).build().map_err(|e| candle_core::Error::Msg(format!("hub client: {e}")))?)
+        Some(
+            hf_hub::api::sync::ApiBuilder::from_env()
+                .with_progress(true)
+                .build()
+                .map_err(|e| candle_core::Error::Msg(format!("hub client: {e}")))?,
+        )
     };
     let get = |file: &str| -> Result<Option<PathBuf>> {
         if let Some(p) = cached.get(file) {
@@ -103,7 +106,8 @@ pub fn hub_files(id: &str, revision: &str) -> Result<HfFiles> {
 pub fn load_safetensors(files: &[PathBuf], mut progress: impl FnMut(usize, usize)) -> Result<HashMap<String, Tensor>> {
     let mut all = HashMap::new();
     for (i, f) in files.iter().enumerate() {
-        let tensors = candle_core::safetensors::load(f, &Device::Cpu).map_err(|e| e.context(format!("reading safetensors file {}", f.display())))?;
+        let tensors =
+            candle_core::safetensors::load(f, &Device::Cpu).map_err(|e| e.context(format!("reading safetensors file {}", f.display())))?;
         for (name, t) in tensors {
             let t = match t.dtype() {
                 DType::F16 | DType::BF16 | DType::F64 => t.to_dtype(DType::F32)?,

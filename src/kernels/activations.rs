@@ -1,84 +1,84 @@
 //! Activation quantization for the int8 kernels: per token, per group, or static per tensor.
 
+use super::CHUNK;
 use crate::quant::{quantize_value, QSpec};
 use candle_core::{bail, Result};
 
-/// `M×K` int8 activations with one scale per `(row, group)` and one zero point for all.
+/// `M×K` int8 activations with one scale per `(row, group)` and one zero point for all. Rows
+/// are zero-padded to a whole number of [`CHUNK`]s, like the weights.
 #[derive(Debug, Clone)]
 pub struct QuantizedActivations {
     m: usize,
     k: usize,
+    stride: usize,
     group: usize,
     data: Vec<i8>,
     scales: Vec<f32>,
     zero_point: i32,
+    /// Values kept in float (LLM.int8()-style decomposition), row by row: `(column, value)`;
+    /// their int8 slots hold 0. Row `i`'s are `outliers[outlier_start[i]..outlier_start[i + 1]]`.
+    outliers: Vec<(u32, f32)>,
+    outlier_start: Vec<usize>,
 }
 
 impl QuantizedActivations {
     /// Dynamic symmetric quantization ([`QSpec::DYNAMIC_ACTIVATION`], `[-127, 127]`): each run of
     /// `group` values in a row gets `scale = max|x| / 127`. `group >= k` means one scale per row
     /// (per token). Non-finite inputs are an error (they would make the scale meaningless).
-    pub fn quantize_dynamic(x: &[f32], m: usize, k: usize, group: usize) -> Result<Self> {
+    ///
+    /// With `outlier_threshold = Some(t)`, values with `|x| > t` are set aside in float (the
+    /// kernel adds `x · ŵ` for them exactly) and the group's scale is computed without them, so a
+    /// rare huge activation no longer flattens the rest of its group.
+    pub fn quantize_dynamic(x: &[f32], m: usize, k: usize, group: usize, outlier_threshold: Option<f32>) -> Result<Self> {
         check_dims(x, m, k)?;
         let group = group.clamp(1, k.max(1));
         let groups = k.div_ceil(group);
         let spec = QSpec::DYNAMIC_ACTIVATION;
         let (qmin, qmax) = spec.qrange();
-        let mut data = vec![0i8; m * k];
+        let stride = k.next_multiple_of(CHUNK);
+        let mut data = vec![0i8; m * stride];
         let mut scales = Vec::with_capacity(m * groups);
-        for (xr, qr) in x.chunks(k).zip(data.chunks_mut(k)) {
-            for (xg, qg) in xr.chunks(group).zip(qr.chunks_mut(group)) {
+        let (mut outliers, mut outlier_start) = (Vec::new(), vec![0]);
+        let limit = outlier_threshold.unwrap_or(f32::INFINITY);
+        for (xr, qr) in x.chunks(k).zip(data.chunks_mut(stride)) {
+            for (g, (xg, qg)) in xr.chunks(group).zip(qr.chunks_mut(group)).enumerate() {
                 // `f32::max` skips NaN, so NaN is caught by the sum (NaN + anything = NaN).
-                let (amax, probe) = xg
-                    .iter()
-                    .fold((0f32, 0f32), |(a, p), v| (a.max(v.abs()), p + v * 0.0));
-                if !amax.is_finite() || probe.is_nan() {
+                let (amax, probe) =
+                    xg.iter().fold((0f32, 0f32), |(a, p), v| (if v.abs() > limit { a } else { a.max(v.abs()) }, p + v * 0.0));
+                if probe.is_nan() {
                     bail!("activation row contains a non-finite value (NaN or ±Inf)")
                 }
                 let (scale, zp) = spec.scale_zero_point_unchecked(-amax, amax);
                 let inv = 1.0 / scale;
-                for (q, &v) in qg.iter_mut().zip(xg) {
-                    *q = quantize_value(v, inv, zp, qmin, qmax) as i8;
+                for (c, (q, &v)) in qg.iter_mut().zip(xg).enumerate() {
+                    if v.abs() > limit {
+                        outliers.push(((g * group + c) as u32, v));
+                    } else {
+                        *q = quantize_value(v, inv, zp, qmin, qmax) as i8;
+                    }
                 }
                 scales.push(scale);
             }
+            outlier_start.push(outliers.len());
         }
-        Ok(Self {
-            m,
-            k,
-            group,
-            data,
-            scales,
-            zero_point: 0,
-        })
+        Ok(Self { m, k, stride, group, data, scales, zero_point: 0, outliers, outlier_start })
     }
 
     /// Static quantization with fixed per-tensor `scale` and `zero_point` under `spec`
     /// (qint8 or quint8; quint8 values are shifted by -128 into i8 storage, zero point with them).
-    pub fn quantize_static(
-        x: &[f32],
-        m: usize,
-        k: usize,
-        spec: &QSpec,
-        scale: f32,
-        zero_point: i32,
-    ) -> Result<Self> {
+    pub fn quantize_static(x: &[f32], m: usize, k: usize, spec: &QSpec, scale: f32, zero_point: i32) -> Result<Self> {
         check_dims(x, m, k)?;
         let (qmin, qmax) = spec.qrange();
         let shift = if qmin >= 0 { 128 } else { 0 };
         let inv = 1.0 / scale;
-        let data = x
-            .iter()
-            .map(|&v| (quantize_value(v, inv, zero_point, qmin, qmax) - shift) as i8)
-            .collect();
-        Ok(Self {
-            m,
-            k,
-            group: k.max(1),
-            data,
-            scales: vec![scale; m],
-            zero_point: zero_point - shift,
-        })
+        let stride = k.next_multiple_of(CHUNK);
+        let mut data = vec![0i8; m * stride];
+        for (xr, qr) in x.chunks(k).zip(data.chunks_mut(stride)) {
+            for (q, &v) in qr.iter_mut().zip(xr) {
+                *q = (quantize_value(v, inv, zero_point, qmin, qmax) - shift) as i8;
+            }
+        }
+        Ok(Self { m, k, stride, group: k.max(1), data, scales: vec![scale; m], zero_point: zero_point - shift, outliers: vec![], outlier_start: vec![0; m + 1] })
     }
 
     pub fn rows(&self) -> usize {
@@ -98,13 +98,30 @@ impl QuantizedActivations {
         self.k.div_ceil(self.group)
     }
 
+    /// Values of row `i` set aside in float: `(column, value)`.
+    #[inline]
+    pub fn row_outliers(&self, i: usize) -> &[(u32, f32)] {
+        &self.outliers[self.outlier_start[i]..self.outlier_start[i + 1]]
+    }
+
+    /// Number of values set aside in float, all rows together.
+    pub fn outlier_count(&self) -> usize {
+        self.outliers.len()
+    }
+
     pub fn zero_point(&self) -> i32 {
         self.zero_point
     }
 
     #[inline]
     pub fn row(&self, i: usize) -> &[i8] {
-        &self.data[i * self.k..(i + 1) * self.k]
+        &self.data[i * self.stride..i * self.stride + self.k]
+    }
+
+    /// Row `i` with its zero padding.
+    #[inline]
+    pub fn padded_row(&self, i: usize) -> &[i8] {
+        &self.data[i * self.stride..(i + 1) * self.stride]
     }
 
     #[inline]
@@ -116,10 +133,7 @@ impl QuantizedActivations {
 
 fn check_dims(x: &[f32], m: usize, k: usize) -> Result<()> {
     if x.len() != m * k || k == 0 {
-        bail!(
-            "activations: {} values do not form {m} rows of {k}",
-            x.len()
-        )
+        bail!("activations: {} values do not form {m} rows of {k}", x.len())
     }
     Ok(())
 }

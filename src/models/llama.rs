@@ -93,7 +93,9 @@ impl LlamaConfig {
     pub fn from_json(json: &serde_json::Value) -> Result<Self> {
         let model_type = json.get("model_type").and_then(|v| v.as_str()).unwrap_or("");
         let mut cfg: LlamaConfig = match model_type {
-            "llama" | "mistral" | "qwen2" => serde_json::from_value(json.clone()).map_err(|e| candle_core::Error::Msg(format!("config.json ({model_type}): {e}")))?,
+            "llama" | "mistral" | "qwen2" => {
+                serde_json::from_value(json.clone()).map_err(|e| candle_core::Error::Msg(format!("config.json ({model_type}): {e}")))?
+            }
             other => bail!("unknown architecture '{other}' in config.json (supported: llama, mistral, qwen2)"),
         };
         if model_type == "qwen2" {
@@ -289,7 +291,9 @@ impl Llama {
         let inv_freq = cfg.inv_freq();
         let n = inv_freq.len();
         let inv = Tensor::from_vec(inv_freq, (1, n), &Device::Cpu)?;
-        let pos = Tensor::arange(0u32, cfg.max_position_embeddings as u32, &Device::Cpu)?.to_dtype(DType::F32)?.reshape((cfg.max_position_embeddings, 1))?;
+        let pos = Tensor::arange(0u32, cfg.max_position_embeddings as u32, &Device::Cpu)?
+            .to_dtype(DType::F32)?
+            .reshape((cfg.max_position_embeddings, 1))?;
         let freqs = pos.matmul(&inv)?;
         Ok(Self { embed_tokens, layers, norm, lm_head, cos: freqs.cos()?, sin: freqs.sin()?, config: cfg.clone() })
     }
@@ -335,7 +339,10 @@ impl Llama {
         let mut total = bytes(self.embed_tokens.embeddings()) + norms * self.config.hidden_size * 4;
         for b in &self.layers {
             let a = &b.attn;
-            total += [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &b.mlp.gate_proj, &b.mlp.up_proj, &b.mlp.down_proj].iter().map(|l| l.weight_bytes()).sum::<usize>();
+            total += [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &b.mlp.gate_proj, &b.mlp.up_proj, &b.mlp.down_proj]
+                .iter()
+                .map(|l| l.weight_bytes())
+                .sum::<usize>();
         }
         let shared = self.config.tie_word_embeddings && !self.lm_head.is_int8();
         total + if shared { 0 } else { self.lm_head.weight_bytes() }
@@ -351,7 +358,9 @@ impl Quantizable for Llama {
     fn visit_linears(&mut self, f: &mut dyn FnMut(&mut QLinear) -> Result<()>) -> Result<()> {
         for b in &mut self.layers {
             let a = &mut b.attn;
-            for l in [&mut a.q_proj, &mut a.k_proj, &mut a.v_proj, &mut a.o_proj, &mut b.mlp.gate_proj, &mut b.mlp.up_proj, &mut b.mlp.down_proj] {
+            for l in
+                [&mut a.q_proj, &mut a.k_proj, &mut a.v_proj, &mut a.o_proj, &mut b.mlp.gate_proj, &mut b.mlp.up_proj, &mut b.mlp.down_proj]
+            {
                 f(l)?;
             }
         }

@@ -43,11 +43,23 @@ pub struct DynamicLinear {
     weights: PackedInt8Weights,
     bias: Option<Vec<f32>>,
     act: ActivationQuant,
+    outlier_threshold: Option<f32>,
 }
 
 impl DynamicLinear {
     pub fn new(weights: PackedInt8Weights, bias: Option<Vec<f32>>, act: ActivationQuant) -> Self {
-        Self { weights, bias, act }
+        Self { weights, bias, act, outlier_threshold: None }
+    }
+
+    /// Inputs with `|x|` above `threshold` are multiplied in float instead of int8
+    /// (LLM.int8()-style decomposition); `None` quantizes everything.
+    pub fn with_outlier_threshold(mut self, threshold: Option<f32>) -> Self {
+        self.outlier_threshold = threshold;
+        self
+    }
+
+    pub fn outlier_threshold(&self) -> Option<f32> {
+        self.outlier_threshold
     }
 
     pub fn weights(&self) -> &PackedInt8Weights {
@@ -64,7 +76,7 @@ impl DynamicLinear {
 
     pub(crate) fn forward_rows(&self, x: &[f32], m: usize, out: &mut [f32]) -> Result<()> {
         let k = self.weights.in_features();
-        let acts = QuantizedActivations::quantize_dynamic(x, m, k, self.act.group_size(k))?;
+        let acts = QuantizedActivations::quantize_dynamic(x, m, k, self.act.group_size(k), self.outlier_threshold)?;
         int8_linear(&acts, &self.weights, self.bias(), out)
     }
 }

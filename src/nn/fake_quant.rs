@@ -31,15 +31,12 @@ impl FakeQuantLinear {
 
     /// The trainable variables (weight, then bias if any), for an optimizer.
     pub fn vars(&self) -> Vec<Var> {
-        std::iter::once(self.weight.clone())
-            .chain(self.bias.clone())
-            .collect()
+        std::iter::once(self.weight.clone()).chain(self.bias.clone()).collect()
     }
 
     /// Freezes (`false`) or resumes (`true`) the activation observer.
     pub fn set_observing(&self, on: bool) {
-        self.observing
-            .store(on, std::sync::atomic::Ordering::Relaxed);
+        self.observing.store(on, std::sync::atomic::Ordering::Relaxed);
     }
 
     pub fn activation_qparams(&self) -> Result<QParams> {
@@ -48,11 +45,7 @@ impl FakeQuantLinear {
 
     /// Weight qparams: per output channel from the current weights.
     pub fn weight_qparams(&self) -> Result<QParams> {
-        QParams::from_tensor(
-            QSpec::WEIGHT,
-            Granularity::PerChannel { axis: 0 },
-            self.weight.as_tensor(),
-        )
+        QParams::from_tensor(QSpec::WEIGHT, Granularity::PerChannel { axis: 0 }, self.weight.as_tensor())
     }
 
     /// The current float weights as a plain `Linear`.

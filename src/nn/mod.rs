@@ -4,17 +4,19 @@
 
 mod dynamic;
 mod fake_quant;
+mod ggml;
 mod observed;
 mod static_linear;
 mod weight_only;
 
 pub use dynamic::{ActivationQuant, DynamicLinear};
 pub use fake_quant::FakeQuantLinear;
+pub use ggml::GgmlLinear;
 pub use observed::ObservedLinear;
 pub use static_linear::StaticLinear;
 pub use weight_only::WeightOnlyLinear;
 
-use crate::kernels::PackedInt8Weights;
+use crate::kernels::{PackedInt8Weights, WeightQuant};
 use crate::observer::Observer;
 use crate::quant::float_values;
 use candle_core::{bail, DType, Module, Result, Tensor};
@@ -35,6 +37,8 @@ pub enum QLinearKind {
     Observed(ObservedLinear),
     /// Fake-quantized weights and activations with trainable weights (QAT).
     FakeQuant(FakeQuantLinear),
+    /// candle's block-quantized `QMatMul` (Q8_0 etc.): the baseline to compare against.
+    Ggml(GgmlLinear),
 }
 
 /// A linear layer `y = x·Wᵀ + b` that knows its name (its VarBuilder path) and can be
@@ -49,46 +53,25 @@ pub struct QLinear {
 
 impl QLinear {
     /// Loads `weight` `[out, in]` (and `bias` `[out]`) from `vb`, like `candle_nn::linear_b`.
-    pub fn load(
-        in_features: usize,
-        out_features: usize,
-        bias: bool,
-        vb: VarBuilder,
-    ) -> Result<Self> {
+    pub fn load(in_features: usize, out_features: usize, bias: bool, vb: VarBuilder) -> Result<Self> {
         let name = vb.prefix();
-        let linear = candle_nn::linear_b(in_features, out_features, bias, vb)
-            .map_err(|e| e.context(format!("loading linear layer '{name}'")))?;
-        Ok(Self {
-            name,
-            in_features,
-            out_features,
-            kind: QLinearKind::Float(linear),
-        })
+        let linear =
+            candle_nn::linear_b(in_features, out_features, bias, vb).map_err(|e| e.context(format!("loading linear layer '{name}'")))?;
+        Ok(Self { name, in_features, out_features, kind: QLinearKind::Float(linear) })
     }
 
     /// Wraps an existing float layer under `name`.
     pub fn from_linear(linear: &Linear, name: impl Into<String>) -> Result<Self> {
         let name = name.into();
         let &[out_features, in_features] = linear.weight().dims() else {
-            bail!(
-                "layer '{name}': weight must be 2-D [out, in], got shape {:?}",
-                linear.weight().shape()
-            )
+            bail!("layer '{name}': weight must be 2-D [out, in], got shape {:?}", linear.weight().shape())
         };
         if let Some(b) = linear.bias() {
             if b.dims() != [out_features] {
-                bail!(
-                    "layer '{name}': bias shape {:?} does not match {out_features} outputs",
-                    b.shape()
-                )
+                bail!("layer '{name}': bias shape {:?} does not match {out_features} outputs", b.shape())
             }
         }
-        Ok(Self {
-            name,
-            in_features,
-            out_features,
-            kind: QLinearKind::Float(linear.clone()),
-        })
+        Ok(Self { name, in_features, out_features, kind: QLinearKind::Float(linear.clone()) })
     }
 
     pub fn name(&self) -> &str {
@@ -109,12 +92,7 @@ impl QLinear {
 
     /// Replaces the kind with one built by hand; its shapes must match the layer's.
     pub fn set_kind(&mut self, kind: QLinearKind) -> Result<()> {
-        let probe = Self {
-            name: self.name.clone(),
-            in_features: self.in_features,
-            out_features: self.out_features,
-            kind,
-        };
+        let probe = Self { name: self.name.clone(), in_features: self.in_features, out_features: self.out_features, kind };
         let l = probe.float_equivalent()?;
         if l.weight().dims() != [self.out_features, self.in_features] {
             bail!(
@@ -139,15 +117,13 @@ impl QLinear {
             QLinearKind::WeightOnly(_) => "int8-weight-only",
             QLinearKind::Observed(_) => "observed",
             QLinearKind::FakeQuant(_) => "fake-quant",
+            QLinearKind::Ggml(_) => "ggml",
         }
     }
 
     /// Whether the weights are stored as int8.
     pub fn is_int8(&self) -> bool {
-        matches!(
-            self.kind,
-            QLinearKind::Dynamic(_) | QLinearKind::Static(_) | QLinearKind::WeightOnly(_)
-        )
+        matches!(self.kind, QLinearKind::Dynamic(_) | QLinearKind::Static(_) | QLinearKind::WeightOnly(_))
     }
 
     /// Bytes held by weights and bias.
@@ -158,11 +134,10 @@ impl QLinear {
             QLinearKind::Float(l) => float(l),
             QLinearKind::Observed(o) => float(o.linear()),
             QLinearKind::FakeQuant(f) => f.weight_bytes(),
+            QLinearKind::Ggml(g) => g.weight_bytes(),
             QLinearKind::Dynamic(d) => d.weights().nbytes() + d.bias().map_or(0, |b| b.len() * 4),
             QLinearKind::Static(s) => s.weights().nbytes() + s.bias().map_or(0, |b| b.len() * 4),
-            QLinearKind::WeightOnly(w) => {
-                w.weights().nbytes() + w.bias().map_or(0, |b| b.len() * 4)
-            }
+            QLinearKind::WeightOnly(w) => w.weights().nbytes() + w.bias().map_or(0, |b| b.len() * 4),
         }
     }
 
@@ -172,51 +147,64 @@ impl QLinear {
     pub fn float_equivalent(&self) -> Result<Linear> {
         let int8 = |w: &PackedInt8Weights, b: Option<&[f32]>| -> Result<Linear> {
             let device = candle_core::Device::Cpu;
-            let bias = b
-                .map(|b| Tensor::from_slice(b, b.len(), &device))
-                .transpose()?;
+            let bias = b.map(|b| Tensor::from_slice(b, b.len(), &device)).transpose()?;
             Ok(Linear::new(w.dequantize(&device)?, bias))
         };
         match &self.kind {
             QLinearKind::Float(l) => Ok(l.clone()),
             QLinearKind::Observed(o) => Ok(o.linear().clone()),
             QLinearKind::FakeQuant(f) => f.float_linear(),
+            QLinearKind::Ggml(g) => Ok(Linear::new(g.dequantized_weight()?, g.bias().cloned())),
             QLinearKind::Dynamic(d) => int8(d.weights(), d.bias()),
             QLinearKind::Static(s) => int8(s.weights(), s.bias()),
             QLinearKind::WeightOnly(w) => int8(w.weights(), w.bias()),
         }
     }
 
-    /// Int8 weights and f32 bias: reused when already int8, quantized per output channel
+    /// Int8 weights and f32 bias: reused when already int8, quantized `how`
     /// ([`crate::quant::QSpec::WEIGHT`]) from the float weights otherwise.
-    fn int8_weights(&self) -> Result<(PackedInt8Weights, Option<Vec<f32>>)> {
+    fn int8_weights(&self, how: WeightQuant) -> Result<(PackedInt8Weights, Option<Vec<f32>>)> {
         match &self.kind {
             QLinearKind::Dynamic(d) => Ok((d.weights().clone(), d.bias().map(<[f32]>::to_vec))),
             QLinearKind::Static(s) => Ok((s.weights().clone(), s.bias().map(<[f32]>::to_vec))),
             QLinearKind::WeightOnly(w) => Ok((w.weights().clone(), w.bias().map(<[f32]>::to_vec))),
             _ => {
                 let l = self.float_equivalent()?;
-                let w = PackedInt8Weights::quantize(l.weight()).map_err(|e| {
-                    e.context(format!("quantizing the weight of layer '{}'", self.name))
-                })?;
+                let w = PackedInt8Weights::quantize(l.weight(), how)
+                    .map_err(|e| e.context(format!("quantizing the weight of layer '{}'", self.name)))?;
                 let b = l.bias().map(|b| float_values(b, &self.name)).transpose()?;
                 Ok((w, b))
             }
         }
     }
 
-    /// Becomes [`QLinearKind::Dynamic`] (int8 weights, activations quantized per `act`).
-    pub fn quantize_dynamic(&mut self, act: ActivationQuant) -> Result<()> {
+    /// Becomes [`QLinearKind::Dynamic`]: int8 weights scaled per `weights`, activations quantized
+    /// per `act` on every call. When both are per group, the group sizes must match.
+    pub fn quantize_dynamic(&mut self, act: ActivationQuant, weights: WeightQuant, outlier_threshold: Option<f32>) -> Result<()> {
         act.validate()?;
-        let (w, b) = self.int8_weights()?;
-        self.kind = QLinearKind::Dynamic(DynamicLinear::new(w, b, act));
+        if let (ActivationQuant::PerGroup(a), WeightQuant::PerGroup(w)) = (act, weights) {
+            if a != w && a < self.in_features && w < self.in_features {
+                bail!("layer '{}': activation groups of {a} and weight groups of {w} must be equal", self.name)
+            }
+        }
+        let (w, b) = self.int8_weights(weights)?;
+        self.kind = QLinearKind::Dynamic(DynamicLinear::new(w, b, act).with_outlier_threshold(outlier_threshold));
         Ok(())
     }
 
-    /// Becomes [`QLinearKind::WeightOnly`].
-    pub fn quantize_weight_only(&mut self) -> Result<()> {
-        let (w, b) = self.int8_weights()?;
+    /// Becomes [`QLinearKind::WeightOnly`] with weights scaled per `weights`.
+    pub fn quantize_weight_only(&mut self, weights: WeightQuant) -> Result<()> {
+        let (w, b) = self.int8_weights(weights)?;
         self.kind = QLinearKind::WeightOnly(WeightOnlyLinear::new(w, b));
+        Ok(())
+    }
+
+    /// Becomes [`QLinearKind::Ggml`]: candle's `QMatMul` with weights in `dtype` (e.g. Q8_0),
+    /// from the float weights.
+    pub fn quantize_ggml(&mut self, dtype: candle_core::quantized::GgmlDType) -> Result<()> {
+        let l = self.float_equivalent()?;
+        let g = GgmlLinear::new(l.weight(), l.bias().cloned(), dtype).map_err(|e| e.context(format!("layer '{}' to {dtype:?}", self.name)))?;
+        self.kind = QLinearKind::Ggml(g);
         Ok(())
     }
 
@@ -240,10 +228,14 @@ impl QLinear {
         let params = match &self.kind {
             QLinearKind::Observed(o) => o.activation_qparams(),
             QLinearKind::FakeQuant(f) => f.activation_qparams(),
-            _ => bail!("layer '{}' is {}: only observed or fake-quant layers carry calibrated activation ranges", self.name, self.kind_name()),
+            _ => bail!(
+                "layer '{}' is {}: only observed or fake-quant layers carry calibrated activation ranges",
+                self.name,
+                self.kind_name()
+            ),
         }
         .map_err(|e| e.context(format!("layer '{}'", self.name)))?;
-        let (w, b) = self.int8_weights()?;
+        let (w, b) = self.int8_weights(WeightQuant::PerChannel)?;
         self.kind = QLinearKind::Static(StaticLinear::new(w, b, params)?);
         Ok(())
     }
@@ -264,27 +256,19 @@ impl Module for QLinear {
                 check_input(x, self.in_features, &self.name)?;
                 f.forward(x)
             }
-            QLinearKind::Dynamic(d) => rows_forward(
-                x,
-                self.in_features,
-                self.out_features,
-                &self.name,
-                |xs, m, out| d.forward_rows(xs, m, out),
-            ),
-            QLinearKind::Static(s) => rows_forward(
-                x,
-                self.in_features,
-                self.out_features,
-                &self.name,
-                |xs, m, out| s.forward_rows(xs, m, out),
-            ),
-            QLinearKind::WeightOnly(w) => rows_forward(
-                x,
-                self.in_features,
-                self.out_features,
-                &self.name,
-                |xs, m, out| w.forward_rows(xs, m, out),
-            ),
+            QLinearKind::Ggml(g) => {
+                check_input(x, self.in_features, &self.name)?;
+                g.forward(x)
+            }
+            QLinearKind::Dynamic(d) => {
+                rows_forward(x, self.in_features, self.out_features, &self.name, |xs, m, out| d.forward_rows(xs, m, out))
+            }
+            QLinearKind::Static(s) => {
+                rows_forward(x, self.in_features, self.out_features, &self.name, |xs, m, out| s.forward_rows(xs, m, out))
+            }
+            QLinearKind::WeightOnly(w) => {
+                rows_forward(x, self.in_features, self.out_features, &self.name, |xs, m, out| w.forward_rows(xs, m, out))
+            }
         }
     }
 }

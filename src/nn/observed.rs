@@ -16,10 +16,7 @@ pub struct ObservedLinear {
 
 impl ObservedLinear {
     pub fn new(linear: Linear, observer: Box<dyn Observer>) -> Self {
-        Self {
-            linear,
-            observer: Arc::new(Mutex::new(observer)),
-        }
+        Self { linear, observer: Arc::new(Mutex::new(observer)) }
     }
 
     pub fn linear(&self) -> &Linear {
@@ -32,12 +29,8 @@ impl ObservedLinear {
     }
 }
 
-pub(crate) fn lock(
-    observer: &Mutex<Box<dyn Observer>>,
-) -> Result<std::sync::MutexGuard<'_, Box<dyn Observer>>> {
-    observer.lock().map_err(|_| {
-        candle_core::Error::Msg("observer lock poisoned by a panic in another thread".into())
-    })
+pub(crate) fn lock(observer: &Mutex<Box<dyn Observer>>) -> Result<std::sync::MutexGuard<'_, Box<dyn Observer>>> {
+    observer.lock().map_err(|_| candle_core::Error::Msg("observer lock poisoned by a panic in another thread".into()))
 }
 
 impl Module for ObservedLinear {

@@ -16,10 +16,7 @@ impl StaticLinear {
     /// `act` must be per-tensor qparams (from an observer).
     pub fn new(weights: PackedInt8Weights, bias: Option<Vec<f32>>, act: QParams) -> Result<Self> {
         if act.granularity != Granularity::PerTensor || act.scales.len() != 1 {
-            bail!(
-                "static activation qparams must be per tensor, got {:?}",
-                act.granularity
-            )
+            bail!("static activation qparams must be per tensor, got {:?}", act.granularity)
         }
         Ok(Self { weights, bias, act })
     }

@@ -20,12 +20,7 @@ impl RunningHistogram {
         if bins < 2 {
             bail!("a histogram needs at least 2 bins, got {bins}")
         }
-        Ok(Self {
-            counts: vec![0.0; bins],
-            lo: 0.0,
-            hi: 0.0,
-            total: 0.0,
-        })
+        Ok(Self { counts: vec![0.0; bins], lo: 0.0, hi: 0.0, total: 0.0 })
     }
 
     pub(crate) fn is_empty(&self) -> bool {
@@ -79,8 +74,7 @@ impl RunningHistogram {
                 continue;
             }
             let first = (((a - new_lo) / new_w).floor().max(0.0) as usize).min(n - 1);
-            let last =
-                ((((b - new_lo) / new_w).ceil() as usize).saturating_sub(1)).clamp(first, n - 1);
+            let last = ((((b - new_lo) / new_w).ceil() as usize).saturating_sub(1)).clamp(first, n - 1);
             for j in first..=last {
                 let (ja, jb) = (new_lo + j as f64 * new_w, new_lo + (j + 1) as f64 * new_w);
                 let overlap = (b.min(jb) - a.max(ja)).max(0.0);
@@ -137,9 +131,7 @@ impl RunningHistogram {
             let (cr, sr, qr) = sums(right, n);
             let (cm, _, _) = sums(left, right);
             let step = (rb - ra) / levels;
-            cm * step * step / 12.0
-                + (ra * ra * cl - 2.0 * ra * sl + ql)
-                + (rb * rb * cr - 2.0 * rb * sr + qr)
+            cm * step * step / 12.0 + (ra * ra * cl - 2.0 * ra * sl + ql) + (rb * rb * cr - 2.0 * rb * sr + qr)
         };
         let edge = |j: usize| lo + j as f64 * w;
         let mut best = (f64::INFINITY, self.lo as f64, self.hi as f64);
@@ -184,25 +176,14 @@ pub struct HistogramObserver {
 impl HistogramObserver {
     /// `bins` fixed-width bins (2048 is a good default).
     pub fn new(spec: QSpec, bins: usize) -> Result<Self> {
-        Ok(Self {
-            spec,
-            hist: RunningHistogram::new(bins)?,
-            nonfinite: 0,
-        })
+        Ok(Self { spec, hist: RunningHistogram::new(bins)?, nonfinite: 0 })
     }
 }
 
 /// Shared observe step of the histogram-based observers.
-pub(crate) fn observe_into(
-    hist: &mut RunningHistogram,
-    nonfinite: &mut u64,
-    x: &Tensor,
-) -> Result<()> {
+pub(crate) fn observe_into(hist: &mut RunningHistogram, nonfinite: &mut u64, x: &Tensor) -> Result<()> {
     if x.elem_count() == 0 {
-        bail!(
-            "observer was given an empty tensor of shape {:?}",
-            x.shape()
-        )
+        bail!("observer was given an empty tensor of shape {:?}", x.shape())
     }
     let values = float_values(x, "observed tensor")?;
     let (range, bad) = finite_min_max(&values);

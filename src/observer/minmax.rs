@@ -29,11 +29,7 @@ impl MinMaxObserver {
     /// Exponential moving average of each batch's min/max, with `averaging_constant` in (0, 1].
     pub fn moving_average(spec: QSpec, averaging_constant: f32) -> Result<Self> {
         check_constant(averaging_constant)?;
-        Ok(Self::build(
-            spec,
-            Granularity::PerTensor,
-            Some(averaging_constant),
-        ))
+        Ok(Self::build(spec, Granularity::PerTensor, Some(averaging_constant)))
     }
 
     /// Running min/max of each slice along `axis`.
@@ -42,34 +38,18 @@ impl MinMaxObserver {
     }
 
     /// Moving average of each slice's min/max along `axis`.
-    pub fn moving_average_per_channel(
-        spec: QSpec,
-        axis: usize,
-        averaging_constant: f32,
-    ) -> Result<Self> {
+    pub fn moving_average_per_channel(spec: QSpec, axis: usize, averaging_constant: f32) -> Result<Self> {
         check_constant(averaging_constant)?;
-        Ok(Self::build(
-            spec,
-            Granularity::PerChannel { axis },
-            Some(averaging_constant),
-        ))
+        Ok(Self::build(spec, Granularity::PerChannel { axis }, Some(averaging_constant)))
     }
 
     fn build(spec: QSpec, granularity: Granularity, averaging_constant: Option<f32>) -> Self {
-        Self {
-            spec,
-            granularity,
-            averaging_constant,
-            min: vec![],
-            max: vec![],
-            nonfinite: 0,
-        }
+        Self { spec, granularity, averaging_constant, min: vec![], max: vec![], nonfinite: 0 }
     }
 
     /// The observed `(min, max)` of each slot, if anything finite was seen.
     pub fn range(&self) -> Option<(&[f32], &[f32])> {
-        (!self.min.is_empty() && self.min.iter().zip(&self.max).all(|(lo, hi)| lo <= hi))
-            .then_some((&self.min[..], &self.max[..]))
+        (!self.min.is_empty() && self.min.iter().zip(&self.max).all(|(lo, hi)| lo <= hi)).then_some((&self.min[..], &self.max[..]))
     }
 }
 
@@ -83,22 +63,13 @@ fn check_constant(c: f32) -> Result<()> {
 impl Observer for MinMaxObserver {
     fn observe(&mut self, x: &Tensor) -> Result<()> {
         if x.elem_count() == 0 {
-            bail!(
-                "observer was given an empty tensor of shape {:?}",
-                x.shape()
-            )
+            bail!("observer was given an empty tensor of shape {:?}", x.shape())
         }
         let values = float_values(x, "observed tensor")?;
         self.nonfinite += values.iter().filter(|v| !v.is_finite()).count() as u64;
         let layout = SlotLayout::new(self.granularity, x.shape())?;
-        if matches!(
-            self.granularity,
-            Granularity::PerToken | Granularity::PerGroup { .. }
-        ) {
-            bail!(
-                "min/max observers track per-tensor or per-channel ranges, not {:?}",
-                self.granularity
-            )
+        if matches!(self.granularity, Granularity::PerToken | Granularity::PerGroup { .. }) {
+            bail!("min/max observers track per-tensor or per-channel ranges, not {:?}", self.granularity)
         }
         let (bmin, bmax) = slot_min_max(&values, &layout);
         if self.min.is_empty() {
@@ -124,10 +95,7 @@ impl Observer for MinMaxObserver {
                     self.max[s] += c * (bmax[s] - self.max[s]);
                 }
                 Some(_) => (self.min[s], self.max[s]) = (bmin[s], bmax[s]),
-                None => {
-                    (self.min[s], self.max[s]) =
-                        (self.min[s].min(bmin[s]), self.max[s].max(bmax[s]))
-                }
+                None => (self.min[s], self.max[s]) = (self.min[s].min(bmin[s]), self.max[s].max(bmax[s])),
             }
         }
         Ok(())

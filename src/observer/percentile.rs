@@ -21,12 +21,7 @@ impl PercentileObserver {
         if !(percentile > 50.0 && percentile <= 100.0) {
             bail!("percentile must lie in (50, 100], got {percentile}")
         }
-        Ok(Self {
-            spec,
-            percentile,
-            hist: RunningHistogram::new(bins)?,
-            nonfinite: 0,
-        })
+        Ok(Self { spec, percentile, hist: RunningHistogram::new(bins)?, nonfinite: 0 })
     }
 }
 
@@ -40,11 +35,7 @@ impl Observer for PercentileObserver {
             bail!("percentile observer has not observed any finite value yet: run calibration data through it first")
         }
         let tail = 1.0 - self.percentile / 100.0;
-        QParams::per_tensor(
-            self.spec,
-            self.hist.quantile(tail),
-            self.hist.quantile(1.0 - tail),
-        )
+        QParams::per_tensor(self.spec, self.hist.quantile(tail), self.hist.quantile(1.0 - tail))
     }
 
     fn reset(&mut self) {

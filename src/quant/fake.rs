@@ -23,11 +23,7 @@ pub fn fake_quantize(x: &Tensor, params: &QParams) -> Result<Tensor> {
         let q = quantize_value(v, 1.0 / scale, zp, qmin, qmax);
         fq.push(dequantize_value(q, scale, zp));
         let unclipped = (v / scale).round_ties_even() + zp as f32;
-        mask.push(if unclipped >= qmin as f32 && unclipped <= qmax as f32 {
-            1f32
-        } else {
-            0f32
-        });
+        mask.push(if unclipped >= qmin as f32 && unclipped <= qmax as f32 { 1f32 } else { 0f32 });
     }
     let dtype = x.dtype();
     let fq = Tensor::from_vec(fq, x.shape(), x.device())?.to_dtype(dtype)?;
@@ -44,9 +40,5 @@ pub fn fake_quantize_values(x: &Tensor, params: &QParams) -> Result<Tensor> {
 /// Mean squared error between `x` and its fake-quantized self: the quantization noise.
 pub fn quantization_mse(x: &Tensor, params: &QParams) -> Result<f32> {
     let fq = fake_quantize_values(x, params)?;
-    x.to_dtype(DType::F32)?
-        .sub(&fq.to_dtype(DType::F32)?)?
-        .sqr()?
-        .mean_all()?
-        .to_scalar::<f32>()
+    x.to_dtype(DType::F32)?.sub(&fq.to_dtype(DType::F32)?)?.sqr()?.mean_all()?.to_scalar::<f32>()
 }

@@ -19,48 +19,20 @@ impl QParams {
     }
 
     /// One `(scale, zero_point)` per `(min[i], max[i])`, through [`QSpec::scale_zero_point`].
-    pub fn from_min_max(
-        spec: QSpec,
-        granularity: Granularity,
-        min: &[f32],
-        max: &[f32],
-    ) -> Result<Self> {
+    pub fn from_min_max(spec: QSpec, granularity: Granularity, min: &[f32], max: &[f32]) -> Result<Self> {
         if min.len() != max.len() || min.is_empty() {
-            bail!(
-                "qparams need as many minima as maxima, and at least one (got {} and {})",
-                min.len(),
-                max.len()
-            )
+            bail!("qparams need as many minima as maxima, and at least one (got {} and {})", min.len(), max.len())
         }
-        let (scales, zero_points) = min
-            .iter()
-            .zip(max)
-            .map(|(&lo, &hi)| spec.scale_zero_point(lo, hi))
-            .collect::<Result<Vec<_>>>()?
-            .into_iter()
-            .unzip();
-        Ok(Self {
-            spec,
-            granularity,
-            scales,
-            zero_points,
-        })
+        let (scales, zero_points) =
+            min.iter().zip(max).map(|(&lo, &hi)| spec.scale_zero_point(lo, hi)).collect::<Result<Vec<_>>>()?.into_iter().unzip();
+        Ok(Self { spec, granularity, scales, zero_points })
     }
 
     /// Explicit parameters, checked: scales finite and positive, zero points inside the range.
-    pub fn new(
-        spec: QSpec,
-        granularity: Granularity,
-        scales: Vec<f32>,
-        zero_points: Vec<i32>,
-    ) -> Result<Self> {
+    pub fn new(spec: QSpec, granularity: Granularity, scales: Vec<f32>, zero_points: Vec<i32>) -> Result<Self> {
         let (qmin, qmax) = spec.qrange();
         if scales.is_empty() || scales.len() != zero_points.len() {
-            bail!(
-                "qparams need as many scales as zero points, and at least one (got {} and {})",
-                scales.len(),
-                zero_points.len()
-            )
+            bail!("qparams need as many scales as zero points, and at least one (got {} and {})", scales.len(), zero_points.len())
         }
         if let Some(s) = scales.iter().find(|s| !(s.is_finite() && **s > 0.0)) {
             bail!("scale {s} is not a finite positive number")
@@ -68,24 +40,14 @@ impl QParams {
         if let Some(z) = zero_points.iter().find(|z| !(qmin..=qmax).contains(*z)) {
             bail!("zero point {z} is outside the integer range [{qmin}, {qmax}]")
         }
-        Ok(Self {
-            spec,
-            granularity,
-            scales,
-            zero_points,
-        })
+        Ok(Self { spec, granularity, scales, zero_points })
     }
 
     /// How the elements of a tensor of `shape` map to parameter slots.
     pub fn layout(&self, shape: &Shape) -> Result<SlotLayout> {
         let layout = SlotLayout::new(self.granularity, shape)?;
         if layout.slots != self.scales.len() {
-            bail!(
-                "{:?} qparams hold {} scales but a tensor of shape {shape:?} needs {}",
-                self.granularity,
-                self.scales.len(),
-                layout.slots
-            )
+            bail!("{:?} qparams hold {} scales but a tensor of shape {shape:?} needs {}", self.granularity, self.scales.len(), layout.slots)
         }
         Ok(layout)
     }
@@ -113,9 +75,7 @@ impl SlotLayout {
         let (inner, span, group, slots) = match granularity {
             Granularity::PerTensor => (1, 1, 1, 1),
             Granularity::PerChannel { axis } => {
-                let Some(&size) = dims.get(axis) else {
-                    bail!("per-channel axis {axis} does not exist in a tensor of shape {shape:?}")
-                };
+                let Some(&size) = dims.get(axis) else { bail!("per-channel axis {axis} does not exist in a tensor of shape {shape:?}") };
                 (dims[axis + 1..].iter().product(), size, 1, size)
             }
             Granularity::PerToken => (last, 1, last, rows),
@@ -127,13 +87,7 @@ impl SlotLayout {
                 (last, groups, size, rows * groups)
             }
         };
-        Ok(Self {
-            granularity,
-            inner,
-            span,
-            group,
-            slots,
-        })
+        Ok(Self { granularity, inner, span, group, slots })
     }
 
     /// Slot of flat element `i`.
@@ -143,9 +97,7 @@ impl SlotLayout {
             Granularity::PerTensor => 0,
             Granularity::PerChannel { .. } => (i / self.inner) % self.span,
             Granularity::PerToken => i / self.inner,
-            Granularity::PerGroup { .. } => {
-                (i / self.inner) * self.span + (i % self.inner) / self.group
-            }
+            Granularity::PerGroup { .. } => (i / self.inner) * self.span + (i % self.inner) / self.group,
         }
     }
 }

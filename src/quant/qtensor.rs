@@ -17,13 +17,8 @@ pub struct QTensor {
 /// Flattens a float tensor (f16, bf16, f32 or f64) to `f32` values; `what` names it in errors.
 pub fn float_values(x: &Tensor, what: &str) -> Result<Vec<f32>> {
     match x.dtype() {
-        DType::F32 | DType::F16 | DType::BF16 | DType::F64 => {
-            x.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()
-        }
-        dt => bail!(
-            "{what}: expected a float tensor (f32, f16, bf16 or f64), got {dt:?} with shape {:?}",
-            x.shape()
-        ),
+        DType::F32 | DType::F16 | DType::BF16 | DType::F64 => x.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>(),
+        dt => bail!("{what}: expected a float tensor (f32, f16, bf16 or f64), got {dt:?} with shape {:?}", x.shape()),
     }
 }
 
@@ -46,10 +41,7 @@ impl QParams {
     /// Parameters that cover the finite values of `x` exactly (min/max of each slot).
     pub fn from_tensor(spec: QSpec, granularity: Granularity, x: &Tensor) -> Result<Self> {
         if x.elem_count() == 0 {
-            bail!(
-                "cannot compute qparams from an empty tensor of shape {:?}",
-                x.shape()
-            )
+            bail!("cannot compute qparams from an empty tensor of shape {:?}", x.shape())
         }
         let values = float_values(x, "qparams input")?;
         let layout = SlotLayout::new(granularity, x.shape())?;
@@ -81,22 +73,14 @@ impl QTensor {
                 (quantize_value(v, inv[s], params.zero_points[s], qmin, qmax) - offset) as i8
             })
             .collect();
-        Ok(Self {
-            storage,
-            offset,
-            shape: x.shape().clone(),
-            params: params.clone(),
-        })
+        Ok(Self { storage, offset, shape: x.shape().clone(), params: params.clone() })
     }
 
     /// Builds a tensor from integer values already on the grid (checked against the range).
     pub fn from_values(values: &[i32], shape: impl Into<Shape>, params: QParams) -> Result<Self> {
         let shape = shape.into();
         if values.len() != shape.elem_count() {
-            bail!(
-                "{} quantized values cannot fill a tensor of shape {shape:?}",
-                values.len()
-            )
+            bail!("{} quantized values cannot fill a tensor of shape {shape:?}", values.len())
         }
         params.layout(&shape)?;
         let (qmin, qmax) = params.spec.qrange();
@@ -105,12 +89,7 @@ impl QTensor {
         }
         let offset = params.spec.dtype.full_range().0 + 128;
         let storage = values.iter().map(|v| (v - offset) as i8).collect();
-        Ok(Self {
-            storage,
-            offset,
-            shape,
-            params,
-        })
+        Ok(Self { storage, offset, shape, params })
     }
 
     /// `x = (q - zero_point) * scale`, as an f32 tensor of the original shape.
@@ -122,11 +101,7 @@ impl QTensor {
             .enumerate()
             .map(|(i, &q)| {
                 let s = layout.slot(i);
-                dequantize_value(
-                    q as i32 + self.offset,
-                    self.params.scales[s],
-                    self.params.zero_points[s],
-                )
+                dequantize_value(q as i32 + self.offset, self.params.scales[s], self.params.zero_points[s])
             })
             .collect();
         Tensor::from_vec(data, self.shape.clone(), device)
@@ -134,10 +109,7 @@ impl QTensor {
 
     /// The integer values `q`, row-major.
     pub fn values(&self) -> Vec<i32> {
-        self.storage
-            .iter()
-            .map(|&q| q as i32 + self.offset)
-            .collect()
+        self.storage.iter().map(|&q| q as i32 + self.offset).collect()
     }
 
     /// Raw `i8` storage (`q - offset`); for qint8 this is `q` itself.

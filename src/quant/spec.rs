@@ -68,22 +68,12 @@ pub struct QSpec {
 
 impl QSpec {
     /// Per-channel symmetric `[-127, 127]` qint8: the crate's weight format.
-    pub const WEIGHT: QSpec = QSpec {
-        dtype: QDType::QInt8,
-        scheme: QScheme::Symmetric,
-        reduce_range: false,
-        narrow_range: true,
-    };
+    pub const WEIGHT: QSpec = QSpec { dtype: QDType::QInt8, scheme: QScheme::Symmetric, reduce_range: false, narrow_range: true };
     /// Symmetric `[-127, 127]` qint8: dynamic activations (per token or per group).
     pub const DYNAMIC_ACTIVATION: QSpec = QSpec::WEIGHT;
 
     pub fn new(dtype: QDType, scheme: QScheme) -> Self {
-        Self {
-            dtype,
-            scheme,
-            reduce_range: false,
-            narrow_range: false,
-        }
+        Self { dtype, scheme, reduce_range: false, narrow_range: false }
     }
 
     pub fn with_reduce_range(mut self, on: bool) -> Self {
@@ -158,14 +148,7 @@ impl QSpec {
 #[inline]
 pub fn quantize_value(x: f32, inv_scale: f32, zero_point: i32, qmin: i32, qmax: i32) -> i32 {
     let r = (x * inv_scale).round_ties_even();
-    let r = if r.is_nan() {
-        0.0
-    } else {
-        r.clamp(
-            qmin as f32 - zero_point as f32,
-            qmax as f32 - zero_point as f32,
-        )
-    };
+    let r = if r.is_nan() { 0.0 } else { r.clamp(qmin as f32 - zero_point as f32, qmax as f32 - zero_point as f32) };
     (r as i32 + zero_point).clamp(qmin, qmax)
 }
 

@@ -40,9 +40,7 @@ impl Rng {
     }
 
     pub fn i8s(&mut self, n: usize, lo: i32, hi: i32) -> Vec<i8> {
-        (0..n)
-            .map(|_| (lo + (self.next_u64() % (hi - lo + 1) as u64) as i32) as i8)
-            .collect()
+        (0..n).map(|_| (lo + (self.next_u64() % (hi - lo + 1) as u64) as i32) as i8).collect()
     }
 }
 
