@@ -10,6 +10,7 @@ use candle_nn::Linear;
 use candle_quant::kernels::PackedInt8Weights;
 use candle_quant::nn::{ActivationQuant, DynamicLinear, QLinear, QLinearKind};
 use candle_quant::observer::{HistogramObserver, MinMaxObserver, Observer};
+use candle_quant::WeightQuant;
 use candle_quant::quant::{Granularity, QDType, QParams, QScheme, QSpec, QTensor};
 
 fn rel_error(a: &Tensor, b: &Tensor) -> Result<f32> {
@@ -37,12 +38,17 @@ fn main() -> Result<()> {
     let bias = float.bias().map(|b| b.to_vec1::<f32>()).transpose()?;
     let dynamic = |act: ActivationQuant, per_channel: bool| -> Result<QLinear> {
         let mut q = QLinear::from_linear(&float, "layer")?;
-        q.quantize_dynamic(act)?;
+        q.quantize_dynamic(act, WeightQuant::PerChannel, None)?;
         if !per_channel {
             // Same layer with one weight scale for the whole matrix.
             let d = DynamicLinear::new(per_tensor_w.clone(), bias.clone(), act);
             q.set_kind(QLinearKind::Dynamic(d))?;
         }
+        Ok(q)
+    };
+    let default_dynamic = || -> Result<QLinear> {
+        let mut q = QLinear::from_linear(&float, "layer")?;
+        candle_quant::quantize_dynamic(&mut q, &candle_quant::QuantConfig::default())?;
         Ok(q)
     };
     let static_with = |obs: Box<dyn Observer>, calib: &Tensor| -> Result<QLinear> {
@@ -56,13 +62,14 @@ fn main() -> Result<()> {
     };
     let act_spec = QSpec::new(QDType::QInt8, QScheme::Affine);
     println!("relative error ‖y_int8 − y_f32‖ / ‖y_f32‖, {k}→{n}, {m} tokens");
-    println!("{:<44} {:>12} {:>14}", "scheme", "N(0,1)", "outlier chans");
+    println!("{:<46} {:>12} {:>14}", "scheme", "N(0,1)", "outlier chans");
     let rows: Vec<(&str, Box<dyn Fn(&Tensor) -> Result<QLinear>>)> = vec![
         ("dynamic, per-tensor W, per-token A", Box::new(|_| dynamic(ActivationQuant::PerToken, false))),
         ("dynamic, per-channel W, per-token A", Box::new(|_| dynamic(ActivationQuant::PerToken, true))),
         ("dynamic, per-channel W, per-group(128) A", Box::new(|_| dynamic(ActivationQuant::PerGroup(128), true))),
         ("dynamic, per-channel W, per-group(64) A", Box::new(|_| dynamic(ActivationQuant::PerGroup(64), true))),
         ("dynamic, per-channel W, per-group(32) A", Box::new(|_| dynamic(ActivationQuant::PerGroup(32), true))),
+        ("default: group-32 W and A, |x|>3 in float", Box::new(|_| default_dynamic())),
         ("static, per-tensor A, min/max observer", Box::new(|x| static_with(Box::new(MinMaxObserver::new(act_spec)), x))),
         ("static, per-tensor A, histogram observer", Box::new(|x| static_with(Box::new(HistogramObserver::new(act_spec, 2048)?), x))),
     ];
@@ -72,12 +79,12 @@ fn main() -> Result<()> {
             let q = build(x)?;
             cells.push(rel_error(&q.forward(x)?, &float.forward(x)?)?);
         }
-        println!("{label:<44} {:>12.5} {:>14.5}", cells[0], cells[1]);
+        println!("{label:<46} {:>12.5} {:>14.5}", cells[0], cells[1]);
     }
     let mut wo = QLinear::from_linear(&float, "layer")?;
-    wo.quantize_weight_only()?;
+    wo.quantize_weight_only(WeightQuant::PerChannel)?;
     let (a, b) =
         (rel_error(&wo.forward(&normal)?, &float.forward(&normal)?)?, rel_error(&wo.forward(&outlier)?, &float.forward(&outlier)?)?);
-    println!("{:<44} {a:>12.5} {b:>14.5}", "weight-only (per-channel W, f32 A)");
+    println!("{:<46} {a:>12.5} {b:>14.5}", "weight-only (per-channel W, f32 A)");
     Ok(())
 }

@@ -26,6 +26,7 @@
 //!
 //! Layers, from the maths up: [`quant`] → [`observer`], [`kernels`] → [`nn`] → [`convert`].
 
+pub mod bench;
 pub mod convert;
 pub mod kernels;
 pub mod nn;

@@ -58,6 +58,20 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Time int8 QLinear vs candle f32 Linear vs candle Q8_0 QMatMul on standard shapes.
+    Bench {
+        /// Input rows (tokens), repeatable; default 1, 16, 128.
+        #[arg(long)]
+        m: Vec<usize>,
+        /// Thread counts, repeatable; default 1, 2.
+        #[arg(long)]
+        threads: Vec<usize>,
+        /// Only shapes whose input size is one of these (repeatable).
+        #[arg(long = "in")]
+        in_features: Vec<usize>,
+        #[arg(long)]
+        json: bool,
+    },
     /// List every linear layer: shape, kind, bytes.
     Inspect {
         #[command(flatten)]
@@ -95,7 +109,7 @@ struct ModelArgs {
     #[arg(long, default_value_t = 32)]
     weight_group: usize,
     /// Multiply activations with |x| above this in float (LLM.int8()-style); 0 = off.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = candle_quant::convert::DEFAULT_OUTLIER_THRESHOLD)]
     outlier_threshold: f32,
     /// Keep lm_head in float.
     #[arg(long)]
@@ -370,6 +384,32 @@ fn main() -> Result<()> {
                 println!("{} tokens of {} in windows of {window}", r.tokens, text.display());
                 println!("perplexity f32 {:.3}, int8 {:.3} ({:+.2}%)", r.f32_ppl, r.int8_ppl, r.ppl_delta_pct);
                 println!("mean KL(f32 || int8) {:.5} nats, top-1 agreement {:.2}%", r.kld, r.top1_agreement * 100.0);
+            }
+        }
+        Command::Bench { m, threads, in_features, json } => {
+            let ms = if m.is_empty() { vec![1, 16, 128] } else { m };
+            let ts = if threads.is_empty() { vec![1, 2] } else { threads };
+            let config = QuantConfig::default();
+            let mut records = vec![];
+            if !json {
+                println!("{:>5} {:>5} {:>4} {:>3} {:>10} {:>10} {:>10} {:>9} {:>10}", "in", "out", "m", "thr", "int8 µs", "f32 µs", "q8_0 µs", "int8/f32", "int8/q8_0");
+            }
+            for &(i, o) in candle_quant::bench::SHAPES.iter().filter(|(i, _)| in_features.is_empty() || in_features.contains(i)) {
+                for &mm in &ms {
+                    for &t in &ts {
+                        let r = candle_quant::bench::bench_linear(i, o, mm, t, &config)?;
+                        if !json {
+                            println!(
+                                "{:>5} {:>5} {:>4} {:>3} {:>10.1} {:>10.1} {:>10.1} {:>9.3} {:>10.3}",
+                                r.in_features, r.out_features, r.m, r.threads, r.int8_us, r.f32_us, r.q8_0_us, r.ratio_f32, r.ratio_q8_0
+                            );
+                        }
+                        records.push(r);
+                    }
+                }
+            }
+            if json {
+                println!("{}", serde_json::to_string_pretty(&records)?);
             }
         }
         Command::Inspect { model, precision } => {

@@ -5,6 +5,7 @@ mod common;
 use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::Linear;
 use candle_quant::nn::{ActivationQuant, QLinear, QLinearKind};
+use candle_quant::WeightQuant;
 use candle_quant::observer::MinMaxObserver;
 use candle_quant::quant::{QDType, QScheme, QSpec};
 use common::{max_abs_diff, rel_error, Rng};
@@ -17,7 +18,8 @@ fn layer(rng: &mut Rng, k: usize, n: usize, bias: bool) -> Linear {
 
 /// Worst-case output error from activation rounding alone: each input of group g moves by at
 /// most `sa_g / 2`, so `|Δy[m,n]| ≤ Σ_g (sa_g / 2) Σ_{k∈g} |ŵ[n,k]|` with ŵ the dequantized weights.
-fn activation_rounding_bound(x: &Tensor, w_hat: &Tensor, group: usize) -> Tensor {
+/// Inputs above `outlier` are multiplied in float and excluded from the group scale.
+fn activation_rounding_bound(x: &Tensor, w_hat: &Tensor, group: usize, outlier: f32) -> Tensor {
     let (m, k) = x.dims2().unwrap();
     let groups = k.div_ceil(group);
     let (xs, wa) = (x.to_vec2::<f32>().unwrap(), w_hat.abs().unwrap().to_vec2::<f32>().unwrap());
@@ -26,9 +28,10 @@ fn activation_rounding_bound(x: &Tensor, w_hat: &Tensor, group: usize) -> Tensor
     for i in 0..m {
         for g in 0..groups {
             let r = g * group..((g + 1) * group).min(k);
-            let sa = xs[i][r.clone()].iter().fold(0f32, |a, v| a.max(v.abs())) / 127.0;
+            let sa = xs[i][r.clone()].iter().filter(|v| v.abs() <= outlier).fold(0f32, |a, v| a.max(v.abs())) / 127.0;
             for j in 0..n {
-                bound[i * n + j] += sa / 2.0 * wa[j][r.clone()].iter().sum::<f32>();
+                let w_in: f32 = r.clone().filter(|&c| xs[i][c].abs() <= outlier).map(|c| wa[j][c]).sum();
+                bound[i * n + j] += sa / 2.0 * w_in;
             }
         }
     }
@@ -38,22 +41,29 @@ fn activation_rounding_bound(x: &Tensor, w_hat: &Tensor, group: usize) -> Tensor
 #[test]
 fn dynamic_matches_dequantized_float_within_the_rounding_bound() {
     let mut rng = Rng::new(1);
-    for (k, n, act) in
-        [(64, 24, ActivationQuant::PerToken), (100, 17, ActivationQuant::PerGroup(32)), (576, 40, ActivationQuant::PerGroup(64))]
-    {
+    let cases = [
+        (64, 24, ActivationQuant::PerToken, WeightQuant::PerChannel, None),
+        (100, 17, ActivationQuant::PerGroup(32), WeightQuant::PerGroup(32), None),
+        (576, 40, ActivationQuant::PerGroup(64), WeightQuant::PerChannel, None),
+        (576, 40, ActivationQuant::PerToken, WeightQuant::PerGroup(32), None),
+        (200, 33, ActivationQuant::PerGroup(16), WeightQuant::PerGroup(16), None),
+        // Values above 1.5 go through float: they add no rounding error, the bound still holds.
+        (576, 40, ActivationQuant::PerGroup(32), WeightQuant::PerGroup(32), Some(1.5)),
+    ];
+    for (k, n, act, wq, outliers) in cases {
         let float = layer(&mut rng, k, n, true);
         let mut q = QLinear::from_linear(&float, "l").unwrap();
-        q.quantize_dynamic(act).unwrap();
+        q.quantize_dynamic(act, wq, outliers).unwrap();
         let deq = q.float_equivalent().unwrap();
         let x = rng.tensor(&[7, k], 1.0).unwrap();
         let (y, y_deq) = (q.forward(&x).unwrap(), deq.forward(&x).unwrap());
-        let bound = activation_rounding_bound(&x, deq.weight(), act.group_size(k));
+        let bound = activation_rounding_bound(&x, deq.weight(), act.group_size(k), outliers.unwrap_or(f32::INFINITY));
         let excess = ((y.sub(&y_deq).unwrap().abs().unwrap() - (bound * 1.0001).unwrap()).unwrap() - 1e-5).unwrap();
         let worst = excess.flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
         assert!(worst <= 0.0, "k={k} n={n} {act:?}: error exceeds the rounding bound by {worst}");
         // And against the original float layer: small relative error.
         let rel = rel_error(&y, &float.forward(&x).unwrap()).unwrap();
-        println!("k={k} n={n} {act:?}: relative error vs float {rel:.5}");
+        println!("k={k} n={n} {act:?} {wq:?} {outliers:?}: relative error vs float {rel:.5}");
         assert!(rel < 0.02, "relative error {rel}");
     }
 }
@@ -63,7 +73,7 @@ fn dynamic_accepts_batched_and_half_inputs() {
     let mut rng = Rng::new(2);
     let float = layer(&mut rng, 48, 8, false);
     let mut q = QLinear::from_linear(&float, "l").unwrap();
-    q.quantize_dynamic(ActivationQuant::PerGroup(16)).unwrap();
+    q.quantize_dynamic(ActivationQuant::PerGroup(16), WeightQuant::PerGroup(16), None).unwrap();
     let x = rng.tensor(&[2, 3, 48], 1.0).unwrap();
     let y = q.forward(&x).unwrap();
     assert_eq!(y.dims(), &[2, 3, 8]);
@@ -89,7 +99,7 @@ fn per_group_beats_per_token_with_outlier_channels() {
     let y = float.forward(&x).unwrap();
     let err = |act| {
         let mut q = QLinear::from_linear(&float, "l").unwrap();
-        q.quantize_dynamic(act).unwrap();
+        q.quantize_dynamic(act, WeightQuant::PerChannel, None).unwrap();
         rel_error(&q.forward(&x).unwrap(), &y).unwrap()
     };
     let (tok, grp) = (err(ActivationQuant::PerToken), err(ActivationQuant::PerGroup(32)));
@@ -101,7 +111,7 @@ fn weight_only_equals_dequantized_float() {
     let mut rng = Rng::new(4);
     let float = layer(&mut rng, 96, 12, true);
     let mut q = QLinear::from_linear(&float, "l").unwrap();
-    q.quantize_weight_only().unwrap();
+    q.quantize_weight_only(WeightQuant::PerChannel).unwrap();
     let x = rng.tensor(&[5, 96], 1.0).unwrap();
     let deq = q.float_equivalent().unwrap();
     assert!(max_abs_diff(&q.forward(&x).unwrap(), &deq.forward(&x).unwrap()).unwrap() < 1e-4);
@@ -177,8 +187,8 @@ fn bad_inputs_are_errors_naming_the_layer() {
     let mut q = QLinear::from_linear(&float, "model.fc").unwrap();
     for convert in 0..3 {
         match convert {
-            1 => q.quantize_dynamic(ActivationQuant::PerToken).unwrap(),
-            2 => q.quantize_weight_only().unwrap(),
+            1 => q.quantize_dynamic(ActivationQuant::PerToken, WeightQuant::PerChannel, None).unwrap(),
+            2 => q.quantize_weight_only(WeightQuant::default()).unwrap(),
             _ => {}
         }
         let e = q.forward(&rng.tensor(&[2, 15], 1.0).unwrap()).unwrap_err().to_string();
@@ -186,7 +196,9 @@ fn bad_inputs_are_errors_naming_the_layer() {
     }
     let e = q.forward(&Tensor::zeros((2, 16), DType::U32, &Device::Cpu).unwrap()).unwrap_err().to_string();
     assert!(e.contains("float"), "{e}");
-    assert!(q.quantize_dynamic(ActivationQuant::PerGroup(0)).is_err());
+    assert!(q.quantize_dynamic(ActivationQuant::PerGroup(0), WeightQuant::PerChannel, None).is_err());
+    let e = q.quantize_dynamic(ActivationQuant::PerGroup(8), WeightQuant::PerGroup(4), None).unwrap_err().to_string();
+    assert!(e.contains("model.fc") && e.contains("must be equal"), "{e}");
     // Static conversion without observation.
     let e = q.convert_static().unwrap_err().to_string();
     assert!(e.contains("model.fc"), "{e}");

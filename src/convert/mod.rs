@@ -36,6 +36,9 @@ impl<T: Quantizable> Quantizable for Vec<T> {
     }
 }
 
+/// Default [`QuantConfig::outlier_threshold`].
+pub const DEFAULT_OUTLIER_THRESHOLD: f32 = 3.0;
+
 /// Observer factory used by `prepare`/`prepare_qat` for each layer's input.
 pub type ObserverFactory = fn() -> Box<dyn Observer>;
 
@@ -52,6 +55,8 @@ pub struct QuantConfig {
     /// Weight scales of dynamic and weight-only layers (static layers are per channel).
     pub weight: WeightQuant,
     /// Dynamic layers multiply inputs with `|x|` above this in float (LLM.int8()-style).
+    /// Default 3.0: on SmolLM2-135M it halves KL(f32 ‖ int8) against no threshold for a few
+    /// percent of decode time (see README).
     pub outlier_threshold: Option<f32>,
     pub overrides: Vec<(String, ActivationQuant)>,
     /// Observer for static calibration and QAT inputs.
@@ -70,7 +75,7 @@ impl Default for QuantConfig {
             exclude: vec![],
             activation: ActivationQuant::default(),
             weight: WeightQuant::default(),
-            outlier_threshold: None,
+            outlier_threshold: Some(DEFAULT_OUTLIER_THRESHOLD),
             overrides: vec![],
             observer: default_static_observer,
         }

@@ -151,12 +151,16 @@ fn linear_block(isa: Isa, acts: &QuantizedActivations, weights: &PackedInt8Weigh
             for (jj, j) in cols.enumerate() {
                 let (w, sw) = (weights.padded_row(j), weights.row_scales(j));
                 for i0 in (0..m).step_by(4) {
-                    let rows: Vec<&[i8]> = (i0..(i0 + 4).min(m)).map(|i| acts.padded_row(i)).collect();
-                    let sa: Vec<&[f32]> = (i0..(i0 + 4).min(m)).map(|i| acts.row_scales(i)).collect();
+                    let cnt = (m - i0).min(4);
+                    let (mut rows, mut sa): ([&[i8]; 4], [&[f32]; 4]) = ([&[]; 4], [&[]; 4]);
+                    for r in 0..cnt {
+                        (rows[r], sa[r]) = (acts.padded_row(i0 + r), acts.row_scales(i0 + r));
+                    }
+                    let (rows, sa) = (&rows[..cnt], &sa[..cnt]);
                     // SAFETY: Avx2 is only chosen when x86::available(); padded rows hold
                     // stride = 32·n_chunks bytes; segments are whole chunks or whole rows, so
                     // each grouped side has exactly div_ceil(n_chunks, seg_chunks) scales.
-                    unsafe { x86::dot_rows(&rows, &sa, a_step, w, sw, w_step, seg_chunks, n_chunks, &mut tmp) };
+                    unsafe { x86::dot_rows(rows, sa, a_step, w, sw, w_step, seg_chunks, n_chunks, &mut tmp) };
                     for (r, &v) in tmp.iter().enumerate().take(rows.len()) {
                         buf[(i0 + r) * width + jj] = v + outlier_terms(acts.row_outliers(i0 + r), w, sw, weights.group_size());
                     }

@@ -1,0 +1,77 @@
+//! Side-by-side timing of one linear layer: the crate's dynamic int8 `QLinear`, candle's f32
+//! `Linear`, and candle's `QMatMul` in Q8_0 — measured alternately in one process so that
+//! ratios are fair on a noisy machine. A benchmark, never a test.
+
+use crate::convert::{quantize_dynamic, quantize_ggml, QuantConfig};
+use crate::nn::QLinear;
+use candle_core::quantized::GgmlDType;
+use candle_core::{Device, Module, Result, Tensor};
+use candle_nn::Linear;
+use std::time::Instant;
+
+/// One measured configuration; times are medians in microseconds.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BenchRecord {
+    #[serde(rename = "in")]
+    pub in_features: usize,
+    #[serde(rename = "out")]
+    pub out_features: usize,
+    pub m: usize,
+    pub threads: usize,
+    pub int8_us: f64,
+    pub f32_us: f64,
+    pub q8_0_us: f64,
+    /// int8 time / f32 time.
+    pub ratio_f32: f64,
+    /// int8 time / Q8_0 time.
+    pub ratio_q8_0: f64,
+}
+
+/// The shapes of the standard table: SmolLM2's projections and larger LLM layers.
+pub const SHAPES: [(usize, usize); 6] = [(576, 1536), (1536, 576), (576, 576), (2048, 2048), (2048, 8192), (4096, 4096)];
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Times the three layers on an `m × in` input, alternating them, on a rayon pool of `threads`
+/// (candle's CPU matmul follows `RAYON_NUM_THREADS`, which is set for the duration).
+pub fn bench_linear(in_features: usize, out_features: usize, m: usize, threads: usize, config: &QuantConfig) -> Result<BenchRecord> {
+    let dev = Device::Cpu;
+    let w = (Tensor::randn(0f32, 1.0, (out_features, in_features), &dev)? / (in_features as f64).sqrt())?;
+    let float = Linear::new(w, None);
+    let mut int8 = QLinear::from_linear(&float, "bench")?;
+    quantize_dynamic(&mut int8, config)?;
+    let mut q8 = QLinear::from_linear(&float, "bench")?;
+    quantize_ggml(&mut q8, config, GgmlDType::Q8_0)?;
+    let x = Tensor::randn(0f32, 1.0, (m, in_features), &dev)?;
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().map_err(|e| candle_core::Error::Msg(format!("thread pool: {e}")))?;
+    let previous = std::env::var("RAYON_NUM_THREADS").ok();
+    std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+    let result = pool.install(|| -> Result<[f64; 3]> {
+        let layers: [&dyn Module; 3] = [&int8, &float, &q8];
+        for l in layers {
+            l.forward(&x)?; // warm-up
+        }
+        // Enough rounds for ~0.2 s of the slowest layer, between 5 and 200.
+        let t = Instant::now();
+        layers[1].forward(&x)?;
+        let rounds = ((0.2 / t.elapsed().as_secs_f64().max(1e-6)) as usize).clamp(5, 200);
+        let mut times = [vec![], vec![], vec![]];
+        for _ in 0..rounds {
+            for (i, l) in layers.iter().enumerate() {
+                let t = Instant::now();
+                l.forward(&x)?;
+                times[i].push(t.elapsed().as_secs_f64() * 1e6);
+            }
+        }
+        Ok([median(&mut times[0]), median(&mut times[1]), median(&mut times[2])])
+    });
+    match previous {
+        Some(v) => std::env::set_var("RAYON_NUM_THREADS", v),
+        None => std::env::remove_var("RAYON_NUM_THREADS"),
+    }
+    let [int8_us, f32_us, q8_0_us] = result?;
+    Ok(BenchRecord { in_features, out_features, m, threads, int8_us, f32_us, q8_0_us, ratio_f32: int8_us / f32_us, ratio_q8_0: int8_us / q8_0_us })
+}

@@ -1,0 +1,168 @@
+//! io/: local HF folders (single file, sharded, f16), the hub cache layout, and bad inputs.
+
+mod common;
+
+use candle_core::{DType, Device, Tensor};
+use candle_quant::io::{self, ModelSource};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+const CONFIG: &str = r#"{"model_type": "llama", "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
+ "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+ "max_position_embeddings": 128, "vocab_size": 30522, "tie_word_embeddings": false, "eos_token_id": 102}"#;
+
+/// A random tiny Llama, named like an HF checkpoint.
+fn tiny_llama(seed: u64) -> HashMap<String, Tensor> {
+    let mut rng = common::Rng::new(seed);
+    let mut t = HashMap::new();
+    let mut add = |name: String, shape: &[usize], std: f32| {
+        t.insert(name, rng.tensor(shape, std).unwrap());
+    };
+    add("model.embed_tokens.weight".into(), &[30522, 64], 1.0);
+    add("lm_head.weight".into(), &[30522, 64], 0.1);
+    add("model.norm.weight".into(), &[64], 1.0);
+    for l in 0..2 {
+        let p = format!("model.layers.{l}");
+        for (n, shape) in [("self_attn.q_proj", [64, 64]), ("self_attn.k_proj", [32, 64]), ("self_attn.v_proj", [32, 64]), ("self_attn.o_proj", [64, 64]), ("mlp.gate_proj", [96, 64]), ("mlp.up_proj", [96, 64]), ("mlp.down_proj", [64, 96])] {
+            add(format!("{p}.{n}.weight"), &shape, 0.125);
+        }
+        add(format!("{p}.input_layernorm.weight"), &[64], 1.0);
+        add(format!("{p}.post_attention_layernorm.weight"), &[64], 1.0);
+    }
+    t
+}
+
+fn folder(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("candle-quant-test-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Writes config, tokenizer (MiniLM's, for its vocabulary size) and weights in `shards` files.
+fn write_model(dir: &Path, tensors: &HashMap<String, Tensor>, shards: usize, config: &str) {
+    std::fs::write(dir.join("config.json"), config).unwrap();
+    std::fs::copy(io::models_dir().join("all-MiniLM-L6-v2/tokenizer.json"), dir.join("tokenizer.json")).expect("run scripts/fetch-models.sh first");
+    if shards == 1 {
+        candle_core::safetensors::save(tensors, dir.join("model.safetensors")).unwrap();
+        return;
+    }
+    let mut names: Vec<&String> = tensors.keys().collect();
+    names.sort();
+    let mut map = serde_json::Map::new();
+    for s in 0..shards {
+        let file = format!("model-{:05}-of-{shards:05}.safetensors", s + 1);
+        let part: HashMap<String, Tensor> = names.iter().skip(s).step_by(shards).map(|n| ((*n).clone(), tensors[*n].clone())).collect();
+        for n in part.keys() {
+            map.insert(n.clone(), file.clone().into());
+        }
+        candle_core::safetensors::save(&part, dir.join(file)).unwrap();
+    }
+    let index = serde_json::json!({"metadata": {}, "weight_map": map});
+    std::fs::write(dir.join("model.safetensors.index.json"), index.to_string()).unwrap();
+}
+
+fn logits(source: &ModelSource) -> Tensor {
+    let lm = io::load_llama(source, &mut |_, _, _| {}).unwrap();
+    lm.model.forward(&[101, 7592, 2088, 102], &mut Default::default(), true).unwrap()
+}
+
+fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+    common::max_abs_diff(a, b).unwrap()
+}
+
+#[test]
+fn sharded_and_single_file_folders_load_the_same_model() {
+    let tensors = tiny_llama(1);
+    let (single, sharded) = (folder("single"), folder("sharded"));
+    write_model(&single, &tensors, 1, CONFIG);
+    write_model(&sharded, &tensors, 3, CONFIG);
+    let (a, b) = (logits(&ModelSource::parse(single.to_str().unwrap()).unwrap()), logits(&ModelSource::Folder(sharded.clone())));
+    assert_eq!(a.dims(), &[4, 30522]);
+    assert_eq!(max_diff(&a, &b), 0.0);
+    // An f16 checkpoint is widened to f32 on load: same as the f32 weights rounded through f16.
+    let half: HashMap<String, Tensor> = tensors.iter().map(|(k, v)| (k.clone(), v.to_dtype(DType::F16).unwrap())).collect();
+    let rounded: HashMap<String, Tensor> = half.iter().map(|(k, v)| (k.clone(), v.to_dtype(DType::F32).unwrap())).collect();
+    let (f16_dir, rounded_dir) = (folder("f16"), folder("rounded"));
+    write_model(&f16_dir, &half, 1, CONFIG);
+    write_model(&rounded_dir, &rounded, 2, CONFIG);
+    assert_eq!(max_diff(&logits(&ModelSource::Folder(f16_dir)), &logits(&ModelSource::Folder(rounded_dir))), 0.0);
+}
+
+#[test]
+fn hub_ids_resolve_through_the_local_hub_cache() {
+    // The hf-hub cache layout: $HF_HOME/hub/models--org--name/{refs/main, snapshots/<rev>/…}.
+    let home = folder("hf-home");
+    let repo = home.join("hub/models--test-org--tiny-llama");
+    let snap = repo.join("snapshots/0123abcd");
+    std::fs::create_dir_all(&snap).unwrap();
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), "0123abcd").unwrap();
+    let tensors = tiny_llama(2);
+    write_model(&snap, &tensors, 2, CONFIG);
+    let local = folder("hub-reference");
+    write_model(&local, &tensors, 1, CONFIG);
+    std::env::set_var("HF_HOME", &home);
+    std::env::set_var("HF_HUB_OFFLINE", "1");
+    let source = ModelSource::parse("test-org/tiny-llama").unwrap();
+    assert_eq!(source, ModelSource::Hub { id: "test-org/tiny-llama".into(), revision: "main".into() });
+    assert_eq!(max_diff(&logits(&source), &logits(&ModelSource::Folder(local))), 0.0);
+    // Offline and not cached: a clear error naming the model.
+    let e = io::load_llama(&ModelSource::parse("test-org/absent").unwrap(), &mut |_, _, _| {}).err().unwrap().to_string();
+    assert!(e.contains("test-org/absent") && e.contains("HF_HUB_OFFLINE"), "{e}");
+}
+
+fn load_err(dir: &Path) -> String {
+    format!("{:#}", io::load_llama(&ModelSource::Folder(dir.to_path_buf()), &mut |_, _, _| {}).err().expect("loading should fail"))
+}
+
+#[test]
+fn bad_model_inputs_give_errors_that_name_the_thing() {
+    // Missing files.
+    let e = ModelSource::parse("/no/such/model.gguf").unwrap_err().to_string();
+    assert!(e.contains("/no/such/model.gguf"), "{e}");
+    let e = ModelSource::parse("not a model").unwrap_err().to_string();
+    assert!(e.contains("not a model"), "{e}");
+    let empty = folder("empty");
+    assert!(load_err(&empty).contains("config.json"));
+    // A file that is not GGUF.
+    let txt = empty.join("weights.bin");
+    std::fs::write(&txt, b"hello").unwrap();
+    assert!(ModelSource::parse(txt.to_str().unwrap()).unwrap_err().to_string().contains(".gguf"));
+    let fake = empty.join("fake.gguf");
+    std::fs::write(&fake, b"definitely not gguf").unwrap();
+    let e = format!("{:#}", io::load_llama(&ModelSource::Gguf(fake.clone()), &mut |_, _, _| {}).err().unwrap());
+    assert!(e.contains("fake.gguf"), "{e}");
+
+    let tensors = tiny_llama(3);
+    // Truncated safetensors: the error names the file.
+    let trunc = folder("truncated");
+    write_model(&trunc, &tensors, 1, CONFIG);
+    let file = trunc.join("model.safetensors");
+    let bytes = std::fs::read(&file).unwrap();
+    std::fs::write(&file, &bytes[..bytes.len() / 2]).unwrap();
+    let e = load_err(&trunc);
+    assert!(e.contains("model.safetensors"), "{e}");
+    // A shard listed in the index but missing.
+    let shard = folder("missing-shard");
+    write_model(&shard, &tensors, 2, CONFIG);
+    std::fs::remove_file(shard.join("model-00002-of-00002.safetensors")).unwrap();
+    assert!(load_err(&shard).contains("model-00002-of-00002.safetensors"));
+    // Unknown architecture.
+    let arch = folder("arch");
+    write_model(&arch, &tensors, 1, &CONFIG.replace("\"llama\"", "\"gpt_neox\""));
+    assert!(load_err(&arch).contains("unknown architecture 'gpt_neox'"));
+    // Config and weights disagree: the error names the tensor.
+    let shape = folder("shape");
+    write_model(&shape, &tensors, 1, &CONFIG.replace("\"intermediate_size\": 96", "\"intermediate_size\": 128"));
+    let e = load_err(&shape);
+    assert!(e.contains("gate_proj"), "{e}");
+    // Missing tensor.
+    let mut partial = tensors.clone();
+    partial.remove("model.layers.1.mlp.down_proj.weight");
+    let missing = folder("missing-tensor");
+    write_model(&missing, &partial, 1, CONFIG);
+    let e = load_err(&missing);
+    assert!(e.contains("model.layers.1.mlp.down_proj"), "{e}");
+    let _ = Device::Cpu;
+}

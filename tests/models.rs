@@ -1,0 +1,193 @@
+//! models/ + io/ + generate + eval on the real offline models (fetched by
+//! scripts/fetch-models.sh, which CI runs before the tests).
+
+use candle_core::quantized::GgmlDType;
+use candle_core::{DType, Device, Tensor};
+use candle_quant::convert::{quantize_dynamic, quantize_ggml, QuantConfig, Quantizable};
+use candle_quant::eval::evaluate;
+use candle_quant::generate::{encode, generate, Sampling};
+use candle_quant::io::{self, gguf, LanguageModel, ModelSource, SentenceEncoder};
+use candle_quant::models::bert::Bert;
+use std::sync::OnceLock;
+
+fn model_path(name: &str) -> std::path::PathBuf {
+    let p = io::models_dir().join(name);
+    assert!(p.exists(), "{} is missing: run scripts/fetch-models.sh first", p.display());
+    p
+}
+
+fn smollm2() -> &'static LanguageModel {
+    static LM: OnceLock<LanguageModel> = OnceLock::new();
+    LM.get_or_init(|| io::load_llama(&ModelSource::Gguf(model_path(io::DEFAULT_GGUF)), &mut |_, _, _| {}).unwrap())
+}
+
+fn int8(lm: &LanguageModel) -> LanguageModel {
+    let mut q = lm.clone();
+    let report = quantize_dynamic(&mut q.model, &QuantConfig::default()).unwrap();
+    assert_eq!(report.converted.len(), 30 * 7 + 1, "every projection and lm_head");
+    q
+}
+
+fn minilm() -> &'static SentenceEncoder {
+    static ENC: OnceLock<SentenceEncoder> = OnceLock::new();
+    ENC.get_or_init(|| io::load_bert(&ModelSource::Folder(model_path("all-MiniLM-L6-v2")), &mut |_, _, _| {}).unwrap())
+}
+
+#[test]
+fn smollm2_knows_the_capital_of_france_in_f32_and_int8() {
+    let lm = smollm2();
+    let prompt = encode(lm, "The capital of France is").unwrap();
+    for (label, m) in [("f32", lm.clone()), ("int8", int8(lm))] {
+        let g = generate(&m, &prompt, 8, &Sampling::default(), |_| {}).unwrap();
+        println!("{label}: {:?}", g.text);
+        assert!(g.text.contains("Paris"), "{label} continuation: {:?}", g.text);
+    }
+}
+
+#[test]
+fn int8_tracks_f32_better_than_candle_q8_0() {
+    // Teacher-forced on the first 512 tokens of Alice in Wonderland: the default int8 model
+    // must rank the same next token first as f32 more often than 94.7 % (candle Q8_0's figure
+    // on this machine kind) and drift less (KL) than Q8_0 measured here on the same text.
+    let lm = smollm2();
+    let text = std::fs::read_to_string(model_path("texts/alice29.txt")).unwrap();
+    let mut tokens = encode(lm, &text).unwrap();
+    tokens.truncate(512);
+    let q = int8(lm);
+    let mut q8 = lm.clone();
+    quantize_ggml(&mut q8.model, &QuantConfig::default(), GgmlDType::Q8_0).unwrap();
+    let ours = evaluate(&lm.model, &q.model, &tokens, 512, |_, _| {}).unwrap();
+    let base = evaluate(&lm.model, &q8.model, &tokens, 512, |_, _| {}).unwrap();
+    println!("int8: {ours:?}\nq8_0: {base:?}");
+    assert!(ours.top1_agreement > 0.947, "top-1 agreement {}", ours.top1_agreement);
+    assert!(ours.kld < base.kld, "KL int8 {} vs q8_0 {}", ours.kld, base.kld);
+    assert!(ours.ppl_delta_pct.abs() < 2.0, "perplexity change {}%", ours.ppl_delta_pct);
+}
+
+#[test]
+fn gguf_tokenizer_round_trips_and_splits_digits() {
+    let lm = smollm2();
+    for text in ["Hello, world!", "In 2024, 12345 cats.  Tabs\there\n\nnew   lines ", "Ünïcödé — 日本語 🙂", "<|im_start|>user\nhi<|im_end|>", ""] {
+        let ids = encode(lm, text).unwrap();
+        assert_eq!(lm.tokenizer.decode(&ids, false).unwrap(), text);
+    }
+    // SmolLM2's pre-tokenizer splits digits one by one: "12345" is five tokens.
+    assert_eq!(encode(lm, "12345").unwrap().len(), 5);
+    assert_eq!(encode(lm, "<|im_start|>").unwrap(), vec![1]);
+    assert_eq!(lm.model.config().vocab_size, 49152);
+}
+
+#[test]
+fn llama_matches_candle_transformers_on_the_same_weights() {
+    use candle_transformers::models::llama as ct;
+    let path = model_path(io::DEFAULT_GGUF);
+    let g = gguf::load_gguf_llama(&path, |_, _| {}).unwrap();
+    let c = &g.config;
+    let cfg = ct::Config {
+        hidden_size: c.hidden_size,
+        intermediate_size: c.intermediate_size,
+        vocab_size: c.vocab_size,
+        num_hidden_layers: c.num_hidden_layers,
+        num_attention_heads: c.num_attention_heads,
+        num_key_value_heads: c.kv_heads(),
+        use_flash_attn: false,
+        rms_norm_eps: c.rms_norm_eps,
+        rope_theta: c.rope_theta,
+        bos_token_id: None,
+        eos_token_id: None,
+        rope_scaling: None,
+        max_position_embeddings: c.max_position_embeddings,
+        tie_word_embeddings: c.tie_word_embeddings,
+    };
+    let vb = candle_nn::VarBuilder::from_tensors(g.tensors.clone(), DType::F32, &Device::Cpu);
+    let peer = ct::Llama::load(vb, &cfg).unwrap();
+    let lm = smollm2();
+    let tokens = encode(lm, "The quick brown fox jumps over the lazy dog because").unwrap();
+    let mut cache = ct::Cache::new(true, DType::F32, &cfg, &Device::Cpu).unwrap();
+    let theirs = peer.forward(&Tensor::new(&tokens[..], &Device::Cpu).unwrap().unsqueeze(0).unwrap(), 0, &mut cache).unwrap();
+    let ours = lm.model.forward(&tokens, &mut Default::default(), false).unwrap();
+    let diff = (theirs.flatten_all().unwrap() - ours.flatten_all().unwrap()).unwrap().abs().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+    println!("max |logit difference| vs candle-transformers: {diff}");
+    assert!(diff < 1e-3, "logits differ by {diff}");
+}
+
+#[test]
+fn minilm_int8_embeddings_stay_close_and_keep_the_ranking() {
+    let enc = minilm();
+    let mut q = enc.model.clone();
+    let report = quantize_dynamic(&mut q, &QuantConfig::default()).unwrap();
+    assert_eq!(report.converted.len(), 36);
+    let sentences = [
+        "A man is playing a guitar.",
+        "Someone plays an acoustic guitar on stage.",
+        "The stock market fell sharply today.",
+        "Shares dropped as investors panicked.",
+        "A cat sleeps on the warm windowsill.",
+    ];
+    let embed = |m: &Bert, s: &str| {
+        let ids = enc.tokenizer.encode(s, true).unwrap().get_ids().to_vec();
+        m.embed(&ids).unwrap()
+    };
+    let (f, i): (Vec<Tensor>, Vec<Tensor>) = sentences.iter().map(|s| (embed(&enc.model, s), embed(&q, s))).unzip();
+    for (s, (a, b)) in sentences.iter().zip(f.iter().zip(&i)) {
+        let cos = Bert::cosine(a, b).unwrap();
+        println!("cos(f32, int8) = {cos:.5}  {s}");
+        assert!(cos >= 0.99, "{s}: cosine {cos}");
+    }
+    // Most similar other sentence, for each sentence: the same in f32 and int8.
+    let nearest = |e: &[Tensor], k: usize| (0..e.len()).filter(|&j| j != k).max_by(|&a, &b| Bert::cosine(&e[k], &e[a]).unwrap().total_cmp(&Bert::cosine(&e[k], &e[b]).unwrap())).unwrap();
+    for k in 0..sentences.len() {
+        assert_eq!(nearest(&f, k), nearest(&i, k), "nearest neighbour of {:?}", sentences[k]);
+    }
+    assert_eq!(nearest(&f, 0), 1);
+    assert_eq!(nearest(&f, 2), 3);
+}
+
+#[test]
+fn bert_matches_candle_transformers() {
+    use candle_transformers::models::bert as ct;
+    let dir = model_path("all-MiniLM-L6-v2");
+    let cfg: ct::Config = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    let tensors = candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu).unwrap();
+    let peer = ct::BertModel::load(candle_nn::VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu), &cfg).unwrap();
+    let enc = minilm();
+    let ids = enc.tokenizer.encode("Quantization keeps embeddings close.", true).unwrap().get_ids().to_vec();
+    let input = Tensor::new(&ids[..], &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    let theirs = peer.forward(&input, &input.zeros_like().unwrap(), None).unwrap().squeeze(0).unwrap();
+    let ours = enc.model.hidden_states(&ids).unwrap();
+    let diff = (theirs - ours).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+    println!("max |hidden state difference| vs candle-transformers: {diff}");
+    assert!(diff < 1e-4, "hidden states differ by {diff}");
+}
+
+#[test]
+fn prompt_longer_than_the_context_is_refused() {
+    let lm = smollm2();
+    let ctx = lm.model.config().max_position_embeddings;
+    let e = generate(lm, &[1, 2, 3], ctx, &Sampling::default(), |_| {}).unwrap_err().to_string();
+    assert!(e.contains("exceeds the model's context"), "{e}");
+    let e = lm.model.forward(&[49_999], &mut Default::default(), false).unwrap_err().to_string();
+    assert!(e.contains("outside the vocabulary"), "{e}");
+}
+
+#[test]
+fn sampling_is_seeded_and_inspectable() {
+    let lm = smollm2();
+    let prompt = encode(lm, "Once upon a time").unwrap();
+    let s = Sampling { temperature: 0.8, top_k: Some(40), top_p: Some(0.9), repetition_penalty: 1.1, seed: 7, ..Default::default() };
+    let a = generate(lm, &prompt, 12, &s, |_| {}).unwrap();
+    let b = generate(lm, &prompt, 12, &s, |_| {}).unwrap();
+    assert_eq!(a.tokens, b.tokens, "same seed, same tokens");
+    let mut streamed = String::new();
+    let c = generate(lm, &prompt, 12, &Sampling::default(), |p| streamed.push_str(p)).unwrap();
+    assert_eq!(streamed, c.text, "streamed pieces add up to the text");
+    let mut m = lm.model.clone();
+    let mut names = vec![];
+    m.visit_linears(&mut |l| {
+        names.push(l.name().to_string());
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(names[0], "model.layers.0.self_attn.q_proj");
+    assert_eq!(names.last().unwrap(), "lm_head");
+}
