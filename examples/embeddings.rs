@@ -12,7 +12,12 @@ fn main() -> Result<()> {
     let enc = io::load_bert(&ModelSource::Folder(io::models_dir().join("all-MiniLM-L6-v2")), &mut |_, _, _| {})?;
     let mut int8 = enc.model.clone();
     quantize_dynamic(&mut int8, &QuantConfig::default())?;
-    let sentences = ["A man is playing a guitar.", "Someone plays an acoustic guitar on stage.", "The stock market fell sharply today.", "Shares dropped as investors panicked."];
+    let sentences = [
+        "A man is playing a guitar.",
+        "Someone plays an acoustic guitar on stage.",
+        "The stock market fell sharply today.",
+        "Shares dropped as investors panicked.",
+    ];
     let mut f = vec![];
     let mut q = vec![];
     for s in sentences {
@@ -23,7 +28,9 @@ fn main() -> Result<()> {
     }
     println!("\nsimilarity matrix, f32 / int8:");
     for i in 0..sentences.len() {
-        let row: Vec<String> = (0..sentences.len()).map(|j| Ok(format!("{:.3}/{:.3}", Bert::cosine(&f[i], &f[j])?, Bert::cosine(&q[i], &q[j])?))).collect::<Result<_>>()?;
+        let row: Vec<String> = (0..sentences.len())
+            .map(|j| Ok(format!("{:.3}/{:.3}", Bert::cosine(&f[i], &f[j])?, Bert::cosine(&q[i], &q[j])?)))
+            .collect::<Result<_>>()?;
         println!("{}", row.join("  "));
     }
     Ok(())

@@ -10,8 +10,8 @@ use candle_nn::Linear;
 use candle_quant::kernels::PackedInt8Weights;
 use candle_quant::nn::{ActivationQuant, DynamicLinear, QLinear, QLinearKind};
 use candle_quant::observer::{HistogramObserver, MinMaxObserver, Observer};
-use candle_quant::WeightQuant;
 use candle_quant::quant::{Granularity, QDType, QParams, QScheme, QSpec, QTensor};
+use candle_quant::WeightQuant;
 
 fn rel_error(a: &Tensor, b: &Tensor) -> Result<f32> {
     let num = (a - b)?.sqr()?.sum_all()?.to_scalar::<f32>()?.sqrt();

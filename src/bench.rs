@@ -46,7 +46,8 @@ pub fn bench_linear(in_features: usize, out_features: usize, m: usize, threads: 
     let mut q8 = QLinear::from_linear(&float, "bench")?;
     quantize_ggml(&mut q8, config, GgmlDType::Q8_0)?;
     let x = Tensor::randn(0f32, 1.0, (m, in_features), &dev)?;
-    let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().map_err(|e| candle_core::Error::Msg(format!("thread pool: {e}")))?;
+    let pool =
+        rayon::ThreadPoolBuilder::new().num_threads(threads).build().map_err(|e| candle_core::Error::Msg(format!("thread pool: {e}")))?;
     let previous = std::env::var("RAYON_NUM_THREADS").ok();
     std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
     let result = pool.install(|| -> Result<[f64; 3]> {
@@ -73,5 +74,15 @@ pub fn bench_linear(in_features: usize, out_features: usize, m: usize, threads: 
         None => std::env::remove_var("RAYON_NUM_THREADS"),
     }
     let [int8_us, f32_us, q8_0_us] = result?;
-    Ok(BenchRecord { in_features, out_features, m, threads, int8_us, f32_us, q8_0_us, ratio_f32: int8_us / f32_us, ratio_q8_0: int8_us / q8_0_us })
+    Ok(BenchRecord {
+        in_features,
+        out_features,
+        m,
+        threads,
+        int8_us,
+        f32_us,
+        q8_0_us,
+        ratio_f32: int8_us / f32_us,
+        ratio_q8_0: int8_us / q8_0_us,
+    })
 }

@@ -392,7 +392,10 @@ fn main() -> Result<()> {
             let config = QuantConfig::default();
             let mut records = vec![];
             if !json {
-                println!("{:>5} {:>5} {:>4} {:>3} {:>10} {:>10} {:>10} {:>9} {:>10}", "in", "out", "m", "thr", "int8 µs", "f32 µs", "q8_0 µs", "int8/f32", "int8/q8_0");
+                println!(
+                    "{:>5} {:>5} {:>4} {:>3} {:>10} {:>10} {:>10} {:>9} {:>10}",
+                    "in", "out", "m", "thr", "int8 µs", "f32 µs", "q8_0 µs", "int8/f32", "int8/q8_0"
+                );
             }
             for &(i, o) in candle_quant::bench::SHAPES.iter().filter(|(i, _)| in_features.is_empty() || in_features.contains(i)) {
                 for &mm in &ms {

@@ -11,7 +11,16 @@ fn compare_json_has_every_field() {
     let out = cli(&["compare", "--prompt", "The capital of France is", "--no-chat-template", "--max-new-tokens", "6", "--json"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    for key in ["model", "prompt_tokens", "new_tokens", "decode_speedup", "first_divergence", "top1_agreement", "quantized_layers", "skipped_layers"] {
+    for key in [
+        "model",
+        "prompt_tokens",
+        "new_tokens",
+        "decode_speedup",
+        "first_divergence",
+        "top1_agreement",
+        "quantized_layers",
+        "skipped_layers",
+    ] {
         assert!(v.get(key).is_some(), "missing {key} in {v}");
     }
     for side in ["f32", "int8"] {
@@ -27,7 +36,8 @@ fn compare_json_has_every_field() {
 #[test]
 fn eval_json_and_inspect() {
     let text = std::env::temp_dir().join(format!("candle-quant-cli-{}.txt", std::process::id()));
-    std::fs::write(&text, "Alice was beginning to get very tired of sitting by her sister on the bank, and of having nothing to do.").unwrap();
+    std::fs::write(&text, "Alice was beginning to get very tired of sitting by her sister on the bank, and of having nothing to do.")
+        .unwrap();
     let out = cli(&["eval", "--text", text.to_str().unwrap(), "--window", "16", "--json"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();

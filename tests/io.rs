@@ -23,7 +23,15 @@ fn tiny_llama(seed: u64) -> HashMap<String, Tensor> {
     add("model.norm.weight".into(), &[64], 1.0);
     for l in 0..2 {
         let p = format!("model.layers.{l}");
-        for (n, shape) in [("self_attn.q_proj", [64, 64]), ("self_attn.k_proj", [32, 64]), ("self_attn.v_proj", [32, 64]), ("self_attn.o_proj", [64, 64]), ("mlp.gate_proj", [96, 64]), ("mlp.up_proj", [96, 64]), ("mlp.down_proj", [64, 96])] {
+        for (n, shape) in [
+            ("self_attn.q_proj", [64, 64]),
+            ("self_attn.k_proj", [32, 64]),
+            ("self_attn.v_proj", [32, 64]),
+            ("self_attn.o_proj", [64, 64]),
+            ("mlp.gate_proj", [96, 64]),
+            ("mlp.up_proj", [96, 64]),
+            ("mlp.down_proj", [64, 96]),
+        ] {
             add(format!("{p}.{n}.weight"), &shape, 0.125);
         }
         add(format!("{p}.input_layernorm.weight"), &[64], 1.0);
@@ -42,7 +50,8 @@ fn folder(name: &str) -> PathBuf {
 /// Writes config, tokenizer (MiniLM's, for its vocabulary size) and weights in `shards` files.
 fn write_model(dir: &Path, tensors: &HashMap<String, Tensor>, shards: usize, config: &str) {
     std::fs::write(dir.join("config.json"), config).unwrap();
-    std::fs::copy(io::models_dir().join("all-MiniLM-L6-v2/tokenizer.json"), dir.join("tokenizer.json")).expect("run scripts/fetch-models.sh first");
+    std::fs::copy(io::models_dir().join("all-MiniLM-L6-v2/tokenizer.json"), dir.join("tokenizer.json"))
+        .expect("run scripts/fetch-models.sh first");
     if shards == 1 {
         candle_core::safetensors::save(tensors, dir.join("model.safetensors")).unwrap();
         return;

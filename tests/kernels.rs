@@ -142,7 +142,11 @@ fn simd_paths_equal_the_reference() {
                 assert!((g - e).abs() <= 1e-4 * e.abs().max(1.0), "shape {shape} ({m}x{k}x{n}) {isa:?}: {g} vs {e}");
             }
             let (i, j) = ((rng.next_u64() % m as u64) as usize, (rng.next_u64() % n as u64) as usize);
-            assert_eq!(group_sums_with(isa, &acts, i, &w, j).unwrap(), group_sums_with(Isa::Reference, &acts, i, &w, j).unwrap(), "shape {shape} {isa:?}");
+            assert_eq!(
+                group_sums_with(isa, &acts, i, &w, j).unwrap(),
+                group_sums_with(Isa::Reference, &acts, i, &w, j).unwrap(),
+                "shape {shape} {isa:?}"
+            );
         }
     }
 }

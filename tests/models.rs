@@ -67,7 +67,9 @@ fn int8_tracks_f32_better_than_candle_q8_0() {
 #[test]
 fn gguf_tokenizer_round_trips_and_splits_digits() {
     let lm = smollm2();
-    for text in ["Hello, world!", "In 2024, 12345 cats.  Tabs\there\n\nnew   lines ", "Ünïcödé — 日本語 🙂", "<|im_start|>user\nhi<|im_end|>", ""] {
+    for text in
+        ["Hello, world!", "In 2024, 12345 cats.  Tabs\there\n\nnew   lines ", "Ünïcödé — 日本語 🙂", "<|im_start|>user\nhi<|im_end|>", ""]
+    {
         let ids = encode(lm, text).unwrap();
         assert_eq!(lm.tokenizer.decode(&ids, false).unwrap(), text);
     }
@@ -106,7 +108,8 @@ fn llama_matches_candle_transformers_on_the_same_weights() {
     let mut cache = ct::Cache::new(true, DType::F32, &cfg, &Device::Cpu).unwrap();
     let theirs = peer.forward(&Tensor::new(&tokens[..], &Device::Cpu).unwrap().unsqueeze(0).unwrap(), 0, &mut cache).unwrap();
     let ours = lm.model.forward(&tokens, &mut Default::default(), false).unwrap();
-    let diff = (theirs.flatten_all().unwrap() - ours.flatten_all().unwrap()).unwrap().abs().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+    let diff =
+        (theirs.flatten_all().unwrap() - ours.flatten_all().unwrap()).unwrap().abs().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
     println!("max |logit difference| vs candle-transformers: {diff}");
     assert!(diff < 1e-3, "logits differ by {diff}");
 }
@@ -135,7 +138,12 @@ fn minilm_int8_embeddings_stay_close_and_keep_the_ranking() {
         assert!(cos >= 0.99, "{s}: cosine {cos}");
     }
     // Most similar other sentence, for each sentence: the same in f32 and int8.
-    let nearest = |e: &[Tensor], k: usize| (0..e.len()).filter(|&j| j != k).max_by(|&a, &b| Bert::cosine(&e[k], &e[a]).unwrap().total_cmp(&Bert::cosine(&e[k], &e[b]).unwrap())).unwrap();
+    let nearest = |e: &[Tensor], k: usize| {
+        (0..e.len())
+            .filter(|&j| j != k)
+            .max_by(|&a, &b| Bert::cosine(&e[k], &e[a]).unwrap().total_cmp(&Bert::cosine(&e[k], &e[b]).unwrap()))
+            .unwrap()
+    };
     for k in 0..sentences.len() {
         assert_eq!(nearest(&f, k), nearest(&i, k), "nearest neighbour of {:?}", sentences[k]);
     }

@@ -5,9 +5,9 @@ mod common;
 use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::Linear;
 use candle_quant::nn::{ActivationQuant, QLinear, QLinearKind};
-use candle_quant::WeightQuant;
 use candle_quant::observer::MinMaxObserver;
 use candle_quant::quant::{QDType, QScheme, QSpec};
+use candle_quant::WeightQuant;
 use common::{max_abs_diff, rel_error, Rng};
 
 fn layer(rng: &mut Rng, k: usize, n: usize, bias: bool) -> Linear {

@@ -172,7 +172,11 @@ pub fn quantize_weight_only(model: &mut (impl Quantizable + ?Sized), config: &Qu
 
 /// Swaps every selected layer for candle's block-quantized `QMatMul` in `dtype` (the
 /// Q8_0 baseline).
-pub fn quantize_ggml(model: &mut (impl Quantizable + ?Sized), config: &QuantConfig, dtype: candle_core::quantized::GgmlDType) -> Result<ConversionReport> {
+pub fn quantize_ggml(
+    model: &mut (impl Quantizable + ?Sized),
+    config: &QuantConfig,
+    dtype: candle_core::quantized::GgmlDType,
+) -> Result<ConversionReport> {
     convert_selected(model, config, |layer| layer.quantize_ggml(dtype).map(|_| true))
 }
 

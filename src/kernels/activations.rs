@@ -78,7 +78,17 @@ impl QuantizedActivations {
                 *q = (quantize_value(v, inv, zero_point, qmin, qmax) - shift) as i8;
             }
         }
-        Ok(Self { m, k, stride, group: k.max(1), data, scales: vec![scale; m], zero_point: zero_point - shift, outliers: vec![], outlier_start: vec![0; m + 1] })
+        Ok(Self {
+            m,
+            k,
+            stride,
+            group: k.max(1),
+            data,
+            scales: vec![scale; m],
+            zero_point: zero_point - shift,
+            outliers: vec![],
+            outlier_start: vec![0; m + 1],
+        })
     }
 
     pub fn rows(&self) -> usize {

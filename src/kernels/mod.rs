@@ -139,7 +139,14 @@ pub fn int8_linear_with(
 
 /// `Σ_g sa[m,g] · sw[n,g] · dot_g` over segments of `seg` channels, for output columns `cols`,
 /// into `buf` (`M × cols.len()`).
-fn linear_block(isa: Isa, acts: &QuantizedActivations, weights: &PackedInt8Weights, seg: usize, cols: std::ops::Range<usize>, buf: &mut [f32]) {
+fn linear_block(
+    isa: Isa,
+    acts: &QuantizedActivations,
+    weights: &PackedInt8Weights,
+    seg: usize,
+    cols: std::ops::Range<usize>,
+    buf: &mut [f32],
+) {
     let (m, k, width) = (acts.rows(), acts.cols(), cols.len());
     let (a_step, w_step) = ((acts.groups() > 1) as usize, (weights.groups() > 1) as usize);
     match isa {
@@ -147,23 +154,45 @@ fn linear_block(isa: Isa, acts: &QuantizedActivations, weights: &PackedInt8Weigh
         Isa::Avx2 => {
             let n_chunks = weights.stride() / CHUNK;
             let seg_chunks = if seg == k { n_chunks } else { seg / CHUNK };
-            let mut tmp = [0f32; 4];
             for (jj, j) in cols.enumerate() {
                 let (w, sw) = (weights.padded_row(j), weights.row_scales(j));
-                for i0 in (0..m).step_by(4) {
+                let mut i0 = 0;
+                while i0 < m {
                     let cnt = (m - i0).min(4);
-                    let (mut rows, mut sa): ([&[i8]; 4], [&[f32]; 4]) = ([&[]; 4], [&[]; 4]);
-                    for r in 0..cnt {
-                        (rows[r], sa[r]) = (acts.padded_row(i0 + r), acts.row_scales(i0 + r));
-                    }
-                    let (rows, sa) = (&rows[..cnt], &sa[..cnt]);
+                    let row = |r: usize| acts.padded_row(i0 + r);
+                    let sc = |r: usize| acts.row_scales(i0 + r);
                     // SAFETY: Avx2 is only chosen when x86::available(); padded rows hold
                     // stride = 32·n_chunks bytes; segments are whole chunks or whole rows, so
                     // each grouped side has exactly div_ceil(n_chunks, seg_chunks) scales.
-                    unsafe { x86::dot_rows(rows, sa, a_step, w, sw, w_step, seg_chunks, n_chunks, &mut tmp) };
-                    for (r, &v) in tmp.iter().enumerate().take(rows.len()) {
+                    let (vals, n_vals): ([f32; 4], usize) = unsafe {
+                        match cnt {
+                            4 => (
+                                x86::dot_rows(
+                                    &[row(0), row(1), row(2), row(3)],
+                                    &[sc(0), sc(1), sc(2), sc(3)],
+                                    a_step,
+                                    w,
+                                    sw,
+                                    w_step,
+                                    seg_chunks,
+                                    n_chunks,
+                                ),
+                                4,
+                            ),
+                            2 | 3 => {
+                                let [a, b] = x86::dot_rows(&[row(0), row(1)], &[sc(0), sc(1)], a_step, w, sw, w_step, seg_chunks, n_chunks);
+                                ([a, b, 0.0, 0.0], 2)
+                            }
+                            _ => {
+                                let [a] = x86::dot_rows(&[row(0)], &[sc(0)], a_step, w, sw, w_step, seg_chunks, n_chunks);
+                                ([a, 0.0, 0.0, 0.0], 1)
+                            }
+                        }
+                    };
+                    for (r, &v) in vals.iter().enumerate().take(n_vals) {
                         buf[(i0 + r) * width + jj] = v + outlier_terms(acts.row_outliers(i0 + r), w, sw, weights.group_size());
                     }
+                    i0 += n_vals;
                 }
             }
         }
@@ -209,7 +238,9 @@ pub fn group_sums_with(isa: Isa, acts: &QuantizedActivations, i: usize, weights:
         }
         _ => {
             let (a, w) = (acts.row(i), weights.row(j));
-            Ok((0..k.div_ceil(seg)).map(|g| reference::dot_i8(&a[g * seg..((g + 1) * seg).min(k)], &w[g * seg..((g + 1) * seg).min(k)])).collect())
+            Ok((0..k.div_ceil(seg))
+                .map(|g| reference::dot_i8(&a[g * seg..((g + 1) * seg).min(k)], &w[g * seg..((g + 1) * seg).min(k)]))
+                .collect())
         }
     }
 }

@@ -63,33 +63,45 @@ pub fn group_sums(a: &[i8], w: &[i8], group_chunks: usize, n_chunks: usize, out:
     }
 }
 
-/// `y[r] = Σ_g sa_r[g·a_step] · sw[g·w_step] · Σ_{chunks of g} a_r·w` for up to 4 activation
-/// rows sharing one weight row (segments of `seg_chunks` chunks), float accumulation in lanes.
+/// `y[r] = Σ_g sa_r[g·a_step] · sw[g·w_step] · Σ_{chunks of g} a_r·w` for `R` activation rows
+/// sharing one weight row (segments of `seg_chunks` chunks). Float accumulation in registers:
+/// two accumulators per row (even and odd segments) to hide the FMA latency.
 ///
 /// # Safety
 /// AVX2+FMA available; each row in `rows` and `w` hold `32 · n_chunks` bytes; with
 /// `segs = n_chunks.div_ceil(seg_chunks)`, each `sa` slice holds `segs` values if `a_step` is 1
 /// (else 1) and `sw` holds `segs` values if `w_step` is 1 (else 1).
 #[allow(clippy::too_many_arguments)]
+#[inline]
 #[target_feature(enable = "avx2,fma")]
-pub unsafe fn dot_rows(rows: &[&[i8]], sa: &[&[f32]], a_step: usize, w: &[i8], sw: &[f32], w_step: usize, seg_chunks: usize, n_chunks: usize, out: &mut [f32]) {
-    let mut acc = [_mm256_setzero_ps(); 4];
+pub unsafe fn dot_rows<const R: usize>(
+    rows: &[&[i8]; R],
+    sa: &[&[f32]; R],
+    a_step: usize,
+    w: &[i8],
+    sw: &[f32],
+    w_step: usize,
+    seg_chunks: usize,
+    n_chunks: usize,
+) -> [f32; R] {
+    let mut acc = [_mm256_setzero_ps(); R];
     let (mut c, mut g) = (0, 0);
     while c < n_chunks {
         let end = (c + seg_chunks).min(n_chunks);
         let wscale = *sw.get_unchecked(g * w_step);
-        for (r, row) in rows.iter().enumerate() {
+        for r in 0..R {
             // SAFETY: row, weight and scale lengths as promised by the caller.
-            let s = _mm256_cvtepi32_ps(chunk_sums(row.as_ptr(), w.as_ptr(), c..end));
-            let scale = _mm256_set1_ps(*sa[r].get_unchecked(g * a_step) * wscale);
-            acc[r] = _mm256_fmadd_ps(s, scale, acc[r]);
+            let s = _mm256_cvtepi32_ps(chunk_sums(rows[r].as_ptr(), w.as_ptr(), c..end));
+            acc[r] = _mm256_fmadd_ps(s, _mm256_set1_ps(*sa[r].get_unchecked(g * a_step) * wscale), acc[r]);
         }
         c = end;
         g += 1;
     }
-    for (r, o) in out.iter_mut().enumerate().take(rows.len()) {
-        *o = hsum_f32(acc[r]);
+    let mut out = [0f32; R];
+    for r in 0..R {
+        out[r] = hsum_f32(acc[r]);
     }
+    out
 }
 
 /// `Σ_k x[k] · w[k]` with int8 weights widened to f32 in registers (weight-only path).

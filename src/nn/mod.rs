@@ -203,7 +203,8 @@ impl QLinear {
     /// from the float weights.
     pub fn quantize_ggml(&mut self, dtype: candle_core::quantized::GgmlDType) -> Result<()> {
         let l = self.float_equivalent()?;
-        let g = GgmlLinear::new(l.weight(), l.bias().cloned(), dtype).map_err(|e| e.context(format!("layer '{}' to {dtype:?}", self.name)))?;
+        let g =
+            GgmlLinear::new(l.weight(), l.bias().cloned(), dtype).map_err(|e| e.context(format!("layer '{}' to {dtype:?}", self.name)))?;
         self.kind = QLinearKind::Ggml(g);
         Ok(())
     }

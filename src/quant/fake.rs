@@ -22,7 +22,7 @@ pub fn fake_quantize(x: &Tensor, params: &QParams) -> Result<Tensor> {
         let (scale, zp) = (params.scales[s], params.zero_points[s]);
         let q = quantize_value(v, 1.0 / scale, zp, qmin, qmax);
         fq.push(dequantize_value(q, scale, zp));
-        let unclipped = (v / scale).round_ties_even() + zp as f32;
+        let unclipped = (v * (1.0 / scale)).round_ties_even() + zp as f32;
         mask.push(if unclipped >= qmin as f32 && unclipped <= qmax as f32 { 1f32 } else { 0f32 });
     }
     let dtype = x.dtype();

@@ -147,9 +147,16 @@ impl QSpec {
 /// so every quantizer in the crate calls this and agrees bit for bit.
 #[inline]
 pub fn quantize_value(x: f32, inv_scale: f32, zero_point: i32, qmin: i32, qmax: i32) -> i32 {
-    let r = (x * inv_scale).round_ties_even();
-    let r = if r.is_nan() { 0.0 } else { r.clamp(qmin as f32 - zero_point as f32, qmax as f32 - zero_point as f32) };
-    (r as i32 + zero_point).clamp(qmin, qmax)
+    let r = x * inv_scale;
+    if r.is_nan() {
+        return zero_point.clamp(qmin, qmax);
+    }
+    // Clamping to the integer bounds first and rounding after gives the same result as rounding
+    // first; once |r| < 2²², adding and removing 1.5·2²³ rounds half to even in hardware (no
+    // libm call in the hot path).
+    const MAGIC: f32 = 12_582_912.0;
+    let r = r.clamp((qmin - zero_point) as f32, (qmax - zero_point) as f32);
+    (((r + MAGIC) - MAGIC) as i32 + zero_point).clamp(qmin, qmax)
 }
 
 /// `x = (q - zero_point) * scale`.
