@@ -36,7 +36,7 @@ pub mod quant;
 pub use convert::{convert, prepare, prepare_qat, quantize_dynamic, quantize_weight_only, ConversionReport, QuantConfig, Quantizable};
 pub use kernels::WeightQuant;
 pub use nn::{ActivationQuant, QLinear, QLinearKind};
-pub use observer::{HistogramObserver, MinMaxObserver, Observer, PercentileObserver};
+pub use observer::{HistogramObserver, MinMaxObserver, Observer};
 pub use quant::{dequantize_value, fake_quantize, quantize_value, Granularity, QDType, QParams, QScheme, QSpec, QTensor};
 #[cfg(feature = "hub")]
 pub mod eval;

@@ -3,7 +3,7 @@
 mod common;
 
 use candle_core::{Device, Tensor};
-use candle_quant::observer::{HistogramObserver, MinMaxObserver, Observer, PercentileObserver};
+use candle_quant::observer::{HistogramObserver, MinMaxObserver, Observer};
 use candle_quant::quant::{quantization_mse, QDType, QScheme, QSpec};
 use proptest::prelude::*;
 
@@ -74,7 +74,7 @@ fn empty_observers_and_inputs_are_errors() {
         Box::new(MinMaxObserver::new(AFFINE_U8)),
         Box::new(MinMaxObserver::per_channel(AFFINE_U8, 0)),
         Box::new(HistogramObserver::new(AFFINE_U8, 128).unwrap()),
-        Box::new(PercentileObserver::new(AFFINE_U8, 99.9, 128).unwrap()),
+        Box::new(HistogramObserver::percentile(AFFINE_U8, 99.9, 128).unwrap()),
     ];
     for mut o in observers {
         let e = o.qparams().unwrap_err().to_string();
@@ -89,7 +89,7 @@ fn empty_observers_and_inputs_are_errors() {
         assert!(o.qparams().is_err(), "reset forgets");
     }
     assert!(HistogramObserver::new(AFFINE_U8, 1).is_err());
-    assert!(PercentileObserver::new(AFFINE_U8, 40.0, 128).is_err());
+    assert!(HistogramObserver::percentile(AFFINE_U8, 40.0, 128).is_err());
 }
 
 #[test]
@@ -132,7 +132,7 @@ fn percentile_clips_tails() {
     // 0, 1, ..., 9999 (and nothing else): the 99th percentile is ≈ 9900 (within a bin of
     // 10000/1000 = 10) and the 1st ≈ 100; symmetric takes max(|lo|, |hi|) ≈ 9900.
     let v: Vec<f32> = (0..10_000).map(|i| i as f32).collect();
-    let mut o = PercentileObserver::new(QSpec::WEIGHT, 99.0, 1000).unwrap();
+    let mut o = HistogramObserver::percentile(QSpec::WEIGHT, 99.0, 1000).unwrap();
     o.observe(&Tensor::from_vec(v, 10_000, &Device::Cpu).unwrap()).unwrap();
     let s = o.qparams().unwrap().scales[0];
     assert!((s * 127.0 - 9900.0).abs() < 20.0, "scale {s} → range {}", s * 127.0);

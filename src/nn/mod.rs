@@ -19,7 +19,7 @@ pub use weight_only::WeightOnlyLinear;
 use crate::kernels::{PackedInt8Weights, WeightQuant};
 use crate::observer::Observer;
 use crate::quant::float_values;
-use candle_core::{bail, DType, Module, Result, Tensor};
+use candle_core::{bail, DType, Module, Result, Tensor, D};
 use candle_nn::{Linear, VarBuilder};
 
 /// What a [`QLinear`] currently is.
@@ -244,32 +244,16 @@ impl QLinear {
 
 impl Module for QLinear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        check_input(x, self.in_features, &self.name)?;
+        let (n, name) = (self.out_features, &self.name);
         match &self.kind {
-            QLinearKind::Float(l) => {
-                check_input(x, self.in_features, &self.name)?;
-                l.forward(x)
-            }
-            QLinearKind::Observed(o) => {
-                check_input(x, self.in_features, &self.name)?;
-                o.forward(x)
-            }
-            QLinearKind::FakeQuant(f) => {
-                check_input(x, self.in_features, &self.name)?;
-                f.forward(x)
-            }
-            QLinearKind::Ggml(g) => {
-                check_input(x, self.in_features, &self.name)?;
-                g.forward(x)
-            }
-            QLinearKind::Dynamic(d) => {
-                rows_forward(x, self.in_features, self.out_features, &self.name, |xs, m, out| d.forward_rows(xs, m, out))
-            }
-            QLinearKind::Static(s) => {
-                rows_forward(x, self.in_features, self.out_features, &self.name, |xs, m, out| s.forward_rows(xs, m, out))
-            }
-            QLinearKind::WeightOnly(w) => {
-                rows_forward(x, self.in_features, self.out_features, &self.name, |xs, m, out| w.forward_rows(xs, m, out))
-            }
+            QLinearKind::Float(l) => l.forward(x),
+            QLinearKind::Observed(o) => o.forward(x),
+            QLinearKind::FakeQuant(f) => f.forward(x),
+            QLinearKind::Ggml(g) => g.forward(x),
+            QLinearKind::Dynamic(d) => rows_forward(x, n, name, |xs, m, out| d.forward_rows(xs, m, out)),
+            QLinearKind::Static(s) => rows_forward(x, n, name, |xs, m, out| s.forward_rows(xs, m, out)),
+            QLinearKind::WeightOnly(w) => rows_forward(x, n, name, |xs, m, out| w.forward_rows(xs, m, out)),
         }
     }
 }
@@ -285,14 +269,12 @@ fn check_input(x: &Tensor, in_features: usize, name: &str) -> Result<()> {
 /// back to `x`'s leading dims, in `x`'s dtype.
 fn rows_forward(
     x: &Tensor,
-    in_features: usize,
     out_features: usize,
     name: &str,
     kernel: impl FnOnce(&[f32], usize, &mut [f32]) -> Result<()>,
 ) -> Result<Tensor> {
-    check_input(x, in_features, name)?;
     let xs = float_values(x, name)?;
-    let m = xs.len() / in_features;
+    let m = xs.len() / x.dim(D::Minus1)?;
     let mut out = vec![0f32; m * out_features];
     kernel(&xs, m, &mut out).map_err(|e| e.context(format!("layer '{name}'")))?;
     let mut dims = x.dims().to_vec();

@@ -8,7 +8,7 @@ use candle_core::{bail, Result, Tensor};
 /// A histogram of `bins` equal-width bins over `[lo, hi]` that widens (re-binning its counts
 /// proportionally) when data falls outside.
 #[derive(Debug, Clone)]
-pub(crate) struct RunningHistogram {
+struct RunningHistogram {
     counts: Vec<f64>,
     lo: f32,
     hi: f32,
@@ -16,18 +16,18 @@ pub(crate) struct RunningHistogram {
 }
 
 impl RunningHistogram {
-    pub(crate) fn new(bins: usize) -> Result<Self> {
+    fn new(bins: usize) -> Result<Self> {
         if bins < 2 {
             bail!("a histogram needs at least 2 bins, got {bins}")
         }
         Ok(Self { counts: vec![0.0; bins], lo: 0.0, hi: 0.0, total: 0.0 })
     }
 
-    pub(crate) fn is_empty(&self) -> bool {
+    fn is_empty(&self) -> bool {
         self.total == 0.0
     }
 
-    pub(crate) fn clear(&mut self) {
+    fn clear(&mut self) {
         self.counts.iter_mut().for_each(|c| *c = 0.0);
         self.total = 0.0;
     }
@@ -45,7 +45,7 @@ impl RunningHistogram {
     }
 
     /// Adds the finite values of a batch whose finite extremes are `(bmin, bmax)`.
-    pub(crate) fn add(&mut self, values: &[f32], bmin: f32, bmax: f32) {
+    fn add(&mut self, values: &[f32], bmin: f32, bmax: f32) {
         if self.is_empty() {
             (self.lo, self.hi) = (bmin, bmax);
         } else if bmin < self.lo || bmax > self.hi {
@@ -84,7 +84,7 @@ impl RunningHistogram {
     }
 
     /// Value below which a fraction `q` of the mass lies (linear inside a bin).
-    pub(crate) fn quantile(&self, q: f64) -> f32 {
+    fn quantile(&self, q: f64) -> f32 {
         let target = q.clamp(0.0, 1.0) * self.total;
         let w = self.width();
         let mut acc = 0.0;
@@ -102,7 +102,7 @@ impl RunningHistogram {
     /// `Σ_inside count·Δ²/12 + Σ_clipped count·(distance to the range)²` with
     /// `Δ = (b - a) / (qmax - qmin)`. Candidates are bin edges; bins are represented by their
     /// centres; prefix sums make each candidate O(1).
-    pub(crate) fn best_range(&self, spec: &QSpec) -> (f32, f32) {
+    fn best_range(&self, spec: &QSpec) -> (f32, f32) {
         let (qmin, qmax) = spec.qrange();
         let levels = (qmax - qmin) as f64;
         let n = self.counts.len();
@@ -163,47 +163,70 @@ impl RunningHistogram {
     }
 }
 
-/// Histogram observer (the idea of PyTorch's `HistogramObserver`, written from the idea):
-/// accumulate a histogram of everything seen, then choose the clipping range with the lowest
-/// expected quantization MSE. Clipping a few rare outliers buys a finer step for everything else.
+/// How a histogram observer turns its histogram into a range.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum RangeRule {
+    /// The clipping range with the lowest expected quantization MSE.
+    MinimiseMse,
+    /// `[P(100 - p), P(p)]`.
+    Percentile(f64),
+}
+
+/// Histogram observers: accumulate a histogram of everything seen (fixed bins, the range grows
+/// with the data), then pick the range by one of two rules —
+/// [`HistogramObserver::new`]: the clipping range with the lowest expected quantization MSE (the
+/// idea of PyTorch's `HistogramObserver`, written from the idea): clipping a few rare outliers
+/// buys a finer step for everything else;
+/// [`HistogramObserver::percentile`]: the `p`-th and `(100 - p)`-th percentiles (linear inside a
+/// bin); `p = 100` is the plain min/max.
 #[derive(Debug, Clone)]
 pub struct HistogramObserver {
     spec: QSpec,
+    rule: RangeRule,
     hist: RunningHistogram,
     nonfinite: u64,
 }
 
 impl HistogramObserver {
-    /// `bins` fixed-width bins (2048 is a good default).
+    /// MSE-minimising range over `bins` fixed-width bins (2048 is a good default).
     pub fn new(spec: QSpec, bins: usize) -> Result<Self> {
-        Ok(Self { spec, hist: RunningHistogram::new(bins)?, nonfinite: 0 })
+        Ok(Self { spec, rule: RangeRule::MinimiseMse, hist: RunningHistogram::new(bins)?, nonfinite: 0 })
     }
-}
 
-/// Shared observe step of the histogram-based observers.
-pub(crate) fn observe_into(hist: &mut RunningHistogram, nonfinite: &mut u64, x: &Tensor) -> Result<()> {
-    if x.elem_count() == 0 {
-        bail!("observer was given an empty tensor of shape {:?}", x.shape())
+    /// Percentile range, `percentile` in (50, 100], e.g. 99.99.
+    pub fn percentile(spec: QSpec, percentile: f64, bins: usize) -> Result<Self> {
+        if !(percentile > 50.0 && percentile <= 100.0) {
+            bail!("percentile must lie in (50, 100], got {percentile}")
+        }
+        Ok(Self { spec, rule: RangeRule::Percentile(percentile), hist: RunningHistogram::new(bins)?, nonfinite: 0 })
     }
-    let values = float_values(x, "observed tensor")?;
-    let (range, bad) = finite_min_max(&values);
-    *nonfinite += bad;
-    if let Some((lo, hi)) = range {
-        hist.add(&values, lo, hi);
-    }
-    Ok(())
 }
 
 impl Observer for HistogramObserver {
     fn observe(&mut self, x: &Tensor) -> Result<()> {
-        observe_into(&mut self.hist, &mut self.nonfinite, x)
+        if x.elem_count() == 0 {
+            bail!("observer was given an empty tensor of shape {:?}", x.shape())
+        }
+        let values = float_values(x, "observed tensor")?;
+        let (range, bad) = finite_min_max(&values);
+        self.nonfinite += bad;
+        if let Some((lo, hi)) = range {
+            self.hist.add(&values, lo, hi);
+        }
+        Ok(())
     }
 
     fn qparams(&self) -> Result<QParams> {
         if self.hist.is_empty() {
             bail!("histogram observer has not observed any finite value yet: run calibration data through it first")
         }
-        let (lo, hi) = self.hist.best_range(&self.spec);
+        let (lo, hi) = match self.rule {
+            RangeRule::MinimiseMse => self.hist.best_range(&self.spec),
+            RangeRule::Percentile(p) => {
+                let tail = 1.0 - p / 100.0;
+                (self.hist.quantile(tail), self.hist.quantile(1.0 - tail))
+            }
+        };
         QParams::per_tensor(self.spec, lo, hi)
     }
 

@@ -7,11 +7,9 @@
 
 mod histogram;
 mod minmax;
-mod percentile;
 
 pub use histogram::HistogramObserver;
 pub use minmax::MinMaxObserver;
-pub use percentile::PercentileObserver;
 
 use crate::quant::{QParams, QSpec};
 use candle_core::{Result, Tensor};
