@@ -175,3 +175,45 @@ fn bad_model_inputs_give_errors_that_name_the_thing() {
     assert!(e.contains("model.layers.1.mlp.down_proj"), "{e}");
     let _ = Device::Cpu;
 }
+
+#[test]
+fn qwen2_biases_and_llama3_rope_scaling_are_honoured() {
+    let tensors = tiny_llama(4);
+    let plain = folder("plain");
+    write_model(&plain, &tensors, 1, CONFIG);
+    let base = logits(&ModelSource::Folder(plain));
+    // Qwen2: q/k/v carry biases (loaded, and they change the output).
+    let mut with_bias = tensors.clone();
+    let mut rng = common::Rng::new(5);
+    for l in 0..2 {
+        for (p, n) in [("q_proj", 64), ("k_proj", 32), ("v_proj", 32)] {
+            with_bias.insert(format!("model.layers.{l}.self_attn.{p}.bias"), rng.tensor(&[n], 0.5).unwrap());
+        }
+    }
+    let qwen = folder("qwen2");
+    write_model(&qwen, &with_bias, 1, &CONFIG.replace("\"llama\"", "\"qwen2\""));
+    let q = logits(&ModelSource::Folder(qwen.clone()));
+    assert!(max_diff(&q, &base) > 1e-3);
+    // Without the bias tensors a qwen2 config is an error naming the missing tensor.
+    let no_bias = folder("qwen2-missing");
+    write_model(&no_bias, &tensors, 1, &CONFIG.replace("\"llama\"", "\"qwen2\""));
+    assert!(load_err(&no_bias).contains("q_proj"));
+    // Llama 3 rope scaling slows the long wavelengths: same weights, different logits.
+    let scaled = folder("llama3");
+    let cfg = CONFIG.replace(
+        "\"eos_token_id\": 102",
+        "\"eos_token_id\": [102, 0], \"rope_scaling\": {\"rope_type\": \"llama3\", \"factor\": 8.0, \"low_freq_factor\": 1.0, \"high_freq_factor\": 4.0, \"original_max_position_embeddings\": 64}",
+    );
+    write_model(&scaled, &tensors, 1, &cfg);
+    let s = logits(&ModelSource::Folder(scaled));
+    assert!(max_diff(&s, &base) > 1e-4 && s.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().all(|v| v.is_finite()));
+    // An unsupported scaling type is refused.
+    let yarn = folder("yarn");
+    write_model(
+        &yarn,
+        &tensors,
+        1,
+        &CONFIG.replace("\"eos_token_id\": 102", "\"eos_token_id\": 102, \"rope_scaling\": {\"rope_type\": \"yarn\", \"factor\": 4.0}"),
+    );
+    assert!(load_err(&yarn).contains("yarn"));
+}
