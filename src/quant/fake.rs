@@ -15,16 +15,17 @@ pub fn fake_quantize(x: &Tensor, params: &QParams) -> Result<Tensor> {
     let values = float_values(x, "fake_quantize input")?;
     let layout = params.layout(x.shape())?;
     let (qmin, qmax) = params.spec.qrange();
-    let mut fq = Vec::with_capacity(values.len());
-    let mut mask = Vec::with_capacity(values.len());
-    for (i, &v) in values.iter().enumerate() {
-        let s = layout.slot(i);
+    let mut fq = vec![0f32; values.len()];
+    let mut mask = vec![0f32; values.len()];
+    layout.for_each_run(values.len(), |s, r| {
         let (scale, zp) = (params.scales[s], params.zero_points[s]);
-        let q = quantize_value(v, 1.0 / scale, zp, qmin, qmax);
-        fq.push(dequantize_value(q, scale, zp));
-        let unclipped = (v * (1.0 / scale)).round_ties_even() + zp as f32;
-        mask.push(if unclipped >= qmin as f32 && unclipped <= qmax as f32 { 1f32 } else { 0f32 });
-    }
+        for i in r {
+            let v = values[i];
+            fq[i] = dequantize_value(quantize_value(v, 1.0 / scale, zp, qmin, qmax), scale, zp);
+            let unclipped = (v * (1.0 / scale)).round_ties_even() + zp as f32;
+            mask[i] = if unclipped >= qmin as f32 && unclipped <= qmax as f32 { 1.0 } else { 0.0 };
+        }
+    });
     let dtype = x.dtype();
     let fq = Tensor::from_vec(fq, x.shape(), x.device())?.to_dtype(dtype)?;
     let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(dtype)?;

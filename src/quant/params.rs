@@ -90,14 +90,26 @@ impl SlotLayout {
         Ok(Self { granularity, inner, span, group, slots })
     }
 
-    /// Slot of flat element `i`.
-    #[inline]
-    pub fn slot(&self, i: usize) -> usize {
+    /// Calls `f(slot, range)` for each run of consecutive (row-major) elements of a tensor with
+    /// `numel` elements that share one parameter slot, in order.
+    pub fn for_each_run(&self, numel: usize, mut f: impl FnMut(usize, std::ops::Range<usize>)) {
         match self.granularity {
-            Granularity::PerTensor => 0,
-            Granularity::PerChannel { .. } => (i / self.inner) % self.span,
-            Granularity::PerToken => i / self.inner,
-            Granularity::PerGroup { .. } => (i / self.inner) * self.span + (i % self.inner) / self.group,
+            Granularity::PerTensor => f(0, 0..numel),
+            Granularity::PerChannel { .. } | Granularity::PerToken => {
+                let run = self.inner.max(1);
+                for (n, start) in (0..numel).step_by(run).enumerate() {
+                    let slot = if let Granularity::PerToken = self.granularity { n } else { n % self.span };
+                    f(slot, start..(start + run).min(numel));
+                }
+            }
+            Granularity::PerGroup { .. } => {
+                for (row, start) in (0..numel).step_by(self.inner.max(1)).enumerate() {
+                    let end = (start + self.inner).min(numel);
+                    for (g, s) in (start..end).step_by(self.group).enumerate() {
+                        f(row * self.span + g, s..(s + self.group).min(end));
+                    }
+                }
+            }
         }
     }
 }

@@ -27,13 +27,12 @@ pub fn float_values(x: &Tensor, what: &str) -> Result<Vec<f32>> {
 pub fn slot_min_max(values: &[f32], layout: &SlotLayout) -> (Vec<f32>, Vec<f32>) {
     let mut min = vec![f32::INFINITY; layout.slots];
     let mut max = vec![f32::NEG_INFINITY; layout.slots];
-    for (i, &v) in values.iter().enumerate() {
-        if v.is_finite() {
-            let s = layout.slot(i);
+    layout.for_each_run(values.len(), |s, r| {
+        for &v in values[r].iter().filter(|v| v.is_finite()) {
             min[s] = min[s].min(v);
             max[s] = max[s].max(v);
         }
-    }
+    });
     (min, max)
 }
 
@@ -65,14 +64,13 @@ impl QTensor {
         let (qmin, qmax) = params.spec.qrange();
         let inv: Vec<f32> = params.scales.iter().map(|s| 1.0 / s).collect();
         let offset = params.spec.dtype.full_range().0 + 128;
-        let storage = values
-            .iter()
-            .enumerate()
-            .map(|(i, &v)| {
-                let s = layout.slot(i);
-                (quantize_value(v, inv[s], params.zero_points[s], qmin, qmax) - offset) as i8
-            })
-            .collect();
+        let mut storage = vec![0i8; values.len()];
+        layout.for_each_run(values.len(), |s, r| {
+            let (inv, zp) = (inv[s], params.zero_points[s]);
+            for (q, &v) in storage[r.clone()].iter_mut().zip(&values[r]) {
+                *q = (quantize_value(v, inv, zp, qmin, qmax) - offset) as i8;
+            }
+        });
         Ok(Self { storage, offset, shape: x.shape().clone(), params: params.clone() })
     }
 
@@ -95,15 +93,13 @@ impl QTensor {
     /// `x = (q - zero_point) * scale`, as an f32 tensor of the original shape.
     pub fn dequantize(&self, device: &Device) -> Result<Tensor> {
         let layout = self.params.layout(&self.shape)?;
-        let data: Vec<f32> = self
-            .storage
-            .iter()
-            .enumerate()
-            .map(|(i, &q)| {
-                let s = layout.slot(i);
-                dequantize_value(q as i32 + self.offset, self.params.scales[s], self.params.zero_points[s])
-            })
-            .collect();
+        let mut data = vec![0f32; self.storage.len()];
+        layout.for_each_run(data.len(), |s, r| {
+            let (scale, zp) = (self.params.scales[s], self.params.zero_points[s]);
+            for (x, &q) in data[r.clone()].iter_mut().zip(&self.storage[r]) {
+                *x = dequantize_value(q as i32 + self.offset, scale, zp);
+            }
+        });
         Tensor::from_vec(data, self.shape.clone(), device)
     }
 
