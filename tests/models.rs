@@ -199,3 +199,20 @@ fn sampling_is_seeded_and_inspectable() {
     assert_eq!(names[0], "model.layers.0.self_attn.q_proj");
     assert_eq!(names.last().unwrap(), "lm_head");
 }
+
+#[test]
+fn kv_cache_decoding_matches_a_full_forward() {
+    // Prefill 5 tokens, then feed 4 one by one: each step's logits equal the corresponding row
+    // of one forward over all 9 tokens.
+    let lm = smollm2();
+    let tokens = encode(lm, "One two three four five six seven eight nine").unwrap();
+    let full = lm.model.forward(&tokens, &mut Default::default(), true).unwrap();
+    let mut cache = Default::default();
+    lm.model.forward(&tokens[..5], &mut cache, false).unwrap();
+    for (i, &t) in tokens.iter().enumerate().skip(5) {
+        let step = lm.model.forward(&[t], &mut cache, false).unwrap();
+        let want = full.narrow(0, i, 1).unwrap();
+        let diff = (step - want).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        assert!(diff < 1e-3, "position {i}: {diff}");
+    }
+}

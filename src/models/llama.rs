@@ -226,25 +226,22 @@ impl Attention {
         };
         *cache = Some((k.clone(), v.clone()));
         let t = k.dim(2)?;
+        // Grouped-query attention without copying the cache once per query head: the `rep`
+        // query heads that share key/value head `g` are stacked as rows of one matrix,
+        // [b, kv, rep·s, d] against keys [b, kv, t, d] (head index = g·rep + r).
         let rep = self.heads / self.kv_heads;
-        let expand = |t: Tensor| -> Result<Tensor> {
-            if rep == 1 {
-                return Ok(t);
-            }
-            let (b, n, len, d) = t.dims4()?;
-            t.unsqueeze(2)?.expand((b, n, rep, len, d))?.reshape((b, n * rep, len, d))
-        };
-        let (k, v) = (expand(k)?, expand(v)?);
+        let qg = q.reshape((b, self.kv_heads, rep * s, self.head_dim))?;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let mut att = (q.matmul(&k.t()?.contiguous()?)? * scale)?;
+        let mut att = (qg.matmul(&k.t()?)? * scale)?;
         if s > 1 {
-            // Query i sits at position t - s + i and sees keys 0..=t - s + i.
+            // Query i sits at position t - s + i and sees keys 0..=t - s + i; rows are (r, i).
             let offset = t - s;
-            let mask: Vec<f32> = (0..s).flat_map(|i| (0..t).map(move |j| if j > offset + i { f32::NEG_INFINITY } else { 0.0 })).collect();
-            att = att.broadcast_add(&Tensor::from_vec(mask, (s, t), x.device())?)?;
+            let mask: Vec<f32> =
+                (0..rep * s).flat_map(|row| (0..t).map(move |j| if j > offset + row % s { f32::NEG_INFINITY } else { 0.0 })).collect();
+            att = att.broadcast_add(&Tensor::from_vec(mask, (rep * s, t), x.device())?)?;
         }
         let att = candle_nn::ops::softmax_last_dim(&att)?;
-        let y = att.matmul(&v.contiguous()?)?.transpose(1, 2)?.reshape((b, s, self.heads * self.head_dim))?;
+        let y = att.matmul(&v)?.reshape((b, self.heads, s, self.head_dim))?.transpose(1, 2)?.reshape((b, s, self.heads * self.head_dim))?;
         self.o_proj.forward(&y)
     }
 }
