@@ -23,6 +23,9 @@ use candle_core::{bail, Result};
 use rayon::prelude::*;
 use std::sync::OnceLock;
 
+/// Below this many multiply-adds a linear runs on the calling thread only.
+const PARALLEL_MIN_MACS: usize = 1 << 18;
+
 /// Bytes per SIMD chunk; rows of weights and activations are zero-padded to a multiple of it.
 pub const CHUNK: usize = 32;
 
@@ -108,15 +111,19 @@ pub fn int8_linear_with(
     let isa = if simd_ok { isa } else { Isa::Reference };
     let (m, n) = (acts.rows(), weights.out_features());
     let block = n.div_ceil(rayon::current_num_threads() * 4).clamp(8, 256);
-    let blocks: Vec<(usize, Vec<f32>)> = (0..n.div_ceil(block))
-        .into_par_iter()
-        .map(|b| {
-            let cols = b * block..((b + 1) * block).min(n);
-            let mut buf = vec![0f32; m * cols.len()];
-            linear_block(isa, acts, weights, seg, cols.clone(), &mut buf);
-            (cols.start, buf)
-        })
-        .collect();
+    let run_block = |b: usize| {
+        let cols = b * block..((b + 1) * block).min(n);
+        let mut buf = vec![0f32; m * cols.len()];
+        linear_block(isa, acts, weights, seg, cols.clone(), &mut buf);
+        (cols.start, buf)
+    };
+    // With one thread, or too little work to share, stay on the calling thread: handing work to
+    // the pool and waiting for it costs a wake-up (several µs) per call.
+    let blocks: Vec<(usize, Vec<f32>)> = if rayon::current_num_threads() == 1 || m * n * acts.cols() < PARALLEL_MIN_MACS {
+        (0..n.div_ceil(block)).map(run_block).collect()
+    } else {
+        (0..n.div_ceil(block)).into_par_iter().map(run_block).collect()
+    };
     for (start, buf) in blocks {
         let width = buf.len() / m.max(1);
         for i in 0..m {
