@@ -11,11 +11,12 @@ fn reference_gemm_golden() {
     // a = [[1, 2], [3, 4]] with a_zp = 1 -> [[0, 1], [2, 3]]; b rows [5, 6] and [7, 8]:
     // out = [[0·5 + 1·6, 0·7 + 1·8], [2·5 + 3·6, 2·7 + 3·8]] = [[6, 8], [28, 38]].
     let mut out = [0i32; 4];
-    reference::gemm_i8_i32(&[1, 2, 3, 4], 1, &[5, 6, 7, 8], 0, 2, 2, 2, &mut out);
+    reference::gemm_i8_i32(&[1, 2, 3, 4], 1, &[5, 6, 7, 8], 0, 2, 2, 2, &mut out).unwrap();
     assert_eq!(out, [6, 8, 28, 38]);
     // Extremes accumulate exactly: 1000 · (-128 · -128) = 16 384 000.
     let (a, b) = (vec![-128i8; 1000], vec![-128i8; 1000]);
-    reference::gemm_i8_i32(&a, 0, &b, 0, 1, 1, 1000, &mut out[..1]);
+    reference::gemm_i8_i32(&a, 0, &b, 0, 1, 1, 1000, &mut out[..1]).unwrap();
+    assert!(reference::gemm_i8_i32(&a, 0, &b, 0, 2, 1, 1000, &mut out[..1]).is_err(), "too-small buffers are an error");
     assert_eq!(out[0], 16_384_000);
 }
 
@@ -51,7 +52,7 @@ proptest! {
                     let a: Vec<i8> = acts.row(i)[r.clone()].to_vec();
                     let b: Vec<i8> = qw[j * k..(j + 1) * k][r].to_vec();
                     let mut acc = [0i32];
-                    reference::gemm_i8_i32(&a, 0, &b, 0, 1, 1, len, &mut acc);
+                    reference::gemm_i8_i32(&a, 0, &b, 0, 1, 1, len, &mut acc).unwrap();
                     want += sa as f64 * acc[0] as f64;
                 }
                 let want = (want * sw[j] as f64 + bias[j] as f64) as f32;

@@ -240,7 +240,7 @@ pub fn group_sums_with(isa: Isa, acts: &QuantizedActivations, i: usize, weights:
             let n_chunks = weights.stride() / CHUNK;
             let seg_chunks = if seg == k { n_chunks } else { seg / CHUNK };
             let mut out = Vec::new();
-            x86::group_sums(acts.padded_row(i), weights.padded_row(j), seg_chunks, n_chunks, &mut out);
+            x86::group_sums(acts.padded_row(i), weights.padded_row(j), seg_chunks, n_chunks, &mut out)?;
             Ok(out)
         }
         _ => {

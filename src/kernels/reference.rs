@@ -5,8 +5,15 @@
 /// `a` is `M×K` row-major (activations), `b` is `N×K` row-major (weights, as `Linear` stores
 /// them), `out` is `M×N`. The definition, not an optimisation: zero points are subtracted
 /// before multiplying.
-pub fn gemm_i8_i32(a: &[i8], a_zp: i32, b: &[i8], b_zp: i32, m: usize, n: usize, k: usize, out: &mut [i32]) {
-    assert!(a.len() >= m * k && b.len() >= n * k && out.len() >= m * n, "reference gemm: buffers too small");
+pub fn gemm_i8_i32(a: &[i8], a_zp: i32, b: &[i8], b_zp: i32, m: usize, n: usize, k: usize, out: &mut [i32]) -> candle_core::Result<()> {
+    if a.len() < m * k || b.len() < n * k || out.len() < m * n {
+        candle_core::bail!(
+            "reference gemm: buffers of {}, {} and {} values cannot hold {m}×{k}, {n}×{k} and {m}×{n}",
+            a.len(),
+            b.len(),
+            out.len()
+        )
+    }
     for i in 0..m {
         for j in 0..n {
             let mut acc = 0i32;
@@ -16,6 +23,7 @@ pub fn gemm_i8_i32(a: &[i8], a_zp: i32, b: &[i8], b_zp: i32, m: usize, n: usize,
             out[i * n + j] = acc;
         }
     }
+    Ok(())
 }
 
 /// `Σ_k a[k] · b[k]` in `i32`: the inner product every grouped kernel is made of.

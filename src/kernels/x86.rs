@@ -51,8 +51,10 @@ unsafe fn hsum_f32(v: __m256) -> f32 {
 
 /// Integer sums of each group (`group_chunks` chunks of 32 per group) of one row pair:
 /// the exact quantity the fused kernel rescales. Rows are zero-padded to `32 · n_chunks`.
-pub fn group_sums(a: &[i8], w: &[i8], group_chunks: usize, n_chunks: usize, out: &mut Vec<i32>) {
-    assert!(available() && a.len() >= 32 * n_chunks && w.len() >= 32 * n_chunks && group_chunks > 0);
+pub fn group_sums(a: &[i8], w: &[i8], group_chunks: usize, n_chunks: usize, out: &mut Vec<i32>) -> candle_core::Result<()> {
+    if !available() || a.len() < 32 * n_chunks || w.len() < 32 * n_chunks || group_chunks == 0 {
+        candle_core::bail!("AVX2 group sums: CPU without AVX2, rows shorter than {n_chunks} chunks, or empty groups")
+    }
     out.clear();
     let mut c = 0;
     while c < n_chunks {
@@ -61,6 +63,7 @@ pub fn group_sums(a: &[i8], w: &[i8], group_chunks: usize, n_chunks: usize, out:
         out.push(unsafe { hsum_i32(chunk_sums(a.as_ptr(), w.as_ptr(), c..end)) });
         c = end;
     }
+    Ok(())
 }
 
 /// `y[r] = Σ_g sa_r[g·a_step] · sw[g·w_step] · Σ_{chunks of g} a_r·w` for `R` activation rows
