@@ -216,3 +216,26 @@ fn kv_cache_decoding_matches_a_full_forward() {
         assert!(diff < 1e-3, "position {i}: {diff}");
     }
 }
+
+#[test]
+fn qat_gradients_reach_every_layer_of_minilm() {
+    // candle's fused layer norm / softmax have no backward; in differentiable mode the loss
+    // reaches the fake-quantized weights of the first layer too.
+    use candle_quant::convert::prepare_qat;
+    use candle_quant::nn::QLinearKind;
+    let enc = minilm();
+    let mut m = enc.model.clone();
+    prepare_qat(&mut m, &QuantConfig::default()).unwrap();
+    m.set_differentiable(true);
+    let ids = enc.tokenizer.encode("Gradients should flow.", true).unwrap().get_ids().to_vec();
+    let grads = m.embed(&ids).unwrap().sum_all().unwrap().backward().unwrap();
+    let mut with_grad = 0;
+    m.visit_linears(&mut |l| {
+        if let QLinearKind::FakeQuant(f) = l.kind() {
+            with_grad += grads.get(f.vars()[0].as_tensor()).is_some() as usize;
+        }
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(with_grad, 36);
+}

@@ -66,6 +66,8 @@ pub struct Bert {
     layers: Vec<Layer>,
     heads: usize,
     max_len: usize,
+    eps: f64,
+    differentiable: bool,
 }
 
 impl Bert {
@@ -98,7 +100,23 @@ impl Bert {
             layers,
             heads: cfg.num_attention_heads,
             max_len: cfg.max_position_embeddings,
+            eps: cfg.layer_norm_eps,
+            differentiable: false,
         })
+    }
+
+    /// Computes layer norms and softmax from basic ops that carry gradients. candle's fused
+    /// layer-norm and softmax kernels have no backward pass, so gradients would silently stop
+    /// at them: switch this on for quantization-aware training, off (default) for speed.
+    pub fn set_differentiable(&mut self, on: bool) {
+        self.differentiable = on;
+    }
+
+    fn norm(&self, ln: &LayerNorm, x: &Tensor) -> Result<Tensor> {
+        match (self.differentiable, ln.bias()) {
+            (true, Some(b)) => candle_nn::ops::layer_norm_slow(x, ln.weight(), b, self.eps as f32),
+            _ => ln.forward(x),
+        }
     }
 
     /// Hidden states `[len, hidden]` of one sequence.
@@ -112,12 +130,12 @@ impl Bert {
         let pos = Tensor::arange(0u32, s as u32, &dev)?;
         let types = Tensor::zeros(s, candle_core::DType::U32, &dev)?;
         let x = (self.word.forward(&ids)? + self.position.forward(&pos)?)?;
-        let mut x = self.emb_norm.forward(&(x + self.token_type.forward(&types)?)?)?;
+        let mut x = self.norm(&self.emb_norm, &(x + self.token_type.forward(&types)?)?)?;
         for l in &self.layers {
             let a = self.attention(l, &x)?;
-            x = l.attn_norm.forward(&(l.attn_out.forward(&a)? + &x)?)?;
+            x = self.norm(&l.attn_norm, &(l.attn_out.forward(&a)? + &x)?)?;
             let h = l.intermediate.forward(&x)?.gelu_erf()?;
-            x = l.out_norm.forward(&(l.output.forward(&h)? + &x)?)?;
+            x = self.norm(&l.out_norm, &(l.output.forward(&h)? + &x)?)?;
         }
         Ok(x)
     }
@@ -128,7 +146,7 @@ impl Bert {
         let split = |t: Tensor| t.reshape((s, self.heads, d))?.transpose(0, 1)?.contiguous();
         let (q, k, v) = (split(l.query.forward(x)?)?, split(l.key.forward(x)?)?, split(l.value.forward(x)?)?);
         let att = (q.matmul(&k.t()?.contiguous()?)? / (d as f64).sqrt())?;
-        let att = candle_nn::ops::softmax_last_dim(&att)?;
+        let att = if self.differentiable { candle_nn::ops::softmax(&att, D::Minus1)? } else { candle_nn::ops::softmax_last_dim(&att)? };
         att.matmul(&v)?.transpose(0, 1)?.reshape((s, h))
     }
 
