@@ -239,3 +239,29 @@ fn qat_gradients_reach_every_layer_of_minilm() {
     .unwrap();
     assert_eq!(with_grad, 36);
 }
+
+#[test]
+fn qat_gradients_reach_every_layer_of_smollm2() {
+    use candle_quant::convert::prepare_qat;
+    use candle_quant::nn::QLinearKind;
+    let mut m = smollm2().model.clone();
+    prepare_qat(&mut m, &QuantConfig::default().exclude("lm_head")).unwrap();
+    m.set_differentiable(true);
+    let logits = m.forward(&[1, 504, 3575, 282], &mut Default::default(), true).unwrap();
+    let grads = logits.sqr().unwrap().mean_all().unwrap().backward().unwrap();
+    let (mut fq, mut with_grad) = (0, 0);
+    m.visit_linears(&mut |l| {
+        if let QLinearKind::FakeQuant(f) = l.kind() {
+            fq += 1;
+            with_grad += grads.get(f.vars()[0].as_tensor()).is_some() as usize;
+        }
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!((fq, with_grad), (210, 210));
+    // The composite ops compute the same function as the fused kernels.
+    m.set_differentiable(false);
+    let fused = m.forward(&[1, 504, 3575, 282], &mut Default::default(), true).unwrap();
+    let diff = (fused - logits.detach()).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+    assert!(diff < 1e-3, "fused vs differentiable logits differ by {diff}");
+}

@@ -193,6 +193,16 @@ pub struct Llama {
     cos: Tensor,
     sin: Tensor,
     config: LlamaConfig,
+    differentiable: bool,
+}
+
+/// RMSNorm through candle's fused kernel, or from basic ops that carry gradients.
+fn rms_norm(norm: &RmsNorm, x: &Tensor, differentiable: bool) -> Result<Tensor> {
+    if differentiable {
+        candle_nn::ops::rms_norm_slow(x, norm.weight(), norm.eps() as f32)
+    } else {
+        norm.forward(x)
+    }
 }
 
 impl Attention {
@@ -212,14 +222,21 @@ impl Attention {
         })
     }
 
-    fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, cache: &mut Option<(Tensor, Tensor)>) -> Result<Tensor> {
+    fn forward(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        cache: &mut Option<(Tensor, Tensor)>,
+        differentiable: bool,
+    ) -> Result<Tensor> {
         let (b, s, _) = x.dims3()?;
         let split = |t: Tensor, n: usize| t.reshape((b, s, n, self.head_dim))?.transpose(1, 2)?.contiguous();
         let q = split(self.q_proj.forward(x)?, self.heads)?;
         let k = split(self.k_proj.forward(x)?, self.kv_heads)?;
         let v = split(self.v_proj.forward(x)?, self.kv_heads)?;
-        let q = candle_nn::rotary_emb::rope(&q, cos, sin)?;
-        let k = candle_nn::rotary_emb::rope(&k, cos, sin)?;
+        let rope = if differentiable { candle_nn::rotary_emb::rope_slow } else { candle_nn::rotary_emb::rope };
+        let (q, k) = (rope(&q, cos, sin)?, rope(&k, cos, sin)?);
         let (k, v) = match cache.take() {
             Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
             None => (k, v),
@@ -240,7 +257,7 @@ impl Attention {
                 (0..rep * s).flat_map(|row| (0..t).map(move |j| if j > offset + row % s { f32::NEG_INFINITY } else { 0.0 })).collect();
             att = att.broadcast_add(&Tensor::from_vec(mask, (rep * s, t), x.device())?)?;
         }
-        let att = candle_nn::ops::softmax_last_dim(&att)?;
+        let att = if differentiable { candle_nn::ops::softmax(&att, D::Minus1)? } else { candle_nn::ops::softmax_last_dim(&att)? };
         let y = att.matmul(&v)?.reshape((b, self.heads, s, self.head_dim))?.transpose(1, 2)?.reshape((b, s, self.heads * self.head_dim))?;
         self.o_proj.forward(&y)
     }
@@ -292,7 +309,14 @@ impl Llama {
             .to_dtype(DType::F32)?
             .reshape((cfg.max_position_embeddings, 1))?;
         let freqs = pos.matmul(&inv)?;
-        Ok(Self { embed_tokens, layers, norm, lm_head, cos: freqs.cos()?, sin: freqs.sin()?, config: cfg.clone() })
+        Ok(Self { embed_tokens, layers, norm, lm_head, cos: freqs.cos()?, sin: freqs.sin()?, config: cfg.clone(), differentiable: false })
+    }
+
+    /// Computes RMSNorm, RoPE and softmax from basic ops that carry gradients. candle's fused kernels
+    /// have no backward pass, so gradients would silently stop at them: switch this on for
+    /// quantization-aware training, off (default) for speed.
+    pub fn set_differentiable(&mut self, on: bool) {
+        self.differentiable = on;
     }
 
     pub fn config(&self) -> &LlamaConfig {
@@ -318,13 +342,14 @@ impl Llama {
         let (cos, sin) = (self.cos.narrow(0, pos, s)?, self.sin.narrow(0, pos, s)?);
         let mut x = self.embed_tokens.forward(&ids)?;
         for (block, kv) in self.layers.iter().zip(cache.layers.iter_mut()) {
-            let h = block.attn.forward(&block.input_layernorm.forward(&x)?, &cos, &sin, kv)?;
+            let d = self.differentiable;
+            let h = block.attn.forward(&rms_norm(&block.input_layernorm, &x, d)?, &cos, &sin, kv, d)?;
             x = (x + h)?;
-            let h = block.mlp.forward(&block.post_attention_layernorm.forward(&x)?)?;
+            let h = block.mlp.forward(&rms_norm(&block.post_attention_layernorm, &x, d)?)?;
             x = (x + h)?;
         }
         let x = if all_logits { x } else { x.narrow(1, s - 1, 1)? };
-        let x = self.norm.forward(&x)?;
+        let x = rms_norm(&self.norm, &x, self.differentiable)?;
         self.lm_head.forward(&x)?.squeeze(0)?.to_dtype(DType::F32)
     }
 
