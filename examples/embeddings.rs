@@ -8,16 +8,15 @@ use candle_quant::convert::{quantize_dynamic, QuantConfig};
 use candle_quant::io::{self, ModelSource};
 use candle_quant::models::bert::Bert;
 
+#[path = "common/sentences.rs"]
+mod sentences;
+use sentences::HELD_OUT;
+
 fn main() -> Result<()> {
     let enc = io::load_bert(&ModelSource::Folder(io::models_dir().join("all-MiniLM-L6-v2")), &mut |_, _, _| {})?;
     let mut int8 = enc.model.clone();
     quantize_dynamic(&mut int8, &QuantConfig::default())?;
-    let sentences = [
-        "A man is playing a guitar.",
-        "Someone plays an acoustic guitar on stage.",
-        "The stock market fell sharply today.",
-        "Shares dropped as investors panicked.",
-    ];
+    let sentences = HELD_OUT;
     let mut f = vec![];
     let mut q = vec![];
     for s in sentences {

@@ -11,32 +11,19 @@ use candle_quant::io::{self, ModelSource};
 use candle_quant::models::bert::Bert;
 use candle_quant::nn::QLinearKind;
 
-const TRAIN: [&str; 8] = [
-    "The weather is lovely today.",
-    "He plays the piano every evening.",
-    "Quarterly earnings beat analyst expectations.",
-    "The recipe calls for two cups of flour.",
-    "Neural networks learn representations from data.",
-    "She missed the last train home.",
-    "The museum opens at nine in the morning.",
-    "Prices of electronics keep falling.",
-];
-const TEST: [&str; 4] = [
-    "A man is playing a guitar.",
-    "Someone plays an acoustic guitar on stage.",
-    "The stock market fell sharply today.",
-    "Shares dropped as investors panicked.",
-];
+#[path = "common/sentences.rs"]
+mod sentences;
+use sentences::{CALIBRATION, HELD_OUT};
 
 fn main() -> Result<()> {
     let enc = io::load_bert(&ModelSource::Folder(io::models_dir().join("all-MiniLM-L6-v2")), &mut |_, _, _| {})?;
     let ids = |s: &str| -> Result<Vec<u32>> { Ok(enc.tokenizer.encode(s, true).map_err(Error::msg)?.get_ids().to_vec()) };
-    let targets: Vec<_> = TRAIN.iter().map(|s| enc.model.embed(&ids(s)?).map_err(Error::from)).collect::<Result<_>>()?;
+    let targets: Vec<_> = CALIBRATION.iter().map(|s| enc.model.embed(&ids(s)?).map_err(Error::from)).collect::<Result<_>>()?;
 
     // Baseline: static int8 from calibration only.
     let mut calibrated = enc.model.clone();
     prepare(&mut calibrated, &QuantConfig::default())?;
-    for s in TRAIN {
+    for s in CALIBRATION {
         calibrated.embed(&ids(s)?)?;
     }
     convert(&mut calibrated)?;
@@ -56,19 +43,19 @@ fn main() -> Result<()> {
     let mut opt = AdamW::new(vars, ParamsAdamW { lr: 1e-6, weight_decay: 0.0, ..Default::default() })?;
     for epoch in 0..4 {
         let mut total = 0f32;
-        for (s, target) in TRAIN.iter().zip(&targets) {
+        for (s, target) in CALIBRATION.iter().zip(&targets) {
             // Loss: 1 - cos(f32 embedding, QAT embedding); both are unit length.
             let emb = qat.embed(&ids(s)?)?;
             let loss = (1.0 - (emb * target)?.sum_all()?)?;
             total += loss.to_scalar::<f32>()?;
             opt.backward_step(&loss)?;
         }
-        println!("epoch {epoch}: mean 1 - cos = {:.6}", total / TRAIN.len() as f32);
+        println!("epoch {epoch}: mean 1 - cos = {:.6}", total / CALIBRATION.len() as f32);
     }
     convert(&mut qat)?;
     qat.set_differentiable(false);
 
-    for s in TEST {
+    for s in HELD_OUT {
         let reference = enc.model.embed(&ids(s)?)?;
         let (a, b) = (Bert::cosine(&reference, &calibrated.embed(&ids(s)?)?)?, Bert::cosine(&reference, &qat.embed(&ids(s)?)?)?);
         println!("cos vs f32: static {a:.5}, QAT → static {b:.5}  — {s}");

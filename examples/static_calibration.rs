@@ -11,22 +11,9 @@ use candle_quant::models::bert::Bert;
 use candle_quant::observer::{HistogramObserver, MinMaxObserver, Observer};
 use candle_quant::quant::{QDType, QScheme, QSpec};
 
-const CALIBRATION: [&str; 8] = [
-    "The weather is lovely today.",
-    "He plays the piano every evening.",
-    "Quarterly earnings beat analyst expectations.",
-    "The recipe calls for two cups of flour.",
-    "Neural networks learn representations from data.",
-    "She missed the last train home.",
-    "The museum opens at nine in the morning.",
-    "Prices of electronics keep falling.",
-];
-const TEST: [&str; 4] = [
-    "A man is playing a guitar.",
-    "Someone plays an acoustic guitar on stage.",
-    "The stock market fell sharply today.",
-    "Shares dropped as investors panicked.",
-];
+#[path = "common/sentences.rs"]
+mod sentences;
+use sentences::{CALIBRATION, HELD_OUT};
 
 fn histogram() -> Box<dyn Observer> {
     Box::new(HistogramObserver::new(QSpec::new(QDType::QInt8, QScheme::Affine), 2048).expect("2048 bins is valid"))
@@ -54,7 +41,7 @@ fn main() -> Result<()> {
         println!("{label}: {} layers converted", report.converted.len());
         variants.push((label, m));
     }
-    for s in TEST {
+    for s in HELD_OUT {
         let reference = enc.model.embed(&ids(s)?)?;
         let cells: Vec<String> = variants
             .iter()
