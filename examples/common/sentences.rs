@@ -1,6 +1,6 @@
 //! Sentences shared by the MiniLM examples: a small calibration/training set and a held-out set
-#![allow(dead_code)] // each example uses a subset
 //! of two paraphrase pairs.
+#![allow(dead_code)] // each example uses a subset
 
 pub const CALIBRATION: [&str; 8] = [
     "The weather is lovely today.",
