@@ -27,8 +27,7 @@ fn main() -> Result<()> {
 
     if let QLinearKind::Dynamic(d) = layer.kind() {
         let w = d.weights();
-        println!("int8 weight scales (one per output channel): {:?}", w.scales());
-        println!("int8 weights, row 0: {:?}", w.row(0));
+        println!("int8 weights, row 0: {:?}, scales {:?}", w.row(0), w.row_scales(0));
     }
     println!("input:\n{x}");
     println!("float output:\n{y_f32}");

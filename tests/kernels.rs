@@ -109,7 +109,7 @@ fn kernel_shape_errors() {
 /// summation order.
 #[test]
 fn simd_paths_equal_the_reference() {
-    use candle_quant::kernels::{group_sums_with, int8_linear_with, Isa, WeightQuant};
+    use candle_quant::kernels::{group_sums_with, int8_linear_with, weight_only_linear_with, Isa, WeightQuant};
     let paths: Vec<Isa> = Isa::supported().into_iter().filter(|&i| i != Isa::Reference).collect();
     println!("SIMD paths exercised: {paths:?}");
     let mut rng = common::Rng::new(2024);
@@ -121,7 +121,8 @@ fn simd_paths_equal_the_reference() {
             r => 1 + (r as usize % 17),
         };
         let k = ks[(rng.next_u64() % ks.len() as u64) as usize];
-        let n = 1 + 2 * (rng.next_u64() % 8) as usize; // odd
+        // Odd, from one partial block of 8 outputs to several four-block panels.
+        let n = 1 + 2 * (rng.next_u64() % 36) as usize;
         let (act_group, weight) = match rng.next_u64() % 4 {
             0 => (k, WeightQuant::PerChannel),
             1 => (32, WeightQuant::PerGroup(32)),
@@ -142,12 +143,17 @@ fn simd_paths_equal_the_reference() {
             for (g, e) in got.iter().zip(&want) {
                 assert!((g - e).abs() <= 1e-4 * e.abs().max(1.0), "shape {shape} ({m}x{k}x{n}) {isa:?}: {g} vs {e}");
             }
-            let (i, j) = ((rng.next_u64() % m as u64) as usize, (rng.next_u64() % n as u64) as usize);
             assert_eq!(
-                group_sums_with(isa, &acts, i, &w, j).unwrap(),
-                group_sums_with(Isa::Reference, &acts, i, &w, j).unwrap(),
-                "shape {shape} {isa:?}"
+                group_sums_with(isa, &acts, &w).unwrap(),
+                group_sums_with(Isa::Reference, &acts, &w).unwrap(),
+                "shape {shape} ({m}x{k}x{n}) {isa:?}: integer segment sums"
             );
+            let mut want_wo = vec![0f32; m * n];
+            weight_only_linear_with(Isa::Reference, &x, m, &w, Some(&bias), &mut want_wo).unwrap();
+            weight_only_linear_with(isa, &x, m, &w, Some(&bias), &mut got).unwrap();
+            for (g, e) in got.iter().zip(&want_wo) {
+                assert!((g - e).abs() <= 1e-4 * e.abs().max(1.0), "shape {shape} ({m}x{k}x{n}) {isa:?} weight-only: {g} vs {e}");
+            }
         }
     }
 }

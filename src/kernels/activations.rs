@@ -134,6 +134,11 @@ impl QuantizedActivations {
         &self.data[i * self.stride..(i + 1) * self.stride]
     }
 
+    /// All padded rows, `M × padded stride` bytes.
+    pub fn padded_data(&self) -> &[i8] {
+        &self.data
+    }
+
     #[inline]
     pub fn row_scales(&self, i: usize) -> &[f32] {
         let g = self.groups();

@@ -17,7 +17,7 @@ mod weights;
 pub mod x86;
 
 pub use activations::QuantizedActivations;
-pub use weights::{PackedInt8Weights, WeightQuant, MAX_IN_FEATURES};
+pub use weights::{PackedInt8Weights, WeightQuant, BLOCK_ROWS, MAX_IN_FEATURES};
 
 use candle_core::{bail, Result};
 use rayon::prelude::*;
@@ -26,7 +26,7 @@ use std::sync::OnceLock;
 /// Below this many multiply-adds a linear runs on the calling thread only.
 const PARALLEL_MIN_MACS: usize = 1 << 18;
 
-/// Bytes per SIMD chunk; rows of weights and activations are zero-padded to a multiple of it.
+/// Rows of weights and activations are zero-padded to a multiple of this many bytes.
 pub const CHUNK: usize = 32;
 
 /// An instruction-set path for the int8 kernels.
@@ -93,6 +93,11 @@ pub fn int8_linear(acts: &QuantizedActivations, weights: &PackedInt8Weights, bia
     int8_linear_with(Isa::best(), acts, weights, bias, out)
 }
 
+/// Whether the SIMD tiles can walk these segments: whole rows, or whole quads of 4 channels.
+fn simd_segments(seg: usize, k: usize) -> bool {
+    seg >= k || seg % 4 == 0
+}
+
 /// [`int8_linear`] on a chosen path (errors if this CPU lacks it).
 pub fn int8_linear_with(
     isa: Isa,
@@ -105,31 +110,24 @@ pub fn int8_linear_with(
     if !Isa::supported().contains(&isa) {
         bail!("int8 linear: this CPU cannot run the {isa:?} kernels")
     }
-    // SIMD reads whole 32-byte chunks, so segments must be whole chunks (or whole rows).
     let seg = segment(acts, weights)?;
-    let simd_ok = seg == acts.cols() || seg % CHUNK == 0;
-    let isa = if simd_ok { isa } else { Isa::Reference };
+    let isa = if simd_segments(seg, acts.cols()) { isa } else { Isa::Reference };
+    let abs: Vec<u8> = if isa == Isa::Reference { Vec::new() } else { acts.padded_data().iter().map(|v| v.unsigned_abs()).collect() };
     let (m, n) = (acts.rows(), weights.out_features());
-    let block = n.div_ceil(rayon::current_num_threads() * 4).clamp(8, 256);
-    let run_block = |b: usize| {
-        let cols = b * block..((b + 1) * block).min(n);
-        let mut buf = vec![0f32; m * cols.len()];
-        linear_block(isa, acts, weights, seg, cols.clone(), &mut buf);
-        (cols.start, buf)
-    };
-    // With one thread, or too little work to share, stay on the calling thread: handing work to
-    // the pool and waiting for it costs a wake-up (several µs) per call.
-    let blocks: Vec<(usize, Vec<f32>)> = if rayon::current_num_threads() == 1 || m * n * acts.cols() < PARALLEL_MIN_MACS {
-        (0..n.div_ceil(block)).map(run_block).collect()
-    } else {
-        (0..n.div_ceil(block)).into_par_iter().map(run_block).collect()
-    };
-    for (start, buf) in blocks {
-        let width = buf.len() / m.max(1);
-        for i in 0..m {
-            out[i * n + start..i * n + start + width].copy_from_slice(&buf[i * width..(i + 1) * width]);
+    over_blocks(m, n, m * n * acts.cols(), out, |blocks, buf| {
+        match isa {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => {
+                let op = x86::Int8Operands { acts, abs: &abs, weights, seg };
+                // SAFETY: Avx2 is in Isa::supported() (checked above); abs covers the padded
+                // rows; seg passed simd_segments and check_linear; blocks and buf come from
+                // over_blocks, which sizes buf as M × 8·blocks.len().
+                unsafe { x86::int8_blocks(&op, blocks.clone(), buf) }
+            }
+            _ => reference_blocks(acts, weights, seg, blocks.clone(), buf),
         }
-    }
+        add_outliers(acts, weights, blocks, buf);
+    });
     let za = acts.zero_point();
     for i in 0..m {
         let s0 = acts.row_scales(i)[0];
@@ -144,140 +142,169 @@ pub fn int8_linear_with(
     Ok(())
 }
 
-/// `Σ_g sa[m,g] · sw[n,g] · dot_g` over segments of `seg` channels, for output columns `cols`,
-/// into `buf` (`M × cols.len()`).
-fn linear_block(
-    isa: Isa,
-    acts: &QuantizedActivations,
-    weights: &PackedInt8Weights,
-    seg: usize,
-    cols: std::ops::Range<usize>,
-    buf: &mut [f32],
-) {
-    let (m, k, width) = (acts.rows(), acts.cols(), cols.len());
-    let (a_step, w_step) = ((acts.groups() > 1) as usize, (weights.groups() > 1) as usize);
-    match isa {
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => {
-            let n_chunks = weights.stride() / CHUNK;
-            let seg_chunks = if seg == k { n_chunks } else { seg / CHUNK };
-            for (jj, j) in cols.enumerate() {
-                let (w, sw) = (weights.padded_row(j), weights.row_scales(j));
-                let mut i0 = 0;
-                while i0 < m {
-                    let cnt = (m - i0).min(4);
-                    let row = |r: usize| acts.padded_row(i0 + r);
-                    let sc = |r: usize| acts.row_scales(i0 + r);
-                    // SAFETY: Avx2 is only chosen when x86::available(); padded rows hold
-                    // stride = 32·n_chunks bytes; segments are whole chunks or whole rows, so
-                    // each grouped side has exactly div_ceil(n_chunks, seg_chunks) scales.
-                    let (vals, n_vals): ([f32; 4], usize) = unsafe {
-                        match cnt {
-                            4 => (
-                                x86::dot_rows(
-                                    &[row(0), row(1), row(2), row(3)],
-                                    &[sc(0), sc(1), sc(2), sc(3)],
-                                    a_step,
-                                    w,
-                                    sw,
-                                    w_step,
-                                    seg_chunks,
-                                    n_chunks,
-                                ),
-                                4,
-                            ),
-                            2 | 3 => {
-                                let [a, b] = x86::dot_rows(&[row(0), row(1)], &[sc(0), sc(1)], a_step, w, sw, w_step, seg_chunks, n_chunks);
-                                ([a, b, 0.0, 0.0], 2)
-                            }
-                            _ => {
-                                let [a] = x86::dot_rows(&[row(0)], &[sc(0)], a_step, w, sw, w_step, seg_chunks, n_chunks);
-                                ([a, 0.0, 0.0, 0.0], 1)
-                            }
-                        }
-                    };
-                    for (r, &v) in vals.iter().enumerate().take(n_vals) {
-                        buf[(i0 + r) * width + jj] = v + outlier_terms(acts.row_outliers(i0 + r), w, sw, weights.group_size());
-                    }
-                    i0 += n_vals;
-                }
-            }
+/// Splits the weight blocks into ranges, runs `f(blocks, buf)` on each — on rayon's pool when
+/// there is enough work (`macs` multiply-adds) and more than one thread — with `buf` an
+/// `M × 8·blocks.len()` scratch, then copies the valid columns into `out` (`M×N`).
+fn over_blocks(m: usize, n: usize, macs: usize, out: &mut [f32], f: impl Fn(std::ops::Range<usize>, &mut [f32]) + Sync) {
+    let total = n.div_ceil(BLOCK_ROWS);
+    let threads = rayon::current_num_threads();
+    // With one thread, or too little work to share, stay on the calling thread: handing work to
+    // the pool and waiting for it costs a wake-up (several µs) per call.
+    let parallel = threads > 1 && macs >= PARALLEL_MIN_MACS;
+    let per_task = if parallel { total.div_ceil(threads * 4).clamp(1, 32) } else { total };
+    let run = |t: usize| {
+        let blocks = t * per_task..((t + 1) * per_task).min(total);
+        let mut buf = vec![0f32; m * BLOCK_ROWS * blocks.len()];
+        f(blocks.clone(), &mut buf);
+        (blocks, buf)
+    };
+    let tasks = total.div_ceil(per_task);
+    let results: Vec<_> = if parallel { (0..tasks).into_par_iter().map(run).collect() } else { (0..tasks).map(run).collect() };
+    for (blocks, buf) in results {
+        let start = blocks.start * BLOCK_ROWS;
+        let width = (blocks.end * BLOCK_ROWS).min(n) - start;
+        let row_len = BLOCK_ROWS * blocks.len();
+        for i in 0..m {
+            out[i * n + start..i * n + start + width].copy_from_slice(&buf[i * row_len..i * row_len + width]);
         }
-        _ => {
-            for i in 0..m {
-                let (row, sa) = (acts.row(i), acts.row_scales(i));
-                for (jj, j) in cols.clone().enumerate() {
-                    let (w, sw) = (weights.row(j), weights.row_scales(j));
-                    let mut acc = 0f32;
-                    for g in 0..k.div_ceil(seg) {
-                        let r = g * seg..((g + 1) * seg).min(k);
-                        acc += sa[g * a_step] * sw[g * w_step] * reference::dot_i8(&row[r.clone()], &w[r]) as f32;
-                    }
-                    buf[i * width + jj] = acc + outlier_terms(acts.row_outliers(i), w, sw, weights.group_size());
+    }
+}
+
+/// Scalar [`x86::int8_blocks`]: `Σ_g sa · sw · dot_g` per output, from the reference dot product.
+fn reference_blocks(acts: &QuantizedActivations, weights: &PackedInt8Weights, seg: usize, blocks: std::ops::Range<usize>, buf: &mut [f32]) {
+    let (k, n) = (acts.cols(), weights.out_features());
+    let (a_step, w_step) = ((acts.groups() > 1) as usize, (weights.groups() > 1) as usize);
+    let row_len = BLOCK_ROWS * blocks.len();
+    for j in blocks.start * BLOCK_ROWS..(blocks.end * BLOCK_ROWS).min(n) {
+        let (w, sw) = (weights.row(j), weights.row_scales(j));
+        for i in 0..acts.rows() {
+            let (row, sa) = (acts.row(i), acts.row_scales(i));
+            let mut acc = 0f32;
+            for g in 0..k.div_ceil(seg) {
+                let r = g * seg..((g + 1) * seg).min(k);
+                acc += sa[g * a_step] * sw[g * w_step] * reference::dot_i8(&row[r.clone()], &w[r]) as f32;
+            }
+            buf[i * row_len + j - blocks.start * BLOCK_ROWS] = acc;
+        }
+    }
+}
+
+/// Adds `Σ x[c] · ŵ[n,c]` over the float outliers of each activation row (`ŵ = q · sw`) to the
+/// outputs of `blocks` in `buf`, while those weight blocks are in cache.
+fn add_outliers(acts: &QuantizedActivations, weights: &PackedInt8Weights, blocks: std::ops::Range<usize>, buf: &mut [f32]) {
+    if acts.outlier_count() == 0 {
+        return;
+    }
+    let (row_len, group, stride) = (BLOCK_ROWS * blocks.len(), weights.group_size(), weights.padded_in_features());
+    for i in 0..acts.rows() {
+        let y = &mut buf[i * row_len..(i + 1) * row_len];
+        for &(c, x) in acts.row_outliers(i) {
+            let (c, g) = (c as usize, c as usize / group);
+            // In the packed layout, w[8b + l, c] is byte 32·(c/4) + 4·l + c%4 of block b.
+            let at = 32 * (c / 4) + c % 4;
+            debug_assert!(at + 4 * (BLOCK_ROWS - 1) < BLOCK_ROWS * stride);
+            for (bi, b) in blocks.clone().enumerate() {
+                let (w, sw) = (&weights.block(b)[at..], &weights.block_scales(b)[g * BLOCK_ROWS..(g + 1) * BLOCK_ROWS]);
+                for l in 0..BLOCK_ROWS {
+                    y[bi * BLOCK_ROWS + l] += x * w[4 * l] as f32 * sw[l];
                 }
             }
         }
     }
 }
 
-/// `Σ x[c] · ŵ[c]` over the float outliers of one activation row, against the weight row in
-/// cache (`ŵ = q · sw[c / group]`).
-#[inline]
-fn outlier_terms(outliers: &[(u32, f32)], w: &[i8], sw: &[f32], group: usize) -> f32 {
-    outliers.iter().map(|&(c, v)| v * w[c as usize] as f32 * sw[c as usize / group]).sum()
-}
-
-/// Exact integer sums `Σ_{k∈g} qa[k]·qw[k]` of each segment of one activation row against one
-/// weight row, computed by the chosen path's inner routine (tests compare paths on this).
-pub fn group_sums_with(isa: Isa, acts: &QuantizedActivations, i: usize, weights: &PackedInt8Weights, j: usize) -> Result<Vec<i32>> {
+/// Exact integer sums `Σ_{k∈g} qa[i,k]·qw[j,k]` of every segment, `[M][N][segments]`, from the
+/// chosen path's own tiles (tests compare paths on this).
+pub fn group_sums_with(isa: Isa, acts: &QuantizedActivations, weights: &PackedInt8Weights) -> Result<Vec<i32>> {
     if !Isa::supported().contains(&isa) {
         bail!("this CPU cannot run the {isa:?} kernels")
     }
-    let (seg, k) = (segment(acts, weights)?, acts.cols());
+    if acts.cols() != weights.in_features() {
+        bail!("group sums: activations have {} columns but the weights expect {}", acts.cols(), weights.in_features())
+    }
+    let (seg, k, m, n) = (segment(acts, weights)?, acts.cols(), acts.rows(), weights.out_features());
+    let segs = k.div_ceil(seg);
     match isa {
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 if seg == k || seg % CHUNK == 0 => {
-            let n_chunks = weights.stride() / CHUNK;
-            let seg_chunks = if seg == k { n_chunks } else { seg / CHUNK };
-            let mut out = Vec::new();
-            x86::group_sums(acts.padded_row(i), weights.padded_row(j), seg_chunks, n_chunks, &mut out)?;
-            Ok(out)
+        Isa::Avx2 if simd_segments(seg, k) => {
+            let abs: Vec<u8> = acts.padded_data().iter().map(|v| v.unsigned_abs()).collect();
+            let op = x86::Int8Operands { acts, abs: &abs, weights, seg };
+            let n_pad = weights.blocks() * BLOCK_ROWS;
+            let mut sums = vec![0i32; m * n_pad * segs];
+            // SAFETY: AVX2 checked via Isa::supported(); abs covers the padded rows; seg passed
+            // simd_segments; sums holds M · N_pad · segments values.
+            unsafe { x86::int8_segment_sums(&op, &mut sums) };
+            debug_assert_eq!(x86::segment_count(&op), segs);
+            Ok((0..m).flat_map(|i| sums[i * n_pad * segs..(i * n_pad + n) * segs].to_vec()).collect())
         }
-        _ => {
-            let (a, w) = (acts.row(i), weights.row(j));
-            Ok((0..k.div_ceil(seg))
-                .map(|g| reference::dot_i8(&a[g * seg..((g + 1) * seg).min(k)], &w[g * seg..((g + 1) * seg).min(k)]))
-                .collect())
-        }
+        _ => Ok((0..m)
+            .flat_map(|i| {
+                let a = acts.row(i).to_vec();
+                (0..n).flat_map(move |j| {
+                    let w = weights.row(j);
+                    (0..segs)
+                        .map(|g| reference::dot_i8(&a[g * seg..((g + 1) * seg).min(k)], &w[g * seg..((g + 1) * seg).min(k)]))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect()),
     }
 }
 
 /// `y = x · dequant(weights)ᵀ + bias` with float activations (weight-only int8).
 pub fn weight_only_linear(x: &[f32], m: usize, weights: &PackedInt8Weights, bias: Option<&[f32]>, out: &mut [f32]) -> Result<()> {
+    weight_only_linear_with(Isa::best(), x, m, weights, bias, out)
+}
+
+/// [`weight_only_linear`] on a chosen path (errors if this CPU lacks it).
+pub fn weight_only_linear_with(
+    isa: Isa,
+    x: &[f32],
+    m: usize,
+    weights: &PackedInt8Weights,
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+) -> Result<()> {
     let (k, n) = (weights.in_features(), weights.out_features());
     if x.len() != m * k || out.len() != m * n {
         bail!("weight-only linear: {} inputs / {} outputs do not fit {m}×{k} → {m}×{n}", x.len(), out.len())
     }
-    let isa = Isa::best();
-    out.par_chunks_mut(n).zip(x.par_chunks(k)).for_each(|(y, row)| {
-        let g = weights.group_size();
-        y.par_iter_mut().enumerate().for_each(|(j, yj)| {
-            let (w, sw) = (weights.row(j), weights.row_scales(j));
-            let dot: f32 = row
-                .chunks(g)
-                .zip(w.chunks(g))
-                .zip(sw)
-                .map(|((x, w), s)| {
-                    s * match isa {
-                        // SAFETY: Avx2 is only chosen when available; both slices hold x.len() values.
-                        #[cfg(target_arch = "x86_64")]
-                        Isa::Avx2 => unsafe { x86::dot_f32_i8(x, w) },
-                        _ => reference::dot_f32_i8(x, w),
-                    }
-                })
-                .sum();
-            *yj = dot + bias.map_or(0.0, |b| b[j]);
-        })
+    if let Some(b) = bias {
+        if b.len() != n {
+            bail!("weight-only linear: bias has {} values, {n} needed", b.len())
+        }
+    }
+    if !Isa::supported().contains(&isa) {
+        bail!("weight-only linear: this CPU cannot run the {isa:?} kernels")
+    }
+    let isa = if simd_segments(weights.group_size(), k) { isa } else { Isa::Reference };
+    let stride = weights.padded_in_features();
+    let padded: Vec<f32> = if isa == Isa::Reference {
+        Vec::new()
+    } else {
+        x.chunks(k).flat_map(|row| row.iter().copied().chain(std::iter::repeat_n(0.0, stride - k))).collect()
+    };
+    over_blocks(m, n, m * n * k, out, |blocks, buf| match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: AVX2 is supported (checked above); `padded` holds M rows of `stride` floats;
+        // the group size passed simd_segments; buf is M × 8·blocks.len() (over_blocks).
+        Isa::Avx2 => unsafe { x86::weight_only_blocks(&padded, m, weights, blocks, buf) },
+        _ => {
+            let row_len = BLOCK_ROWS * blocks.len();
+            let g = weights.group_size();
+            for j in blocks.start * BLOCK_ROWS..(blocks.end * BLOCK_ROWS).min(n) {
+                let (w, sw) = (weights.row(j), weights.row_scales(j));
+                for (i, row) in x.chunks(k).enumerate() {
+                    let dot = row.chunks(g).zip(w.chunks(g)).zip(&sw).map(|((x, w), s)| s * reference::dot_f32_i8(x, w)).sum();
+                    buf[i * row_len + j - blocks.start * BLOCK_ROWS] = dot;
+                }
+            }
+        }
     });
+    if let Some(b) = bias {
+        for y in out.chunks_mut(n) {
+            y.iter_mut().zip(b).for_each(|(y, b)| *y += b);
+        }
+    }
     Ok(())
 }

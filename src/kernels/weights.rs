@@ -25,10 +25,21 @@ impl Default for WeightQuant {
     }
 }
 
+/// Output channels per packed block: one 256-bit register of `i32` or `f32` lanes.
+pub const BLOCK_ROWS: usize = 8;
+
 /// `N×K` int8 weights (symmetric, zero point 0, range `[-127, 127]`) with one f32 scale per
 /// `(output channel, group of input channels)` — a single group means per channel — and each
-/// group's integer sum (for activation zero-point compensation). Rows are stored with a stride
-/// of `K` rounded up to [`CHUNK`] bytes, zero-padded, so SIMD kernels read whole chunks.
+/// row's zero-point term (for activation zero points).
+///
+/// Packed for the kernels: output channels in blocks of [`BLOCK_ROWS`]; inside a block, four
+/// consecutive input channels of each of the eight channels lie side by side, so byte
+/// `32·q + 4·r + t` of block `b` is `w[8b + r, 4q + t]`. One 32-byte load then holds a "quad" of
+/// input channels for eight outputs: a u8×i8 multiply-add of four byte pairs per 32-bit lane
+/// (`vpdpbusd` on VNNI, `vpmaddubsw` + `vpmaddwd` on AVX2) leaves eight outputs' partial sums in
+/// eight lanes, with no horizontal reduction. `K` is zero-padded to a multiple of [`CHUNK`] and
+/// `N` to a multiple of 8 (padding rows have scale 0). Scales are stored the same way:
+/// `scales[(b·groups + g)·8 + r] = sw[8b + r, g]`, one vector load per block and group.
 #[derive(Debug, Clone)]
 pub struct PackedInt8Weights {
     n: usize,
@@ -66,7 +77,7 @@ impl PackedInt8Weights {
         if p.zero_points.iter().any(|&z| z != 0) || p.spec.qrange().0 >= 0 {
             bail!("int8 weights must be signed with zero point 0 (symmetric qint8), got {:?}", p.spec)
         }
-        let (group, scales) = match p.granularity {
+        let (group, row_scales) = match p.granularity {
             Granularity::PerTensor => (k, vec![p.scales[0]; n]),
             Granularity::PerChannel { axis: 0 } => (k, p.scales.clone()),
             Granularity::PerGroup { size } => (size.min(k), p.scales.clone()),
@@ -77,17 +88,35 @@ impl PackedInt8Weights {
             bail!("int8 weights must lie in [-127, 127] (narrow range); -128 found")
         }
         let stride = k.next_multiple_of(CHUNK);
-        let mut data = vec![0i8; n * stride];
-        for (dst, src) in data.chunks_mut(stride).zip(values.chunks(k)) {
-            dst.iter_mut().zip(src).for_each(|(d, &v)| *d = v as i8);
-        }
         let groups = k.div_ceil(group);
+        let blocks = n.div_ceil(BLOCK_ROWS);
+        let mut data = vec![0i8; blocks * BLOCK_ROWS * stride];
+        let mut scales = vec![0f32; blocks * BLOCK_ROWS * groups];
+        for (j, (row, sw)) in values.chunks(k).zip(row_scales.chunks(groups)).enumerate() {
+            for (c, &v) in row.iter().enumerate() {
+                data[Self::offset(stride, j, c)] = v as i8;
+            }
+            for (g, &s) in sw.iter().enumerate() {
+                scales[Self::scale_offset(groups, j, g)] = s;
+            }
+        }
         let zero_point_terms = values
             .chunks(k)
-            .zip(scales.chunks(groups))
+            .zip(row_scales.chunks(groups))
             .map(|(row, s)| row.chunks(group).zip(s).map(|(g, &sw)| sw * g.iter().sum::<i32>() as f32).sum())
             .collect();
         Ok(Self { n, k, group, stride, data, scales, zero_point_terms })
+    }
+
+    /// Where `w[j, c]` lies in the packed data.
+    #[inline]
+    fn offset(stride: usize, j: usize, c: usize) -> usize {
+        (j / BLOCK_ROWS) * BLOCK_ROWS * stride + (c / 4) * 32 + (j % BLOCK_ROWS) * 4 + c % 4
+    }
+
+    #[inline]
+    fn scale_offset(groups: usize, j: usize, g: usize) -> usize {
+        ((j / BLOCK_ROWS) * groups + g) * BLOCK_ROWS + j % BLOCK_ROWS
     }
 
     pub fn out_features(&self) -> usize {
@@ -108,33 +137,50 @@ impl PackedInt8Weights {
         self.k.div_ceil(self.group)
     }
 
-    /// Quantized weights of output channel `j`.
-    #[inline]
-    pub fn row(&self, j: usize) -> &[i8] {
-        &self.data[j * self.stride..j * self.stride + self.k]
+    /// Blocks of [`BLOCK_ROWS`] output channels (the last one zero-padded).
+    pub fn blocks(&self) -> usize {
+        self.n.div_ceil(BLOCK_ROWS)
     }
 
-    /// Row `j` with its zero padding (`stride` bytes).
-    #[inline]
-    pub fn padded_row(&self, j: usize) -> &[i8] {
-        &self.data[j * self.stride..(j + 1) * self.stride]
-    }
-
-    /// Bytes between consecutive rows (`K` rounded up to a whole chunk).
-    pub fn stride(&self) -> usize {
+    /// `K` rounded up to a whole [`CHUNK`]: the packed length of every row.
+    pub fn padded_in_features(&self) -> usize {
         self.stride
     }
 
-    /// Scales of output channel `j`, one per group.
+    /// The packed bytes of block `b` (`8 · padded_in_features()` of them).
     #[inline]
-    pub fn row_scales(&self, j: usize) -> &[f32] {
-        let g = self.groups();
-        &self.scales[j * g..(j + 1) * g]
+    pub fn block(&self, b: usize) -> &[i8] {
+        let len = BLOCK_ROWS * self.stride;
+        &self.data[b * len..(b + 1) * len]
     }
 
-    /// All scales, `N × groups` row-major.
-    pub fn scales(&self) -> &[f32] {
-        &self.scales
+    /// The scales of block `b`: `groups()` runs of eight, one per output channel.
+    #[inline]
+    pub fn block_scales(&self, b: usize) -> &[f32] {
+        let len = BLOCK_ROWS * self.groups();
+        &self.scales[b * len..(b + 1) * len]
+    }
+
+    /// The quantized weight `w[j, c]`.
+    #[inline]
+    pub fn value(&self, j: usize, c: usize) -> i8 {
+        self.data[Self::offset(self.stride, j, c)]
+    }
+
+    /// The scale of output channel `j` for input group `g`.
+    #[inline]
+    pub fn scale(&self, j: usize, g: usize) -> f32 {
+        self.scales[Self::scale_offset(self.groups(), j, g)]
+    }
+
+    /// Quantized weights of output channel `j`, unpacked.
+    pub fn row(&self, j: usize) -> Vec<i8> {
+        (0..self.k).map(|c| self.value(j, c)).collect()
+    }
+
+    /// Scales of output channel `j`, one per group.
+    pub fn row_scales(&self, j: usize) -> Vec<f32> {
+        (0..self.groups()).map(|g| self.scale(j, g)).collect()
     }
 
     #[inline]
@@ -144,17 +190,13 @@ impl PackedInt8Weights {
 
     /// The float weights these integers stand for: `w[n,k] = q[n,k] · scale[n, k / group]`.
     pub fn dequantize(&self, device: &Device) -> Result<Tensor> {
-        let data: Vec<f32> = (0..self.n)
-            .flat_map(|j| {
-                let s = self.row_scales(j);
-                self.row(j).iter().enumerate().map(move |(i, &q)| q as f32 * s[i / self.group])
-            })
-            .collect();
+        let data: Vec<f32> =
+            (0..self.n).flat_map(|j| (0..self.k).map(move |c| self.value(j, c) as f32 * self.scale(j, c / self.group))).collect();
         Tensor::from_vec(data, (self.n, self.k), device)
     }
 
-    /// Bytes of integer weights plus scales.
+    /// Bytes held: packed integer weights plus scales, padding included.
     pub fn nbytes(&self) -> usize {
-        self.n * self.k + self.scales.len() * 4
+        self.data.len() + self.scales.len() * 4
     }
 }

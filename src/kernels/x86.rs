@@ -1,131 +1,279 @@
-//! x86_64 AVX2 int8 kernels.
+//! x86_64 AVX2 kernels over the block layout of [`PackedInt8Weights`].
 //!
 //! `u8 × i8` is the only byte multiply AVX2 has (`vpmaddubsw`), so signed activations are fed
-//! as `|a|` with the sign moved onto the weight: `a·w = |a| · (sign(a)·w)`. Weights are kept in
-//! `[-127, 127]`, so each 16-bit pair sum is at most `2·128·127 = 32512` and never saturates;
-//! `vpmaddwd` with ones then widens pairs to `i32`. All sums are exact.
+//! as `|a|` with the sign moved onto the weight: `a·w = |a| · (sign(a)·w)`. Weights lie in
+//! `[-127, 127]` and activations in `[-128, 127]`, so each 16-bit pair sum is at most
+//! `2·128·127 = 32512` and never saturates; `vpmaddwd` with ones widens the pairs to `i32`.
+//! All integer sums are exact.
+//!
+//! A tile is `R` activation rows × `V` blocks of eight output channels. Per quad of four input
+//! channels it loads `V` weight registers, broadcasts each row's four activations (and their
+//! absolute values), and does `R·V` multiply-adds into `i32` lanes, one lane per output
+//! channel. At the end of each segment (a run of input channels sharing one activation scale
+//! and one weight scale) the lanes are converted once and scaled by `sa[m,g] · sw[n,g]` — eight
+//! outputs per instruction, and no horizontal sums anywhere.
 
+use super::{PackedInt8Weights, QuantizedActivations, BLOCK_ROWS};
 use std::arch::x86_64::*;
+use std::ops::Range;
 
 /// Whether this CPU can run the AVX2 kernels.
 pub fn available() -> bool {
     is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
 }
 
-/// Eight `i32` lanes of `Σ a·w` over 32-byte chunks `chunks` of `a` and `w`.
-///
-/// # Safety
-/// AVX2 must be available; `a` and `w` must hold at least `32 · chunks.end` bytes.
-#[inline]
-#[target_feature(enable = "avx2")]
-unsafe fn chunk_sums(a: *const i8, w: *const i8, chunks: std::ops::Range<usize>) -> __m256i {
-    let ones = _mm256_set1_epi16(1);
-    let mut acc = _mm256_setzero_si256();
-    for c in chunks {
-        // SAFETY: the caller guarantees 32 readable bytes at offset 32·c of both rows.
-        let va = _mm256_loadu_si256(a.add(32 * c) as *const __m256i);
-        let vw = _mm256_loadu_si256(w.add(32 * c) as *const __m256i);
-        let prod = _mm256_maddubs_epi16(_mm256_abs_epi8(va), _mm256_sign_epi8(vw, va));
-        acc = _mm256_add_epi32(acc, _mm256_madd_epi16(prod, ones));
-    }
-    acc
+/// Everything one int8 linear call shares between its tiles.
+pub struct Int8Operands<'a> {
+    pub acts: &'a QuantizedActivations,
+    /// `|a|` of every padded activation row, laid out like them.
+    pub abs: &'a [u8],
+    pub weights: &'a PackedInt8Weights,
+    /// Input channels per segment: `K`, or a multiple of 4 that is the activation and/or
+    /// weight group size.
+    pub seg: usize,
 }
 
-#[inline]
-#[target_feature(enable = "avx2")]
-unsafe fn hsum_i32(v: __m256i) -> i32 {
-    let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-    let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
-    let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01));
-    _mm_cvtsi128_si32(s)
-}
-
-#[inline]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn hsum_f32(v: __m256) -> f32 {
-    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 0b01));
-    _mm_cvtss_f32(s)
-}
-
-/// Integer sums of each group (`group_chunks` chunks of 32 per group) of one row pair:
-/// the exact quantity the fused kernel rescales. Rows are zero-padded to `32 · n_chunks`.
-pub fn group_sums(a: &[i8], w: &[i8], group_chunks: usize, n_chunks: usize, out: &mut Vec<i32>) -> candle_core::Result<()> {
-    if !available() || a.len() < 32 * n_chunks || w.len() < 32 * n_chunks || group_chunks == 0 {
-        candle_core::bail!("AVX2 group sums: CPU without AVX2, rows shorter than {n_chunks} chunks, or empty groups")
-    }
-    out.clear();
-    let mut c = 0;
-    while c < n_chunks {
-        let end = (c + group_chunks).min(n_chunks);
-        // SAFETY: AVX2 checked above; both rows hold 32·n_chunks bytes.
-        out.push(unsafe { hsum_i32(chunk_sums(a.as_ptr(), w.as_ptr(), c..end)) });
-        c = end;
-    }
-    Ok(())
-}
-
-/// `y[r] = Σ_g sa_r[g·a_step] · sw[g·w_step] · Σ_{chunks of g} a_r·w` for `R` activation rows
-/// sharing one weight row (segments of `seg_chunks` chunks). Float accumulation in registers:
-/// two accumulators per row (even and odd segments) to hide the FMA latency.
-///
-/// # Safety
-/// AVX2+FMA available; each row in `rows` and `w` hold `32 · n_chunks` bytes; with
-/// `segs = n_chunks.div_ceil(seg_chunks)`, each `sa` slice holds `segs` values if `a_step` is 1
-/// (else 1) and `sw` holds `segs` values if `w_step` is 1 (else 1).
-#[allow(clippy::too_many_arguments)]
-#[inline]
-#[target_feature(enable = "avx2,fma")]
-pub unsafe fn dot_rows<const R: usize>(
-    rows: &[&[i8]; R],
-    sa: &[&[f32]; R],
-    a_step: usize,
-    w: &[i8],
-    sw: &[f32],
-    w_step: usize,
-    seg_chunks: usize,
-    n_chunks: usize,
-) -> [f32; R] {
-    let mut acc = [_mm256_setzero_ps(); R];
-    let (mut c, mut g) = (0, 0);
-    while c < n_chunks {
-        let end = (c + seg_chunks).min(n_chunks);
-        let wscale = *sw.get_unchecked(g * w_step);
-        for r in 0..R {
-            // SAFETY: row, weight and scale lengths as promised by the caller.
-            let s = _mm256_cvtepi32_ps(chunk_sums(rows[r].as_ptr(), w.as_ptr(), c..end));
-            acc[r] = _mm256_fmadd_ps(s, _mm256_set1_ps(*sa[r].get_unchecked(g * a_step) * wscale), acc[r]);
+impl Int8Operands<'_> {
+    /// `(segments, quads per segment)`.
+    fn segments(&self) -> (usize, usize) {
+        let k = self.acts.cols();
+        let quads = self.weights.padded_in_features() / 4;
+        if self.seg >= k {
+            (1, quads)
+        } else {
+            (k.div_ceil(self.seg), self.seg / 4)
         }
-        c = end;
-        g += 1;
     }
-    let mut out = [0f32; R];
-    for r in 0..R {
-        out[r] = hsum_f32(acc[r]);
-    }
-    out
 }
 
-/// `Σ_k x[k] · w[k]` with int8 weights widened to f32 in registers (weight-only path).
+/// Where a tile's results go: fused `f32` outputs (`out` points at row `i0`, column of block
+/// `b0` of an `M × row_len` buffer), or — for exactness tests — every segment's raw `i32` sum
+/// into `sums[((i·N_pad) + n)·segments + g]` (`N_pad = 8·blocks`).
+#[derive(Clone, Copy)]
+struct Sink {
+    out: *mut f32,
+    row_len: usize,
+    sums: *mut i32,
+}
+
+/// One `R × V` tile at activation row `i0` and weight block `b0`.
 ///
 /// # Safety
-/// AVX2+FMA available; `w` holds at least `x.len()` bytes.
+/// AVX2+FMA available; rows `i0..i0+R` and blocks `b0..b0+V` exist; `op.abs` covers every
+/// padded row; `op.seg` satisfies [`Int8Operands::seg`]'s rule; with `SUMS` false, `sink.out`
+/// has `R` rows of `8·V` writable floats at stride `row_len`; with `SUMS` true, `sink.sums`
+/// holds `M · N_pad · segments` values.
+#[inline]
 #[target_feature(enable = "avx2,fma")]
-pub unsafe fn dot_f32_i8(x: &[f32], w: &[i8]) -> f32 {
-    let k = x.len();
-    let mut acc = _mm256_setzero_ps();
-    let mut i = 0;
-    while i + 8 <= k {
-        // SAFETY: i + 8 <= k and w.len() >= k.
-        let wv = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(w.as_ptr().add(i) as *const __m128i)));
-        acc = _mm256_fmadd_ps(_mm256_loadu_ps(x.as_ptr().add(i)), wv, acc);
-        i += 8;
+unsafe fn tile<const R: usize, const V: usize, const SUMS: bool>(op: &Int8Operands, i0: usize, b0: usize, sink: Sink) {
+    let stride = op.weights.padded_in_features();
+    let quads = stride / 4;
+    let (segs, seg_quads) = op.segments();
+    let a_step = (op.acts.groups() > 1) as usize;
+    let w_step = (op.weights.groups() > 1) as usize;
+    let ones = _mm256_set1_epi16(1);
+    let mut a = [std::ptr::null::<i8>(); R];
+    let mut ua = [std::ptr::null::<u8>(); R];
+    let mut sa = [std::ptr::null::<f32>(); R];
+    for r in 0..R {
+        a[r] = op.acts.padded_row(i0 + r).as_ptr();
+        ua[r] = op.abs.as_ptr().add((i0 + r) * stride);
+        sa[r] = op.acts.row_scales(i0 + r).as_ptr();
     }
-    let mut s = hsum_f32(acc);
-    while i < k {
-        s += x[i] * w[i] as f32;
-        i += 1;
+    let mut w = [std::ptr::null::<i8>(); V];
+    let mut sw = [std::ptr::null::<f32>(); V];
+    for v in 0..V {
+        w[v] = op.weights.block(b0 + v).as_ptr();
+        sw[v] = op.weights.block_scales(b0 + v).as_ptr();
     }
-    s
+    let mut y = [[_mm256_setzero_ps(); V]; R];
+    for g in 0..segs {
+        let mut acc = [[_mm256_setzero_si256(); V]; R];
+        for q in g * seg_quads..((g + 1) * seg_quads).min(quads) {
+            let mut wv = [_mm256_setzero_si256(); V];
+            for v in 0..V {
+                // SAFETY: a block holds 8·stride = 32·quads bytes.
+                wv[v] = _mm256_loadu_si256(w[v].add(32 * q) as *const __m256i);
+            }
+            for r in 0..R {
+                // SAFETY: a padded row (and its |a|) holds stride = 4·quads bytes.
+                let mag = _mm256_set1_epi32((ua[r].add(4 * q) as *const i32).read_unaligned());
+                let sgn = _mm256_set1_epi32((a[r].add(4 * q) as *const i32).read_unaligned());
+                for v in 0..V {
+                    let pairs = _mm256_maddubs_epi16(mag, _mm256_sign_epi8(wv[v], sgn));
+                    acc[r][v] = _mm256_add_epi32(acc[r][v], _mm256_madd_epi16(pairs, ones));
+                }
+            }
+        }
+        if SUMS {
+            let n_pad = op.weights.blocks() * BLOCK_ROWS;
+            for r in 0..R {
+                for v in 0..V {
+                    let mut lanes = [0i32; BLOCK_ROWS];
+                    _mm256_storeu_si256(lanes.as_mut_ptr() as *mut __m256i, acc[r][v]);
+                    for (l, &s) in lanes.iter().enumerate() {
+                        // SAFETY: the sums buffer holds M·N_pad·segs values (caller).
+                        *sink.sums.add((((i0 + r) * n_pad) + (b0 + v) * BLOCK_ROWS + l) * segs + g) = s;
+                    }
+                }
+            }
+        } else {
+            for r in 0..R {
+                // SAFETY: each row has one scale, or one per segment when a_step is 1.
+                let s = _mm256_set1_ps(*sa[r].add(g * a_step));
+                for v in 0..V {
+                    // SAFETY: a block has 8 scales per weight group (one group when w_step is 0).
+                    let scale = _mm256_mul_ps(_mm256_loadu_ps(sw[v].add(BLOCK_ROWS * g * w_step)), s);
+                    y[r][v] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r][v]), scale, y[r][v]);
+                }
+            }
+        }
+    }
+    if !SUMS {
+        for r in 0..R {
+            for v in 0..V {
+                // SAFETY: the caller gives R rows of 8·V floats at stride row_len.
+                _mm256_storeu_ps(sink.out.add(r * sink.row_len + BLOCK_ROWS * v), y[r][v]);
+            }
+        }
+    }
+}
+
+/// Runs every row tile over blocks `blocks`, in panels of a few blocks so that a panel's weights
+/// stay in cache while all rows pass over them. One activation row (decoding) takes panels of
+/// four blocks — 32 outputs per pass over the row; more rows take tiles of 4 rows × 2 blocks.
+///
+/// # Safety
+/// As [`tile`], for every row and every block in `blocks`; `sink.out` (if used) is
+/// `M × 8·blocks.len()` and points at its start.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn run_tiles<const SUMS: bool>(op: &Int8Operands, blocks: Range<usize>, sink: Sink) {
+    let m = op.acts.rows();
+    let panel = if m == 1 { 4 } else { 2 };
+    let mut b = blocks.start;
+    while b < blocks.end {
+        let v = if blocks.end - b >= panel { panel } else { 1 };
+        let mut i = 0;
+        while i < m {
+            let r = (m - i).min(4);
+            let at = Sink { out: sink.out.wrapping_add(i * sink.row_len + BLOCK_ROWS * (b - blocks.start)), ..sink };
+            match (r, v) {
+                (1, 4) => tile::<1, 4, SUMS>(op, i, b, at),
+                (1, 2) => tile::<1, 2, SUMS>(op, i, b, at),
+                (1, _) => tile::<1, 1, SUMS>(op, i, b, at),
+                (2, 2) => tile::<2, 2, SUMS>(op, i, b, at),
+                (2, _) => tile::<2, 1, SUMS>(op, i, b, at),
+                (3, 2) => tile::<3, 2, SUMS>(op, i, b, at),
+                (3, _) => tile::<3, 1, SUMS>(op, i, b, at),
+                (_, 2) => tile::<4, 2, SUMS>(op, i, b, at),
+                _ => tile::<4, 1, SUMS>(op, i, b, at),
+            }
+            i += r;
+        }
+        b += v;
+    }
+}
+
+/// `out[i, 8·(b − blocks.start) + l] = Σ_g sa[i,g] · sw[8b+l,g] · Σ_{k∈g} a[i,k]·w[8b+l,k]`
+/// for every activation row `i` and every block `b` in `blocks`.
+///
+/// # Safety
+/// AVX2+FMA available (see [`available`]); `op.abs` holds `|a|` of every padded activation row;
+/// `op.seg` is `K` or a multiple of 4 matching the grouped side(s); `blocks` lies within the
+/// weights' blocks; `out` holds `M × 8·blocks.len()` floats.
+pub unsafe fn int8_blocks(op: &Int8Operands, blocks: Range<usize>, out: &mut [f32]) {
+    let sink = Sink { out: out.as_mut_ptr(), row_len: BLOCK_ROWS * blocks.len(), sums: std::ptr::null_mut() };
+    run_tiles::<false>(op, blocks, sink)
+}
+
+/// The exact `i32` sum of every segment, `sums[((i·N_pad) + n)·segments + g]` — the quantities
+/// [`int8_blocks`] rescales, computed by the very same tiles.
+///
+/// # Safety
+/// As [`int8_blocks`] over all blocks; `sums` holds `M · 8·blocks · segments` values.
+pub unsafe fn int8_segment_sums(op: &Int8Operands, sums: &mut [i32]) {
+    let sink = Sink { out: std::ptr::null_mut(), row_len: 0, sums: sums.as_mut_ptr() };
+    run_tiles::<true>(op, 0..op.weights.blocks(), sink)
+}
+
+/// The number of segments [`int8_segment_sums`] reports per output.
+pub fn segment_count(op: &Int8Operands) -> usize {
+    op.segments().0
+}
+
+/// Eight `f32` registers' worth of one weight quad, widened: entry `t` holds `w[8b + l, 4q + t]`
+/// in lane `l`. A byte shuffle turns each 128-bit half's 4×4 (channel × input) bytes around,
+/// a dword permute pairs the halves, and each 8-byte run is sign-extended and converted.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn widen_quad(packed: *const i8) -> [__m256; 4] {
+    let transpose =
+        _mm256_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15, 0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+    // SAFETY: the caller points at 32 readable bytes.
+    let v = _mm256_shuffle_epi8(_mm256_loadu_si256(packed as *const __m256i), transpose);
+    let v = _mm256_permutevar8x32_epi32(v, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    let (lo, hi) = (_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    let f = |x: __m128i| _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(x));
+    [f(lo), f(_mm_unpackhi_epi64(lo, lo)), f(hi), f(_mm_unpackhi_epi64(hi, hi))]
+}
+
+/// `R` float rows against one weight block, weights widened once per quad for all rows.
+///
+/// # Safety
+/// AVX2+FMA; `x` rows `i0..i0+R` of `padded` floats exist; `out` has `R` rows of 8 writable
+/// floats at stride `row_len`; `seg` is `K` or a multiple of 4.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn weight_only_tile<const R: usize>(x: &[f32], i0: usize, weights: &PackedInt8Weights, b: usize, out: *mut f32, row_len: usize) {
+    let (k, stride) = (weights.in_features(), weights.padded_in_features());
+    let quads = stride / 4;
+    let seg = weights.group_size();
+    let (segs, seg_quads) = if seg >= k { (1, quads) } else { (k.div_ceil(seg), seg / 4) };
+    let (w, sw) = (weights.block(b).as_ptr(), weights.block_scales(b).as_ptr());
+    let mut y = [_mm256_setzero_ps(); R];
+    for g in 0..segs {
+        let mut acc = [_mm256_setzero_ps(); R];
+        for q in g * seg_quads..((g + 1) * seg_quads).min(quads) {
+            // SAFETY: a block holds 32·quads bytes; each x row holds 4·quads floats.
+            let wq = widen_quad(w.add(32 * q));
+            for r in 0..R {
+                let xr = x.as_ptr().add((i0 + r) * stride + 4 * q);
+                for (t, wt) in wq.iter().enumerate() {
+                    acc[r] = _mm256_fmadd_ps(*wt, _mm256_set1_ps(*xr.add(t)), acc[r]);
+                }
+            }
+        }
+        // SAFETY: 8 scales per group (a single group when per channel).
+        let s = _mm256_loadu_ps(sw.add(BLOCK_ROWS * g * (segs > 1) as usize));
+        for r in 0..R {
+            y[r] = _mm256_fmadd_ps(acc[r], s, y[r]);
+        }
+    }
+    for r in 0..R {
+        // SAFETY: R rows of 8 floats at stride row_len (caller).
+        _mm256_storeu_ps(out.add(r * row_len), y[r]);
+    }
+}
+
+/// `out[i, 8·(b − blocks.start) + l] = Σ_k x[i,k] · ŵ[8b+l,k]` with float activations: the
+/// weight-only path. `x` is `M` rows zero-padded to `padded_in_features()` floats.
+///
+/// # Safety
+/// AVX2+FMA available; `x` holds `M · padded_in_features()` floats; the weight group size is
+/// `K` or a multiple of 4; `blocks` within the weights; `out` holds `M × 8·blocks.len()`.
+pub unsafe fn weight_only_blocks(x: &[f32], m: usize, weights: &PackedInt8Weights, blocks: Range<usize>, out: &mut [f32]) {
+    let row_len = BLOCK_ROWS * blocks.len();
+    for b in blocks.clone() {
+        let mut i = 0;
+        while i < m {
+            let at = out.as_mut_ptr().add(i * row_len + BLOCK_ROWS * (b - blocks.start));
+            if m - i >= 4 {
+                weight_only_tile::<4>(x, i, weights, b, at, row_len);
+                i += 4;
+            } else {
+                weight_only_tile::<1>(x, i, weights, b, at, row_len);
+                i += 1;
+            }
+        }
+    }
 }
