@@ -157,3 +157,37 @@ fn simd_paths_equal_the_reference() {
         }
     }
 }
+
+/// The vectorised dynamic activation quantizer gives the same bits, scales and outliers as the
+/// scalar one — including ties: with max |x| = 127 the scale is exactly 1, so halves such as
+/// 2.5 → 2 and −3.5 → −4 exercise rounding half to even.
+#[test]
+fn simd_activation_quantizer_equals_the_reference() {
+    use candle_quant::kernels::Isa;
+    let mut rng = common::Rng::new(7);
+    for case in 0..2_000 {
+        let (m, k) = (1 + (rng.next_u64() % 4) as usize, 1 + (rng.next_u64() % 300) as usize);
+        let group = [k, 32, 8, 17][(rng.next_u64() % 4) as usize];
+        let threshold = (rng.next_u64() % 2 == 0).then_some(2.0);
+        let x: Vec<f32> = if case % 2 == 0 {
+            rng.normals(m * k, 1.5)
+        } else {
+            (0..m * k).map(|i| if i % 7 == 0 { 127.0 } else { (rng.next_u64() % 255) as f32 - 127.0 + 0.5 }).collect()
+        };
+        let want = QuantizedActivations::quantize_dynamic_with(Isa::Reference, &x, m, k, group, threshold).unwrap();
+        for isa in Isa::supported() {
+            let got = QuantizedActivations::quantize_dynamic_with(isa, &x, m, k, group, threshold).unwrap();
+            for i in 0..m {
+                assert_eq!(got.row(i), want.row(i), "case {case} {isa:?} row {i}");
+                assert_eq!(got.row_scales(i), want.row_scales(i), "case {case} {isa:?} row {i}");
+                assert_eq!(got.row_outliers(i), want.row_outliers(i), "case {case} {isa:?} row {i}");
+            }
+        }
+    }
+    // Golden: 127 sets the scale to 1; 2.5 → 2, 3.5 → 4, −0.5 → 0 (half to even).
+    let q = QuantizedActivations::quantize_dynamic(&[127.0, 2.5, 3.5, -0.5], 1, 4, 4, None).unwrap();
+    assert_eq!(q.row(0), &[127, 2, 4, 0]);
+    for isa in Isa::supported() {
+        assert!(QuantizedActivations::quantize_dynamic_with(isa, &[1.0, f32::INFINITY], 1, 2, 2, None).is_err());
+    }
+}

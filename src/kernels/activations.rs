@@ -1,6 +1,6 @@
 //! Activation quantization for the int8 kernels: per token, per group, or static per tensor.
 
-use super::CHUNK;
+use super::{Isa, CHUNK};
 use crate::quant::{quantize_value, QSpec};
 use candle_core::{bail, Result};
 
@@ -30,7 +30,16 @@ impl QuantizedActivations {
     /// kernel adds `x · ŵ` for them exactly) and the group's scale is computed without them, so a
     /// rare huge activation no longer flattens the rest of its group.
     pub fn quantize_dynamic(x: &[f32], m: usize, k: usize, group: usize, outlier_threshold: Option<f32>) -> Result<Self> {
+        Self::quantize_dynamic_with(Isa::best(), x, m, k, group, outlier_threshold)
+    }
+
+    /// [`quantize_dynamic`](Self::quantize_dynamic) on a chosen path; every path gives the
+    /// same bits (tests compare them).
+    pub fn quantize_dynamic_with(isa: Isa, x: &[f32], m: usize, k: usize, group: usize, outlier_threshold: Option<f32>) -> Result<Self> {
         check_dims(x, m, k)?;
+        if !Isa::supported().contains(&isa) {
+            bail!("activations: this CPU cannot run the {isa:?} kernels")
+        }
         let group = group.clamp(1, k.max(1));
         let groups = k.div_ceil(group);
         let spec = QSpec::DYNAMIC_ACTIVATION;
@@ -42,20 +51,38 @@ impl QuantizedActivations {
         let limit = outlier_threshold.unwrap_or(f32::INFINITY);
         for (xr, qr) in x.chunks(k).zip(data.chunks_mut(stride)) {
             for (g, (xg, qg)) in xr.chunks(group).zip(qr.chunks_mut(group)).enumerate() {
-                // `f32::max` skips NaN, so NaN is caught by the sum (NaN + anything = NaN).
-                let (amax, probe) =
-                    xg.iter().fold((0f32, 0f32), |(a, p), v| (if v.abs() > limit { a } else { a.max(v.abs()) }, p + v * 0.0));
-                if probe.is_nan() {
+                let (amax, finite) = match isa {
+                    // SAFETY: Avx2 is only in Isa::supported() when the CPU has it.
+                    #[cfg(target_arch = "x86_64")]
+                    Isa::Avx2 => unsafe { super::x86::abs_max(xg) },
+                    // `f32::max` skips NaN, so NaN is caught by the probe (NaN·0 = NaN, ±Inf·0 = NaN).
+                    _ => xg.iter().fold((0f32, true), |(a, f), v| (a.max(v.abs()), f && (v * 0.0) == 0.0)),
+                };
+                if !finite {
                     bail!("activation row contains a non-finite value (NaN or ±Inf)")
+                }
+                if amax > limit {
+                    // Rare: the group holds outliers; they stay in float and leave the scale.
+                    let amax = xg.iter().map(|v| v.abs()).filter(|&a| a <= limit).fold(0f32, f32::max);
+                    let (scale, zp) = spec.scale_zero_point_unchecked(-amax, amax);
+                    let inv = 1.0 / scale;
+                    for (c, (q, &v)) in qg.iter_mut().zip(xg).enumerate() {
+                        if v.abs() > limit {
+                            outliers.push(((g * group + c) as u32, v));
+                        } else {
+                            *q = quantize_value(v, inv, zp, qmin, qmax) as i8;
+                        }
+                    }
+                    scales.push(scale);
+                    continue;
                 }
                 let (scale, zp) = spec.scale_zero_point_unchecked(-amax, amax);
                 let inv = 1.0 / scale;
-                for (c, (q, &v)) in qg.iter_mut().zip(xg).enumerate() {
-                    if v.abs() > limit {
-                        outliers.push(((g * group + c) as u32, v));
-                    } else {
-                        *q = quantize_value(v, inv, zp, qmin, qmax) as i8;
-                    }
+                match isa {
+                    // SAFETY: as above; qg and xg have the same length.
+                    #[cfg(target_arch = "x86_64")]
+                    Isa::Avx2 => unsafe { super::x86::quantize_symmetric(xg, inv, qg) },
+                    _ => qg.iter_mut().zip(xg).for_each(|(q, &v)| *q = quantize_value(v, inv, zp, qmin, qmax) as i8),
                 }
                 scales.push(scale);
             }

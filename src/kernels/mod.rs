@@ -124,9 +124,11 @@ pub fn int8_linear_with(
                 // over_blocks, which sizes buf as M × 8·blocks.len().
                 unsafe { x86::int8_blocks(&op, blocks.clone(), buf) }
             }
-            _ => reference_blocks(acts, weights, seg, blocks.clone(), buf),
+            _ => {
+                reference_blocks(acts, weights, seg, blocks.clone(), buf);
+                add_outliers(acts, weights, blocks, buf);
+            }
         }
-        add_outliers(acts, weights, blocks, buf);
     });
     let za = acts.zero_point();
     for i in 0..m {
@@ -190,24 +192,14 @@ fn reference_blocks(acts: &QuantizedActivations, weights: &PackedInt8Weights, se
 }
 
 /// Adds `Σ x[c] · ŵ[n,c]` over the float outliers of each activation row (`ŵ = q · sw`) to the
-/// outputs of `blocks` in `buf`, while those weight blocks are in cache.
+/// outputs of `blocks` in `buf` (the SIMD tiles do this themselves, vectorised).
 fn add_outliers(acts: &QuantizedActivations, weights: &PackedInt8Weights, blocks: std::ops::Range<usize>, buf: &mut [f32]) {
-    if acts.outlier_count() == 0 {
-        return;
-    }
-    let (row_len, group, stride) = (BLOCK_ROWS * blocks.len(), weights.group_size(), weights.padded_in_features());
+    let (row_len, group) = (BLOCK_ROWS * blocks.len(), weights.group_size());
     for i in 0..acts.rows() {
-        let y = &mut buf[i * row_len..(i + 1) * row_len];
         for &(c, x) in acts.row_outliers(i) {
-            let (c, g) = (c as usize, c as usize / group);
-            // In the packed layout, w[8b + l, c] is byte 32·(c/4) + 4·l + c%4 of block b.
-            let at = 32 * (c / 4) + c % 4;
-            debug_assert!(at + 4 * (BLOCK_ROWS - 1) < BLOCK_ROWS * stride);
-            for (bi, b) in blocks.clone().enumerate() {
-                let (w, sw) = (&weights.block(b)[at..], &weights.block_scales(b)[g * BLOCK_ROWS..(g + 1) * BLOCK_ROWS]);
-                for l in 0..BLOCK_ROWS {
-                    y[bi * BLOCK_ROWS + l] += x * w[4 * l] as f32 * sw[l];
-                }
+            let c = c as usize;
+            for j in blocks.start * BLOCK_ROWS..(blocks.end * BLOCK_ROWS).min(weights.out_features()) {
+                buf[i * row_len + j - blocks.start * BLOCK_ROWS] += x * weights.value(j, c) as f32 * weights.scale(j, c / group);
             }
         }
     }

@@ -130,6 +130,23 @@ unsafe fn tile<const R: usize, const V: usize, const SUMS: bool>(op: &Int8Operan
         }
     }
     if !SUMS {
+        // Float outliers (LLM.int8()-style): y += x · q[n,c] · sw[n,c/group], with the weight
+        // quad still in cache. Byte c%4 of each 32-bit lane is shifted to the top and
+        // arithmetic-shifted back down, sign-extending the eight outputs' weights at once.
+        for r in 0..R {
+            for &(c, x) in op.acts.row_outliers(i0 + r) {
+                let c = c as usize;
+                let to_top = _mm_cvtsi32_si128(24 - 8 * (c % 4) as i32);
+                let (xs, g) = (_mm256_set1_ps(x), c / op.weights.group_size());
+                for v in 0..V {
+                    // SAFETY: c < K, so quad c/4 and group g exist in every block.
+                    let quad = _mm256_loadu_si256(w[v].add(32 * (c / 4)) as *const __m256i);
+                    let q = _mm256_srai_epi32(_mm256_sll_epi32(quad, to_top), 24);
+                    let wf = _mm256_mul_ps(_mm256_cvtepi32_ps(q), _mm256_loadu_ps(sw[v].add(BLOCK_ROWS * g)));
+                    y[r][v] = _mm256_fmadd_ps(wf, xs, y[r][v]);
+                }
+            }
+        }
         for r in 0..R {
             for v in 0..V {
                 // SAFETY: the caller gives R rows of 8·V floats at stride row_len.
@@ -175,7 +192,7 @@ unsafe fn run_tiles<const SUMS: bool>(op: &Int8Operands, blocks: Range<usize>, s
 }
 
 /// `out[i, 8·(b − blocks.start) + l] = Σ_g sa[i,g] · sw[8b+l,g] · Σ_{k∈g} a[i,k]·w[8b+l,k]`
-/// for every activation row `i` and every block `b` in `blocks`.
+/// `+ Σ_outliers x[i,c] · ŵ[8b+l,c]` for every activation row `i` and every block `b` in `blocks`.
 ///
 /// # Safety
 /// AVX2+FMA available (see [`available`]); `op.abs` holds `|a|` of every padded activation row;
@@ -275,5 +292,62 @@ pub unsafe fn weight_only_blocks(x: &[f32], m: usize, weights: &PackedInt8Weight
                 i += 1;
             }
         }
+    }
+}
+
+/// `(max |x|, whether every value is finite)`.
+///
+/// # Safety
+/// AVX2+FMA available.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn abs_max(x: &[f32]) -> (f32, bool) {
+    let (sign, zero) = (_mm256_set1_ps(-0.0), _mm256_setzero_ps());
+    let (mut amax, mut probe) = (zero, zero);
+    let chunks = x.chunks_exact(8);
+    let tail = chunks.remainder();
+    for c in chunks {
+        // SAFETY: chunks_exact gives 8 floats.
+        let v = _mm256_loadu_ps(c.as_ptr());
+        amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v));
+        // x·0 is 0 for finite x and NaN for NaN or ±Inf.
+        probe = _mm256_add_ps(probe, _mm256_mul_ps(v, zero));
+    }
+    let mut lanes = [0f32; 8];
+    _mm256_storeu_ps(lanes.as_mut_ptr(), amax);
+    let mut probes = [0f32; 8];
+    _mm256_storeu_ps(probes.as_mut_ptr(), probe);
+    let (mut m, mut p) = (lanes.iter().fold(0f32, |a, &b| a.max(b)), probes.iter().sum::<f32>());
+    for &v in tail {
+        m = m.max(v.abs());
+        p += v * 0.0;
+    }
+    (m, p == 0.0)
+}
+
+/// `q[i] = round_half_even(clamp(x[i] · inv, −127, 127))`, bit for bit what
+/// [`crate::quant::quantize_value`] gives with zero point 0 (`vcvtps2dq` rounds half to even).
+///
+/// # Safety
+/// AVX2+FMA available; `x` finite; `q.len() == x.len()`.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn quantize_symmetric(x: &[f32], inv: f32, q: &mut [i8]) {
+    let (inv, lo, hi) = (_mm256_set1_ps(inv), _mm256_set1_ps(-127.0), _mm256_set1_ps(127.0));
+    let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    let mut i = 0;
+    while i + 32 <= x.len() {
+        let mut v = [_mm256_setzero_si256(); 4];
+        for (j, vj) in v.iter_mut().enumerate() {
+            // SAFETY: i + 32 <= x.len().
+            let r = _mm256_mul_ps(_mm256_loadu_ps(x.as_ptr().add(i + 8 * j)), inv);
+            *vj = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(r, lo), hi));
+        }
+        // Packing works per 128-bit half; the permute puts the 32 bytes back in order.
+        let bytes = _mm256_packs_epi16(_mm256_packs_epi32(v[0], v[1]), _mm256_packs_epi32(v[2], v[3]));
+        // SAFETY: q has as many bytes as x has floats.
+        _mm256_storeu_si256(q.as_mut_ptr().add(i) as *mut __m256i, _mm256_permutevar8x32_epi32(bytes, order));
+        i += 32;
+    }
+    for (qv, &xv) in q[i..].iter_mut().zip(&x[i..]) {
+        *qv = crate::quant::quantize_value(xv, _mm256_cvtss_f32(inv), 0, -127, 127) as i8;
     }
 }
