@@ -269,9 +269,19 @@ fn set_threads(threads: Option<usize>) {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
+    if let Command::Generate { model, .. } | Command::Compare { model, .. } | Command::Eval { model, .. } | Command::Inspect { model, .. } =
+        &cli.command
+    {
+        set_threads(model.threads);
+    }
+    // Run on a worker of rayon's pool: candle's parallel CPU ops (and ours) called from a worker
+    // start there, instead of waking a worker and putting this thread to sleep on every op.
+    rayon::scope(|_| run(cli))
+}
+
+fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Generate { model, precision, gen, sampling } => {
-            set_threads(model.threads);
             let lm = load_model(model.model.as_deref())?;
             let lm = if precision == Precision::Int8 { quantized(&lm, &model)?.0 } else { lm };
             let tokens = prompt_tokens(&lm, &gen)?;
@@ -295,7 +305,6 @@ fn main() -> Result<()> {
             );
         }
         Command::Compare { model, gen, json } => {
-            set_threads(model.threads);
             let lm = load_model(model.model.as_deref())?;
             let (q, report) = quantized(&lm, &model)?;
             let tokens = prompt_tokens(&lm, &gen)?;
@@ -363,7 +372,6 @@ fn main() -> Result<()> {
             }
         }
         Command::Eval { model, text, max_tokens, window, json } => {
-            set_threads(model.threads);
             let lm = load_model(model.model.as_deref())?;
             let (q, report) = quantized(&lm, &model)?;
             let body = std::fs::read_to_string(&text).with_context(|| format!("reading {}", text.display()))?;
