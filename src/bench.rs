@@ -55,16 +55,22 @@ pub fn bench_linear(in_features: usize, out_features: usize, m: usize, threads: 
         for l in layers {
             l.forward(&x)?; // warm-up
         }
-        // Enough rounds for ~0.2 s of the slowest layer, between 5 and 200.
+        // Each timed batch is a run of consecutive calls (about 1 ms), as a model calls its
+        // layers back to back; the three layers' batches alternate, enough rounds for ~0.3 s of
+        // f32 batches (between 5 and 200).
         let t = Instant::now();
         layers[1].forward(&x)?;
-        let rounds = ((0.2 / t.elapsed().as_secs_f64().max(1e-6)) as usize).clamp(5, 200);
+        let once = t.elapsed().as_secs_f64().max(1e-6);
+        let reps = ((1e-3 / once) as usize).clamp(1, 100);
+        let rounds = ((0.3 / (once * reps as f64)) as usize).clamp(5, 200);
         let mut times = [vec![], vec![], vec![]];
         for _ in 0..rounds {
             for (i, l) in layers.iter().enumerate() {
                 let t = Instant::now();
-                l.forward(&x)?;
-                times[i].push(t.elapsed().as_secs_f64() * 1e6);
+                for _ in 0..reps {
+                    l.forward(&x)?;
+                }
+                times[i].push(t.elapsed().as_secs_f64() * 1e6 / reps as f64);
             }
         }
         Ok([median(&mut times[0]), median(&mut times[1]), median(&mut times[2])])

@@ -153,7 +153,13 @@ fn over_blocks(m: usize, n: usize, macs: usize, out: &mut [f32], f: impl Fn(std:
     // With one thread, or too little work to share, stay on the calling thread: handing work to
     // the pool and waiting for it costs a wake-up (several µs) per call.
     let parallel = threads > 1 && macs >= PARALLEL_MIN_MACS;
-    let per_task = if parallel { total.div_ceil(threads * 4).clamp(1, 32) } else { total };
+    // One task per thread for a single row (each task is a short stream of weights, and every
+    // extra task is another hand-off); several per thread for more rows, to balance load.
+    let per_task = match (parallel, m) {
+        (false, _) => total,
+        (true, 1) => total.div_ceil(threads),
+        (true, _) => total.div_ceil(threads * 4).clamp(1, 32),
+    };
     let run = |t: usize| {
         let blocks = t * per_task..((t + 1) * per_task).min(total);
         let mut buf = vec![0f32; m * BLOCK_ROWS * blocks.len()];
