@@ -218,6 +218,25 @@ fn kv_cache_decoding_matches_a_full_forward() {
 }
 
 #[test]
+fn kv_cache_grows_past_its_first_chunk() {
+    // The cache reserves 512 positions at a time: prefill 510, then decode across the boundary
+    // (positions 510..515); every step matches one forward over all 515 tokens.
+    let lm = smollm2();
+    let sentence = encode(lm, "The cache must grow without losing a single key or value.").unwrap();
+    let tokens: Vec<u32> = sentence.iter().copied().cycle().take(515).collect();
+    let full = lm.model.forward(&tokens, &mut Default::default(), true).unwrap();
+    let mut cache = Default::default();
+    lm.model.forward(&tokens[..510], &mut cache, false).unwrap();
+    for (i, &t) in tokens.iter().enumerate().skip(510) {
+        let step = lm.model.forward(&[t], &mut cache, false).unwrap();
+        let want = full.narrow(0, i, 1).unwrap();
+        let diff = (step - want).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        assert!(diff < 1e-3, "position {i}: {diff}");
+    }
+    assert_eq!(cache.len(), 515);
+}
+
+#[test]
 fn qat_gradients_reach_every_layer_of_minilm() {
     // candle's fused layer norm / softmax have no backward; in differentiable mode the loss
     // reaches the fake-quantized weights of the first layer too.

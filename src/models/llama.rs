@@ -140,16 +140,21 @@ impl LlamaConfig {
     }
 }
 
-/// Keys and values of past positions, one pair per layer.
+/// Positions a layer's key/value buffers grow by: memory is reserved in steps of this many
+/// positions instead of being copied on every token.
+const KV_CHUNK: usize = 512;
+
+/// Keys and values of past positions, one pair of growable buffers per layer (written in place,
+/// so a decoding step copies one position, not the whole history).
 #[derive(Debug, Clone, Default)]
 pub struct KvCache {
-    layers: Vec<Option<(Tensor, Tensor)>>,
+    layers: Vec<candle_nn::kv_cache::KvCache>,
 }
 
 impl KvCache {
     /// Number of cached positions.
     pub fn len(&self) -> usize {
-        self.layers.first().and_then(|l| l.as_ref()).map_or(0, |(k, _)| k.dim(2).unwrap_or(0))
+        self.layers.first().map_or(0, |l| l.current_seq_len())
     }
 
     pub fn is_empty(&self) -> bool {
@@ -227,7 +232,7 @@ impl Attention {
         x: &Tensor,
         cos: &Tensor,
         sin: &Tensor,
-        cache: &mut Option<(Tensor, Tensor)>,
+        cache: &mut candle_nn::kv_cache::KvCache,
         differentiable: bool,
     ) -> Result<Tensor> {
         let (b, s, _) = x.dims3()?;
@@ -237,11 +242,24 @@ impl Attention {
         let v = split(self.v_proj.forward(x)?, self.kv_heads)?;
         let rope = if differentiable { candle_nn::rotary_emb::rope_slow } else { candle_nn::rotary_emb::rope };
         let (q, k) = (rope(&q, cos, sin)?, rope(&k, cos, sin)?);
-        let (k, v) = match cache.take() {
-            Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
-            None => (k, v),
+        // The first call attends to its own keys and values (which keeps their gradients);
+        // later ones to the cache's view of everything so far. Differentiable mode concatenates
+        // so that gradients reach this step's keys and values, as in-place writes would not.
+        let (k, v) = match (cache.current_seq_len(), differentiable) {
+            (0, _) => {
+                cache.append(&k, &v)?;
+                (k, v)
+            }
+            (_, false) => cache.append(&k, &v)?,
+            (_, true) => {
+                let (pk, pv) = (cache.k()?, cache.v()?);
+                cache.append(&k, &v)?;
+                match (pk, pv) {
+                    (Some(pk), Some(pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+                    _ => bail!("key/value cache lost its contents"),
+                }
+            }
         };
-        *cache = Some((k.clone(), v.clone()));
         let t = k.dim(2)?;
         // Grouped-query attention without copying the cache once per query head: the `rep`
         // query heads that share key/value head `g` are stacked as rows of one matrix,
@@ -337,7 +355,7 @@ impl Llama {
         if let Some(&t) = tokens.iter().find(|&&t| t as usize >= self.config.vocab_size) {
             bail!("token id {t} is outside the vocabulary of {}", self.config.vocab_size)
         }
-        cache.layers.resize(self.layers.len(), None);
+        cache.layers.resize_with(self.layers.len(), || candle_nn::kv_cache::KvCache::new(2, KV_CHUNK));
         let ids = Tensor::new(tokens, &Device::Cpu)?.unsqueeze(0)?;
         let (cos, sin) = (self.cos.narrow(0, pos, s)?, self.sin.narrow(0, pos, s)?);
         let mut x = self.embed_tokens.forward(&ids)?;
