@@ -3,6 +3,7 @@
 //! ratios are fair on a noisy machine. A benchmark, never a test.
 
 use crate::convert::{quantize_dynamic, quantize_ggml, QuantConfig};
+use crate::kernels::{int8_linear, stream_sum, PackedInt8Weights, QuantizedActivations, WeightQuant};
 use crate::nn::QLinear;
 use candle_core::quantized::GgmlDType;
 use candle_core::{Device, Module, Result, Tensor};
@@ -25,6 +26,84 @@ pub struct BenchRecord {
     pub ratio_f32: f64,
     /// int8 time / Q8_0 time.
     pub ratio_q8_0: f64,
+    /// Bytes of int8 weights and scales streamed per second by the int8 layer, in GB/s.
+    pub int8_gb_s: f64,
+    /// Multiply-adds per second of the int8 layer, in billions.
+    pub int8_gmac_s: f64,
+    /// `int8_gb_s` as a percentage of the machine's measured read bandwidth ([`Bounds`]).
+    pub bandwidth_pct: f64,
+    /// `int8_gmac_s` as a percentage of the kernel's in-cache peak × threads ([`Bounds`]).
+    pub peak_pct: f64,
+}
+
+/// What a linear layer could reach on this machine, measured once per benchmark run.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct Bounds {
+    /// One thread streaming a 256 MiB buffer ([`stream_sum`], best of 5), GB/s.
+    pub read_gb_s: f64,
+    /// The int8 kernel on one thread with its operands in L1/L2 (32 rows × 32 outputs × K = 512:
+    /// 16 KiB of weights), billions of multiply-adds per second.
+    pub int8_peak_gmac_s: f64,
+    /// The int8 kernel on one thread decoding (M = 1) through 128 distinct 576×1536 layers —
+    /// 142 MB of weights and scales, far more than the L3 cache — GB/s of weights read: the decode
+    /// regime, to compare with `read_gb_s`.
+    pub int8_stream_gb_s: f64,
+}
+
+impl Bounds {
+    /// Runs the probes on a one-thread pool.
+    pub fn measure() -> Result<Self> {
+        let pool =
+            rayon::ThreadPoolBuilder::new().num_threads(1).build().map_err(|e| candle_core::Error::Msg(format!("thread pool: {e}")))?;
+        pool.install(Self::probe)
+    }
+
+    fn probe() -> Result<Self> {
+        let buf: Vec<u64> = (0..(256usize << 20) / 8).map(|i| i as u64).collect();
+        let mut best = f64::MAX;
+        for _ in 0..5 {
+            let t = Instant::now();
+            std::hint::black_box(stream_sum(&buf));
+            best = best.min(t.elapsed().as_secs_f64());
+        }
+        let read_gb_s = (buf.len() * 8) as f64 / best / 1e9;
+        drop(buf);
+
+        let (m, k, n) = (32, 512, 32);
+        let w = Tensor::randn(0f32, 1.0, (n, k), &Device::Cpu)?;
+        let weights = PackedInt8Weights::quantize(&w, WeightQuant::default())?;
+        let x: Vec<f32> = Tensor::randn(0f32, 1.0, (m * k,), &Device::Cpu)?.to_vec1()?;
+        let acts = QuantizedActivations::quantize_dynamic(&x, m, k, 32, None)?;
+        let mut out = vec![0f32; m * n];
+        let reps = 2_000;
+        let mut best = f64::MAX;
+        for _ in 0..5 {
+            let t = Instant::now();
+            for _ in 0..reps {
+                int8_linear(&acts, &weights, None, &mut out)?;
+            }
+            best = best.min(t.elapsed().as_secs_f64());
+        }
+        let int8_peak_gmac_s = (reps * m * k * n) as f64 / best / 1e9;
+
+        let (k, n) = (576, 1536);
+        let layers = (0..128)
+            .map(|_| PackedInt8Weights::quantize(&Tensor::randn(0f32, 1.0, (n, k), &Device::Cpu)?, WeightQuant::default()))
+            .collect::<Result<Vec<_>>>()?;
+        let x: Vec<f32> = Tensor::randn(0f32, 1.0, (k,), &Device::Cpu)?.to_vec1()?;
+        let acts = QuantizedActivations::quantize_dynamic(&x, 1, k, 32, None)?;
+        let mut out = vec![0f32; n];
+        let mut best = f64::MAX;
+        for _ in 0..5 {
+            let t = Instant::now();
+            for w in &layers {
+                int8_linear(&acts, w, None, &mut out)?;
+            }
+            best = best.min(t.elapsed().as_secs_f64());
+        }
+        let bytes: usize = layers.iter().map(|w| w.nbytes()).sum();
+        Ok(Self { read_gb_s, int8_peak_gmac_s, int8_stream_gb_s: bytes as f64 / best / 1e9 })
+    }
 }
 
 /// The shapes of the standard table: SmolLM2's projections and larger LLM layers.
@@ -37,7 +116,14 @@ fn median(v: &mut [f64]) -> f64 {
 
 /// Times the three layers on an `m × in` input, alternating them, on a rayon pool of `threads`
 /// (candle's CPU matmul follows `RAYON_NUM_THREADS`, which is set for the duration).
-pub fn bench_linear(in_features: usize, out_features: usize, m: usize, threads: usize, config: &QuantConfig) -> Result<BenchRecord> {
+pub fn bench_linear(
+    in_features: usize,
+    out_features: usize,
+    m: usize,
+    threads: usize,
+    config: &QuantConfig,
+    bounds: &Bounds,
+) -> Result<BenchRecord> {
     let dev = Device::Cpu;
     let w = (Tensor::randn(0f32, 1.0, (out_features, in_features), &dev)? / (in_features as f64).sqrt())?;
     let float = Linear::new(w, None);
@@ -80,6 +166,8 @@ pub fn bench_linear(in_features: usize, out_features: usize, m: usize, threads: 
         None => std::env::remove_var("RAYON_NUM_THREADS"),
     }
     let [int8_us, f32_us, q8_0_us] = result?;
+    let int8_gb_s = int8.weight_bytes() as f64 / int8_us / 1e3;
+    let int8_gmac_s = (m * in_features * out_features) as f64 / int8_us / 1e3;
     Ok(BenchRecord {
         in_features,
         out_features,
@@ -90,5 +178,9 @@ pub fn bench_linear(in_features: usize, out_features: usize, m: usize, threads: 
         q8_0_us,
         ratio_f32: int8_us / f32_us,
         ratio_q8_0: int8_us / q8_0_us,
+        int8_gb_s,
+        int8_gmac_s,
+        bandwidth_pct: 100.0 * int8_gb_s / bounds.read_gb_s,
+        peak_pct: 100.0 * int8_gmac_s / (bounds.int8_peak_gmac_s * threads as f64),
     })
 }

@@ -306,3 +306,14 @@ pub fn weight_only_linear_with(
     }
     Ok(())
 }
+
+/// Wrapping sum of `buf` with the widest vectors this CPU has: a read-bandwidth probe for
+/// benchmarks (the weights' streaming speed is judged against it).
+pub fn stream_sum(buf: &[u64]) -> u64 {
+    #[cfg(target_arch = "x86_64")]
+    if Isa::best() == Isa::Avx2 {
+        // SAFETY: AVX2 is available (Isa::best only picks supported paths).
+        return unsafe { x86::stream_sum(buf) };
+    }
+    buf.iter().fold(0, |a, &b| a.wrapping_add(b))
+}

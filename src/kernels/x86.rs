@@ -351,3 +351,17 @@ pub unsafe fn quantize_symmetric(x: &[f32], inv: f32, q: &mut [i8]) {
         *qv = crate::quant::quantize_value(xv, _mm256_cvtss_f32(inv), 0, -127, 127) as i8;
     }
 }
+
+/// Wrapping sum of `buf` in 32 independent lanes, compiled for AVX2 so that it runs at the
+/// speed memory can deliver (the bandwidth probe of `candle-quant bench`).
+///
+/// # Safety
+/// AVX2 available.
+#[target_feature(enable = "avx2")]
+pub unsafe fn stream_sum(buf: &[u64]) -> u64 {
+    let lanes = buf.chunks_exact(32).fold([0u64; 32], |mut acc, c| {
+        acc.iter_mut().zip(c).for_each(|(a, &b)| *a = a.wrapping_add(b));
+        acc
+    });
+    lanes.iter().fold(0, |a, &b| a.wrapping_add(b))
+}
