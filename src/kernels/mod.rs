@@ -95,7 +95,7 @@ pub fn int8_linear(acts: &QuantizedActivations, weights: &PackedInt8Weights, bia
 
 /// Whether the SIMD tiles can walk these segments: whole rows, or whole quads of 4 channels.
 fn simd_segments(seg: usize, k: usize) -> bool {
-    seg >= k || seg % 4 == 0
+    seg >= k || seg.is_multiple_of(4)
 }
 
 /// [`int8_linear`] on a chosen path (errors if this CPU lacks it).

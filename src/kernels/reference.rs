@@ -5,6 +5,7 @@
 /// `a` is `M×K` row-major (activations), `b` is `N×K` row-major (weights, as `Linear` stores
 /// them), `out` is `M×N`. The definition, not an optimisation: zero points are subtracted
 /// before multiplying.
+#[allow(clippy::too_many_arguments)] // the BLAS shape: operands, zero points, sizes, output
 pub fn gemm_i8_i32(a: &[i8], a_zp: i32, b: &[i8], b_zp: i32, m: usize, n: usize, k: usize, out: &mut [i32]) -> candle_core::Result<()> {
     if a.len() < m * k || b.len() < n * k || out.len() < m * n {
         candle_core::bail!(

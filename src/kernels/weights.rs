@@ -1,7 +1,7 @@
 //! Int8 weights in the layout the kernels read.
 
 use super::CHUNK;
-use crate::quant::{Granularity, QParams, QSpec, QTensor};
+use crate::quant::{Granularity, QDType, QParams, QSpec, QTensor};
 use candle_core::{bail, Device, Result, Tensor};
 
 /// Largest `K` for which an `i32` dot product of int8 values cannot overflow (`K·128·128 < 2³¹`).
@@ -83,8 +83,12 @@ impl PackedInt8Weights {
             Granularity::PerGroup { size } => (size.min(k), p.scales.clone()),
             g => bail!("int8 weights must be quantized per tensor, per output channel (axis 0) or per group, got {g:?}"),
         };
-        let values = q.values();
-        if values.iter().any(|&v| v < -127) {
+        // Signed with zero point 0 means qint8, whose storage is the values themselves.
+        let values = q.storage();
+        if p.spec.dtype != QDType::QInt8 {
+            bail!("int8 weights must be qint8, got {:?}", p.spec.dtype)
+        }
+        if values.contains(&-128) {
             bail!("int8 weights must lie in [-127, 127] (narrow range); -128 found")
         }
         let stride = k.next_multiple_of(CHUNK);
@@ -93,8 +97,9 @@ impl PackedInt8Weights {
         let mut data = vec![0i8; blocks * BLOCK_ROWS * stride];
         let mut scales = vec![0f32; blocks * BLOCK_ROWS * groups];
         for (j, (row, sw)) in values.chunks(k).zip(row_scales.chunks(groups)).enumerate() {
-            for (c, &v) in row.iter().enumerate() {
-                data[Self::offset(stride, j, c)] = v as i8;
+            let block = &mut data[Self::offset(stride, j, 0)..];
+            for (qi, quad) in row.chunks(4).enumerate() {
+                block[32 * qi..32 * qi + quad.len()].copy_from_slice(quad);
             }
             for (g, &s) in sw.iter().enumerate() {
                 scales[Self::scale_offset(groups, j, g)] = s;
@@ -103,7 +108,7 @@ impl PackedInt8Weights {
         let zero_point_terms = values
             .chunks(k)
             .zip(row_scales.chunks(groups))
-            .map(|(row, s)| row.chunks(group).zip(s).map(|(g, &sw)| sw * g.iter().sum::<i32>() as f32).sum())
+            .map(|(row, s)| row.chunks(group).zip(s).map(|(g, &sw)| sw * g.iter().map(|&v| v as i32).sum::<i32>() as f32).sum())
             .collect();
         Ok(Self { n, k, group, stride, data, scales, zero_point_terms })
     }

@@ -13,6 +13,9 @@
 //! and one weight scale) the lanes are converted once and scaled by `sa[m,g] · sw[n,g]` — eight
 //! outputs per instruction, and no horizontal sums anywhere.
 
+// Register tiles are indexed by row and block on purpose: the loops mirror the tile's shape.
+#![allow(clippy::needless_range_loop)]
+
 use super::{PackedInt8Weights, QuantizedActivations, BLOCK_ROWS};
 use std::arch::x86_64::*;
 use std::ops::Range;

@@ -28,10 +28,13 @@ pub fn slot_min_max(values: &[f32], layout: &SlotLayout) -> (Vec<f32>, Vec<f32>)
     let mut min = vec![f32::INFINITY; layout.slots];
     let mut max = vec![f32::NEG_INFINITY; layout.slots];
     layout.for_each_run(values.len(), |s, r| {
-        for &v in values[r].iter().filter(|v| v.is_finite()) {
-            min[s] = min[s].min(v);
-            max[s] = max[s].max(v);
-        }
+        // Non-finite values are swapped for neutral ones, so the fold has no branches.
+        let (lo, hi) = values[r].iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &v| {
+            let finite = v.is_finite();
+            (lo.min(if finite { v } else { f32::INFINITY }), hi.max(if finite { v } else { f32::NEG_INFINITY }))
+        });
+        min[s] = min[s].min(lo);
+        max[s] = max[s].max(hi);
     });
     (min, max)
 }

@@ -148,15 +148,18 @@ impl QSpec {
 #[inline]
 pub fn quantize_value(x: f32, inv_scale: f32, zero_point: i32, qmin: i32, qmax: i32) -> i32 {
     let r = x * inv_scale;
-    if r.is_nan() {
-        return zero_point.clamp(qmin, qmax);
-    }
+    // NaN becomes 0, i.e. the zero point; written as a select (no early return) so that loops
+    // over this function vectorise.
+    let r = if r.is_nan() { 0.0 } else { r };
     // Clamping to the integer bounds first and rounding after gives the same result as rounding
-    // first; once |r| < 2²², adding and removing 1.5·2²³ rounds half to even in hardware (no
-    // libm call in the hot path).
+    // first. Once |r| < 2²², r + 1.5·2²³ lies in [2²³, 2²⁴), where floats are whole numbers:
+    // the addition rounds half to even in hardware, and the sum's bits are those of 1.5·2²³
+    // plus round(r) — an integer read straight off the bits (no libm, no saturating cast, so
+    // loops over this function vectorise).
     const MAGIC: f32 = 12_582_912.0;
-    let r = r.clamp((qmin - zero_point) as f32, (qmax - zero_point) as f32);
-    (((r + MAGIC) - MAGIC) as i32 + zero_point).clamp(qmin, qmax)
+    const MAGIC_BITS: i32 = 0x4B40_0000;
+    let r = r.max((qmin - zero_point) as f32).min((qmax - zero_point) as f32);
+    ((r + MAGIC).to_bits() as i32 - MAGIC_BITS + zero_point).clamp(qmin, qmax)
 }
 
 /// `x = (q - zero_point) * scale`.
