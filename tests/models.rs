@@ -200,40 +200,36 @@ fn sampling_is_seeded_and_inspectable() {
     assert_eq!(names.last().unwrap(), "lm_head");
 }
 
-#[test]
-fn kv_cache_decoding_matches_a_full_forward() {
-    // Prefill 5 tokens, then feed 4 one by one: each step's logits equal the corresponding row
-    // of one forward over all 9 tokens.
+/// Prefills `tokens[..prefill]`, then feeds the rest one by one: each step's logits must equal
+/// the matching row of one forward over all tokens.
+fn assert_cached_decoding_matches_full_forward(tokens: &[u32], prefill: usize) {
     let lm = smollm2();
-    let tokens = encode(lm, "One two three four five six seven eight nine").unwrap();
-    let full = lm.model.forward(&tokens, &mut Default::default(), true).unwrap();
+    let full = lm.model.forward(tokens, &mut Default::default(), true).unwrap();
     let mut cache = Default::default();
-    lm.model.forward(&tokens[..5], &mut cache, false).unwrap();
-    for (i, &t) in tokens.iter().enumerate().skip(5) {
+    lm.model.forward(&tokens[..prefill], &mut cache, false).unwrap();
+    for (i, &t) in tokens.iter().enumerate().skip(prefill) {
         let step = lm.model.forward(&[t], &mut cache, false).unwrap();
         let want = full.narrow(0, i, 1).unwrap();
         let diff = (step - want).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
         assert!(diff < 1e-3, "position {i}: {diff}");
     }
+    assert_eq!(cache.len(), tokens.len());
+}
+
+#[test]
+fn kv_cache_decoding_matches_a_full_forward() {
+    // Prefill 5 tokens, then 4 one by one.
+    let tokens = encode(smollm2(), "One two three four five six seven eight nine").unwrap();
+    assert_cached_decoding_matches_full_forward(&tokens, 5);
 }
 
 #[test]
 fn kv_cache_grows_past_its_first_chunk() {
     // The cache reserves 512 positions at a time: prefill 510, then decode across the boundary
-    // (positions 510..515); every step matches one forward over all 515 tokens.
-    let lm = smollm2();
-    let sentence = encode(lm, "The cache must grow without losing a single key or value.").unwrap();
+    // (positions 510..515).
+    let sentence = encode(smollm2(), "The cache must grow without losing a single key or value.").unwrap();
     let tokens: Vec<u32> = sentence.iter().copied().cycle().take(515).collect();
-    let full = lm.model.forward(&tokens, &mut Default::default(), true).unwrap();
-    let mut cache = Default::default();
-    lm.model.forward(&tokens[..510], &mut cache, false).unwrap();
-    for (i, &t) in tokens.iter().enumerate().skip(510) {
-        let step = lm.model.forward(&[t], &mut cache, false).unwrap();
-        let want = full.narrow(0, i, 1).unwrap();
-        let diff = (step - want).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
-        assert!(diff < 1e-3, "position {i}: {diff}");
-    }
-    assert_eq!(cache.len(), 515);
+    assert_cached_decoding_matches_full_forward(&tokens, 510);
 }
 
 #[test]
