@@ -118,11 +118,12 @@ fn simd_paths_equal_the_reference() {
         let m = match rng.next_u64() % 20 {
             0 => 64,
             1 => 128,
+            2..=5 => 1, // decoding: the single-row panels
             r => 1 + (r as usize % 17),
         };
         let k = ks[(rng.next_u64() % ks.len() as u64) as usize];
-        // Odd, from one partial block of 8 outputs to several four-block panels.
-        let n = 1 + 2 * (rng.next_u64() % 36) as usize;
+        // Odd, from one partial block of 8 outputs to two eight-block panels and a remainder.
+        let n = 1 + 2 * (rng.next_u64() % 65) as usize;
         let (act_group, weight) = match rng.next_u64() % 4 {
             0 => (k, WeightQuant::PerChannel),
             1 => (32, WeightQuant::PerGroup(32)),
