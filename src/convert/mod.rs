@@ -11,6 +11,7 @@ use crate::nn::{ActivationQuant, QLinear, QLinearKind};
 use crate::observer::{MinMaxObserver, Observer};
 use crate::quant::{QDType, QScheme, QSpec};
 use candle_core::{bail, Result};
+use rayon::prelude::*;
 
 /// A model whose linear layers can be visited, each with its full name.
 pub trait Quantizable {
@@ -154,30 +155,75 @@ fn convert_selected(
     Ok(report)
 }
 
-/// Swaps every selected layer for a dynamic int8 one (int8 weights per output channel,
-/// activations quantized on the fly) — the counterpart of
-/// `torch.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)`.
+/// Like [`convert_selected`] for steps that only read their own layer (weight quantization):
+/// layers are converted on rayon's pool, a batch of a few per thread at a time — so at most one
+/// batch of new weights exists beside the float ones — and swapped in, in visiting order.
+fn convert_selected_in_parallel(
+    model: &mut (impl Quantizable + ?Sized),
+    config: &QuantConfig,
+    step: impl Fn(&mut QLinear) -> Result<()> + Sync,
+) -> Result<ConversionReport> {
+    let batch = 4 * rayon::current_num_threads();
+    let mut start = 0;
+    loop {
+        // Copies of this batch's selected layers (float tensors are shared, not copied).
+        let (mut index, mut todo) = (0, Vec::new());
+        model.visit_linears(&mut |layer| {
+            if config.selects(layer.name()) {
+                if (start..start + batch).contains(&index) {
+                    todo.push(layer.clone());
+                }
+                index += 1;
+            }
+            Ok(())
+        })?;
+        if todo.is_empty() {
+            break;
+        }
+        let mut done = todo.into_par_iter().map(|mut layer| step(&mut layer).map(|_| layer)).collect::<Result<Vec<_>>>()?.into_iter();
+        let mut index = 0;
+        model.visit_linears(&mut |layer| {
+            if config.selects(layer.name()) {
+                if (start..start + batch).contains(&index) {
+                    match done.next() {
+                        Some(q) if q.name() == layer.name() => *layer = q,
+                        _ => bail!("layer {} changed while it was being converted", layer.name()),
+                    }
+                }
+                index += 1;
+            }
+            Ok(())
+        })?;
+        start += batch;
+    }
+    // Every selected layer is now converted: the report is a visit with a step that does nothing.
+    convert_selected(model, config, |_| Ok(true))
+}
+
+/// Swaps every selected layer for a dynamic int8 one (int8 weights per group or per output
+/// channel as `config.weight` says, activations quantized on the fly) — the counterpart of
+/// `torch.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)`. Layers are
+/// quantized in parallel.
 pub fn quantize_dynamic(model: &mut (impl Quantizable + ?Sized), config: &QuantConfig) -> Result<ConversionReport> {
-    convert_selected(model, config, |layer| {
+    convert_selected_in_parallel(model, config, |layer| {
         let act = config.activation_for(layer.name());
-        layer.quantize_dynamic(act, config.weight, config.outlier_threshold)?;
-        Ok(true)
+        layer.quantize_dynamic(act, config.weight, config.outlier_threshold)
     })
 }
 
-/// Swaps every selected layer for a weight-only int8 one.
+/// Swaps every selected layer for a weight-only int8 one (in parallel).
 pub fn quantize_weight_only(model: &mut (impl Quantizable + ?Sized), config: &QuantConfig) -> Result<ConversionReport> {
-    convert_selected(model, config, |layer| layer.quantize_weight_only(config.weight).map(|_| true))
+    convert_selected_in_parallel(model, config, |layer| layer.quantize_weight_only(config.weight))
 }
 
 /// Swaps every selected layer for candle's block-quantized `QMatMul` in `dtype` (the
-/// Q8_0 baseline).
+/// Q8_0 baseline; in parallel).
 pub fn quantize_ggml(
     model: &mut (impl Quantizable + ?Sized),
     config: &QuantConfig,
     dtype: candle_core::quantized::GgmlDType,
 ) -> Result<ConversionReport> {
-    convert_selected(model, config, |layer| layer.quantize_ggml(dtype).map(|_| true))
+    convert_selected_in_parallel(model, config, |layer| layer.quantize_ggml(dtype))
 }
 
 /// Static quantization, step 1: selected float layers start observing their inputs.
