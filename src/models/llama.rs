@@ -260,6 +260,11 @@ impl Attention {
                 }
             }
         };
+        if s == 1 && b == 1 && !differentiable {
+            if let Some(y) = single_query_attention(&q, &k, &v, self.heads, self.kv_heads)? {
+                return self.o_proj.forward(&y);
+            }
+        }
         let t = k.dim(2)?;
         // Grouped-query attention without copying the cache once per query head: the `rep`
         // query heads that share key/value head `g` are stacked as rows of one matrix,
@@ -279,6 +284,54 @@ impl Attention {
         let y = att.matmul(&v)?.reshape((b, self.heads, s, self.head_dim))?.transpose(1, 2)?.reshape((b, s, self.heads * self.head_dim))?;
         self.o_proj.forward(&y)
     }
+}
+
+/// `Σ a·b` with eight independent partial sums, so that it vectorises.
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ac.remainder().iter().zip(bc.remainder()).map(|(x, y)| x * y).sum();
+    for (x, y) in ac.zip(bc) {
+        acc.iter_mut().zip(x.iter().zip(y)).for_each(|(s, (x, y))| *s += x * y);
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// One query position (decoding) against every cached key and value, computed in place on the
+/// cache's storage: for head `h` with key/value head `g = h / rep`,
+/// `p = softmax(q_h · K_gᵀ / √d)`, `y_h = p · V_g`. Returns `[1, 1, heads·d]`, or `None` when
+/// the tensors are not f32 CPU tensors with contiguous rows (the general path then runs).
+/// At this size candle's general matmul spends most of its time in per-call overhead.
+fn single_query_attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, kv_heads: usize) -> Result<Option<Tensor>> {
+    let (_, _, t, d) = k.dims4()?;
+    let q = q.flatten_all()?.to_vec1::<f32>()?;
+    let (ks, kl) = k.storage_and_layout();
+    let (vs, vl) = v.storage_and_layout();
+    let (candle_core::Storage::Cpu(kc), candle_core::Storage::Cpu(vc)) = (&*ks, &*vs) else { return Ok(None) };
+    let (Ok(kd), Ok(vd)) = (kc.as_slice::<f32>(), vc.as_slice::<f32>()) else { return Ok(None) };
+    let rows_contiguous = |l: &candle_core::Layout| l.stride()[3] == 1 && l.stride()[2] == d;
+    if q.len() != heads * d || !rows_contiguous(kl) || !rows_contiguous(vl) {
+        return Ok(None);
+    }
+    let (rep, scale) = (heads / kv_heads, 1.0 / (d as f32).sqrt());
+    let mut y = vec![0f32; heads * d];
+    let mut p = vec![0f32; t];
+    for (h, (qh, yh)) in q.chunks(d).zip(y.chunks_mut(d)).enumerate() {
+        let g = h / rep;
+        let (k0, v0) = (kl.start_offset() + g * kl.stride()[1], vl.start_offset() + g * vl.stride()[1]);
+        for (j, pj) in p.iter_mut().enumerate() {
+            *pj = dot(qh, &kd[k0 + j * d..k0 + (j + 1) * d]) * scale;
+        }
+        let max = p.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+        p.iter_mut().for_each(|x| *x = (*x - max).exp());
+        let inv = 1.0 / p.iter().sum::<f32>();
+        for (j, &pj) in p.iter().enumerate() {
+            let w = pj * inv;
+            yh.iter_mut().zip(&vd[v0 + j * d..v0 + (j + 1) * d]).for_each(|(y, v)| *y += w * v);
+        }
+    }
+    drop((ks, vs));
+    Ok(Some(Tensor::from_vec(y, (1, 1, heads * d), k.device())?))
 }
 
 impl Mlp {
