@@ -24,7 +24,7 @@
 //! # Ok(()) }
 //! ```
 //!
-//! Layers, from the maths up: [`quant`] → [`observer`], [`kernels`] → [`nn`] → [`convert`].
+//! Layers, from the maths up: [`quant`] → [`observer`], [`kernels`] → [`nn`] → [`convert`](mod@convert).
 
 pub mod bench;
 pub mod convert;
