@@ -38,6 +38,10 @@ enum Command {
         model: ModelArgs,
         #[command(flatten)]
         gen: GenArgs,
+        /// Generate this many times with each model, alternating f32 and int8, and report
+        /// medians (speeds on a busy machine vary from run to run).
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+        repeats: u32,
         /// Print one JSON object instead of text.
         #[arg(long)]
         json: bool,
@@ -304,7 +308,7 @@ fn run(cli: Cli) -> Result<()> {
                 g.stats.prompt_tokens, g.stats.prefill_ms, g.stats.new_tokens, g.stats.decode_tok_s
             );
         }
-        Command::Compare { model, gen, json } => {
+        Command::Compare { model, gen, repeats, json } => {
             let lm = load_model(model.model.as_deref())?;
             let (q, report) = quantized(&lm, &model)?;
             let tokens = prompt_tokens(&lm, &gen)?;
@@ -324,7 +328,24 @@ fn run(cli: Cli) -> Result<()> {
                 }
                 Ok(g)
             };
-            let (gf, gq) = (run(&lm, "f32")?, run(&q, "int8")?);
+            let (mut gf, mut gq) = (run(&lm, "f32")?, run(&q, "int8")?);
+            // Further alternating runs (same greedy text) only for their timings.
+            let mut runs = vec![(gf.stats.clone(), gq.stats.clone())];
+            for _ in 1..repeats {
+                let f = generate(&lm, &tokens, gen.max_new_tokens, &greedy, |_| {})?;
+                let i = generate(&q, &tokens, gen.max_new_tokens, &greedy, |_| {})?;
+                runs.push((f.stats, i.stats));
+            }
+            let median = |mut v: Vec<f64>| {
+                v.sort_by(f64::total_cmp);
+                v[v.len() / 2]
+            };
+            let speedups: Vec<f64> =
+                runs.iter().map(|(f, i)| if f.decode_tok_s > 0.0 { i.decode_tok_s / f.decode_tok_s } else { 0.0 }).collect();
+            gf.stats.decode_tok_s = median(runs.iter().map(|r| r.0.decode_tok_s).collect());
+            gf.stats.prefill_ms = median(runs.iter().map(|r| r.0.prefill_ms).collect());
+            gq.stats.decode_tok_s = median(runs.iter().map(|r| r.1.decode_tok_s).collect());
+            gq.stats.prefill_ms = median(runs.iter().map(|r| r.1.prefill_ms).collect());
             let first_divergence = gf
                 .tokens
                 .iter()
@@ -334,7 +355,7 @@ fn run(cli: Cli) -> Result<()> {
             let seq: Vec<u32> = tokens.iter().chain(&gf.tokens).copied().collect();
             let agreement =
                 if gf.tokens.is_empty() { None } else { Some(evaluate_from(&lm.model, &q.model, &seq, tokens.len() - 1)?.top1_agreement) };
-            let speedup = if gf.stats.decode_tok_s > 0.0 { gq.stats.decode_tok_s / gf.stats.decode_tok_s } else { 0.0 };
+            let speedup = median(speedups.clone());
             let side = |g: &Generation, m: &LanguageModel| serde_json::json!({"text": g.text, "prefill_ms": g.stats.prefill_ms, "decode_tok_s": g.stats.decode_tok_s, "weight_bytes": m.model.weight_bytes()});
             if json {
                 let out = serde_json::json!({
@@ -344,6 +365,8 @@ fn run(cli: Cli) -> Result<()> {
                     "f32": side(&gf, &lm),
                     "int8": side(&gq, &q),
                     "decode_speedup": speedup,
+                    "decode_speedups": speedups,
+                    "repeats": repeats,
                     "first_divergence": first_divergence,
                     "top1_agreement": agreement,
                     "quantized_layers": report.converted.len(),
@@ -360,7 +383,12 @@ fn run(cli: Cli) -> Result<()> {
                         m.model.weight_bytes() as f64 / 1e6
                     );
                 }
-                println!("decode speedup int8/f32: {speedup:.2}x");
+                if repeats > 1 {
+                    let each: Vec<String> = speedups.iter().map(|s| format!("{s:.2}")).collect();
+                    println!("decode speedup int8/f32: {speedup:.2}x (median of {repeats} alternating runs: {})", each.join(", "));
+                } else {
+                    println!("decode speedup int8/f32: {speedup:.2}x");
+                }
                 match first_divergence {
                     Some(p) => println!("outputs first differ at generated token {p}"),
                     None => println!("outputs are identical"),

@@ -8,7 +8,17 @@ fn cli(args: &[&str]) -> std::process::Output {
 
 #[test]
 fn compare_json_has_every_field() {
-    let out = cli(&["compare", "--prompt", "The capital of France is", "--no-chat-template", "--max-new-tokens", "6", "--json"]);
+    let out = cli(&[
+        "compare",
+        "--prompt",
+        "The capital of France is",
+        "--no-chat-template",
+        "--max-new-tokens",
+        "6",
+        "--repeats",
+        "2",
+        "--json",
+    ]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     for key in [
@@ -16,6 +26,8 @@ fn compare_json_has_every_field() {
         "prompt_tokens",
         "new_tokens",
         "decode_speedup",
+        "decode_speedups",
+        "repeats",
         "first_divergence",
         "top1_agreement",
         "quantized_layers",
@@ -31,6 +43,10 @@ fn compare_json_has_every_field() {
     assert!(v["f32"]["text"].as_str().unwrap().contains("Paris"), "{v}");
     assert!(v["int8"]["weight_bytes"].as_u64().unwrap() < v["f32"]["weight_bytes"].as_u64().unwrap() / 2);
     assert_eq!(v["quantized_layers"], 211);
+    // Two alternating runs; the reported speedup is the median (upper middle) of the pair.
+    let runs: Vec<f64> = v["decode_speedups"].as_array().unwrap().iter().map(|s| s.as_f64().unwrap()).collect();
+    assert_eq!(runs.len(), 2);
+    assert_eq!(v["decode_speedup"].as_f64().unwrap(), runs[0].max(runs[1]));
 }
 
 #[test]
@@ -58,4 +74,7 @@ fn bad_arguments_fail_with_a_message() {
     let out = cli(&["generate", "--model", "/no/such/model.gguf"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("/no/such/model.gguf"));
+    let out = cli(&["compare", "--repeats", "0"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--repeats"), "{}", String::from_utf8_lossy(&out.stderr));
 }
