@@ -247,12 +247,18 @@ fn quant_config(args: &ModelArgs) -> QuantConfig {
 
 fn quantized(lm: &LanguageModel, args: &ModelArgs) -> Result<(LanguageModel, ConversionReport)> {
     let mut q = lm.clone();
-    let cfg = quant_config(args);
+    let pb = bar(0, "quantizing layers");
+    let shown = pb.clone();
+    let cfg = quant_config(args).progress(move |done, total| {
+        shown.set_length(total as u64);
+        shown.set_position(done as u64);
+    });
     let report = match args.mode {
         Mode::Dynamic => quantize_dynamic(&mut q.model, &cfg)?,
         Mode::WeightOnly => quantize_weight_only(&mut q.model, &cfg)?,
         Mode::Q8_0 => quantize_ggml(&mut q.model, &cfg, candle_core::quantized::GgmlDType::Q8_0)?,
     };
+    pb.finish();
     Ok((q, report))
 }
 

@@ -69,9 +69,14 @@ fn quantize_dynamic_with_patterns_and_overrides() {
     let QLinearKind::Dynamic(d) = model.blocks[0][0].kind() else { panic!() };
     assert_eq!(d.activation_quant(), ActivationQuant::default());
     assert!(rel_error(&model.forward(&x).unwrap(), &y).unwrap() < 0.02);
-    // Include patterns restrict the selection.
+    // Include patterns restrict the selection; progress counts the two selected layers.
     let mut model = Mlp::new(&mut rng);
-    let report = quantize_dynamic(&mut model, &QuantConfig::default().include("*.up")).unwrap();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(vec![]));
+    let log = seen.clone();
+    let config = QuantConfig::default().include("*.up").progress(move |done, total| log.lock().unwrap().push((done, total)));
+    let report = quantize_dynamic(&mut model, &config).unwrap();
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!((seen.first(), seen.last()), (Some(&(0, 2)), Some(&(2, 2))), "{seen:?}");
     assert_eq!(report.converted, ["blocks.0.up", "blocks.1.up"]);
     assert_eq!(kinds(&mut model)[4], ("head".to_string(), "float"));
 }

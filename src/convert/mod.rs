@@ -43,6 +43,17 @@ pub const DEFAULT_OUTLIER_THRESHOLD: f32 = 3.0;
 /// Observer factory used by `prepare`/`prepare_qat` for each layer's input.
 pub type ObserverFactory = fn() -> Box<dyn Observer>;
 
+/// A callback told `(layers done, layers selected)` while weights are being quantized, e.g. to
+/// drive a progress bar; called from the converting thread after each batch.
+#[derive(Clone)]
+pub struct Progress(pub std::sync::Arc<dyn Fn(usize, usize) + Send + Sync>);
+
+impl std::fmt::Debug for Progress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Progress(..)")
+    }
+}
+
 /// Which layers to convert and how.
 ///
 /// A layer is selected when it matches some `include` pattern (all layers when `include` is
@@ -62,6 +73,9 @@ pub struct QuantConfig {
     pub overrides: Vec<(String, ActivationQuant)>,
     /// Observer for static calibration and QAT inputs.
     pub observer: ObserverFactory,
+    /// Told how far weight quantization (`quantize_dynamic`, `quantize_weight_only`,
+    /// `quantize_ggml`) has come.
+    pub progress: Option<Progress>,
 }
 
 /// Per-tensor affine qint8 min/max: the default static activation observer.
@@ -79,6 +93,7 @@ impl Default for QuantConfig {
             outlier_threshold: Some(DEFAULT_OUTLIER_THRESHOLD),
             overrides: vec![],
             observer: default_static_observer,
+            progress: None,
         }
     }
 }
@@ -116,6 +131,12 @@ impl QuantConfig {
 
     pub fn observer(mut self, factory: ObserverFactory) -> Self {
         self.observer = factory;
+        self
+    }
+
+    /// Calls `f(done, selected)` as layers' weights are quantized.
+    pub fn progress(mut self, f: impl Fn(usize, usize) + Send + Sync + 'static) -> Self {
+        self.progress = Some(Progress(std::sync::Arc::new(f)));
         self
     }
 
@@ -164,6 +185,17 @@ fn convert_selected_in_parallel(
     step: impl Fn(&mut QLinear) -> Result<()> + Sync,
 ) -> Result<ConversionReport> {
     let batch = 4 * rayon::current_num_threads();
+    let mut selected = 0;
+    model.visit_linears(&mut |layer| {
+        selected += config.selects(layer.name()) as usize;
+        Ok(())
+    })?;
+    let report = |done: usize| {
+        if let Some(Progress(f)) = &config.progress {
+            f(done.min(selected), selected)
+        }
+    };
+    report(0);
     let mut start = 0;
     loop {
         // Copies of this batch's selected layers (float tensors are shared, not copied).
@@ -195,6 +227,7 @@ fn convert_selected_in_parallel(
             Ok(())
         })?;
         start += batch;
+        report(start);
     }
     // Every selected layer is now converted: the report is a visit with a step that does nothing.
     convert_selected(model, config, |_| Ok(true))
