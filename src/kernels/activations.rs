@@ -37,7 +37,7 @@ impl QuantizedActivations {
     /// same bits (tests compare them).
     pub fn quantize_dynamic_with(isa: Isa, x: &[f32], m: usize, k: usize, group: usize, outlier_threshold: Option<f32>) -> Result<Self> {
         check_dims(x, m, k)?;
-        if !Isa::supported().contains(&isa) {
+        if !isa.is_supported() {
             bail!("activations: this CPU cannot run the {isa:?} kernels")
         }
         let group = group.clamp(1, k.max(1));
@@ -52,7 +52,7 @@ impl QuantizedActivations {
         for (xr, qr) in x.chunks(k).zip(data.chunks_mut(stride)) {
             for (g, (xg, qg)) in xr.chunks(group).zip(qr.chunks_mut(group)).enumerate() {
                 let (amax, finite) = match isa {
-                    // SAFETY: Avx2 is only in Isa::supported() when the CPU has it.
+                    // SAFETY: Avx2 is only supported when the CPU has it (checked above).
                     #[cfg(target_arch = "x86_64")]
                     Isa::Avx2 => unsafe { super::x86::abs_max(xg) },
                     // `f32::max` skips NaN, so NaN is caught by the probe (NaN·0 = NaN, ±Inf·0 = NaN).
@@ -61,24 +61,21 @@ impl QuantizedActivations {
                 if !finite {
                     bail!("activation row contains a non-finite value (NaN or ±Inf)")
                 }
-                if amax > limit {
-                    // Rare: the group holds outliers; they stay in float and leave the scale.
-                    let amax = xg.iter().map(|v| v.abs()).filter(|&a| a <= limit).fold(0f32, f32::max);
-                    let (scale, zp) = spec.scale_zero_point_unchecked(-amax, amax);
-                    let inv = 1.0 / scale;
-                    for (c, (q, &v)) in qg.iter_mut().zip(xg).enumerate() {
-                        if v.abs() > limit {
-                            outliers.push(((g * group + c) as u32, v));
-                        } else {
-                            *q = quantize_value(v, inv, zp, qmin, qmax) as i8;
-                        }
-                    }
-                    scales.push(scale);
-                    continue;
-                }
+                // Rare: the group holds outliers; they stay in float and leave the scale.
+                let has_outliers = amax > limit;
+                let amax = if has_outliers { xg.iter().map(|v| v.abs()).filter(|&a| a <= limit).fold(0f32, f32::max) } else { amax };
                 let (scale, zp) = spec.scale_zero_point_unchecked(-amax, amax);
                 let inv = 1.0 / scale;
                 match isa {
+                    _ if has_outliers => {
+                        for (c, (q, &v)) in qg.iter_mut().zip(xg).enumerate() {
+                            if v.abs() > limit {
+                                outliers.push(((g * group + c) as u32, v));
+                            } else {
+                                *q = quantize_value(v, inv, zp, qmin, qmax) as i8;
+                            }
+                        }
+                    }
                     // SAFETY: as above; qg and xg have the same length.
                     #[cfg(target_arch = "x86_64")]
                     Isa::Avx2 => unsafe { super::x86::quantize_symmetric(xg, inv, qg) },

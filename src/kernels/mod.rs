@@ -39,20 +39,31 @@ pub enum Isa {
 }
 
 impl Isa {
-    /// The fastest path this CPU supports, detected once.
+    /// The fastest path this CPU supports.
     pub fn best() -> Isa {
-        static BEST: OnceLock<Isa> = OnceLock::new();
-        *BEST.get_or_init(|| Isa::supported().into_iter().last().unwrap_or(Isa::Reference))
+        Isa::detected().last().copied().unwrap_or(Isa::Reference)
     }
 
     /// Every path this CPU can run, slowest first (for tests that force each one).
     pub fn supported() -> Vec<Isa> {
-        let mut v = vec![Isa::Reference];
-        #[cfg(target_arch = "x86_64")]
-        if x86::available() {
-            v.push(Isa::Avx2);
-        }
-        v
+        Isa::detected().to_vec()
+    }
+
+    /// Whether this CPU can run `self` (every kernel call asks; detection runs once).
+    pub fn is_supported(self) -> bool {
+        Isa::detected().contains(&self)
+    }
+
+    fn detected() -> &'static [Isa] {
+        static DETECTED: OnceLock<Vec<Isa>> = OnceLock::new();
+        DETECTED.get_or_init(|| {
+            let mut v = vec![Isa::Reference];
+            #[cfg(target_arch = "x86_64")]
+            if x86::available() {
+                v.push(Isa::Avx2);
+            }
+            v
+        })
     }
 }
 
@@ -107,19 +118,19 @@ pub fn int8_linear_with(
     out: &mut [f32],
 ) -> Result<()> {
     check_linear(acts, weights, bias, out)?;
-    if !Isa::supported().contains(&isa) {
+    if !isa.is_supported() {
         bail!("int8 linear: this CPU cannot run the {isa:?} kernels")
     }
     let seg = segment(acts, weights)?;
     let isa = if simd_segments(seg, acts.cols()) { isa } else { Isa::Reference };
-    let abs: Vec<u8> = if isa == Isa::Reference { Vec::new() } else { acts.padded_data().iter().map(|v| v.unsigned_abs()).collect() };
+    let abs = if isa == Isa::Reference { Vec::new() } else { magnitudes(acts) };
     let (m, n) = (acts.rows(), weights.out_features());
     over_blocks(m, n, m * n * acts.cols(), out, |blocks, buf| {
         match isa {
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2 => {
                 let op = x86::Int8Operands { acts, abs: &abs, weights, seg };
-                // SAFETY: Avx2 is in Isa::supported() (checked above); abs covers the padded
+                // SAFETY: Avx2 is supported (checked above); abs covers the padded
                 // rows; seg passed simd_segments and check_linear; blocks and buf come from
                 // over_blocks, which sizes buf as M × 8·blocks.len().
                 unsafe { x86::int8_blocks(&op, blocks.clone(), buf) }
@@ -142,6 +153,18 @@ pub fn int8_linear_with(
         }
     }
     Ok(())
+}
+
+/// `|a|` of every padded activation row: the unsigned operand of the AVX2 byte multiply.
+fn magnitudes(acts: &QuantizedActivations) -> Vec<u8> {
+    acts.padded_data().iter().map(|v| v.unsigned_abs()).collect()
+}
+
+/// `(output channel j, its column in a blocks' scratch buffer)` for the real (unpadded)
+/// channels of `blocks`.
+fn block_columns(blocks: &std::ops::Range<usize>, n: usize) -> impl Iterator<Item = (usize, usize)> {
+    let first = blocks.start * BLOCK_ROWS;
+    (first..(blocks.end * BLOCK_ROWS).min(n)).map(move |j| (j, j - first))
 }
 
 /// Splits the weight blocks into ranges, runs `f(blocks, buf)` on each — on rayon's pool when
@@ -183,7 +206,7 @@ fn reference_blocks(acts: &QuantizedActivations, weights: &PackedInt8Weights, se
     let (k, n) = (acts.cols(), weights.out_features());
     let (a_step, w_step) = ((acts.groups() > 1) as usize, (weights.groups() > 1) as usize);
     let row_len = BLOCK_ROWS * blocks.len();
-    for j in blocks.start * BLOCK_ROWS..(blocks.end * BLOCK_ROWS).min(n) {
+    for (j, col) in block_columns(&blocks, n) {
         let (w, sw) = (weights.row(j), weights.row_scales(j));
         for i in 0..acts.rows() {
             let (row, sa) = (acts.row(i), acts.row_scales(i));
@@ -192,7 +215,7 @@ fn reference_blocks(acts: &QuantizedActivations, weights: &PackedInt8Weights, se
                 let r = g * seg..((g + 1) * seg).min(k);
                 acc += sa[g * a_step] * sw[g * w_step] * reference::dot_i8(&row[r.clone()], &w[r]) as f32;
             }
-            buf[i * row_len + j - blocks.start * BLOCK_ROWS] = acc;
+            buf[i * row_len + col] = acc;
         }
     }
 }
@@ -204,8 +227,8 @@ fn add_outliers(acts: &QuantizedActivations, weights: &PackedInt8Weights, blocks
     for i in 0..acts.rows() {
         for &(c, x) in acts.row_outliers(i) {
             let c = c as usize;
-            for j in blocks.start * BLOCK_ROWS..(blocks.end * BLOCK_ROWS).min(weights.out_features()) {
-                buf[i * row_len + j - blocks.start * BLOCK_ROWS] += x * weights.value(j, c) as f32 * weights.scale(j, c / group);
+            for (j, col) in block_columns(&blocks, weights.out_features()) {
+                buf[i * row_len + col] += x * weights.value(j, c) as f32 * weights.scale(j, c / group);
             }
         }
     }
@@ -214,7 +237,7 @@ fn add_outliers(acts: &QuantizedActivations, weights: &PackedInt8Weights, blocks
 /// Exact integer sums `Σ_{k∈g} qa[i,k]·qw[j,k]` of every segment, `[M][N][segments]`, from the
 /// chosen path's own tiles (tests compare paths on this).
 pub fn group_sums_with(isa: Isa, acts: &QuantizedActivations, weights: &PackedInt8Weights) -> Result<Vec<i32>> {
-    if !Isa::supported().contains(&isa) {
+    if !isa.is_supported() {
         bail!("this CPU cannot run the {isa:?} kernels")
     }
     if acts.cols() != weights.in_features() {
@@ -225,11 +248,11 @@ pub fn group_sums_with(isa: Isa, acts: &QuantizedActivations, weights: &PackedIn
     match isa {
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 if simd_segments(seg, k) => {
-            let abs: Vec<u8> = acts.padded_data().iter().map(|v| v.unsigned_abs()).collect();
+            let abs = magnitudes(acts);
             let op = x86::Int8Operands { acts, abs: &abs, weights, seg };
             let n_pad = weights.blocks() * BLOCK_ROWS;
             let mut sums = vec![0i32; m * n_pad * segs];
-            // SAFETY: AVX2 checked via Isa::supported(); abs covers the padded rows; seg passed
+            // SAFETY: AVX2 checked via is_supported(); abs covers the padded rows; seg passed
             // simd_segments; sums holds M · N_pad · segments values.
             unsafe { x86::int8_segment_sums(&op, &mut sums) };
             debug_assert_eq!(x86::segment_count(&op), segs);
@@ -272,7 +295,7 @@ pub fn weight_only_linear_with(
             bail!("weight-only linear: bias has {} values, {n} needed", b.len())
         }
     }
-    if !Isa::supported().contains(&isa) {
+    if !isa.is_supported() {
         bail!("weight-only linear: this CPU cannot run the {isa:?} kernels")
     }
     let isa = if simd_segments(weights.group_size(), k) { isa } else { Isa::Reference };
@@ -290,11 +313,11 @@ pub fn weight_only_linear_with(
         _ => {
             let row_len = BLOCK_ROWS * blocks.len();
             let g = weights.group_size();
-            for j in blocks.start * BLOCK_ROWS..(blocks.end * BLOCK_ROWS).min(n) {
+            for (j, col) in block_columns(&blocks, n) {
                 let (w, sw) = (weights.row(j), weights.row_scales(j));
                 for (i, row) in x.chunks(k).enumerate() {
                     let dot = row.chunks(g).zip(w.chunks(g)).zip(&sw).map(|((x, w), s)| s * reference::dot_f32_i8(x, w)).sum();
-                    buf[i * row_len + j - blocks.start * BLOCK_ROWS] = dot;
+                    buf[i * row_len + col] = dot;
                 }
             }
         }

@@ -39,13 +39,17 @@ pub struct Int8Operands<'a> {
 impl Int8Operands<'_> {
     /// `(segments, quads per segment)`.
     fn segments(&self) -> (usize, usize) {
-        let k = self.acts.cols();
-        let quads = self.weights.padded_in_features() / 4;
-        if self.seg >= k {
-            (1, quads)
-        } else {
-            (k.div_ceil(self.seg), self.seg / 4)
-        }
+        segments(self.acts.cols(), self.weights.padded_in_features(), self.seg)
+    }
+}
+
+/// `(segments, quads per segment)` for rows of `k` values padded to `stride` bytes, walked in
+/// segments of `seg` values (`seg >= k`: one segment covering the padded row).
+fn segments(k: usize, stride: usize, seg: usize) -> (usize, usize) {
+    if seg >= k {
+        (1, stride / 4)
+    } else {
+        (k.div_ceil(seg), seg / 4)
     }
 }
 
@@ -250,8 +254,7 @@ unsafe fn widen_quad(packed: *const i8) -> [__m256; 4] {
 unsafe fn weight_only_tile<const R: usize>(x: &[f32], i0: usize, weights: &PackedInt8Weights, b: usize, out: *mut f32, row_len: usize) {
     let (k, stride) = (weights.in_features(), weights.padded_in_features());
     let quads = stride / 4;
-    let seg = weights.group_size();
-    let (segs, seg_quads) = if seg >= k { (1, quads) } else { (k.div_ceil(seg), seg / 4) };
+    let (segs, seg_quads) = segments(k, stride, weights.group_size());
     let (w, sw) = (weights.block(b).as_ptr(), weights.block_scales(b).as_ptr());
     let mut y = [_mm256_setzero_ps(); R];
     for g in 0..segs {
