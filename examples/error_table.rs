@@ -63,7 +63,8 @@ fn main() -> Result<()> {
     let act_spec = QSpec::new(QDType::QInt8, QScheme::Affine);
     println!("relative error ‖y_int8 − y_f32‖ / ‖y_f32‖, {k}→{n}, {m} tokens");
     println!("{:<46} {:>12} {:>14}", "scheme", "N(0,1)", "outlier chans");
-    let rows: Vec<(&str, Box<dyn Fn(&Tensor) -> Result<QLinear>>)> = vec![
+    type Build<'a> = Box<dyn Fn(&Tensor) -> Result<QLinear> + 'a>;
+    let rows: Vec<(&str, Build)> = vec![
         ("dynamic, per-tensor W, per-token A", Box::new(|_| dynamic(ActivationQuant::PerToken, false))),
         ("dynamic, per-channel W, per-token A", Box::new(|_| dynamic(ActivationQuant::PerToken, true))),
         ("dynamic, per-channel W, per-group(128) A", Box::new(|_| dynamic(ActivationQuant::PerGroup(128), true))),

@@ -130,7 +130,7 @@ fn simd_paths_equal_the_reference() {
             2 => (64, WeightQuant::PerChannel),
             _ => (k, WeightQuant::PerGroup(128)),
         };
-        let outliers = (rng.next_u64() % 3 == 0).then_some(2.5);
+        let outliers = rng.next_u64().is_multiple_of(3).then_some(2.5);
         let w = rng.tensor(&[n, k], 1.0).unwrap();
         let w = PackedInt8Weights::quantize(&w, weight).unwrap();
         let x = rng.normals(m * k, 1.0);
@@ -169,7 +169,7 @@ fn simd_activation_quantizer_equals_the_reference() {
     for case in 0..2_000 {
         let (m, k) = (1 + (rng.next_u64() % 4) as usize, 1 + (rng.next_u64() % 300) as usize);
         let group = [k, 32, 8, 17][(rng.next_u64() % 4) as usize];
-        let threshold = (rng.next_u64() % 2 == 0).then_some(2.0);
+        let threshold = rng.next_u64().is_multiple_of(2).then_some(2.0);
         let x: Vec<f32> = if case % 2 == 0 {
             rng.normals(m * k, 1.5)
         } else {

@@ -144,8 +144,8 @@ fn minilm_int8_embeddings_stay_close_and_keep_the_ranking() {
             .max_by(|&a, &b| Bert::cosine(&e[k], &e[a]).unwrap().total_cmp(&Bert::cosine(&e[k], &e[b]).unwrap()))
             .unwrap()
     };
-    for k in 0..sentences.len() {
-        assert_eq!(nearest(&f, k), nearest(&i, k), "nearest neighbour of {:?}", sentences[k]);
+    for (k, sentence) in sentences.iter().enumerate() {
+        assert_eq!(nearest(&f, k), nearest(&i, k), "nearest neighbour of {sentence:?}");
     }
     assert_eq!(nearest(&f, 0), 1);
     assert_eq!(nearest(&f, 2), 3);

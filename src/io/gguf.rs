@@ -112,7 +112,7 @@ fn hf_name(gguf: &str) -> Option<String> {
 /// `t·(d/2) + j`. Works for weights `[heads·d, in]` and biases `[heads·d]`.
 fn unpermute_rows(t: &Tensor, heads: usize, head_dim: usize) -> Result<Tensor> {
     let dims = t.dims().to_vec();
-    if dims[0] != heads * head_dim || head_dim % 2 != 0 {
+    if dims[0] != heads * head_dim || !head_dim.is_multiple_of(2) {
         bail!("cannot un-permute a tensor of shape {dims:?} for {heads} heads of {head_dim}")
     }
     let rest: usize = dims[1..].iter().product();

@@ -55,6 +55,8 @@ impl QuantizedActivations {
                     // SAFETY: Avx2 is only supported when the CPU has it (checked above).
                     #[cfg(target_arch = "x86_64")]
                     Isa::Avx2 => unsafe { super::x86::abs_max(xg) },
+                    #[cfg(target_arch = "aarch64")]
+                    Isa::Neon | Isa::NeonDot => super::arm::abs_max(xg),
                     // `f32::max` skips NaN, so NaN is caught by the probe (NaN·0 = NaN, ±Inf·0 = NaN).
                     _ => xg.iter().fold((0f32, true), |(a, f), v| (a.max(v.abs()), f && (v * 0.0) == 0.0)),
                 };
@@ -79,6 +81,9 @@ impl QuantizedActivations {
                     // SAFETY: as above; qg and xg have the same length.
                     #[cfg(target_arch = "x86_64")]
                     Isa::Avx2 => unsafe { super::x86::quantize_symmetric(xg, inv, qg) },
+                    // SAFETY: the group is finite (checked above); qg and xg have the same length.
+                    #[cfg(target_arch = "aarch64")]
+                    Isa::Neon | Isa::NeonDot => unsafe { super::arm::quantize_symmetric(xg, inv, qg) },
                     _ => qg.iter_mut().zip(xg).for_each(|(q, &v)| *q = quantize_value(v, inv, zp, qmin, qmax) as i8),
                 }
                 scales.push(scale);

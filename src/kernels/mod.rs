@@ -11,10 +11,13 @@
 //! over output channels across rayon's pool (`RAYON_NUM_THREADS`, as candle's CPU ops use).
 
 mod activations;
+#[cfg(target_arch = "aarch64")]
+mod arm;
 pub mod reference;
+mod tiles;
 mod weights;
 #[cfg(target_arch = "x86_64")]
-pub mod x86;
+mod x86;
 
 pub use activations::QuantizedActivations;
 pub use weights::{PackedInt8Weights, WeightQuant, BLOCK_ROWS, MAX_IN_FEATURES};
@@ -36,6 +39,10 @@ pub enum Isa {
     Reference,
     /// x86_64 AVX2 + FMA.
     Avx2,
+    /// aarch64 NEON (every aarch64 CPU): `smull` + `sadalp`.
+    Neon,
+    /// aarch64 NEON with the dot-product extension (`sdot`).
+    NeonDot,
 }
 
 impl Isa {
@@ -61,6 +68,13 @@ impl Isa {
             #[cfg(target_arch = "x86_64")]
             if x86::available() {
                 v.push(Isa::Avx2);
+            }
+            #[cfg(target_arch = "aarch64")]
+            {
+                v.push(Isa::Neon);
+                if arm::dotprod_available() {
+                    v.push(Isa::NeonDot);
+                }
             }
             v
         })
@@ -123,17 +137,26 @@ pub fn int8_linear_with(
     }
     let seg = segment(acts, weights)?;
     let isa = if simd_segments(seg, acts.cols()) { isa } else { Isa::Reference };
-    let abs = if isa == Isa::Reference { Vec::new() } else { magnitudes(acts) };
+    #[cfg(target_arch = "x86_64")]
+    let abs = if isa == Isa::Avx2 { magnitudes(acts) } else { Vec::new() };
     let (m, n) = (acts.rows(), weights.out_features());
     over_blocks(m, n, m * n * acts.cols(), out, |blocks, buf| {
         match isa {
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2 => {
-                let op = x86::Int8Operands { acts, abs: &abs, weights, seg };
+                let op = tiles::Int8Operands { acts, abs: &abs, weights, seg };
                 // SAFETY: Avx2 is supported (checked above); abs covers the padded
                 // rows; seg passed simd_segments and check_linear; blocks and buf come from
                 // over_blocks, which sizes buf as M × 8·blocks.len().
                 unsafe { x86::int8_blocks(&op, blocks.clone(), buf) }
+            }
+            #[cfg(target_arch = "aarch64")]
+            Isa::Neon | Isa::NeonDot => {
+                let op = tiles::Int8Operands { acts, abs: &[], weights, seg };
+                // SAFETY: NeonDot is only supported with the dot-product extension (checked
+                // above); seg passed simd_segments and check_linear; blocks and buf come from
+                // over_blocks, which sizes buf as M × 8·blocks.len().
+                unsafe { arm::int8_blocks(&op, isa == Isa::NeonDot, blocks.clone(), buf) }
             }
             _ => {
                 reference_blocks(acts, weights, seg, blocks.clone(), buf);
@@ -156,6 +179,7 @@ pub fn int8_linear_with(
 }
 
 /// `|a|` of every padded activation row: the unsigned operand of the AVX2 byte multiply.
+#[cfg(target_arch = "x86_64")]
 fn magnitudes(acts: &QuantizedActivations) -> Vec<u8> {
     acts.padded_data().iter().map(|v| v.unsigned_abs()).collect()
 }
@@ -249,14 +273,24 @@ pub fn group_sums_with(isa: Isa, acts: &QuantizedActivations, weights: &PackedIn
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 if simd_segments(seg, k) => {
             let abs = magnitudes(acts);
-            let op = x86::Int8Operands { acts, abs: &abs, weights, seg };
+            let op = tiles::Int8Operands { acts, abs: &abs, weights, seg };
             let n_pad = weights.blocks() * BLOCK_ROWS;
             let mut sums = vec![0i32; m * n_pad * segs];
             // SAFETY: AVX2 checked via is_supported(); abs covers the padded rows; seg passed
             // simd_segments; sums holds M · N_pad · segments values.
             unsafe { x86::int8_segment_sums(&op, &mut sums) };
-            debug_assert_eq!(x86::segment_count(&op), segs);
-            Ok((0..m).flat_map(|i| sums[i * n_pad * segs..(i * n_pad + n) * segs].to_vec()).collect())
+            debug_assert_eq!(op.segments().0, segs);
+            Ok(unpad_sums(&sums, m, n, n_pad, segs))
+        }
+        #[cfg(target_arch = "aarch64")]
+        Isa::Neon | Isa::NeonDot if simd_segments(seg, k) => {
+            let op = tiles::Int8Operands { acts, abs: &[], weights, seg };
+            let n_pad = weights.blocks() * BLOCK_ROWS;
+            let mut sums = vec![0i32; m * n_pad * segs];
+            // SAFETY: NeonDot checked via is_supported(); seg passed simd_segments; sums holds
+            // M · N_pad · segments values.
+            unsafe { arm::int8_segment_sums(&op, isa == Isa::NeonDot, &mut sums) };
+            Ok(unpad_sums(&sums, m, n, n_pad, segs))
         }
         _ => Ok((0..m)
             .flat_map(|i| {
@@ -270,6 +304,11 @@ pub fn group_sums_with(isa: Isa, acts: &QuantizedActivations, weights: &PackedIn
             })
             .collect()),
     }
+}
+
+/// The sums of the real outputs from `[M][N_pad][segments]` tile sums.
+fn unpad_sums(sums: &[i32], m: usize, n: usize, n_pad: usize, segs: usize) -> Vec<i32> {
+    (0..m).flat_map(|i| sums[i * n_pad * segs..(i * n_pad + n) * segs].to_vec()).collect()
 }
 
 /// `y = x · dequant(weights)ᵀ + bias` with float activations (weight-only int8).
@@ -310,6 +349,9 @@ pub fn weight_only_linear_with(
         // SAFETY: AVX2 is supported (checked above); `padded` holds M rows of `stride` floats;
         // the group size passed simd_segments; buf is M × 8·blocks.len() (over_blocks).
         Isa::Avx2 => unsafe { x86::weight_only_blocks(&padded, m, weights, blocks, buf) },
+        #[cfg(target_arch = "aarch64")]
+        // SAFETY: as above (NEON is part of every aarch64 CPU).
+        Isa::Neon | Isa::NeonDot => unsafe { arm::weight_only_blocks(&padded, m, weights, blocks, buf) },
         _ => {
             let row_len = BLOCK_ROWS * blocks.len();
             let g = weights.group_size();

@@ -16,51 +16,14 @@
 // Register tiles are indexed by row and block on purpose: the loops mirror the tile's shape.
 #![allow(clippy::needless_range_loop)]
 
-use super::{PackedInt8Weights, QuantizedActivations, BLOCK_ROWS};
+use super::tiles::{segments, Int8Operands, Sink};
+use super::{PackedInt8Weights, BLOCK_ROWS};
 use std::arch::x86_64::*;
 use std::ops::Range;
 
 /// Whether this CPU can run the AVX2 kernels.
 pub fn available() -> bool {
     is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
-}
-
-/// Everything one int8 linear call shares between its tiles.
-pub struct Int8Operands<'a> {
-    pub acts: &'a QuantizedActivations,
-    /// `|a|` of every padded activation row, laid out like them.
-    pub abs: &'a [u8],
-    pub weights: &'a PackedInt8Weights,
-    /// Input channels per segment: `K`, or a multiple of 4 that is the activation and/or
-    /// weight group size.
-    pub seg: usize,
-}
-
-impl Int8Operands<'_> {
-    /// `(segments, quads per segment)`.
-    fn segments(&self) -> (usize, usize) {
-        segments(self.acts.cols(), self.weights.padded_in_features(), self.seg)
-    }
-}
-
-/// `(segments, quads per segment)` for rows of `k` values padded to `stride` bytes, walked in
-/// segments of `seg` values (`seg >= k`: one segment covering the padded row).
-fn segments(k: usize, stride: usize, seg: usize) -> (usize, usize) {
-    if seg >= k {
-        (1, stride / 4)
-    } else {
-        (k.div_ceil(seg), seg / 4)
-    }
-}
-
-/// Where a tile's results go: fused `f32` outputs (`out` points at row `i0`, column of block
-/// `b0` of an `M × row_len` buffer), or — for exactness tests — every segment's raw `i32` sum
-/// into `sums[((i·N_pad) + n)·segments + g]` (`N_pad = 8·blocks`).
-#[derive(Clone, Copy)]
-struct Sink {
-    out: *mut f32,
-    row_len: usize,
-    sums: *mut i32,
 }
 
 /// One `R × V` tile at activation row `i0` and weight block `b0`.
@@ -76,8 +39,7 @@ unsafe fn tile<const R: usize, const V: usize, const SUMS: bool>(op: &Int8Operan
     let stride = op.weights.padded_in_features();
     let quads = stride / 4;
     let (segs, seg_quads) = op.segments();
-    let a_step = (op.acts.groups() > 1) as usize;
-    let w_step = (op.weights.groups() > 1) as usize;
+    let (a_step, w_step) = op.scale_steps();
     let ones = _mm256_set1_epi16(1);
     let mut a = [std::ptr::null::<i8>(); R];
     let mut ua = [std::ptr::null::<u8>(); R];
@@ -113,15 +75,12 @@ unsafe fn tile<const R: usize, const V: usize, const SUMS: bool>(op: &Int8Operan
             }
         }
         if SUMS {
-            let n_pad = op.weights.blocks() * BLOCK_ROWS;
             for r in 0..R {
                 for v in 0..V {
                     let mut lanes = [0i32; BLOCK_ROWS];
                     _mm256_storeu_si256(lanes.as_mut_ptr() as *mut __m256i, acc[r][v]);
-                    for (l, &s) in lanes.iter().enumerate() {
-                        // SAFETY: the sums buffer holds M·N_pad·segs values (caller).
-                        *sink.sums.add((((i0 + r) * n_pad) + (b0 + v) * BLOCK_ROWS + l) * segs + g) = s;
-                    }
+                    // SAFETY: the sums buffer holds M·N_pad·segs values (caller).
+                    sink.put_sums(op, i0 + r, b0 + v, g, &lanes);
                 }
             }
         } else {
@@ -182,7 +141,7 @@ unsafe fn run_tiles<const SUMS: bool>(op: &Int8Operands, blocks: Range<usize>, s
         let mut i = 0;
         while i < m {
             let r = (m - i).min(4);
-            let at = Sink { out: sink.out.wrapping_add(i * sink.row_len + BLOCK_ROWS * (b - blocks.start)), ..sink };
+            let at = sink.at(i, b - blocks.start);
             match (r, v) {
                 (1, 8) => tile::<1, 8, SUMS>(op, i, b, at),
                 (1, 4) => tile::<1, 4, SUMS>(op, i, b, at),
@@ -209,8 +168,7 @@ unsafe fn run_tiles<const SUMS: bool>(op: &Int8Operands, blocks: Range<usize>, s
 /// `op.seg` is `K` or a multiple of 4 matching the grouped side(s); `blocks` lies within the
 /// weights' blocks; `out` holds `M × 8·blocks.len()` floats.
 pub unsafe fn int8_blocks(op: &Int8Operands, blocks: Range<usize>, out: &mut [f32]) {
-    let sink = Sink { out: out.as_mut_ptr(), row_len: BLOCK_ROWS * blocks.len(), sums: std::ptr::null_mut() };
-    run_tiles::<false>(op, blocks, sink)
+    run_tiles::<false>(op, blocks.clone(), Sink::outputs(out, blocks.len()))
 }
 
 /// The exact `i32` sum of every segment, `sums[((i·N_pad) + n)·segments + g]` — the quantities
@@ -219,13 +177,7 @@ pub unsafe fn int8_blocks(op: &Int8Operands, blocks: Range<usize>, out: &mut [f3
 /// # Safety
 /// As [`int8_blocks`] over all blocks; `sums` holds `M · 8·blocks · segments` values.
 pub unsafe fn int8_segment_sums(op: &Int8Operands, sums: &mut [i32]) {
-    let sink = Sink { out: std::ptr::null_mut(), row_len: 0, sums: sums.as_mut_ptr() };
-    run_tiles::<true>(op, 0..op.weights.blocks(), sink)
-}
-
-/// The number of segments [`int8_segment_sums`] reports per output.
-pub fn segment_count(op: &Int8Operands) -> usize {
-    op.segments().0
+    run_tiles::<true>(op, 0..op.weights.blocks(), Sink::sums(sums))
 }
 
 /// Eight `f32` registers' worth of one weight quad, widened: entry `t` holds `w[8b + l, 4q + t]`

@@ -71,7 +71,7 @@ impl SlotLayout {
         let dims = shape.dims();
         let numel = shape.elem_count();
         let last = dims.last().copied().unwrap_or(1);
-        let rows = if last == 0 { 0 } else { numel / last };
+        let rows = numel.checked_div(last).unwrap_or(0);
         let (inner, span, group, slots) = match granularity {
             Granularity::PerTensor => (1, 1, 1, 1),
             Granularity::PerChannel { axis } => {

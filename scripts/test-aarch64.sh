@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# Runs the kernel tests (tests/kernels.rs) for aarch64 under qemu-user, so that the NEON paths
+# (`Isa::Neon`, `Isa::NeonDot`) are checked against the scalar reference on an x86_64 machine.
+#
+# Two ways, picked automatically:
+#   1. a Rust toolchain with the aarch64-unknown-linux-gnu target, `aarch64-linux-gnu-gcc` and
+#      `qemu-aarch64` already installed: used as they are;
+#   2. otherwise (Debian host, root, only the Debian mirror reachable): a Debian sid chroot is
+#      built under target/aarch64-chroot with debootstrap and Debian's own rustc, cargo,
+#      aarch64 std, cross linker and qemu-user, and the tests run inside it.
+#
+# Each run checks that the tests really exercised the NEON paths: `-cpu max` (with the
+# dot-product extension) must report both, `-cpu cortex-a72` (without it) only `Neon`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+TARGET=aarch64-unknown-linux-gnu
+
+run_tests() { # $1: command prefix that runs cargo (empty or "chroot DIR"), $2: source dir
+    local prefix=$1 src=$2
+    for cpu in max:Neon,NeonDot cortex-a72:Neon; do
+        local model=${cpu%%:*} want=${cpu#*:}
+        echo "== aarch64 kernel tests under qemu -cpu $model (expecting [$want])"
+        local log
+        log=$($prefix env -C "$src" \
+            CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER=aarch64-linux-gnu-gcc \
+            CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER="qemu-aarch64 -cpu $model -L /usr/aarch64-linux-gnu" \
+            cargo test --release --target $TARGET --test kernels -- --nocapture --test-threads 2 2>&1) || {
+            echo "$log" | tail -40
+            echo "aarch64 kernel tests failed under -cpu $model" >&2
+            exit 1
+        }
+        echo "$log" | grep -E '^test |test result' || true
+        if ! echo "$log" | grep -q "SIMD paths exercised: \[${want//,/, }\]"; then
+            echo "expected the NEON paths [$want] to be exercised under -cpu $model; the run says:" >&2
+            echo "$log" | grep 'SIMD paths exercised' >&2 || true
+            exit 1
+        fi
+    done
+}
+
+if rustup target list --installed 2>/dev/null | grep -qx $TARGET &&
+    command -v aarch64-linux-gnu-gcc >/dev/null && command -v qemu-aarch64 >/dev/null; then
+    run_tests "" "$PWD"
+    exit 0
+fi
+
+ROOT=${AARCH64_CHROOT:-$PWD/target/aarch64-chroot}
+APT="apt-get -o Acquire::Check-Valid-Until=false -y -qq --no-install-recommends"
+if [ ! -x "$ROOT/usr/bin/cargo" ]; then
+    [ "$(id -u)" = 0 ] || { echo "building the aarch64 chroot needs root (or install the toolchain, see the header)" >&2; exit 1; }
+    command -v debootstrap >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq debootstrap; }
+    echo "== building a Debian sid chroot in $ROOT (once; a few minutes)"
+    # sid's Release file may be past its Valid-Until on a mirror snapshot; packages are still
+    # checked against their hashes.
+    debootstrap --no-check-gpg --variant=minbase --include=ca-certificates sid "$ROOT" http://deb.debian.org/debian >/dev/null
+    # Let the chroot trust the same certificate authorities as this machine (proxies).
+    cp /usr/local/share/ca-certificates/*.crt "$ROOT/usr/local/share/ca-certificates/" 2>/dev/null || true
+    cp /etc/resolv.conf "$ROOT/etc/resolv.conf"
+    chroot "$ROOT" update-ca-certificates >/dev/null
+    chroot "$ROOT" dpkg --add-architecture arm64
+    chroot "$ROOT" apt-get -o Acquire::Check-Valid-Until=false update -qq
+    chroot "$ROOT" env DEBIAN_FRONTEND=noninteractive $APT install \
+        rustc cargo gcc-aarch64-linux-gnu libc6-dev-arm64-cross libstd-rust-dev:arm64 qemu-user >/dev/null
+fi
+mountpoint -q "$ROOT/proc" || mount --bind /proc "$ROOT/proc"
+trap 'umount "$ROOT/proc" 2>/dev/null || true' EXIT
+# The sources, fresh each run; the chroot's own target/ keeps the build between runs.
+mkdir -p "$ROOT/src/candle-quant"
+git ls-files -co --exclude-standard | tar -cf - -T - | tar -xf - -C "$ROOT/src/candle-quant"
+run_tests "chroot $ROOT" /src/candle-quant

@@ -1,0 +1,391 @@
+//! aarch64 NEON kernels over the block layout of [`PackedInt8Weights`].
+//!
+//! A weight quad (32 bytes: four input channels of eight output channels, byte `4r + t` =
+//! `w[8b + r, 4q + t]`) is two 128-bit registers, channels 0–3 and 4–7. With the dot-product
+//! extension (`FEAT_DotProd`: Apple M1 on, Graviton 2 on, Cortex-A55/A76 on) one `sdot` per
+//! register multiplies each channel's four bytes by the row's four activations (broadcast as
+//! one 32-bit word) and adds the sum to that channel's `i32` lane: signed × signed, exact, no
+//! saturation to guard against. Without it, `smull` gives `i16` products (|a·w| ≤ 128·127 fits)
+//! and `sadalp` adds neighbouring pairs into `i32` lanes — two lanes per channel, folded with
+//! `addp` at the end of each segment.
+//!
+//! Tiles are `R` activation rows × `V` blocks (eight outputs each); per segment the lanes are
+//! converted once and scaled by `sa[m,g] · sw[n,g]`, as on x86 (`x86.rs`), and float outliers
+//! are added inside the tile with the weight quad sign-extended lane-wise.
+
+// Register tiles are indexed by row and block on purpose: the loops mirror the tile's shape.
+#![allow(clippy::needless_range_loop)]
+
+use super::tiles::{segments, Int8Operands, Sink};
+use super::{PackedInt8Weights, BLOCK_ROWS};
+use std::arch::aarch64::*;
+use std::arch::asm;
+use std::ops::Range;
+
+/// Whether this CPU has the dot-product extension (`sdot`).
+pub fn dotprod_available() -> bool {
+    std::arch::is_aarch64_feature_detected!("dotprod")
+}
+
+/// `acc[l] += Σ_{t<4} a[4l + t] · b[4l + t]` (`sdot`; Rust's `vdotq_s32` is not stable yet).
+///
+/// # Safety
+/// The CPU has the dot-product extension.
+#[inline]
+#[target_feature(enable = "neon,dotprod")]
+unsafe fn sdot(mut acc: int32x4_t, a: int8x16_t, b: int8x16_t) -> int32x4_t {
+    // SAFETY: register-only instruction; dotprod is enabled for this function.
+    asm!("sdot {acc:v}.4s, {a:v}.16b, {b:v}.16b", acc = inout(vreg) acc, a = in(vreg) a, b = in(vreg) b,
+         options(pure, nomem, nostack, preserves_flags));
+    acc
+}
+
+/// Eight output lanes of one (row, block) pair being summed: `DOT` uses `lanes[0..2]` (channels
+/// 0–3, 4–7); without it each channel has two neighbouring lanes in `lanes[0..4]`.
+type Lanes = [int32x4_t; 4];
+
+/// Adds one quad's products: `w` the block's two weight registers, `a` the row's four
+/// activations broadcast to every 32-bit lane.
+///
+/// # Safety
+/// NEON; with `DOT`, the dot-product extension.
+#[inline(always)]
+unsafe fn multiply_add<const DOT: bool>(acc: &mut Lanes, w: [int8x16_t; 2], a: int8x16_t) {
+    if DOT {
+        acc[0] = sdot(acc[0], w[0], a);
+        acc[1] = sdot(acc[1], w[1], a);
+    } else {
+        let a8 = vget_low_s8(a);
+        for h in 0..2 {
+            acc[2 * h] = vpadalq_s16(acc[2 * h], vmull_s8(vget_low_s8(w[h]), a8));
+            acc[2 * h + 1] = vpadalq_s16(acc[2 * h + 1], vmull_high_s8(w[h], a));
+        }
+    }
+}
+
+/// The eight channels' sums, channels 0–3 and 4–7.
+#[inline(always)]
+unsafe fn channel_sums<const DOT: bool>(acc: &Lanes) -> [int32x4_t; 2] {
+    if DOT {
+        [acc[0], acc[1]]
+    } else {
+        [vpaddq_s32(acc[0], acc[1]), vpaddq_s32(acc[2], acc[3])]
+    }
+}
+
+/// One `R × V` tile at activation row `i0` and weight block `b0`.
+///
+/// # Safety
+/// NEON (and the dot-product extension with `DOT`); rows `i0..i0+R` and blocks `b0..b0+V`
+/// exist; `op.seg` satisfies [`Int8Operands::seg`]'s rule; with `SUMS` false, `sink.out` has `R`
+/// rows of `8·V` writable floats at stride `row_len`; with `SUMS` true, `sink.sums` holds
+/// `M · N_pad · segments` values.
+#[inline(always)]
+unsafe fn tile<const R: usize, const V: usize, const SUMS: bool, const DOT: bool>(op: &Int8Operands, i0: usize, b0: usize, sink: Sink) {
+    let quads = op.weights.padded_in_features() / 4;
+    let (segs, seg_quads) = op.segments();
+    let (a_step, w_step) = op.scale_steps();
+    let mut a = [std::ptr::null::<i8>(); R];
+    let mut sa = [std::ptr::null::<f32>(); R];
+    for r in 0..R {
+        a[r] = op.acts.padded_row(i0 + r).as_ptr();
+        sa[r] = op.acts.row_scales(i0 + r).as_ptr();
+    }
+    let mut w = [std::ptr::null::<i8>(); V];
+    let mut sw = [std::ptr::null::<f32>(); V];
+    for v in 0..V {
+        w[v] = op.weights.block(b0 + v).as_ptr();
+        sw[v] = op.weights.block_scales(b0 + v).as_ptr();
+    }
+    let zero = vdupq_n_s32(0);
+    let mut y = [[[vdupq_n_f32(0.0); 2]; V]; R];
+    for g in 0..segs {
+        let mut acc = [[[zero; 4]; V]; R];
+        for q in g * seg_quads..((g + 1) * seg_quads).min(quads) {
+            let mut wv = [[vdupq_n_s8(0); 2]; V];
+            for v in 0..V {
+                // SAFETY: a block holds 8·stride = 32·quads bytes.
+                wv[v] = [vld1q_s8(w[v].add(32 * q)), vld1q_s8(w[v].add(32 * q + 16))];
+            }
+            for r in 0..R {
+                // SAFETY: a padded row holds stride = 4·quads bytes.
+                let word = (a[r].add(4 * q) as *const i32).read_unaligned();
+                let act = vreinterpretq_s8_s32(vdupq_n_s32(word));
+                for v in 0..V {
+                    multiply_add::<DOT>(&mut acc[r][v], wv[v], act);
+                }
+            }
+        }
+        for r in 0..R {
+            for v in 0..V {
+                let sums = channel_sums::<DOT>(&acc[r][v]);
+                if SUMS {
+                    let mut lanes = [0i32; BLOCK_ROWS];
+                    vst1q_s32(lanes.as_mut_ptr(), sums[0]);
+                    vst1q_s32(lanes.as_mut_ptr().add(4), sums[1]);
+                    // SAFETY: the sums buffer holds M·N_pad·segs values (caller).
+                    sink.put_sums(op, i0 + r, b0 + v, g, &lanes);
+                } else {
+                    // SAFETY: one activation scale per row or per segment; a block has 8
+                    // scales per weight group (one group when w_step is 0).
+                    let s = *sa[r].add(g * a_step);
+                    let scales = sw[v].add(BLOCK_ROWS * g * w_step);
+                    for h in 0..2 {
+                        let scale = vmulq_n_f32(vld1q_f32(scales.add(4 * h)), s);
+                        y[r][v][h] = vfmaq_f32(y[r][v][h], vcvtq_f32_s32(sums[h]), scale);
+                    }
+                }
+            }
+        }
+    }
+    if !SUMS {
+        // Float outliers (LLM.int8()-style): y += x · q[n,c] · sw[n,c/group]. Byte c%4 of each
+        // 32-bit lane is shifted to the top and arithmetic-shifted back down.
+        for r in 0..R {
+            for &(c, x) in op.acts.row_outliers(i0 + r) {
+                let c = c as usize;
+                let to_top = vdupq_n_s32(24 - 8 * (c % 4) as i32);
+                let g = c / op.weights.group_size();
+                for v in 0..V {
+                    for h in 0..2 {
+                        // SAFETY: c < K, so quad c/4 and group g exist in every block.
+                        let quad = vreinterpretq_s32_s8(vld1q_s8(w[v].add(32 * (c / 4) + 16 * h)));
+                        let q = vshrq_n_s32::<24>(vshlq_s32(quad, to_top));
+                        let wf = vmulq_f32(vcvtq_f32_s32(q), vld1q_f32(sw[v].add(BLOCK_ROWS * g + 4 * h)));
+                        y[r][v][h] = vfmaq_n_f32(y[r][v][h], wf, x);
+                    }
+                }
+            }
+        }
+        for r in 0..R {
+            for v in 0..V {
+                for h in 0..2 {
+                    // SAFETY: the caller gives R rows of 8·V floats at stride row_len.
+                    vst1q_f32(sink.out.add(r * sink.row_len + BLOCK_ROWS * v + 4 * h), y[r][v][h]);
+                }
+            }
+        }
+    }
+}
+
+/// Runs every row tile over blocks `blocks`. Shapes are chosen to keep accumulators, outputs
+/// and operands within the 32 vector registers: with `sdot`, panels of 4 blocks for one row and
+/// 4 rows × 1 block otherwise; without it (twice the accumulators), 1 × 2 and 2 × 1.
+///
+/// # Safety
+/// As [`tile`], for every row and every block in `blocks`; `sink.out` (if used) is
+/// `M × 8·blocks.len()` and points at its start.
+#[inline(always)]
+unsafe fn run_tiles<const SUMS: bool, const DOT: bool>(op: &Int8Operands, blocks: Range<usize>, sink: Sink) {
+    let m = op.acts.rows();
+    let (panel, rows) = match (DOT, m) {
+        (true, 1) => (4, 1),
+        (true, _) => (1, 4),
+        (false, 1) => (2, 1),
+        (false, _) => (1, 2),
+    };
+    let mut b = blocks.start;
+    while b < blocks.end {
+        let v = [4, 2, 1].into_iter().find(|&v| v <= panel && v <= blocks.end - b).unwrap_or(1);
+        let mut i = 0;
+        while i < m {
+            let r = (m - i).min(rows);
+            let at = sink.at(i, b - blocks.start);
+            match (r, v) {
+                (1, 4) => tile::<1, 4, SUMS, DOT>(op, i, b, at),
+                (1, 2) => tile::<1, 2, SUMS, DOT>(op, i, b, at),
+                (1, _) => tile::<1, 1, SUMS, DOT>(op, i, b, at),
+                (2, _) => tile::<2, 1, SUMS, DOT>(op, i, b, at),
+                (3, _) => tile::<3, 1, SUMS, DOT>(op, i, b, at),
+                _ => tile::<4, 1, SUMS, DOT>(op, i, b, at),
+            }
+            i += r;
+        }
+        b += v;
+    }
+}
+
+/// The tiles with `sdot`, compiled where the extension is enabled.
+///
+/// # Safety
+/// As [`run_tiles`]; the CPU has the dot-product extension.
+#[target_feature(enable = "neon,dotprod")]
+unsafe fn run_tiles_dot<const SUMS: bool>(op: &Int8Operands, blocks: Range<usize>, sink: Sink) {
+    run_tiles::<SUMS, true>(op, blocks, sink)
+}
+
+/// The tiles with `smull`/`sadalp` (any aarch64 CPU).
+///
+/// # Safety
+/// As [`run_tiles`].
+unsafe fn run_tiles_base<const SUMS: bool>(op: &Int8Operands, blocks: Range<usize>, sink: Sink) {
+    run_tiles::<SUMS, false>(op, blocks, sink)
+}
+
+/// `out[i, 8·(b − blocks.start) + l] = Σ_g sa[i,g] · sw[8b+l,g] · Σ_{k∈g} a[i,k]·w[8b+l,k]`
+/// `+ Σ_outliers x[i,c] · ŵ[8b+l,c]` for every activation row `i` and every block `b` in
+/// `blocks`; `dot` picks the `sdot` tiles.
+///
+/// # Safety
+/// With `dot`, the CPU has the dot-product extension (see [`dotprod_available`]); `op.seg` is
+/// `K` or a multiple of 4 matching the grouped side(s); `blocks` lies within the weights'
+/// blocks; `out` holds `M × 8·blocks.len()` floats.
+pub unsafe fn int8_blocks(op: &Int8Operands, dot: bool, blocks: Range<usize>, out: &mut [f32]) {
+    let sink = Sink::outputs(out, blocks.len());
+    if dot {
+        run_tiles_dot::<false>(op, blocks, sink)
+    } else {
+        run_tiles_base::<false>(op, blocks, sink)
+    }
+}
+
+/// The exact `i32` sum of every segment, `sums[((i·N_pad) + n)·segments + g]` — the quantities
+/// [`int8_blocks`] rescales, computed by the very same tiles.
+///
+/// # Safety
+/// As [`int8_blocks`] over all blocks; `sums` holds `M · 8·blocks · segments` values.
+pub unsafe fn int8_segment_sums(op: &Int8Operands, dot: bool, sums: &mut [i32]) {
+    let (blocks, sink) = (0..op.weights.blocks(), Sink::sums(sums));
+    if dot {
+        run_tiles_dot::<true>(op, blocks, sink)
+    } else {
+        run_tiles_base::<true>(op, blocks, sink)
+    }
+}
+
+/// One weight quad widened to floats: entry `t` holds `w[8b + l, 4q + t]` for channels 0–3
+/// (`[t][0]`) and 4–7 (`[t][1]`). A table lookup turns each register's 4×4 (channel × input)
+/// bytes around, then each run of four is sign-extended twice and converted.
+///
+/// # Safety
+/// `packed` points at 32 readable bytes.
+#[inline(always)]
+unsafe fn widen_quad(packed: *const i8) -> [[float32x4_t; 2]; 4] {
+    const TRANSPOSE: [u8; 16] = [0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15];
+    let index = vld1q_u8(TRANSPOSE.as_ptr());
+    let mut out = [[vdupq_n_f32(0.0); 2]; 4];
+    for h in 0..2 {
+        // SAFETY: the caller points at 32 readable bytes.
+        let v = vqtbl1q_s8(vld1q_s8(packed.add(16 * h)), index);
+        let (lo, hi) = (vmovl_s8(vget_low_s8(v)), vmovl_high_s8(v));
+        out[0][h] = vcvtq_f32_s32(vmovl_s16(vget_low_s16(lo)));
+        out[1][h] = vcvtq_f32_s32(vmovl_high_s16(lo));
+        out[2][h] = vcvtq_f32_s32(vmovl_s16(vget_low_s16(hi)));
+        out[3][h] = vcvtq_f32_s32(vmovl_high_s16(hi));
+    }
+    out
+}
+
+/// `R` float rows against one weight block, weights widened once per quad for all rows.
+///
+/// # Safety
+/// `x` rows `i0..i0+R` of `padded` floats exist; `out` has `R` rows of 8 writable floats at
+/// stride `row_len`; the weight group size is `K` or a multiple of 4.
+#[inline(always)]
+unsafe fn weight_only_tile<const R: usize>(x: &[f32], i0: usize, weights: &PackedInt8Weights, b: usize, out: *mut f32, row_len: usize) {
+    let (k, stride) = (weights.in_features(), weights.padded_in_features());
+    let quads = stride / 4;
+    let (segs, seg_quads) = segments(k, stride, weights.group_size());
+    let (w, sw) = (weights.block(b).as_ptr(), weights.block_scales(b).as_ptr());
+    let zero = vdupq_n_f32(0.0);
+    let mut y = [[zero; 2]; R];
+    for g in 0..segs {
+        let mut acc = [[zero; 2]; R];
+        for q in g * seg_quads..((g + 1) * seg_quads).min(quads) {
+            // SAFETY: a block holds 32·quads bytes; each x row holds 4·quads floats.
+            let wq = widen_quad(w.add(32 * q));
+            for r in 0..R {
+                let xq = vld1q_f32(x.as_ptr().add((i0 + r) * stride + 4 * q));
+                for h in 0..2 {
+                    acc[r][h] = vfmaq_laneq_f32::<0>(acc[r][h], wq[0][h], xq);
+                    acc[r][h] = vfmaq_laneq_f32::<1>(acc[r][h], wq[1][h], xq);
+                    acc[r][h] = vfmaq_laneq_f32::<2>(acc[r][h], wq[2][h], xq);
+                    acc[r][h] = vfmaq_laneq_f32::<3>(acc[r][h], wq[3][h], xq);
+                }
+            }
+        }
+        for h in 0..2 {
+            // SAFETY: 8 scales per group (a single group when per channel).
+            let s = vld1q_f32(sw.add(BLOCK_ROWS * g * (segs > 1) as usize + 4 * h));
+            for r in 0..R {
+                y[r][h] = vfmaq_f32(y[r][h], acc[r][h], s);
+            }
+        }
+    }
+    for r in 0..R {
+        for h in 0..2 {
+            // SAFETY: R rows of 8 floats at stride row_len (caller).
+            vst1q_f32(out.add(r * row_len + 4 * h), y[r][h]);
+        }
+    }
+}
+
+/// `out[i, 8·(b − blocks.start) + l] = Σ_k x[i,k] · ŵ[8b+l,k]` with float activations: the
+/// weight-only path. `x` is `M` rows zero-padded to `padded_in_features()` floats.
+///
+/// # Safety
+/// `x` holds `M · padded_in_features()` floats; the weight group size is `K` or a multiple of 4;
+/// `blocks` within the weights; `out` holds `M × 8·blocks.len()`.
+pub unsafe fn weight_only_blocks(x: &[f32], m: usize, weights: &PackedInt8Weights, blocks: Range<usize>, out: &mut [f32]) {
+    let row_len = BLOCK_ROWS * blocks.len();
+    for b in blocks.clone() {
+        let mut i = 0;
+        while i < m {
+            let at = out.as_mut_ptr().add(i * row_len + BLOCK_ROWS * (b - blocks.start));
+            if m - i >= 4 {
+                weight_only_tile::<4>(x, i, weights, b, at, row_len);
+                i += 4;
+            } else {
+                weight_only_tile::<1>(x, i, weights, b, at, row_len);
+                i += 1;
+            }
+        }
+    }
+}
+
+/// `(max |x|, whether every value is finite)`.
+pub fn abs_max(x: &[f32]) -> (f32, bool) {
+    let chunks = x.chunks_exact(4);
+    let tail = chunks.remainder();
+    // SAFETY: NEON is part of every aarch64 target; chunks_exact gives 4 floats.
+    let (mut m, mut p) = unsafe {
+        let (mut amax, mut probe) = (vdupq_n_f32(0.0), vdupq_n_f32(0.0));
+        for c in chunks {
+            let v = vld1q_f32(c.as_ptr());
+            amax = vmaxq_f32(amax, vabsq_f32(v));
+            // x·0 is 0 for finite x and NaN for NaN or ±Inf.
+            probe = vaddq_f32(probe, vmulq_n_f32(v, 0.0));
+        }
+        (vmaxvq_f32(amax), vaddvq_f32(probe))
+    };
+    for &v in tail {
+        m = m.max(v.abs());
+        p += v * 0.0;
+    }
+    (m, p == 0.0)
+}
+
+/// `q[i] = round_half_even(clamp(x[i] · inv, −127, 127))`, bit for bit what
+/// [`crate::quant::quantize_value`] gives with zero point 0 (`fcvtns` rounds half to even).
+///
+/// # Safety
+/// `x` finite; `q.len() == x.len()`.
+pub unsafe fn quantize_symmetric(x: &[f32], inv: f32, q: &mut [i8]) {
+    let (lo, hi) = (vdupq_n_f32(-127.0), vdupq_n_f32(127.0));
+    let mut i = 0;
+    while i + 16 <= x.len() {
+        let mut v = [vdupq_n_s32(0); 4];
+        for (j, vj) in v.iter_mut().enumerate() {
+            // SAFETY: i + 16 <= x.len().
+            let r = vmulq_n_f32(vld1q_f32(x.as_ptr().add(i + 4 * j)), inv);
+            *vj = vcvtnq_s32_f32(vminq_f32(vmaxq_f32(r, lo), hi));
+        }
+        let halves = [vcombine_s16(vqmovn_s32(v[0]), vqmovn_s32(v[1])), vcombine_s16(vqmovn_s32(v[2]), vqmovn_s32(v[3]))];
+        // SAFETY: q has as many bytes as x has floats.
+        vst1q_s8(q.as_mut_ptr().add(i), vcombine_s8(vqmovn_s16(halves[0]), vqmovn_s16(halves[1])));
+        i += 16;
+    }
+    for (qv, &xv) in q[i..].iter_mut().zip(&x[i..]) {
+        *qv = crate::quant::quantize_value(xv, inv, 0, -127, 127) as i8;
+    }
+}

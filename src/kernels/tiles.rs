@@ -1,0 +1,80 @@
+//! What the SIMD paths' register tiles share, whatever the instruction set: the operands of
+//! one int8 linear, how a padded row splits into segments, and where a tile's results go.
+
+use super::{PackedInt8Weights, QuantizedActivations, BLOCK_ROWS};
+
+/// Everything one int8 linear call shares between its tiles.
+pub struct Int8Operands<'a> {
+    pub acts: &'a QuantizedActivations,
+    /// `|a|` of every padded activation row, laid out like them — the unsigned operand of
+    /// AVX2's byte multiply; empty for paths that multiply signed bytes directly.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    pub abs: &'a [u8],
+    pub weights: &'a PackedInt8Weights,
+    /// Input channels per segment: `K`, or a multiple of 4 that is the activation and/or
+    /// weight group size.
+    pub seg: usize,
+}
+
+impl Int8Operands<'_> {
+    /// `(segments, quads per segment)`.
+    pub(super) fn segments(&self) -> (usize, usize) {
+        segments(self.acts.cols(), self.weights.padded_in_features(), self.seg)
+    }
+
+    /// `(activation scale step, weight scale step)` per segment: 1 for the grouped side(s),
+    /// 0 for a side with one scale per row.
+    pub(super) fn scale_steps(&self) -> (usize, usize) {
+        ((self.acts.groups() > 1) as usize, (self.weights.groups() > 1) as usize)
+    }
+}
+
+/// `(segments, quads per segment)` for rows of `k` values padded to `stride` bytes, walked in
+/// segments of `seg` values (`seg >= k`: one segment covering the padded row).
+pub(super) fn segments(k: usize, stride: usize, seg: usize) -> (usize, usize) {
+    if seg >= k {
+        (1, stride / 4)
+    } else {
+        (k.div_ceil(seg), seg / 4)
+    }
+}
+
+/// Where a tile's results go: fused `f32` outputs (`out` points at row `i0`, column of block
+/// `b0` of an `M × row_len` buffer), or — for exactness tests — every segment's raw `i32` sum
+/// into `sums[((i·N_pad) + n)·segments + g]` (`N_pad = 8·blocks`).
+#[derive(Clone, Copy)]
+pub(super) struct Sink {
+    pub out: *mut f32,
+    pub row_len: usize,
+    pub sums: *mut i32,
+}
+
+impl Sink {
+    /// Fused outputs into `out`, `M × 8·blocks` for a run of `blocks` blocks.
+    pub fn outputs(out: &mut [f32], blocks: usize) -> Sink {
+        Sink { out: out.as_mut_ptr(), row_len: BLOCK_ROWS * blocks, sums: std::ptr::null_mut() }
+    }
+
+    /// Raw segment sums into `sums`.
+    pub fn sums(sums: &mut [i32]) -> Sink {
+        Sink { out: std::ptr::null_mut(), row_len: 0, sums: sums.as_mut_ptr() }
+    }
+
+    /// The sink for a tile whose first row is `i` and whose first block is the `b`-th of the
+    /// buffer (no access happens here, so a null `out` stays harmless).
+    pub fn at(self, i: usize, b: usize) -> Sink {
+        Sink { out: self.out.wrapping_add(i * self.row_len + BLOCK_ROWS * b), ..self }
+    }
+
+    /// Writes segment `g`'s eight lane sums of activation row `i` and weight block `b`.
+    ///
+    /// # Safety
+    /// `sums` holds `M · N_pad · segments` values, with `i`, `b` and `g` within them.
+    pub unsafe fn put_sums(self, op: &Int8Operands, i: usize, b: usize, g: usize, lanes: &[i32; BLOCK_ROWS]) {
+        let (n_pad, segs) = (op.weights.blocks() * BLOCK_ROWS, op.segments().0);
+        for (l, &s) in lanes.iter().enumerate() {
+            // SAFETY: in bounds by the caller's contract.
+            unsafe { *self.sums.add(((i * n_pad) + b * BLOCK_ROWS + l) * segs + g) = s };
+        }
+    }
+}
