@@ -19,6 +19,8 @@ pub struct BenchRecord {
     pub out_features: usize,
     pub m: usize,
     pub threads: usize,
+    /// The int8 kernel path that ran (`Isa::best()`: "Avx2", "NeonDot", …).
+    pub isa: String,
     pub int8_us: f64,
     pub f32_us: f64,
     pub q8_0_us: f64,
@@ -173,6 +175,7 @@ pub fn bench_linear(
         out_features,
         m,
         threads,
+        isa: format!("{:?}", crate::kernels::Isa::best()),
         int8_us,
         f32_us,
         q8_0_us,

@@ -435,6 +435,7 @@ fn run(cli: Cli) -> Result<()> {
             let bounds = candle_quant::bench::Bounds::measure()?;
             let mut records = vec![];
             if !json {
+                println!("int8 kernel path: {:?}", candle_quant::kernels::Isa::best());
                 println!(
                     "bounds, one thread: memory read {:.1} GB/s; int8 decode streaming 142 MB of weights {:.1} GB/s ({:.0} %); \
                      int8 kernel in cache {:.1} GMAC/s",

@@ -49,6 +49,28 @@ fn compare_json_has_every_field() {
     assert_eq!(v["decode_speedup"].as_f64().unwrap(), runs[0].max(runs[1]));
 }
 
+/// `bench --json`: one record per (shape, M, threads) with the kernel path and ratios that are
+/// the quotients of the medians reported beside them (what the records say, not how fast).
+#[test]
+fn bench_json_records() {
+    let out = cli(&["bench", "--m", "1", "--threads", "1", "--in", "576", "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let records = v.as_array().unwrap();
+    let shapes: Vec<(u64, u64)> = records.iter().map(|r| (r["in"].as_u64().unwrap(), r["out"].as_u64().unwrap())).collect();
+    assert_eq!(shapes, [(576, 1536), (576, 576)]);
+    let isa = format!("{:?}", candle_quant::kernels::Isa::best());
+    for r in records {
+        assert_eq!((r["m"].as_u64(), r["threads"].as_u64(), r["isa"].as_str()), (Some(1), Some(1), Some(isa.as_str())));
+        let t = |k: &str| r[k].as_f64().unwrap_or_else(|| panic!("missing {k} in {r}"));
+        for k in ["int8_us", "f32_us", "q8_0_us", "int8_gb_s", "int8_gmac_s", "bandwidth_pct", "peak_pct"] {
+            assert!(t(k).is_finite() && t(k) > 0.0, "{k} = {} in {r}", t(k));
+        }
+        assert!((t("ratio_f32") - t("int8_us") / t("f32_us")).abs() < 1e-9);
+        assert!((t("ratio_q8_0") - t("int8_us") / t("q8_0_us")).abs() < 1e-9);
+    }
+}
+
 #[test]
 fn eval_json_and_inspect() {
     let text = std::env::temp_dir().join(format!("candle-quant-cli-{}.txt", std::process::id()));
