@@ -1,5 +1,7 @@
 //! Int8 matrix kernels behind one entry point per operation: a scalar reference (the ground
-//! truth, never deleted) and SIMD versions chosen once at run time from the CPU's features.
+//! truth, never deleted) and SIMD versions chosen once at run time from the CPU's features:
+//! AVX2 on x86_64 (`x86.rs`), NEON with or without `sdot` on aarch64 (`arm.rs`), both over the
+//! same packed weights (`weights.rs`) and tile plumbing (`tiles.rs`).
 //!
 //! The maths of the fused int8 linear, for activations quantized per `(row m, group g)` with
 //! scale `sa[m,g]` and one zero point `za`, and weights per `(output channel n, group g)` with
