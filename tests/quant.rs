@@ -196,6 +196,31 @@ proptest! {
         prop_assert_eq!(u8_.scale_zero_point(lo, lo + span).unwrap().1, if rr { 64 } else { 128 });
     }
 
+    /// Weights (symmetric narrow-range qint8, quantized with the CPU's vectors) get exactly the
+    /// scalar formula's values, element by element — ties (scale 1 when max |x| = 127, halves
+    /// round to even), groups that hold NaN or ±Inf (scalar fallback) and ragged groups included.
+    #[test]
+    fn weight_quantization_equals_the_scalar_formula(seed in any::<u64>(), rows in 1usize..4, cols in 1usize..200, group in 1usize..80, ties in any::<bool>(), bad in any::<bool>()) {
+        let mut rng = common::Rng::new(seed);
+        let mut v: Vec<f32> = if ties {
+            (0..rows * cols).map(|i| if i % 5 == 0 { 127.0 } else { (rng.next_u64() % 255) as f32 - 127.0 + 0.5 }).collect()
+        } else {
+            rng.normals(rows * cols, 2.0)
+        };
+        if bad {
+            let i = (rng.next_u64() % v.len() as u64) as usize;
+            v[i] = [f32::NAN, f32::INFINITY, f32::NEG_INFINITY][i % 3];
+        }
+        let x = Tensor::from_vec(v.clone(), (rows, cols), &Device::Cpu).unwrap();
+        let p = QParams::from_tensor(QSpec::WEIGHT, Granularity::PerGroup { size: group }, &x).unwrap();
+        let q = QTensor::quantize(&x, &p).unwrap().values();
+        let groups = cols.div_ceil(group);
+        for (i, (&qi, &xi)) in q.iter().zip(&v).enumerate() {
+            let scale = p.scales[(i / cols) * groups + (i % cols) / group];
+            prop_assert_eq!(qi, QSpec::WEIGHT.quantize_value(xi, scale, 0), "element {} = {}", i, xi);
+        }
+    }
+
     #[test]
     fn per_channel_equals_per_tensor_per_slice(spec in spec_strategy(), seed in any::<u64>(), rows in 1usize..6, cols in 1usize..9, axis in 0usize..2) {
         let mut rng = common::Rng::new(seed);

@@ -51,15 +51,7 @@ impl QuantizedActivations {
         let limit = outlier_threshold.unwrap_or(f32::INFINITY);
         for (xr, qr) in x.chunks(k).zip(data.chunks_mut(stride)) {
             for (g, (xg, qg)) in xr.chunks(group).zip(qr.chunks_mut(group)).enumerate() {
-                let (amax, finite) = match isa {
-                    // SAFETY: Avx2 is only supported when the CPU has it (checked above).
-                    #[cfg(target_arch = "x86_64")]
-                    Isa::Avx2 => unsafe { super::x86::abs_max(xg) },
-                    #[cfg(target_arch = "aarch64")]
-                    Isa::Neon | Isa::NeonDot => super::arm::abs_max(xg),
-                    // `f32::max` skips NaN, so NaN is caught by the probe (NaN·0 = NaN, ±Inf·0 = NaN).
-                    _ => xg.iter().fold((0f32, true), |(a, f), v| (a.max(v.abs()), f && (v * 0.0) == 0.0)),
-                };
+                let (amax, finite) = super::abs_max_with(isa, xg);
                 if !finite {
                     bail!("activation row contains a non-finite value (NaN or ±Inf)")
                 }
@@ -78,13 +70,8 @@ impl QuantizedActivations {
                             }
                         }
                     }
-                    // SAFETY: as above; qg and xg have the same length.
-                    #[cfg(target_arch = "x86_64")]
-                    Isa::Avx2 => unsafe { super::x86::quantize_symmetric(xg, inv, qg) },
-                    // SAFETY: the group is finite (checked above); qg and xg have the same length.
-                    #[cfg(target_arch = "aarch64")]
-                    Isa::Neon | Isa::NeonDot => unsafe { super::arm::quantize_symmetric(xg, inv, qg) },
-                    _ => qg.iter_mut().zip(xg).for_each(|(q, &v)| *q = quantize_value(v, inv, zp, qmin, qmax) as i8),
+                    // The group is finite (checked above).
+                    _ => super::quantize_symmetric_with(isa, xg, inv, qg),
                 }
                 scales.push(scale);
             }

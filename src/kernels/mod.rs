@@ -374,6 +374,43 @@ pub fn weight_only_linear_with(
     Ok(())
 }
 
+/// `(max |x|, whether every value is finite)` on `isa`'s vectors (a supported path).
+fn abs_max_with(isa: Isa, x: &[f32]) -> (f32, bool) {
+    match isa {
+        // SAFETY: callers pass supported paths only.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => unsafe { x86::abs_max(x) },
+        #[cfg(target_arch = "aarch64")]
+        Isa::Neon | Isa::NeonDot => arm::abs_max(x),
+        // `f32::max` skips NaN, so NaN is caught by the probe (NaN·0 = NaN, ±Inf·0 = NaN).
+        _ => x.iter().fold((0f32, true), |(a, f), v| (a.max(v.abs()), f && (v * 0.0) == 0.0)),
+    }
+}
+
+/// `q[i] = round_half_even(clamp(x[i] · inv, −127, 127))` on `isa`'s vectors, bit for bit the
+/// scalar [`crate::quant::quantize_value`] with zero point 0. `x` must be finite and `q` as
+/// long as `x`; `isa` a supported path.
+fn quantize_symmetric_with(isa: Isa, x: &[f32], inv: f32, q: &mut [i8]) {
+    debug_assert_eq!(x.len(), q.len());
+    match isa {
+        // SAFETY: a supported path; x finite and q as long as x (the caller's contract).
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => unsafe { x86::quantize_symmetric(x, inv, q) },
+        // SAFETY: as above.
+        #[cfg(target_arch = "aarch64")]
+        Isa::Neon | Isa::NeonDot => unsafe { arm::quantize_symmetric(x, inv, q) },
+        _ => q.iter_mut().zip(x).for_each(|(q, &v)| *q = crate::quant::quantize_value(v, inv, 0, -127, 127) as i8),
+    }
+}
+
+/// [`quantize_symmetric_with`] on the best path, for any input: a run holding a non-finite
+/// value goes through the scalar quantizer (weights quantized at load time use this).
+pub(crate) fn quantize_symmetric(x: &[f32], inv: f32, q: &mut [i8]) {
+    let isa = if abs_max_with(Isa::best(), x).1 { Isa::best() } else { Isa::Reference };
+    let n = x.len().min(q.len());
+    quantize_symmetric_with(isa, &x[..n], inv, &mut q[..n])
+}
+
 /// Wrapping sum of `buf` with the widest vectors this CPU has: a read-bandwidth probe for
 /// benchmarks (the weights' streaming speed is judged against it).
 pub fn stream_sum(buf: &[u64]) -> u64 {

@@ -68,8 +68,13 @@ impl QTensor {
         let inv: Vec<f32> = params.scales.iter().map(|s| 1.0 / s).collect();
         let offset = params.spec.dtype.full_range().0 + 128;
         let mut storage = vec![0i8; values.len()];
+        // Symmetric narrow-range qint8 (every int8 weight): the stored bytes are the values.
+        let narrow_symmetric = (qmin, qmax, offset) == (-127, 127, 0);
         layout.for_each_run(values.len(), |s, r| {
             let (inv, zp) = (inv[s], params.zero_points[s]);
+            if narrow_symmetric && zp == 0 {
+                return crate::kernels::quantize_symmetric(&values[r.clone()], inv, &mut storage[r]);
+            }
             for (q, &v) in storage[r.clone()].iter_mut().zip(&values[r]) {
                 *q = (quantize_value(v, inv, zp, qmin, qmax) - offset) as i8;
             }
