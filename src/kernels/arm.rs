@@ -16,7 +16,7 @@
 // Register tiles are indexed by row and block on purpose: the loops mirror the tile's shape.
 #![allow(clippy::needless_range_loop)]
 
-use super::tiles::{segments, Int8Operands, Sink};
+use super::tiles::{segments, weight_only_tiles, Int8Operands, Sink};
 use super::{PackedInt8Weights, BLOCK_ROWS};
 use std::arch::aarch64::*;
 use std::arch::asm;
@@ -85,18 +85,8 @@ unsafe fn tile<const R: usize, const V: usize, const SUMS: bool, const DOT: bool
     let quads = op.weights.padded_in_features() / 4;
     let (segs, seg_quads) = op.segments();
     let (a_step, w_step) = op.scale_steps();
-    let mut a = [std::ptr::null::<i8>(); R];
-    let mut sa = [std::ptr::null::<f32>(); R];
-    for r in 0..R {
-        a[r] = op.acts.padded_row(i0 + r).as_ptr();
-        sa[r] = op.acts.row_scales(i0 + r).as_ptr();
-    }
-    let mut w = [std::ptr::null::<i8>(); V];
-    let mut sw = [std::ptr::null::<f32>(); V];
-    for v in 0..V {
-        w[v] = op.weights.block(b0 + v).as_ptr();
-        sw[v] = op.weights.block_scales(b0 + v).as_ptr();
-    }
+    let (a, sa) = op.row_pointers::<R>(i0);
+    let (w, sw) = op.block_pointers::<V>(b0);
     let zero = vdupq_n_s32(0);
     let mut y = [[[vdupq_n_f32(0.0); 2]; V]; R];
     for g in 0..segs {
@@ -214,14 +204,6 @@ unsafe fn run_tiles_dot<const SUMS: bool>(op: &Int8Operands, blocks: Range<usize
     run_tiles::<SUMS, true>(op, blocks, sink)
 }
 
-/// The tiles with `smull`/`sadalp` (any aarch64 CPU).
-///
-/// # Safety
-/// As [`run_tiles`].
-unsafe fn run_tiles_base<const SUMS: bool>(op: &Int8Operands, blocks: Range<usize>, sink: Sink) {
-    run_tiles::<SUMS, false>(op, blocks, sink)
-}
-
 /// `out[i, 8·(b − blocks.start) + l] = Σ_g sa[i,g] · sw[8b+l,g] · Σ_{k∈g} a[i,k]·w[8b+l,k]`
 /// `+ Σ_outliers x[i,c] · ŵ[8b+l,c]` for every activation row `i` and every block `b` in
 /// `blocks`; `dot` picks the `sdot` tiles.
@@ -235,7 +217,7 @@ pub unsafe fn int8_blocks(op: &Int8Operands, dot: bool, blocks: Range<usize>, ou
     if dot {
         run_tiles_dot::<false>(op, blocks, sink)
     } else {
-        run_tiles_base::<false>(op, blocks, sink)
+        run_tiles::<false, false>(op, blocks, sink)
     }
 }
 
@@ -249,7 +231,7 @@ pub unsafe fn int8_segment_sums(op: &Int8Operands, dot: bool, sums: &mut [i32]) 
     if dot {
         run_tiles_dot::<true>(op, blocks, sink)
     } else {
-        run_tiles_base::<true>(op, blocks, sink)
+        run_tiles::<true, false>(op, blocks, sink)
     }
 }
 
@@ -328,19 +310,11 @@ unsafe fn weight_only_tile<const R: usize>(x: &[f32], i0: usize, weights: &Packe
 /// `blocks` within the weights; `out` holds `M × 8·blocks.len()`.
 pub unsafe fn weight_only_blocks(x: &[f32], m: usize, weights: &PackedInt8Weights, blocks: Range<usize>, out: &mut [f32]) {
     let row_len = BLOCK_ROWS * blocks.len();
-    for b in blocks.clone() {
-        let mut i = 0;
-        while i < m {
-            let at = out.as_mut_ptr().add(i * row_len + BLOCK_ROWS * (b - blocks.start));
-            if m - i >= 4 {
-                weight_only_tile::<4>(x, i, weights, b, at, row_len);
-                i += 4;
-            } else {
-                weight_only_tile::<1>(x, i, weights, b, at, row_len);
-                i += 1;
-            }
-        }
-    }
+    weight_only_tiles(m, blocks, out, |rows, i, b, at| match rows {
+        // SAFETY: the caller's contract; weight_only_tiles keeps rows, blocks and `at` in range.
+        4 => weight_only_tile::<4>(x, i, weights, b, at, row_len),
+        _ => weight_only_tile::<1>(x, i, weights, b, at, row_len),
+    })
 }
 
 /// `(max |x|, whether every value is finite)`.
@@ -369,7 +343,7 @@ pub fn abs_max(x: &[f32]) -> (f32, bool) {
 /// [`crate::quant::quantize_value`] gives with zero point 0 (`fcvtns` rounds half to even).
 ///
 /// # Safety
-/// `x` finite; `q.len() == x.len()`.
+/// `x` finite; `q.len() >= x.len()`.
 pub unsafe fn quantize_symmetric(x: &[f32], inv: f32, q: &mut [i8]) {
     let (lo, hi) = (vdupq_n_f32(-127.0), vdupq_n_f32(127.0));
     let mut i = 0;

@@ -388,12 +388,12 @@ fn abs_max_with(isa: Isa, x: &[f32]) -> (f32, bool) {
 }
 
 /// `q[i] = round_half_even(clamp(x[i] · inv, −127, 127))` on `isa`'s vectors, bit for bit the
-/// scalar [`crate::quant::quantize_value`] with zero point 0. `x` must be finite and `q` as
-/// long as `x`; `isa` a supported path.
+/// scalar [`crate::quant::quantize_value`] with zero point 0. `x` must be finite and `q` at
+/// least as long as `x` (checked; only its first `x.len()` bytes are written); `isa` a supported path.
 fn quantize_symmetric_with(isa: Isa, x: &[f32], inv: f32, q: &mut [i8]) {
-    debug_assert_eq!(x.len(), q.len());
+    assert!(q.len() >= x.len(), "quantizer: {} outputs for {} inputs", q.len(), x.len());
     match isa {
-        // SAFETY: a supported path; x finite and q as long as x (the caller's contract).
+        // SAFETY: a supported path, x finite (the caller's contract), q long enough (asserted).
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 => unsafe { x86::quantize_symmetric(x, inv, q) },
         // SAFETY: as above.
@@ -406,9 +406,9 @@ fn quantize_symmetric_with(isa: Isa, x: &[f32], inv: f32, q: &mut [i8]) {
 /// [`quantize_symmetric_with`] on the best path, for any input: a run holding a non-finite
 /// value goes through the scalar quantizer (weights quantized at load time use this).
 pub(crate) fn quantize_symmetric(x: &[f32], inv: f32, q: &mut [i8]) {
-    let isa = if abs_max_with(Isa::best(), x).1 { Isa::best() } else { Isa::Reference };
-    let n = x.len().min(q.len());
-    quantize_symmetric_with(isa, &x[..n], inv, &mut q[..n])
+    let best = Isa::best();
+    let isa = if abs_max_with(best, x).1 { best } else { Isa::Reference };
+    quantize_symmetric_with(isa, x, inv, q)
 }
 
 /// Wrapping sum of `buf` with the widest vectors this CPU has: a read-bandwidth probe for

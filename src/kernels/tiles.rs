@@ -2,6 +2,7 @@
 //! one int8 linear, how a padded row splits into segments, and where a tile's results go.
 
 use super::{PackedInt8Weights, QuantizedActivations, BLOCK_ROWS};
+use std::ops::Range;
 
 /// Everything one int8 linear call shares between its tiles.
 pub struct Int8Operands<'a> {
@@ -22,6 +23,16 @@ impl Int8Operands<'_> {
         segments(self.acts.cols(), self.weights.padded_in_features(), self.seg)
     }
 
+    /// Rows `i0..i0+R`: their padded `i8` data and their scales.
+    pub(super) fn row_pointers<const R: usize>(&self, i0: usize) -> ([*const i8; R], [*const f32; R]) {
+        (std::array::from_fn(|r| self.acts.padded_row(i0 + r).as_ptr()), std::array::from_fn(|r| self.acts.row_scales(i0 + r).as_ptr()))
+    }
+
+    /// Blocks `b0..b0+V`: their packed weights and their scales.
+    pub(super) fn block_pointers<const V: usize>(&self, b0: usize) -> ([*const i8; V], [*const f32; V]) {
+        (std::array::from_fn(|v| self.weights.block(b0 + v).as_ptr()), std::array::from_fn(|v| self.weights.block_scales(b0 + v).as_ptr()))
+    }
+
     /// `(activation scale step, weight scale step)` per segment: 1 for the grouped side(s),
     /// 0 for a side with one scale per row.
     pub(super) fn scale_steps(&self) -> (usize, usize) {
@@ -36,6 +47,21 @@ pub(super) fn segments(k: usize, stride: usize, seg: usize) -> (usize, usize) {
         (1, stride / 4)
     } else {
         (k.div_ceil(seg), seg / 4)
+    }
+}
+
+/// Walks the weight-only tiles of `blocks` for `m` float rows: `tile(rows, i, b, at)` with
+/// `rows` 4 while four rows are left, else 1, and `at` the tile's first output in `out`
+/// (`M × 8·blocks.len()`, row stride `8·blocks.len()`).
+pub(super) fn weight_only_tiles(m: usize, blocks: Range<usize>, out: &mut [f32], mut tile: impl FnMut(usize, usize, usize, *mut f32)) {
+    let row_len = BLOCK_ROWS * blocks.len();
+    for b in blocks.clone() {
+        let mut i = 0;
+        while i < m {
+            let rows = if m - i >= 4 { 4 } else { 1 };
+            tile(rows, i, b, out.as_mut_ptr().wrapping_add(i * row_len + BLOCK_ROWS * (b - blocks.start)));
+            i += rows;
+        }
     }
 }
 

@@ -16,7 +16,7 @@
 // Register tiles are indexed by row and block on purpose: the loops mirror the tile's shape.
 #![allow(clippy::needless_range_loop)]
 
-use super::tiles::{segments, Int8Operands, Sink};
+use super::tiles::{segments, weight_only_tiles, Int8Operands, Sink};
 use super::{PackedInt8Weights, BLOCK_ROWS};
 use std::arch::x86_64::*;
 use std::ops::Range;
@@ -41,20 +41,10 @@ unsafe fn tile<const R: usize, const V: usize, const SUMS: bool>(op: &Int8Operan
     let (segs, seg_quads) = op.segments();
     let (a_step, w_step) = op.scale_steps();
     let ones = _mm256_set1_epi16(1);
-    let mut a = [std::ptr::null::<i8>(); R];
-    let mut ua = [std::ptr::null::<u8>(); R];
-    let mut sa = [std::ptr::null::<f32>(); R];
-    for r in 0..R {
-        a[r] = op.acts.padded_row(i0 + r).as_ptr();
-        ua[r] = op.abs.as_ptr().add((i0 + r) * stride);
-        sa[r] = op.acts.row_scales(i0 + r).as_ptr();
-    }
-    let mut w = [std::ptr::null::<i8>(); V];
-    let mut sw = [std::ptr::null::<f32>(); V];
-    for v in 0..V {
-        w[v] = op.weights.block(b0 + v).as_ptr();
-        sw[v] = op.weights.block_scales(b0 + v).as_ptr();
-    }
+    let (a, sa) = op.row_pointers::<R>(i0);
+    // SAFETY: abs covers every padded row (caller).
+    let ua: [*const u8; R] = std::array::from_fn(|r| op.abs.as_ptr().add((i0 + r) * stride));
+    let (w, sw) = op.block_pointers::<V>(b0);
     let mut y = [[_mm256_setzero_ps(); V]; R];
     for g in 0..segs {
         let mut acc = [[_mm256_setzero_si256(); V]; R];
@@ -241,19 +231,11 @@ unsafe fn weight_only_tile<const R: usize>(x: &[f32], i0: usize, weights: &Packe
 /// `K` or a multiple of 4; `blocks` within the weights; `out` holds `M × 8·blocks.len()`.
 pub unsafe fn weight_only_blocks(x: &[f32], m: usize, weights: &PackedInt8Weights, blocks: Range<usize>, out: &mut [f32]) {
     let row_len = BLOCK_ROWS * blocks.len();
-    for b in blocks.clone() {
-        let mut i = 0;
-        while i < m {
-            let at = out.as_mut_ptr().add(i * row_len + BLOCK_ROWS * (b - blocks.start));
-            if m - i >= 4 {
-                weight_only_tile::<4>(x, i, weights, b, at, row_len);
-                i += 4;
-            } else {
-                weight_only_tile::<1>(x, i, weights, b, at, row_len);
-                i += 1;
-            }
-        }
-    }
+    weight_only_tiles(m, blocks, out, |rows, i, b, at| match rows {
+        // SAFETY: the caller's contract; weight_only_tiles keeps rows, blocks and `at` in range.
+        4 => weight_only_tile::<4>(x, i, weights, b, at, row_len),
+        _ => weight_only_tile::<1>(x, i, weights, b, at, row_len),
+    })
 }
 
 /// `(max |x|, whether every value is finite)`.
@@ -289,7 +271,7 @@ pub unsafe fn abs_max(x: &[f32]) -> (f32, bool) {
 /// [`crate::quant::quantize_value`] gives with zero point 0 (`vcvtps2dq` rounds half to even).
 ///
 /// # Safety
-/// AVX2+FMA available; `x` finite; `q.len() == x.len()`.
+/// AVX2+FMA available; `x` finite; `q.len() >= x.len()`.
 #[target_feature(enable = "avx2,fma")]
 pub unsafe fn quantize_symmetric(x: &[f32], inv: f32, q: &mut [i8]) {
     let (inv, lo, hi) = (_mm256_set1_ps(inv), _mm256_set1_ps(-127.0), _mm256_set1_ps(127.0));
