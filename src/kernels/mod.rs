@@ -10,12 +10,14 @@
 //! `y[m,n] = Σ_g sa[m,g] · sw[n,g] · (Σ_{k∈g} qa[m,k]·qw[n,k] − za·Σ_{k∈g} qw[n,k]) + bias[n]`
 //!
 //! The inner sums are exact `i32`; only the per-group rescale is floating point. Work is split
-//! over output channels across rayon's pool (`RAYON_NUM_THREADS`, as candle's CPU ops use).
+//! over output channels by the kernels' own fork-join team (`team.rs`), as many threads as
+//! candle's CPU ops use (rayon's thread count, `RAYON_NUM_THREADS`).
 
 mod activations;
 #[cfg(target_arch = "aarch64")]
 mod arm;
 pub mod reference;
+mod team;
 mod tiles;
 mod weights;
 #[cfg(target_arch = "x86_64")]
@@ -25,7 +27,6 @@ pub use activations::QuantizedActivations;
 pub use weights::{PackedInt8Weights, WeightQuant, BLOCK_ROWS, MAX_IN_FEATURES};
 
 use candle_core::{bail, Result};
-use rayon::prelude::*;
 use std::sync::OnceLock;
 
 /// Below this many multiply-adds a linear runs on the calling thread only.
@@ -193,31 +194,37 @@ fn block_columns(blocks: &std::ops::Range<usize>, n: usize) -> impl Iterator<Ite
     (first..(blocks.end * BLOCK_ROWS).min(n)).map(move |j| (j, j - first))
 }
 
-/// Splits the weight blocks into ranges, runs `f(blocks, buf)` on each — on rayon's pool when
-/// there is enough work (`macs` multiply-adds) and more than one thread — with `buf` an
-/// `M × 8·blocks.len()` scratch, then copies the valid columns into `out` (`M×N`).
+/// Splits the weight blocks into ranges, runs `f(blocks, buf)` on each — on the kernel team
+/// ([`team::run`], candle's thread count) when there is enough work (`macs` multiply-adds) —
+/// with `buf` an `M × 8·blocks.len()` scratch, then copies the valid columns into `out` (`M×N`).
 fn over_blocks(m: usize, n: usize, macs: usize, out: &mut [f32], f: impl Fn(std::ops::Range<usize>, &mut [f32]) + Sync) {
     let total = n.div_ceil(BLOCK_ROWS);
-    let threads = rayon::current_num_threads();
-    // With one thread, or too little work to share, stay on the calling thread: handing work to
-    // the pool and waiting for it costs a wake-up (several µs) per call.
-    let parallel = threads > 1 && macs >= PARALLEL_MIN_MACS;
-    // One task per thread for a single row (each task is a short stream of weights, and every
-    // extra task is another hand-off); several per thread for more rows, to balance load.
-    let per_task = match (parallel, m) {
-        (false, _) => total,
-        (true, 1) => total.div_ceil(threads),
-        (true, _) => total.div_ceil(threads * 4).clamp(1, 32),
+    let threads = if macs >= PARALLEL_MIN_MACS { rayon::current_num_threads() } else { 1 };
+    // One task per thread for a single row (each task is a short stream of weights); several
+    // per thread for more rows, so that a thread slowed by a neighbour does not hold up the rest.
+    let per_task = match (threads, m) {
+        (1, _) => total,
+        (_, 1) => total.div_ceil(threads),
+        _ => total.div_ceil(threads * 4).clamp(1, 32),
     };
-    let run = |t: usize| {
-        let blocks = t * per_task..((t + 1) * per_task).min(total);
-        let mut buf = vec![0f32; m * BLOCK_ROWS * blocks.len()];
-        f(blocks.clone(), &mut buf);
-        (blocks, buf)
-    };
-    let tasks = total.div_ceil(per_task);
-    let results: Vec<_> = if parallel { (0..tasks).into_par_iter().map(run).collect() } else { (0..tasks).map(run).collect() };
-    for (blocks, buf) in results {
+    let ranges: Vec<_> = (0..total.div_ceil(per_task)).map(|t| t * per_task..((t + 1) * per_task).min(total)).collect();
+    let mut scratch = vec![0f32; m * BLOCK_ROWS * total];
+    let mut rest = scratch.as_mut_slice();
+    let mut bufs = Vec::with_capacity(ranges.len());
+    for r in &ranges {
+        let (buf, tail) = rest.split_at_mut(m * BLOCK_ROWS * r.len());
+        bufs.push(std::sync::Mutex::new(buf));
+        rest = tail;
+    }
+    team::run(ranges.len(), threads, &|t| {
+        // Each task locks only its own buffer, so the lock is never contended; a panic in `f`
+        // poisons that buffer alone and team::run re-raises it once every task has finished.
+        if let Ok(mut buf) = bufs[t].lock() {
+            f(ranges[t].clone(), &mut buf)
+        }
+    });
+    for (blocks, buf) in ranges.iter().zip(bufs) {
+        let buf = buf.into_inner().unwrap_or_else(|e| e.into_inner());
         let start = blocks.start * BLOCK_ROWS;
         let width = (blocks.end * BLOCK_ROWS).min(n) - start;
         let row_len = BLOCK_ROWS * blocks.len();
