@@ -418,6 +418,14 @@ pub(crate) fn quantize_symmetric(x: &[f32], inv: f32, q: &mut [i8]) {
     quantize_symmetric_with(isa, x, inv, q)
 }
 
+/// Runs `work(i)` for every `i < tasks` on the kernels' fork-join team — as many threads as
+/// candle's CPU ops use — or on the calling thread when `parallel` is false. For other small,
+/// latency-bound steps of a decoding model that run between int8 layers (the team is awake
+/// then).
+pub fn parallel_for(tasks: usize, parallel: bool, work: &(dyn Fn(usize) + Sync)) {
+    team::run(tasks, if parallel { rayon::current_num_threads() } else { 1 }, work)
+}
+
 /// Wrapping sum of `buf` with the widest vectors this CPU has: a read-bandwidth probe for
 /// benchmarks (the weights' streaming speed is judged against it).
 pub fn stream_sum(buf: &[u64]) -> u64 {

@@ -286,6 +286,9 @@ impl Attention {
     }
 }
 
+/// Cached values (`heads · t · d`) from which decoding attention is split over threads.
+const ATTENTION_PARALLEL_MIN: usize = 1 << 15;
+
 /// `Σ a·b` with eight independent partial sums, so that it vectorises.
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
@@ -315,13 +318,15 @@ fn single_query_attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, kv_h
     }
     let (rep, scale) = (heads / kv_heads, 1.0 / (d as f32).sqrt());
     let mut y = vec![0f32; heads * d];
-    let mut p = vec![0f32; t];
-    for (h, (qh, yh)) in q.chunks(d).zip(y.chunks_mut(d)).enumerate() {
-        let g = h / rep;
+    let rows: Vec<_> = y.chunks_mut(d).map(std::sync::Mutex::new).collect();
+    // Heads are independent: split them over the threads once the cache is long enough to
+    // outweigh the hand-off (each head reads 2·t·d cached values).
+    let parallel = heads * t * d >= ATTENTION_PARALLEL_MIN;
+    crate::kernels::parallel_for(heads, parallel, &|h| {
+        let (qh, g) = (&q[h * d..(h + 1) * d], h / rep);
+        let Ok(mut yh) = rows[h].lock() else { return };
         let (k0, v0) = (kl.start_offset() + g * kl.stride()[1], vl.start_offset() + g * vl.stride()[1]);
-        for (j, pj) in p.iter_mut().enumerate() {
-            *pj = dot(qh, &kd[k0 + j * d..k0 + (j + 1) * d]) * scale;
-        }
+        let mut p: Vec<f32> = (0..t).map(|j| dot(qh, &kd[k0 + j * d..k0 + (j + 1) * d]) * scale).collect();
         let max = p.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
         p.iter_mut().for_each(|x| *x = (*x - max).exp());
         let inv = 1.0 / p.iter().sum::<f32>();
@@ -329,7 +334,8 @@ fn single_query_attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, kv_h
             let w = pj * inv;
             yh.iter_mut().zip(&vd[v0 + j * d..v0 + (j + 1) * d]).for_each(|(y, v)| *y += w * v);
         }
-    }
+    });
+    drop(rows);
     drop((ks, vs));
     Ok(Some(Tensor::from_vec(y, (1, 1, heads * d), k.device())?))
 }
