@@ -65,10 +65,14 @@ struct Slot {
 /// The helpers; the lock is held by the leader for a whole job.
 static TEAM: Mutex<Vec<Arc<Slot>>> = Mutex::new(Vec::new());
 
-/// Runs `work(0..tasks)` on the calling thread and up to `threads − 1` helpers, returning when
-/// every task has finished. A panic in any task is re-raised here, after all helpers are done.
+/// Runs `work(0..tasks)` on the calling thread and up to `threads − 1` helpers (never more
+/// threads than the machine has cores: a spinning helper must not take a core from a working
+/// one), returning when every task has finished. A panic in any task is re-raised here, after
+/// all helpers are done.
 pub fn run(tasks: usize, threads: usize, work: &(dyn Fn(usize) + Sync)) {
-    let wanted = threads.min(tasks).saturating_sub(1);
+    static CORES: OnceLock<usize> = OnceLock::new();
+    let cores = *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let wanted = threads.min(tasks).min(cores).saturating_sub(1);
     let team = if wanted > 0 { TEAM.try_lock().ok() } else { None };
     let Some(mut slots) = team else {
         (0..tasks).for_each(work);
