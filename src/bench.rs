@@ -32,17 +32,21 @@ pub struct BenchRecord {
     pub int8_gb_s: f64,
     /// Multiply-adds per second of the int8 layer, in billions.
     pub int8_gmac_s: f64,
-    /// `int8_gb_s` as a percentage of the machine's measured read bandwidth ([`Bounds`]).
+    /// `int8_gb_s` as a percentage of the machine's measured read bandwidth with as many threads
+    /// ([`Bounds::read_bound`]).
     pub bandwidth_pct: f64,
     /// `int8_gmac_s` as a percentage of the kernel's in-cache peak × threads ([`Bounds`]).
     pub peak_pct: f64,
 }
 
 /// What a linear layer could reach on this machine, measured once per benchmark run.
-#[derive(Debug, Clone, Copy, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct Bounds {
     /// One thread streaming a 256 MiB buffer ([`stream_sum`], best of 5), GB/s.
     pub read_gb_s: f64,
+    /// `(threads, GB/s)`: that many threads streaming their own share of the buffer at once (best
+    /// of 5; bytes over the slowest thread's time) — what a layer split over them could read.
+    pub read_gb_s_by_threads: Vec<(usize, f64)>,
     /// The int8 kernel on one thread with its operands in L1/L2 (32 rows × 32 outputs × K = 512:
     /// 16 KiB of weights), billions of multiply-adds per second.
     pub int8_peak_gmac_s: f64,
@@ -53,22 +57,24 @@ pub struct Bounds {
 }
 
 impl Bounds {
-    /// Runs the probes on a one-thread pool.
-    pub fn measure() -> Result<Self> {
+    /// Runs the probes, the kernel ones on a one-thread pool; the read bound also with each of
+    /// `thread_counts` threads.
+    pub fn measure(thread_counts: &[usize]) -> Result<Self> {
         let pool =
             rayon::ThreadPoolBuilder::new().num_threads(1).build().map_err(|e| candle_core::Error::Msg(format!("thread pool: {e}")))?;
-        pool.install(Self::probe)
+        pool.install(|| Self::probe(thread_counts))
     }
 
-    fn probe() -> Result<Self> {
+    /// The read bound for `threads` threads (one thread's where that count was not measured).
+    pub fn read_bound(&self, threads: usize) -> f64 {
+        self.read_gb_s_by_threads.iter().find(|&&(t, _)| t == threads).map_or(self.read_gb_s, |&(_, gb)| gb)
+    }
+
+    fn probe(thread_counts: &[usize]) -> Result<Self> {
         let buf: Vec<u64> = (0..(256usize << 20) / 8).map(|i| i as u64).collect();
-        let mut best = f64::MAX;
-        for _ in 0..5 {
-            let t = Instant::now();
-            std::hint::black_box(stream_sum(&buf));
-            best = best.min(t.elapsed().as_secs_f64());
-        }
-        let read_gb_s = (buf.len() * 8) as f64 / best / 1e9;
+        let read_gb_s = parallel_read_gb_s(&buf, 1);
+        let read_gb_s_by_threads =
+            thread_counts.iter().map(|&t| (t, if t == 1 { read_gb_s } else { parallel_read_gb_s(&buf, t) })).collect();
         drop(buf);
 
         let (m, k, n) = (32, 512, 32);
@@ -104,8 +110,35 @@ impl Bounds {
             best = best.min(t.elapsed().as_secs_f64());
         }
         let bytes: usize = layers.iter().map(|w| w.nbytes()).sum();
-        Ok(Self { read_gb_s, int8_peak_gmac_s, int8_stream_gb_s: bytes as f64 / best / 1e9 })
+        Ok(Self { read_gb_s, read_gb_s_by_threads, int8_peak_gmac_s, int8_stream_gb_s: bytes as f64 / best / 1e9 })
     }
+}
+
+/// GB/s of `threads` threads each summing its own share of `buf` at the same time, best of 5
+/// rounds; a round lasts as long as its slowest thread.
+fn parallel_read_gb_s(buf: &[u64], threads: usize) -> f64 {
+    let threads = threads.max(1);
+    let start = std::sync::Barrier::new(threads);
+    let mut best = f64::MAX;
+    for _ in 0..5 {
+        let slowest = std::thread::scope(|s| {
+            let handles: Vec<_> = buf
+                .chunks(buf.len().div_ceil(threads))
+                .map(|part| {
+                    let start = &start;
+                    s.spawn(move || {
+                        start.wait();
+                        let t = Instant::now();
+                        std::hint::black_box(stream_sum(part));
+                        t.elapsed().as_secs_f64()
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap_or(f64::MAX)).fold(0f64, f64::max)
+        });
+        best = best.min(slowest);
+    }
+    (buf.len() * 8) as f64 / best / 1e9
 }
 
 /// The shapes of the standard table: SmolLM2's projections and larger LLM layers.
@@ -183,7 +216,7 @@ pub fn bench_linear(
         ratio_q8_0: int8_us / q8_0_us,
         int8_gb_s,
         int8_gmac_s,
-        bandwidth_pct: 100.0 * int8_gb_s / bounds.read_gb_s,
+        bandwidth_pct: 100.0 * int8_gb_s / bounds.read_bound(threads),
         peak_pct: 100.0 * int8_gmac_s / (bounds.int8_peak_gmac_s * threads as f64),
     })
 }
