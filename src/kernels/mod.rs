@@ -199,7 +199,7 @@ fn block_columns(blocks: &std::ops::Range<usize>, n: usize) -> impl Iterator<Ite
 /// with `buf` an `M × 8·blocks.len()` scratch, then copies the valid columns into `out` (`M×N`).
 fn over_blocks(m: usize, n: usize, macs: usize, out: &mut [f32], f: impl Fn(std::ops::Range<usize>, &mut [f32]) + Sync) {
     let total = n.div_ceil(BLOCK_ROWS);
-    let threads = if macs >= PARALLEL_MIN_MACS { rayon::current_num_threads() } else { 1 };
+    let threads = team_threads(macs >= PARALLEL_MIN_MACS);
     // One task per thread for a single row (each task is a short stream of weights); several
     // per thread for more rows, so that a thread slowed by a neighbour does not hold up the rest.
     let per_task = match (threads, m) {
@@ -209,29 +209,47 @@ fn over_blocks(m: usize, n: usize, macs: usize, out: &mut [f32], f: impl Fn(std:
     };
     let ranges: Vec<_> = (0..total.div_ceil(per_task)).map(|t| t * per_task..((t + 1) * per_task).min(total)).collect();
     let mut scratch = vec![0f32; m * BLOCK_ROWS * total];
+    let mut parts = Vec::with_capacity(ranges.len());
     let mut rest = scratch.as_mut_slice();
-    let mut bufs = Vec::with_capacity(ranges.len());
     for r in &ranges {
         let (buf, tail) = rest.split_at_mut(m * BLOCK_ROWS * r.len());
-        bufs.push(std::sync::Mutex::new(buf));
+        parts.push(buf);
         rest = tail;
     }
-    team::run(ranges.len(), threads, &|t| {
-        // Each task locks only its own buffer, so the lock is never contended; a panic in `f`
-        // poisons that buffer alone and team::run re-raises it once every task has finished.
-        if let Ok(mut buf) = bufs[t].lock() {
-            f(ranges[t].clone(), &mut buf)
-        }
-    });
-    for (blocks, buf) in ranges.iter().zip(bufs) {
-        let buf = buf.into_inner().unwrap_or_else(|e| e.into_inner());
+    run_on_parts(parts, threads, |t, buf| f(ranges[t].clone(), buf));
+    let mut buf = scratch.as_slice();
+    for blocks in &ranges {
         let start = blocks.start * BLOCK_ROWS;
         let width = (blocks.end * BLOCK_ROWS).min(n) - start;
         let row_len = BLOCK_ROWS * blocks.len();
         for i in 0..m {
             out[i * n + start..i * n + start + width].copy_from_slice(&buf[i * row_len..i * row_len + width]);
         }
+        buf = &buf[m * row_len..];
     }
+}
+
+/// Threads for a team job: candle's thread count (rayon's, `RAYON_NUM_THREADS`) when the work
+/// is worth splitting, else the calling thread alone.
+fn team_threads(parallel: bool) -> usize {
+    if parallel {
+        rayon::current_num_threads()
+    } else {
+        1
+    }
+}
+
+/// Runs `work(i, parts[i])` for every part on `threads` threads of the kernel team, each part
+/// handed to exactly one task.
+fn run_on_parts<T: Send>(parts: Vec<&mut [T]>, threads: usize, work: impl Fn(usize, &mut [T]) + Sync) {
+    let parts: Vec<_> = parts.into_iter().map(std::sync::Mutex::new).collect();
+    team::run(parts.len(), threads, &|i| {
+        // Each task locks only its own part, so the lock is never contended; a panic in `work`
+        // poisons that part alone and team::run re-raises it once every task has finished.
+        if let Ok(mut part) = parts[i].lock() {
+            work(i, &mut part)
+        }
+    });
 }
 
 /// Scalar [`x86::int8_blocks`]: `Σ_g sa · sw · dot_g` per output, from the reference dot product.
@@ -418,12 +436,12 @@ pub(crate) fn quantize_symmetric(x: &[f32], inv: f32, q: &mut [i8]) {
     quantize_symmetric_with(isa, x, inv, q)
 }
 
-/// Runs `work(i)` for every `i < tasks` on the kernels' fork-join team — as many threads as
+/// Runs `work(i, parts[i])` for every part on the kernels' fork-join team — as many threads as
 /// candle's CPU ops use — or on the calling thread when `parallel` is false. For other small,
 /// latency-bound steps of a decoding model that run between int8 layers (the team is awake
 /// then).
-pub fn parallel_for(tasks: usize, parallel: bool, work: &(dyn Fn(usize) + Sync)) {
-    team::run(tasks, if parallel { rayon::current_num_threads() } else { 1 }, work)
+pub fn parallel_for_parts<T: Send>(parts: Vec<&mut [T]>, parallel: bool, work: impl Fn(usize, &mut [T]) + Sync) {
+    run_on_parts(parts, team_threads(parallel), work)
 }
 
 /// Wrapping sum of `buf` with the widest vectors this CPU has: a read-bandwidth probe for

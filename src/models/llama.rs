@@ -318,13 +318,11 @@ fn single_query_attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, kv_h
     }
     let (rep, scale) = (heads / kv_heads, 1.0 / (d as f32).sqrt());
     let mut y = vec![0f32; heads * d];
-    let rows: Vec<_> = y.chunks_mut(d).map(std::sync::Mutex::new).collect();
     // Heads are independent: split them over the threads once the cache is long enough to
     // outweigh the hand-off (each head reads 2·t·d cached values).
     let parallel = heads * t * d >= ATTENTION_PARALLEL_MIN;
-    crate::kernels::parallel_for(heads, parallel, &|h| {
+    crate::kernels::parallel_for_parts(y.chunks_mut(d).collect(), parallel, |h, yh| {
         let (qh, g) = (&q[h * d..(h + 1) * d], h / rep);
-        let Ok(mut yh) = rows[h].lock() else { return };
         let (k0, v0) = (kl.start_offset() + g * kl.stride()[1], vl.start_offset() + g * vl.stride()[1]);
         let mut p: Vec<f32> = (0..t).map(|j| dot(qh, &kd[k0 + j * d..k0 + (j + 1) * d]) * scale).collect();
         let max = p.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
@@ -335,7 +333,6 @@ fn single_query_attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, kv_h
             yh.iter_mut().zip(&vd[v0 + j * d..v0 + (j + 1) * d]).for_each(|(y, v)| *y += w * v);
         }
     });
-    drop(rows);
     drop((ks, vs));
     Ok(Some(Tensor::from_vec(y, (1, 1, heads * d), k.device())?))
 }
