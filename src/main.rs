@@ -431,6 +431,9 @@ fn run(cli: Cli) -> Result<()> {
         Command::Bench { m, threads, in_features, json } => {
             let ms = if m.is_empty() { vec![1, 16, 128] } else { m };
             let ts = if threads.is_empty() { vec![1, 2] } else { threads };
+            if let Some(bad) = ms.iter().chain(&ts).find(|&&v| v == 0) {
+                bail!("bench: --m and --threads must be at least 1, got {bad}")
+            }
             let config = QuantConfig::default();
             let bounds = candle_quant::bench::Bounds::measure(&ts)?;
             let mut records = vec![];

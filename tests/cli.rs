@@ -99,4 +99,7 @@ fn bad_arguments_fail_with_a_message() {
     let out = cli(&["compare", "--repeats", "0"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--repeats"), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = cli(&["bench", "--threads", "0"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--threads"), "{}", String::from_utf8_lossy(&out.stderr));
 }
