@@ -51,9 +51,10 @@ pub struct Bounds {
     /// 16 KiB of weights), billions of multiply-adds per second.
     pub int8_peak_gmac_s: f64,
     /// The int8 kernel on one thread decoding (M = 1) through 128 distinct 576×1536 layers —
-    /// 142 MB of weights and scales, far more than the L3 cache — GB/s of weights read: the decode
-    /// regime, to compare with `read_gb_s`.
+    /// `int8_stream_bytes` of weights and scales (~120 MB), far more than the L3 cache — GB/s of
+    /// weights read: the decode regime, to compare with `read_gb_s`.
     pub int8_stream_gb_s: f64,
+    pub int8_stream_bytes: usize,
 }
 
 impl Bounds {
@@ -110,7 +111,13 @@ impl Bounds {
             best = best.min(t.elapsed().as_secs_f64());
         }
         let bytes: usize = layers.iter().map(|w| w.nbytes()).sum();
-        Ok(Self { read_gb_s, read_gb_s_by_threads, int8_peak_gmac_s, int8_stream_gb_s: bytes as f64 / best / 1e9 })
+        Ok(Self {
+            read_gb_s,
+            read_gb_s_by_threads,
+            int8_peak_gmac_s,
+            int8_stream_gb_s: bytes as f64 / best / 1e9,
+            int8_stream_bytes: bytes,
+        })
     }
 }
 

@@ -442,7 +442,8 @@ fn run(cli: Cli) -> Result<()> {
                 let reads: Vec<String> = bounds.read_gb_s_by_threads.iter().map(|(t, gb)| format!("{gb:.1} GB/s with {t}")).collect();
                 println!("memory read bound (threads streaming at once): {}", reads.join(", "));
                 println!(
-                    "one thread: int8 decode streaming 142 MB of weights {:.1} GB/s ({:.0} % of its read bound); int8 kernel in cache {:.1} GMAC/s",
+                    "one thread: int8 decode streaming {:.0} MB of weights {:.1} GB/s ({:.0} % of its read bound); int8 kernel in cache {:.1} GMAC/s",
+                    bounds.int8_stream_bytes as f64 / 1e6,
                     bounds.int8_stream_gb_s,
                     100.0 * bounds.int8_stream_gb_s / bounds.read_gb_s,
                     bounds.int8_peak_gmac_s

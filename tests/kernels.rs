@@ -2,7 +2,8 @@
 
 mod common;
 
-use candle_quant::kernels::{int8_linear, reference, PackedInt8Weights, QuantizedActivations};
+use candle_core::{Device, Tensor};
+use candle_quant::kernels::{int8_linear, reference, PackedInt8Weights, QuantizedActivations, WeightQuant};
 use candle_quant::quant::{Granularity, QDType, QParams, QScheme, QSpec, QTensor};
 use proptest::prelude::*;
 
@@ -35,7 +36,8 @@ proptest! {
         let mut rng = common::Rng::new(seed);
         let x = rng.normals(m * k, 2.0);
         let qw = rng.i8s(n * k, -127, 127);
-        let sw: Vec<f32> = (0..n).map(|_| 0.01 + rng.uniform()).collect();
+        // Scales the packed weights hold exactly (they store f16).
+        let sw: Vec<f32> = (0..n).map(|_| half::f16::from_f32(0.01 + rng.uniform()).to_f32()).collect();
         let bias: Vec<f32> = rng.normals(n, 1.0);
         let w = weights_from(&qw, n, k, sw.clone());
         let acts = QuantizedActivations::quantize_dynamic(&x, m, k, group, None).unwrap();
@@ -102,6 +104,33 @@ fn kernel_shape_errors() {
     let p = QParams::new(wide, Granularity::PerTensor, vec![1.0], vec![0]).unwrap();
     let q = QTensor::from_values(&[-128, 0], (1, 2), p).unwrap();
     assert!(PackedInt8Weights::from_qtensor(&q).unwrap_err().to_string().contains("-127"));
+}
+
+#[test]
+fn weight_scales_are_stored_as_f16() {
+    // 0.1 = 1.6·2⁻⁴; f16 keeps 10 fraction bits: 0.6·1024 = 614.4 → 614, so the stored scale is
+    // (1024 + 614)/1024 · 2⁻⁴ = 1638/16384 = 0.0999755859375.
+    let w = weights_from(&[1, -2, 3], 1, 3, vec![0.1]);
+    assert_eq!(w.scale(0, 0), 0.099_975_586);
+    // Zero-point term: scale · Σq = 0.0999755859375 · 2.
+    assert_eq!(w.zero_point_term(0), 0.199_951_17);
+    // 2 bytes of scale per output channel (one block of 8 rows, padded K = CHUNK bytes each).
+    assert_eq!(w.nbytes(), 8 * w.padded_in_features() + 8 * 2);
+
+    // Quantizing floats rounds the scales first, so q·scale reproduces every weight within half
+    // a step of the scale actually stored: [0.3, -1.1, 0.77] → scale f16(1.1/127).
+    let x = Tensor::new(&[[0.3f32, -1.1, 0.77]], &Device::Cpu).unwrap();
+    let w = PackedInt8Weights::quantize(&x, WeightQuant::PerChannel).unwrap();
+    let s = w.scale(0, 0);
+    assert_eq!(s, half::f16::from_f32(1.1 / 127.0).to_f32());
+    for (c, &v) in [0.3f32, -1.1, 0.77].iter().enumerate() {
+        assert!((w.value(0, c) as f32 * s - v).abs() <= s / 2.0, "column {c}");
+    }
+    // A scale beyond f16::MAX (65504) is an error that says so: |w| = 1e7 needs 1e7/127 ≈ 78740.
+    let e = PackedInt8Weights::quantize(&Tensor::new(&[[1e7f32, 1.0]], &Device::Cpu).unwrap(), WeightQuant::PerChannel)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("f16"), "{e}");
 }
 
 /// Every SIMD path this CPU supports against the scalar reference on 10,000 random shapes

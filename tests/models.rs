@@ -65,6 +65,45 @@ fn int8_tracks_f32_better_than_candle_q8_0() {
 }
 
 #[test]
+fn tied_int8_lm_head_also_serves_the_embeddings() {
+    // SmolLM2 ties lm_head to the embedding table. After conversion the table is looked up in
+    // the int8 lm_head (q · scale), so the 49152 × 576 f32 table (113 MB) is no longer held.
+    let lm = smollm2();
+    let q = int8(lm);
+    let tokens = [0u32, 42, 49151];
+    let (f, i) = (lm.model.embed(&tokens).unwrap(), q.model.embed(&tokens).unwrap());
+    let mut q_model = q.model.clone();
+    let mut lm_head = None;
+    q_model
+        .visit_linears(&mut |l| {
+            if l.name() == "lm_head" {
+                lm_head = Some(l.float_equivalent()?.weight().clone());
+            }
+            Ok(())
+        })
+        .unwrap();
+    let rows = lm_head.unwrap().index_select(&Tensor::new(&tokens, &Device::Cpu).unwrap(), 0).unwrap();
+    let exact = (&i - &rows).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    assert_eq!(exact, 0.0, "embeddings are the dequantized lm_head rows");
+    // Within half an int8 step of the f32 table: |x| ≤ amax of its group of 32, step amax/127.
+    let (err, amax) = ((&i - &f).unwrap().abs().unwrap(), f.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap());
+    assert!(err.max_all().unwrap().to_scalar::<f32>().unwrap() <= amax / 254.0 * 1.001);
+    // Bytes: the f32 model counts the table once (tied); the int8 one counts no table at all.
+    let table = 49152 * 576 * 4;
+    let mut linears = 0;
+    q_model
+        .visit_linears(&mut |l| {
+            linears += l.weight_bytes();
+            Ok(())
+        })
+        .unwrap();
+    let norms = (30 * 2 + 1) * 576 * 4;
+    assert_eq!(q.model.weight_bytes(), linears + norms);
+    assert!(lm.model.weight_bytes() > table + 30 * 7 * 4 * 576 * 576);
+    assert!(lm.model.embed(&[49152]).unwrap_err().to_string().contains("outside the vocabulary"));
+}
+
+#[test]
 fn gguf_tokenizer_round_trips_and_splits_digits() {
     let lm = smollm2();
     for text in

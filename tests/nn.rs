@@ -116,9 +116,9 @@ fn weight_only_equals_dequantized_float() {
     let deq = q.float_equivalent().unwrap();
     assert!(max_abs_diff(&q.forward(&x).unwrap(), &deq.forward(&x).unwrap()).unwrap() < 1e-4);
     assert!(rel_error(&q.forward(&x).unwrap(), &float.forward(&x).unwrap()).unwrap() < 0.01);
-    // Storage as held: 12 outputs pad to two blocks of 8, so 16·96 int8 + 16 scales·4 B, plus
-    // the f32 bias 12·4 B = 1536 + 64 + 48.
-    assert_eq!(q.weight_bytes(), 16 * 96 + 16 * 4 + 12 * 4);
+    // Storage as held: 12 outputs pad to two blocks of 8, so 16·96 int8 + 16 f16 scales·2 B,
+    // plus the f32 bias 12·4 B = 1536 + 32 + 48.
+    assert_eq!(q.weight_bytes(), 16 * 96 + 16 * 2 + 12 * 4);
 }
 
 #[test]

@@ -18,6 +18,7 @@
 
 use super::tiles::{segments, weight_only_tiles, Int8Operands, Sink};
 use super::{PackedInt8Weights, BLOCK_ROWS};
+use half::f16;
 use std::arch::aarch64::*;
 use std::arch::asm;
 use std::ops::Range;
@@ -73,6 +74,21 @@ unsafe fn channel_sums<const DOT: bool>(acc: &Lanes) -> [int32x4_t; 2] {
     }
 }
 
+/// Four `f16` weight scales widened to `f32` (`fcvtl`, base AArch64; Rust's `f16` vector
+/// intrinsics are not stable yet).
+///
+/// # Safety
+/// `p` points at four readable scales.
+#[inline(always)]
+unsafe fn load_scales(p: *const f16) -> float32x4_t {
+    // SAFETY: four f16 are 8 readable bytes (caller).
+    let h = vld1_u16(p as *const u16);
+    let out: float32x4_t;
+    // SAFETY: register-only instruction of the base instruction set.
+    asm!("fcvtl {out:v}.4s, {h:v}.4h", out = out(vreg) out, h = in(vreg) h, options(pure, nomem, nostack, preserves_flags));
+    out
+}
+
 /// One `R × V` tile at activation row `i0` and weight block `b0`.
 ///
 /// # Safety
@@ -121,7 +137,7 @@ unsafe fn tile<const R: usize, const V: usize, const SUMS: bool, const DOT: bool
                     let s = *sa[r].add(g * a_step);
                     let scales = sw[v].add(BLOCK_ROWS * g * w_step);
                     for h in 0..2 {
-                        let scale = vmulq_n_f32(vld1q_f32(scales.add(4 * h)), s);
+                        let scale = vmulq_n_f32(load_scales(scales.add(4 * h)), s);
                         y[r][v][h] = vfmaq_f32(y[r][v][h], vcvtq_f32_s32(sums[h]), scale);
                     }
                 }
@@ -141,7 +157,7 @@ unsafe fn tile<const R: usize, const V: usize, const SUMS: bool, const DOT: bool
                         // SAFETY: c < K, so quad c/4 and group g exist in every block.
                         let quad = vreinterpretq_s32_s8(vld1q_s8(w[v].add(32 * (c / 4) + 16 * h)));
                         let q = vshrq_n_s32::<24>(vshlq_s32(quad, to_top));
-                        let wf = vmulq_f32(vcvtq_f32_s32(q), vld1q_f32(sw[v].add(BLOCK_ROWS * g + 4 * h)));
+                        let wf = vmulq_f32(vcvtq_f32_s32(q), load_scales(sw[v].add(BLOCK_ROWS * g + 4 * h)));
                         y[r][v][h] = vfmaq_n_f32(y[r][v][h], wf, x);
                     }
                 }
@@ -288,7 +304,7 @@ unsafe fn weight_only_tile<const R: usize>(x: &[f32], i0: usize, weights: &Packe
         }
         for h in 0..2 {
             // SAFETY: 8 scales per group (a single group when per channel).
-            let s = vld1q_f32(sw.add(BLOCK_ROWS * g * (segs > 1) as usize + 4 * h));
+            let s = load_scales(sw.add(BLOCK_ROWS * g * (segs > 1) as usize + 4 * h));
             for r in 0..R {
                 y[r][h] = vfmaq_f32(y[r][h], acc[r][h], s);
             }

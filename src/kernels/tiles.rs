@@ -29,7 +29,7 @@ impl Int8Operands<'_> {
     }
 
     /// Blocks `b0..b0+V`: their packed weights and their scales.
-    pub(super) fn block_pointers<const V: usize>(&self, b0: usize) -> ([*const i8; V], [*const f32; V]) {
+    pub(super) fn block_pointers<const V: usize>(&self, b0: usize) -> ([*const i8; V], [*const half::f16; V]) {
         (std::array::from_fn(|v| self.weights.block(b0 + v).as_ptr()), std::array::from_fn(|v| self.weights.block_scales(b0 + v).as_ptr()))
     }
 

@@ -3,6 +3,7 @@
 use super::CHUNK;
 use crate::quant::{Granularity, QDType, QParams, QSpec, QTensor};
 use candle_core::{bail, Device, Result, Tensor};
+use half::f16;
 
 /// Largest `K` for which an `i32` dot product of int8 values cannot overflow (`K·128·128 < 2³¹`).
 pub const MAX_IN_FEATURES: usize = 1 << 17;
@@ -28,9 +29,15 @@ impl Default for WeightQuant {
 /// Output channels per packed block: one 256-bit register of `i32` or `f32` lanes.
 pub const BLOCK_ROWS: usize = 8;
 
-/// `N×K` int8 weights (symmetric, zero point 0, range `[-127, 127]`) with one f32 scale per
+/// `N×K` int8 weights (symmetric, zero point 0, range `[-127, 127]`) with one scale per
 /// `(output channel, group of input channels)` — a single group means per channel — and each
 /// row's zero-point term (for activation zero points).
+///
+/// Scales are stored as `f16` (like candle's Q8_0 blocks): with groups of 32 that is 34 bytes
+/// per 32 weights instead of 36, and decoding is bound by the bytes it streams. `f16` keeps 11
+/// significant bits, so rounding a scale moves it by at most 2⁻¹² of itself, a sixteenth of
+/// the int8 rounding step; [`Self::quantize`] rounds the scales first and quantizes with the
+/// rounded ones, so values and scales agree exactly.
 ///
 /// Packed for the kernels: output channels in blocks of [`BLOCK_ROWS`]; inside a block, four
 /// consecutive input channels of each of the eight channels lie side by side, so byte
@@ -47,24 +54,35 @@ pub struct PackedInt8Weights {
     group: usize,
     stride: usize,
     data: Vec<i8>,
-    scales: Vec<f32>,
+    scales: Vec<f16>,
     /// `Σ_g sw[n,g] · Σ_{k∈g} qw[n,k]`: what an activation zero point of 1 would add to row `n`.
     zero_point_terms: Vec<f32>,
 }
 
 impl PackedInt8Weights {
-    /// Quantizes a float `[out, in]` weight with [`QSpec::WEIGHT`] per channel or per group.
+    /// Quantizes a float `[out, in]` weight with [`Self::qparams`].
     pub fn quantize(weight: &Tensor, how: WeightQuant) -> Result<Self> {
+        Self::from_qtensor(&QTensor::quantize(weight, &Self::qparams(weight, how)?)?)
+    }
+
+    /// The qparams int8 weights get: [`QSpec::WEIGHT`] per channel or per group, each scale
+    /// rounded to the `f16` that will be stored (fake quantization uses these too, so that
+    /// training simulates exactly what conversion produces).
+    pub fn qparams(weight: &Tensor, how: WeightQuant) -> Result<QParams> {
         let granularity = match how {
             WeightQuant::PerChannel => Granularity::PerChannel { axis: 0 },
             WeightQuant::PerGroup(size) => Granularity::PerGroup { size },
         };
-        let params = QParams::from_tensor(QSpec::WEIGHT, granularity, weight)?;
-        Self::from_qtensor(&QTensor::quantize(weight, &params)?)
+        let mut params = QParams::from_tensor(QSpec::WEIGHT, granularity, weight)?;
+        for s in params.scales.iter_mut() {
+            *s = to_f16(*s)?.to_f32();
+        }
+        Ok(params)
     }
 
     /// Packs an already quantized `[out, in]` weight; it must be symmetric signed with zero
     /// point 0 — per tensor, per output channel or per group — and inside `[-127, 127]`.
+    /// Its scales are rounded to the nearest `f16` (an error if one exceeds `f16::MAX`).
     pub fn from_qtensor(q: &QTensor) -> Result<Self> {
         let &[n, k] = q.shape().dims() else { bail!("int8 weights must be 2-D [out, in], got shape {:?}", q.shape()) };
         if n == 0 || k == 0 {
@@ -95,20 +113,22 @@ impl PackedInt8Weights {
         let groups = k.div_ceil(group);
         let blocks = n.div_ceil(BLOCK_ROWS);
         let mut data = vec![0i8; blocks * BLOCK_ROWS * stride];
-        let mut scales = vec![0f32; blocks * BLOCK_ROWS * groups];
+        let mut scales = vec![f16::ZERO; blocks * BLOCK_ROWS * groups];
         for (j, (row, sw)) in values.chunks(k).zip(row_scales.chunks(groups)).enumerate() {
             let block = &mut data[Self::offset(stride, j, 0)..];
             for (qi, quad) in row.chunks(4).enumerate() {
                 block[32 * qi..32 * qi + quad.len()].copy_from_slice(quad);
             }
             for (g, &s) in sw.iter().enumerate() {
-                scales[Self::scale_offset(groups, j, g)] = s;
+                scales[Self::scale_offset(groups, j, g)] = to_f16(s)?;
             }
         }
         let zero_point_terms = values
             .chunks(k)
             .zip(row_scales.chunks(groups))
-            .map(|(row, s)| row.chunks(group).zip(s).map(|(g, &sw)| sw * g.iter().map(|&v| v as i32).sum::<i32>() as f32).sum())
+            .map(|(row, s)| {
+                row.chunks(group).zip(s).map(|(g, &sw)| f16::from_f32(sw).to_f32() * g.iter().map(|&v| v as i32).sum::<i32>() as f32).sum()
+            })
             .collect();
         Ok(Self { n, k, group, stride, data, scales, zero_point_terms })
     }
@@ -161,7 +181,7 @@ impl PackedInt8Weights {
 
     /// The scales of block `b`: `groups()` runs of eight, one per output channel.
     #[inline]
-    pub fn block_scales(&self, b: usize) -> &[f32] {
+    pub fn block_scales(&self, b: usize) -> &[f16] {
         let len = BLOCK_ROWS * self.groups();
         &self.scales[b * len..(b + 1) * len]
     }
@@ -175,7 +195,7 @@ impl PackedInt8Weights {
     /// The scale of output channel `j` for input group `g`.
     #[inline]
     pub fn scale(&self, j: usize, g: usize) -> f32 {
-        self.scales[Self::scale_offset(self.groups(), j, g)]
+        self.scales[Self::scale_offset(self.groups(), j, g)].to_f32()
     }
 
     /// Quantized weights of output channel `j`, unpacked.
@@ -195,13 +215,41 @@ impl PackedInt8Weights {
 
     /// The float weights these integers stand for: `w[n,k] = q[n,k] · scale[n, k / group]`.
     pub fn dequantize(&self, device: &Device) -> Result<Tensor> {
-        let data: Vec<f32> =
-            (0..self.n).flat_map(|j| (0..self.k).map(move |c| self.value(j, c) as f32 * self.scale(j, c / self.group))).collect();
+        let mut data = vec![0f32; self.n * self.k];
+        for (j, row) in data.chunks_mut(self.k).enumerate() {
+            self.dequantize_row(j, row)?;
+        }
         Tensor::from_vec(data, (self.n, self.k), device)
+    }
+
+    /// Output channel `j` as floats into `out` (`K` of them): `out[c] = q[j,c] · scale[j, c / group]`
+    /// — e.g. a token's embedding when these are the weights of a tied `lm_head`.
+    pub fn dequantize_row(&self, j: usize, out: &mut [f32]) -> Result<()> {
+        if j >= self.n || out.len() != self.k {
+            bail!("int8 weights {}×{}: cannot write row {j} into {} values", self.n, self.k, out.len())
+        }
+        for (g, part) in out.chunks_mut(self.group).enumerate() {
+            let scale = self.scale(j, g);
+            for (i, y) in part.iter_mut().enumerate() {
+                *y = self.value(j, g * self.group + i) as f32 * scale;
+            }
+        }
+        Ok(())
     }
 
     /// Bytes held: packed integer weights plus scales, padding included.
     pub fn nbytes(&self) -> usize {
-        self.data.len() + self.scales.len() * 4
+        self.data.len() + self.scales.len() * std::mem::size_of::<f16>()
     }
+}
+
+/// `s` rounded to the nearest `f16`. Scales are at least [`crate::quant::SCALE_EPS`] (2⁻²³, an
+/// `f16` subnormal), so none rounds to zero; one beyond `f16::MAX` (weights over ~8.3·10⁶) is
+/// refused.
+fn to_f16(s: f32) -> Result<f16> {
+    let h = f16::from_f32(s);
+    if !h.is_finite() {
+        bail!("int8 weight scale {s} does not fit an f16 scale (weights must stay below {})", f16::MAX.to_f32() * 127.0)
+    }
+    Ok(h)
 }

@@ -18,23 +18,36 @@
 
 use super::tiles::{segments, weight_only_tiles, Int8Operands, Sink};
 use super::{PackedInt8Weights, BLOCK_ROWS};
+use half::f16;
 use std::arch::x86_64::*;
 use std::ops::Range;
 
-/// Whether this CPU can run the AVX2 kernels.
+/// Whether this CPU can run the AVX2 kernels (F16C, for the `f16` weight scales, came with
+/// AVX2 on every x86 CPU that has it).
 pub fn available() -> bool {
-    is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
+    is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c")
+}
+
+/// Eight `f16` weight scales widened to `f32`.
+///
+/// # Safety
+/// F16C available; `p` points at eight readable scales.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn load_scales(p: *const f16) -> __m256 {
+    // SAFETY: eight f16 are 16 readable bytes (caller).
+    _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
 }
 
 /// One `R × V` tile at activation row `i0` and weight block `b0`.
 ///
 /// # Safety
-/// AVX2+FMA available; rows `i0..i0+R` and blocks `b0..b0+V` exist; `op.abs` covers every
+/// AVX2+FMA+F16C available; rows `i0..i0+R` and blocks `b0..b0+V` exist; `op.abs` covers every
 /// padded row; `op.seg` satisfies [`Int8Operands::seg`]'s rule; with `SUMS` false, `sink.out`
 /// has `R` rows of `8·V` writable floats at stride `row_len`; with `SUMS` true, `sink.sums`
 /// holds `M · N_pad · segments` values.
 #[inline]
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn tile<const R: usize, const V: usize, const SUMS: bool>(op: &Int8Operands, i0: usize, b0: usize, sink: Sink) {
     let stride = op.weights.padded_in_features();
     let quads = stride / 4;
@@ -79,7 +92,7 @@ unsafe fn tile<const R: usize, const V: usize, const SUMS: bool>(op: &Int8Operan
                 let s = _mm256_set1_ps(*sa[r].add(g * a_step));
                 for v in 0..V {
                     // SAFETY: a block has 8 scales per weight group (one group when w_step is 0).
-                    let scale = _mm256_mul_ps(_mm256_loadu_ps(sw[v].add(BLOCK_ROWS * g * w_step)), s);
+                    let scale = _mm256_mul_ps(load_scales(sw[v].add(BLOCK_ROWS * g * w_step)), s);
                     y[r][v] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r][v]), scale, y[r][v]);
                 }
             }
@@ -98,7 +111,7 @@ unsafe fn tile<const R: usize, const V: usize, const SUMS: bool>(op: &Int8Operan
                     // SAFETY: c < K, so quad c/4 and group g exist in every block.
                     let quad = _mm256_loadu_si256(w[v].add(32 * (c / 4)) as *const __m256i);
                     let q = _mm256_srai_epi32(_mm256_sll_epi32(quad, to_top), 24);
-                    let wf = _mm256_mul_ps(_mm256_cvtepi32_ps(q), _mm256_loadu_ps(sw[v].add(BLOCK_ROWS * g)));
+                    let wf = _mm256_mul_ps(_mm256_cvtepi32_ps(q), load_scales(sw[v].add(BLOCK_ROWS * g)));
                     y[r][v] = _mm256_fmadd_ps(wf, xs, y[r][v]);
                 }
             }
@@ -120,7 +133,7 @@ unsafe fn tile<const R: usize, const V: usize, const SUMS: bool>(op: &Int8Operan
 /// # Safety
 /// As [`tile`], for every row and every block in `blocks`; `sink.out` (if used) is
 /// `M × 8·blocks.len()` and points at its start.
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn run_tiles<const SUMS: bool>(op: &Int8Operands, blocks: Range<usize>, sink: Sink) {
     let m = op.acts.rows();
     let panel = if m == 1 { 8 } else { 2 };
@@ -154,7 +167,7 @@ unsafe fn run_tiles<const SUMS: bool>(op: &Int8Operands, blocks: Range<usize>, s
 /// `+ Σ_outliers x[i,c] · ŵ[8b+l,c]` for every activation row `i` and every block `b` in `blocks`.
 ///
 /// # Safety
-/// AVX2+FMA available (see [`available`]); `op.abs` holds `|a|` of every padded activation row;
+/// AVX2+FMA+F16C available (see [`available`]); `op.abs` holds `|a|` of every padded activation row;
 /// `op.seg` is `K` or a multiple of 4 matching the grouped side(s); `blocks` lies within the
 /// weights' blocks; `out` holds `M × 8·blocks.len()` floats.
 pub unsafe fn int8_blocks(op: &Int8Operands, blocks: Range<usize>, out: &mut [f32]) {
@@ -174,7 +187,7 @@ pub unsafe fn int8_segment_sums(op: &Int8Operands, sums: &mut [i32]) {
 /// in lane `l`. A byte shuffle turns each 128-bit half's 4×4 (channel × input) bytes around,
 /// a dword permute pairs the halves, and each 8-byte run is sign-extended and converted.
 #[inline]
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn widen_quad(packed: *const i8) -> [__m256; 4] {
     let transpose =
         _mm256_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15, 0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
@@ -189,10 +202,10 @@ unsafe fn widen_quad(packed: *const i8) -> [__m256; 4] {
 /// `R` float rows against one weight block, weights widened once per quad for all rows.
 ///
 /// # Safety
-/// AVX2+FMA; `x` rows `i0..i0+R` of `padded` floats exist; `out` has `R` rows of 8 writable
+/// AVX2+FMA+F16C; `x` rows `i0..i0+R` of `padded` floats exist; `out` has `R` rows of 8 writable
 /// floats at stride `row_len`; `seg` is `K` or a multiple of 4.
 #[inline]
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn weight_only_tile<const R: usize>(x: &[f32], i0: usize, weights: &PackedInt8Weights, b: usize, out: *mut f32, row_len: usize) {
     let (k, stride) = (weights.in_features(), weights.padded_in_features());
     let quads = stride / 4;
@@ -212,7 +225,7 @@ unsafe fn weight_only_tile<const R: usize>(x: &[f32], i0: usize, weights: &Packe
             }
         }
         // SAFETY: 8 scales per group (a single group when per channel).
-        let s = _mm256_loadu_ps(sw.add(BLOCK_ROWS * g * (segs > 1) as usize));
+        let s = load_scales(sw.add(BLOCK_ROWS * g * (segs > 1) as usize));
         for r in 0..R {
             y[r] = _mm256_fmadd_ps(acc[r], s, y[r]);
         }
@@ -227,7 +240,7 @@ unsafe fn weight_only_tile<const R: usize>(x: &[f32], i0: usize, weights: &Packe
 /// weight-only path. `x` is `M` rows zero-padded to `padded_in_features()` floats.
 ///
 /// # Safety
-/// AVX2+FMA available; `x` holds `M · padded_in_features()` floats; the weight group size is
+/// AVX2+FMA+F16C available; `x` holds `M · padded_in_features()` floats; the weight group size is
 /// `K` or a multiple of 4; `blocks` within the weights; `out` holds `M × 8·blocks.len()`.
 pub unsafe fn weight_only_blocks(x: &[f32], m: usize, weights: &PackedInt8Weights, blocks: Range<usize>, out: &mut [f32]) {
     let row_len = BLOCK_ROWS * blocks.len();
@@ -241,8 +254,8 @@ pub unsafe fn weight_only_blocks(x: &[f32], m: usize, weights: &PackedInt8Weight
 /// `(max |x|, whether every value is finite)`.
 ///
 /// # Safety
-/// AVX2+FMA available.
-#[target_feature(enable = "avx2,fma")]
+/// AVX2+FMA+F16C available.
+#[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn abs_max(x: &[f32]) -> (f32, bool) {
     let (sign, zero) = (_mm256_set1_ps(-0.0), _mm256_setzero_ps());
     let (mut amax, mut probe) = (zero, zero);
@@ -271,8 +284,8 @@ pub unsafe fn abs_max(x: &[f32]) -> (f32, bool) {
 /// [`crate::quant::quantize_value`] gives with zero point 0 (`vcvtps2dq` rounds half to even).
 ///
 /// # Safety
-/// AVX2+FMA available; `x` finite; `q.len() >= x.len()`.
-#[target_feature(enable = "avx2,fma")]
+/// AVX2+FMA+F16C available; `x` finite; `q.len() >= x.len()`.
+#[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn quantize_symmetric(x: &[f32], inv: f32, q: &mut [i8]) {
     let (inv, lo, hi) = (_mm256_set1_ps(inv), _mm256_set1_ps(-127.0), _mm256_set1_ps(127.0));
     let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);

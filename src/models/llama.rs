@@ -188,10 +188,26 @@ struct Block {
     post_attention_layernorm: RmsNorm,
 }
 
+/// Where token embeddings come from.
+#[derive(Debug, Clone)]
+enum TokenEmbeddings {
+    /// The float table (a float tied `lm_head` holds the very same tensor).
+    Float(Embedding),
+    /// The rows of the tied `lm_head`'s weights — the same matrix. Once that `lm_head` is int8,
+    /// looking rows up there (`q · scale`, rounded like every int8 weight) spares keeping the
+    /// float table beside its int8 copy: 113 MB of SmolLM2-135M's 538.
+    LmHead { dtype: DType },
+}
+
 /// The decoder with its language-model head.
+///
+/// With tied embeddings, quantizing `lm_head` to int8 (any conversion that visits it) also makes
+/// the token embeddings come from its int8 rows, and the float table is dropped.
 #[derive(Debug, Clone)]
 pub struct Llama {
-    embed_tokens: Embedding,
+    embed_tokens: TokenEmbeddings,
+    /// Whether `lm_head` was built from the embedding table (tied, no `lm_head.weight`).
+    tied_lm_head: bool,
     layers: Vec<Block>,
     norm: RmsNorm,
     lm_head: QLinear,
@@ -371,7 +387,8 @@ impl Llama {
             })
             .collect::<Result<Vec<_>>>()?;
         let norm = candle_nn::rms_norm(cfg.hidden_size, cfg.rms_norm_eps, m.pp("norm"))?;
-        let lm_head = if cfg.tie_word_embeddings && !vb.contains_tensor("lm_head.weight") {
+        let tied_lm_head = cfg.tie_word_embeddings && !vb.contains_tensor("lm_head.weight");
+        let lm_head = if tied_lm_head {
             QLinear::from_linear(&Linear::new(embed_tokens.embeddings().clone(), None), "lm_head")?
         } else {
             QLinear::load(cfg.hidden_size, cfg.vocab_size, false, vb.pp("lm_head"))?
@@ -383,7 +400,17 @@ impl Llama {
             .to_dtype(DType::F32)?
             .reshape((cfg.max_position_embeddings, 1))?;
         let freqs = pos.matmul(&inv)?;
-        Ok(Self { embed_tokens, layers, norm, lm_head, cos: freqs.cos()?, sin: freqs.sin()?, config: cfg.clone(), differentiable: false })
+        Ok(Self {
+            embed_tokens: TokenEmbeddings::Float(embed_tokens),
+            tied_lm_head,
+            layers,
+            norm,
+            lm_head,
+            cos: freqs.cos()?,
+            sin: freqs.sin()?,
+            config: cfg.clone(),
+            differentiable: false,
+        })
     }
 
     /// Computes RMSNorm, RoPE and softmax from basic ops that carry gradients. candle's fused kernels
@@ -408,13 +435,9 @@ impl Llama {
         if pos + s > self.config.max_position_embeddings {
             bail!("{} positions exceed the model's context of {} tokens", pos + s, self.config.max_position_embeddings)
         }
-        if let Some(&t) = tokens.iter().find(|&&t| t as usize >= self.config.vocab_size) {
-            bail!("token id {t} is outside the vocabulary of {}", self.config.vocab_size)
-        }
         cache.layers.resize_with(self.layers.len(), || candle_nn::kv_cache::KvCache::new(2, KV_CHUNK));
-        let ids = Tensor::new(tokens, &Device::Cpu)?.unsqueeze(0)?;
         let (cos, sin) = (self.cos.narrow(0, pos, s)?, self.sin.narrow(0, pos, s)?);
-        let mut x = self.embed_tokens.forward(&ids)?;
+        let mut x = self.embed(tokens)?.unsqueeze(0)?;
         for (block, kv) in self.layers.iter().zip(cache.layers.iter_mut()) {
             let d = self.differentiable;
             let h = block.attn.forward(&rms_norm(&block.input_layernorm, &x, d)?, &cos, &sin, kv, d)?;
@@ -427,12 +450,46 @@ impl Llama {
         self.lm_head.forward(&x)?.squeeze(0)?.to_dtype(DType::F32)
     }
 
-    /// Bytes of all weights: embeddings, norms and every linear layer (a float `lm_head` tied
-    /// to the embedding shares its storage and is counted once).
+    /// `[tokens, hidden]` input embeddings of `tokens`.
+    pub fn embed(&self, tokens: &[u32]) -> Result<Tensor> {
+        if let Some(&t) = tokens.iter().find(|&&t| t as usize >= self.config.vocab_size) {
+            bail!("token id {t} is outside the vocabulary of {}", self.config.vocab_size)
+        }
+        let ids = Tensor::new(tokens, &Device::Cpu)?;
+        match &self.embed_tokens {
+            TokenEmbeddings::Float(e) => e.forward(&ids),
+            TokenEmbeddings::LmHead { dtype } => {
+                let Some((w, _)) = self.lm_head.int8_parts() else {
+                    // lm_head was given another kind by hand since: its float weights are the table.
+                    return self.lm_head.float_equivalent()?.weight().index_select(&ids, 0)?.to_dtype(*dtype);
+                };
+                let h = self.config.hidden_size;
+                let mut rows = vec![0f32; tokens.len() * h];
+                for (&t, row) in tokens.iter().zip(rows.chunks_mut(h)) {
+                    w.dequantize_row(t as usize, row)?;
+                }
+                Tensor::from_vec(rows, (tokens.len(), h), &Device::Cpu)?.to_dtype(*dtype)
+            }
+        }
+    }
+
+    /// Drops the float embedding table once the tied `lm_head` holds the same matrix as int8.
+    fn share_tied_embeddings(&mut self) {
+        if let (true, true, TokenEmbeddings::Float(e)) = (self.tied_lm_head, self.lm_head.is_int8(), &self.embed_tokens) {
+            self.embed_tokens = TokenEmbeddings::LmHead { dtype: e.embeddings().dtype() };
+        }
+    }
+
+    /// Bytes of all weights: embeddings, norms and every linear layer (a tied `lm_head` and the
+    /// embeddings share their storage and are counted once).
     pub fn weight_bytes(&self) -> usize {
         let bytes = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
         let norms = self.layers.len() * 2 + 1;
-        let mut total = bytes(self.embed_tokens.embeddings()) + norms * self.config.hidden_size * 4;
+        let table = match &self.embed_tokens {
+            TokenEmbeddings::Float(e) => bytes(e.embeddings()),
+            TokenEmbeddings::LmHead { .. } => 0,
+        };
+        let mut total = table + norms * self.config.hidden_size * 4;
         for b in &self.layers {
             let a = &b.attn;
             total += [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &b.mlp.gate_proj, &b.mlp.up_proj, &b.mlp.down_proj]
@@ -440,7 +497,7 @@ impl Llama {
                 .map(|l| l.weight_bytes())
                 .sum::<usize>();
         }
-        let shared = self.config.tie_word_embeddings && !self.lm_head.is_int8();
+        let shared = self.tied_lm_head && matches!(self.embed_tokens, TokenEmbeddings::Float(_)) && !self.lm_head.is_int8();
         total + if shared { 0 } else { self.lm_head.weight_bytes() }
     }
 
@@ -460,6 +517,8 @@ impl Quantizable for Llama {
                 f(l)?;
             }
         }
-        f(&mut self.lm_head)
+        f(&mut self.lm_head)?;
+        self.share_tied_embeddings();
+        Ok(())
     }
 }

@@ -1,8 +1,9 @@
 //! Fake-quantized linear for quantization-aware training.
 
 use super::observed::lock;
+use crate::kernels::{PackedInt8Weights, WeightQuant};
 use crate::observer::Observer;
-use crate::quant::{fake_quantize, Granularity, QParams, QSpec};
+use crate::quant::{fake_quantize, QParams};
 use candle_core::{Module, Result, Tensor, Var};
 use candle_nn::Linear;
 use std::sync::{Arc, Mutex};
@@ -43,9 +44,10 @@ impl FakeQuantLinear {
         lock(&self.observer)?.qparams()
     }
 
-    /// Weight qparams: per output channel from the current weights.
+    /// Weight qparams: per output channel from the current weights, as the converted int8 layer
+    /// will store them.
     pub fn weight_qparams(&self) -> Result<QParams> {
-        QParams::from_tensor(QSpec::WEIGHT, Granularity::PerChannel { axis: 0 }, self.weight.as_tensor())
+        PackedInt8Weights::qparams(self.weight.as_tensor(), WeightQuant::PerChannel)
     }
 
     /// The current float weights as a plain `Linear`.

@@ -123,7 +123,17 @@ impl QLinear {
 
     /// Whether the weights are stored as int8.
     pub fn is_int8(&self) -> bool {
-        matches!(self.kind, QLinearKind::Dynamic(_) | QLinearKind::Static(_) | QLinearKind::WeightOnly(_))
+        self.int8_parts().is_some()
+    }
+
+    /// The int8 weights and f32 bias of an int8 kind (dynamic, static, weight-only).
+    pub fn int8_parts(&self) -> Option<(&PackedInt8Weights, Option<&[f32]>)> {
+        match &self.kind {
+            QLinearKind::Dynamic(d) => Some((d.weights(), d.bias())),
+            QLinearKind::Static(s) => Some((s.weights(), s.bias())),
+            QLinearKind::WeightOnly(w) => Some((w.weights(), w.bias())),
+            _ => None,
+        }
     }
 
     /// Bytes held by weights and bias.
@@ -135,9 +145,9 @@ impl QLinear {
             QLinearKind::Observed(o) => float(o.linear()),
             QLinearKind::FakeQuant(f) => f.weight_bytes(),
             QLinearKind::Ggml(g) => g.weight_bytes(),
-            QLinearKind::Dynamic(d) => d.weights().nbytes() + d.bias().map_or(0, |b| b.len() * 4),
-            QLinearKind::Static(s) => s.weights().nbytes() + s.bias().map_or(0, |b| b.len() * 4),
-            QLinearKind::WeightOnly(w) => w.weights().nbytes() + w.bias().map_or(0, |b| b.len() * 4),
+            QLinearKind::Dynamic(_) | QLinearKind::Static(_) | QLinearKind::WeightOnly(_) => {
+                self.int8_parts().map_or(0, |(w, b)| w.nbytes() + b.map_or(0, |b| b.len() * 4))
+            }
         }
     }
 
@@ -164,18 +174,14 @@ impl QLinear {
     /// Int8 weights and f32 bias: reused when already int8, quantized `how`
     /// ([`crate::quant::QSpec::WEIGHT`]) from the float weights otherwise.
     fn int8_weights(&self, how: WeightQuant) -> Result<(PackedInt8Weights, Option<Vec<f32>>)> {
-        match &self.kind {
-            QLinearKind::Dynamic(d) => Ok((d.weights().clone(), d.bias().map(<[f32]>::to_vec))),
-            QLinearKind::Static(s) => Ok((s.weights().clone(), s.bias().map(<[f32]>::to_vec))),
-            QLinearKind::WeightOnly(w) => Ok((w.weights().clone(), w.bias().map(<[f32]>::to_vec))),
-            _ => {
-                let l = self.float_equivalent()?;
-                let w = PackedInt8Weights::quantize(l.weight(), how)
-                    .map_err(|e| e.context(format!("quantizing the weight of layer '{}'", self.name)))?;
-                let b = l.bias().map(|b| float_values(b, &self.name)).transpose()?;
-                Ok((w, b))
-            }
+        if let Some((w, b)) = self.int8_parts() {
+            return Ok((w.clone(), b.map(<[f32]>::to_vec)));
         }
+        let l = self.float_equivalent()?;
+        let w = PackedInt8Weights::quantize(l.weight(), how)
+            .map_err(|e| e.context(format!("quantizing the weight of layer '{}'", self.name)))?;
+        let b = l.bias().map(|b| float_values(b, &self.name)).transpose()?;
+        Ok((w, b))
     }
 
     /// Becomes [`QLinearKind::Dynamic`]: int8 weights scaled per `weights`, activations quantized
