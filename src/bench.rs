@@ -37,6 +37,10 @@ pub struct BenchRecord {
     pub bandwidth_pct: f64,
     /// `int8_gmac_s` as a percentage of the kernel's in-cache peak × threads ([`Bounds`]).
     pub peak_pct: f64,
+    /// The bounds those percentages divide by, as measured in this run: memory read GB/s with
+    /// `threads` threads, and the one-thread in-cache kernel peak in GMAC/s.
+    pub read_bound_gb_s: f64,
+    pub int8_peak_gmac_s: f64,
 }
 
 /// What a linear layer could reach on this machine, measured once per benchmark run.
@@ -228,5 +232,7 @@ pub fn bench_linear(
         int8_gmac_s,
         bandwidth_pct: 100.0 * int8_gb_s / bounds.read_bound(threads),
         peak_pct: 100.0 * int8_gmac_s / (bounds.int8_peak_gmac_s * threads as f64),
+        read_bound_gb_s: bounds.read_bound(threads),
+        int8_peak_gmac_s: bounds.int8_peak_gmac_s,
     })
 }

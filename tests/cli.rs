@@ -63,11 +63,16 @@ fn bench_json_records() {
     for r in records {
         assert_eq!((r["m"].as_u64(), r["threads"].as_u64(), r["isa"].as_str()), (Some(1), Some(1), Some(isa.as_str())));
         let t = |k: &str| r[k].as_f64().unwrap_or_else(|| panic!("missing {k} in {r}"));
-        for k in ["int8_us", "f32_us", "q8_0_us", "int8_gb_s", "int8_gmac_s", "bandwidth_pct", "peak_pct"] {
+        for k in
+            ["int8_us", "f32_us", "q8_0_us", "int8_gb_s", "int8_gmac_s", "bandwidth_pct", "peak_pct", "read_bound_gb_s", "int8_peak_gmac_s"]
+        {
             assert!(t(k).is_finite() && t(k) > 0.0, "{k} = {} in {r}", t(k));
         }
         assert!((t("ratio_f32") - t("int8_us") / t("f32_us")).abs() < 1e-9);
         assert!((t("ratio_q8_0") - t("int8_us") / t("q8_0_us")).abs() < 1e-9);
+        // The percentages follow from the bounds recorded with them (1 thread here).
+        assert!((t("bandwidth_pct") - 100.0 * t("int8_gb_s") / t("read_bound_gb_s")).abs() < 1e-6 * t("bandwidth_pct"));
+        assert!((t("peak_pct") - 100.0 * t("int8_gmac_s") / t("int8_peak_gmac_s")).abs() < 1e-6 * t("peak_pct"));
     }
 }
 
