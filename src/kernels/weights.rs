@@ -101,6 +101,8 @@ impl PackedInt8Weights {
             Granularity::PerGroup { size } => (size.min(k), p.scales.clone()),
             g => bail!("int8 weights must be quantized per tensor, per output channel (axis 0) or per group, got {g:?}"),
         };
+        // Rounded once to the f16 that is stored; the zero-point terms use the same values.
+        let row_scales = row_scales.into_iter().map(to_f16).collect::<Result<Vec<_>>>()?;
         // Signed with zero point 0 means qint8, whose storage is the values themselves.
         let values = q.storage();
         if p.spec.dtype != QDType::QInt8 {
@@ -120,15 +122,13 @@ impl PackedInt8Weights {
                 block[32 * qi..32 * qi + quad.len()].copy_from_slice(quad);
             }
             for (g, &s) in sw.iter().enumerate() {
-                scales[Self::scale_offset(groups, j, g)] = to_f16(s)?;
+                scales[Self::scale_offset(groups, j, g)] = s;
             }
         }
         let zero_point_terms = values
             .chunks(k)
             .zip(row_scales.chunks(groups))
-            .map(|(row, s)| {
-                row.chunks(group).zip(s).map(|(g, &sw)| f16::from_f32(sw).to_f32() * g.iter().map(|&v| v as i32).sum::<i32>() as f32).sum()
-            })
+            .map(|(row, s)| row.chunks(group).zip(s).map(|(g, &sw)| sw.to_f32() * g.iter().map(|&v| v as i32).sum::<i32>() as f32).sum())
             .collect();
         Ok(Self { n, k, group, stride, data, scales, zero_point_terms })
     }
