@@ -133,6 +133,38 @@ fn weight_scales_are_stored_as_f16() {
     assert!(e.contains("f16"), "{e}");
 }
 
+/// Every output lands in its own column however the work is split: one or several rows, `N`
+/// a multiple of 8 (the tiles write into the output directly) or not (through a scratch
+/// buffer), one to four threads. Checked against `Σ_g sa·sw·sum_g + bias` from the reference
+/// path's exact segment sums, which never go through the split.
+#[test]
+fn outputs_land_in_their_columns_on_every_split() {
+    use candle_quant::kernels::{group_sums_with, Isa};
+    let mut rng = common::Rng::new(99);
+    let k = 576;
+    for (m, n) in [(1, 512), (1, 520), (1, 1000), (3, 512), (5, 264), (2, 1001)] {
+        let w = PackedInt8Weights::quantize(&rng.tensor(&[n, k], 1.0).unwrap(), WeightQuant::PerGroup(32)).unwrap();
+        let acts = QuantizedActivations::quantize_dynamic(&rng.normals(m * k, 1.0), m, k, 32, None).unwrap();
+        let bias = rng.normals(n, 1.0);
+        let sums = group_sums_with(Isa::Reference, &acts, &w).unwrap();
+        let segs = k / 32;
+        for threads in 1..=4 {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            let mut got = vec![f32::NAN; m * n];
+            pool.install(|| int8_linear(&acts, &w, Some(&bias), &mut got)).unwrap();
+            for i in 0..m {
+                for j in 0..n {
+                    let want: f32 =
+                        (0..segs).map(|g| acts.row_scales(i)[g] * w.scale(j, g) * sums[(i * n + j) * segs + g] as f32).sum::<f32>()
+                            + bias[j];
+                    let y = got[i * n + j];
+                    assert!((y - want).abs() <= 1e-4 * want.abs().max(1.0), "{m}x{k}x{n}, {threads} threads, ({i},{j}): {y} vs {want}");
+                }
+            }
+        }
+    }
+}
+
 /// Every SIMD path this CPU supports against the scalar reference on 10,000 random shapes
 /// (`CANDLE_QUANT_TEST_SHAPES` overrides the count):
 /// the integer sums of every segment equal exactly, and the fused outputs agree up to float

@@ -46,34 +46,46 @@ impl QuantizedActivations {
         let (qmin, qmax) = spec.qrange();
         let stride = k.next_multiple_of(CHUNK);
         let mut data = vec![0i8; m * stride];
-        let mut scales = Vec::with_capacity(m * groups);
+        let mut scales = vec![0f32; m * groups];
         let (mut outliers, mut outlier_start) = (Vec::new(), vec![0]);
         let limit = outlier_threshold.unwrap_or(f32::INFINITY);
-        for (xr, qr) in x.chunks(k).zip(data.chunks_mut(stride)) {
-            for (g, (xg, qg)) in xr.chunks(group).zip(qr.chunks_mut(group)).enumerate() {
-                let (amax, finite) = super::abs_max_with(isa, xg);
+        // Symmetric: the zero point is the same for every range.
+        let zp = spec.scale_zero_point_unchecked(0.0, 0.0).1;
+        let (mut inv, mut outlier_groups) = (vec![0f32; groups], Vec::new());
+        for ((xr, qr), sr) in x.chunks(k).zip(data.chunks_mut(stride)).zip(scales.chunks_mut(groups)) {
+            // Three passes per row, so that the divisions of all its groups run side by side
+            // instead of each group waiting for its own: max |x| of each group, then the
+            // scales and their reciprocals, then the values.
+            outlier_groups.clear();
+            for (g, (xg, amax)) in xr.chunks(group).zip(sr.iter_mut()).enumerate() {
+                let (a, finite) = super::abs_max_with(isa, xg);
                 if !finite {
                     bail!("activation row contains a non-finite value (NaN or ±Inf)")
                 }
+                *amax = a;
                 // Rare: the group holds outliers; they stay in float and leave the scale.
-                let has_outliers = amax > limit;
-                let amax = if has_outliers { xg.iter().map(|v| v.abs()).filter(|&a| a <= limit).fold(0f32, f32::max) } else { amax };
-                let (scale, zp) = spec.scale_zero_point_unchecked(-amax, amax);
-                let inv = 1.0 / scale;
-                match isa {
-                    _ if has_outliers => {
-                        for (c, (q, &v)) in qg.iter_mut().zip(xg).enumerate() {
-                            if v.abs() > limit {
-                                outliers.push(((g * group + c) as u32, v));
-                            } else {
-                                *q = quantize_value(v, inv, zp, qmin, qmax) as i8;
-                            }
+                if a > limit {
+                    outlier_groups.push(g);
+                    *amax = xg.iter().map(|v| v.abs()).filter(|&a| a <= limit).fold(0f32, f32::max);
+                }
+            }
+            for (s, inv) in sr.iter_mut().zip(inv.iter_mut()) {
+                *s = spec.scale_zero_point_unchecked(-*s, *s).0;
+                *inv = 1.0 / *s;
+            }
+            for (g, (xg, qg)) in xr.chunks(group).zip(qr.chunks_mut(group)).enumerate() {
+                if outlier_groups.contains(&g) {
+                    for (c, (q, &v)) in qg.iter_mut().zip(xg).enumerate() {
+                        if v.abs() > limit {
+                            outliers.push(((g * group + c) as u32, v));
+                        } else {
+                            *q = quantize_value(v, inv[g], zp, qmin, qmax) as i8;
                         }
                     }
+                } else {
                     // The group is finite (checked above).
-                    _ => super::quantize_symmetric_with(isa, xg, inv, qg),
+                    super::quantize_symmetric_with(isa, xg, inv[g], qg)
                 }
-                scales.push(scale);
             }
             outlier_start.push(outliers.len());
         }

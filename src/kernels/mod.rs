@@ -196,10 +196,17 @@ fn block_columns(blocks: &std::ops::Range<usize>, n: usize) -> impl Iterator<Ite
 
 /// Splits the weight blocks into ranges, runs `f(blocks, buf)` on each — on the kernel team
 /// ([`team::run`], candle's thread count) when there is enough work (`macs` multiply-adds) —
-/// with `buf` an `M × 8·blocks.len()` scratch, then copies the valid columns into `out` (`M×N`).
+/// with `buf` an `M × 8·blocks.len()` buffer for those blocks' outputs, and leaves the valid
+/// columns in `out` (`M×N`). Where a range's buffer is a piece of `out` itself (a single row,
+/// or a single range, and `N` a multiple of 8) the tiles write there directly; otherwise they
+/// write to a scratch buffer that is copied over.
 fn over_blocks(m: usize, n: usize, macs: usize, out: &mut [f32], f: impl Fn(std::ops::Range<usize>, &mut [f32]) + Sync) {
     let total = n.div_ceil(BLOCK_ROWS);
     let threads = team_threads(macs >= PARALLEL_MIN_MACS);
+    let direct = n.is_multiple_of(BLOCK_ROWS);
+    if threads == 1 && direct {
+        return f(0..total, out);
+    }
     // One task per thread for a single row (each task is a short stream of weights); several
     // per thread for more rows, so that a thread slowed by a neighbour does not hold up the rest.
     let per_task = match (threads, m) {
@@ -208,15 +215,11 @@ fn over_blocks(m: usize, n: usize, macs: usize, out: &mut [f32], f: impl Fn(std:
         _ => total.div_ceil(threads * 4).clamp(1, 32),
     };
     let ranges: Vec<_> = (0..total.div_ceil(per_task)).map(|t| t * per_task..((t + 1) * per_task).min(total)).collect();
-    let mut scratch = vec![0f32; m * BLOCK_ROWS * total];
-    let mut parts = Vec::with_capacity(ranges.len());
-    let mut rest = scratch.as_mut_slice();
-    for r in &ranges {
-        let (buf, tail) = rest.split_at_mut(m * BLOCK_ROWS * r.len());
-        parts.push(buf);
-        rest = tail;
+    if direct && (m == 1 || ranges.len() == 1) {
+        return run_on_parts(split_by_ranges(out, m, &ranges), threads, |t, buf| f(ranges[t].clone(), buf));
     }
-    run_on_parts(parts, threads, |t, buf| f(ranges[t].clone(), buf));
+    let mut scratch = vec![0f32; m * BLOCK_ROWS * total];
+    run_on_parts(split_by_ranges(&mut scratch, m, &ranges), threads, |t, buf| f(ranges[t].clone(), buf));
     let mut buf = scratch.as_slice();
     for blocks in &ranges {
         let start = blocks.start * BLOCK_ROWS;
@@ -227,6 +230,17 @@ fn over_blocks(m: usize, n: usize, macs: usize, out: &mut [f32], f: impl Fn(std:
         }
         buf = &buf[m * row_len..];
     }
+}
+
+/// `buf` cut into consecutive `M × 8·range.len()` pieces, one per range of blocks.
+fn split_by_ranges<'a>(mut buf: &'a mut [f32], m: usize, ranges: &[std::ops::Range<usize>]) -> Vec<&'a mut [f32]> {
+    let mut parts = Vec::with_capacity(ranges.len());
+    for r in ranges {
+        let (part, tail) = std::mem::take(&mut buf).split_at_mut(m * BLOCK_ROWS * r.len());
+        parts.push(part);
+        buf = tail;
+    }
+    parts
 }
 
 /// Threads for a team job: candle's thread count (rayon's, `RAYON_NUM_THREADS`) when the work

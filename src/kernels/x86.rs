@@ -268,16 +268,16 @@ pub unsafe fn abs_max(x: &[f32]) -> (f32, bool) {
         // x·0 is 0 for finite x and NaN for NaN or ±Inf.
         probe = _mm256_add_ps(probe, _mm256_mul_ps(v, zero));
     }
-    let mut lanes = [0f32; 8];
-    _mm256_storeu_ps(lanes.as_mut_ptr(), amax);
-    let mut probes = [0f32; 8];
-    _mm256_storeu_ps(probes.as_mut_ptr(), probe);
-    let (mut m, mut p) = (lanes.iter().fold(0f32, |a, &b| a.max(b)), probes.iter().sum::<f32>());
+    // Fold the eight lanes in registers: halves, then pairs, then neighbours.
+    let m = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+    let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    let mut m = _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+    let mut finite = _mm256_movemask_ps(_mm256_cmp_ps(probe, probe, _CMP_UNORD_Q)) == 0;
     for &v in tail {
         m = m.max(v.abs());
-        p += v * 0.0;
+        finite &= v * 0.0 == 0.0;
     }
-    (m, p == 0.0)
+    (m, finite)
 }
 
 /// `q[i] = round_half_even(clamp(x[i] · inv, −127, 127))`, bit for bit what

@@ -19,7 +19,7 @@ pub use weight_only::WeightOnlyLinear;
 use crate::kernels::{PackedInt8Weights, WeightQuant};
 use crate::observer::Observer;
 use crate::quant::float_values;
-use candle_core::{bail, DType, Module, Result, Tensor, D};
+use candle_core::{bail, DType, Module, Result, Storage, Tensor, D};
 use candle_nn::{Linear, VarBuilder};
 
 /// What a [`QLinear`] currently is.
@@ -279,10 +279,10 @@ fn rows_forward(
     name: &str,
     kernel: impl FnOnce(&[f32], usize, &mut [f32]) -> Result<()>,
 ) -> Result<Tensor> {
-    let xs = float_values(x, name)?;
-    let m = xs.len() / x.dim(D::Minus1)?;
+    let k = x.dim(D::Minus1)?;
+    let m = x.elem_count().checked_div(k).unwrap_or(0);
     let mut out = vec![0f32; m * out_features];
-    kernel(&xs, m, &mut out).map_err(|e| e.context(format!("layer '{name}'")))?;
+    with_float_values(x, name, |xs| kernel(xs, m, &mut out)).map_err(|e| e.context(format!("layer '{name}'")))?;
     let mut dims = x.dims().to_vec();
     if let Some(last) = dims.last_mut() {
         *last = out_features;
@@ -293,4 +293,16 @@ fn rows_forward(
     } else {
         y.to_dtype(x.dtype())
     }
+}
+
+/// Runs `f` on `x`'s values as `f32`: borrowed from a contiguous `f32` CPU tensor (the usual
+/// case: no copy), converted into a new buffer otherwise.
+fn with_float_values<T>(x: &Tensor, name: &str, f: impl FnOnce(&[f32]) -> Result<T>) -> Result<T> {
+    if x.dtype() == DType::F32 {
+        let (storage, layout) = x.storage_and_layout();
+        if let (Storage::Cpu(cpu), Some((start, end))) = (&*storage, layout.contiguous_offsets()) {
+            return f(&cpu.as_slice::<f32>()?[start..end]);
+        }
+    }
+    f(&float_values(x, name)?)
 }
