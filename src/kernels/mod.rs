@@ -1,7 +1,9 @@
 //! Int8 matrix kernels behind one entry point per operation: a scalar reference (the ground
 //! truth, never deleted) and SIMD versions chosen once at run time from the CPU's features:
 //! AVX2 on x86_64 (`x86.rs`), NEON with or without `sdot` on aarch64 (`arm.rs`), both over the
-//! same packed weights (`weights.rs`) and tile plumbing (`tiles.rs`).
+//! same packed weights (`weights.rs`) and tile plumbing (`tiles.rs`). Decoding attention
+//! (`attention.rs`, float) lives here too: it runs between int8 layers on the same team and the
+//! same run-time choice of instructions.
 //!
 //! The maths of the fused int8 linear, for activations quantized per `(row m, group g)` with
 //! scale `sa[m,g]` and one zero point `za`, and weights per `(output channel n, group g)` with
@@ -16,6 +18,7 @@
 mod activations;
 #[cfg(target_arch = "aarch64")]
 mod arm;
+mod attention;
 pub mod reference;
 mod team;
 mod tiles;
@@ -24,6 +27,7 @@ mod weights;
 mod x86;
 
 pub use activations::QuantizedActivations;
+pub use attention::{attend, attend_with};
 pub use weights::{PackedInt8Weights, WeightQuant, BLOCK_ROWS, MAX_IN_FEATURES};
 
 use candle_core::{bail, Result};

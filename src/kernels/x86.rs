@@ -321,3 +321,73 @@ pub unsafe fn stream_sum(buf: &[u64]) -> u64 {
     });
     lanes.iter().fold(0, |a, &b| a.wrapping_add(b))
 }
+
+/// Horizontal sum of eight lanes.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn hsum(v: __m256) -> f32 {
+    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
+}
+
+/// `p[j] = scale · q·keys[j]` for every key row `j` (rows of `q.len()` values).
+///
+/// # Safety
+/// AVX2+FMA+F16C available; `keys` holds at least `p.len()` rows of `q.len()` values.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn attention_scores(q: &[f32], keys: &[f32], scale: f32, p: &mut [f32]) {
+    let d = q.len();
+    let body = d - d % 8;
+    let qp = q.as_ptr();
+    for (j, pj) in p.iter_mut().enumerate() {
+        // SAFETY: row j lies within keys (caller); every load below stays below c + 8 <= body <= d.
+        let k = keys.as_ptr().add(j * d);
+        let (mut a0, mut a1, mut c) = (_mm256_setzero_ps(), _mm256_setzero_ps(), 0);
+        while c + 16 <= body {
+            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qp.add(c)), _mm256_loadu_ps(k.add(c)), a0);
+            a1 = _mm256_fmadd_ps(_mm256_loadu_ps(qp.add(c + 8)), _mm256_loadu_ps(k.add(c + 8)), a1);
+            c += 16;
+        }
+        if c < body {
+            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qp.add(c)), _mm256_loadu_ps(k.add(c)), a0);
+        }
+        let mut s = hsum(_mm256_add_ps(a0, a1));
+        for c in body..d {
+            s += *qp.add(c) * *k.add(c);
+        }
+        *pj = s * scale;
+    }
+}
+
+/// `y = Σ_j w[j] · values[j]` (rows of `y.len()` values), 32 outputs per pass over the rows.
+///
+/// # Safety
+/// AVX2+FMA+F16C available; `values` holds at least `w.len()` rows of `y.len()` values.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn weighted_rows(w: &[f32], values: &[f32], y: &mut [f32]) {
+    let d = y.len();
+    let body = d - d % 8;
+    let mut c = 0;
+    while c < body {
+        // Four registers of outputs while at least 32 are left, then one.
+        let regs = if body - c >= 32 { 4 } else { 1 };
+        let mut acc = [_mm256_setzero_ps(); 4];
+        for (j, &wj) in w.iter().enumerate() {
+            let wv = _mm256_set1_ps(wj);
+            // SAFETY: row j lies within values (caller); c + 8·regs <= body <= d.
+            let v = values.as_ptr().add(j * d + c);
+            for r in 0..regs {
+                acc[r] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(v.add(8 * r)), acc[r]);
+            }
+        }
+        for r in 0..regs {
+            // SAFETY: c + 8·regs <= d = y.len().
+            _mm256_storeu_ps(y.as_mut_ptr().add(c + 8 * r), acc[r]);
+        }
+        c += 8 * regs;
+    }
+    for (c, yc) in y.iter_mut().enumerate().skip(body) {
+        *yc = w.iter().enumerate().map(|(j, &wj)| wj * values[j * d + c]).sum();
+    }
+}

@@ -305,17 +305,6 @@ impl Attention {
 /// Cached values (`heads · t · d`) from which decoding attention is split over threads.
 const ATTENTION_PARALLEL_MIN: usize = 1 << 15;
 
-/// `Σ a·b` with eight independent partial sums, so that it vectorises.
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ac.remainder().iter().zip(bc.remainder()).map(|(x, y)| x * y).sum();
-    for (x, y) in ac.zip(bc) {
-        acc.iter_mut().zip(x.iter().zip(y)).for_each(|(s, (x, y))| *s += x * y);
-    }
-    acc.iter().sum::<f32>() + tail
-}
-
 /// One query position (decoding) against every cached key and value, computed in place on the
 /// cache's storage: for head `h` with key/value head `g = h / rep`,
 /// `p = softmax(q_h · K_gᵀ / √d)`, `y_h = p · V_g`. Returns `[1, 1, heads·d]`, or `None` when
@@ -333,23 +322,29 @@ fn single_query_attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, kv_h
         return Ok(None);
     }
     let (rep, scale) = (heads / kv_heads, 1.0 / (d as f32).sqrt());
+    // Key/value head g's rows, t·d values from its offset (rows are contiguous, checked above).
+    let (k_at, v_at) = (|g: usize| kl.start_offset() + g * kl.stride()[1], |g: usize| vl.start_offset() + g * vl.stride()[1]);
+    if (0..kv_heads).any(|g| k_at(g) + t * d > kd.len() || v_at(g) + t * d > vd.len()) {
+        return Ok(None);
+    }
     let mut y = vec![0f32; heads * d];
+    let failed = std::sync::Mutex::new(None);
     // Heads are independent: split them over the threads once the cache is long enough to
     // outweigh the hand-off (each head reads 2·t·d cached values).
     let parallel = heads * t * d >= ATTENTION_PARALLEL_MIN;
     crate::kernels::parallel_for_parts(y.chunks_mut(d).collect(), parallel, |h, yh| {
-        let (qh, g) = (&q[h * d..(h + 1) * d], h / rep);
-        let (k0, v0) = (kl.start_offset() + g * kl.stride()[1], vl.start_offset() + g * vl.stride()[1]);
-        let mut p: Vec<f32> = (0..t).map(|j| dot(qh, &kd[k0 + j * d..k0 + (j + 1) * d]) * scale).collect();
-        let max = p.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-        p.iter_mut().for_each(|x| *x = (*x - max).exp());
-        let inv = 1.0 / p.iter().sum::<f32>();
-        for (j, &pj) in p.iter().enumerate() {
-            let w = pj * inv;
-            yh.iter_mut().zip(&vd[v0 + j * d..v0 + (j + 1) * d]).for_each(|(y, v)| *y += w * v);
+        let g = h / rep;
+        let (keys, values) = (&kd[k_at(g)..k_at(g) + t * d], &vd[v_at(g)..v_at(g) + t * d]);
+        if let Err(e) = crate::kernels::attend(&q[h * d..(h + 1) * d], keys, values, scale, yh) {
+            if let Ok(mut f) = failed.lock() {
+                *f = Some(e);
+            }
         }
     });
     drop((ks, vs));
+    if let Some(e) = failed.into_inner().ok().flatten() {
+        return Err(e);
+    }
     Ok(Some(Tensor::from_vec(y, (1, 1, heads * d), k.device())?))
 }
 
