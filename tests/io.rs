@@ -161,6 +161,14 @@ fn bad_model_inputs_give_errors_that_name_the_thing() {
     let arch = folder("arch");
     write_model(&arch, &tensors, 1, &CONFIG.replace("\"llama\"", "\"gpt_neox\""));
     assert!(load_err(&arch).contains("unknown architecture 'gpt_neox'"));
+    // Head counts that do not split (no key/value heads; heads not a multiple of them): an
+    // error that names them, not a division by zero.
+    for (kv, what) in [("0", "0 key/value heads"), ("3", "3 key/value heads")] {
+        let heads = folder(&format!("heads-{kv}"));
+        write_model(&heads, &tensors, 1, &CONFIG.replace("\"num_key_value_heads\": 2", &format!("\"num_key_value_heads\": {kv}")));
+        let e = load_err(&heads);
+        assert!(e.contains(what), "{e}");
+    }
     // Config and weights disagree: the error names the tensor.
     let shape = folder("shape");
     write_model(&shape, &tensors, 1, &CONFIG.replace("\"intermediate_size\": 96", "\"intermediate_size\": 128"));

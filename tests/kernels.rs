@@ -257,38 +257,42 @@ fn simd_activation_quantizer_equals_the_reference() {
     }
 }
 
-/// Decoding attention on every path this CPU has against a direct f64 softmax, on head sizes
-/// with and without a whole number of 8- and 32-value vectors; bad lengths are errors.
+/// Decoding attention on every path this CPU has against a direct f64 softmax: groups of 1 to 9
+/// query heads sharing one key/value head (the SIMD path takes up to four at a time), head sizes
+/// with and without a whole number of 8- and 16-value vectors; bad lengths are errors.
 #[test]
 fn attention_paths_agree_with_a_direct_softmax() {
     use candle_quant::kernels::{attend_with, Isa};
     // Golden: two keys with equal scores weigh both values ½: y = ([1, 2] + [3, 6]) / 2 = [2, 4].
     let mut y = [0f32; 2];
-    attend_with(Isa::Reference, &[1.0, 1.0], &[0.5, 0.5, 0.5, 0.5], &[1.0, 2.0, 3.0, 6.0], 1.0, &mut y).unwrap();
+    attend_with(Isa::Reference, &[1.0, 1.0], &[0.5, 0.5, 0.5, 0.5], &[1.0, 2.0, 3.0, 6.0], 2, 1.0, &mut y).unwrap();
     assert_eq!(y, [2.0, 4.0]);
     let mut rng = common::Rng::new(11);
-    for d in [1usize, 7, 8, 17, 40, 64, 80, 128] {
-        for t in [1usize, 2, 33, 300] {
-            let (q, k, v) = (rng.normals(d, 1.0), rng.normals(t * d, 1.0), rng.normals(t * d, 1.0));
-            let scale = 1.0 / (d as f32).sqrt();
+    for (heads, d, t) in [(1, 1, 1), (1, 7, 2), (3, 8, 33), (2, 17, 5), (5, 40, 300), (3, 64, 300), (9, 64, 7), (4, 80, 33), (1, 128, 2)] {
+        let (q, k, v) = (rng.normals(heads * d, 1.0), rng.normals(t * d, 1.0), rng.normals(t * d, 1.0));
+        let scale = 1.0 / (d as f32).sqrt();
+        let mut want = Vec::new();
+        for qh in q.chunks(d) {
             let s: Vec<f64> =
-                k.chunks(d).map(|k| scale as f64 * q.iter().zip(k).map(|(&a, &b)| a as f64 * b as f64).sum::<f64>()).collect();
+                k.chunks(d).map(|k| scale as f64 * qh.iter().zip(k).map(|(&a, &b)| a as f64 * b as f64).sum::<f64>()).collect();
             let max = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
             let e: Vec<f64> = s.iter().map(|s| (s - max).exp()).collect();
             let sum: f64 = e.iter().sum();
-            let want: Vec<f64> = (0..d).map(|c| e.iter().enumerate().map(|(j, e)| e * v[j * d + c] as f64).sum::<f64>() / sum).collect();
-            for isa in Isa::supported() {
-                let mut y = vec![f32::NAN; d];
-                attend_with(isa, &q, &k, &v, scale, &mut y).unwrap();
-                for (c, (&got, &w)) in y.iter().zip(&want).enumerate() {
-                    assert!((got as f64 - w).abs() <= 1e-5 * w.abs().max(1.0), "{isa:?} d {d} t {t} [{c}]: {got} vs {w}");
-                }
+            want.extend((0..d).map(|c| e.iter().enumerate().map(|(j, e)| e * v[j * d + c] as f64).sum::<f64>() / sum));
+        }
+        for isa in Isa::supported() {
+            let mut y = vec![f32::NAN; heads * d];
+            attend_with(isa, &q, &k, &v, d, scale, &mut y).unwrap();
+            for (i, (&got, &w)) in y.iter().zip(&want).enumerate() {
+                assert!((got as f64 - w).abs() <= 1e-5 * w.abs().max(1.0), "{isa:?} {heads} heads, d {d}, t {t} [{i}]: {got} vs {w}");
             }
         }
     }
-    let mut y = [0f32; 4];
-    for (q, k, v) in [(&[1.0f32; 4][..], &[0.0f32; 6][..], &[0.0f32; 6][..]), (&[1.0; 4], &[0.0; 8], &[0.0; 4]), (&[1.0; 4], &[], &[])] {
-        let e = attend_with(Isa::best(), q, k, v, 1.0, &mut y).unwrap_err().to_string();
+    // Keys not whole rows, keys and values of different lengths, no keys, output unlike query:
+    // (query, key, value and output lengths), heads of 4.
+    for (nq, nk, nv, ny) in [(4, 6, 6, 4), (4, 8, 4, 4), (4, 0, 0, 4), (8, 8, 8, 4)] {
+        let (q, k, v) = (vec![1.0; nq], vec![0.0; nk], vec![0.0; nv]);
+        let e = attend_with(Isa::best(), &q, &k, &v, 4, 1.0, &mut vec![0.0; ny]).unwrap_err().to_string();
         assert!(e.contains("attention"), "{e}");
     }
 }

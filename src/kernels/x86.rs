@@ -331,63 +331,106 @@ fn hsum(v: __m256) -> f32 {
     _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
 }
 
-/// `p[j] = scale · q·keys[j]` for every key row `j` (rows of `q.len()` values).
+/// `p[r·t + j] = scale · q_r·keys[j]` for the 1 to 4 heads of `q` (rows of `d`)
+/// and every key row `j < t`, each key row read once for all of them.
 ///
 /// # Safety
-/// AVX2+FMA+F16C available; `keys` holds at least `p.len()` rows of `q.len()` values.
+/// AVX2+FMA+F16C available; `q` holds 1 to 4 rows of `d`, `p` as many rows of `t`, and `keys`
+/// `t` rows of `d`.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn attention_scores(q: &[f32], keys: &[f32], scale: f32, p: &mut [f32]) {
-    let d = q.len();
-    let body = d - d % 8;
-    let qp = q.as_ptr();
-    for (j, pj) in p.iter_mut().enumerate() {
-        // SAFETY: row j lies within keys (caller); every load below stays below c + 8 <= body <= d.
-        let k = keys.as_ptr().add(j * d);
-        let (mut a0, mut a1, mut c) = (_mm256_setzero_ps(), _mm256_setzero_ps(), 0);
-        while c + 16 <= body {
-            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qp.add(c)), _mm256_loadu_ps(k.add(c)), a0);
-            a1 = _mm256_fmadd_ps(_mm256_loadu_ps(qp.add(c + 8)), _mm256_loadu_ps(k.add(c + 8)), a1);
-            c += 16;
-        }
-        if c < body {
-            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qp.add(c)), _mm256_loadu_ps(k.add(c)), a0);
-        }
-        let mut s = hsum(_mm256_add_ps(a0, a1));
-        for c in body..d {
-            s += *qp.add(c) * *k.add(c);
-        }
-        *pj = s * scale;
+pub unsafe fn attention_scores(q: &[f32], keys: &[f32], d: usize, scale: f32, p: &mut [f32]) {
+    match q.len() / d {
+        1 => scores_tile::<1>(q, keys, d, scale, p),
+        2 => scores_tile::<2>(q, keys, d, scale, p),
+        3 => scores_tile::<3>(q, keys, d, scale, p),
+        _ => scores_tile::<4>(q, keys, d, scale, p),
     }
 }
 
-/// `y = Σ_j w[j] · values[j]` (rows of `y.len()` values), 32 outputs per pass over the rows.
+/// [`attention_scores`] for exactly `R` heads.
 ///
 /// # Safety
-/// AVX2+FMA+F16C available; `values` holds at least `w.len()` rows of `y.len()` values.
+/// As [`attention_scores`], with `R` rows in `q` and `p`.
+#[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn weighted_rows(w: &[f32], values: &[f32], y: &mut [f32]) {
-    let d = y.len();
+unsafe fn scores_tile<const R: usize>(q: &[f32], keys: &[f32], d: usize, scale: f32, p: &mut [f32]) {
+    let t = p.len() / R;
+    let body = d - d % 8;
+    let qp = q.as_ptr();
+    for j in 0..t {
+        // SAFETY: row j < t lies within keys; every load stays below c + 8 <= body <= d in its row.
+        let k = keys.as_ptr().add(j * d);
+        let mut acc = [_mm256_setzero_ps(); R];
+        let mut c = 0;
+        while c < body {
+            let kv = _mm256_loadu_ps(k.add(c));
+            for r in 0..R {
+                acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(qp.add(r * d + c)), kv, acc[r]);
+            }
+            c += 8;
+        }
+        for r in 0..R {
+            let mut s = hsum(acc[r]);
+            for c in body..d {
+                s += *qp.add(r * d + c) * *k.add(c);
+            }
+            p[r * t + j] = s * scale;
+        }
+    }
+}
+
+/// `y_r = Σ_j w[r·t + j] · values[j]` for the 1 to 4 heads of `w` (rows of `t`) and `y` (rows of
+/// `d`), 16 outputs of every head per pass over the value rows (each row read once per pass).
+///
+/// # Safety
+/// AVX2+FMA+F16C available; `y` holds 1 to 4 rows of `d`, `w` as many rows of `t`, and `values`
+/// `t` rows of `d`.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn weighted_rows(w: &[f32], values: &[f32], d: usize, y: &mut [f32]) {
+    match y.len() / d {
+        1 => weighted_tile::<1>(w, values, d, y),
+        2 => weighted_tile::<2>(w, values, d, y),
+        3 => weighted_tile::<3>(w, values, d, y),
+        _ => weighted_tile::<4>(w, values, d, y),
+    }
+}
+
+/// [`weighted_rows`] for exactly `R` heads.
+///
+/// # Safety
+/// As [`weighted_rows`], with `R` rows in `w` and `y`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn weighted_tile<const R: usize>(w: &[f32], values: &[f32], d: usize, y: &mut [f32]) {
+    let t = w.len() / R;
     let body = d - d % 8;
     let mut c = 0;
     while c < body {
-        // Four registers of outputs while at least 32 are left, then one.
-        let regs = if body - c >= 32 { 4 } else { 1 };
-        let mut acc = [_mm256_setzero_ps(); 4];
-        for (j, &wj) in w.iter().enumerate() {
-            let wv = _mm256_set1_ps(wj);
-            // SAFETY: row j lies within values (caller); c + 8·regs <= body <= d.
+        // Two registers per head while 16 outputs are left, then one.
+        let regs = if body - c >= 16 { 2 } else { 1 };
+        let mut acc = [[_mm256_setzero_ps(); 2]; R];
+        for j in 0..t {
+            // SAFETY: row j < t lies within values; c + 8·regs <= body <= d.
             let v = values.as_ptr().add(j * d + c);
-            for r in 0..regs {
-                acc[r] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(v.add(8 * r)), acc[r]);
+            let vv = [_mm256_loadu_ps(v), if regs == 2 { _mm256_loadu_ps(v.add(8)) } else { _mm256_setzero_ps() }];
+            for r in 0..R {
+                let wv = _mm256_set1_ps(w[r * t + j]);
+                for g in 0..regs {
+                    acc[r][g] = _mm256_fmadd_ps(wv, vv[g], acc[r][g]);
+                }
             }
         }
-        for r in 0..regs {
-            // SAFETY: c + 8·regs <= d = y.len().
-            _mm256_storeu_ps(y.as_mut_ptr().add(c + 8 * r), acc[r]);
+        for r in 0..R {
+            for g in 0..regs {
+                // SAFETY: row r of y has d >= c + 8·regs values.
+                _mm256_storeu_ps(y.as_mut_ptr().add(r * d + c + 8 * g), acc[r][g]);
+            }
         }
         c += 8 * regs;
     }
-    for (c, yc) in y.iter_mut().enumerate().skip(body) {
-        *yc = w.iter().enumerate().map(|(j, &wj)| wj * values[j * d + c]).sum();
+    for r in 0..R {
+        for c in body..d {
+            y[r * d + c] = (0..t).map(|j| w[r * t + j] * values[j * d + c]).sum();
+        }
     }
 }

@@ -109,6 +109,17 @@ impl LlamaConfig {
         Ok(cfg)
     }
 
+    /// Errors for head counts the attention cannot split: no heads, no key/value heads, query
+    /// heads not a whole multiple of key/value heads, or no head size.
+    pub fn validate(&self) -> Result<()> {
+        let (heads, kv) = (self.num_attention_heads, self.kv_heads());
+        let d = self.head_dim.or(self.hidden_size.checked_div(heads)).unwrap_or(0);
+        if heads == 0 || kv == 0 || !heads.is_multiple_of(kv) || d == 0 {
+            bail!("model config: {heads} attention heads, {kv} key/value heads and head size {d} do not split (heads must be a whole multiple of key/value heads, all non-zero)")
+        }
+        Ok(())
+    }
+
     pub fn kv_heads(&self) -> usize {
         self.num_key_value_heads.unwrap_or(self.num_attention_heads)
     }
@@ -329,13 +340,13 @@ fn single_query_attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, kv_h
     }
     let mut y = vec![0f32; heads * d];
     let failed = std::sync::Mutex::new(None);
-    // Heads are independent: split them over the threads once the cache is long enough to
-    // outweigh the hand-off (each head reads 2·t·d cached values).
+    // Key/value groups (the `rep` query heads sharing one key/value head, stored one after
+    // another) are independent: split them over the threads once the cache is long enough to
+    // outweigh the hand-off (each group reads 2·t·d cached values).
     let parallel = heads * t * d >= ATTENTION_PARALLEL_MIN;
-    crate::kernels::parallel_for_parts(y.chunks_mut(d).collect(), parallel, |h, yh| {
-        let g = h / rep;
+    crate::kernels::parallel_for_parts(y.chunks_mut(rep * d).collect(), parallel, |g, yg| {
         let (keys, values) = (&kd[k_at(g)..k_at(g) + t * d], &vd[v_at(g)..v_at(g) + t * d]);
-        if let Err(e) = crate::kernels::attend(&q[h * d..(h + 1) * d], keys, values, scale, yh) {
+        if let Err(e) = crate::kernels::attend(&q[g * rep * d..(g + 1) * rep * d], keys, values, d, scale, yg) {
             if let Ok(mut f) = failed.lock() {
                 *f = Some(e);
             }
@@ -367,6 +378,7 @@ impl Mlp {
 impl Llama {
     /// Builds the model from tensors named as in the HF checkpoint (`model.…`, `lm_head.weight`).
     pub fn load(cfg: &LlamaConfig, vb: VarBuilder) -> Result<Self> {
+        cfg.validate()?;
         let m = vb.pp("model");
         let embed_tokens = candle_nn::embedding(cfg.vocab_size, cfg.hidden_size, m.pp("embed_tokens"))
             .map_err(|e| e.context("loading model.embed_tokens"))?;
