@@ -46,7 +46,8 @@ pub struct BenchRecord {
 /// What a linear layer could reach on this machine, measured once per benchmark run.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Bounds {
-    /// One thread streaming a 256 MiB buffer ([`stream_sum`], best of 5), GB/s.
+    /// One thread streaming a 256 MiB buffer as eight parts side by side, as the decoding tile
+    /// reads its weight blocks ([`stream_sum`], best of 5), GB/s.
     pub read_gb_s: f64,
     /// `(threads, GB/s)`: that many threads streaming their own share of the buffer at once (best
     /// of 5; bytes over the slowest thread's time) — what a layer split over them could read.

@@ -296,3 +296,12 @@ fn attention_paths_agree_with_a_direct_softmax() {
         assert!(e.contains("attention"), "{e}");
     }
 }
+
+/// The bandwidth probe reads every value once, whatever the length: Σ_{i<n} i = n(n−1)/2.
+#[test]
+fn stream_sum_reads_every_value_once() {
+    for n in [0u64, 1, 7, 31, 32, 33, 1000, 4097] {
+        let buf: Vec<u64> = (0..n).collect();
+        assert_eq!(candle_quant::kernels::stream_sum(&buf), n * n.saturating_sub(1) / 2, "n = {n}");
+    }
+}

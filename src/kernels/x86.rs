@@ -308,18 +308,30 @@ pub unsafe fn quantize_symmetric(x: &[f32], inv: f32, q: &mut [i8]) {
     }
 }
 
-/// Wrapping sum of `buf` in 32 independent lanes, compiled for AVX2 so that it runs at the
-/// speed memory can deliver (the bandwidth probe of `candle-quant bench`).
+/// Wrapping sum of `buf`, read as [`super::STREAMS`] equal parts side by side, 32 bytes of each in
+/// turn (as the decoding tile reads its eight weight blocks), compiled for AVX2 so that it runs
+/// at the speed memory can deliver (the bandwidth probe of `candle-quant bench`).
 ///
 /// # Safety
 /// AVX2 available.
 #[target_feature(enable = "avx2")]
 pub unsafe fn stream_sum(buf: &[u64]) -> u64 {
-    let lanes = buf.chunks_exact(32).fold([0u64; 32], |mut acc, c| {
-        acc.iter_mut().zip(c).for_each(|(a, &b)| *a = a.wrapping_add(b));
-        acc
-    });
-    lanes.iter().fold(0, |a, &b| a.wrapping_add(b))
+    let part = buf.len() / super::STREAMS / 4 * 4;
+    let mut acc = [_mm256_setzero_si256(); super::STREAMS];
+    for i in (0..part).step_by(4) {
+        for (s, a) in acc.iter_mut().enumerate() {
+            // SAFETY: s·part + i + 4 <= STREAMS·part <= buf.len().
+            *a = _mm256_add_epi64(*a, _mm256_loadu_si256(buf.as_ptr().add(s * part + i) as *const __m256i));
+        }
+    }
+    let mut lanes = [0u64; 4];
+    for a in acc {
+        let mut l = [0u64; 4];
+        _mm256_storeu_si256(l.as_mut_ptr() as *mut __m256i, a);
+        lanes.iter_mut().zip(l).for_each(|(x, y)| *x = x.wrapping_add(y));
+    }
+    let rest = buf[super::STREAMS * part..].iter().fold(0u64, |a, &b| a.wrapping_add(b));
+    lanes.iter().fold(rest, |a, &b| a.wrapping_add(b))
 }
 
 /// Horizontal sum of eight lanes.
