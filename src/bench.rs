@@ -218,6 +218,7 @@ pub fn bench_linear(
     let [int8_us, f32_us, q8_0_us] = result?;
     let int8_gb_s = int8.weight_bytes() as f64 / int8_us / 1e3;
     let int8_gmac_s = (m * in_features * out_features) as f64 / int8_us / 1e3;
+    let read_bound_gb_s = bounds.read_bound(threads);
     Ok(BenchRecord {
         in_features,
         out_features,
@@ -231,9 +232,9 @@ pub fn bench_linear(
         ratio_q8_0: int8_us / q8_0_us,
         int8_gb_s,
         int8_gmac_s,
-        bandwidth_pct: 100.0 * int8_gb_s / bounds.read_bound(threads),
+        bandwidth_pct: 100.0 * int8_gb_s / read_bound_gb_s,
         peak_pct: 100.0 * int8_gmac_s / (bounds.int8_peak_gmac_s * threads as f64),
-        read_bound_gb_s: bounds.read_bound(threads),
+        read_bound_gb_s,
         int8_peak_gmac_s: bounds.int8_peak_gmac_s,
     })
 }
