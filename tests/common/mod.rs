@@ -54,3 +54,12 @@ pub fn rel_error(a: &Tensor, b: &Tensor) -> Result<f32> {
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
     (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
 }
+
+/// Whether `got` equals `want` up to the rounding of a float sum: computing a sum of products
+/// with `adds` f32 roundings errs by at most `adds·u·Σ|terms|` (u = 2⁻²⁴); the bound used is
+/// `adds·ε·Σ|terms|` with ε = f32::EPSILON = 2u, which covers rounding on both sides when
+/// `want` is an f32 sum too. A bound relative to `|want|` alone fails where the terms cancel:
+/// proptest found an output of 0.6156 summed from 61 terms of magnitude ~100.
+pub fn within_sum_rounding(got: f32, want: f64, abs_terms: f64, adds: usize) -> bool {
+    (got as f64 - want).abs() <= adds as f64 * f32::EPSILON as f64 * abs_terms
+}
