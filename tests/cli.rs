@@ -76,6 +76,29 @@ fn bench_json_records() {
     }
 }
 
+/// `CANDLE_QUANT_ISA` picks the kernel path every int8 layer runs on (the bench records name
+/// it); a name this CPU has no path for is reported and ignored.
+#[test]
+fn kernel_path_override() {
+    let run = |isa: &str| {
+        let out = Command::new(env!("CARGO_BIN_EXE_candle-quant"))
+            .args(["bench", "--m", "1", "--threads", "1", "--in", "576", "--json"])
+            .env("CANDLE_QUANT_ISA", isa)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let paths: Vec<String> = v.as_array().unwrap().iter().map(|r| r["isa"].as_str().unwrap().to_string()).collect();
+        (paths, String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let (paths, _) = run("reference");
+    assert_eq!(paths, ["Reference", "Reference"]);
+    let (paths, stderr) = run("pentium");
+    let best = format!("{:?}", candle_quant::kernels::Isa::best());
+    assert_eq!(paths, [best.as_str(), best.as_str()]);
+    assert!(stderr.contains("ignoring CANDLE_QUANT_ISA=pentium"), "{stderr}");
+}
+
 #[test]
 fn eval_json_and_inspect() {
     let text = std::env::temp_dir().join(format!("candle-quant-cli-{}.txt", std::process::id()));

@@ -40,7 +40,7 @@ pub fn attend_with(isa: Isa, q: &[f32], keys: &[f32], values: &[f32], d: usize, 
     let mut p = vec![0f32; heads * t];
     match isa {
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => {
+        super::avx2_paths!() => {
             for (qs, ps) in q.chunks(MAX_TILE_HEADS * d).zip(p.chunks_mut(MAX_TILE_HEADS * t)) {
                 // SAFETY: AVX2 checked above; qs holds whole heads of d, ps as many rows of t,
                 // keys t rows of d.
@@ -64,7 +64,7 @@ pub fn attend_with(isa: Isa, q: &[f32], keys: &[f32], values: &[f32], d: usize, 
         .collect();
     match isa {
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => {
+        super::avx2_paths!() => {
             for (ps, ys) in p.chunks(MAX_TILE_HEADS * t).zip(y.chunks_mut(MAX_TILE_HEADS * d)) {
                 // SAFETY: AVX2 checked above; ps holds whole rows of t, ys as many heads of d,
                 // values t rows of d.

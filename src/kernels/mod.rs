@@ -39,13 +39,30 @@ const PARALLEL_MIN_MACS: usize = 1 << 18;
 /// Rows of weights and activations are zero-padded to a multiple of this many bytes.
 pub const CHUNK: usize = 32;
 
+/// The x86 paths: AVX2 + FMA for every kernel, each with its own int8 tiles.
+#[cfg(target_arch = "x86_64")]
+macro_rules! avx2_paths {
+    () => {
+        Isa::Avx2 | Isa::VnniOnAvx2 | Isa::AvxVnni | Isa::Avx512Vnni
+    };
+}
+#[cfg(target_arch = "x86_64")]
+pub(crate) use avx2_paths;
+
 /// An instruction-set path for the int8 kernels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Isa {
     /// Portable scalar code.
     Reference,
-    /// x86_64 AVX2 + FMA.
+    /// x86_64 AVX2 + FMA: int8 tiles on `vpmaddubsw`.
     Avx2,
+    /// The AVX-VNNI int8 tiles with `vpdpbusd` done exactly by AVX2 arithmetic: slower than
+    /// `Avx2` and never picked; it runs the VNNI tiles' code on CPUs without VNNI (tests).
+    VnniOnAvx2,
+    /// AVX2 + FMA, int8 tiles on AVX-VNNI's `vpdpbusd`.
+    AvxVnni,
+    /// AVX2 + FMA, int8 tiles on AVX-512 VNNI's `vpdpbusd` (256-bit registers).
+    Avx512Vnni,
     /// aarch64 NEON (every aarch64 CPU): `smull` + `sadalp`.
     Neon,
     /// aarch64 NEON with the dot-product extension (`sdot`).
@@ -53,7 +70,8 @@ pub enum Isa {
 }
 
 impl Isa {
-    /// The fastest path this CPU supports.
+    /// The fastest path this CPU supports, or the one `CANDLE_QUANT_ISA` names (any listed in
+    /// [`Isa::supported`], case-insensitive).
     pub fn best() -> Isa {
         Isa::detected().last().copied().unwrap_or(Isa::Reference)
     }
@@ -74,13 +92,27 @@ impl Isa {
             let mut v = vec![Isa::Reference];
             #[cfg(target_arch = "x86_64")]
             if x86::available() {
-                v.push(Isa::Avx2);
+                v.extend([Isa::VnniOnAvx2, Isa::Avx2]);
+                if x86::avx_vnni_available() {
+                    v.push(Isa::AvxVnni);
+                }
+                if x86::avx512_vnni_available() {
+                    v.push(Isa::Avx512Vnni);
+                }
             }
             #[cfg(target_arch = "aarch64")]
             {
                 v.push(Isa::Neon);
                 if arm::dotprod_available() {
                     v.push(Isa::NeonDot);
+                }
+            }
+            // `CANDLE_QUANT_ISA` picks a slower path than the fastest (to compare paths, or to
+            // step around one): the paths after it are dropped.
+            if let Ok(name) = std::env::var("CANDLE_QUANT_ISA") {
+                match v.iter().position(|isa| format!("{isa:?}").eq_ignore_ascii_case(name.trim())) {
+                    Some(p) => v.truncate(p + 1),
+                    None => eprintln!("candle-quant: ignoring CANDLE_QUANT_ISA={name}: this CPU's paths are {v:?}"),
                 }
             }
             v
@@ -145,21 +177,21 @@ pub fn int8_linear_with(
     let seg = segment(acts, weights)?;
     let isa = if simd_segments(seg, acts.cols()) { isa } else { Isa::Reference };
     #[cfg(target_arch = "x86_64")]
-    let abs = if isa == Isa::Avx2 { magnitudes(acts) } else { Vec::new() };
+    let (abs, shift_terms) = x86_operands(isa, acts, weights, seg);
     let (m, n) = (acts.rows(), weights.out_features());
     over_blocks(m, n, m * n * acts.cols(), out, |blocks, buf| {
         match isa {
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => {
-                let op = tiles::Int8Operands { acts, abs: &abs, weights, seg };
-                // SAFETY: Avx2 is supported (checked above); abs covers the padded
-                // rows; seg passed simd_segments and check_linear; blocks and buf come from
-                // over_blocks, which sizes buf as M × 8·blocks.len().
-                unsafe { x86::int8_blocks(&op, blocks.clone(), buf) }
+            avx2_paths!() => {
+                let op = tiles::Int8Operands { acts, abs: &abs, shift_terms: &shift_terms, weights, seg };
+                // SAFETY: isa is supported (checked above); x86_operands filled abs or
+                // shift_terms for it; seg passed simd_segments and check_linear; blocks and buf
+                // come from over_blocks, which sizes buf as M × 8·blocks.len().
+                unsafe { x86::int8_blocks(isa, &op, blocks.clone(), buf) }
             }
             #[cfg(target_arch = "aarch64")]
             Isa::Neon | Isa::NeonDot => {
-                let op = tiles::Int8Operands { acts, abs: &[], weights, seg };
+                let op = tiles::Int8Operands { acts, abs: &[], shift_terms: &[], weights, seg };
                 // SAFETY: NeonDot is only supported with the dot-product extension (checked
                 // above); seg passed simd_segments and check_linear; blocks and buf come from
                 // over_blocks, which sizes buf as M × 8·blocks.len().
@@ -185,10 +217,26 @@ pub fn int8_linear_with(
     Ok(())
 }
 
-/// `|a|` of every padded activation row: the unsigned operand of the AVX2 byte multiply.
+/// What the x86 int8 tiles of `isa` take besides the rows ([`tiles::Int8Operands`]): `|a|` of
+/// every padded row for `vpmaddubsw`, or `128·Σ_{k∈g} a[i,k]` per row and segment for
+/// `vpdpbusd`.
 #[cfg(target_arch = "x86_64")]
-fn magnitudes(acts: &QuantizedActivations) -> Vec<u8> {
-    acts.padded_data().iter().map(|v| v.unsigned_abs()).collect()
+fn x86_operands(isa: Isa, acts: &QuantizedActivations, weights: &PackedInt8Weights, seg: usize) -> (Vec<u8>, Vec<i32>) {
+    match isa {
+        Isa::Avx2 => (acts.padded_data().iter().map(|v| v.unsigned_abs()).collect(), Vec::new()),
+        Isa::VnniOnAvx2 | Isa::AvxVnni | Isa::Avx512Vnni => {
+            let k = acts.cols();
+            let (segs, _) = tiles::segments(k, weights.padded_in_features(), seg);
+            let terms = (0..acts.rows())
+                .flat_map(|i| {
+                    let row = acts.row(i);
+                    (0..segs).map(move |g| 128 * row[(g * seg).min(k)..((g + 1) * seg).min(k)].iter().map(|&v| v as i32).sum::<i32>())
+                })
+                .collect();
+            (Vec::new(), terms)
+        }
+        _ => (Vec::new(), Vec::new()),
+    }
 }
 
 /// `(output channel j, its column in a blocks' scratch buffer)` for the real (unpadded)
@@ -316,20 +364,20 @@ pub fn group_sums_with(isa: Isa, acts: &QuantizedActivations, weights: &PackedIn
     let segs = k.div_ceil(seg);
     match isa {
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 if simd_segments(seg, k) => {
-            let abs = magnitudes(acts);
-            let op = tiles::Int8Operands { acts, abs: &abs, weights, seg };
+        avx2_paths!() if simd_segments(seg, k) => {
+            let (abs, shift_terms) = x86_operands(isa, acts, weights, seg);
+            let op = tiles::Int8Operands { acts, abs: &abs, shift_terms: &shift_terms, weights, seg };
             let n_pad = weights.blocks() * BLOCK_ROWS;
             let mut sums = vec![0i32; m * n_pad * segs];
-            // SAFETY: AVX2 checked via is_supported(); abs covers the padded rows; seg passed
-            // simd_segments; sums holds M · N_pad · segments values.
-            unsafe { x86::int8_segment_sums(&op, &mut sums) };
+            // SAFETY: isa checked via is_supported(); x86_operands filled abs or shift_terms for
+            // it; seg passed simd_segments; sums holds M · N_pad · segments values.
+            unsafe { x86::int8_segment_sums(isa, &op, &mut sums) };
             debug_assert_eq!(op.segments().0, segs);
             Ok(unpad_sums(&sums, m, n, n_pad, segs))
         }
         #[cfg(target_arch = "aarch64")]
         Isa::Neon | Isa::NeonDot if simd_segments(seg, k) => {
-            let op = tiles::Int8Operands { acts, abs: &[], weights, seg };
+            let op = tiles::Int8Operands { acts, abs: &[], shift_terms: &[], weights, seg };
             let n_pad = weights.blocks() * BLOCK_ROWS;
             let mut sums = vec![0i32; m * n_pad * segs];
             // SAFETY: NeonDot checked via is_supported(); seg passed simd_segments; sums holds
@@ -393,7 +441,7 @@ pub fn weight_only_linear_with(
         #[cfg(target_arch = "x86_64")]
         // SAFETY: AVX2 is supported (checked above); `padded` holds M rows of `stride` floats;
         // the group size passed simd_segments; buf is M × 8·blocks.len() (over_blocks).
-        Isa::Avx2 => unsafe { x86::weight_only_blocks(&padded, m, weights, blocks, buf) },
+        avx2_paths!() => unsafe { x86::weight_only_blocks(&padded, m, weights, blocks, buf) },
         #[cfg(target_arch = "aarch64")]
         // SAFETY: as above (NEON is part of every aarch64 CPU).
         Isa::Neon | Isa::NeonDot => unsafe { arm::weight_only_blocks(&padded, m, weights, blocks, buf) },
@@ -422,7 +470,7 @@ fn abs_max_with(isa: Isa, x: &[f32]) -> (f32, bool) {
     match isa {
         // SAFETY: callers pass supported paths only.
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => unsafe { x86::abs_max(x) },
+        avx2_paths!() => unsafe { x86::abs_max(x) },
         #[cfg(target_arch = "aarch64")]
         Isa::Neon | Isa::NeonDot => arm::abs_max(x),
         // `f32::max` skips NaN, so NaN is caught by the probe (NaN·0 = NaN, ±Inf·0 = NaN).
@@ -438,7 +486,7 @@ fn quantize_symmetric_with(isa: Isa, x: &[f32], inv: f32, q: &mut [i8]) {
     match isa {
         // SAFETY: a supported path, x finite (the caller's contract), q long enough (asserted).
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => unsafe { x86::quantize_symmetric(x, inv, q) },
+        avx2_paths!() => unsafe { x86::quantize_symmetric(x, inv, q) },
         // SAFETY: as above.
         #[cfg(target_arch = "aarch64")]
         Isa::Neon | Isa::NeonDot => unsafe { arm::quantize_symmetric(x, inv, q) },
@@ -471,8 +519,8 @@ const STREAMS: usize = 8;
 /// weights' streaming speed is judged against it).
 pub fn stream_sum(buf: &[u64]) -> u64 {
     #[cfg(target_arch = "x86_64")]
-    if Isa::best() == Isa::Avx2 {
-        // SAFETY: AVX2 is available (Isa::best only picks supported paths).
+    if x86::available() {
+        // SAFETY: AVX2 is available.
         return unsafe { x86::stream_sum(buf) };
     }
     let part = buf.len() / STREAMS;

@@ -8,9 +8,13 @@ use std::ops::Range;
 pub struct Int8Operands<'a> {
     pub acts: &'a QuantizedActivations,
     /// `|a|` of every padded activation row, laid out like them — the unsigned operand of
-    /// AVX2's byte multiply; empty for paths that multiply signed bytes directly.
+    /// AVX2's `vpmaddubsw`; empty for the other paths.
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     pub abs: &'a [u8],
+    /// `128·Σ_{k∈g} a[i,k]` per row `i` and segment `g` (`[M][segments]`): what the `vpdpbusd`
+    /// tiles, fed `w + 128`, take back off each segment sum; empty for the other paths.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    pub shift_terms: &'a [i32],
     pub weights: &'a PackedInt8Weights,
     /// Input channels per segment: `K`, or a multiple of 4 that is the activation and/or
     /// weight group size.

@@ -1,23 +1,13 @@
-//! x86_64 AVX2 kernels over the block layout of [`PackedInt8Weights`].
-//!
-//! `u8 × i8` is the only byte multiply AVX2 has (`vpmaddubsw`), so signed activations are fed
-//! as `|a|` with the sign moved onto the weight: `a·w = |a| · (sign(a)·w)`. Weights lie in
-//! `[-127, 127]` and activations in `[-128, 127]`, so each 16-bit pair sum is at most
-//! `2·128·127 = 32512` and never saturates; `vpmaddwd` with ones widens the pairs to `i32`.
-//! All integer sums are exact.
-//!
-//! A tile is `R` activation rows × `V` blocks of eight output channels. Per quad of four input
-//! channels it loads `V` weight registers, broadcasts each row's four activations (and their
-//! absolute values), and does `R·V` multiply-adds into `i32` lanes, one lane per output
-//! channel. At the end of each segment (a run of input channels sharing one activation scale
-//! and one weight scale) the lanes are converted once and scaled by `sa[m,g] · sw[n,g]` — eight
-//! outputs per instruction, and no horizontal sums anywhere.
+//! x86_64 kernels over the block layout of [`PackedInt8Weights`]: AVX2 + FMA + F16C for
+//! everything, and the int8 tiles once more for each `vpdpbusd` this CPU may have (AVX-VNNI,
+//! AVX-512 VNNI on 256-bit registers). The tiles' maths is at [`int8_tiles`]; the float kernels
+//! (weight-only int8, activation quantizer, decoding attention) are AVX2 whatever the tiles use.
 
 // Register tiles are indexed by row and block on purpose: the loops mirror the tile's shape.
 #![allow(clippy::needless_range_loop)]
 
 use super::tiles::{segments, weight_only_tiles, Int8Operands, Sink};
-use super::{PackedInt8Weights, BLOCK_ROWS};
+use super::{Isa, PackedInt8Weights, BLOCK_ROWS};
 use half::f16;
 use std::arch::x86_64::*;
 use std::ops::Range;
@@ -39,148 +29,262 @@ unsafe fn load_scales(p: *const f16) -> __m256 {
     _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
 }
 
-/// One `R × V` tile at activation row `i0` and weight block `b0`.
-///
-/// # Safety
-/// AVX2+FMA+F16C available; rows `i0..i0+R` and blocks `b0..b0+V` exist; `op.abs` covers every
-/// padded row; `op.seg` satisfies [`Int8Operands::seg`]'s rule; with `SUMS` false, `sink.out`
-/// has `R` rows of `8·V` writable floats at stride `row_len`; with `SUMS` true, `sink.sums`
-/// holds `M · N_pad · segments` values.
+/// `acc + Σ₄ u·w` per 32-bit lane — `vpdpbusd` (unsigned bytes of `u` times the signed bytes of
+/// `w` in the same lane, four products summed into `i32`, wrapping) — done exactly with AVX2:
+/// even and odd bytes widened to 16 bits in place, two `vpmaddwd`. Slower than the `vpmaddubsw`
+/// tiles; it runs the VNNI tiles' code on CPUs without VNNI (tests) and never gets picked.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn tile<const R: usize, const V: usize, const SUMS: bool>(op: &Int8Operands, i0: usize, b0: usize, sink: Sink) {
-    let stride = op.weights.padded_in_features();
-    let quads = stride / 4;
-    let (segs, seg_quads) = op.segments();
-    let (a_step, w_step) = op.scale_steps();
-    let ones = _mm256_set1_epi16(1);
-    let (a, sa) = op.row_pointers::<R>(i0);
-    // SAFETY: abs covers every padded row (caller).
-    let ua: [*const u8; R] = std::array::from_fn(|r| op.abs.as_ptr().add((i0 + r) * stride));
-    let (w, sw) = op.block_pointers::<V>(b0);
-    let mut y = [[_mm256_setzero_ps(); V]; R];
-    for g in 0..segs {
-        let mut acc = [[_mm256_setzero_si256(); V]; R];
-        for q in g * seg_quads..((g + 1) * seg_quads).min(quads) {
-            let mut wv = [_mm256_setzero_si256(); V];
-            for v in 0..V {
-                // SAFETY: a block holds 8·stride = 32·quads bytes.
-                wv[v] = _mm256_loadu_si256(w[v].add(32 * q) as *const __m256i);
-            }
-            for r in 0..R {
-                // SAFETY: a padded row (and its |a|) holds stride = 4·quads bytes.
-                let mag = _mm256_set1_epi32((ua[r].add(4 * q) as *const i32).read_unaligned());
-                let sgn = _mm256_set1_epi32((a[r].add(4 * q) as *const i32).read_unaligned());
-                for v in 0..V {
-                    let pairs = _mm256_maddubs_epi16(mag, _mm256_sign_epi8(wv[v], sgn));
-                    acc[r][v] = _mm256_add_epi32(acc[r][v], _mm256_madd_epi16(pairs, ones));
+unsafe fn dpbusd_on_avx2(acc: __m256i, u: __m256i, w: __m256i) -> __m256i {
+    let u_even = _mm256_and_si256(u, _mm256_set1_epi16(0xff));
+    let u_odd = _mm256_srli_epi16::<8>(u);
+    let w_even = _mm256_srai_epi16::<8>(_mm256_slli_epi16::<8>(w));
+    let w_odd = _mm256_srai_epi16::<8>(w);
+    _mm256_add_epi32(acc, _mm256_add_epi32(_mm256_madd_epi16(u_even, w_even), _mm256_madd_epi16(u_odd, w_odd)))
+}
+
+/// `vpdpbusd` in its VEX encoding (AVX-VNNI: Alder Lake and later client cores, Zen 5).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avxvnni")]
+unsafe fn dpbusd_avx_vnni(acc: __m256i, u: __m256i, w: __m256i) -> __m256i {
+    _mm256_dpbusd_avx_epi32(acc, u, w)
+}
+
+/// `vpdpbusd` on 256-bit registers in its EVEX encoding (AVX-512 VNNI + VL: Cascade Lake and
+/// later Xeons, Ice Lake, Zen 4).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
+unsafe fn dpbusd_avx512_vnni(acc: __m256i, u: __m256i, w: __m256i) -> __m256i {
+    _mm256_dpbusd_epi32(acc, u, w)
+}
+
+/// Whether this CPU has `vpdpbusd` in the VEX encoding.
+pub fn avx_vnni_available() -> bool {
+    available() && is_x86_feature_detected!("avxvnni")
+}
+
+/// Whether this CPU has `vpdpbusd` on 256-bit registers in the EVEX encoding.
+pub fn avx512_vnni_available() -> bool {
+    available() && is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512vl") && is_x86_feature_detected!("avx512vnni")
+}
+
+/// The int8 register tiles, once per byte multiply: `$features` are the tile's target features
+/// and `$dot` a `vpdpbusd` with them if `$vnni`, else (the AVX2 `vpmaddubsw` tiles) unused.
+///
+/// A tile is `R` activation rows × `V` blocks of eight output channels. Per quad of four input
+/// channels it loads `V` weight registers, broadcasts each row's four activations, and does
+/// `R·V` multiply-adds into `i32` lanes, one lane per output channel:
+/// - `vpmaddubsw` multiplies unsigned by signed bytes, so it takes `|a|` with the sign moved onto
+///   the weight, `a·w = |a| · (sign(a)·w)` (`vpsignb`); each 16-bit pair sum is at most
+///   `2·128·127 = 32512`, never saturating, and `vpmaddwd` with ones widens the pairs;
+/// - `vpdpbusd` does all of that in one instruction; its unsigned side is the weight shifted,
+///   `w + 128` (one `xor` per weight register, shared by the `R` rows), so a segment sums
+///   `Σ a·w + 128·Σ a`, and the row's `128·Σ a` (`op.shift_terms`) comes off at the segment's end.
+///
+/// All integer sums are exact (wrapping `i32` arithmetic, and the true sums fit). At the end of
+/// each segment (a run of input channels sharing one activation scale and one weight scale) the
+/// lanes are converted once and scaled by `sa[m,g] · sw[n,g]` — eight outputs per instruction,
+/// and no horizontal sums anywhere.
+macro_rules! int8_tiles {
+    ($family:ident, $features:literal, $vnni:literal, $dot:path) => {
+        pub mod $family {
+            use super::*;
+
+            /// One `R × V` tile at activation row `i0` and weight block `b0`.
+            ///
+            /// # Safety
+            /// The family's features available; rows `i0..i0+R` and blocks `b0..b0+V` exist;
+            /// `op.abs` covers every padded row (`vpmaddubsw` family) or `op.shift_terms`
+            /// every row's segments (`vpdpbusd` families); `op.seg` satisfies
+            /// [`Int8Operands::seg`]'s rule; with `SUMS` false, `sink.out` has `R` rows of
+            /// `8·V` writable floats at stride `row_len`; with `SUMS` true, `sink.sums` holds
+            /// `M · N_pad · segments` values.
+            #[inline]
+            #[target_feature(enable = $features)]
+            unsafe fn tile<const R: usize, const V: usize, const SUMS: bool>(op: &Int8Operands, i0: usize, b0: usize, sink: Sink) {
+                let stride = op.weights.padded_in_features();
+                let quads = stride / 4;
+                let (segs, seg_quads) = op.segments();
+                let (a_step, w_step) = op.scale_steps();
+                let (ones, shift) = (_mm256_set1_epi16(1), _mm256_set1_epi8(-128));
+                let (a, sa) = op.row_pointers::<R>(i0);
+                let ua: [*const u8; R] = std::array::from_fn(|r| op.abs.as_ptr().wrapping_add((i0 + r) * stride));
+                let (w, sw) = op.block_pointers::<V>(b0);
+                let mut y = [[_mm256_setzero_ps(); V]; R];
+                for g in 0..segs {
+                    let mut acc = [[_mm256_setzero_si256(); V]; R];
+                    for q in g * seg_quads..((g + 1) * seg_quads).min(quads) {
+                        let mut wv = [_mm256_setzero_si256(); V];
+                        for v in 0..V {
+                            // SAFETY: a block holds 8·stride = 32·quads bytes.
+                            wv[v] = _mm256_loadu_si256(w[v].add(32 * q) as *const __m256i);
+                        }
+                        for r in 0..R {
+                            // SAFETY: a padded row (and its |a|) holds stride = 4·quads bytes.
+                            let sgn = _mm256_set1_epi32((a[r].add(4 * q) as *const i32).read_unaligned());
+                            if $vnni {
+                                for v in 0..V {
+                                    // xor 0x80 turns a signed byte w into the unsigned w + 128.
+                                    acc[r][v] = $dot(acc[r][v], _mm256_xor_si256(wv[v], shift), sgn);
+                                }
+                            } else {
+                                let mag = _mm256_set1_epi32((ua[r].add(4 * q) as *const i32).read_unaligned());
+                                for v in 0..V {
+                                    let pairs = _mm256_maddubs_epi16(mag, _mm256_sign_epi8(wv[v], sgn));
+                                    acc[r][v] = _mm256_add_epi32(acc[r][v], _mm256_madd_epi16(pairs, ones));
+                                }
+                            }
+                        }
+                    }
+                    if $vnni {
+                        for r in 0..R {
+                            // SAFETY: shift_terms holds M · segs values (caller).
+                            let t = _mm256_set1_epi32(*op.shift_terms.get_unchecked((i0 + r) * segs + g));
+                            for v in 0..V {
+                                acc[r][v] = _mm256_sub_epi32(acc[r][v], t);
+                            }
+                        }
+                    }
+                    if SUMS {
+                        for r in 0..R {
+                            for v in 0..V {
+                                let mut lanes = [0i32; BLOCK_ROWS];
+                                _mm256_storeu_si256(lanes.as_mut_ptr() as *mut __m256i, acc[r][v]);
+                                // SAFETY: the sums buffer holds M·N_pad·segs values (caller).
+                                sink.put_sums(op, i0 + r, b0 + v, g, &lanes);
+                            }
+                        }
+                    } else {
+                        for r in 0..R {
+                            // SAFETY: each row has one scale, or one per segment when a_step is 1.
+                            let s = _mm256_set1_ps(*sa[r].add(g * a_step));
+                            for v in 0..V {
+                                // SAFETY: a block has 8 scales per weight group (one group when w_step is 0).
+                                let scale = _mm256_mul_ps(load_scales(sw[v].add(BLOCK_ROWS * g * w_step)), s);
+                                y[r][v] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r][v]), scale, y[r][v]);
+                            }
+                        }
+                    }
+                }
+                if !SUMS {
+                    // Float outliers (LLM.int8()-style): y += x · q[n,c] · sw[n,c/group], with the
+                    // weight quad still in cache. Byte c%4 of each 32-bit lane is shifted to the top
+                    // and arithmetic-shifted back down, sign-extending the eight outputs' weights at once.
+                    for r in 0..R {
+                        for &(c, x) in op.acts.row_outliers(i0 + r) {
+                            let c = c as usize;
+                            let to_top = _mm_cvtsi32_si128(24 - 8 * (c % 4) as i32);
+                            let (xs, g) = (_mm256_set1_ps(x), c / op.weights.group_size());
+                            for v in 0..V {
+                                // SAFETY: c < K, so quad c/4 and group g exist in every block.
+                                let quad = _mm256_loadu_si256(w[v].add(32 * (c / 4)) as *const __m256i);
+                                let q = _mm256_srai_epi32(_mm256_sll_epi32(quad, to_top), 24);
+                                let wf = _mm256_mul_ps(_mm256_cvtepi32_ps(q), load_scales(sw[v].add(BLOCK_ROWS * g)));
+                                y[r][v] = _mm256_fmadd_ps(wf, xs, y[r][v]);
+                            }
+                        }
+                    }
+                    for r in 0..R {
+                        for v in 0..V {
+                            // SAFETY: the caller gives R rows of 8·V floats at stride row_len.
+                            _mm256_storeu_ps(sink.out.add(r * sink.row_len + BLOCK_ROWS * v), y[r][v]);
+                        }
+                    }
                 }
             }
-        }
-        if SUMS {
-            for r in 0..R {
-                for v in 0..V {
-                    let mut lanes = [0i32; BLOCK_ROWS];
-                    _mm256_storeu_si256(lanes.as_mut_ptr() as *mut __m256i, acc[r][v]);
-                    // SAFETY: the sums buffer holds M·N_pad·segs values (caller).
-                    sink.put_sums(op, i0 + r, b0 + v, g, &lanes);
+
+            /// Runs every row tile over blocks `blocks`, in panels of a few blocks so that a
+            /// panel's weights stay in cache while all rows pass over them. One activation row
+            /// (decoding) takes panels of eight blocks — 64 outputs per pass over the row, eight
+            /// weight streams in flight (measured: ~10 % more bandwidth than four); more rows take
+            /// tiles of 4 rows × 2 blocks.
+            ///
+            /// # Safety
+            /// As [`tile`], for every row and every block in `blocks`; `sink.out` (if used) is
+            /// `M × 8·blocks.len()` and points at its start.
+            #[target_feature(enable = $features)]
+            unsafe fn run_tiles<const SUMS: bool>(op: &Int8Operands, blocks: Range<usize>, sink: Sink) {
+                let m = op.acts.rows();
+                let panel = if m == 1 { 8 } else { 2 };
+                let mut b = blocks.start;
+                while b < blocks.end {
+                    // The widest panel that fits what is left: 8, 4, 2 or 1 blocks.
+                    let v = [8, 4, 2, 1].into_iter().find(|&v| v <= panel && v <= blocks.end - b).unwrap_or(1);
+                    let mut i = 0;
+                    while i < m {
+                        let r = (m - i).min(4);
+                        let at = sink.at(i, b - blocks.start);
+                        match (r, v) {
+                            (1, 8) => tile::<1, 8, SUMS>(op, i, b, at),
+                            (1, 4) => tile::<1, 4, SUMS>(op, i, b, at),
+                            (1, 2) => tile::<1, 2, SUMS>(op, i, b, at),
+                            (1, _) => tile::<1, 1, SUMS>(op, i, b, at),
+                            (2, 2) => tile::<2, 2, SUMS>(op, i, b, at),
+                            (2, _) => tile::<2, 1, SUMS>(op, i, b, at),
+                            (3, 2) => tile::<3, 2, SUMS>(op, i, b, at),
+                            (3, _) => tile::<3, 1, SUMS>(op, i, b, at),
+                            (_, 2) => tile::<4, 2, SUMS>(op, i, b, at),
+                            _ => tile::<4, 1, SUMS>(op, i, b, at),
+                        }
+                        i += r;
+                    }
+                    b += v;
                 }
             }
-        } else {
-            for r in 0..R {
-                // SAFETY: each row has one scale, or one per segment when a_step is 1.
-                let s = _mm256_set1_ps(*sa[r].add(g * a_step));
-                for v in 0..V {
-                    // SAFETY: a block has 8 scales per weight group (one group when w_step is 0).
-                    let scale = _mm256_mul_ps(load_scales(sw[v].add(BLOCK_ROWS * g * w_step)), s);
-                    y[r][v] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r][v]), scale, y[r][v]);
-                }
+
+            /// `out[i, 8·(b − blocks.start) + l] = Σ_g sa[i,g] · sw[8b+l,g] · Σ_{k∈g} a[i,k]·w[8b+l,k]`
+            /// `+ Σ_outliers x[i,c] · ŵ[8b+l,c]` for every activation row `i` and every block `b`
+            /// in `blocks`.
+            ///
+            /// # Safety
+            /// The family's features available; `op.abs` / `op.shift_terms` filled as [`tile`]
+            /// says; `op.seg` is `K` or a multiple of 4 matching the grouped side(s); `blocks`
+            /// lies within the weights' blocks; `out` holds `M × 8·blocks.len()` floats.
+            pub unsafe fn int8_blocks(op: &Int8Operands, blocks: Range<usize>, out: &mut [f32]) {
+                run_tiles::<false>(op, blocks.clone(), Sink::outputs(out, blocks.len()))
+            }
+
+            /// The exact `i32` sum of every segment, `sums[((i·N_pad) + n)·segments + g]` — the
+            /// quantities [`int8_blocks`] rescales, computed by the very same tiles.
+            ///
+            /// # Safety
+            /// As [`int8_blocks`] over all blocks; `sums` holds `M · 8·blocks · segments` values.
+            pub unsafe fn int8_segment_sums(op: &Int8Operands, sums: &mut [i32]) {
+                run_tiles::<true>(op, 0..op.weights.blocks(), Sink::sums(sums))
             }
         }
-    }
-    if !SUMS {
-        // Float outliers (LLM.int8()-style): y += x · q[n,c] · sw[n,c/group], with the weight
-        // quad still in cache. Byte c%4 of each 32-bit lane is shifted to the top and
-        // arithmetic-shifted back down, sign-extending the eight outputs' weights at once.
-        for r in 0..R {
-            for &(c, x) in op.acts.row_outliers(i0 + r) {
-                let c = c as usize;
-                let to_top = _mm_cvtsi32_si128(24 - 8 * (c % 4) as i32);
-                let (xs, g) = (_mm256_set1_ps(x), c / op.weights.group_size());
-                for v in 0..V {
-                    // SAFETY: c < K, so quad c/4 and group g exist in every block.
-                    let quad = _mm256_loadu_si256(w[v].add(32 * (c / 4)) as *const __m256i);
-                    let q = _mm256_srai_epi32(_mm256_sll_epi32(quad, to_top), 24);
-                    let wf = _mm256_mul_ps(_mm256_cvtepi32_ps(q), load_scales(sw[v].add(BLOCK_ROWS * g)));
-                    y[r][v] = _mm256_fmadd_ps(wf, xs, y[r][v]);
-                }
-            }
-        }
-        for r in 0..R {
-            for v in 0..V {
-                // SAFETY: the caller gives R rows of 8·V floats at stride row_len.
-                _mm256_storeu_ps(sink.out.add(r * sink.row_len + BLOCK_ROWS * v), y[r][v]);
-            }
-        }
+    };
+}
+
+int8_tiles!(maddubs, "avx2,fma,f16c", false, dpbusd_on_avx2);
+int8_tiles!(vnni_on_avx2, "avx2,fma,f16c", true, dpbusd_on_avx2);
+int8_tiles!(avx_vnni, "avx2,fma,f16c,avxvnni", true, dpbusd_avx_vnni);
+int8_tiles!(avx512_vnni, "avx2,fma,f16c,avx512f,avx512vl,avx512vnni", true, dpbusd_avx512_vnni);
+
+/// [`int8_tiles`]' `int8_blocks` of the family `isa` names (`vpmaddubsw` for `Isa::Avx2`).
+///
+/// # Safety
+/// `isa` supported by this CPU; the rest as the family's `int8_blocks`.
+pub unsafe fn int8_blocks(isa: Isa, op: &Int8Operands, blocks: Range<usize>, out: &mut [f32]) {
+    match isa {
+        Isa::VnniOnAvx2 => vnni_on_avx2::int8_blocks(op, blocks, out),
+        Isa::AvxVnni => avx_vnni::int8_blocks(op, blocks, out),
+        Isa::Avx512Vnni => avx512_vnni::int8_blocks(op, blocks, out),
+        _ => maddubs::int8_blocks(op, blocks, out),
     }
 }
 
-/// Runs every row tile over blocks `blocks`, in panels of a few blocks so that a panel's weights
-/// stay in cache while all rows pass over them. One activation row (decoding) takes panels of
-/// eight blocks — 64 outputs per pass over the row, eight weight streams in flight (measured:
-/// ~10 % more bandwidth than four); more rows take tiles of 4 rows × 2 blocks.
+/// [`int8_tiles`]' `int8_segment_sums` of the family `isa` names.
 ///
 /// # Safety
-/// As [`tile`], for every row and every block in `blocks`; `sink.out` (if used) is
-/// `M × 8·blocks.len()` and points at its start.
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn run_tiles<const SUMS: bool>(op: &Int8Operands, blocks: Range<usize>, sink: Sink) {
-    let m = op.acts.rows();
-    let panel = if m == 1 { 8 } else { 2 };
-    let mut b = blocks.start;
-    while b < blocks.end {
-        // The widest panel that fits what is left: 8, 4, 2 or 1 blocks.
-        let v = [8, 4, 2, 1].into_iter().find(|&v| v <= panel && v <= blocks.end - b).unwrap_or(1);
-        let mut i = 0;
-        while i < m {
-            let r = (m - i).min(4);
-            let at = sink.at(i, b - blocks.start);
-            match (r, v) {
-                (1, 8) => tile::<1, 8, SUMS>(op, i, b, at),
-                (1, 4) => tile::<1, 4, SUMS>(op, i, b, at),
-                (1, 2) => tile::<1, 2, SUMS>(op, i, b, at),
-                (1, _) => tile::<1, 1, SUMS>(op, i, b, at),
-                (2, 2) => tile::<2, 2, SUMS>(op, i, b, at),
-                (2, _) => tile::<2, 1, SUMS>(op, i, b, at),
-                (3, 2) => tile::<3, 2, SUMS>(op, i, b, at),
-                (3, _) => tile::<3, 1, SUMS>(op, i, b, at),
-                (_, 2) => tile::<4, 2, SUMS>(op, i, b, at),
-                _ => tile::<4, 1, SUMS>(op, i, b, at),
-            }
-            i += r;
-        }
-        b += v;
+/// As [`int8_blocks`].
+pub unsafe fn int8_segment_sums(isa: Isa, op: &Int8Operands, sums: &mut [i32]) {
+    match isa {
+        Isa::VnniOnAvx2 => vnni_on_avx2::int8_segment_sums(op, sums),
+        Isa::AvxVnni => avx_vnni::int8_segment_sums(op, sums),
+        Isa::Avx512Vnni => avx512_vnni::int8_segment_sums(op, sums),
+        _ => maddubs::int8_segment_sums(op, sums),
     }
-}
-
-/// `out[i, 8·(b − blocks.start) + l] = Σ_g sa[i,g] · sw[8b+l,g] · Σ_{k∈g} a[i,k]·w[8b+l,k]`
-/// `+ Σ_outliers x[i,c] · ŵ[8b+l,c]` for every activation row `i` and every block `b` in `blocks`.
-///
-/// # Safety
-/// AVX2+FMA+F16C available (see [`available`]); `op.abs` holds `|a|` of every padded activation row;
-/// `op.seg` is `K` or a multiple of 4 matching the grouped side(s); `blocks` lies within the
-/// weights' blocks; `out` holds `M × 8·blocks.len()` floats.
-pub unsafe fn int8_blocks(op: &Int8Operands, blocks: Range<usize>, out: &mut [f32]) {
-    run_tiles::<false>(op, blocks.clone(), Sink::outputs(out, blocks.len()))
-}
-
-/// The exact `i32` sum of every segment, `sums[((i·N_pad) + n)·segments + g]` — the quantities
-/// [`int8_blocks`] rescales, computed by the very same tiles.
-///
-/// # Safety
-/// As [`int8_blocks`] over all blocks; `sums` holds `M · 8·blocks · segments` values.
-pub unsafe fn int8_segment_sums(op: &Int8Operands, sums: &mut [i32]) {
-    run_tiles::<true>(op, 0..op.weights.blocks(), Sink::sums(sums))
 }
 
 /// Eight `f32` registers' worth of one weight quad, widened: entry `t` holds `w[8b + l, 4q + t]`
