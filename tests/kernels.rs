@@ -299,10 +299,11 @@ fn simd_activation_quantizer_equals_the_reference() {
 
 /// Decoding attention on every path this CPU has against a direct f64 softmax: groups of 1 to 9
 /// query heads sharing one key/value head (the SIMD path takes up to four at a time), head sizes
-/// with and without a whole number of 8- and 16-value vectors; bad lengths are errors.
+/// with and without a whole number of 8- and 16-value vectors, whole or in parts over position
+/// ranges merged afterwards; bad lengths are errors.
 #[test]
 fn attention_paths_agree_with_a_direct_softmax() {
-    use candle_quant::kernels::{attend_with, Isa};
+    use candle_quant::kernels::{attend_part_with, attend_with, combine_parts, part_len, Isa};
     // Golden: two keys with equal scores weigh both values ½: y = ([1, 2] + [3, 6]) / 2 = [2, 4].
     let mut y = [0f32; 2];
     attend_with(Isa::Reference, &[1.0, 1.0], &[0.5, 0.5, 0.5, 0.5], &[1.0, 2.0, 3.0, 6.0], 2, 1.0, &mut y).unwrap();
@@ -326,8 +327,27 @@ fn attention_paths_agree_with_a_direct_softmax() {
             for (i, (&got, &w)) in y.iter().zip(&want).enumerate() {
                 assert!((got as f64 - w).abs() <= 1e-5 * w.abs().max(1.0), "{isa:?} {heads} heads, d {d}, t {t} [{i}]: {got} vs {w}");
             }
+            // The positions cut into 2 or 3 ranges (as decoding threads split them), each part
+            // with its own softmax maximum and sum, merged.
+            for splits in [2, 3].into_iter().filter(|&s| s <= t) {
+                let len = part_len(heads, d);
+                let mut parts = vec![f32::NAN; splits * len];
+                for (s, part) in parts.chunks_mut(len).enumerate() {
+                    let rows = s * t / splits * d..(s + 1) * t / splits * d;
+                    attend_part_with(isa, &q, &k[rows.clone()], &v[rows], d, scale, part).unwrap();
+                }
+                let mut y = vec![f32::NAN; heads * d];
+                combine_parts(&parts, splits, d, &mut y).unwrap();
+                for (i, (&got, &w)) in y.iter().zip(&want).enumerate() {
+                    assert!(
+                        (got as f64 - w).abs() <= 1e-5 * w.abs().max(1.0),
+                        "{isa:?} {splits} parts, {heads} heads, d {d}, t {t} [{i}]: {got} vs {w}"
+                    );
+                }
+            }
         }
     }
+    assert!(combine_parts(&[0.0; 7], 2, 1, &mut [0.0; 1]).is_err(), "2 parts of one head of 1 value are 6 values");
     // Keys not whole rows, keys and values of different lengths, no keys, output unlike query:
     // (query, key, value and output lengths), heads of 4.
     for (nq, nk, nv, ny) in [(4, 6, 6, 4), (4, 8, 4, 4), (4, 0, 0, 4), (8, 8, 8, 4)] {

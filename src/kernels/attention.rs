@@ -22,20 +22,48 @@ pub fn attend(q: &[f32], keys: &[f32], values: &[f32], d: usize, scale: f32, y: 
 /// [`attend`] on a chosen path (errors if this CPU lacks it); paths agree up to float
 /// summation order.
 pub fn attend_with(isa: Isa, q: &[f32], keys: &[f32], values: &[f32], d: usize, scale: f32, y: &mut [f32]) -> Result<()> {
+    if d == 0 || y.len() != q.len() {
+        bail!("attention: heads of {d} values, query of {}, output of {}: the output must be as long as the query", q.len(), y.len())
+    }
+    let heads = q.len() / d;
+    let mut part = vec![0f32; part_len(heads, d)];
+    attend_part_with(isa, q, keys, values, d, scale, &mut part)?;
+    combine_parts(&part, 1, d, y)
+}
+
+/// Values one [`attend_part`] writes for `heads` heads of `d` values: the unnormalised outputs,
+/// then each head's largest score, then each head's `Σ e^(s − max)`.
+pub fn part_len(heads: usize, d: usize) -> usize {
+    heads * (d + 2)
+}
+
+/// Attention over some of the positions (flash-decoding's split): for each head `r`, with
+/// scores `s_j = scale · q_r·k_j` over the `t` rows given and `m_r = max_j s_j`, writes
+/// `Σ_j e^(s_j − m_r) · v_j`, then every `m_r`, then every `l_r = Σ_j e^(s_j − m_r)` into `part`
+/// ([`part_len`] values). Parts over disjoint position ranges merge with [`combine_parts`].
+pub fn attend_part(q: &[f32], keys: &[f32], values: &[f32], d: usize, scale: f32, part: &mut [f32]) -> Result<()> {
+    attend_part_with(Isa::best(), q, keys, values, d, scale, part)
+}
+
+/// [`attend_part`] on a chosen path (errors if this CPU lacks it).
+pub fn attend_part_with(isa: Isa, q: &[f32], keys: &[f32], values: &[f32], d: usize, scale: f32, part: &mut [f32]) -> Result<()> {
     let rows = |n: usize| d > 0 && n > 0 && n.is_multiple_of(d);
-    if !rows(q.len()) || !rows(keys.len()) || y.len() != q.len() || values.len() != keys.len() {
+    if !rows(q.len()) || !rows(keys.len()) || values.len() != keys.len() || part.len() != part_len(q.len() / d.max(1), d) {
         bail!(
-            "attention: heads of {d} values, query of {}, output of {}, keys of {}, values of {}: each must be a whole, non-empty number of rows, query and output alike, keys and values alike",
+            "attention: heads of {d} values, query of {}, keys of {}, values of {}, output of {}: query, keys and values must be whole, non-empty numbers of rows, keys and values alike, the output {} values per head",
             q.len(),
-            y.len(),
             keys.len(),
-            values.len()
+            values.len(),
+            part.len(),
+            d + 2
         )
     }
     if !isa.is_supported() {
         bail!("attention: this CPU cannot run the {isa:?} kernels")
     }
     let (heads, t) = (q.len() / d, keys.len() / d);
+    let (y, stats) = part.split_at_mut(heads * d);
+    let (maxima, sums) = stats.split_at_mut(heads);
     // Scores, one row of t per head.
     let mut p = vec![0f32; heads * t];
     match isa {
@@ -53,15 +81,12 @@ pub fn attend_with(isa: Isa, q: &[f32], keys: &[f32], values: &[f32], d: usize, 
             }
         }
     }
-    // Softmax numerators e^(s − max) per head; each head's sum divides its output at the end.
-    let sums: Vec<f32> = p
-        .chunks_exact_mut(t)
-        .map(|ph| {
-            let max = ph.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
-            ph.iter_mut().for_each(|s| *s = (*s - max).exp());
-            ph.iter().sum()
-        })
-        .collect();
+    // Softmax numerators e^(s − max) per head, their maximum and sum beside them.
+    for ((ph, max), sum) in p.chunks_exact_mut(t).zip(maxima.iter_mut()).zip(sums.iter_mut()) {
+        *max = ph.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
+        ph.iter_mut().for_each(|s| *s = (*s - *max).exp());
+        *sum = ph.iter().sum();
+    }
     match isa {
         #[cfg(target_arch = "x86_64")]
         super::avx2_paths!() => {
@@ -80,9 +105,28 @@ pub fn attend_with(isa: Isa, q: &[f32], keys: &[f32], values: &[f32], d: usize, 
             }
         }
     }
-    for (yh, sum) in y.chunks_exact_mut(d).zip(sums) {
-        let inv = 1.0 / sum;
-        yh.iter_mut().for_each(|y| *y *= inv);
+    Ok(())
+}
+
+/// Merges `splits` [`attend_part`]s of the same heads over disjoint position ranges (stored one
+/// after another in `parts`) into the normalised outputs `y`: per head, with `M = max_p m_p`,
+/// `y = Σ_p e^(m_p − M) · y_p / Σ_p e^(m_p − M) · l_p` — softmax over all the positions.
+pub fn combine_parts(parts: &[f32], splits: usize, d: usize, y: &mut [f32]) -> Result<()> {
+    let heads = y.len() / d.max(1);
+    if d == 0 || splits == 0 || y.len() != heads * d || parts.len() != splits * part_len(heads, d) {
+        bail!("attention: {} part values cannot be {splits} parts of {heads} heads of {d} values", parts.len())
+    }
+    let parts: Vec<&[f32]> = parts.chunks_exact(part_len(heads, d)).collect();
+    for (h, yh) in y.chunks_exact_mut(d).enumerate() {
+        let max = |p: &[f32]| p[heads * d + h];
+        let top = parts.iter().fold(f32::NEG_INFINITY, |m, p| m.max(max(p)));
+        let weights: Vec<f32> = parts.iter().map(|p| (max(p) - top).exp()).collect();
+        let sum: f32 = parts.iter().zip(&weights).map(|(p, w)| w * p[heads * (d + 1) + h]).sum();
+        yh.fill(0.0);
+        for (p, &w) in parts.iter().zip(&weights) {
+            let w = w / sum;
+            yh.iter_mut().zip(&p[h * d..(h + 1) * d]).for_each(|(y, v)| *y += w * v);
+        }
     }
     Ok(())
 }

@@ -27,7 +27,7 @@ mod weights;
 mod x86;
 
 pub use activations::QuantizedActivations;
-pub use attention::{attend, attend_with};
+pub use attention::{attend, attend_part, attend_part_with, attend_with, combine_parts, part_len};
 pub use weights::{PackedInt8Weights, WeightQuant, BLOCK_ROWS, MAX_IN_FEATURES};
 
 use candle_core::{bail, Result};

@@ -3,6 +3,7 @@
 //! llama3 frequency scaling), RMSNorm, SwiGLU, tied or untied `lm_head`, KV cache. Batch 1.
 
 use crate::convert::Quantizable;
+use crate::kernels;
 use crate::nn::QLinear;
 use candle_core::{bail, DType, Device, Module, Result, Tensor, D};
 use candle_nn::{Embedding, Linear, RmsNorm, VarBuilder};
@@ -338,15 +339,22 @@ fn single_query_attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, kv_h
     if (0..kv_heads).any(|g| k_at(g) + t * d > kd.len() || v_at(g) + t * d > vd.len()) {
         return Ok(None);
     }
-    let mut y = vec![0f32; heads * d];
     let failed = std::sync::Mutex::new(None);
     // Key/value groups (the `rep` query heads sharing one key/value head, stored one after
-    // another) are independent: split them over the threads once the cache is long enough to
-    // outweigh the hand-off (each group reads 2·t·d cached values).
+    // another) are independent, and so are ranges of positions (flash-decoding: each part keeps
+    // its own softmax maximum and sum, merged after). Once the cache is long enough to outweigh
+    // the hand-off, every group is cut into as many position ranges as it takes for the parts
+    // to share out evenly over the threads (SmolLM2's 3 groups on 2 threads: 6 parts, not 2 : 1).
     let parallel = heads * t * d >= ATTENTION_PARALLEL_MIN;
-    crate::kernels::parallel_for_parts(y.chunks_mut(rep * d).collect(), parallel, |g, yg| {
-        let (keys, values) = (&kd[k_at(g)..k_at(g) + t * d], &vd[v_at(g)..v_at(g) + t * d]);
-        if let Err(e) = crate::kernels::attend(&q[g * rep * d..(g + 1) * rep * d], keys, values, d, scale, yg) {
+    let threads = if parallel { rayon::current_num_threads() } else { 1 };
+    let splits = (1..=threads).find(|s| (kv_heads * s).is_multiple_of(threads)).unwrap_or(1).min(t);
+    let part_len = kernels::part_len(rep, d);
+    let mut parts = vec![0f32; kv_heads * splits * part_len];
+    kernels::parallel_for_parts(parts.chunks_mut(part_len).collect(), parallel, |i, part| {
+        let (g, s) = (i / splits, i % splits);
+        let rows = s * t / splits..(s + 1) * t / splits;
+        let at = |start: usize| start + rows.start * d..start + rows.end * d;
+        if let Err(e) = kernels::attend_part(&q[g * rep * d..(g + 1) * rep * d], &kd[at(k_at(g))], &vd[at(v_at(g))], d, scale, part) {
             if let Ok(mut f) = failed.lock() {
                 *f = Some(e);
             }
@@ -355,6 +363,10 @@ fn single_query_attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, kv_h
     drop((ks, vs));
     if let Some(e) = failed.into_inner().ok().flatten() {
         return Err(e);
+    }
+    let mut y = vec![0f32; heads * d];
+    for (group, yg) in parts.chunks(splits * part_len).zip(y.chunks_mut(rep * d)) {
+        kernels::combine_parts(group, splits, d, yg)?;
     }
     Ok(Some(Tensor::from_vec(y, (1, 1, heads * d), k.device())?))
 }
