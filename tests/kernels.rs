@@ -3,7 +3,7 @@
 mod common;
 
 use candle_core::{Device, Tensor};
-use candle_quant::kernels::{int8_linear, reference, PackedInt8Weights, QuantizedActivations, WeightQuant};
+use candle_quant::kernels::{int8_linear, int8_linear_with, reference, Isa, PackedInt8Weights, QuantizedActivations, WeightQuant};
 use candle_quant::quant::{Granularity, QDType, QParams, QScheme, QSpec, QTensor};
 use proptest::prelude::*;
 
@@ -67,7 +67,8 @@ proptest! {
     }
 
     /// Static activations with a zero point: `sa·sw·Σ(qa − za)·qw` against the reference GEMM
-    /// that subtracts the zero point before multiplying (quint8 and qint8 activations).
+    /// that subtracts the zero point before multiplying (quint8 and qint8 activations), on every
+    /// path this CPU has.
     #[test]
     fn static_int8_linear_matches_reference(seed in any::<u64>(), m in 1usize..5, k in 1usize..70, n in 1usize..7, unsigned in any::<bool>()) {
         let mut rng = common::Rng::new(seed);
@@ -77,8 +78,9 @@ proptest! {
         let spec = QSpec::new(if unsigned { QDType::QUInt8 } else { QDType::QInt8 }, QScheme::Affine);
         let (scale, zp) = spec.scale_zero_point(-2.0, 5.0).unwrap();
         let acts = QuantizedActivations::quantize_static(&x, m, k, &spec, scale, zp).unwrap();
+        for isa in Isa::supported() {
         let mut got = vec![0f32; m * n];
-        int8_linear(&acts, &w, None, &mut got).unwrap();
+        int8_linear_with(isa, &acts, &w, None, &mut got).unwrap();
         // Reference on the true integer values q (not the shifted storage).
         let q: Vec<i32> = x.iter().map(|&v| spec.quantize_value(v, scale, zp)).collect();
         // The kernel sums the stored values (q − 128 for quint8) and subtracts the stored zero
@@ -90,8 +92,9 @@ proptest! {
                 let want = acc as f64 * scale as f64 * 0.5;
                 let stored: i64 = (0..k).map(|p| ((q[i * k + p] - shift).abs() + (zp - shift).abs()) as i64 * (qw[j * k + p] as i64).abs()).sum();
                 let abs_terms = stored as f64 * scale as f64 * 0.5;
-                prop_assert!(common::within_sum_rounding(got[i * n + j], want, abs_terms, 6), "({i},{j}) {} vs {want}", got[i * n + j]);
+                prop_assert!(common::within_sum_rounding(got[i * n + j], want, abs_terms, 6), "{isa:?} ({i},{j}) {} vs {want}", got[i * n + j]);
             }
+        }
         }
     }
 }
