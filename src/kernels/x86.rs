@@ -118,19 +118,23 @@ macro_rules! int8_tiles {
                         for v in 0..V {
                             // SAFETY: a block holds 8·stride = 32·quads bytes.
                             wv[v] = _mm256_loadu_si256(w[v].add(32 * q) as *const __m256i);
+                            if $vnni {
+                                // xor 0x80 turns each signed byte w into the unsigned w + 128.
+                                wv[v] = _mm256_xor_si256(wv[v], shift);
+                            }
                         }
                         for r in 0..R {
-                            // SAFETY: a padded row (and its |a|) holds stride = 4·quads bytes.
-                            let sgn = _mm256_set1_epi32((a[r].add(4 * q) as *const i32).read_unaligned());
+                            // The row's four activations in every lane. SAFETY: a padded row (and
+                            // its |a|) holds stride = 4·quads bytes.
+                            let act = _mm256_set1_epi32((a[r].add(4 * q) as *const i32).read_unaligned());
                             if $vnni {
                                 for v in 0..V {
-                                    // xor 0x80 turns a signed byte w into the unsigned w + 128.
-                                    acc[r][v] = $dot(acc[r][v], _mm256_xor_si256(wv[v], shift), sgn);
+                                    acc[r][v] = $dot(acc[r][v], wv[v], act);
                                 }
                             } else {
                                 let mag = _mm256_set1_epi32((ua[r].add(4 * q) as *const i32).read_unaligned());
                                 for v in 0..V {
-                                    let pairs = _mm256_maddubs_epi16(mag, _mm256_sign_epi8(wv[v], sgn));
+                                    let pairs = _mm256_maddubs_epi16(mag, _mm256_sign_epi8(wv[v], act));
                                     acc[r][v] = _mm256_add_epi32(acc[r][v], _mm256_madd_epi16(pairs, ones));
                                 }
                             }
