@@ -116,15 +116,14 @@ pub fn combine_parts(parts: &[f32], splits: usize, d: usize, y: &mut [f32]) -> R
     if d == 0 || splits == 0 || y.len() != heads * d || parts.len() != splits * part_len(heads, d) {
         bail!("attention: {} part values cannot be {splits} parts of {heads} heads of {d} values", parts.len())
     }
-    let parts: Vec<&[f32]> = parts.chunks_exact(part_len(heads, d)).collect();
+    let each = || parts.chunks_exact(part_len(heads, d));
     for (h, yh) in y.chunks_exact_mut(d).enumerate() {
-        let max = |p: &[f32]| p[heads * d + h];
-        let top = parts.iter().fold(f32::NEG_INFINITY, |m, p| m.max(max(p)));
-        let weights: Vec<f32> = parts.iter().map(|p| (max(p) - top).exp()).collect();
-        let sum: f32 = parts.iter().zip(&weights).map(|(p, w)| w * p[heads * (d + 1) + h]).sum();
+        let (max, sum) = (|p: &[f32]| p[heads * d + h], |p: &[f32]| p[heads * (d + 1) + h]);
+        let top = each().fold(f32::NEG_INFINITY, |m, p| m.max(max(p)));
+        let total: f32 = each().map(|p| (max(p) - top).exp() * sum(p)).sum();
         yh.fill(0.0);
-        for (p, &w) in parts.iter().zip(&weights) {
-            let w = w / sum;
+        for p in each() {
+            let w = (max(p) - top).exp() / total;
             yh.iter_mut().zip(&p[h * d..(h + 1) * d]).for_each(|(y, v)| *y += w * v);
         }
     }
