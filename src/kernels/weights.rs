@@ -1,7 +1,7 @@
 //! Int8 weights in the layout the kernels read.
 
 use super::CHUNK;
-use crate::quant::{Granularity, QDType, QParams, QSpec, QTensor};
+use crate::quant::{float_values, Granularity, QDType, QParams, QSpec, QTensor};
 use candle_core::{bail, Device, Result, Tensor};
 use half::f16;
 
@@ -62,9 +62,12 @@ pub struct PackedInt8Weights {
 }
 
 impl PackedInt8Weights {
-    /// Quantizes a float `[out, in]` weight with [`Self::qparams`].
+    /// Quantizes a float `[out, in]` weight (both cores: rows in parallel, see
+    /// [`quantize_weight_rows`]) and packs it.
     pub fn quantize(weight: &Tensor, how: WeightQuant) -> Result<Self> {
-        Self::from_qtensor(&QTensor::quantize(weight, &Self::qparams(weight, how)?)?)
+        let &[n, k] = weight.dims() else { bail!("int8 weights must be 2-D [out, in], got shape {:?}", weight.shape()) };
+        let rows = quantize_weight_rows(&float_values(weight, "weight")?, n, k, how)?;
+        Self::from_rows(&rows)
     }
 
     /// The qparams int8 weights get: [`QSpec::WEIGHT`] per channel or per group, each scale
@@ -87,14 +90,8 @@ impl PackedInt8Weights {
     /// Its scales are rounded to the nearest `f16` (an error if one exceeds `f16::MAX`).
     pub fn from_qtensor(q: &QTensor) -> Result<Self> {
         let &[n, k] = q.shape().dims() else { bail!("int8 weights must be 2-D [out, in], got shape {:?}", q.shape()) };
-        if n == 0 || k == 0 {
-            bail!("int8 weights must not be empty, got shape {:?}", q.shape())
-        }
-        if k > MAX_IN_FEATURES {
-            bail!("int8 weights with {k} input features would overflow i32 accumulation (max {MAX_IN_FEATURES})")
-        }
         let p = q.params();
-        if p.zero_points.iter().any(|&z| z != 0) || p.spec.qrange().0 >= 0 {
+        if p.zero_points.iter().any(|&z| z != 0) || p.spec.qrange().0 >= 0 || p.spec.dtype != QDType::QInt8 {
             bail!("int8 weights must be signed with zero point 0 (symmetric qint8), got {:?}", p.spec)
         }
         let (group, row_scales) = match p.granularity {
@@ -103,36 +100,52 @@ impl PackedInt8Weights {
             Granularity::PerGroup { size } => (size.min(k), p.scales.clone()),
             g => bail!("int8 weights must be quantized per tensor, per output channel (axis 0) or per group, got {g:?}"),
         };
-        // Rounded once to the f16 that is stored; the zero-point terms use the same values.
-        let row_scales = row_scales.into_iter().map(to_f16).collect::<Result<Vec<_>>>()?;
+        let scales = row_scales.into_iter().map(to_f16).collect::<Result<Vec<_>>>()?;
         // Signed with zero point 0 means qint8, whose storage is the values themselves.
-        let values = q.storage();
-        if p.spec.dtype != QDType::QInt8 {
-            bail!("int8 weights must be qint8, got {:?}", p.spec.dtype)
-        }
-        if values.contains(&-128) {
-            bail!("int8 weights must lie in [-127, 127] (narrow range); -128 found")
-        }
+        Self::from_rows(&Int8Rows::new(n, k, group, q.storage().to_vec(), scales)?)
+    }
+
+    /// Packs row-major int8 weights (as quantized, or as read from a checkpoint).
+    pub fn from_rows(rows: &Int8Rows) -> Result<Self> {
+        let Int8Rows { n, k, group, ref values, ref scales } = *rows;
         let stride = k.next_multiple_of(CHUNK);
         let groups = k.div_ceil(group);
         let blocks = n.div_ceil(BLOCK_ROWS);
         let mut data = vec![0i8; blocks * BLOCK_ROWS * stride];
-        let mut scales = vec![f16::ZERO; blocks * BLOCK_ROWS * groups];
-        for (j, (row, sw)) in values.chunks(k).zip(row_scales.chunks(groups)).enumerate() {
+        let mut packed_scales = vec![f16::ZERO; blocks * BLOCK_ROWS * groups];
+        for (j, (row, sw)) in values.chunks(k).zip(scales.chunks(groups)).enumerate() {
             let block = &mut data[Self::offset(stride, blocks, j, 0)..];
             for (qi, quad) in row.chunks(4).enumerate() {
                 block[32 * qi..32 * qi + quad.len()].copy_from_slice(quad);
             }
             for (g, &s) in sw.iter().enumerate() {
-                scales[Self::scale_offset(groups, j, g)] = s;
+                packed_scales[Self::scale_offset(groups, j, g)] = s;
             }
         }
         let zero_point_terms = values
             .chunks(k)
-            .zip(row_scales.chunks(groups))
+            .zip(scales.chunks(groups))
             .map(|(row, s)| row.chunks(group).zip(s).map(|(g, &sw)| sw.to_f32() * g.iter().map(|&v| v as i32).sum::<i32>() as f32).sum())
             .collect();
-        Ok(Self { n, k, group, stride, data, scales, zero_point_terms })
+        Ok(Self { n, k, group, stride, data, scales: packed_scales, zero_point_terms })
+    }
+
+    /// The weights unpacked to row-major order, as a checkpoint stores them.
+    pub fn to_rows(&self) -> Int8Rows {
+        let (k, groups) = (self.k, self.groups());
+        let mut values = vec![0i8; self.n * k];
+        let mut scales = vec![f16::ZERO; self.n * groups];
+        for (j, (row, sw)) in values.chunks_mut(k).zip(scales.chunks_mut(groups)).enumerate() {
+            let block = &self.data[Self::offset(self.stride, self.blocks(), j, 0)..];
+            for (qi, quad) in row.chunks_mut(4).enumerate() {
+                let len = quad.len();
+                quad.copy_from_slice(&block[32 * qi..32 * qi + len]);
+            }
+            for (g, s) in sw.iter_mut().enumerate() {
+                *s = self.scales[Self::scale_offset(groups, j, g)];
+            }
+        }
+        Int8Rows { n: self.n, k, group: self.group, values, scales }
     }
 
     /// Where `w[j, c]` lies in the packed data (of `blocks` blocks).
@@ -243,6 +256,104 @@ impl PackedInt8Weights {
     pub fn nbytes(&self) -> usize {
         self.data.len() + self.scales.len() * std::mem::size_of::<f16>()
     }
+}
+
+/// `N×K` int8 weights in row-major order with their `f16` scales, checked: what a checkpoint
+/// stores and what [`PackedInt8Weights`] is packed from. `values[j·K + c] = qw[j, c]` in
+/// `[-127, 127]`; `scales[j·G + g] = sw[j, g]` finite and positive, `G = ⌈K / group⌉`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Int8Rows {
+    n: usize,
+    k: usize,
+    group: usize,
+    values: Vec<i8>,
+    scales: Vec<f16>,
+}
+
+impl Int8Rows {
+    /// Checks shapes, the value range and the scales; every error says which rule broke.
+    pub fn new(n: usize, k: usize, group: usize, values: Vec<i8>, scales: Vec<f16>) -> Result<Self> {
+        if n == 0 || k == 0 || group == 0 {
+            bail!("int8 weights must not be empty: {n}×{k} with groups of {group}")
+        }
+        if k > MAX_IN_FEATURES {
+            bail!("int8 weights with {k} input features would overflow i32 accumulation (max {MAX_IN_FEATURES})")
+        }
+        let group = group.min(k);
+        let groups = k.div_ceil(group);
+        if n.checked_mul(k) != Some(values.len()) {
+            bail!("int8 weights {n}×{k}: {} values given", values.len())
+        }
+        if n * groups != scales.len() {
+            bail!("int8 weights {n}×{k} in groups of {group}: expected {n}×{groups} scales, got {}", scales.len())
+        }
+        if let Some(i) = values.iter().position(|&v| v == -128) {
+            bail!("int8 weights must lie in [-127, 127] (narrow range); -128 found at row {}, column {}", i / k, i % k)
+        }
+        if let Some(i) = scales.iter().position(|s| !(s.is_finite() && s.to_f32() > 0.0)) {
+            bail!("int8 weight scale at row {}, group {} is {}: scales must be finite and positive", i / groups, i % groups, scales[i])
+        }
+        Ok(Self { n, k, group, values, scales })
+    }
+
+    pub fn out_features(&self) -> usize {
+        self.n
+    }
+
+    pub fn in_features(&self) -> usize {
+        self.k
+    }
+
+    /// Input channels per scale (`K` when per channel).
+    pub fn group_size(&self) -> usize {
+        self.group
+    }
+
+    /// Scales per row.
+    pub fn groups(&self) -> usize {
+        self.k.div_ceil(self.group)
+    }
+
+    /// The values, row-major.
+    pub fn values(&self) -> &[i8] {
+        &self.values
+    }
+
+    /// The scales, `groups()` per row.
+    pub fn scales(&self) -> &[f16] {
+        &self.scales
+    }
+}
+
+/// Quantizes a row-major float `N×K` weight: per row and group of input channels,
+/// `sw = f16(max|w| / 127)` over the finite values (at least [`crate::quant::SCALE_EPS`]) and
+/// `qw = round_half_even(clamp(w / sw, −127, 127))` with the rounded scale, so values and the
+/// stored scale agree exactly. Rows are quantized in parallel on rayon's pool. The same
+/// numbers as [`QTensor::quantize`] with [`PackedInt8Weights::qparams`].
+pub fn quantize_weight_rows(values: &[f32], n: usize, k: usize, how: WeightQuant) -> Result<Int8Rows> {
+    use rayon::prelude::*;
+    let group = match how {
+        WeightQuant::PerChannel => k,
+        WeightQuant::PerGroup(0) => bail!("weight group size must be at least 1"),
+        WeightQuant::PerGroup(size) => size.min(k),
+    };
+    if n == 0 || k == 0 || n.checked_mul(k) != Some(values.len()) {
+        bail!("cannot quantize {} values as an {n}×{k} weight", values.len())
+    }
+    let groups = k.div_ceil(group);
+    let mut q = vec![0i8; n * k];
+    let mut scales = vec![f16::ZERO; n * groups];
+    values.par_chunks(k).zip(q.par_chunks_mut(k)).zip(scales.par_chunks_mut(groups)).with_min_len(16).try_for_each(
+        |((row, qrow), srow)| -> Result<()> {
+            for ((w, qw), s) in row.chunks(group).zip(qrow.chunks_mut(group)).zip(srow.iter_mut()) {
+                let (lo, hi) = w.iter().filter(|v| v.is_finite()).fold((0f32, 0f32), |(lo, hi), &v| (lo.min(v), hi.max(v)));
+                *s = to_f16(QSpec::WEIGHT.scale_zero_point(lo, hi)?.0)?;
+                super::quantize_symmetric(w, 1.0 / s.to_f32(), qw);
+            }
+            Ok(())
+        },
+    )?;
+    Int8Rows::new(n, k, group, q, scales)
 }
 
 /// Blocks a decoding tile reads side by side, one stream each (`x86.rs`, `arm.rs`: panels of

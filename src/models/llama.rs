@@ -7,10 +7,10 @@ use crate::kernels;
 use crate::nn::QLinear;
 use candle_core::{bail, DType, Device, Module, Result, Tensor, D};
 use candle_nn::{Embedding, Linear, RmsNorm, VarBuilder};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// The fields of a Hugging Face `config.json` this model reads.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct LlamaConfig {
     pub hidden_size: usize,
     pub intermediate_size: usize,
@@ -66,7 +66,7 @@ fn one_or_many<'de, De: serde::Deserializer<'de>>(d: De) -> std::result::Result<
 
 /// Llama 3 rope scaling (`rope_type: "llama3"`): long wavelengths slowed by `factor`, short kept,
 /// smooth in between.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct RopeScaling {
     #[serde(default, alias = "type")]
     pub rope_type: String,
@@ -392,25 +392,36 @@ impl Llama {
     pub fn load(cfg: &LlamaConfig, vb: VarBuilder) -> Result<Self> {
         cfg.validate()?;
         let m = vb.pp("model");
-        let embed_tokens = candle_nn::embedding(cfg.vocab_size, cfg.hidden_size, m.pp("embed_tokens"))
-            .map_err(|e| e.context("loading model.embed_tokens"))?;
+        let (hidden, vocab) = (cfg.hidden_size, cfg.vocab_size);
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| {
                 let l = m.pp(format!("layers.{i}"));
                 Ok(Block {
                     attn: Attention::load(cfg, l.pp("self_attn"))?,
                     mlp: Mlp::load(cfg, l.pp("mlp"))?,
-                    input_layernorm: candle_nn::rms_norm(cfg.hidden_size, cfg.rms_norm_eps, l.pp("input_layernorm"))?,
-                    post_attention_layernorm: candle_nn::rms_norm(cfg.hidden_size, cfg.rms_norm_eps, l.pp("post_attention_layernorm"))?,
+                    input_layernorm: candle_nn::rms_norm(hidden, cfg.rms_norm_eps, l.pp("input_layernorm"))?,
+                    post_attention_layernorm: candle_nn::rms_norm(hidden, cfg.rms_norm_eps, l.pp("post_attention_layernorm"))?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        let norm = candle_nn::rms_norm(cfg.hidden_size, cfg.rms_norm_eps, m.pp("norm"))?;
-        let tied_lm_head = cfg.tie_word_embeddings && !vb.contains_tensor("lm_head.weight");
-        let lm_head = if tied_lm_head {
-            QLinear::from_linear(&Linear::new(embed_tokens.embeddings().clone(), None), "lm_head")?
+        let norm = candle_nn::rms_norm(hidden, cfg.rms_norm_eps, m.pp("norm"))?;
+        // Tied: the checkpoint holds one matrix for both. A float one is the embedding table; an
+        // int8 one (a quantized checkpoint) is `lm_head.weight`, whose rows then serve as the
+        // embeddings, so no float table is ever built.
+        let (has_table, has_head) = (vb.contains_tensor("model.embed_tokens.weight"), vb.contains_tensor("lm_head.weight"));
+        let tied_lm_head = cfg.tie_word_embeddings && !(has_table && has_head);
+        let (embed_tokens, lm_head) = if has_table {
+            let e = candle_nn::embedding(vocab, hidden, m.pp("embed_tokens")).map_err(|e| e.context("loading model.embed_tokens"))?;
+            let head = if tied_lm_head {
+                QLinear::from_linear(&Linear::new(e.embeddings().clone(), None), "lm_head")?
+            } else {
+                QLinear::load(hidden, vocab, false, vb.pp("lm_head"))?
+            };
+            (TokenEmbeddings::Float(e), head)
+        } else if tied_lm_head && vb.contains_tensor("lm_head.weight_scale") {
+            (TokenEmbeddings::LmHead { dtype: DType::F32 }, QLinear::load(hidden, vocab, false, vb.pp("lm_head"))?)
         } else {
-            QLinear::load(cfg.hidden_size, cfg.vocab_size, false, vb.pp("lm_head"))?
+            bail!("no model.embed_tokens.weight (only a tied int8 lm_head can stand in for it)")
         };
         let inv_freq = cfg.inv_freq();
         let n = inv_freq.len();
@@ -420,7 +431,7 @@ impl Llama {
             .reshape((cfg.max_position_embeddings, 1))?;
         let freqs = pos.matmul(&inv)?;
         Ok(Self {
-            embed_tokens: TokenEmbeddings::Float(embed_tokens),
+            embed_tokens,
             tied_lm_head,
             layers,
             norm,
@@ -430,6 +441,24 @@ impl Llama {
             config: cfg.clone(),
             differentiable: false,
         })
+    }
+
+    /// Names of the linear layers [`Llama::load`] builds for `cfg`, in visiting order: seven
+    /// per decoder layer, then `lm_head`.
+    pub fn linear_layer_names(cfg: &LlamaConfig) -> Vec<String> {
+        let parts = [
+            "self_attn.q_proj",
+            "self_attn.k_proj",
+            "self_attn.v_proj",
+            "self_attn.o_proj",
+            "mlp.gate_proj",
+            "mlp.up_proj",
+            "mlp.down_proj",
+        ];
+        (0..cfg.num_hidden_layers)
+            .flat_map(|i| parts.iter().map(move |p| format!("model.layers.{i}.{p}")))
+            .chain(std::iter::once("lm_head".to_string()))
+            .collect()
     }
 
     /// Computes RMSNorm, RoPE and softmax from basic ops that carry gradients. candle's fused kernels
@@ -539,5 +568,16 @@ impl Quantizable for Llama {
         f(&mut self.lm_head)?;
         self.share_tied_embeddings();
         Ok(())
+    }
+
+    fn visit_tensors(&self, f: &mut dyn FnMut(&str, &Tensor) -> Result<()>) -> Result<()> {
+        if let TokenEmbeddings::Float(e) = &self.embed_tokens {
+            f("model.embed_tokens.weight", e.embeddings())?;
+        }
+        for (i, b) in self.layers.iter().enumerate() {
+            f(&format!("model.layers.{i}.input_layernorm.weight"), b.input_layernorm.weight())?;
+            f(&format!("model.layers.{i}.post_attention_layernorm.weight"), b.post_attention_layernorm.weight())?;
+        }
+        f("model.norm.weight", self.norm.weight())
     }
 }

@@ -9,16 +9,16 @@ mod observed;
 mod static_linear;
 mod weight_only;
 
-pub use dynamic::{ActivationQuant, DynamicLinear};
+pub use dynamic::{ActivationQuant, DynamicLinear, DEFAULT_OUTLIER_THRESHOLD};
 pub use fake_quant::FakeQuantLinear;
 pub use ggml::GgmlLinear;
 pub use observed::ObservedLinear;
 pub use static_linear::StaticLinear;
 pub use weight_only::WeightOnlyLinear;
 
-use crate::kernels::{PackedInt8Weights, WeightQuant};
+use crate::kernels::{Int8Rows, PackedInt8Weights, WeightQuant};
 use crate::observer::Observer;
-use crate::quant::float_values;
+use crate::quant::{float_values, QParams};
 use candle_core::{bail, DType, Module, Result, Storage, Tensor, D};
 use candle_nn::{Linear, VarBuilder};
 
@@ -53,11 +53,39 @@ pub struct QLinear {
 
 impl QLinear {
     /// Loads `weight` `[out, in]` (and `bias` `[out]`) from `vb`, like `candle_nn::linear_b`.
+    ///
+    /// From a quantized checkpoint (`vb` over [`crate::checkpoint::QuantizedCheckpoint`] or a
+    /// [`crate::checkpoint::PlannedSource`]), a layer with a `weight_scale` is built straight
+    /// from its int8 weights (no float copy) as a dynamic layer with the default activation
+    /// scheme; [`crate::checkpoint::QuantizationConfig::apply`] then gives it its saved scheme.
     pub fn load(in_features: usize, out_features: usize, bias: bool, vb: VarBuilder) -> Result<Self> {
         let name = vb.prefix();
+        if vb.contains_tensor("weight_scale") {
+            let kind =
+                Self::load_int8(in_features, out_features, bias, &vb).map_err(|e| e.context(format!("loading int8 layer '{name}'")))?;
+            return Ok(Self { name, in_features, out_features, kind });
+        }
         let linear =
             candle_nn::linear_b(in_features, out_features, bias, vb).map_err(|e| e.context(format!("loading linear layer '{name}'")))?;
         Ok(Self { name, in_features, out_features, kind: QLinearKind::Float(linear) })
+    }
+
+    /// Int8 weights (`weight` as `I8`, read as bytes) and their `f16` scales `[out, groups]`.
+    fn load_int8(k: usize, n: usize, bias: bool, vb: &VarBuilder) -> Result<QLinearKind> {
+        let scales = vb.get_unchecked_dtype("weight_scale", DType::F16)?;
+        let &[sn, groups] = scales.dims() else { bail!("weight_scale must be 2-D [out, groups], got shape {:?}", scales.shape()) };
+        if sn != n || groups == 0 || groups > k {
+            bail!("weight_scale has shape {:?}, expected [{n}, G] with 1 ≤ G ≤ {k}", scales.shape())
+        }
+        let group = k.div_ceil(groups);
+        let values = vb.get_with_hints_dtype((n, k), "weight", candle_nn::Init::Const(0.0), DType::U8)?;
+        let values: Vec<i8> = values.flatten_all()?.to_vec1::<u8>()?.into_iter().map(|b| b as i8).collect();
+        let rows = Int8Rows::new(n, k, group, values, scales.flatten_all()?.to_vec1::<half::f16>()?)?;
+        let bias = if bias || vb.contains_tensor("bias") { Some(float_values(&vb.get(n, "bias")?, "bias")?) } else { None };
+        let act = ActivationQuant::default();
+        Ok(QLinearKind::Dynamic(
+            DynamicLinear::new(PackedInt8Weights::from_rows(&rows)?, bias, act).with_outlier_threshold(Some(DEFAULT_OUTLIER_THRESHOLD)),
+        ))
     }
 
     /// Wraps an existing float layer under `name`.
@@ -133,6 +161,18 @@ impl QLinear {
             QLinearKind::Static(s) => Some((s.weights(), s.bias())),
             QLinearKind::WeightOnly(w) => Some((w.weights(), w.bias())),
             _ => None,
+        }
+    }
+
+    /// The bias as `f32` values, if the layer has one (float and int8 kinds).
+    pub fn bias_values(&self) -> Result<Option<Vec<f32>>> {
+        if let Some((_, b)) = self.int8_parts() {
+            return Ok(b.map(<[f32]>::to_vec));
+        }
+        match &self.kind {
+            QLinearKind::Float(l) => l.bias().map(|b| float_values(b, &self.name)).transpose(),
+            QLinearKind::Observed(o) => o.linear().bias().map(|b| float_values(b, &self.name)).transpose(),
+            _ => Ok(None),
         }
     }
 
@@ -226,6 +266,14 @@ impl QLinear {
     pub fn prepare_qat(&mut self, observer: Box<dyn Observer>) -> Result<()> {
         let linear = self.float_equivalent()?;
         self.kind = QLinearKind::FakeQuant(FakeQuantLinear::new(&linear, observer)?);
+        Ok(())
+    }
+
+    /// Becomes [`QLinearKind::Static`] with the given per-tensor activation qparams (int8
+    /// weights kept if it has them, else quantized per output channel).
+    pub fn quantize_static(&mut self, act: QParams) -> Result<()> {
+        let (w, b) = self.int8_weights(WeightQuant::PerChannel)?;
+        self.kind = QLinearKind::Static(StaticLinear::new(w, b, act).map_err(|e| e.context(format!("layer '{}'", self.name)))?);
         Ok(())
     }
 

@@ -1,0 +1,288 @@
+//! Where a model's tensors come from, one tensor at a time: safetensors files (single or
+//! sharded), a GGUF file (in `io`), or a [`PlannedSource`] that quantizes a float source's
+//! linear weights as they are read. [`CheckpointBackend`] serves any of them to candle's
+//! `VarBuilder`, so a model is built tensor by tensor and never held twice.
+
+use super::safetensors::{Dtype, Entry, SafetensorsFile};
+use crate::kernels::{quantize_weight_rows, Int8Rows, WeightQuant};
+use candle_core::{bail, DType, Device, Result, Shape, Tensor};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+/// Tensors by name, each read on demand.
+pub trait TensorSource: Send + Sync {
+    /// Every tensor, in storage order (reading them in this order reads the source front to back).
+    fn entries(&self) -> &[Entry];
+    /// The tensor's bytes, little-endian, in its [`Entry::dtype`].
+    fn read_bytes(&self, name: &str) -> Result<Vec<u8>>;
+    /// Where the tensor lives, for error messages (`file: tensor 'name'`).
+    fn describe(&self, name: &str) -> String;
+
+    fn entry(&self, name: &str) -> Option<&Entry> {
+        self.entries().iter().find(|e| e.name == name)
+    }
+}
+
+/// Looks entries up by name (sources build one once).
+fn index_of(entries: &[Entry]) -> HashMap<String, usize> {
+    entries.iter().enumerate().map(|(i, e)| (e.name.clone(), i)).collect()
+}
+
+/// `name` as a CPU tensor in its stored dtype (`I8` as `U8`: the same bytes).
+pub fn read_tensor(source: &dyn TensorSource, name: &str) -> Result<Tensor> {
+    let Some(e) = source.entry(name) else { bail!("{}: no such tensor", source.describe(name)) };
+    let bytes = source.read_bytes(name)?;
+    Tensor::from_raw_buffer(&bytes, e.dtype.candle(), &e.shape, &Device::Cpu).map_err(|err| err.context(source.describe(name)))
+}
+
+/// A float tensor widened to `f32` values, row-major.
+pub fn read_f32(source: &dyn TensorSource, name: &str) -> Result<Vec<f32>> {
+    let t = read_tensor(source, name)?;
+    match t.dtype() {
+        DType::F32 | DType::F16 | DType::BF16 | DType::F64 => t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>(),
+        dt => bail!("{}: expected a float tensor, found {dt:?}", source.describe(name)),
+    }
+}
+
+/// Safetensors files read as one source; with a `model.safetensors.index.json`, its weight map
+/// must agree with what the shards hold.
+pub struct SafetensorsSource {
+    files: Vec<SafetensorsFile>,
+    entries: Vec<Entry>,
+    /// Tensor name → (file, entry).
+    index: HashMap<String, (usize, usize)>,
+}
+
+impl SafetensorsSource {
+    pub fn open(paths: &[PathBuf], index_file: Option<&Path>) -> Result<Self> {
+        let files = paths.iter().map(|p| SafetensorsFile::open(p)).collect::<Result<Vec<_>>>()?;
+        let (mut entries, mut index): (Vec<Entry>, HashMap<String, (usize, usize)>) = (Vec::new(), HashMap::new());
+        for (f, file) in files.iter().enumerate() {
+            for name in file.names_in_storage_order() {
+                let info = file.info(&name)?;
+                if let Some(&(other, _)) = index.get(&name) {
+                    bail!("tensor '{name}' is in both {} and {}", files[other].path().display(), file.path().display())
+                }
+                index.insert(name.clone(), (f, entries.len()));
+                entries.push(Entry { name, dtype: info.dtype, shape: info.shape.clone() });
+            }
+        }
+        if let Some(index_file) = index_file {
+            check_index(index_file, &files, &index)?;
+        }
+        Ok(Self { files, entries, index })
+    }
+}
+
+/// Every tensor of the weight map is in the shard it names, and every tensor of every shard is
+/// in the weight map.
+fn check_index(index_file: &Path, files: &[SafetensorsFile], held: &HashMap<String, (usize, usize)>) -> Result<()> {
+    let text = std::fs::read_to_string(index_file).map_err(|e| candle_core::Error::Msg(format!("{}: {e}", index_file.display())))?;
+    let json: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| candle_core::Error::Msg(format!("{}: invalid JSON: {e}", index_file.display())))?;
+    let Some(map) = json.get("weight_map").and_then(|m| m.as_object()) else { bail!("{}: no 'weight_map' object", index_file.display()) };
+    for (name, shard) in map {
+        let shard = shard.as_str().unwrap_or_default();
+        match held.get(name) {
+            None => bail!("{}: tensor '{name}' is listed in shard {shard}, which does not hold it", index_file.display()),
+            Some(&(f, _)) if files[f].path().file_name().and_then(|n| n.to_str()) != Some(shard) => {
+                bail!("{}: tensor '{name}' is listed in shard {shard} but found in {}", index_file.display(), files[f].path().display())
+            }
+            _ => {}
+        }
+    }
+    if let Some((name, &(f, _))) = held.iter().find(|(n, _)| !map.contains_key(*n)) {
+        bail!("{}: tensor '{name}' is not in the index {}", files[f].path().display(), index_file.display())
+    }
+    Ok(())
+}
+
+impl TensorSource for SafetensorsSource {
+    fn entries(&self) -> &[Entry] {
+        &self.entries
+    }
+
+    fn read_bytes(&self, name: &str) -> Result<Vec<u8>> {
+        let Some(&(f, _)) = self.index.get(name) else { bail!("no tensor '{name}' in the safetensors files") };
+        self.files[f].read_bytes(name)
+    }
+
+    fn describe(&self, name: &str) -> String {
+        match self.index.get(name) {
+            Some(&(f, _)) => format!("{}: tensor '{name}'", self.files[f].path().display()),
+            None => format!("tensor '{name}' (in none of {} safetensors files)", self.files.len()),
+        }
+    }
+
+    fn entry(&self, name: &str) -> Option<&Entry> {
+        self.index.get(name).map(|&(_, e)| &self.entries[e])
+    }
+}
+
+/// Where a [`PlannedSource`] tensor comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Origin {
+    /// The source tensor of that name, as stored.
+    Copy(String),
+    /// The int8 values of that float source weight, quantized `how`.
+    Int8Weight { from: String, how: WeightQuant },
+    /// Their `f16` scales.
+    WeightScale { from: String, how: WeightQuant },
+}
+
+/// A float source seen as the int8 checkpoint it quantizes to: selected linear weights become
+/// `<layer>.weight` (`I8`) and `<layer>.weight_scale` (`F16`), quantized when read (both from
+/// one quantization: the last layer's result is kept until its other half is read); every other
+/// tensor passes through. Writing its entries is the `quantize` command; building a model on it
+/// is quantization while loading — the same tensors either way.
+pub struct PlannedSource {
+    source: Arc<dyn TensorSource>,
+    plan: Vec<Entry>,
+    origins: Vec<Origin>,
+    index: HashMap<String, usize>,
+    last: Mutex<Option<(String, WeightQuant, Arc<Int8Rows>)>>,
+}
+
+impl PlannedSource {
+    /// `layers`: linear layers to quantize, `(name, how)`, whose weights are `<name>.weight` in
+    /// `source` unless `renamed` maps the layer to another source tensor (a tied `lm_head` reads
+    /// the embedding table, which is then not passed through).
+    pub fn new(source: Arc<dyn TensorSource>, layers: &[(String, WeightQuant)], renamed: &HashMap<String, String>) -> Result<Self> {
+        let by_source: HashMap<String, (&str, WeightQuant)> = layers
+            .iter()
+            .map(|(layer, how)| (renamed.get(layer).cloned().unwrap_or_else(|| format!("{layer}.weight")), (layer.as_str(), *how)))
+            .collect();
+        let (mut plan, mut origins) = (Vec::new(), Vec::new());
+        for e in source.entries() {
+            let Some(&(layer, how)) = by_source.get(&e.name) else {
+                plan.push(e.clone());
+                origins.push(Origin::Copy(e.name.clone()));
+                continue;
+            };
+            let &[n, k] = e.shape.as_slice() else {
+                bail!("{}: a linear weight must be 2-D, found shape {:?}", source.describe(&e.name), e.shape)
+            };
+            if !e.dtype.is_float() {
+                bail!("{}: a float weight to quantize, found {}", source.describe(&e.name), e.dtype.name())
+            }
+            let group = match how {
+                WeightQuant::PerChannel => k,
+                WeightQuant::PerGroup(g) => g.clamp(1, k),
+            };
+            plan.push(Entry { name: format!("{layer}.weight"), dtype: Dtype::I8, shape: vec![n, k] });
+            origins.push(Origin::Int8Weight { from: e.name.clone(), how });
+            plan.push(Entry { name: format!("{layer}.weight_scale"), dtype: Dtype::F16, shape: vec![n, k.div_ceil(group)] });
+            origins.push(Origin::WeightScale { from: e.name.clone(), how });
+        }
+        for (from, (layer, _)) in &by_source {
+            if source.entry(from).is_none() {
+                bail!("layer '{layer}': no weight '{from}' in the model's tensors")
+            }
+        }
+        let index = index_of(&plan);
+        Ok(Self { source, plan, origins, index, last: Mutex::new(None) })
+    }
+
+    /// Where each planned tensor comes from, in plan order.
+    pub fn origins(&self) -> &[Origin] {
+        &self.origins
+    }
+
+    fn quantized(&self, from: &str, how: WeightQuant) -> Result<Arc<Int8Rows>> {
+        let mut last = self.last.lock().map_err(|_| candle_core::Error::Msg("a quantizing reader panicked".into()))?;
+        if let Some((name, h, rows)) = &*last {
+            if name == from && *h == how {
+                return Ok(rows.clone());
+            }
+        }
+        let Some(e) = self.source.entry(from) else { bail!("{}: no such tensor", self.source.describe(from)) };
+        let (n, k) = (e.shape[0], e.shape[1]);
+        let values = read_f32(&*self.source, from)?;
+        let rows = Arc::new(quantize_weight_rows(&values, n, k, how).map_err(|err| err.context(self.source.describe(from)))?);
+        *last = Some((from.to_string(), how, rows.clone()));
+        Ok(rows)
+    }
+}
+
+impl TensorSource for PlannedSource {
+    fn entries(&self) -> &[Entry] {
+        &self.plan
+    }
+
+    fn read_bytes(&self, name: &str) -> Result<Vec<u8>> {
+        let Some(&i) = self.index.get(name) else { bail!("no tensor '{name}' in the quantized model") };
+        match &self.origins[i] {
+            Origin::Copy(from) => self.source.read_bytes(from),
+            Origin::Int8Weight { from, how } => Ok(self.quantized(from, *how)?.values().iter().map(|&v| v as u8).collect()),
+            Origin::WeightScale { from, how } => Ok(self.quantized(from, *how)?.scales().iter().flat_map(|s| s.to_le_bytes()).collect()),
+        }
+    }
+
+    fn describe(&self, name: &str) -> String {
+        match self.index.get(name).map(|&i| &self.origins[i]) {
+            Some(Origin::Copy(from)) => self.source.describe(from),
+            Some(Origin::Int8Weight { from, .. } | Origin::WeightScale { from, .. }) => {
+                format!("tensor '{name}' quantized from {}", self.source.describe(from))
+            }
+            None => format!("tensor '{name}' (not in the quantized model)"),
+        }
+    }
+
+    fn entry(&self, name: &str) -> Option<&Entry> {
+        self.index.get(name).map(|&i| &self.plan[i])
+    }
+}
+
+/// Serves a [`TensorSource`] to candle's `VarBuilder`: each tensor is read when the model asks
+/// for it, its shape checked. Float tensors come in the dtype asked for; an `I8` tensor only as
+/// `U8` (its bytes), which is how [`crate::QLinear::load`] reads int8 weights.
+pub struct CheckpointBackend<'a> {
+    source: Arc<dyn TensorSource>,
+    progress: Option<Mutex<Box<dyn FnMut(usize, usize) + Send + 'a>>>,
+    reads: std::sync::atomic::AtomicUsize,
+}
+
+impl<'a> CheckpointBackend<'a> {
+    pub fn new(source: Arc<dyn TensorSource>) -> Self {
+        Self { source, progress: None, reads: 0.into() }
+    }
+
+    /// Calls `f(tensors read, tensors in the source)` after each read.
+    pub fn with_progress(mut self, f: impl FnMut(usize, usize) + Send + 'a) -> Self {
+        self.progress = Some(Mutex::new(Box::new(f)));
+        self
+    }
+
+    /// A `VarBuilder` (f32, CPU) over this backend.
+    pub fn into_var_builder(self) -> candle_nn::VarBuilder<'a> {
+        candle_nn::VarBuilder::from_backend(Box::new(self), DType::F32, Device::Cpu)
+    }
+}
+
+impl candle_nn::var_builder::SimpleBackend for CheckpointBackend<'_> {
+    fn get(&self, s: Shape, name: &str, _: candle_nn::Init, dtype: DType, dev: &Device) -> Result<Tensor> {
+        let t = self.get_unchecked(name, dtype, dev)?;
+        if t.shape() != &s {
+            bail!("{}: shape {:?} in the checkpoint, the model expects {:?}", self.source.describe(name), t.dims(), s.dims())
+        }
+        Ok(t)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> Result<Tensor> {
+        let Some(e) = self.source.entry(name) else { bail!("{}: not found", self.source.describe(name)) };
+        if e.dtype == Dtype::I8 && dtype != DType::U8 {
+            bail!("{}: int8 (I8) weights are read by candle_quant::QLinear::load, not as {dtype:?}", self.source.describe(name))
+        }
+        let t = read_tensor(&*self.source, name)?.to_dtype(dtype)?.to_device(dev)?;
+        if let Some(Ok(mut report)) = self.progress.as_ref().map(|p| p.lock()) {
+            let done = self.reads.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+            report(done, self.source.entries().len());
+        }
+        Ok(t)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.source.entry(name).is_some()
+    }
+}
