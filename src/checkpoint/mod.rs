@@ -159,7 +159,16 @@ impl LayerScheme {
         let k = layer.in_features();
         let want = self.weight_group_size().map_or(k, |g| g.clamp(1, k));
         if w.group_size() != want {
-            bail!("layer '{name}': its weight_scale has groups of {} input channels, quantization_config says {want}", w.group_size())
+            // The scales' shape fixes the number of groups, not their size when `in` is not a
+            // multiple of it (48 channels in 2 groups: of 32, or of 24): the config decides.
+            if w.groups() != k.div_ceil(want) {
+                bail!(
+                    "layer '{name}': weight_scale has {} groups per row, quantization_config's weight_group_size {want} needs {}",
+                    w.groups(),
+                    k.div_ceil(want)
+                )
+            }
+            layer.regroup_int8_weights(want)?;
         }
         match *self {
             LayerScheme::Dynamic { activation_group_size, outlier_threshold, .. } => {
@@ -545,13 +554,33 @@ fn write_into(
     options: &SaveOptions,
     progress: &mut impl FnMut(WriteProgress),
 ) -> Result<WriteReport> {
+    let report = write_shards(tmp, source, options.max_shard_bytes, progress)?;
+    let write = |file: &str, bytes: &[u8]| {
+        std::fs::write(tmp.join(file), bytes).map_err(|e| candle_core::Error::Msg(format!("{}: {e}", tmp.join(file).display())))
+    };
+    for (file, bytes) in &options.files {
+        write(file, bytes)?;
+    }
+    write("config.json", serde_json::to_string_pretty(config).map_err(|e| candle_core::Error::Msg(e.to_string()))?.as_bytes())?;
+    Ok(report)
+}
+
+/// Writes every tensor of `source`, in its order, into `dir` as safetensors files of at most
+/// `max_shard_bytes` of tensors each (a larger tensor alone in its file): `model.safetensors`,
+/// or `model-0000i-of-0000n.safetensors` with `model.safetensors.index.json`. One tensor is in
+/// memory at a time.
+pub fn write_shards(
+    dir: &Path,
+    source: &dyn TensorSource,
+    max_shard_bytes: u64,
+    progress: &mut impl FnMut(WriteProgress),
+) -> Result<WriteReport> {
     let entries = source.entries();
-    // Shards: consecutive entries up to max_shard_bytes each.
     let mut shards: Vec<Vec<usize>> = vec![];
     let mut size = 0u64;
     for (i, e) in entries.iter().enumerate() {
         match shards.last_mut() {
-            Some(s) if size + e.nbytes() <= options.max_shard_bytes => s.push(i),
+            Some(s) if size + e.nbytes() <= max_shard_bytes => s.push(i),
             _ => {
                 shards.push(vec![i]);
                 size = 0;
@@ -571,29 +600,30 @@ fn write_into(
     let mut weight_map = serde_json::Map::new();
     for (shard, file) in shards.iter().zip(&names) {
         let part: Vec<Entry> = shard.iter().map(|&i| entries[i].clone()).collect();
-        safetensors::write_file(&tmp.join(file), &part, |i, buf| {
+        safetensors::write_file(&dir.join(file), &part, |i, buf| {
             *buf = source.read_bytes(&part[i].name)?;
+            if i > 0 {
+                done.tensors += 1;
+                done.bytes += part[i - 1].nbytes();
+                progress(done);
+            }
             Ok(())
         })?;
+        if let Some(last) = part.last() {
+            done.tensors += 1;
+            done.bytes += last.nbytes();
+            progress(done);
+        }
         for e in &part {
             weight_map.insert(e.name.clone(), file.clone().into());
-            done.tensors += 1;
-            done.bytes += e.nbytes();
         }
-        progress(done);
     }
-    let write = |file: &str, bytes: &[u8]| {
-        std::fs::write(tmp.join(file), bytes).map_err(|e| candle_core::Error::Msg(format!("{}: {e}", tmp.join(file).display())))
-    };
     if n > 1 {
         let index = serde_json::json!({"metadata": {"total_size": total.total_bytes}, "weight_map": weight_map});
-        write("model.safetensors.index.json", index.to_string().as_bytes())?;
+        let path = dir.join("model.safetensors.index.json");
+        std::fs::write(&path, index.to_string()).map_err(|e| candle_core::Error::Msg(format!("{}: {e}", path.display())))?;
     }
-    for (file, bytes) in &options.files {
-        write(file, bytes)?;
-    }
-    write("config.json", serde_json::to_string_pretty(config).map_err(|e| candle_core::Error::Msg(e.to_string()))?.as_bytes())?;
-    Ok(WriteReport { files: names.iter().map(|f| tmp.join(f)).collect(), tensor_bytes: total.total_bytes })
+    Ok(WriteReport { files: names.iter().map(|f| dir.join(f)).collect(), tensor_bytes: total.total_bytes })
 }
 
 /// Tensors held in memory (what [`save_quantized`] collects from a model).
@@ -709,5 +739,6 @@ fn most_common<'a>(schemes: impl Iterator<Item = &'a LayerScheme>) -> Option<Lay
             None => counts.push((s, 1)),
         }
     }
-    counts.into_iter().max_by_key(|&(_, n)| n).map(|(s, _)| s.clone())
+    // The first of the most common wins a tie.
+    counts.iter().enumerate().max_by_key(|&(i, &(_, n))| (n, std::cmp::Reverse(i))).map(|(_, (s, _))| (*s).clone())
 }

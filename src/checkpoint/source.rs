@@ -36,13 +36,19 @@ pub fn read_tensor(source: &dyn TensorSource, name: &str) -> Result<Tensor> {
     Tensor::from_raw_buffer(&bytes, e.dtype.candle(), &e.shape, &Device::Cpu).map_err(|err| err.context(source.describe(name)))
 }
 
-/// A float tensor widened to `f32` values, row-major.
+/// A float tensor widened to `f32` values, row-major, converted straight from its bytes (one
+/// copy of the tensor at each width, no more).
 pub fn read_f32(source: &dyn TensorSource, name: &str) -> Result<Vec<f32>> {
-    let t = read_tensor(source, name)?;
-    match t.dtype() {
-        DType::F32 | DType::F16 | DType::BF16 | DType::F64 => t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>(),
-        dt => bail!("{}: expected a float tensor, found {dt:?}", source.describe(name)),
-    }
+    let Some(e) = source.entry(name) else { bail!("{}: no such tensor", source.describe(name)) };
+    let dtype = e.dtype;
+    let bytes = source.read_bytes(name)?;
+    Ok(match dtype {
+        Dtype::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+        Dtype::F16 => bytes.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+        Dtype::BF16 => bytes.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+        Dtype::F64 => bytes.chunks_exact(8).map(|b| f64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]) as f32).collect(),
+        other => bail!("{}: expected a float tensor, found {}", source.describe(name), other.name()),
+    })
 }
 
 /// Safetensors files read as one source; with a `model.safetensors.index.json`, its weight map

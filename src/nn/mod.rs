@@ -224,6 +224,18 @@ impl QLinear {
         Ok((w, b))
     }
 
+    /// Reads the int8 weights' scales as groups of `group` input channels (same values, same
+    /// number of groups per row): for a checkpoint whose scale shape left the group size open.
+    /// The layer is weight-only until its kind is set again.
+    pub(crate) fn regroup_int8_weights(&mut self, group: usize) -> Result<()> {
+        let Some((w, b)) = self.int8_parts() else { bail!("layer '{}' has no int8 weights", self.name) };
+        let rows = w.to_rows();
+        let rows = Int8Rows::new(rows.out_features(), rows.in_features(), group, rows.values().to_vec(), rows.scales().to_vec())?;
+        let b = b.map(<[f32]>::to_vec);
+        self.kind = QLinearKind::WeightOnly(WeightOnlyLinear::new(PackedInt8Weights::from_rows(&rows)?, b));
+        Ok(())
+    }
+
     /// Becomes [`QLinearKind::Dynamic`]: int8 weights scaled per `weights`, activations quantized
     /// per `act` on every call. When both are per group, the group sizes must match.
     pub fn quantize_dynamic(&mut self, act: ActivationQuant, weights: WeightQuant, outlier_threshold: Option<f32>) -> Result<()> {
