@@ -9,7 +9,6 @@
 use candle_core::{bail, DType, Device, Result, Tensor};
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
@@ -173,10 +172,28 @@ impl SafetensorsFile {
 
     /// The stored bytes of `name` (length checked against the header when the file was opened).
     pub fn read_bytes(&self, name: &str) -> Result<Vec<u8>> {
-        let info = self.info(name)?;
-        let mut buf = vec![0u8; info.len as usize];
-        self.file.read_exact_at(&mut buf, info.offset).map_err(|e| err(&self.path, format!("reading tensor '{name}': {e}")))?;
+        let mut buf = Vec::new();
+        self.read_into(name, &mut buf)?;
         Ok(buf)
+    }
+
+    /// [`Self::read_bytes`] into `buf`, reusing its allocation.
+    pub fn read_into(&self, name: &str, buf: &mut Vec<u8>) -> Result<()> {
+        let info = self.info(name)?;
+        buf.resize(info.len as usize, 0);
+        self.file.read_exact_at(buf, info.offset).map_err(|e| err(&self.path, format!("reading tensor '{name}': {e}")))
+    }
+
+    /// Asks the kernel to start reading `name`'s bytes into the page cache in the background
+    /// (`posix_fadvise(WILLNEED)`), so that a later [`Self::read_bytes`] finds them there.
+    pub fn prefetch(&self, name: &str) {
+        use std::os::fd::AsRawFd;
+        if let Ok(info) = self.info(name) {
+            let (Ok(offset), Ok(len)) = (libc::off_t::try_from(info.offset), libc::off_t::try_from(info.len)) else { return };
+            // SAFETY: a plain system call on a descriptor this struct owns; it reads no memory
+            // of ours, and its result (a hint) is ignored.
+            unsafe { libc::posix_fadvise(self.file.as_raw_fd(), offset, len, libc::POSIX_FADV_WILLNEED) };
+        }
     }
 
     /// `name` as a CPU tensor in its own dtype (`I8` comes back as `U8`, the same bytes).
@@ -241,28 +258,126 @@ pub fn write_file(path: &Path, entries: &[Entry], mut fill: impl FnMut(usize, &m
     let mut text = serde_json::to_vec(&serde_json::Value::Object(header)).map_err(|e| err(path, e))?;
     // Data starts on an 8-byte boundary (header padded with spaces, as the reference writer does).
     text.resize((text.len() + 8).next_multiple_of(8) - 8, b' ');
-    let file = File::create(path).map_err(|e| err(path, format!("cannot create: {e}")))?;
-    let mut out = std::io::BufWriter::with_capacity(1 << 22, file);
+    let mut out = SequentialWriter::create(path).map_err(|e| err(path, format!("cannot create: {e}")))?;
     let io = |e: std::io::Error| err(path, format!("writing: {e}"));
     out.write_all(&(text.len() as u64).to_le_bytes()).map_err(io)?;
     out.write_all(&text).map_err(io)?;
-    let mut buf = Vec::new();
-    for (i, e) in entries.iter().enumerate() {
-        buf.clear();
-        fill(i, &mut buf)?;
-        if buf.len() as u64 != e.nbytes() {
-            bail!(
-                "{}: tensor '{}' {:?} of {} produced {} bytes, expected {}",
-                path.display(),
-                e.name,
-                e.shape,
-                e.dtype.name(),
-                buf.len(),
-                e.nbytes()
-            )
-        }
-        out.write_all(&buf).map_err(io)?;
+    // A writer thread takes each tensor's bytes while the next one is being produced (read,
+    // quantized): writing into the page cache costs as much as the arithmetic.
+    std::thread::scope(|scope| {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(1);
+        let writer = scope.spawn(move || -> Result<()> {
+            for buf in rx {
+                out.write_all(&buf).map_err(io)?;
+            }
+            out.finish().map_err(io)
+        });
+        let produced = entries.iter().enumerate().try_for_each(|(i, e)| -> Result<()> {
+            let mut buf = Vec::new();
+            fill(i, &mut buf)?;
+            if buf.len() as u64 != e.nbytes() {
+                bail!(
+                    "{}: tensor '{}' {:?} of {} produced {} bytes, expected {}",
+                    path.display(),
+                    e.name,
+                    e.shape,
+                    e.dtype.name(),
+                    buf.len(),
+                    e.nbytes()
+                )
+            }
+            // A closed channel means the writer failed: its error is reported below.
+            let _ = tx.send(buf);
+            Ok(())
+        });
+        drop(tx);
+        let written = writer.join().map_err(|_| err(path, "the writer thread panicked"))?;
+        produced.and(written)
+    })
+}
+
+/// Alignment of direct writes: file offsets, lengths and buffer addresses (the largest logical
+/// block size in common use).
+const ALIGN: usize = 4096;
+/// Bytes gathered before each write.
+const STAGE: usize = 8 << 20;
+
+/// Writes a file front to back through an aligned staging buffer, bypassing the page cache
+/// (`O_DIRECT`) where the filesystem allows it: a checkpoint is written once and not read back
+/// soon, and copying gigabytes into the page cache costs as much CPU time as quantizing them.
+/// Elsewhere (tmpfs, other systems) it writes through the page cache. The last partial block
+/// always goes through the page cache.
+struct SequentialWriter {
+    direct: Option<File>,
+    plain: File,
+    buf: Vec<u8>,
+    /// Where the aligned staging area starts in `buf`.
+    start: usize,
+    /// Bytes staged.
+    len: usize,
+    /// File offset of the staging area (a multiple of `ALIGN`).
+    pos: u64,
+}
+
+impl SequentialWriter {
+    fn create(path: &Path) -> std::io::Result<Self> {
+        let plain = File::create(path)?;
+        #[cfg(target_os = "linux")]
+        let direct = {
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new().write(true).custom_flags(libc::O_DIRECT).open(path).ok()
+        };
+        #[cfg(not(target_os = "linux"))]
+        let direct = None;
+        let buf = vec![0u8; STAGE + ALIGN];
+        let start = buf.as_ptr().align_offset(ALIGN);
+        Ok(Self { direct, plain, buf, start, len: 0, pos: 0 })
     }
-    let file = out.into_inner().map_err(|e| err(path, format!("writing: {e}")))?;
-    file.sync_all().map_err(io)
+
+    fn write_all(&mut self, mut data: &[u8]) -> std::io::Result<()> {
+        while !data.is_empty() {
+            let n = (STAGE - self.len).min(data.len());
+            self.buf[self.start + self.len..self.start + self.len + n].copy_from_slice(&data[..n]);
+            self.len += n;
+            data = &data[n..];
+            if self.len == STAGE {
+                self.write_blocks()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes the whole blocks staged; the rest moves to the front of the staging area.
+    fn write_blocks(&mut self) -> std::io::Result<()> {
+        let whole = self.len / ALIGN * ALIGN;
+        if whole == 0 {
+            return Ok(());
+        }
+        let blocks = &self.buf[self.start..self.start + whole];
+        let direct = match &self.direct {
+            Some(d) => d.write_all_at(blocks, self.pos),
+            None => self.plain.write_all_at(blocks, self.pos),
+        };
+        match direct {
+            // A filesystem that takes O_DIRECT at open but not these writes: page cache from now on.
+            Err(e) if self.direct.is_some() && e.raw_os_error() == Some(libc::EINVAL) => {
+                self.direct = None;
+                self.plain.write_all_at(blocks, self.pos)?;
+            }
+            other => other?,
+        }
+        self.pos += whole as u64;
+        self.buf.copy_within(self.start + whole..self.start + self.len, self.start);
+        self.len -= whole;
+        Ok(())
+    }
+
+    fn finish(mut self) -> std::io::Result<()> {
+        self.write_blocks()?;
+        self.plain.write_all_at(&self.buf[self.start..self.start + self.len], self.pos)?;
+        if let Some(d) = &self.direct {
+            d.sync_all()?;
+        }
+        self.plain.sync_all()
+    }
 }

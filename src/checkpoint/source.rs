@@ -4,8 +4,9 @@
 //! `VarBuilder`, so a model is built tensor by tensor and never held twice.
 
 use super::safetensors::{Dtype, Entry, SafetensorsFile};
-use crate::kernels::{quantize_weight_rows, Int8Rows, WeightQuant};
+use crate::kernels::{quantize_weight_rows_with, WeightQuant};
 use candle_core::{bail, DType, Device, Result, Shape, Tensor};
+use rayon::prelude::*;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -16,6 +17,13 @@ pub trait TensorSource: Send + Sync {
     fn entries(&self) -> &[Entry];
     /// The tensor's bytes, little-endian, in its [`Entry::dtype`].
     fn read_bytes(&self, name: &str) -> Result<Vec<u8>>;
+
+    /// [`Self::read_bytes`] into `buf` (replacing its contents), reusing its allocation where the
+    /// source can.
+    fn read_into(&self, name: &str, buf: &mut Vec<u8>) -> Result<()> {
+        *buf = self.read_bytes(name)?;
+        Ok(())
+    }
     /// Where the tensor lives, for error messages (`file: tensor 'name'`).
     fn describe(&self, name: &str) -> String;
 
@@ -36,19 +44,34 @@ pub fn read_tensor(source: &dyn TensorSource, name: &str) -> Result<Tensor> {
     Tensor::from_raw_buffer(&bytes, e.dtype.candle(), &e.shape, &Device::Cpu).map_err(|err| err.context(source.describe(name)))
 }
 
-/// A float tensor widened to `f32` values, row-major, converted straight from its bytes (one
-/// copy of the tensor at each width, no more).
+/// A float tensor widened to `f32` values, row-major, converted straight from its bytes.
 pub fn read_f32(source: &dyn TensorSource, name: &str) -> Result<Vec<f32>> {
     let Some(e) = source.entry(name) else { bail!("{}: no such tensor", source.describe(name)) };
     let dtype = e.dtype;
+    if !dtype.is_float() {
+        bail!("{}: expected a float tensor, found {}", source.describe(name), dtype.name())
+    }
     let bytes = source.read_bytes(name)?;
-    Ok(match dtype {
-        Dtype::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
-        Dtype::F16 => bytes.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
-        Dtype::BF16 => bytes.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
-        Dtype::F64 => bytes.chunks_exact(8).map(|b| f64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]) as f32).collect(),
-        other => bail!("{}: expected a float tensor, found {}", source.describe(name), other.name()),
-    })
+    let mut out = vec![0f32; bytes.len() / dtype.size()];
+    out.par_chunks_mut(1 << 16).zip(bytes.par_chunks(dtype.size() << 16)).for_each(|(out, bytes)| widen_into(dtype, bytes, out));
+    Ok(out)
+}
+
+/// Float values of `dtype` (little-endian bytes) widened into `out`, one loop per dtype so that
+/// each vectorizes; `out` is as long as the values (non-float dtypes leave it untouched).
+pub fn widen_into(dtype: Dtype, bytes: &[u8], out: &mut [f32]) {
+    fn each<const N: usize>(bytes: &[u8], out: &mut [f32], f: impl Fn([u8; N]) -> f32) {
+        for (o, b) in out.iter_mut().zip(bytes.chunks_exact(N)) {
+            *o = f(b.try_into().unwrap_or([0; N]));
+        }
+    }
+    match dtype {
+        Dtype::BF16 => each(bytes, out, |b: [u8; 2]| f32::from_bits((u16::from_le_bytes(b) as u32) << 16)),
+        Dtype::F16 => each(bytes, out, |b: [u8; 2]| half::f16::from_le_bytes(b).to_f32()),
+        Dtype::F32 => each(bytes, out, f32::from_le_bytes),
+        Dtype::F64 => each(bytes, out, |b: [u8; 8]| f64::from_le_bytes(b) as f32),
+        Dtype::I8 | Dtype::U8 | Dtype::I32 | Dtype::I64 => {}
+    }
 }
 
 /// Safetensors files read as one source; with a `model.safetensors.index.json`, its weight map
@@ -81,6 +104,27 @@ impl SafetensorsSource {
     }
 }
 
+/// Bytes of the tensors after the one being read that are asked for in the background.
+const PREFETCH_BYTES: u64 = 256 << 20;
+
+impl SafetensorsSource {
+    /// Starts reading the tensors after entry `i` (up to [`PREFETCH_BYTES`], at least one) in
+    /// the background: a model read in storage order keeps the disk busy while each tensor is
+    /// worked on. Tensors already asked for are asked again; the kernel skips cached pages.
+    fn prefetch_after(&self, i: usize) {
+        let mut ahead = 0;
+        for next in self.entries.iter().skip(i + 1) {
+            if ahead >= PREFETCH_BYTES {
+                break;
+            }
+            if let Some(&(f, _)) = self.index.get(&next.name) {
+                self.files[f].prefetch(&next.name);
+            }
+            ahead += next.nbytes();
+        }
+    }
+}
+
 /// Every tensor of the weight map is in the shard it names, and every tensor of every shard is
 /// in the weight map.
 fn check_index(index_file: &Path, files: &[SafetensorsFile], held: &HashMap<String, (usize, usize)>) -> Result<()> {
@@ -109,9 +153,18 @@ impl TensorSource for SafetensorsSource {
         &self.entries
     }
 
+    /// Reads `name` and starts the next tensor's read in the background: a model read in
+    /// storage order overlaps the disk with the work done on each tensor.
     fn read_bytes(&self, name: &str) -> Result<Vec<u8>> {
-        let Some(&(f, _)) = self.index.get(name) else { bail!("no tensor '{name}' in the safetensors files") };
+        let Some(&(f, i)) = self.index.get(name) else { bail!("no tensor '{name}' in the safetensors files") };
+        self.prefetch_after(i);
         self.files[f].read_bytes(name)
+    }
+
+    fn read_into(&self, name: &str, buf: &mut Vec<u8>) -> Result<()> {
+        let Some(&(f, i)) = self.index.get(name) else { bail!("no tensor '{name}' in the safetensors files") };
+        self.prefetch_after(i);
+        self.files[f].read_into(name, buf)
     }
 
     fn describe(&self, name: &str) -> String {
@@ -147,7 +200,18 @@ pub struct PlannedSource {
     plan: Vec<Entry>,
     origins: Vec<Origin>,
     index: HashMap<String, usize>,
-    last: Mutex<Option<(String, WeightQuant, Arc<Int8Rows>)>>,
+    /// The last weight quantized: its source name, how, and the half not read yet.
+    last: Mutex<Option<Quantized>>,
+    /// The source bytes of the weight being quantized, reused from one weight to the next.
+    scratch: Mutex<Vec<u8>>,
+}
+
+/// One quantized weight, handed out in two reads (values, then scales, or the reverse).
+struct Quantized {
+    from: String,
+    how: WeightQuant,
+    values: Option<Vec<u8>>,
+    scales: Option<Vec<u8>>,
 }
 
 impl PlannedSource {
@@ -187,7 +251,7 @@ impl PlannedSource {
             }
         }
         let index = index_of(&plan);
-        Ok(Self { source, plan, origins, index, last: Mutex::new(None) })
+        Ok(Self { source, plan, origins, index, last: Mutex::new(None), scratch: Mutex::new(Vec::new()) })
     }
 
     /// Where each planned tensor comes from, in plan order.
@@ -195,20 +259,44 @@ impl PlannedSource {
         &self.origins
     }
 
-    fn quantized(&self, from: &str, how: WeightQuant) -> Result<Arc<Int8Rows>> {
-        let mut last = self.last.lock().map_err(|_| candle_core::Error::Msg("a quantizing reader panicked".into()))?;
-        if let Some((name, h, rows)) = &*last {
-            if name == from && *h == how {
-                return Ok(rows.clone());
+    /// The int8 values (`scales = false`) or `f16` scales of source weight `from`, as bytes:
+    /// quantized on the first of the two reads, the other half kept for the second.
+    fn quantized(&self, from: &str, how: WeightQuant, scales: bool) -> Result<Vec<u8>> {
+        let lock_err = || candle_core::Error::Msg("a quantizing reader panicked".into());
+        let mut last = self.last.lock().map_err(|_| lock_err())?;
+        if let Some(q) = last.as_mut().filter(|q| q.from == from && q.how == how) {
+            if let Some(part) = if scales { q.scales.take() } else { q.values.take() } {
+                return Ok(part);
             }
         }
         let Some(e) = self.source.entry(from) else { bail!("{}: no such tensor", self.source.describe(from)) };
-        let (n, k) = (e.shape[0], e.shape[1]);
-        let values = read_f32(&*self.source, from)?;
-        let rows = Arc::new(quantize_weight_rows(&values, n, k, how).map_err(|err| err.context(self.source.describe(from)))?);
-        *last = Some((from.to_string(), how, rows.clone()));
-        Ok(rows)
+        let (n, k, dtype) = (e.shape[0], e.shape[1], e.dtype);
+        let mut bytes = self.scratch.lock().map_err(|_| lock_err())?;
+        self.source.read_into(from, &mut bytes)?;
+        if bytes.len() != n * k * dtype.size() {
+            bail!("{}: read {} bytes for a {n}×{k} {} weight", self.source.describe(from), bytes.len(), dtype.name())
+        }
+        let row_bytes = k * dtype.size();
+        let rows = quantize_weight_rows_with(n, k, how, |j, row| widen_into(dtype, &bytes[j * row_bytes..(j + 1) * row_bytes], row))
+            .map_err(|err| err.context(self.source.describe(from)))?;
+        let (values, scale_values) = rows.into_parts();
+        let values = int8_bytes(values);
+        let scale_bytes: Vec<u8> = scale_values.iter().flat_map(|s| s.to_le_bytes()).collect();
+        let (wanted, kept) = if scales { (scale_bytes, values) } else { (values, scale_bytes) };
+        let (values, scales) = if scales { (Some(kept), None) } else { (None, Some(kept)) };
+        *last = Some(Quantized { from: from.to_string(), how, values, scales });
+        Ok(wanted)
     }
+}
+
+/// `i8` values as the same bytes, without a copy.
+fn int8_bytes(values: Vec<i8>) -> Vec<u8> {
+    let mut values = std::mem::ManuallyDrop::new(values);
+    let (ptr, len, cap) = (values.as_mut_ptr(), values.len(), values.capacity());
+    // SAFETY: `i8` and `u8` have the same size and alignment, and every bit pattern is valid
+    // for both; the allocation is handed over whole (pointer, length, capacity) and the
+    // original vector is never dropped.
+    unsafe { Vec::from_raw_parts(ptr.cast::<u8>(), len, cap) }
 }
 
 impl TensorSource for PlannedSource {
@@ -220,8 +308,8 @@ impl TensorSource for PlannedSource {
         let Some(&i) = self.index.get(name) else { bail!("no tensor '{name}' in the quantized model") };
         match &self.origins[i] {
             Origin::Copy(from) => self.source.read_bytes(from),
-            Origin::Int8Weight { from, how } => Ok(self.quantized(from, *how)?.values().iter().map(|&v| v as u8).collect()),
-            Origin::WeightScale { from, how } => Ok(self.quantized(from, *how)?.scales().iter().flat_map(|s| s.to_le_bytes()).collect()),
+            Origin::Int8Weight { from, how } => self.quantized(from, *how, false),
+            Origin::WeightScale { from, how } => self.quantized(from, *how, true),
         }
     }
 

@@ -28,7 +28,7 @@ mod x86;
 
 pub use activations::QuantizedActivations;
 pub use attention::{attend, attend_part, attend_part_with, attend_with, combine_parts, part_len};
-pub use weights::{quantize_weight_rows, Int8Rows, PackedInt8Weights, WeightQuant, BLOCK_ROWS, MAX_IN_FEATURES};
+pub use weights::{quantize_weight_rows, quantize_weight_rows_with, Int8Rows, PackedInt8Weights, WeightQuant, BLOCK_ROWS, MAX_IN_FEATURES};
 
 use candle_core::{bail, Result};
 use std::sync::OnceLock;

@@ -287,10 +287,12 @@ impl Int8Rows {
         if n * groups != scales.len() {
             bail!("int8 weights {n}×{k} in groups of {group}: expected {n}×{groups} scales, got {}", scales.len())
         }
-        if let Some(i) = values.iter().position(|&v| v == -128) {
+        if values.contains(&-128) {
+            let i = values.iter().position(|&v| v == -128).unwrap_or(0);
             bail!("int8 weights must lie in [-127, 127] (narrow range); -128 found at row {}, column {}", i / k, i % k)
         }
-        if let Some(i) = scales.iter().position(|s| !(s.is_finite() && s.to_f32() > 0.0)) {
+        // f16 bits: positive and finite means sign 0, exponent not all ones, not +0.
+        if let Some(i) = scales.iter().position(|s| !(1..0x7c00).contains(&s.to_bits())) {
             bail!("int8 weight scale at row {}, group {} is {}: scales must be finite and positive", i / groups, i % groups, scales[i])
         }
         Ok(Self { n, k, group, values, scales })
@@ -323,6 +325,11 @@ impl Int8Rows {
     pub fn scales(&self) -> &[f16] {
         &self.scales
     }
+
+    /// The values and the scales, moved out.
+    pub fn into_parts(self) -> (Vec<i8>, Vec<f16>) {
+        (self.values, self.scales)
+    }
 }
 
 /// Quantizes a row-major float `N×K` weight: per row and group of input channels,
@@ -331,29 +338,53 @@ impl Int8Rows {
 /// stored scale agree exactly. Rows are quantized in parallel on rayon's pool. The same
 /// numbers as [`QTensor::quantize`] with [`PackedInt8Weights::qparams`].
 pub fn quantize_weight_rows(values: &[f32], n: usize, k: usize, how: WeightQuant) -> Result<Int8Rows> {
+    if n.checked_mul(k) != Some(values.len()) {
+        bail!("cannot quantize {} values as an {n}×{k} weight", values.len())
+    }
+    quantize_weight_rows_with(n, k, how, |j, row| row.copy_from_slice(&values[j * k..(j + 1) * k]))
+}
+
+/// [`quantize_weight_rows`] with row `j` written into a `K`-long buffer by `row(j, buf)` — e.g.
+/// widened from a checkpoint's bf16 bytes — so no float copy of the whole weight is made.
+pub fn quantize_weight_rows_with(n: usize, k: usize, how: WeightQuant, row: impl Fn(usize, &mut [f32]) + Sync) -> Result<Int8Rows> {
     use rayon::prelude::*;
     let group = match how {
         WeightQuant::PerChannel => k,
         WeightQuant::PerGroup(0) => bail!("weight group size must be at least 1"),
         WeightQuant::PerGroup(size) => size.min(k),
     };
-    if n == 0 || k == 0 || n.checked_mul(k) != Some(values.len()) {
-        bail!("cannot quantize {} values as an {n}×{k} weight", values.len())
+    if n == 0 || k == 0 || k > MAX_IN_FEATURES {
+        bail!("cannot quantize an {n}×{k} weight (1 to {MAX_IN_FEATURES} input features)")
     }
     let groups = k.div_ceil(group);
     let mut q = vec![0i8; n * k];
     let mut scales = vec![f16::ZERO; n * groups];
-    values.par_chunks(k).zip(q.par_chunks_mut(k)).zip(scales.par_chunks_mut(groups)).with_min_len(16).try_for_each(
-        |((row, qrow), srow)| -> Result<()> {
-            for ((w, qw), s) in row.chunks(group).zip(qrow.chunks_mut(group)).zip(srow.iter_mut()) {
-                let (lo, hi) = w.iter().filter(|v| v.is_finite()).fold((0f32, 0f32), |(lo, hi), &v| (lo.min(v), hi.max(v)));
+    let isa = super::Isa::best();
+    q.par_chunks_mut(k).zip(scales.par_chunks_mut(groups)).enumerate().with_min_len(16).try_for_each_init(
+        || vec![0f32; k],
+        |buf, (j, (qrow, srow))| -> Result<()> {
+            row(j, buf);
+            for ((w, qw), s) in buf.chunks(group).zip(qrow.chunks_mut(group)).zip(srow.iter_mut()) {
+                // Symmetric: the scale needs only max|w| over the finite values.
+                let (amax, finite) = super::abs_max_with(isa, w);
+                let (lo, hi) = if finite {
+                    (-amax, amax)
+                } else {
+                    w.iter().filter(|v| v.is_finite()).fold((0f32, 0f32), |(lo, hi), &v| (lo.min(v), hi.max(v)))
+                };
                 *s = to_f16(QSpec::WEIGHT.scale_zero_point(lo, hi)?.0)?;
-                super::quantize_symmetric(w, 1.0 / s.to_f32(), qw);
+                let inv = 1.0 / s.to_f32();
+                if finite {
+                    super::quantize_symmetric_with(isa, w, inv, qw);
+                } else {
+                    super::quantize_symmetric(w, inv, qw);
+                }
             }
             Ok(())
         },
     )?;
-    Int8Rows::new(n, k, group, q, scales)
+    // In range by construction: symmetric narrow-range quantization, scales from `to_f16`.
+    Ok(Int8Rows { n, k, group, values: q, scales })
 }
 
 /// Blocks a decoding tile reads side by side, one stream each (`x86.rs`, `arm.rs`: panels of
