@@ -180,6 +180,9 @@ impl SafetensorsFile {
     /// [`Self::read_bytes`] into `buf`, reusing its allocation.
     pub fn read_into(&self, name: &str, buf: &mut Vec<u8>) -> Result<()> {
         let info = self.info(name)?;
+        if buf.capacity() < info.len as usize {
+            *buf = crate::kernels::memory::zeroed(info.len as usize);
+        }
         buf.resize(info.len as usize, 0);
         self.file.read_exact_at(buf, info.offset).map_err(|e| err(&self.path, format!("reading tensor '{name}': {e}")))
     }

@@ -41,7 +41,12 @@ fn index_of(entries: &[Entry]) -> HashMap<String, usize> {
 pub fn read_tensor(source: &dyn TensorSource, name: &str) -> Result<Tensor> {
     let Some(e) = source.entry(name) else { bail!("{}: no such tensor", source.describe(name)) };
     let bytes = source.read_bytes(name)?;
-    Tensor::from_raw_buffer(&bytes, e.dtype.candle(), &e.shape, &Device::Cpu).map_err(|err| err.context(source.describe(name)))
+    let t = match e.dtype {
+        // Bytes become the tensor's storage as they are (int8 weights: the largest tensors).
+        Dtype::I8 | Dtype::U8 => Tensor::from_vec(bytes, e.shape.as_slice(), &Device::Cpu),
+        dtype => Tensor::from_raw_buffer(&bytes, dtype.candle(), &e.shape, &Device::Cpu),
+    };
+    t.map_err(|err| err.context(source.describe(name)))
 }
 
 /// A float tensor widened to `f32` values, row-major, converted straight from its bytes.
@@ -52,7 +57,7 @@ pub fn read_f32(source: &dyn TensorSource, name: &str) -> Result<Vec<f32>> {
         bail!("{}: expected a float tensor, found {}", source.describe(name), dtype.name())
     }
     let bytes = source.read_bytes(name)?;
-    let mut out = vec![0f32; bytes.len() / dtype.size()];
+    let mut out = crate::kernels::memory::zeroed::<f32>(bytes.len() / dtype.size());
     out.par_chunks_mut(1 << 16).zip(bytes.par_chunks(dtype.size() << 16)).for_each(|(out, bytes)| widen_into(dtype, bytes, out));
     Ok(out)
 }

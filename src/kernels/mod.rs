@@ -19,6 +19,7 @@ mod activations;
 #[cfg(target_arch = "aarch64")]
 mod arm;
 mod attention;
+pub(crate) mod memory;
 pub mod reference;
 mod team;
 mod tiles;

@@ -4,6 +4,7 @@ use super::CHUNK;
 use crate::quant::{float_values, Granularity, QDType, QParams, QSpec, QTensor};
 use candle_core::{bail, Device, Result, Tensor};
 use half::f16;
+use std::sync::Arc;
 
 /// Largest `K` for which an `i32` dot product of int8 values cannot overflow (`K·128·128 < 2³¹`).
 pub const MAX_IN_FEATURES: usize = 1 << 17;
@@ -55,10 +56,12 @@ pub struct PackedInt8Weights {
     k: usize,
     group: usize,
     stride: usize,
-    data: Vec<i8>,
-    scales: Vec<f16>,
+    /// Shared: the packed weights never change, so clones (a model copied to compare it with
+    /// its float self, a layer given another kind) cost nothing.
+    data: Arc<Vec<i8>>,
+    scales: Arc<Vec<f16>>,
     /// `Σ_g sw[n,g] · Σ_{k∈g} qw[n,k]`: what an activation zero point of 1 would add to row `n`.
-    zero_point_terms: Vec<f32>,
+    zero_point_terms: Arc<Vec<f32>>,
 }
 
 impl PackedInt8Weights {
@@ -107,27 +110,50 @@ impl PackedInt8Weights {
 
     /// Packs row-major int8 weights (as quantized, or as read from a checkpoint).
     pub fn from_rows(rows: &Int8Rows) -> Result<Self> {
-        let Int8Rows { n, k, group, ref values, ref scales } = *rows;
+        Ok(Self::pack_checked(rows.n, rows.k, rows.group, &rows.values, &rows.scales))
+    }
+
+    /// Checks and packs row-major int8 weights held elsewhere (e.g. a checkpoint's bytes), with
+    /// the rules of [`Int8Rows::new`]: no copy beyond the packed one.
+    pub fn pack(n: usize, k: usize, group: usize, values: &[i8], scales: &[f16]) -> Result<Self> {
+        let group = check_rows(n, k, group, values, scales)?;
+        Ok(Self::pack_checked(n, k, group, values, scales))
+    }
+
+    /// Packs weights that passed [`check_rows`], blocks of eight rows in parallel.
+    fn pack_checked(n: usize, k: usize, group: usize, values: &[i8], scales: &[f16]) -> Self {
+        use rayon::prelude::*;
         let stride = k.next_multiple_of(CHUNK);
         let groups = k.div_ceil(group);
         let blocks = n.div_ceil(BLOCK_ROWS);
-        let mut data = vec![0i8; blocks * BLOCK_ROWS * stride];
-        let mut packed_scales = vec![f16::ZERO; blocks * BLOCK_ROWS * groups];
-        for (j, (row, sw)) in values.chunks(k).zip(scales.chunks(groups)).enumerate() {
-            let block = &mut data[Self::offset(stride, blocks, j, 0)..];
-            for (qi, quad) in row.chunks(4).enumerate() {
-                block[32 * qi..32 * qi + quad.len()].copy_from_slice(quad);
-            }
-            for (g, &s) in sw.iter().enumerate() {
-                packed_scales[Self::scale_offset(groups, j, g)] = s;
-            }
+        let mut block_of_slot = vec![0usize; blocks];
+        for b in 0..blocks {
+            block_of_slot[stream_slot(b, blocks)] = b;
         }
+        let rows_of = |b: usize| (b * BLOCK_ROWS..((b + 1) * BLOCK_ROWS).min(n)).enumerate();
+        let mut data = super::memory::zeroed::<i8>(blocks * BLOCK_ROWS * stride);
+        data.par_chunks_mut(BLOCK_ROWS * stride).zip(&block_of_slot).for_each(|(dst, &b)| {
+            // Byte 32·q + 4·r + t of the block is w[8b + r, 4q + t].
+            for (r, j) in rows_of(b) {
+                for (q, quad) in values[j * k..(j + 1) * k].chunks(4).enumerate() {
+                    dst[32 * q + 4 * r..32 * q + 4 * r + quad.len()].copy_from_slice(quad);
+                }
+            }
+        });
+        let mut packed_scales = vec![f16::ZERO; blocks * BLOCK_ROWS * groups];
+        packed_scales.par_chunks_mut(BLOCK_ROWS * groups).enumerate().for_each(|(b, dst)| {
+            for (r, j) in rows_of(b) {
+                for g in 0..groups {
+                    dst[g * BLOCK_ROWS + r] = scales[j * groups + g];
+                }
+            }
+        });
         let zero_point_terms = values
-            .chunks(k)
-            .zip(scales.chunks(groups))
+            .par_chunks(k)
+            .zip(scales.par_chunks(groups))
             .map(|(row, s)| row.chunks(group).zip(s).map(|(g, &sw)| sw.to_f32() * g.iter().map(|&v| v as i32).sum::<i32>() as f32).sum())
             .collect();
-        Ok(Self { n, k, group, stride, data, scales: packed_scales, zero_point_terms })
+        Self { n, k, group, stride, data: Arc::new(data), scales: Arc::new(packed_scales), zero_point_terms: Arc::new(zero_point_terms) }
     }
 
     /// The weights unpacked to row-major order, as a checkpoint stores them.
@@ -273,28 +299,7 @@ pub struct Int8Rows {
 impl Int8Rows {
     /// Checks shapes, the value range and the scales; every error says which rule broke.
     pub fn new(n: usize, k: usize, group: usize, values: Vec<i8>, scales: Vec<f16>) -> Result<Self> {
-        if n == 0 || k == 0 || group == 0 {
-            bail!("int8 weights must not be empty: {n}×{k} with groups of {group}")
-        }
-        if k > MAX_IN_FEATURES {
-            bail!("int8 weights with {k} input features would overflow i32 accumulation (max {MAX_IN_FEATURES})")
-        }
-        let group = group.min(k);
-        let groups = k.div_ceil(group);
-        if n.checked_mul(k) != Some(values.len()) {
-            bail!("int8 weights {n}×{k}: {} values given", values.len())
-        }
-        if n * groups != scales.len() {
-            bail!("int8 weights {n}×{k} in groups of {group}: expected {n}×{groups} scales, got {}", scales.len())
-        }
-        if values.contains(&-128) {
-            let i = values.iter().position(|&v| v == -128).unwrap_or(0);
-            bail!("int8 weights must lie in [-127, 127] (narrow range); -128 found at row {}, column {}", i / k, i % k)
-        }
-        // f16 bits: positive and finite means sign 0, exponent not all ones, not +0.
-        if let Some(i) = scales.iter().position(|s| !(1..0x7c00).contains(&s.to_bits())) {
-            bail!("int8 weight scale at row {}, group {} is {}: scales must be finite and positive", i / groups, i % groups, scales[i])
-        }
+        let group = check_rows(n, k, group, &values, &scales)?;
         Ok(Self { n, k, group, values, scales })
     }
 
@@ -332,6 +337,33 @@ impl Int8Rows {
     }
 }
 
+/// The rules of [`Int8Rows`]; returns the group size, at most `k`.
+fn check_rows(n: usize, k: usize, group: usize, values: &[i8], scales: &[f16]) -> Result<usize> {
+    if n == 0 || k == 0 || group == 0 {
+        bail!("int8 weights must not be empty: {n}×{k} with groups of {group}")
+    }
+    if k > MAX_IN_FEATURES {
+        bail!("int8 weights with {k} input features would overflow i32 accumulation (max {MAX_IN_FEATURES})")
+    }
+    let group = group.min(k);
+    let groups = k.div_ceil(group);
+    if n.checked_mul(k) != Some(values.len()) {
+        bail!("int8 weights {n}×{k}: {} values given", values.len())
+    }
+    if n * groups != scales.len() {
+        bail!("int8 weights {n}×{k} in groups of {group}: expected {n}×{groups} scales, got {}", scales.len())
+    }
+    if values.contains(&-128) {
+        let i = values.iter().position(|&v| v == -128).unwrap_or(0);
+        bail!("int8 weights must lie in [-127, 127] (narrow range); -128 found at row {}, column {}", i / k, i % k)
+    }
+    // f16 bits: positive and finite means sign 0, exponent not all ones, not +0.
+    if let Some(i) = scales.iter().position(|s| !(1..0x7c00).contains(&s.to_bits())) {
+        bail!("int8 weight scale at row {}, group {} is {}: scales must be finite and positive", i / groups, i % groups, scales[i])
+    }
+    Ok(group)
+}
+
 /// Quantizes a row-major float `N×K` weight: per row and group of input channels,
 /// `sw = f16(max|w| / 127)` over the finite values (at least [`crate::quant::SCALE_EPS`]) and
 /// `qw = round_half_even(clamp(w / sw, −127, 127))` with the rounded scale, so values and the
@@ -357,7 +389,7 @@ pub fn quantize_weight_rows_with(n: usize, k: usize, how: WeightQuant, row: impl
         bail!("cannot quantize an {n}×{k} weight (1 to {MAX_IN_FEATURES} input features)")
     }
     let groups = k.div_ceil(group);
-    let mut q = vec![0i8; n * k];
+    let mut q = super::memory::zeroed::<i8>(n * k);
     let mut scales = vec![f16::ZERO; n * groups];
     let isa = super::Isa::best();
     q.par_chunks_mut(k).zip(scales.par_chunks_mut(groups)).enumerate().with_min_len(16).try_for_each_init(

@@ -70,22 +70,27 @@ impl QLinear {
         Ok(Self { name, in_features, out_features, kind: QLinearKind::Float(linear) })
     }
 
-    /// Int8 weights (`weight` as `I8`, read as bytes) and their `f16` scales `[out, groups]`.
+    /// Int8 weights (`weight` as `I8`, read as bytes) and their `f16` scales `[out, groups]`,
+    /// packed straight from the tensors the checkpoint gave (no other copy).
     fn load_int8(k: usize, n: usize, bias: bool, vb: &VarBuilder) -> Result<QLinearKind> {
         let scales = vb.get_unchecked_dtype("weight_scale", DType::F16)?;
         let &[sn, groups] = scales.dims() else { bail!("weight_scale must be 2-D [out, groups], got shape {:?}", scales.shape()) };
         if sn != n || groups == 0 || groups > k {
             bail!("weight_scale has shape {:?}, expected [{n}, G] with 1 ≤ G ≤ {k}", scales.shape())
         }
+        // The group size the scales imply; a checkpoint's config settles it when `k` is not a
+        // multiple of it (see `checkpoint::LayerScheme`).
         let group = k.div_ceil(groups);
         let values = vb.get_with_hints_dtype((n, k), "weight", candle_nn::Init::Const(0.0), DType::U8)?;
-        let values: Vec<i8> = values.flatten_all()?.to_vec1::<u8>()?.into_iter().map(|b| b as i8).collect();
-        let rows = Int8Rows::new(n, k, group, values, scales.flatten_all()?.to_vec1::<half::f16>()?)?;
+        let packed = cpu_slice::<u8, _>(&values, |bytes| {
+            // SAFETY: `u8` and `i8` have the same size and alignment and every bit pattern is
+            // valid for both; the slice borrows the tensor's storage for this call only.
+            let values = unsafe { std::slice::from_raw_parts(bytes.as_ptr().cast::<i8>(), bytes.len()) };
+            cpu_slice::<half::f16, _>(&scales, |s| PackedInt8Weights::pack(n, k, group, values, s))?
+        })??;
         let bias = if bias || vb.contains_tensor("bias") { Some(float_values(&vb.get(n, "bias")?, "bias")?) } else { None };
-        let act = ActivationQuant::default();
-        Ok(QLinearKind::Dynamic(
-            DynamicLinear::new(PackedInt8Weights::from_rows(&rows)?, bias, act).with_outlier_threshold(Some(DEFAULT_OUTLIER_THRESHOLD)),
-        ))
+        let dynamic = DynamicLinear::new(packed, bias, ActivationQuant::default()).with_outlier_threshold(Some(DEFAULT_OUTLIER_THRESHOLD));
+        Ok(QLinearKind::Dynamic(dynamic))
     }
 
     /// Wraps an existing float layer under `name`.
@@ -352,6 +357,15 @@ fn rows_forward(
         Ok(y)
     } else {
         y.to_dtype(x.dtype())
+    }
+}
+
+/// Runs `f` on the values of a contiguous CPU tensor of element type `T`, borrowed.
+fn cpu_slice<T: candle_core::WithDType, R>(t: &Tensor, f: impl FnOnce(&[T]) -> R) -> Result<R> {
+    let (storage, layout) = t.storage_and_layout();
+    match (&*storage, layout.contiguous_offsets()) {
+        (Storage::Cpu(cpu), Some((start, end))) => Ok(f(&cpu.as_slice::<T>()?[start..end])),
+        _ => bail!("expected a contiguous CPU tensor of {:?}, got {:?} {:?}", T::DTYPE, t.dtype(), t.shape()),
     }
 }
 
