@@ -131,3 +131,38 @@ fn bad_arguments_fail_with_a_message() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--threads"), "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+/// `quantize` writes a folder that `generate` runs as int8 and that `compare` measures against
+/// a `--reference`; without one, `compare` says what it needs.
+#[test]
+fn quantize_then_generate_and_compare_from_the_folder() {
+    let dir = std::env::temp_dir().join(format!("candle-quant-cli-{}-int8", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let out = cli(&["quantize", "--out", dir.to_str().unwrap(), "--max-shard-size", "60MB"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(dir.join("model.safetensors.index.json").is_file() && dir.join("tokenizer.json").is_file());
+    // Again without --force: refused, the folder left as it was.
+    let again = cli(&["quantize", "--out", dir.to_str().unwrap()]);
+    assert!(!again.status.success() && String::from_utf8_lossy(&again.stderr).contains("--force"));
+    let args = ["--prompt", "The capital of France is", "--no-chat-template", "--max-new-tokens", "6"];
+    let gen = cli(&[&["generate", "--model", dir.to_str().unwrap()][..], &args].concat());
+    assert!(gen.status.success(), "{}", String::from_utf8_lossy(&gen.stderr));
+    assert!(String::from_utf8_lossy(&gen.stdout).contains("Paris"), "{}", String::from_utf8_lossy(&gen.stdout));
+    let no_ref = cli(&[&["compare", "--model", dir.to_str().unwrap()][..], &args].concat());
+    assert!(!no_ref.status.success() && String::from_utf8_lossy(&no_ref.stderr).contains("--reference"));
+    let models = std::env::var_os("CANDLE_QUANT_MODELS")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models"));
+    let gguf = models.join("SmolLM2-135M-Instruct.Q4_1.gguf");
+    let cmp = cli(&[&["compare", "--json", "--model", dir.to_str().unwrap(), "--reference", gguf.to_str().unwrap()][..], &args].concat());
+    assert!(cmp.status.success(), "{}", String::from_utf8_lossy(&cmp.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&cmp.stdout).unwrap();
+    assert_eq!(v["quantized_layers"], 211);
+    // The f32 side is the reference, the int8 side the folder: the same int8 text as quantizing
+    // in memory gives (the default compare).
+    let mem = cli(&[&["compare", "--json"][..], &args].concat());
+    let m: serde_json::Value = serde_json::from_slice(&mem.stdout).unwrap();
+    assert_eq!(v["int8"]["text"], m["int8"]["text"]);
+    assert_eq!(v["f32"]["text"], m["f32"]["text"]);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -13,6 +13,45 @@
 //! [`PlannedSource`], one tensor in memory at a time). Loading: [`QuantizedCheckpoint::open`],
 //! build the model on its [`QuantizedCheckpoint::var_builder`] with [`crate::QLinear::load`]
 //! layers, then [`QuantizedCheckpoint::apply`] (or [`load_quantized`] for both).
+//!
+//! A model of your own, saved and loaded back:
+//!
+//! ```
+//! use candle_core::{Device, DType, Module, Result, Tensor};
+//! use candle_nn::VarBuilder;
+//! use candle_quant::checkpoint::{load_quantized, save_quantized, SaveOptions};
+//! use candle_quant::{quantize_dynamic, QLinear, QuantConfig, Quantizable};
+//!
+//! struct Mlp { up: QLinear, down: QLinear }
+//!
+//! impl Mlp {
+//!     fn load(vb: VarBuilder) -> Result<Self> {
+//!         Ok(Self { up: QLinear::load(64, 128, true, vb.pp("up"))?, down: QLinear::load(128, 64, false, vb.pp("down"))? })
+//!     }
+//!     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+//!         self.down.forward(&self.up.forward(x)?.relu()?)
+//!     }
+//! }
+//!
+//! impl Quantizable for Mlp {
+//!     fn visit_linears(&mut self, f: &mut dyn FnMut(&mut QLinear) -> Result<()>) -> Result<()> {
+//!         f(&mut self.up)?;
+//!         f(&mut self.down)
+//!     }
+//! }
+//!
+//! # fn main() -> Result<()> {
+//! let mut model = Mlp::load(VarBuilder::from_varmap(&candle_nn::VarMap::new(), DType::F32, &Device::Cpu))?;
+//! quantize_dynamic(&mut model, &QuantConfig::default())?;
+//! let dir = std::env::temp_dir().join(format!("mlp-int8-{}", std::process::id()));
+//! save_quantized(&mut model, &dir, &SaveOptions::default())?;
+//! let loaded = load_quantized(&dir, Mlp::load)?;
+//! let x = Tensor::randn(0f32, 1.0, (2, 64), &Device::Cpu)?;
+//! let diff = (model.forward(&x)? - loaded.forward(&x)?)?.abs()?.max_all()?.to_scalar::<f32>()?;
+//! assert_eq!(diff, 0.0);
+//! # std::fs::remove_dir_all(&dir).ok();
+//! # Ok(()) }
+//! ```
 
 pub mod safetensors;
 pub mod source;
