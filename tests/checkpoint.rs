@@ -263,44 +263,14 @@ const CONFIG: &str = r#"{"model_type": "llama", "hidden_size": 64, "intermediate
  "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
  "max_position_embeddings": 128, "vocab_size": 30522, "tie_word_embeddings": true, "eos_token_id": 102}"#;
 
-/// A tiny tied Llama in bf16, sharded in `shards` files, with MiniLM's tokenizer.
+/// A tiny tied Llama (no `lm_head.weight`) in bf16, sharded in `shards` files, with MiniLM's
+/// tokenizer.
 fn bf16_llama(dir: &Path, shards: usize) {
-    let mut rng = common::Rng::new(7);
-    let mut t: Vec<(String, Tensor)> = vec![];
-    let mut add = |name: String, shape: &[usize], std: f32, center: f32| {
-        t.push((name, (rng.tensor(shape, std).unwrap() + center as f64).unwrap().to_dtype(DType::BF16).unwrap()));
-    };
-    add("model.embed_tokens.weight".into(), &[30522, 64], 1.0, 0.0);
-    add("model.norm.weight".into(), &[64], 0.1, 1.0);
-    for l in 0..2 {
-        let p = format!("model.layers.{l}");
-        for (n, shape) in [
-            ("self_attn.q_proj", [64, 64]),
-            ("self_attn.k_proj", [32, 64]),
-            ("self_attn.v_proj", [32, 64]),
-            ("self_attn.o_proj", [64, 64]),
-            ("mlp.gate_proj", [96, 64]),
-            ("mlp.up_proj", [96, 64]),
-            ("mlp.down_proj", [64, 96]),
-        ] {
-            add(format!("{p}.{n}.weight"), &shape, 0.125, 0.0);
-        }
-        add(format!("{p}.input_layernorm.weight"), &[64], 0.1, 1.0);
-        add(format!("{p}.post_attention_layernorm.weight"), &[64], 0.1, 1.0);
-    }
+    let mut t = common::tiny_llama(7);
+    t.remove("lm_head.weight");
+    let t = t.into_iter().map(|(n, v)| (n, v.to_dtype(DType::BF16).unwrap())).collect();
     std::fs::create_dir_all(dir).unwrap();
-    std::fs::write(dir.join("config.json"), CONFIG).unwrap();
-    std::fs::copy(io::models_dir().join("all-MiniLM-L6-v2/tokenizer.json"), dir.join("tokenizer.json")).unwrap();
-    let mut map = serde_json::Map::new();
-    for s in 0..shards {
-        let file = format!("model-{:05}-of-{shards:05}.safetensors", s + 1);
-        let part: HashMap<String, Tensor> = t.iter().skip(s).step_by(shards).cloned().collect();
-        for n in part.keys() {
-            map.insert(n.clone(), file.clone().into());
-        }
-        candle_core::safetensors::save(&part, dir.join(file)).unwrap();
-    }
-    std::fs::write(dir.join("model.safetensors.index.json"), serde_json::json!({"weight_map": map}).to_string()).unwrap();
+    common::write_model(dir, &t, shards, CONFIG);
 }
 
 #[test]

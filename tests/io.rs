@@ -11,64 +11,11 @@ const CONFIG: &str = r#"{"model_type": "llama", "hidden_size": 64, "intermediate
  "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
  "max_position_embeddings": 128, "vocab_size": 30522, "tie_word_embeddings": false, "eos_token_id": 102}"#;
 
-/// A random tiny Llama, named like an HF checkpoint.
-fn tiny_llama(seed: u64) -> HashMap<String, Tensor> {
-    let mut rng = common::Rng::new(seed);
-    let mut t = HashMap::new();
-    let mut add = |name: String, shape: &[usize], std: f32| {
-        t.insert(name, rng.tensor(shape, std).unwrap());
-    };
-    add("model.embed_tokens.weight".into(), &[30522, 64], 1.0);
-    add("lm_head.weight".into(), &[30522, 64], 0.1);
-    add("model.norm.weight".into(), &[64], 1.0);
-    for l in 0..2 {
-        let p = format!("model.layers.{l}");
-        for (n, shape) in [
-            ("self_attn.q_proj", [64, 64]),
-            ("self_attn.k_proj", [32, 64]),
-            ("self_attn.v_proj", [32, 64]),
-            ("self_attn.o_proj", [64, 64]),
-            ("mlp.gate_proj", [96, 64]),
-            ("mlp.up_proj", [96, 64]),
-            ("mlp.down_proj", [64, 96]),
-        ] {
-            add(format!("{p}.{n}.weight"), &shape, 0.125);
-        }
-        add(format!("{p}.input_layernorm.weight"), &[64], 1.0);
-        add(format!("{p}.post_attention_layernorm.weight"), &[64], 1.0);
-    }
-    t
-}
-
 fn folder(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("candle-quant-test-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     dir
-}
-
-/// Writes config, tokenizer (MiniLM's, for its vocabulary size) and weights in `shards` files.
-fn write_model(dir: &Path, tensors: &HashMap<String, Tensor>, shards: usize, config: &str) {
-    std::fs::write(dir.join("config.json"), config).unwrap();
-    std::fs::copy(io::models_dir().join("all-MiniLM-L6-v2/tokenizer.json"), dir.join("tokenizer.json"))
-        .expect("run scripts/fetch-models.sh first");
-    if shards == 1 {
-        candle_core::safetensors::save(tensors, dir.join("model.safetensors")).unwrap();
-        return;
-    }
-    let mut names: Vec<&String> = tensors.keys().collect();
-    names.sort();
-    let mut map = serde_json::Map::new();
-    for s in 0..shards {
-        let file = format!("model-{:05}-of-{shards:05}.safetensors", s + 1);
-        let part: HashMap<String, Tensor> = names.iter().skip(s).step_by(shards).map(|n| ((*n).clone(), tensors[*n].clone())).collect();
-        for n in part.keys() {
-            map.insert(n.clone(), file.clone().into());
-        }
-        candle_core::safetensors::save(&part, dir.join(file)).unwrap();
-    }
-    let index = serde_json::json!({"metadata": {}, "weight_map": map});
-    std::fs::write(dir.join("model.safetensors.index.json"), index.to_string()).unwrap();
 }
 
 fn logits(source: &ModelSource) -> Tensor {
@@ -82,10 +29,10 @@ fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
 
 #[test]
 fn sharded_and_single_file_folders_load_the_same_model() {
-    let tensors = tiny_llama(1);
+    let tensors = common::tiny_llama(1);
     let (single, sharded) = (folder("single"), folder("sharded"));
-    write_model(&single, &tensors, 1, CONFIG);
-    write_model(&sharded, &tensors, 3, CONFIG);
+    common::write_model(&single, &tensors, 1, CONFIG);
+    common::write_model(&sharded, &tensors, 3, CONFIG);
     let (a, b) = (logits(&ModelSource::parse(single.to_str().unwrap()).unwrap()), logits(&ModelSource::Folder(sharded.clone())));
     assert_eq!(a.dims(), &[4, 30522]);
     assert_eq!(max_diff(&a, &b), 0.0);
@@ -93,8 +40,8 @@ fn sharded_and_single_file_folders_load_the_same_model() {
     let half: HashMap<String, Tensor> = tensors.iter().map(|(k, v)| (k.clone(), v.to_dtype(DType::F16).unwrap())).collect();
     let rounded: HashMap<String, Tensor> = half.iter().map(|(k, v)| (k.clone(), v.to_dtype(DType::F32).unwrap())).collect();
     let (f16_dir, rounded_dir) = (folder("f16"), folder("rounded"));
-    write_model(&f16_dir, &half, 1, CONFIG);
-    write_model(&rounded_dir, &rounded, 2, CONFIG);
+    common::write_model(&f16_dir, &half, 1, CONFIG);
+    common::write_model(&rounded_dir, &rounded, 2, CONFIG);
     assert_eq!(max_diff(&logits(&ModelSource::Folder(f16_dir)), &logits(&ModelSource::Folder(rounded_dir))), 0.0);
 }
 
@@ -107,10 +54,10 @@ fn hub_ids_resolve_through_the_local_hub_cache() {
     std::fs::create_dir_all(&snap).unwrap();
     std::fs::create_dir_all(repo.join("refs")).unwrap();
     std::fs::write(repo.join("refs/main"), "0123abcd").unwrap();
-    let tensors = tiny_llama(2);
-    write_model(&snap, &tensors, 2, CONFIG);
+    let tensors = common::tiny_llama(2);
+    common::write_model(&snap, &tensors, 2, CONFIG);
     let local = folder("hub-reference");
-    write_model(&local, &tensors, 1, CONFIG);
+    common::write_model(&local, &tensors, 1, CONFIG);
     std::env::set_var("HF_HOME", &home);
     std::env::set_var("HF_HUB_OFFLINE", "1");
     let source = ModelSource::parse("test-org/tiny-llama").unwrap();
@@ -143,10 +90,10 @@ fn bad_model_inputs_give_errors_that_name_the_thing() {
     let e = format!("{:#}", io::load_llama(&ModelSource::Gguf(fake.clone()), &mut |_, _, _| {}).err().unwrap());
     assert!(e.contains("fake.gguf"), "{e}");
 
-    let tensors = tiny_llama(3);
+    let tensors = common::tiny_llama(3);
     // Truncated safetensors: the error names the file.
     let trunc = folder("truncated");
-    write_model(&trunc, &tensors, 1, CONFIG);
+    common::write_model(&trunc, &tensors, 1, CONFIG);
     let file = trunc.join("model.safetensors");
     let bytes = std::fs::read(&file).unwrap();
     std::fs::write(&file, &bytes[..bytes.len() / 2]).unwrap();
@@ -154,31 +101,31 @@ fn bad_model_inputs_give_errors_that_name_the_thing() {
     assert!(e.contains("model.safetensors"), "{e}");
     // A shard listed in the index but missing.
     let shard = folder("missing-shard");
-    write_model(&shard, &tensors, 2, CONFIG);
+    common::write_model(&shard, &tensors, 2, CONFIG);
     std::fs::remove_file(shard.join("model-00002-of-00002.safetensors")).unwrap();
     assert!(load_err(&shard).contains("model-00002-of-00002.safetensors"));
     // Unknown architecture.
     let arch = folder("arch");
-    write_model(&arch, &tensors, 1, &CONFIG.replace("\"llama\"", "\"gpt_neox\""));
+    common::write_model(&arch, &tensors, 1, &CONFIG.replace("\"llama\"", "\"gpt_neox\""));
     assert!(load_err(&arch).contains("unknown architecture 'gpt_neox'"));
     // Head counts that do not split (no key/value heads; heads not a multiple of them): an
     // error that names them, not a division by zero.
     for (kv, what) in [("0", "0 key/value heads"), ("3", "3 key/value heads")] {
         let heads = folder(&format!("heads-{kv}"));
-        write_model(&heads, &tensors, 1, &CONFIG.replace("\"num_key_value_heads\": 2", &format!("\"num_key_value_heads\": {kv}")));
+        common::write_model(&heads, &tensors, 1, &CONFIG.replace("\"num_key_value_heads\": 2", &format!("\"num_key_value_heads\": {kv}")));
         let e = load_err(&heads);
         assert!(e.contains(what), "{e}");
     }
     // Config and weights disagree: the error names the tensor.
     let shape = folder("shape");
-    write_model(&shape, &tensors, 1, &CONFIG.replace("\"intermediate_size\": 96", "\"intermediate_size\": 128"));
+    common::write_model(&shape, &tensors, 1, &CONFIG.replace("\"intermediate_size\": 96", "\"intermediate_size\": 128"));
     let e = load_err(&shape);
     assert!(e.contains("gate_proj"), "{e}");
     // Missing tensor.
     let mut partial = tensors.clone();
     partial.remove("model.layers.1.mlp.down_proj.weight");
     let missing = folder("missing-tensor");
-    write_model(&missing, &partial, 1, CONFIG);
+    common::write_model(&missing, &partial, 1, CONFIG);
     let e = load_err(&missing);
     assert!(e.contains("model.layers.1.mlp.down_proj"), "{e}");
     let _ = Device::Cpu;
@@ -186,9 +133,9 @@ fn bad_model_inputs_give_errors_that_name_the_thing() {
 
 #[test]
 fn qwen2_biases_and_llama3_rope_scaling_are_honoured() {
-    let tensors = tiny_llama(4);
+    let tensors = common::tiny_llama(4);
     let plain = folder("plain");
-    write_model(&plain, &tensors, 1, CONFIG);
+    common::write_model(&plain, &tensors, 1, CONFIG);
     let base = logits(&ModelSource::Folder(plain));
     // Qwen2: q/k/v carry biases (loaded, and they change the output).
     let mut with_bias = tensors.clone();
@@ -199,12 +146,12 @@ fn qwen2_biases_and_llama3_rope_scaling_are_honoured() {
         }
     }
     let qwen = folder("qwen2");
-    write_model(&qwen, &with_bias, 1, &CONFIG.replace("\"llama\"", "\"qwen2\""));
+    common::write_model(&qwen, &with_bias, 1, &CONFIG.replace("\"llama\"", "\"qwen2\""));
     let q = logits(&ModelSource::Folder(qwen.clone()));
     assert!(max_diff(&q, &base) > 1e-3);
     // Without the bias tensors a qwen2 config is an error naming the missing tensor.
     let no_bias = folder("qwen2-missing");
-    write_model(&no_bias, &tensors, 1, &CONFIG.replace("\"llama\"", "\"qwen2\""));
+    common::write_model(&no_bias, &tensors, 1, &CONFIG.replace("\"llama\"", "\"qwen2\""));
     assert!(load_err(&no_bias).contains("q_proj"));
     // Llama 3 rope scaling slows the long wavelengths: same weights, different logits.
     let scaled = folder("llama3");
@@ -212,12 +159,12 @@ fn qwen2_biases_and_llama3_rope_scaling_are_honoured() {
         "\"eos_token_id\": 102",
         "\"eos_token_id\": [102, 0], \"rope_scaling\": {\"rope_type\": \"llama3\", \"factor\": 8.0, \"low_freq_factor\": 1.0, \"high_freq_factor\": 4.0, \"original_max_position_embeddings\": 64}",
     );
-    write_model(&scaled, &tensors, 1, &cfg);
+    common::write_model(&scaled, &tensors, 1, &cfg);
     let s = logits(&ModelSource::Folder(scaled));
     assert!(max_diff(&s, &base) > 1e-4 && s.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().all(|v| v.is_finite()));
     // An unsupported scaling type is refused.
     let yarn = folder("yarn");
-    write_model(
+    common::write_model(
         &yarn,
         &tensors,
         1,

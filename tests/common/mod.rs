@@ -2,6 +2,8 @@
 #![allow(dead_code)]
 
 use candle_core::{Device, Result, Tensor};
+use std::collections::HashMap;
+use std::path::Path;
 
 /// SplitMix64 + Box–Muller: deterministic normal samples for reproducible tests.
 pub struct Rng(u64);
@@ -62,4 +64,57 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
 /// proptest found an output of 0.6156 summed from 61 terms of magnitude ~100.
 pub fn within_sum_rounding(got: f32, want: f64, abs_terms: f64, adds: usize) -> bool {
     (got as f64 - want).abs() <= adds as f64 * f32::EPSILON as f64 * abs_terms
+}
+
+/// A random tiny Llama, named like an HF checkpoint.
+pub fn tiny_llama(seed: u64) -> HashMap<String, Tensor> {
+    let mut rng = Rng::new(seed);
+    let mut t = HashMap::new();
+    let mut add = |name: String, shape: &[usize], std: f32| {
+        t.insert(name, rng.tensor(shape, std).unwrap());
+    };
+    add("model.embed_tokens.weight".into(), &[30522, 64], 1.0);
+    add("lm_head.weight".into(), &[30522, 64], 0.1);
+    add("model.norm.weight".into(), &[64], 1.0);
+    for l in 0..2 {
+        let p = format!("model.layers.{l}");
+        for (n, shape) in [
+            ("self_attn.q_proj", [64, 64]),
+            ("self_attn.k_proj", [32, 64]),
+            ("self_attn.v_proj", [32, 64]),
+            ("self_attn.o_proj", [64, 64]),
+            ("mlp.gate_proj", [96, 64]),
+            ("mlp.up_proj", [96, 64]),
+            ("mlp.down_proj", [64, 96]),
+        ] {
+            add(format!("{p}.{n}.weight"), &shape, 0.125);
+        }
+        add(format!("{p}.input_layernorm.weight"), &[64], 1.0);
+        add(format!("{p}.post_attention_layernorm.weight"), &[64], 1.0);
+    }
+    t
+}
+
+/// Writes config, tokenizer (MiniLM's, for its vocabulary size) and weights in `shards` files.
+pub fn write_model(dir: &Path, tensors: &HashMap<String, Tensor>, shards: usize, config: &str) {
+    std::fs::write(dir.join("config.json"), config).unwrap();
+    std::fs::copy(candle_quant::io::models_dir().join("all-MiniLM-L6-v2/tokenizer.json"), dir.join("tokenizer.json"))
+        .expect("run scripts/fetch-models.sh first");
+    if shards == 1 {
+        candle_core::safetensors::save(tensors, dir.join("model.safetensors")).unwrap();
+        return;
+    }
+    let mut names: Vec<&String> = tensors.keys().collect();
+    names.sort();
+    let mut map = serde_json::Map::new();
+    for s in 0..shards {
+        let file = format!("model-{:05}-of-{shards:05}.safetensors", s + 1);
+        let part: HashMap<String, Tensor> = names.iter().skip(s).step_by(shards).map(|n| ((*n).clone(), tensors[*n].clone())).collect();
+        for n in part.keys() {
+            map.insert(n.clone(), file.clone().into());
+        }
+        candle_core::safetensors::save(&part, dir.join(file)).unwrap();
+    }
+    let index = serde_json::json!({"metadata": {}, "weight_map": map});
+    std::fs::write(dir.join("model.safetensors.index.json"), index.to_string()).unwrap();
 }
