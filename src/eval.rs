@@ -56,7 +56,10 @@ fn report(s: &Sums) -> EvalReport {
 }
 
 /// Perplexity, KL and agreement over consecutive non-overlapping windows of `window` tokens
-/// (each window starts with an empty cache). `progress(done, total)` after each window.
+/// (each window starts with an empty cache). A model that wants a BOS token
+/// (`add_bos_token`) gets one at the start of every window, before `window − 1` tokens of text,
+/// as llama.cpp's perplexity does; `tokens` is the text alone. `progress(done, total)` after
+/// each window.
 pub fn evaluate(
     reference: &Llama,
     candidate: &Llama,
@@ -70,7 +73,11 @@ pub fn evaluate(
     if tokens.len() < 2 {
         bail!("evaluation needs at least 2 tokens of text, got {}", tokens.len())
     }
-    let chunks: Vec<&[u32]> = tokens.chunks(window).filter(|c| c.len() >= 2).collect();
+    let cfg = reference.config();
+    let bos = cfg.bos_token_id.filter(|_| cfg.add_bos_token);
+    let text_len = window - bos.is_some() as usize;
+    let chunks: Vec<Vec<u32>> =
+        tokens.chunks(text_len).map(|c| bos.iter().chain(c).copied().collect::<Vec<u32>>()).filter(|c| c.len() >= 2).collect();
     let mut total = Sums::default();
     for (i, chunk) in chunks.iter().enumerate() {
         let s = score(reference, candidate, chunk, 0)?;

@@ -4,7 +4,7 @@ use anyhow::{bail, Context, Result};
 use candle_quant::checkpoint::{Int8Kind, SaveOptions};
 use candle_quant::convert::{quantize_dynamic, quantize_ggml, quantize_weight_only, ConversionReport, QuantConfig, Quantizable};
 use candle_quant::eval::{evaluate, evaluate_from, EvalReport};
-use candle_quant::generate::{apply_chat_template, encode, generate, Generation, Sampling};
+use candle_quant::generate::{apply_chat_template, encode, encode_text, generate, Generation, Sampling};
 use candle_quant::io::{self, LanguageModel, ModelSource};
 use candle_quant::nn::ActivationQuant;
 use candle_quant::WeightQuant;
@@ -535,10 +535,13 @@ fn run(cli: Cli) -> Result<()> {
         Command::Eval { model, reference, text, max_tokens, window, json } => {
             let (lm, q, report) = model_pair(&model, reference.as_deref(), "eval")?;
             let body = std::fs::read_to_string(&text).with_context(|| format!("reading {}", text.display()))?;
-            let mut tokens = encode(&lm, &body)?;
+            let mut tokens = encode_text(&lm, &body)?;
             tokens.truncate(max_tokens);
             let pb = bar(tokens.len().div_ceil(window.max(1)), "evaluating windows");
-            let r: EvalReport = evaluate(&lm.model, &q.model, &tokens, window, |d, _| pb.set_position(d as u64))?;
+            let r: EvalReport = evaluate(&lm.model, &q.model, &tokens, window, |d, t| {
+                pb.set_length(t as u64);
+                pb.set_position(d as u64)
+            })?;
             pb.finish_and_clear();
             if json {
                 let mut v = serde_json::to_value(&r)?;
