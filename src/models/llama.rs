@@ -136,7 +136,13 @@ impl LlamaConfig {
             serde_json::from_value(json.clone()).map_err(|e| candle_core::Error::Msg(format!("config.json ({model_type}): {e}")))
         };
         let mut cfg: LlamaConfig = match model_type {
-            "llama" | "mistral" | "qwen2" => parse()?,
+            "llama" | "qwen2" => parse()?,
+            "mistral" => {
+                // Every layer attends through the window when the config sets one.
+                let mut cfg = parse()?;
+                cfg.variant.sliding_window = json.get("sliding_window").and_then(|w| w.as_u64()).map(|w| w as usize);
+                cfg
+            }
             "gemma3_text" => {
                 let mut cfg = parse()?;
                 let get = |k: &str| json.get(k).and_then(|v| v.as_f64());

@@ -1,0 +1,124 @@
+//! Decoder families from Hugging Face folders, each proven on a tiny random checkpoint loaded by
+//! this crate and by candle-transformers' implementation of the same family: f32 logits agree,
+//! and the int8 model's layers are the checkpoint's linear weights.
+
+mod common;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use candle_quant::convert::{quantize_dynamic, QuantConfig};
+use candle_quant::io::{self, ModelSource};
+use candle_quant::models::llama::KvCache;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+fn folder(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("candle-quant-family-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Random tensors of a 2-layer decoder (hidden 64, 4 heads, 2 key/value heads, MLP 96, vocab
+/// 30522): `bias` adds q/k/v biases, `tied` leaves out `lm_head.weight`.
+fn tensors(seed: u64, bias: bool, tied: bool) -> HashMap<String, Tensor> {
+    let mut t = common::tiny_llama(seed);
+    let mut rng = common::Rng::new(seed + 100);
+    for l in 0..2 {
+        for (n, len) in [("q_proj", 64), ("k_proj", 32), ("v_proj", 32)] {
+            if bias {
+                t.insert(format!("model.layers.{l}.self_attn.{n}.bias"), rng.tensor(&[len], 0.1).unwrap());
+            }
+        }
+    }
+    if tied {
+        t.remove("lm_head.weight");
+    }
+    t
+}
+
+fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+    common::max_abs_diff(&a.flatten_all().unwrap(), &b.flatten_all().unwrap()).unwrap()
+}
+
+/// This crate's last-position logits for `tokens` from `dir`, and the int8 model's layer names.
+fn ours(dir: &Path, tokens: &[u32]) -> (Tensor, Vec<String>) {
+    let lm = io::load_llama(&ModelSource::Folder(dir.to_path_buf()), &mut |_, _, _| {}).unwrap();
+    let logits = lm.model.forward(tokens, &mut KvCache::default(), false).unwrap();
+    let mut q = lm.model.clone();
+    let report = quantize_dynamic(&mut q, &QuantConfig::default()).unwrap();
+    (logits, report.converted)
+}
+
+/// The linear layers a checkpoint holds: its 2-D `*_proj.weight` tensors, and `lm_head` (a
+/// tied head reads the embedding table).
+fn linear_names(t: &HashMap<String, Tensor>) -> Vec<String> {
+    let mut names: Vec<String> =
+        t.keys().filter(|n| n.ends_with("_proj.weight")).map(|n| n.trim_end_matches(".weight").to_string()).collect();
+    names.push("lm_head".into());
+    names.sort();
+    names
+}
+
+fn sorted(mut v: Vec<String>) -> Vec<String> {
+    v.sort();
+    v
+}
+
+fn prompt(n: usize) -> Vec<u32> {
+    (0..n as u32).map(|i| 1000 + (i * 7919) % 20000).collect()
+}
+
+#[test]
+fn qwen2_with_qkv_bias_tied_and_untied_matches_candle_transformers() {
+    use candle_transformers::models::qwen2 as ct;
+    for tied in [false, true] {
+        let t = tensors(11, true, tied);
+        let dir = folder(&format!("qwen2-{tied}"));
+        let config = format!(
+            r#"{{"model_type": "qwen2", "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
+             "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
+             "max_position_embeddings": 128, "vocab_size": 30522, "tie_word_embeddings": {tied}, "hidden_act": "silu",
+             "sliding_window": 128, "max_window_layers": 2, "use_sliding_window": false}}"#
+        );
+        common::write_model(&dir, &t, 1, &config);
+        let tokens = prompt(20);
+        let (mine, layers) = ours(&dir, &tokens);
+        assert_eq!(sorted(layers), linear_names(&t));
+        let cfg: ct::Config = serde_json::from_str(&config).unwrap();
+        let mut peer = ct::ModelForCausalLM::new(&cfg, VarBuilder::from_tensors(t.clone(), DType::F32, &Device::Cpu)).unwrap();
+        let theirs = peer.forward(&Tensor::new(&tokens[..], &Device::Cpu).unwrap().unsqueeze(0).unwrap(), 0).unwrap();
+        let diff = max_diff(&mine, &theirs);
+        assert!(diff < 1e-4, "qwen2 (tied: {tied}): logits differ by {diff}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
+/// A 40-token prompt through a 16-token window. candle-transformers' mask lets a query see
+/// `sliding_window + 1` keys, Hugging Face's `sliding_window`: the peer is given 15.
+#[test]
+fn mistral_with_a_sliding_window_matches_candle_transformers() {
+    use candle_transformers::models::mistral as ct;
+    let t = tensors(12, false, false);
+    let dir = folder("mistral");
+    let config = r#"{"model_type": "mistral", "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
+         "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+         "max_position_embeddings": 128, "vocab_size": 30522, "sliding_window": 16, "hidden_act": "silu"}"#;
+    common::write_model(&dir, &t, 1, config);
+    let tokens = prompt(40);
+    let (mine, layers) = ours(&dir, &tokens);
+    assert_eq!(sorted(layers), linear_names(&t));
+    let mut cfg: ct::Config = serde_json::from_str(config).unwrap();
+    cfg.sliding_window = Some(15);
+    let mut peer = ct::Model::new(&cfg, VarBuilder::from_tensors(t.clone(), DType::F32, &Device::Cpu)).unwrap();
+    let theirs = peer.forward(&Tensor::new(&tokens[..], &Device::Cpu).unwrap().unsqueeze(0).unwrap(), 0).unwrap();
+    let diff = max_diff(&mine, &theirs);
+    assert!(diff < 1e-4, "mistral: logits differ by {diff}");
+    // The window matters here: without it the logits are different.
+    let mut global = cfg.clone();
+    global.sliding_window = None;
+    let mut unwindowed = ct::Model::new(&global, VarBuilder::from_tensors(t, DType::F32, &Device::Cpu)).unwrap();
+    let far = unwindowed.forward(&Tensor::new(&tokens[..], &Device::Cpu).unwrap().unsqueeze(0).unwrap(), 0).unwrap();
+    assert!(max_diff(&mine, &far) > 1e-3, "the prompt should cross the window");
+    let _ = std::fs::remove_dir_all(&dir);
+}
