@@ -122,3 +122,52 @@ fn mistral_with_a_sliding_window_matches_candle_transformers() {
     assert!(max_diff(&mine, &far) > 1e-3, "the prompt should cross the window");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Phi-3's fused `qkv_proj` and `gate_up_proj` stay one int8 layer each (named as in the
+/// checkpoint), their outputs split after the matmul.
+#[test]
+fn phi3_with_fused_projections_matches_candle_transformers() {
+    use candle_transformers::models::phi3 as ct;
+    let mut t = common::tiny_llama(13);
+    for l in 0..2 {
+        let p = format!("model.layers.{l}");
+        let take = |t: &mut HashMap<String, Tensor>, n: &str| t.remove(&format!("{p}.{n}.weight")).unwrap();
+        let (q, k, v) = (take(&mut t, "self_attn.q_proj"), take(&mut t, "self_attn.k_proj"), take(&mut t, "self_attn.v_proj"));
+        t.insert(format!("{p}.self_attn.qkv_proj.weight"), Tensor::cat(&[q, k, v], 0).unwrap());
+        let (g, u) = (take(&mut t, "mlp.gate_proj"), take(&mut t, "mlp.up_proj"));
+        t.insert(format!("{p}.mlp.gate_up_proj.weight"), Tensor::cat(&[g, u], 0).unwrap());
+    }
+    let dir = folder("phi3");
+    let config = r#"{"model_type": "phi3", "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
+         "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+         "max_position_embeddings": 128, "original_max_position_embeddings": 128, "vocab_size": 30522,
+         "hidden_act": "silu", "rope_scaling": null, "partial_rotary_factor": null, "bos_token_id": 1,
+         "eos_token_id": 2, "tie_word_embeddings": false}"#;
+    common::write_model(&dir, &t, 1, config);
+    let tokens = prompt(24);
+    let (mine, layers) = ours(&dir, &tokens);
+    assert_eq!(sorted(layers), linear_names(&t));
+    assert!(linear_names(&t).contains(&"model.layers.1.self_attn.qkv_proj".to_string()));
+    let cfg: ct::Config = serde_json::from_str(config).unwrap();
+    let mut peer = ct::Model::new(&cfg, VarBuilder::from_tensors(t.clone(), DType::F32, &Device::Cpu)).unwrap();
+    let theirs = peer.forward(&Tensor::new(&tokens[..], &Device::Cpu).unwrap().unsqueeze(0).unwrap(), 0).unwrap();
+    let diff = max_diff(&mine, &theirs);
+    assert!(diff < 1e-4, "phi3: logits differ by {diff}");
+    // Quantized while loading and written as a checkpoint, the fused layers keep their names.
+    let out = folder("phi3-int8");
+    std::fs::remove_dir_all(&out).unwrap();
+    let opened = io::open_llama(&ModelSource::Folder(dir.clone())).unwrap();
+    let q = QuantConfig::default();
+    opened.quantize_to(&out, &q, candle_quant::checkpoint::Int8Kind::Dynamic, &Default::default(), |_| {}).unwrap();
+    let ckpt = candle_quant::QuantizedCheckpoint::open(&out).unwrap();
+    assert!(ckpt.source().entry("model.layers.0.self_attn.qkv_proj.weight_scale").is_some());
+    let loaded = io::load_llama(&ModelSource::Folder(out.clone()), &mut |_, _, _| {}).unwrap();
+    let mut mem = io::load_llama(&ModelSource::Folder(dir.clone()), &mut |_, _, _| {}).unwrap();
+    quantize_dynamic(&mut mem.model, &q).unwrap();
+    let a = loaded.model.forward(&tokens, &mut KvCache::default(), false).unwrap();
+    let b = mem.model.forward(&tokens, &mut KvCache::default(), false).unwrap();
+    assert_eq!(max_diff(&a, &b), 0.0);
+    for d in [dir, out] {
+        let _ = std::fs::remove_dir_all(d);
+    }
+}

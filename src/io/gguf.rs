@@ -102,6 +102,7 @@ pub fn open_gguf_llama(path: &Path) -> Result<GgufModel> {
             gelu_tanh: true,
             scale_embeddings: true,
             query_pre_attn_scalar: head_dim,
+            ..Variant::default()
         }
     } else {
         Variant::default()

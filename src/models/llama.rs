@@ -69,6 +69,10 @@ pub struct Variant {
     pub gelu_tanh: bool,
     /// Token embeddings multiplied by √hidden.
     pub scale_embeddings: bool,
+    /// One `qkv_proj` instead of `q_proj`, `k_proj`, `v_proj` (Phi-3).
+    pub fused_qkv: bool,
+    /// One `gate_up_proj` instead of `gate_proj`, `up_proj` (Phi-3).
+    pub fused_gate_up: bool,
     /// Attention scores scaled by `1/√query_pre_attn_scalar` instead of `1/√head_dim`.
     pub query_pre_attn_scalar: Option<usize>,
 }
@@ -156,12 +160,26 @@ impl LlamaConfig {
                     gelu_tanh: true,
                     scale_embeddings: true,
                     query_pre_attn_scalar: get("query_pre_attn_scalar").map(|q| q as usize),
+                    ..Variant::default()
                 };
                 cfg.add_bos_token = true;
                 cfg.tie_word_embeddings = json.get("tie_word_embeddings").and_then(|t| t.as_bool()).unwrap_or(true);
                 cfg
             }
-            other => bail!("unknown architecture '{other}' in config.json (supported: llama, mistral, qwen2, gemma3_text)"),
+            "phi3" => {
+                let mut cfg = parse()?;
+                if json.get("partial_rotary_factor").and_then(|p| p.as_f64()).is_some_and(|p| p != 1.0) {
+                    bail!("config.json (phi3): partial rotary embeddings are not supported")
+                }
+                if json.get("rope_scaling").is_some_and(|r| !r.is_null()) {
+                    bail!("config.json (phi3): rope scaling (su / longrope) is not supported")
+                }
+                cfg.rope_scaling = None;
+                cfg.variant.fused_qkv = true;
+                cfg.variant.fused_gate_up = true;
+                cfg
+            }
+            other => bail!("unknown architecture '{other}' in config.json (supported: llama, mistral, qwen2, phi3, gemma3_text)"),
         };
         if model_type == "qwen2" {
             cfg.attention_bias = true;
@@ -241,9 +259,10 @@ impl KvCache {
 
 #[derive(Debug, Clone)]
 struct Attention {
-    q_proj: QLinear,
-    k_proj: QLinear,
-    v_proj: QLinear,
+    /// `q_proj`, `k_proj`, `v_proj`; or one fused `qkv_proj` whose output is split after the
+    /// int8 matmul (Phi-3): each output channel is quantized on its own, so fused or not, the
+    /// same numbers.
+    qkv: Vec<QLinear>,
     o_proj: QLinear,
     /// Per-head RMSNorms of queries and keys (Gemma 3).
     qk_norms: Option<(RmsNorm, RmsNorm)>,
@@ -257,8 +276,8 @@ struct Attention {
 
 #[derive(Debug, Clone)]
 struct Mlp {
-    gate_proj: QLinear,
-    up_proj: QLinear,
+    /// `gate_proj`, `up_proj`; or one fused `gate_up_proj` (Phi-3), split after the matmul.
+    gate_up: Vec<QLinear>,
     down_proj: QLinear,
     gelu_tanh: bool,
 }
@@ -334,9 +353,15 @@ impl Attention {
             if cfg.variant.qk_norm { Some((load_norm(cfg, d, vb.pp("q_norm"))?, load_norm(cfg, d, vb.pp("k_norm"))?)) } else { None };
         let scale = 1.0 / (cfg.variant.query_pre_attn_scalar.unwrap_or(d) as f64).sqrt();
         Ok(Self {
-            q_proj: QLinear::load(hid, h * d, cfg.attention_bias, vb.pp("q_proj"))?,
-            k_proj: QLinear::load(hid, kv * d, cfg.attention_bias, vb.pp("k_proj"))?,
-            v_proj: QLinear::load(hid, kv * d, cfg.attention_bias, vb.pp("v_proj"))?,
+            qkv: if cfg.variant.fused_qkv {
+                vec![QLinear::load(hid, (h + 2 * kv) * d, cfg.attention_bias, vb.pp("qkv_proj"))?]
+            } else {
+                vec![
+                    QLinear::load(hid, h * d, cfg.attention_bias, vb.pp("q_proj"))?,
+                    QLinear::load(hid, kv * d, cfg.attention_bias, vb.pp("k_proj"))?,
+                    QLinear::load(hid, kv * d, cfg.attention_bias, vb.pp("v_proj"))?,
+                ]
+            },
             o_proj: QLinear::load(h * d, hid, false, vb.pp("o_proj"))?,
             qk_norms,
             heads: h,
@@ -357,9 +382,16 @@ impl Attention {
     ) -> Result<Tensor> {
         let (b, s, _) = x.dims3()?;
         let split = |t: Tensor, n: usize| t.reshape((b, s, n, self.head_dim))?.transpose(1, 2)?.contiguous();
-        let q = split(self.q_proj.forward(x)?, self.heads)?;
-        let k = split(self.k_proj.forward(x)?, self.kv_heads)?;
-        let v = split(self.v_proj.forward(x)?, self.kv_heads)?;
+        let (hd, kvd) = (self.heads * self.head_dim, self.kv_heads * self.head_dim);
+        let (q, k, v) = match self.qkv.as_slice() {
+            [fused] => {
+                let y = fused.forward(x)?;
+                (y.narrow(D::Minus1, 0, hd)?, y.narrow(D::Minus1, hd, kvd)?, y.narrow(D::Minus1, hd + kvd, kvd)?)
+            }
+            [q, k, v] => (q.forward(x)?, k.forward(x)?, v.forward(x)?),
+            _ => bail!("attention holds {} projections", self.qkv.len()),
+        };
+        let (q, k, v) = (split(q, self.heads)?, split(k, self.kv_heads)?, split(v, self.kv_heads)?);
         let (q, k) = match &self.qk_norms {
             Some((qn, kn)) => (rms_norm(qn, &q, differentiable)?, rms_norm(kn, &k, differentiable)?),
             None => (q, k),
@@ -480,17 +512,28 @@ impl Mlp {
     fn load(cfg: &LlamaConfig, vb: VarBuilder) -> Result<Self> {
         let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
         Ok(Self {
-            gate_proj: QLinear::load(h, i, false, vb.pp("gate_proj"))?,
-            up_proj: QLinear::load(h, i, false, vb.pp("up_proj"))?,
+            gate_up: if cfg.variant.fused_gate_up {
+                vec![QLinear::load(h, 2 * i, false, vb.pp("gate_up_proj"))?]
+            } else {
+                vec![QLinear::load(h, i, false, vb.pp("gate_proj"))?, QLinear::load(h, i, false, vb.pp("up_proj"))?]
+            },
             down_proj: QLinear::load(i, h, false, vb.pp("down_proj"))?,
             gelu_tanh: cfg.variant.gelu_tanh,
         })
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let gate = self.gate_proj.forward(x)?;
+        let (gate, up) = match self.gate_up.as_slice() {
+            [fused] => {
+                let y = fused.forward(x)?;
+                let i = y.dim(D::Minus1)? / 2;
+                (y.narrow(D::Minus1, 0, i)?, y.narrow(D::Minus1, i, i)?)
+            }
+            [gate, up] => (gate.forward(x)?, up.forward(x)?),
+            _ => bail!("MLP holds {} input projections", self.gate_up.len()),
+        };
         let gate = if self.gelu_tanh { gate.gelu()? } else { candle_nn::ops::silu(&gate)? };
-        self.down_proj.forward(&(gate * self.up_proj.forward(x)?)?)
+        self.down_proj.forward(&(gate * up)?)
     }
 }
 
@@ -557,15 +600,11 @@ impl Llama {
     /// Names of the linear layers [`Llama::load`] builds for `cfg`, in visiting order: seven
     /// per decoder layer, then `lm_head`.
     pub fn linear_layer_names(cfg: &LlamaConfig) -> Vec<String> {
-        let parts = [
-            "self_attn.q_proj",
-            "self_attn.k_proj",
-            "self_attn.v_proj",
-            "self_attn.o_proj",
-            "mlp.gate_proj",
-            "mlp.up_proj",
-            "mlp.down_proj",
-        ];
+        let v = &cfg.variant;
+        let qkv: &[&str] =
+            if v.fused_qkv { &["self_attn.qkv_proj"] } else { &["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"] };
+        let gate_up: &[&str] = if v.fused_gate_up { &["mlp.gate_up_proj"] } else { &["mlp.gate_proj", "mlp.up_proj"] };
+        let parts: Vec<&str> = qkv.iter().chain(&["self_attn.o_proj"]).chain(gate_up).chain(&["mlp.down_proj"]).copied().collect();
         (0..cfg.num_hidden_layers)
             .flat_map(|i| parts.iter().map(move |p| format!("model.layers.{i}.{p}")))
             .chain(std::iter::once("lm_head".to_string()))
@@ -661,10 +700,8 @@ impl Llama {
         let mut total = table + norms * self.config.hidden_size * 4;
         for b in &self.layers {
             let a = &b.attn;
-            total += [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &b.mlp.gate_proj, &b.mlp.up_proj, &b.mlp.down_proj]
-                .iter()
-                .map(|l| l.weight_bytes())
-                .sum::<usize>();
+            total +=
+                a.qkv.iter().chain([&a.o_proj]).chain(&b.mlp.gate_up).chain([&b.mlp.down_proj]).map(|l| l.weight_bytes()).sum::<usize>();
         }
         let shared = self.tied_lm_head && matches!(self.embed_tokens, TokenEmbeddings::Float(_)) && !self.lm_head.is_int8();
         total + if shared { 0 } else { self.lm_head.weight_bytes() }
@@ -680,9 +717,7 @@ impl Quantizable for Llama {
     fn visit_linears(&mut self, f: &mut dyn FnMut(&mut QLinear) -> Result<()>) -> Result<()> {
         for b in &mut self.layers {
             let a = &mut b.attn;
-            for l in
-                [&mut a.q_proj, &mut a.k_proj, &mut a.v_proj, &mut a.o_proj, &mut b.mlp.gate_proj, &mut b.mlp.up_proj, &mut b.mlp.down_proj]
-            {
+            for l in a.qkv.iter_mut().chain([&mut a.o_proj]).chain(b.mlp.gate_up.iter_mut()).chain([&mut b.mlp.down_proj]) {
                 f(l)?;
             }
         }
