@@ -45,31 +45,53 @@ pub struct Generation {
     pub stats: GenerationStats,
 }
 
-/// Formats a single user message with the model's chat template. Templates in the ChatML style
-/// (`<|im_start|>role\n…<|im_end|>`, SmolLM2, Qwen) are supported; `None` for other templates.
-pub fn apply_chat_template(template: &str, prompt: &str) -> Option<String> {
-    if !template.contains("<|im_start|>") {
-        return None;
-    }
-    let system = template
-        .split("<|im_start|>system\n")
-        .nth(1)
-        .and_then(|s| s.split("<|im_end|>").next())
-        .filter(|s| !s.contains("{{") && !s.contains("{%"));
-    let mut out = String::new();
-    if let Some(sys) = system {
-        out.push_str(&format!("<|im_start|>system\n{sys}<|im_end|>\n"));
-    }
-    out.push_str(&format!("<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n"));
-    Some(out)
+/// Renders a chat template — Jinja, as Hugging Face's `chat_template` and GGUF's
+/// `tokenizer.chat_template` hold it — for `messages` (`(role, content)` pairs), with
+/// `add_generation_prompt`, `bos_token` and `eos_token` set as transformers sets them and
+/// Python string methods (`strip`, `startswith`, …) available. A template that fails to parse
+/// or render, or raises an exception itself, is an error.
+pub fn render_chat_template(
+    template: &str,
+    messages: &[(&str, &str)],
+    add_generation_prompt: bool,
+    bos_token: &str,
+    eos_token: &str,
+) -> Result<String> {
+    let err = |e: minijinja::Error| candle_core::Error::Msg(format!("chat template: {e:#}"));
+    let mut env = minijinja::Environment::new();
+    env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+    env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
+        Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
+    });
+    env.add_template("chat", template).map_err(err)?;
+    let messages: Vec<minijinja::Value> =
+        messages.iter().map(|(role, content)| minijinja::context! { role => *role, content => *content }).collect();
+    env.get_template("chat")
+        .and_then(|t| t.render(minijinja::context! { messages, add_generation_prompt, bos_token, eos_token }))
+        .map_err(err)
+}
+
+/// One user message in `lm`'s chat template, ready for the assistant's reply; `None` when the
+/// model has no template. The error of a template that cannot render suggests
+/// `--no-chat-template`.
+pub fn apply_chat_template(lm: &LanguageModel, prompt: &str) -> Result<Option<String>> {
+    let Some(template) = &lm.chat_template else { return Ok(None) };
+    let token = |id: Option<u32>| id.and_then(|i| lm.tokenizer.id_to_token(i)).unwrap_or_default();
+    let cfg = lm.model.config();
+    let (bos, eos) = (token(cfg.bos_token_id), token(cfg.eos_token_id.first().copied()));
+    render_chat_template(template, &[("user", prompt)], true, &bos, &eos)
+        .map(Some)
+        .map_err(|e| candle_core::Error::Msg(format!("{e} (pass --no-chat-template to feed the prompt as it is)")))
 }
 
 /// Encodes a prompt (special tokens in it are honoured), after the BOS token when the model
 /// wants one (`add_bos_token`: Gemma; not SmolLM2).
 pub fn encode(lm: &LanguageModel, text: &str) -> Result<Vec<u32>> {
     let cfg = lm.model.config();
-    let bos = cfg.bos_token_id.filter(|_| cfg.add_bos_token);
-    Ok(bos.into_iter().chain(encode_text(lm, text)?).collect())
+    let text_ids = encode_text(lm, text)?;
+    // A chat template may have written the BOS token already.
+    let bos = cfg.bos_token_id.filter(|b| cfg.add_bos_token && text_ids.first() != Some(b));
+    Ok(bos.into_iter().chain(text_ids).collect())
 }
 
 /// The tokens of `text` alone, without the BOS a prompt gets (for scoring text in windows,

@@ -155,7 +155,8 @@ struct ModelArgs {
 
 #[derive(Args)]
 struct GenArgs {
-    #[arg(long, default_value = "The capital of France is")]
+    /// The user's message (with the model's chat template), or the text to continue.
+    #[arg(long, default_value = "What is the capital of France?")]
     prompt: String,
     #[arg(long, default_value_t = 64)]
     max_new_tokens: usize,
@@ -387,12 +388,12 @@ fn quantized(lm: &LanguageModel, args: &ModelArgs) -> Result<(LanguageModel, Con
     Ok((q, report))
 }
 
-fn prompt_tokens(lm: &LanguageModel, gen: &GenArgs) -> Result<Vec<u32>> {
-    let text = match (&lm.chat_template, gen.no_chat_template) {
-        (Some(t), false) => apply_chat_template(t, &gen.prompt).unwrap_or_else(|| gen.prompt.clone()),
-        _ => gen.prompt.clone(),
-    };
-    Ok(encode(lm, &text)?)
+/// The prompt's tokens, and whether it went through the model's chat template (the reply then
+/// answers it rather than continuing its text).
+fn prompt_tokens(lm: &LanguageModel, gen: &GenArgs) -> Result<(Vec<u32>, bool)> {
+    let chat = if gen.no_chat_template { None } else { apply_chat_template(lm, &gen.prompt)? };
+    let templated = chat.is_some();
+    Ok((encode(lm, chat.as_deref().unwrap_or(&gen.prompt))?, templated))
 }
 
 fn set_threads(threads: Option<usize>) {
@@ -422,7 +423,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Generate { model, precision, gen, sampling } => {
             let lm =
                 if precision == Precision::Int8 { load_int8(&model)?.0 } else { load_float(model.model.as_deref(), "--precision f32")? };
-            let tokens = prompt_tokens(&lm, &gen)?;
+            let (tokens, chat) = prompt_tokens(&lm, &gen)?;
             let s = Sampling {
                 temperature: sampling.temperature,
                 top_k: sampling.top_k,
@@ -431,7 +432,12 @@ fn run(cli: Cli) -> Result<()> {
                 repeat_last_n: sampling.repeat_last_n,
                 seed: sampling.seed,
             };
-            print!("{}", gen.prompt);
+            // A continuation follows its prompt on the line; a chat reply stands apart from it.
+            if chat {
+                println!("> {}", gen.prompt);
+            } else {
+                print!("{}", gen.prompt);
+            }
             let g = generate(&lm, &tokens, gen.max_new_tokens, &s, |piece| {
                 print!("{piece}");
                 let _ = std::io::stdout().flush();
@@ -444,7 +450,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Compare { model, reference, gen, repeats, json } => {
             let (lm, q, report) = model_pair(&model, reference.as_deref(), "compare")?;
-            let tokens = prompt_tokens(&lm, &gen)?;
+            let (tokens, _) = prompt_tokens(&lm, &gen)?;
             let greedy = Sampling::default();
             let run = |m: &LanguageModel, label: &str| -> Result<Generation> {
                 if !json {

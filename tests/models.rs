@@ -325,3 +325,31 @@ fn differentiable_mode_computes_the_same_logits() {
     let diff = (fused - composite).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
     assert!(diff < 1e-3, "fused vs differentiable logits differ by {diff}");
 }
+
+/// SmolLM2's own Jinja template (from its GGUF), rendered by minijinja: what its text says,
+/// written out by hand — the default system turn, the user turn, the assistant's opening.
+#[test]
+fn chat_templates_render_as_their_text_says() {
+    use candle_quant::generate::{apply_chat_template, render_chat_template};
+    let lm = smollm2();
+    let want = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n\
+                <|im_start|>user\nWhat is 2 + 2?<|im_end|>\n<|im_start|>assistant\n";
+    assert_eq!(apply_chat_template(lm, "What is 2 + 2?").unwrap().unwrap(), want);
+    // A Gemma-style template: BOS token, the system message folded into the first user turn,
+    // `trim`, roles checked with raise_exception, assistant called "model".
+    let gemma = "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{% set prefix = messages[0]['content'] + '\\n\\n' %}\
+        {% set turns = messages[1:] %}{% else %}{% set prefix = '' %}{% set turns = messages %}{% endif %}\
+        {% for m in turns %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}{{ raise_exception('roles must alternate') }}{% endif %}\
+        {% set role = 'model' if m['role'] == 'assistant' else m['role'] %}\
+        {{ '<start_of_turn>' + role + '\\n' + (prefix if loop.first else '') }}{{ m['content'] | trim }}{{ '<end_of_turn>\\n' }}{% endfor %}\
+        {% if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{% endif %}";
+    let out = render_chat_template(gemma, &[("system", "Be brief."), ("user", "  Hi!  ")], true, "<bos>", "<eos>").unwrap();
+    assert_eq!(out, "<bos><start_of_turn>user\nBe brief.\n\nHi!<end_of_turn>\n<start_of_turn>model\n");
+    // Python string methods work; a template's own exception is an error that says what it said.
+    let py = "{{ messages[0]['content'].strip().upper() }}";
+    assert_eq!(render_chat_template(py, &[("user", " ok ")], false, "", "").unwrap(), "OK");
+    let e = render_chat_template(gemma, &[("assistant", "x")], true, "", "").unwrap_err().to_string();
+    assert!(e.contains("roles must alternate"), "{e}");
+    let e = render_chat_template("{% for %}", &[], true, "", "").unwrap_err().to_string();
+    assert!(e.contains("chat template"), "{e}");
+}
