@@ -42,9 +42,8 @@ fn gemma3_matches_candle_transformers_on_the_same_weights() {
     let c = &g.config;
     assert_eq!((c.num_hidden_layers, c.hidden_size, c.head_dim(), c.kv_heads()), (18, 640, 256, 1));
     let ours = Llama::load(c, VarBuilder::from_tensors(g.tensors.clone(), DType::F32, &Device::Cpu)).unwrap();
-    // Hugging Face Gemma norms multiply by (1 + w); the GGUF stores 1 + w.
-    let peer_tensors: HashMap<String, Tensor> =
-        g.tensors.iter().map(|(n, t)| (n.clone(), if n.ends_with("norm.weight") { (t - 1.0).unwrap() } else { t.clone() })).collect();
+    // Norms come as Hugging Face holds them (w, multiplied as 1 + w), as the peer expects.
+    let peer_tensors: HashMap<String, Tensor> = g.tensors.clone();
     let cfg = ct::Config {
         attention_bias: false,
         head_dim: c.head_dim(),
@@ -121,4 +120,26 @@ fn gemma3_tokenizer_from_gguf_metadata() {
         let back = lm.tokenizer.decode(&ids, true).unwrap();
         assert_eq!(back, text, "round trip of {text:?} through {ids:?}");
     }
+}
+
+/// Gemma 3 quantized to a folder (a Hugging Face–style `gemma3_text` config, norms as HF holds
+/// them) loads back to the very model quantized in memory.
+#[test]
+fn gemma3_int8_checkpoint_round_trip() {
+    use candle_quant::checkpoint::{Int8Kind, SaveOptions};
+    use candle_quant::convert::{quantize_dynamic, QuantConfig};
+    let dir = std::env::temp_dir().join(format!("candle-quant-gemma-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let opened = io::open_llama(&ModelSource::Gguf(gemma_path())).unwrap();
+    opened.quantize_to(&dir, &QuantConfig::default(), Int8Kind::Dynamic, &SaveOptions::default(), |_| {}).unwrap();
+    let loaded = io::load_llama(&ModelSource::Folder(dir.clone()), &mut |_, _, _| {}).unwrap();
+    assert_eq!(loaded.model.config().model_type, "gemma3_text");
+    let mut mem = gemma().clone();
+    quantize_dynamic(&mut mem.model, &QuantConfig::default()).unwrap();
+    let tokens = encode(gemma(), "Alice was beginning to get very tired of sitting by her sister").unwrap();
+    assert_eq!(encode(&loaded, "Alice was beginning to get very tired of sitting by her sister").unwrap(), tokens);
+    let a = loaded.model.forward(&tokens, &mut KvCache::default(), true).unwrap();
+    let b = mem.model.forward(&tokens, &mut KvCache::default(), true).unwrap();
+    assert_eq!(max_diff(&a, &b), 0.0);
+    let _ = std::fs::remove_dir_all(&dir);
 }

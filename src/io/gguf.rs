@@ -50,6 +50,8 @@ pub struct GgufSource {
     head_dim: usize,
     /// q/k rows in llama.cpp's interleaved RoPE order (Llama), to be put back in HF order.
     permuted: bool,
+    /// Norm weights stored as `1 + w` (Gemma), read as `w`.
+    norm_plus_one: bool,
 }
 
 fn meta<'a>(content: &'a Content, key: &str, path: &Path) -> Result<&'a Value> {
@@ -95,7 +97,9 @@ pub fn open_gguf_llama(path: &Path) -> Result<GgufModel> {
         Variant {
             qk_norm: true,
             sandwich_norms: true,
-            norm_offset: 0.0,
+            // The converter stored Gemma's norms as 1 + w; they are read back as w (below), as
+            // Hugging Face checkpoints hold them, so a quantized copy is a Gemma checkpoint too.
+            norm_offset: 1.0,
             sliding_window: u("attention.sliding_window").ok(),
             global_every: Some(6),
             rope_local_theta: Some(10_000.0),
@@ -144,8 +148,18 @@ pub fn open_gguf_llama(path: &Path) -> Result<GgufModel> {
     // llama.cpp permutes Llama's q/k rows for its RoPE; Gemma's are stored as they are.
     let permuted = !gemma3;
     let head_dim = config.head_dim();
-    let tensors =
-        GgufSource { path: path.to_path_buf(), content, file: Mutex::new(file), entries, names, heads, kv_heads, head_dim, permuted };
+    let tensors = GgufSource {
+        path: path.to_path_buf(),
+        content,
+        file: Mutex::new(file),
+        entries,
+        names,
+        heads,
+        kv_heads,
+        head_dim,
+        permuted,
+        norm_plus_one: gemma3,
+    };
     Ok(GgufModel { config, tensors, tokenizer, chat_template })
 }
 
@@ -160,6 +174,9 @@ impl GgufSource {
             self.content.tensor(&mut *file, name, &device).map_err(ctx)?
         };
         let t = q.dequantize(&device).map_err(ctx)?;
+        if self.norm_plus_one && hf.ends_with("norm.weight") {
+            return t - 1.0;
+        }
         // llama.cpp stores q/k rows interleaved for its rope; put them back in HF order.
         match name.rsplit('.').nth(1) {
             Some("attn_q") if self.permuted => unpermute_rows(&t, self.heads, self.head_dim),

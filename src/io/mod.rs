@@ -157,6 +157,16 @@ pub fn open_llama(source: &ModelSource) -> Result<OpenedLlama> {
         }
         let mut config_json = serde_json::to_value(&g.config).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
         config_json["architectures"] = serde_json::json!(["LlamaForCausalLM"]);
+        let v = &g.config.variant;
+        if g.config.model_type == "gemma3_text" {
+            // Gemma 3's own config keys, so that the folder reads as a Gemma checkpoint.
+            config_json["architectures"] = serde_json::json!(["Gemma3ForCausalLM"]);
+            config_json["sliding_window"] = v.sliding_window.into();
+            config_json["sliding_window_pattern"] = v.global_every.into();
+            config_json["rope_local_base_freq"] = v.rope_local_theta.into();
+            config_json["query_pre_attn_scalar"] = v.query_pre_attn_scalar.into();
+            config_json["hidden_activation"] = "gelu_pytorch_tanh".into();
+        }
         return Ok(OpenedLlama {
             config: g.config,
             config_json,
