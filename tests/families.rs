@@ -89,6 +89,7 @@ fn qwen2_with_qkv_bias_tied_and_untied_matches_candle_transformers() {
         let mut peer = ct::ModelForCausalLM::new(&cfg, VarBuilder::from_tensors(t.clone(), DType::F32, &Device::Cpu)).unwrap();
         let theirs = peer.forward(&Tensor::new(&tokens[..], &Device::Cpu).unwrap().unsqueeze(0).unwrap(), 0).unwrap();
         let diff = max_diff(&mine, &theirs);
+        println!("qwen2 (tied: {tied}): max |logit difference| {diff}");
         assert!(diff < 1e-4, "qwen2 (tied: {tied}): logits differ by {diff}");
         let _ = std::fs::remove_dir_all(&dir);
     }
@@ -113,6 +114,7 @@ fn mistral_with_a_sliding_window_matches_candle_transformers() {
     let mut peer = ct::Model::new(&cfg, VarBuilder::from_tensors(t.clone(), DType::F32, &Device::Cpu)).unwrap();
     let theirs = peer.forward(&Tensor::new(&tokens[..], &Device::Cpu).unwrap().unsqueeze(0).unwrap(), 0).unwrap();
     let diff = max_diff(&mine, &theirs);
+    println!("mistral: max |logit difference| {diff}");
     assert!(diff < 1e-4, "mistral: logits differ by {diff}");
     // The window matters here: without it the logits are different.
     let mut global = cfg.clone();
@@ -152,6 +154,7 @@ fn phi3_with_fused_projections_matches_candle_transformers() {
     let mut peer = ct::Model::new(&cfg, VarBuilder::from_tensors(t.clone(), DType::F32, &Device::Cpu)).unwrap();
     let theirs = peer.forward(&Tensor::new(&tokens[..], &Device::Cpu).unwrap().unsqueeze(0).unwrap(), 0).unwrap();
     let diff = max_diff(&mine, &theirs);
+    println!("phi3: max |logit difference| {diff}");
     assert!(diff < 1e-4, "phi3: logits differ by {diff}");
     // Quantized while loading and written as a checkpoint, the fused layers keep their names.
     let out = folder("phi3-int8");
