@@ -218,6 +218,14 @@ impl Bars {
             p.finish_and_clear();
         }
     }
+
+    /// Runs `load` with a progress callback that draws these bars, then clears them.
+    fn around<T>(load: impl FnOnce(io::Progress) -> candle_core::Result<T>) -> Result<T> {
+        let mut bars = Bars::default();
+        let out = load(&mut |s, d, t| bars.update(s, d, t));
+        bars.finish();
+        Ok(out?)
+    }
 }
 
 /// Opens the model named by `--model`, or the default one (offline copy → hub → fetch).
@@ -243,10 +251,8 @@ fn open_model(spec: Option<&str>) -> Result<io::OpenedLlama> {
 
 /// The model as stored: float, or int8 as saved.
 fn load_model(spec: Option<&str>) -> Result<LanguageModel> {
-    let mut bars = Bars::default();
-    let lm = open_model(spec)?.load(&mut |s, d, t| bars.update(s, d, t));
-    bars.finish();
-    Ok(lm?)
+    let opened = open_model(spec)?;
+    Bars::around(|p| opened.load(p))
 }
 
 /// A float model, for the f32 side of compare, eval and generate.
@@ -255,10 +261,7 @@ fn load_float(spec: Option<&str>, what: &str) -> Result<LanguageModel> {
     if opened.is_quantized() {
         bail!("{}: is an int8 checkpoint; {what} needs a float model", opened.source)
     }
-    let mut bars = Bars::default();
-    let lm = opened.load(&mut |s, d, t| bars.update(s, d, t));
-    bars.finish();
-    Ok(lm?)
+    Bars::around(|p| opened.load(p))
 }
 
 /// The int8 model: an int8 checkpoint as saved, or a float source quantized while it loads
@@ -270,17 +273,11 @@ fn load_int8(args: &ModelArgs) -> Result<(LanguageModel, ConversionReport)> {
         Mode::WeightOnly => Int8Kind::WeightOnly,
         Mode::Q8_0 if opened.is_quantized() => bail!("{}: is an int8 checkpoint; --mode q8_0 needs a float model", opened.source),
         Mode::Q8_0 => {
-            let mut bars = Bars::default();
-            let lm = opened.load(&mut |s, d, t| bars.update(s, d, t));
-            bars.finish();
-            return quantized(&lm?, args);
+            return quantized(&Bars::around(|p| opened.load(p))?, args);
         }
     };
     if opened.is_quantized() {}
-    let mut bars = Bars::default();
-    let loaded = opened.load_int8(&quant_config(args), kind, &mut |s, d, t| bars.update(s, d, t));
-    bars.finish();
-    Ok(loaded?)
+    Bars::around(|p| opened.load_int8(&quant_config(args), kind, p))
 }
 
 /// The f32 and int8 models compare and eval measure: from a float `--model`, its int8 copy
@@ -291,20 +288,14 @@ fn model_pair(args: &ModelArgs, reference: Option<&str>, what: &str) -> Result<(
         if reference.is_some() {
             bail!("--reference is for an int8 checkpoint given as --model; {} is a float model", opened.source)
         }
-        let mut bars = Bars::default();
-        let lm = opened.load(&mut |s, d, t| bars.update(s, d, t));
-        bars.finish();
-        let lm = lm?;
+        let lm = Bars::around(|p| opened.load(p))?;
         let (q, report) = quantized(&lm, args)?;
         return Ok((lm, q, report));
     }
     let Some(reference) = reference else {
         bail!("{}: is an int8 checkpoint; {what} measures it against a float model: pass --reference MODEL", opened.source)
     };
-    let mut bars = Bars::default();
-    let q = opened.load(&mut |s, d, t| bars.update(s, d, t));
-    bars.finish();
-    let mut q = q?;
+    let mut q = Bars::around(|p| opened.load(p))?;
     let f = load_float(Some(reference), "--reference")?;
     let mut report = ConversionReport::default();
     q.model.visit_linears(&mut |l| {
