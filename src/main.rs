@@ -489,7 +489,8 @@ fn run(cli: Cli) -> Result<()> {
             let side = |g: &Generation, m: &LanguageModel| serde_json::json!({"text": g.text, "prefill_ms": g.stats.prefill_ms, "decode_tok_s": g.stats.decode_tok_s, "weight_bytes": m.model.weight_bytes()});
             if json {
                 let out = serde_json::json!({
-                    "model": lm.source,
+                    "model": q.source,
+                    "reference": lm.source,
                     "prompt_tokens": tokens.len(),
                     "new_tokens": gf.tokens.len(),
                     "f32": side(&gf, &lm),
@@ -542,7 +543,8 @@ fn run(cli: Cli) -> Result<()> {
             pb.finish_and_clear();
             if json {
                 let mut v = serde_json::to_value(&r)?;
-                v["model"] = lm.source.clone().into();
+                v["model"] = q.source.clone().into();
+                v["reference"] = lm.source.clone().into();
                 v["text"] = text.display().to_string().into();
                 v["window"] = window.into();
                 v["quantized_layers"] = report.converted.len().into();
