@@ -163,6 +163,12 @@ struct GenArgs {
     /// Feed the prompt as-is, without the model's chat template.
     #[arg(long)]
     no_chat_template: bool,
+    /// Take the prompt from this text file instead, fed as-is (a long prompt: prefill speed).
+    #[arg(long, conflicts_with = "prompt")]
+    prompt_file: Option<PathBuf>,
+    /// Keep at most this many prompt tokens (with --prompt-file: its first N).
+    #[arg(long)]
+    max_prompt_tokens: Option<usize>,
 }
 
 #[derive(Args)]
@@ -382,9 +388,23 @@ fn quantized(lm: &LanguageModel, args: &ModelArgs) -> Result<(LanguageModel, Con
 /// The prompt's tokens, and whether it went through the model's chat template (the reply then
 /// answers it rather than continuing its text).
 fn prompt_tokens(lm: &LanguageModel, gen: &GenArgs) -> Result<(Vec<u32>, bool)> {
-    let chat = if gen.no_chat_template { None } else { apply_chat_template(lm, &gen.prompt)? };
-    let templated = chat.is_some();
-    Ok((encode(lm, chat.as_deref().unwrap_or(&gen.prompt))?, templated))
+    let (mut tokens, templated) = match &gen.prompt_file {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).with_context(|| format!("reading the prompt file {}", path.display()))?;
+            (encode(lm, &text)?, false)
+        }
+        None => {
+            let chat = if gen.no_chat_template { None } else { apply_chat_template(lm, &gen.prompt)? };
+            (encode(lm, chat.as_deref().unwrap_or(&gen.prompt))?, chat.is_some())
+        }
+    };
+    if let Some(n) = gen.max_prompt_tokens {
+        if n == 0 {
+            bail!("--max-prompt-tokens must be at least 1")
+        }
+        tokens.truncate(n);
+    }
+    Ok((tokens, templated))
 }
 
 fn set_threads(threads: Option<usize>) {
@@ -426,7 +446,7 @@ fn run(cli: Cli) -> Result<()> {
             // A continuation follows its prompt on the line; a chat reply stands apart from it.
             if chat {
                 println!("> {}", gen.prompt);
-            } else {
+            } else if gen.prompt_file.is_none() {
                 print!("{}", gen.prompt);
             }
             let g = generate(&lm, &tokens, gen.max_new_tokens, &s, |piece| {

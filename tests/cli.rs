@@ -166,3 +166,19 @@ fn quantize_then_generate_and_compare_from_the_folder() {
     assert_eq!(v["f32"]["text"], m["f32"]["text"]);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A long prompt from a file (prefill measurements), cut to its first N tokens; a missing file
+/// is an error that names it.
+#[test]
+fn prompt_file_cut_to_n_tokens() {
+    let models = std::env::var_os("CANDLE_QUANT_MODELS")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models"));
+    let text = models.join("texts/alice29.txt");
+    let out = cli(&["compare", "--json", "--prompt-file", text.to_str().unwrap(), "--max-prompt-tokens", "300", "--max-new-tokens", "2"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["prompt_tokens"], 300);
+    let missing = cli(&["generate", "--prompt-file", "/no/such/prompt.txt", "--max-new-tokens", "1"]);
+    assert!(!missing.status.success() && String::from_utf8_lossy(&missing.stderr).contains("/no/such/prompt.txt"));
+}
