@@ -275,24 +275,29 @@ pub fn write_file(path: &Path, entries: &[Entry], mut fill: impl FnMut(usize, &m
             }
             out.finish().map_err(io)
         });
-        let produced = entries.iter().enumerate().try_for_each(|(i, e)| -> Result<()> {
-            let mut buf = Vec::new();
-            fill(i, &mut buf)?;
-            if buf.len() as u64 != e.nbytes() {
-                bail!(
-                    "{}: tensor '{}' {:?} of {} produced {} bytes, expected {}",
-                    path.display(),
-                    e.name,
-                    e.shape,
-                    e.dtype.name(),
-                    buf.len(),
-                    e.nbytes()
-                )
+        let mut produce = || -> Result<()> {
+            for (i, e) in entries.iter().enumerate() {
+                let mut buf = Vec::new();
+                fill(i, &mut buf)?;
+                if buf.len() as u64 != e.nbytes() {
+                    bail!(
+                        "{}: tensor '{}' {:?} of {} produced {} bytes, expected {}",
+                        path.display(),
+                        e.name,
+                        e.shape,
+                        e.dtype.name(),
+                        buf.len(),
+                        e.nbytes()
+                    )
+                }
+                // A closed channel means the writer failed: stop, its error is reported below.
+                if tx.send(buf).is_err() {
+                    break;
+                }
             }
-            // A closed channel means the writer failed: its error is reported below.
-            let _ = tx.send(buf);
             Ok(())
-        });
+        };
+        let produced = produce();
         drop(tx);
         let written = writer.join().map_err(|_| err(path, "the writer thread panicked"))?;
         produced.and(written)
