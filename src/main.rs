@@ -98,6 +98,26 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Sentence embeddings of a file's lines (one sentence per line) with a BERT-style encoder
+    /// (default: all-MiniLM-L6-v2), in batches: sentences per second, embeddings written out.
+    Embed {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Text file, one sentence per line (empty lines skipped).
+        #[arg(long)]
+        file: PathBuf,
+        #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..))]
+        batch_size: u32,
+        #[arg(long, value_enum, default_value_t = Precision::Int8)]
+        precision: Precision,
+        /// Where to write the embeddings: `.jsonl` (one JSON array per line, in file order) or
+        /// `.safetensors` (one F32 tensor `embeddings` [sentences, hidden]).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// List every linear layer: shape, kind, bytes.
     Inspect {
         #[command(flatten)]
@@ -315,6 +335,109 @@ fn model_pair(args: &ModelArgs, reference: Option<&str>, what: &str) -> Result<(
     Ok((f, q, report))
 }
 
+/// The `embed` command: every non-empty line of `file` embedded, in batches of sentences of
+/// similar length (sorted by token count, written back in file order).
+fn embed_file(
+    args: &ModelArgs,
+    file: &std::path::Path,
+    batch: usize,
+    precision: Precision,
+    out: Option<&std::path::Path>,
+    json: bool,
+) -> Result<()> {
+    let source = match &args.model {
+        Some(spec) => ModelSource::parse(spec)?,
+        None => {
+            let dir = io::models_dir().join("all-MiniLM-L6-v2");
+            if !dir.is_dir() {
+                fetch_offline_models()?;
+            }
+            ModelSource::Folder(dir)
+        }
+    };
+    let mut enc = Bars::around(|p| io::load_bert(&source, p)).with_context(|| format!("loading {source}"))?;
+    if precision == Precision::Int8 {
+        let cfg = quant_config(args);
+        match args.mode {
+            Mode::Dynamic => quantize_dynamic(&mut enc.model, &cfg)?,
+            Mode::WeightOnly => quantize_weight_only(&mut enc.model, &cfg)?,
+            Mode::Q8_0 => quantize_ggml(&mut enc.model, &cfg, candle_core::quantized::GgmlDType::Q8_0)?,
+        };
+    }
+    let text = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+    let lines: Vec<&str> = text.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+    if lines.is_empty() {
+        bail!("{}: no sentences (one per line)", file.display())
+    }
+    let max_len = enc.model.max_len();
+    let mut ids = Vec::with_capacity(lines.len());
+    for (i, l) in lines.iter().enumerate() {
+        let mut t =
+            enc.tokenizer.encode(*l, true).map_err(|e| anyhow::anyhow!("{}: line {}: {e}", file.display(), i + 1))?.get_ids().to_vec();
+        t.truncate(max_len);
+        ids.push(t);
+    }
+    let mut order: Vec<usize> = (0..ids.len()).collect();
+    order.sort_by_key(|&i| ids[i].len());
+    let pb = bar(ids.len(), "embedding sentences");
+    let start = std::time::Instant::now();
+    let mut rows: Vec<Vec<f32>> = vec![vec![]; ids.len()];
+    for chunk in order.chunks(batch) {
+        let b: Vec<&[u32]> = chunk.iter().map(|&i| ids[i].as_slice()).collect();
+        let e = enc.model.embed_batch(&b)?.to_vec2::<f32>()?;
+        for (&i, row) in chunk.iter().zip(e) {
+            rows[i] = row;
+        }
+        pb.inc(chunk.len() as u64);
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    pb.finish_and_clear();
+    if let Some(out) = out {
+        write_embeddings(out, &rows)?;
+    }
+    let tokens: usize = ids.iter().map(Vec::len).sum();
+    let rate = lines.len() as f64 / seconds;
+    let label = if precision == Precision::Int8 { "int8" } else { "f32" };
+    if json {
+        let v = serde_json::json!({"model": source.to_string(), "precision": label, "sentences": lines.len(), "tokens": tokens,
+            "batch_size": batch, "seconds": seconds, "sentences_per_s": rate, "out": out.map(|o| o.display().to_string())});
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        println!("{} sentences ({tokens} tokens) embedded in {seconds:.2} s by {label} {source}: {rate:.1} sentences/s", lines.len());
+        if let Some(out) = out {
+            println!("embeddings written to {}", out.display());
+        }
+    }
+    Ok(())
+}
+
+/// Writes embeddings as `.jsonl` or `.safetensors`, through a temporary file renamed when done.
+fn write_embeddings(out: &std::path::Path, rows: &[Vec<f32>]) -> Result<()> {
+    let tmp = out.with_extension(format!("{}.partial", out.extension().and_then(|e| e.to_str()).unwrap_or("")));
+    let hidden = rows.first().map_or(0, Vec::len);
+    match out.extension().and_then(|e| e.to_str()) {
+        Some("jsonl") => {
+            let mut text = String::new();
+            for r in rows {
+                text.push_str(&serde_json::to_string(r)?);
+                text.push('\n');
+            }
+            std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
+        }
+        Some("safetensors") => {
+            use candle_quant::checkpoint::{safetensors::write_file, Dtype, Entry};
+            let entry = Entry { name: "embeddings".into(), dtype: Dtype::F32, shape: vec![rows.len(), hidden] };
+            write_file(&tmp, &[entry], |_, buf| {
+                *buf = rows.iter().flatten().flat_map(|v| v.to_le_bytes()).collect();
+                Ok(())
+            })?;
+        }
+        _ => bail!("{}: the embeddings file must end in .jsonl or .safetensors", out.display()),
+    }
+    std::fs::rename(&tmp, out).with_context(|| format!("renaming {} to {}", tmp.display(), out.display()))?;
+    Ok(())
+}
+
 /// `2GB`, `500MB`, `64KiB`, `1.5GB` or a plain byte count.
 fn parse_size(s: &str) -> std::result::Result<u64, String> {
     let t = s.trim();
@@ -420,7 +543,8 @@ fn main() -> Result<()> {
     | Command::Compare { model, .. }
     | Command::Eval { model, .. }
     | Command::Inspect { model, .. }
-    | Command::Quantize { model, .. } = &cli.command
+    | Command::Quantize { model, .. }
+    | Command::Embed { model, .. } = &cli.command
     {
         set_threads(model.threads);
     }
@@ -666,6 +790,9 @@ fn run(cli: Cli) -> Result<()> {
                 written.tensor_bytes as f64 / 1e6,
                 start.elapsed().as_secs_f64()
             );
+        }
+        Command::Embed { model, file, batch_size, precision, out, json } => {
+            embed_file(&model, &file, batch_size as usize, precision, out.as_deref(), json)?;
         }
         Command::Inspect { model, precision } => {
             let mut m = if precision == Precision::Int8 { load_int8(&model)?.0 } else { load_model(model.model.as_deref())? };

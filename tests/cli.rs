@@ -182,3 +182,34 @@ fn prompt_file_cut_to_n_tokens() {
     let missing = cli(&["generate", "--prompt-file", "/no/such/prompt.txt", "--max-new-tokens", "1"]);
     assert!(!missing.status.success() && String::from_utf8_lossy(&missing.stderr).contains("/no/such/prompt.txt"));
 }
+
+/// `embed` writes one unit-length embedding per non-empty line, in file order (batches are
+/// formed by length), and says how fast it went.
+#[test]
+fn embed_writes_one_embedding_per_line_in_order() {
+    let dir = std::env::temp_dir().join(format!("candle-quant-cli-{}-embed", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("s.txt");
+    let text = "A short one.\nA much longer sentence that takes many more tokens than the first one does.\n\nHi\nA short one.\n";
+    std::fs::write(&file, text).unwrap();
+    let out = dir.join("e.jsonl");
+    let run = cli(&["embed", "--file", file.to_str().unwrap(), "--batch-size", "2", "--out", out.to_str().unwrap(), "--json"]);
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&run.stdout).unwrap();
+    assert_eq!(v["sentences"], 4);
+    assert!(v["sentences_per_s"].as_f64().unwrap() > 0.0);
+    let rows: Vec<Vec<f32>> = std::fs::read_to_string(&out).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(rows.len(), 4);
+    for r in &rows {
+        assert_eq!(r.len(), 384);
+        let norm: f32 = r.iter().map(|x| x * x).sum::<f32>().sqrt();
+        assert!((norm - 1.0).abs() < 1e-4, "norm {norm}");
+    }
+    // Lines 1 and 4 are the same sentence, embedded in different batches.
+    let diff = rows[0].iter().zip(&rows[3]).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    assert!(diff < 1e-5, "{diff}");
+    let bad = cli(&["embed", "--file", file.to_str().unwrap(), "--out", dir.join("e.txt").to_str().unwrap()]);
+    assert!(!bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains(".jsonl"));
+    let _ = std::fs::remove_dir_all(&dir);
+}

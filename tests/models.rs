@@ -353,3 +353,28 @@ fn chat_templates_render_as_their_text_says() {
     let e = render_chat_template("{% for %}", &[], true, "", "").unwrap_err().to_string();
     assert!(e.contains("chat template"), "{e}");
 }
+
+/// A padded batch gives every sentence the embedding it gets alone, in f32 and int8.
+#[test]
+fn minilm_padded_batches_embed_as_sentences_alone() {
+    let enc = minilm();
+    let sentences = [
+        "A man is eating food.",
+        "Hi",
+        "The quick brown fox jumps over the lazy dog near the riverbank at dawn.",
+        "Quantization maps floats to integers.",
+    ];
+    let ids: Vec<Vec<u32>> = sentences.iter().map(|s| enc.tokenizer.encode(*s, true).unwrap().get_ids().to_vec()).collect();
+    let batch: Vec<&[u32]> = ids.iter().map(|v| v.as_slice()).collect();
+    let mut int8 = enc.model.clone();
+    quantize_dynamic(&mut int8, &QuantConfig::default()).unwrap();
+    for (label, m) in [("f32", &enc.model), ("int8", &int8)] {
+        let all = m.embed_batch(&batch).unwrap();
+        assert_eq!(all.dims(), [4, 384]);
+        for (i, one) in batch.iter().enumerate() {
+            let alone = m.embed(one).unwrap();
+            let diff = (all.get(i).unwrap() - &alone).unwrap().abs().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+            assert!(diff < 1e-5, "{label}, sentence {i}: batched embedding differs by {diff}");
+        }
+    }
+}

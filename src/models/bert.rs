@@ -119,42 +119,78 @@ impl Bert {
         }
     }
 
+    /// Most tokens one sequence may hold (position embeddings).
+    pub fn max_len(&self) -> usize {
+        self.max_len
+    }
+
     /// Hidden states `[len, hidden]` of one sequence.
     pub fn hidden_states(&self, tokens: &[u32]) -> Result<Tensor> {
-        let s = tokens.len();
-        if s == 0 || s > self.max_len {
-            bail!("BERT input must hold 1 to {} tokens, got {s}", self.max_len)
+        self.hidden_states_batch(&[tokens])?.0.squeeze(0)
+    }
+
+    /// Hidden states `[b, s, hidden]` of a batch padded to its longest sequence `s`, and the
+    /// `[b, s]` mask of real tokens (1.0) and padding (0.0). Padded keys are masked out of
+    /// attention, so each sequence's states are those it gets alone.
+    pub fn hidden_states_batch(&self, batch: &[&[u32]]) -> Result<(Tensor, Tensor)> {
+        let (b, s) = (batch.len(), batch.iter().map(|t| t.len()).max().unwrap_or(0));
+        if let Some(t) = batch.iter().find(|t| t.is_empty() || t.len() > self.max_len) {
+            bail!("BERT input must hold 1 to {} tokens, got {}", self.max_len, t.len())
+        }
+        if b == 0 {
+            bail!("BERT needs at least one sequence")
         }
         let dev = Device::Cpu;
-        let ids = Tensor::new(tokens, &dev)?;
-        let pos = Tensor::arange(0u32, s as u32, &dev)?;
-        let types = Tensor::zeros(s, candle_core::DType::U32, &dev)?;
+        let ids: Vec<u32> = batch.iter().flat_map(|t| t.iter().copied().chain(std::iter::repeat_n(0, s - t.len()))).collect();
+        let real: Vec<f32> = batch.iter().flat_map(|t| (0..s).map(|i| (i < t.len()) as u8 as f32)).collect();
+        let ids = Tensor::from_vec(ids, (b, s), &dev)?;
+        let pos = Tensor::arange(0u32, s as u32, &dev)?.unsqueeze(0)?.broadcast_as((b, s))?.contiguous()?;
+        let types = Tensor::zeros((b, s), candle_core::DType::U32, &dev)?;
+        let mask = Tensor::from_vec(real, (b, s), &dev)?;
+        // Additive attention mask [b, 1, 1, s]: 0 for real keys, −∞ for padding.
+        let bias = if batch.iter().any(|t| t.len() < s) {
+            let bias: Vec<f32> = batch.iter().flat_map(|t| (0..s).map(|i| if i < t.len() { 0.0 } else { f32::NEG_INFINITY })).collect();
+            Some(Tensor::from_vec(bias, (b, 1, 1, s), &dev)?)
+        } else {
+            None
+        };
         let x = (self.word.forward(&ids)? + self.position.forward(&pos)?)?;
         let mut x = self.norm(&self.emb_norm, &(x + self.token_type.forward(&types)?)?)?;
         for l in &self.layers {
-            let a = self.attention(l, &x)?;
+            let a = self.attention(l, &x, bias.as_ref())?;
             x = self.norm(&l.attn_norm, &(l.attn_out.forward(&a)? + &x)?)?;
             let h = l.intermediate.forward(&x)?.gelu_erf()?;
             x = self.norm(&l.out_norm, &(l.output.forward(&h)? + &x)?)?;
         }
-        Ok(x)
+        Ok((x, mask))
     }
 
-    fn attention(&self, l: &Layer, x: &Tensor) -> Result<Tensor> {
-        let (s, h) = x.dims2()?;
+    fn attention(&self, l: &Layer, x: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+        let (b, s, h) = x.dims3()?;
         let d = h / self.heads;
-        let split = |t: Tensor| t.reshape((s, self.heads, d))?.transpose(0, 1)?.contiguous();
+        let split = |t: Tensor| t.reshape((b, s, self.heads, d))?.transpose(1, 2)?.contiguous();
         let (q, k, v) = (split(l.query.forward(x)?)?, split(l.key.forward(x)?)?, split(l.value.forward(x)?)?);
-        let att = (q.matmul(&k.t()?.contiguous()?)? / (d as f64).sqrt())?;
+        let mut att = (q.matmul(&k.t()?.contiguous()?)? / (d as f64).sqrt())?;
+        if let Some(bias) = bias {
+            att = att.broadcast_add(bias)?;
+        }
         let att = if self.differentiable { candle_nn::ops::softmax(&att, D::Minus1)? } else { candle_nn::ops::softmax_last_dim(&att)? };
-        att.matmul(&v)?.transpose(0, 1)?.reshape((s, h))
+        att.matmul(&v)?.transpose(1, 2)?.reshape((b, s, h))
     }
 
     /// Mean of the hidden states, scaled to unit length (sentence-transformers' pooling +
     /// normalisation).
     pub fn embed(&self, tokens: &[u32]) -> Result<Tensor> {
-        let mean = self.hidden_states(tokens)?.mean(0)?;
-        let norm = mean.sqr()?.sum_all()?.sqrt()?;
+        self.embed_batch(&[tokens])?.squeeze(0)
+    }
+
+    /// [`Self::embed`] of every sequence of a batch at once, `[b, hidden]`: the mean over each
+    /// sequence's own tokens (padding left out), scaled to unit length.
+    pub fn embed_batch(&self, batch: &[&[u32]]) -> Result<Tensor> {
+        let (x, mask) = self.hidden_states_batch(batch)?;
+        let sum = x.broadcast_mul(&mask.unsqueeze(2)?)?.sum(1)?;
+        let mean = sum.broadcast_div(&mask.sum_keepdim(1)?)?;
+        let norm = mean.sqr()?.sum_keepdim(1)?.sqrt()?;
         mean.broadcast_div(&norm.maximum(1e-12)?)
     }
 
