@@ -345,6 +345,9 @@ fn embed_file(
     out: Option<&std::path::Path>,
     json: bool,
 ) -> Result<()> {
+    if let Some(out) = out.filter(|o| !matches!(o.extension().and_then(|e| e.to_str()), Some("jsonl" | "safetensors"))) {
+        bail!("{}: the embeddings file must end in .jsonl or .safetensors", out.display())
+    }
     let source = match &args.model {
         Some(spec) => ModelSource::parse(spec)?,
         None => {
