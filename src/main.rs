@@ -145,8 +145,9 @@ enum Precision {
 #[derive(Args)]
 struct ModelArgs {
     /// Hub id (org/name[@revision]), local HF folder (float, or an int8 checkpoint written by
-    /// `quantize`), or .gguf file. Default: SmolLM2-135M-Instruct
-    /// (offline copy if present, else the hub, else the offline copy is fetched).
+    /// `quantize`, which keeps the scheme it was saved with: the flags below do not apply to
+    /// it), or .gguf file. Default: SmolLM2-135M-Instruct (offline copy if present, else the
+    /// hub, else the offline copy is fetched).
     #[arg(long)]
     model: Option<String>,
     /// Activation group size for int8 (input channels per scale); 0 = one scale per token.
