@@ -303,7 +303,6 @@ fn load_int8(args: &ModelArgs) -> Result<(LanguageModel, ConversionReport)> {
             return quantized(&Bars::around(|p| opened.load(p))?, args);
         }
     };
-    if opened.is_quantized() {}
     Bars::around(|p| opened.load_int8(&quant_config(args), kind, p))
 }
 

@@ -57,7 +57,7 @@ pub mod safetensors;
 pub mod source;
 
 pub use safetensors::{Dtype, Entry};
-pub use source::{CheckpointBackend, Origin, PlannedSource, SafetensorsSource, TensorSource};
+pub use source::{CheckpointBackend, PlannedSource, SafetensorsSource, TensorSource};
 
 use crate::convert::{ConversionReport, Quantizable};
 use crate::kernels::WeightQuant;
@@ -165,11 +165,11 @@ impl LayerScheme {
         })
     }
 
-    /// The dynamic scheme a [`crate::QuantConfig`] gives a layer.
-    pub fn dynamic(config: &crate::QuantConfig, layer: &str) -> Self {
+    /// The dynamic scheme of `config`'s weights and outlier threshold with activations `act`.
+    pub fn dynamic(config: &crate::QuantConfig, act: ActivationQuant) -> Self {
         LayerScheme::Dynamic {
             weight_group_size: weight_group(config.weight),
-            activation_group_size: match config.activation_for(layer) {
+            activation_group_size: match act {
                 ActivationQuant::PerToken => None,
                 ActivationQuant::PerGroup(g) => Some(g),
             },
@@ -339,25 +339,16 @@ pub fn plan_layers(
     config: &crate::QuantConfig,
     kind: Int8Kind,
 ) -> Result<(QuantizationConfig, Vec<(String, WeightQuant)>)> {
-    let scheme = |name: &str| match kind {
-        Int8Kind::Dynamic => LayerScheme::dynamic(config, name),
+    // The default is the scheme of a layer no per-layer override matches.
+    let scheme = |act: ActivationQuant| match kind {
+        Int8Kind::Dynamic => LayerScheme::dynamic(config, act),
         Int8Kind::WeightOnly => LayerScheme::WeightOnly { weight_group_size: weight_group(config.weight) },
     };
-    let mut quantization = QuantizationConfig::new(match kind {
-        Int8Kind::Dynamic => LayerScheme::Dynamic {
-            weight_group_size: weight_group(config.weight),
-            activation_group_size: weight_group(match config.activation {
-                ActivationQuant::PerToken => WeightQuant::PerChannel,
-                ActivationQuant::PerGroup(g) => WeightQuant::PerGroup(g),
-            }),
-            outlier_threshold: config.outlier_threshold,
-        },
-        Int8Kind::WeightOnly => scheme(""),
-    });
+    let mut quantization = QuantizationConfig::new(scheme(config.activation));
     let mut layers = vec![];
     for name in names {
         if config.selects(name) {
-            quantization.set(name, scheme(name));
+            quantization.set(name, scheme(config.activation_for(name)));
             layers.push((name.clone(), config.weight));
         } else {
             quantization.excluded.push(name.clone());
@@ -377,26 +368,36 @@ pub struct QuantizedCheckpoint {
     source: Arc<SafetensorsSource>,
 }
 
+/// A JSON file (`config.json`, an index), parsed; errors name the file.
+pub fn read_json(path: &Path) -> Result<serde_json::Value> {
+    let text = std::fs::read_to_string(path).map_err(|e| candle_core::Error::Msg(format!("{}: {e}", path.display())))?;
+    serde_json::from_str(&text).map_err(|e| candle_core::Error::Msg(format!("{}: invalid JSON: {e}", path.display())))
+}
+
+/// The shard files a `model.safetensors.index.json` names, each once, in order; a name that is
+/// not a plain file name (a path, `..`) is an error.
+pub fn shard_names(index: &Path) -> Result<Vec<String>> {
+    let json = read_json(index)?;
+    let Some(map) = json.get("weight_map").and_then(|m| m.as_object()) else { bail!("{}: no 'weight_map' object", index.display()) };
+    let mut shards = BTreeSet::new();
+    for (name, file) in map {
+        let Some(file) = file.as_str().filter(|f| !f.is_empty() && !f.contains('/') && !f.contains("..")) else {
+            bail!("{}: tensor '{name}' names no plain shard file ({file})", index.display())
+        };
+        shards.insert(file.to_string());
+    }
+    if shards.is_empty() {
+        bail!("{}: 'weight_map' lists no shard", index.display())
+    }
+    Ok(shards.into_iter().collect())
+}
+
 /// The weight files of a folder: `model.safetensors.index.json` and the shards it names, or
-/// `model.safetensors`.
+/// `model.safetensors`; a shard the index names but the folder lacks is an error.
 pub fn weight_files(dir: &Path) -> Result<(Vec<PathBuf>, Option<PathBuf>)> {
     let index = dir.join("model.safetensors.index.json");
     if index.is_file() {
-        let text = std::fs::read_to_string(&index).map_err(|e| candle_core::Error::Msg(format!("{}: {e}", index.display())))?;
-        let json: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| candle_core::Error::Msg(format!("{}: invalid JSON: {e}", index.display())))?;
-        let Some(map) = json.get("weight_map").and_then(|m| m.as_object()) else { bail!("{}: no 'weight_map' object", index.display()) };
-        let mut shards = BTreeSet::new();
-        for (name, file) in map {
-            let Some(file) = file.as_str().filter(|f| !f.is_empty() && !f.contains('/') && !f.contains("..")) else {
-                bail!("{}: tensor '{name}' names no plain shard file ({file})", index.display())
-            };
-            shards.insert(file.to_string());
-        }
-        if shards.is_empty() {
-            bail!("{}: 'weight_map' lists no shard", index.display())
-        }
-        let files: Vec<PathBuf> = shards.iter().map(|s| dir.join(s)).collect();
+        let files: Vec<PathBuf> = shard_names(&index)?.iter().map(|s| dir.join(s)).collect();
         if let Some(missing) = files.iter().find(|f| !f.is_file()) {
             bail!("{}: weight shard missing (listed in {})", missing.display(), index.display())
         }
@@ -409,25 +410,12 @@ pub fn weight_files(dir: &Path) -> Result<(Vec<PathBuf>, Option<PathBuf>)> {
     bail!("{}: neither model.safetensors nor model.safetensors.index.json found", dir.display())
 }
 
-/// `config.json` of `dir`, parsed.
-pub fn read_config(dir: &Path) -> Result<serde_json::Value> {
-    let path = dir.join("config.json");
-    let text = std::fs::read_to_string(&path).map_err(|e| candle_core::Error::Msg(format!("{}: {e}", path.display())))?;
-    serde_json::from_str(&text).map_err(|e| candle_core::Error::Msg(format!("{}: invalid JSON: {e}", path.display())))
-}
-
 impl QuantizedCheckpoint {
-    /// Whether `dir` holds a quantized checkpoint (a `config.json` with a `quantization_config`).
-    pub fn is_quantized(dir: &Path) -> Result<bool> {
-        let path = dir.join("config.json");
-        Ok(path.is_file() && QuantizationConfig::from_model_config(&read_config(dir)?, &path)?.is_some())
-    }
-
     /// Reads the config and the safetensors headers, and checks that every int8 weight has its
     /// scales (and the reverse) with matching shapes and dtypes.
     pub fn open(dir: &Path) -> Result<Self> {
-        let config = read_config(dir)?;
         let path = dir.join("config.json");
+        let config = read_json(&path)?;
         let Some(quantization) = QuantizationConfig::from_model_config(&config, &path)? else {
             bail!("{}: no quantization_config: not a quantized checkpoint", path.display())
         };
@@ -563,9 +551,7 @@ pub fn write_checkpoint(
     if dir.exists() && !options.overwrite {
         bail!("{}: already exists (choose another output folder, or overwrite it on purpose with --force)", dir.display())
     }
-    let Some(serde_json::Value::Object(mut config)) = Some(options.config.clone()) else {
-        bail!("the model config to save must be a JSON object")
-    };
+    let serde_json::Value::Object(mut config) = options.config.clone() else { bail!("the model config to save must be a JSON object") };
     config.insert("quantization_config".into(), serde_json::to_value(quantization).map_err(|e| candle_core::Error::Msg(e.to_string()))?);
     let name =
         dir.file_name().and_then(|n| n.to_str()).ok_or_else(|| candle_core::Error::Msg(format!("{}: not a folder name", dir.display())))?;

@@ -6,7 +6,7 @@
 //! against the file before it sizes anything: a tensor's bytes are read only after its
 //! `shape × dtype size` has been found equal to `end − begin` and inside the file.
 
-use candle_core::{bail, DType, Device, Result, Tensor};
+use candle_core::{bail, DType, Result};
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -170,14 +170,8 @@ impl SafetensorsFile {
         self.tensors.get(name).ok_or_else(|| err(&self.path, format!("no tensor '{name}'")))
     }
 
-    /// The stored bytes of `name` (length checked against the header when the file was opened).
-    pub fn read_bytes(&self, name: &str) -> Result<Vec<u8>> {
-        let mut buf = Vec::new();
-        self.read_into(name, &mut buf)?;
-        Ok(buf)
-    }
-
-    /// [`Self::read_bytes`] into `buf`, reusing its allocation.
+    /// The stored bytes of `name` into `buf` (replacing its contents, reusing its allocation);
+    /// their length was checked against the header when the file was opened.
     pub fn read_into(&self, name: &str, buf: &mut Vec<u8>) -> Result<()> {
         let info = self.info(name)?;
         if buf.capacity() < info.len as usize {
@@ -188,7 +182,7 @@ impl SafetensorsFile {
     }
 
     /// Asks the kernel to start reading `name`'s bytes into the page cache in the background
-    /// (`posix_fadvise(WILLNEED)`), so that a later [`Self::read_bytes`] finds them there.
+    /// (`posix_fadvise(WILLNEED)`), so that a later [`Self::read_into`] finds them there.
     pub fn prefetch(&self, name: &str) {
         use std::os::fd::AsRawFd;
         if let Ok(info) = self.info(name) {
@@ -197,14 +191,6 @@ impl SafetensorsFile {
             // of ours, and its result (a hint) is ignored.
             unsafe { libc::posix_fadvise(self.file.as_raw_fd(), offset, len, libc::POSIX_FADV_WILLNEED) };
         }
-    }
-
-    /// `name` as a CPU tensor in its own dtype (`I8` comes back as `U8`, the same bytes).
-    pub fn read_tensor(&self, name: &str) -> Result<Tensor> {
-        let info = self.info(name)?;
-        let bytes = self.read_bytes(name)?;
-        Tensor::from_raw_buffer(&bytes, info.dtype.candle(), &info.shape, &Device::Cpu)
-            .map_err(|e| e.context(format!("{}: tensor '{name}'", self.path.display())))
     }
 }
 

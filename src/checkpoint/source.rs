@@ -107,12 +107,7 @@ impl SafetensorsSource {
         }
         Ok(Self { files, entries, index })
     }
-}
 
-/// Bytes of the tensors after the one being read that are asked for in the background.
-const PREFETCH_BYTES: u64 = 256 << 20;
-
-impl SafetensorsSource {
     /// Starts reading the tensors after entry `i` (up to [`PREFETCH_BYTES`], at least one) in
     /// the background: a model read in storage order keeps the disk busy while each tensor is
     /// worked on. Tensors already asked for are asked again; the kernel skips cached pages.
@@ -130,12 +125,13 @@ impl SafetensorsSource {
     }
 }
 
+/// Bytes of the tensors after the one being read that are asked for in the background.
+const PREFETCH_BYTES: u64 = 256 << 20;
+
 /// Every tensor of the weight map is in the shard it names, and every tensor of every shard is
 /// in the weight map.
 fn check_index(index_file: &Path, files: &[SafetensorsFile], held: &HashMap<String, (usize, usize)>) -> Result<()> {
-    let text = std::fs::read_to_string(index_file).map_err(|e| candle_core::Error::Msg(format!("{}: {e}", index_file.display())))?;
-    let json: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| candle_core::Error::Msg(format!("{}: invalid JSON: {e}", index_file.display())))?;
+    let json = super::read_json(index_file)?;
     let Some(map) = json.get("weight_map").and_then(|m| m.as_object()) else { bail!("{}: no 'weight_map' object", index_file.display()) };
     for (name, shard) in map {
         let shard = shard.as_str().unwrap_or_default();
@@ -158,14 +154,14 @@ impl TensorSource for SafetensorsSource {
         &self.entries
     }
 
-    /// Reads `name` and starts the next tensor's read in the background: a model read in
-    /// storage order overlaps the disk with the work done on each tensor.
     fn read_bytes(&self, name: &str) -> Result<Vec<u8>> {
-        let Some(&(f, i)) = self.index.get(name) else { bail!("no tensor '{name}' in the safetensors files") };
-        self.prefetch_after(i);
-        self.files[f].read_bytes(name)
+        let mut buf = Vec::new();
+        self.read_into(name, &mut buf)?;
+        Ok(buf)
     }
 
+    /// Reads `name` and starts the next tensors' reads in the background: a model read in
+    /// storage order overlaps the disk with the work done on each tensor.
     fn read_into(&self, name: &str, buf: &mut Vec<u8>) -> Result<()> {
         let Some(&(f, i)) = self.index.get(name) else { bail!("no tensor '{name}' in the safetensors files") };
         self.prefetch_after(i);
@@ -186,7 +182,7 @@ impl TensorSource for SafetensorsSource {
 
 /// Where a [`PlannedSource`] tensor comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Origin {
+enum Origin {
     /// The source tensor of that name, as stored.
     Copy(String),
     /// The int8 values of that float source weight, quantized `how`.
@@ -257,11 +253,6 @@ impl PlannedSource {
         }
         let index = index_of(&plan);
         Ok(Self { source, plan, origins, index, last: Mutex::new(None), scratch: Mutex::new(Vec::new()) })
-    }
-
-    /// Where each planned tensor comes from, in plan order.
-    pub fn origins(&self) -> &[Origin] {
-        &self.origins
     }
 
     /// The int8 values (`scales = false`) or `f16` scales of source weight `from`, as bytes:

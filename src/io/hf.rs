@@ -2,13 +2,9 @@
 //! `model.safetensors` or sharded `model-0000i-of-0000n.safetensors` with
 //! `model.safetensors.index.json`, and `tokenizer.json`.
 
-use candle_core::{bail, DType, Device, Result, Tensor};
-use std::collections::{BTreeSet, HashMap};
+use crate::checkpoint::{shard_names, weight_files};
+use candle_core::{bail, Result};
 use std::path::{Path, PathBuf};
-
-fn io_err(what: &Path, e: impl std::fmt::Display) -> candle_core::Error {
-    candle_core::Error::Msg(format!("{}: {e}", what.display()))
-}
 
 /// Files of one model, wherever they live.
 #[derive(Debug, Clone)]
@@ -20,37 +16,13 @@ pub struct HfFiles {
     pub tokenizer: Option<PathBuf>,
 }
 
-/// Shard file names listed by a `model.safetensors.index.json`.
-fn shard_names(index: &Path) -> Result<Vec<String>> {
-    let text = std::fs::read_to_string(index).map_err(|e| io_err(index, e))?;
-    let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| io_err(index, format!("invalid JSON: {e}")))?;
-    let Some(map) = json.get("weight_map").and_then(|m| m.as_object()) else { bail!("{}: no 'weight_map' object", index.display()) };
-    let names: BTreeSet<String> = map.values().filter_map(|v| v.as_str().map(str::to_string)).collect();
-    if names.is_empty() {
-        bail!("{}: 'weight_map' lists no shard", index.display())
-    }
-    Ok(names.into_iter().collect())
-}
-
 /// Finds the model files in a local folder.
 pub fn local_files(dir: &Path) -> Result<HfFiles> {
     let config = dir.join("config.json");
     if !config.is_file() {
         bail!("{}: no config.json in this model folder", dir.display())
     }
-    let index = Some(dir.join("model.safetensors.index.json")).filter(|i| i.is_file());
-    let weights = if let Some(index) = &index {
-        shard_names(index)?.into_iter().map(|n| dir.join(n)).collect()
-    } else if dir.join("model.safetensors").is_file() {
-        vec![dir.join("model.safetensors")]
-    } else {
-        bail!("{}: neither model.safetensors nor model.safetensors.index.json found", dir.display())
-    };
-    for w in &weights {
-        if !w.is_file() {
-            bail!("{}: weight shard missing", w.display())
-        }
-    }
+    let (weights, index) = weight_files(dir)?;
     let tokenizer = Some(dir.join("tokenizer.json")).filter(|p| p.is_file());
     Ok(HfFiles { config, weights, index, tokenizer })
 }
@@ -102,29 +74,4 @@ pub fn hub_files(id: &str, revision: &str) -> Result<HfFiles> {
         bail!("hub model '{id}' ({revision}): no model.safetensors {where_}")
     };
     Ok(HfFiles { config, weights, index, tokenizer: get("tokenizer.json")? })
-}
-
-/// Loads every tensor of every shard as f32 (f16/bf16 checkpoints are widened), naming the
-/// file in any error (truncated or corrupt safetensors included).
-pub fn load_safetensors(files: &[PathBuf], mut progress: impl FnMut(usize, usize)) -> Result<HashMap<String, Tensor>> {
-    let mut all = HashMap::new();
-    for (i, f) in files.iter().enumerate() {
-        let tensors =
-            candle_core::safetensors::load(f, &Device::Cpu).map_err(|e| e.context(format!("reading safetensors file {}", f.display())))?;
-        for (name, t) in tensors {
-            let t = match t.dtype() {
-                DType::F16 | DType::BF16 | DType::F64 => t.to_dtype(DType::F32)?,
-                _ => t,
-            };
-            all.insert(name, t);
-        }
-        progress(i + 1, files.len());
-    }
-    Ok(all)
-}
-
-/// Reads and parses `config.json`.
-pub fn read_config(path: &Path) -> Result<serde_json::Value> {
-    let text = std::fs::read_to_string(path).map_err(|e| io_err(path, e))?;
-    serde_json::from_str(&text).map_err(|e| io_err(path, format!("invalid JSON: {e}")))
 }

@@ -5,14 +5,13 @@ pub mod gguf;
 pub mod hf;
 
 use crate::checkpoint::{
-    plan_layers, write_checkpoint, CheckpointBackend, Int8Kind, PlannedSource, QuantizationConfig, SafetensorsSource, SaveOptions,
-    TensorSource, WriteProgress, WriteReport,
+    plan_layers, read_json, write_checkpoint, CheckpointBackend, Int8Kind, PlannedSource, QuantizationConfig, SafetensorsSource,
+    SaveOptions, TensorSource, WriteProgress, WriteReport,
 };
 use crate::convert::{ConversionReport, QuantConfig};
 use crate::models::bert::{Bert, BertConfig};
 use crate::models::llama::{Llama, LlamaConfig};
-use candle_core::{bail, DType, Device, Result, Tensor};
-use candle_nn::VarBuilder;
+use candle_core::{bail, Result};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -94,12 +93,6 @@ pub struct SentenceEncoder {
     pub tokenizer: Tokenizer,
 }
 
-struct HfModel {
-    config: serde_json::Value,
-    tensors: HashMap<String, Tensor>,
-    tokenizer: Tokenizer,
-}
-
 fn hf_files(source: &ModelSource) -> Result<hf::HfFiles> {
     match source {
         ModelSource::Folder(dir) => hf::local_files(dir),
@@ -117,14 +110,6 @@ fn read_tokenizer(source: &ModelSource, files: &hf::HfFiles) -> Result<Tokenizer
     tokenizer.with_padding(None);
     tokenizer.with_truncation(None).map_err(|e| candle_core::Error::Msg(format!("{}: {e}", tok_path.display())))?;
     Ok(tokenizer)
-}
-
-fn load_hf(source: &ModelSource, progress: Progress) -> Result<HfModel> {
-    let files = hf_files(source)?;
-    let config = hf::read_config(&files.config)?;
-    let tokenizer = read_tokenizer(source, &files)?;
-    let tensors = hf::load_safetensors(&files.weights, |d, t| progress("loading weights", d, t))?;
-    Ok(HfModel { config, tensors, tokenizer })
 }
 
 /// A Llama-family model opened but not loaded: its config, tokenizer and tensors (read one at
@@ -180,7 +165,7 @@ pub fn open_llama(source: &ModelSource) -> Result<OpenedLlama> {
         });
     }
     let files = hf_files(source)?;
-    let config_json = hf::read_config(&files.config)?;
+    let config_json = read_json(&files.config)?;
     let config = LlamaConfig::from_json(&config_json).map_err(|e| e.context(format!("{source}")))?;
     let quantization = QuantizationConfig::from_model_config(&config_json, &files.config)?;
     let tokenizer = read_tokenizer(source, &files)?;
@@ -301,11 +286,13 @@ pub fn load_llama(source: &ModelSource, progress: Progress) -> Result<LanguageMo
 
 /// Loads a BERT sentence encoder from a Hugging Face folder or hub id.
 pub fn load_bert(source: &ModelSource, progress: Progress) -> Result<SentenceEncoder> {
-    let hf = load_hf(source, progress)?;
-    let cfg = BertConfig::from_json(&hf.config).map_err(|e| e.context(format!("{source}")))?;
-    let vb = VarBuilder::from_tensors(hf.tensors, DType::F32, &Device::Cpu);
+    let files = hf_files(source)?;
+    let cfg = BertConfig::from_json(&read_json(&files.config)?).map_err(|e| e.context(format!("{source}")))?;
+    let tokenizer = read_tokenizer(source, &files)?;
+    let tensors = Arc::new(SafetensorsSource::open(&files.weights, files.index.as_deref())?);
+    let vb = CheckpointBackend::new(tensors).with_progress(|d, t| progress("loading tensors", d, t)).into_var_builder();
     let model = Bert::load(&cfg, vb).map_err(|e| e.context(format!("building the model from {source}")))?;
-    Ok(SentenceEncoder { model, tokenizer: hf.tokenizer })
+    Ok(SentenceEncoder { model, tokenizer })
 }
 
 fn chat_template_from(path: &Path) -> Option<String> {
