@@ -692,12 +692,11 @@ impl Llama {
     /// embeddings share their storage and are counted once).
     pub fn weight_bytes(&self) -> usize {
         let bytes = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
-        let norms = self.layers.len() * 2 + 1;
         let table = match &self.embed_tokens {
             TokenEmbeddings::Float(e) => bytes(e.embeddings()),
             TokenEmbeddings::LmHead { .. } => 0,
         };
-        let mut total = table + norms * self.config.hidden_size * 4;
+        let mut total = table + self.norms().iter().map(|(_, n)| bytes(n.weight())).sum::<usize>();
         for b in &self.layers {
             let a = &b.attn;
             total +=
@@ -705,6 +704,29 @@ impl Llama {
         }
         let shared = self.tied_lm_head && matches!(self.embed_tokens, TokenEmbeddings::Float(_)) && !self.lm_head.is_int8();
         total + if shared { 0 } else { self.lm_head.weight_bytes() }
+    }
+
+    /// Every RMSNorm of the model with its checkpoint name.
+    fn norms(&self) -> Vec<(String, &RmsNorm)> {
+        let mut norms = vec![];
+        for (i, b) in self.layers.iter().enumerate() {
+            let p = format!("model.layers.{i}");
+            norms.push((format!("{p}.input_layernorm.weight"), &b.input_layernorm));
+            match &b.post_norms {
+                None => norms.push((format!("{p}.post_attention_layernorm.weight"), &b.pre_mlp_norm)),
+                Some((after_attn, after_mlp)) => {
+                    norms.push((format!("{p}.post_attention_layernorm.weight"), after_attn));
+                    norms.push((format!("{p}.pre_feedforward_layernorm.weight"), &b.pre_mlp_norm));
+                    norms.push((format!("{p}.post_feedforward_layernorm.weight"), after_mlp));
+                }
+            }
+            if let Some((qn, kn)) = &b.attn.qk_norms {
+                norms.push((format!("{p}.self_attn.q_norm.weight"), qn));
+                norms.push((format!("{p}.self_attn.k_norm.weight"), kn));
+            }
+        }
+        norms.push(("model.norm.weight".into(), &self.norm));
+        norms
     }
 
     /// Index of the largest logit in each row.
@@ -732,29 +754,13 @@ impl Quantizable for Llama {
         }
         // Norm weights as the checkpoint stores them (less the variant's offset).
         let offset = self.config.variant.norm_offset as f64;
-        let mut norm = |name: String, n: &RmsNorm| -> Result<()> {
+        for (name, n) in self.norms() {
             if offset == 0.0 {
-                f(&name, n.weight())
+                f(&name, n.weight())?
             } else {
-                f(&name, &(n.weight() - offset)?)
-            }
-        };
-        for (i, b) in self.layers.iter().enumerate() {
-            let p = format!("model.layers.{i}");
-            norm(format!("{p}.input_layernorm.weight"), &b.input_layernorm)?;
-            match &b.post_norms {
-                None => norm(format!("{p}.post_attention_layernorm.weight"), &b.pre_mlp_norm)?,
-                Some((after_attn, after_mlp)) => {
-                    norm(format!("{p}.post_attention_layernorm.weight"), after_attn)?;
-                    norm(format!("{p}.pre_feedforward_layernorm.weight"), &b.pre_mlp_norm)?;
-                    norm(format!("{p}.post_feedforward_layernorm.weight"), after_mlp)?;
-                }
-            }
-            if let Some((qn, kn)) = &b.attn.qk_norms {
-                norm(format!("{p}.self_attn.q_norm.weight"), qn)?;
-                norm(format!("{p}.self_attn.k_norm.weight"), kn)?;
+                f(&name, &(n.weight() - offset)?)?
             }
         }
-        norm("model.norm.weight".into(), &self.norm)
+        Ok(())
     }
 }
