@@ -178,21 +178,21 @@ pub fn int8_linear_with(
     let seg = segment(acts, weights)?;
     let isa = if simd_segments(seg, acts.cols()) { isa } else { Isa::Reference };
     #[cfg(target_arch = "x86_64")]
-    let (abs, shift_terms) = x86_operands(isa, acts, weights, seg);
+    let x86 = x86_operands(isa, acts, weights, seg);
     let (m, n) = (acts.rows(), weights.out_features());
     over_blocks(m, n, m * n * acts.cols(), out, |blocks, buf| {
         match isa {
             #[cfg(target_arch = "x86_64")]
             avx2_paths!() => {
-                let op = tiles::Int8Operands { acts, abs: &abs, shift_terms: &shift_terms, weights, seg };
-                // SAFETY: isa is supported (checked above); x86_operands filled abs or
-                // shift_terms for it; seg passed simd_segments and check_linear; blocks and buf
+                let op = x86.operands(acts, weights, seg);
+                // SAFETY: isa is supported (checked above); x86_operands filled what its tiles
+                // read; seg passed simd_segments and check_linear; blocks and buf
                 // come from over_blocks, which sizes buf as M × 8·blocks.len().
                 unsafe { x86::int8_blocks(isa, &op, blocks.clone(), buf) }
             }
             #[cfg(target_arch = "aarch64")]
             Isa::Neon | Isa::NeonDot => {
-                let op = tiles::Int8Operands { acts, abs: &[], shift_terms: &[], weights, seg };
+                let op = tiles::Int8Operands { acts, abs: &[], neg_mask: &[], shift_terms: &[], weights, seg };
                 // SAFETY: NeonDot is only supported with the dot-product extension (checked
                 // above); seg passed simd_segments and check_linear; blocks and buf come from
                 // over_blocks, which sizes buf as M × 8·blocks.len().
@@ -218,25 +218,51 @@ pub fn int8_linear_with(
     Ok(())
 }
 
-/// What the x86 int8 tiles of `isa` take besides the rows ([`tiles::Int8Operands`]): `|a|` of
-/// every padded row for `vpmaddubsw`, or `128·Σ_{k∈g} a[i,k]` per row and segment for
-/// `vpdpbusd`.
+/// What the x86 int8 tiles take besides the rows ([`tiles::Int8Operands`]).
 #[cfg(target_arch = "x86_64")]
-fn x86_operands(isa: Isa, acts: &QuantizedActivations, weights: &PackedInt8Weights, seg: usize) -> (Vec<u8>, Vec<i32>) {
+#[derive(Default)]
+struct X86Operands {
+    abs: Vec<u8>,
+    neg_mask: Vec<u8>,
+    shift_terms: Vec<i32>,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl X86Operands {
+    fn operands<'a>(&'a self, acts: &'a QuantizedActivations, weights: &'a PackedInt8Weights, seg: usize) -> tiles::Int8Operands<'a> {
+        tiles::Int8Operands { acts, abs: &self.abs, neg_mask: &self.neg_mask, shift_terms: &self.shift_terms, weights, seg }
+    }
+}
+
+/// What the x86 int8 tiles of `isa` take besides the rows:
+/// - `vpmaddubsw` (AVX2) multiplies unsigned by signed bytes; it gets `|a|` and a mask of the
+///   negative `a`, and multiplies `|a|` by the weight with its bits flipped where `a < 0`:
+///   `|a|·!w = |a|·(−w − 1) = a·w − |a|` there, so a segment sums `Σ a·w + Σ_{a<0} a`, and the
+///   second term comes off at its end (`!w` lies in `[−128, 126]`, so a pair of products stays
+///   within `±2·127·128`, below `vpmaddubsw`'s saturation);
+/// - `vpdpbusd` gets `w + 128` as its unsigned side, so a segment sums `Σ a·w + 128·Σ a`.
+#[cfg(target_arch = "x86_64")]
+fn x86_operands(isa: Isa, acts: &QuantizedActivations, weights: &PackedInt8Weights, seg: usize) -> X86Operands {
+    let (k, stride) = (acts.cols(), weights.padded_in_features());
+    let (segs, _) = tiles::segments(k, stride, seg);
+    let seg = seg.min(stride);
+    // `Σ term(a)` over each segment of each row (the padding is zeros, whose terms are 0).
+    let terms = |term: &dyn Fn(&[i8]) -> i32| -> Vec<i32> {
+        acts.padded_data().chunks(stride).flat_map(|row| row.chunks(seg).take(segs).map(term)).collect()
+    };
     match isa {
-        Isa::Avx2 => (acts.padded_data().iter().map(|v| v.unsigned_abs()).collect(), Vec::new()),
-        Isa::VnniOnAvx2 | Isa::AvxVnni | Isa::Avx512Vnni => {
-            let k = acts.cols();
-            let (segs, _) = tiles::segments(k, weights.padded_in_features(), seg);
-            let terms = (0..acts.rows())
-                .flat_map(|i| {
-                    let row = acts.row(i);
-                    (0..segs).map(move |g| 128 * row[(g * seg).min(k)..((g + 1) * seg).min(k)].iter().map(|&v| v as i32).sum::<i32>())
-                })
-                .collect();
-            (Vec::new(), terms)
+        Isa::Avx2 => {
+            let data = acts.padded_data();
+            X86Operands {
+                abs: data.iter().map(|v| v.unsigned_abs()).collect(),
+                neg_mask: data.iter().map(|&v| (v >> 7) as u8).collect(),
+                shift_terms: terms(&|g| g.iter().map(|&v| (v as i32).min(0)).sum()),
+            }
         }
-        _ => (Vec::new(), Vec::new()),
+        Isa::VnniOnAvx2 | Isa::AvxVnni | Isa::Avx512Vnni => {
+            X86Operands { shift_terms: terms(&|g| 128 * g.iter().map(|&v| v as i32).sum::<i32>()), ..Default::default() }
+        }
+        _ => X86Operands::default(),
     }
 }
 
@@ -366,19 +392,18 @@ pub fn group_sums_with(isa: Isa, acts: &QuantizedActivations, weights: &PackedIn
     match isa {
         #[cfg(target_arch = "x86_64")]
         avx2_paths!() if simd_segments(seg, k) => {
-            let (abs, shift_terms) = x86_operands(isa, acts, weights, seg);
-            let op = tiles::Int8Operands { acts, abs: &abs, shift_terms: &shift_terms, weights, seg };
+            let x86 = x86_operands(isa, acts, weights, seg);
+            let op = x86.operands(acts, weights, seg);
             let n_pad = weights.blocks() * BLOCK_ROWS;
             let mut sums = vec![0i32; m * n_pad * segs];
-            // SAFETY: isa checked via is_supported(); x86_operands filled abs or shift_terms for
-            // it; seg passed simd_segments; sums holds M · N_pad · segments values.
+            // SAFETY: isa checked via is_supported(); x86_operands filled what its tiles read; seg passed simd_segments; sums holds M · N_pad · segments values.
             unsafe { x86::int8_segment_sums(isa, &op, &mut sums) };
             debug_assert_eq!(op.segments().0, segs);
             Ok(unpad_sums(&sums, m, n, n_pad, segs))
         }
         #[cfg(target_arch = "aarch64")]
         Isa::Neon | Isa::NeonDot if simd_segments(seg, k) => {
-            let op = tiles::Int8Operands { acts, abs: &[], shift_terms: &[], weights, seg };
+            let op = tiles::Int8Operands { acts, abs: &[], neg_mask: &[], shift_terms: &[], weights, seg };
             let n_pad = weights.blocks() * BLOCK_ROWS;
             let mut sums = vec![0i32; m * n_pad * segs];
             // SAFETY: NeonDot checked via is_supported(); seg passed simd_segments; sums holds

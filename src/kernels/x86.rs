@@ -74,9 +74,12 @@ pub fn avx512_vnni_available() -> bool {
 /// A tile is `R` activation rows × `V` blocks of eight output channels. Per quad of four input
 /// channels it loads `V` weight registers, broadcasts each row's four activations, and does
 /// `R·V` multiply-adds into `i32` lanes, one lane per output channel:
-/// - `vpmaddubsw` multiplies unsigned by signed bytes, so it takes `|a|` with the sign moved onto
-///   the weight, `a·w = |a| · (sign(a)·w)` (`vpsignb`); each 16-bit pair sum is at most
-///   `2·128·127 = 32512`, never saturating, and `vpmaddwd` with ones widens the pairs;
+/// - `vpmaddubsw` multiplies unsigned by signed bytes, so it takes `|a|` and the weight with its
+///   bits flipped where `a < 0` (one `xor` with the row's mask: `|a|·!w = a·w − |a|` there, and
+///   the row's `Σ_{a<0} a` comes off at the segment's end); each 16-bit pair sum is at most
+///   `2·127·128 = 32512`, never saturating, and `vpmaddwd` with ones widens the pairs. (`vpsignb`
+///   would move the sign in one instruction, but it competes with the two multiplies for the
+///   same two pipes on AMD cores; the `xor` runs on any of four);
 /// - `vpdpbusd` does all of that in one instruction; its unsigned side is the weight shifted,
 ///   `w + 128` (one `xor` per weight register, shared by the `R` rows), so a segment sums
 ///   `Σ a·w + 128·Σ a`, and the row's `128·Σ a` (`op.shift_terms`) comes off at the segment's end.
@@ -94,26 +97,41 @@ macro_rules! int8_tiles {
             ///
             /// # Safety
             /// The family's features available; rows `i0..i0+R` and blocks `b0..b0+V` exist;
-            /// `op.abs` covers every padded row (`vpmaddubsw` family) or `op.shift_terms`
-            /// every row's segments (`vpdpbusd` families); `op.seg` satisfies
+            /// `op.abs` and `op.neg_mask` cover every padded row (`vpmaddubsw` family) and
+            /// `op.shift_terms` every row's segments; `op.seg` satisfies
             /// [`Int8Operands::seg`]'s rule; with `SUMS` false, `sink.out` has `R` rows of
             /// `8·V` writable floats at stride `row_len`; with `SUMS` true, `sink.sums` holds
             /// `M · N_pad · segments` values.
             #[inline]
             #[target_feature(enable = $features)]
-            unsafe fn tile<const R: usize, const V: usize, const SUMS: bool>(op: &Int8Operands, i0: usize, b0: usize, sink: Sink) {
+            unsafe fn tile<const R: usize, const V: usize, const SUMS: bool, const SQ: usize>(
+                op: &Int8Operands,
+                i0: usize,
+                b0: usize,
+                sink: Sink,
+            ) {
                 let stride = op.weights.padded_in_features();
                 let quads = stride / 4;
                 let (segs, seg_quads) = op.segments();
+                // SQ > 0: every segment is exactly SQ quads (the caller checked), a loop the
+                // compiler unrolls.
+                let seg_quads = if SQ > 0 { SQ } else { seg_quads };
                 let (a_step, w_step) = op.scale_steps();
                 let (ones, shift) = (_mm256_set1_epi16(1), _mm256_set1_epi8(-128));
                 let (a, sa) = op.row_pointers::<R>(i0);
                 let ua: [*const u8; R] = std::array::from_fn(|r| op.abs.as_ptr().wrapping_add((i0 + r) * stride));
+                let na: [*const u8; R] = std::array::from_fn(|r| op.neg_mask.as_ptr().wrapping_add((i0 + r) * stride));
                 let (w, sw) = op.block_pointers::<V>(b0);
                 let mut y = [[_mm256_setzero_ps(); V]; R];
                 for g in 0..segs {
-                    let mut acc = [[_mm256_setzero_si256(); V]; R];
-                    for q in g * seg_quads..((g + 1) * seg_quads).min(quads) {
+                    // Each segment sum starts at minus the row's shift term, which the tiles'
+                    // byte products add (`Int8Operands::shift_terms`).
+                    let mut acc: [[__m256i; V]; R] = std::array::from_fn(|r| {
+                        // SAFETY: shift_terms holds M · segs values (caller).
+                        [_mm256_set1_epi32(-*op.shift_terms.get_unchecked((i0 + r) * segs + g)); V]
+                    });
+                    let q_end = if SQ > 0 { (g + 1) * SQ } else { ((g + 1) * seg_quads).min(quads) };
+                    for q in g * seg_quads..q_end {
                         let mut wv = [_mm256_setzero_si256(); V];
                         for v in 0..V {
                             // SAFETY: a block holds 8·stride = 32·quads bytes.
@@ -124,28 +142,21 @@ macro_rules! int8_tiles {
                             }
                         }
                         for r in 0..R {
-                            // The row's four activations in every lane. SAFETY: a padded row (and
-                            // its |a|) holds stride = 4·quads bytes.
-                            let act = _mm256_set1_epi32((a[r].add(4 * q) as *const i32).read_unaligned());
+                            // The row's four activations (or their magnitudes and sign mask) in
+                            // every lane. SAFETY: a padded row (and its |a| and mask) holds
+                            // stride = 4·quads bytes.
                             if $vnni {
+                                let act = _mm256_set1_epi32((a[r].add(4 * q) as *const i32).read_unaligned());
                                 for v in 0..V {
                                     acc[r][v] = $dot(acc[r][v], wv[v], act);
                                 }
                             } else {
                                 let mag = _mm256_set1_epi32((ua[r].add(4 * q) as *const i32).read_unaligned());
+                                let neg = _mm256_set1_epi32((na[r].add(4 * q) as *const i32).read_unaligned());
                                 for v in 0..V {
-                                    let pairs = _mm256_maddubs_epi16(mag, _mm256_sign_epi8(wv[v], act));
+                                    let pairs = _mm256_maddubs_epi16(mag, _mm256_xor_si256(wv[v], neg));
                                     acc[r][v] = _mm256_add_epi32(acc[r][v], _mm256_madd_epi16(pairs, ones));
                                 }
-                            }
-                        }
-                    }
-                    if $vnni {
-                        for r in 0..R {
-                            // SAFETY: shift_terms holds M · segs values (caller).
-                            let t = _mm256_set1_epi32(*op.shift_terms.get_unchecked((i0 + r) * segs + g));
-                            for v in 0..V {
-                                acc[r][v] = _mm256_sub_epi32(acc[r][v], t);
                             }
                         }
                     }
@@ -158,15 +169,34 @@ macro_rules! int8_tiles {
                                 sink.put_sums(op, i0 + r, b0 + v, g, &lanes);
                             }
                         }
+                    } else if w_step == 0 {
+                        // One weight scale per channel: it multiplies the sum of all segments once,
+                        // after the last one.
+                        for r in 0..R {
+                            // SAFETY: each row has one scale, or one per segment when a_step is 1.
+                            let s = _mm256_set1_ps(*sa[r].add(g * a_step));
+                            for v in 0..V {
+                                y[r][v] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r][v]), s, y[r][v]);
+                            }
+                        }
                     } else {
                         for r in 0..R {
                             // SAFETY: each row has one scale, or one per segment when a_step is 1.
                             let s = _mm256_set1_ps(*sa[r].add(g * a_step));
                             for v in 0..V {
-                                // SAFETY: a block has 8 scales per weight group (one group when w_step is 0).
-                                let scale = _mm256_mul_ps(load_scales(sw[v].add(BLOCK_ROWS * g * w_step)), s);
+                                // SAFETY: a block has 8 scales per weight group.
+                                let scale = _mm256_mul_ps(load_scales(sw[v].add(BLOCK_ROWS * g)), s);
                                 y[r][v] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r][v]), scale, y[r][v]);
                             }
+                        }
+                    }
+                }
+                if !SUMS && w_step == 0 {
+                    for v in 0..V {
+                        // SAFETY: a block has 8 scales (one group).
+                        let scale = load_scales(sw[v]);
+                        for r in 0..R {
+                            y[r][v] = _mm256_mul_ps(y[r][v], scale);
                         }
                     }
                 }
@@ -210,6 +240,8 @@ macro_rules! int8_tiles {
             unsafe fn run_tiles<const SUMS: bool>(op: &Int8Operands, blocks: Range<usize>, sink: Sink) {
                 let m = op.acts.rows();
                 let panel = if m == 1 { 8 } else { 2 };
+                // Groups of 32 channels (the default on both sides): segments of 8 whole quads.
+                let eight_quad_segments = matches!(op.segments(), (segs, 8) if segs > 1);
                 let mut b = blocks.start;
                 while b < blocks.end {
                     // The widest panel that fits what is left: 8, 4, 2 or 1 blocks.
@@ -218,17 +250,18 @@ macro_rules! int8_tiles {
                     while i < m {
                         let r = (m - i).min(4);
                         let at = sink.at(i, b - blocks.start);
-                        match (r, v) {
-                            (1, 8) => tile::<1, 8, SUMS>(op, i, b, at),
-                            (1, 4) => tile::<1, 4, SUMS>(op, i, b, at),
-                            (1, 2) => tile::<1, 2, SUMS>(op, i, b, at),
-                            (1, _) => tile::<1, 1, SUMS>(op, i, b, at),
-                            (2, 2) => tile::<2, 2, SUMS>(op, i, b, at),
-                            (2, _) => tile::<2, 1, SUMS>(op, i, b, at),
-                            (3, 2) => tile::<3, 2, SUMS>(op, i, b, at),
-                            (3, _) => tile::<3, 1, SUMS>(op, i, b, at),
-                            (_, 2) => tile::<4, 2, SUMS>(op, i, b, at),
-                            _ => tile::<4, 1, SUMS>(op, i, b, at),
+                        match (r, v, eight_quad_segments) {
+                            (1, 8, _) => tile::<1, 8, SUMS, 0>(op, i, b, at),
+                            (1, 4, _) => tile::<1, 4, SUMS, 0>(op, i, b, at),
+                            (1, 2, _) => tile::<1, 2, SUMS, 0>(op, i, b, at),
+                            (1, _, _) => tile::<1, 1, SUMS, 0>(op, i, b, at),
+                            (2, 2, _) => tile::<2, 2, SUMS, 0>(op, i, b, at),
+                            (2, _, _) => tile::<2, 1, SUMS, 0>(op, i, b, at),
+                            (3, 2, _) => tile::<3, 2, SUMS, 0>(op, i, b, at),
+                            (3, _, _) => tile::<3, 1, SUMS, 0>(op, i, b, at),
+                            (_, 2, true) => tile::<4, 2, SUMS, 8>(op, i, b, at),
+                            (_, 2, false) => tile::<4, 2, SUMS, 0>(op, i, b, at),
+                            _ => tile::<4, 1, SUMS, 0>(op, i, b, at),
                         }
                         i += r;
                     }
