@@ -84,8 +84,15 @@ pub fn attend_part_with(isa: Isa, q: &[f32], keys: &[f32], values: &[f32], d: us
     // Softmax numerators e^(s − max) per head, their maximum and sum beside them.
     for ((ph, max), sum) in p.chunks_exact_mut(t).zip(maxima.iter_mut()).zip(sums.iter_mut()) {
         *max = ph.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
-        ph.iter_mut().for_each(|s| *s = (*s - *max).exp());
-        *sum = ph.iter().sum();
+        *sum = match isa {
+            // SAFETY: AVX2 checked above.
+            #[cfg(target_arch = "x86_64")]
+            super::avx2_paths!() => unsafe { super::x86::exp_shifted(ph, *max) },
+            _ => {
+                ph.iter_mut().for_each(|s| *s = (*s - *max).exp());
+                ph.iter().sum()
+            }
+        };
     }
     match isa {
         #[cfg(target_arch = "x86_64")]

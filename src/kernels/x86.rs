@@ -475,6 +475,51 @@ pub unsafe fn stream_sum(buf: &[u64]) -> u64 {
     lanes.iter().fold(rest, |a, &b| a.wrapping_add(b))
 }
 
+/// `e^x` in every lane, for `x ≤ 0` (softmax numerators): `x = n·ln2 + r` with `n` the nearest
+/// integer to `x·log2(e)` and `|r| ≤ ln2/2`, `e^r` by its Taylor polynomial to degree 6
+/// (relative error below `r⁷/7! ≈ 1.2e-7`), times `2^n` built in the exponent bits. Below
+/// `−87` (where `e^x` leaves the normal floats) the result is 0.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn exp_nonpositive(x: __m256) -> __m256 {
+    let live = _mm256_cmp_ps(x, _mm256_set1_ps(-87.0), _CMP_GE_OQ);
+    let x = _mm256_max_ps(x, _mm256_set1_ps(-87.0));
+    let n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    // ln 2 in two parts, so that n·ln2 is exact to float precision for |n| ≤ 126.
+    let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_145_75), x);
+    let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428_606_8e-6), r);
+    let mut poly = _mm256_set1_ps(1.0 / 720.0);
+    for c in [1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
+        poly = _mm256_fmadd_ps(poly, r, _mm256_set1_ps(c));
+    }
+    let two_n = _mm256_castsi256_ps(_mm256_slli_epi32::<23>(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127))));
+    _mm256_and_ps(_mm256_mul_ps(poly, two_n), live)
+}
+
+/// `p[j] = e^(p[j] − shift)` for every `j`, returning `Σ_j p[j]`; `shift ≥ max_j p[j]` (the
+/// softmax numerators of a row of scores, and their sum).
+///
+/// # Safety
+/// AVX2+FMA+F16C available.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn exp_shifted(p: &mut [f32], shift: f32) -> f32 {
+    let (m, mut sum) = (_mm256_set1_ps(shift), _mm256_setzero_ps());
+    let mut chunks = p.chunks_exact_mut(8);
+    for c in &mut chunks {
+        // SAFETY: chunks_exact_mut gives 8 floats.
+        let e = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(c.as_ptr()), m));
+        _mm256_storeu_ps(c.as_mut_ptr(), e);
+        sum = _mm256_add_ps(sum, e);
+    }
+    let tail = chunks.into_remainder();
+    let mut rest = [f32::NEG_INFINITY; 8];
+    rest[..tail.len()].copy_from_slice(tail);
+    let e = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(rest.as_ptr()), m));
+    _mm256_storeu_ps(rest.as_mut_ptr(), e);
+    tail.copy_from_slice(&rest[..tail.len()]);
+    hsum(_mm256_add_ps(sum, e))
+}
+
 /// Horizontal sum of eight lanes.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]

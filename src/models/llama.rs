@@ -416,14 +416,8 @@ impl Attention {
                 }
             }
         };
-        if s == 1 && b == 1 && !differentiable {
-            // A sliding-window layer's query sees the last `window` positions only.
-            let t = k.dim(2)?;
-            let (k, v) = match self.window {
-                Some(w) if t > w => (k.narrow(2, t - w, w)?, v.narrow(2, t - w, w)?),
-                _ => (k.clone(), v.clone()),
-            };
-            if let Some(y) = single_query_attention(&q, &k, &v, self.heads, self.kv_heads, self.scale as f32)? {
+        if b == 1 && !differentiable {
+            if let Some(y) = causal_attention(&q, &k, &v, self.heads, self.kv_heads, self.scale as f32, self.window)? {
                 return self.o_proj.forward(&y);
             }
         }
@@ -454,20 +448,31 @@ impl Attention {
 /// Cached values (`heads · t · d`) from which decoding attention is split over threads.
 const ATTENTION_PARALLEL_MIN: usize = 1 << 15;
 
-/// One query position (decoding) against every cached key and value, computed in place on the
-/// cache's storage: for head `h` with key/value head `g = h / rep`,
-/// `p = softmax(q_h · K_gᵀ / √d)`, `y_h = p · V_g`. Returns `[1, 1, heads·d]`, or `None` when
-/// the tensors are not f32 CPU tensors with contiguous rows (the general path then runs).
-/// At this size candle's general matmul spends most of its time in per-call overhead.
-fn single_query_attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, kv_heads: usize, scale: f32) -> Result<Option<Tensor>> {
+/// Causal attention of the `s` newest positions (a prompt, or one decoding step) against every
+/// cached key and value, computed on the cache's storage without a mask: for query position
+/// `i` (absolute position `p = t − s + i`) and head `h` with key/value head `g = h / rep`,
+/// `p = softmax(q_h · K_gᵀ / √d)` over the keys `j ≤ p` (and `p − j < window` on a
+/// sliding-window layer), `y_h = p · V_g`. The masked half of the scores is never computed.
+/// Returns `[1, s, heads·d]`, or `None` when the tensors are not f32 CPU tensors with
+/// contiguous rows (the general path then runs).
+fn causal_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    kv_heads: usize,
+    scale: f32,
+    window: Option<usize>,
+) -> Result<Option<Tensor>> {
     let (_, _, t, d) = k.dims4()?;
+    let s = q.dim(2)?;
     let q = q.flatten_all()?.to_vec1::<f32>()?;
     let (ks, kl) = k.storage_and_layout();
     let (vs, vl) = v.storage_and_layout();
     let (candle_core::Storage::Cpu(kc), candle_core::Storage::Cpu(vc)) = (&*ks, &*vs) else { return Ok(None) };
     let (Ok(kd), Ok(vd)) = (kc.as_slice::<f32>(), vc.as_slice::<f32>()) else { return Ok(None) };
     let rows_contiguous = |l: &candle_core::Layout| l.stride()[3] == 1 && l.stride()[2] == d;
-    if q.len() != heads * d || !rows_contiguous(kl) || !rows_contiguous(vl) {
+    if q.len() != heads * s * d || s > t || !rows_contiguous(kl) || !rows_contiguous(vl) {
         return Ok(None);
     }
     let rep = heads / kv_heads;
@@ -476,22 +481,31 @@ fn single_query_attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, kv_h
     if (0..kv_heads).any(|g| k_at(g) + t * d > kd.len() || v_at(g) + t * d > vd.len()) {
         return Ok(None);
     }
+    // The keys query position i sees.
+    let visible = |i: usize| {
+        let p = t - s + i;
+        (p + 1).saturating_sub(window.unwrap_or(usize::MAX))..p + 1
+    };
     let failed = std::sync::Mutex::new(None);
-    // Key/value groups (the `rep` query heads sharing one key/value head, stored one after
-    // another) are independent, and so are ranges of positions (flash-decoding: each part keeps
-    // its own softmax maximum and sum, merged after). Once the cache is long enough to outweigh
-    // the hand-off, every group is cut into as many position ranges as it takes for the parts
-    // to share out evenly over the threads (SmolLM2's 3 groups on 2 threads: 6 parts, not 2 : 1).
-    let parallel = heads * t * d >= ATTENTION_PARALLEL_MIN;
+    // Every (position, key/value group) is independent: the `rep` query heads sharing one
+    // key/value head read each key and value row once for all of them. A single position
+    // (decoding) is also cut into ranges of keys (flash-decoding: each part keeps its own
+    // softmax maximum and sum, merged after), once the cache is long enough to outweigh the
+    // hand-off, into as many ranges as it takes for the parts to share out evenly over the
+    // threads (SmolLM2's 3 groups on 2 threads: 6 parts, not 2 : 1).
+    let parallel = heads * t * d * s >= ATTENTION_PARALLEL_MIN;
     let threads = if parallel { rayon::current_num_threads() } else { 1 };
-    let splits = (1..=threads).find(|s| (kv_heads * s).is_multiple_of(threads)).unwrap_or(1).min(t);
+    let splits = if s > 1 { 1 } else { (1..=threads).find(|n| (kv_heads * n).is_multiple_of(threads)).unwrap_or(1).min(visible(0).len()) };
     let part_len = kernels::part_len(rep, d);
-    let mut parts = vec![0f32; kv_heads * splits * part_len];
-    kernels::parallel_for_parts(parts.chunks_mut(part_len).collect(), parallel, |i, part| {
-        let (g, s) = (i / splits, i % splits);
-        let rows = s * t / splits..(s + 1) * t / splits;
+    let mut parts = vec![0f32; s * kv_heads * splits * part_len];
+    kernels::parallel_for_parts(parts.chunks_mut(part_len).collect(), parallel, |task, part| {
+        let (i, g, split) = (task / (kv_heads * splits), task / splits % kv_heads, task % splits);
+        let keys = visible(i);
+        let rows = keys.start + split * keys.len() / splits..keys.start + (split + 1) * keys.len() / splits;
         let at = |start: usize| start + rows.start * d..start + rows.end * d;
-        if let Err(e) = kernels::attend_part(&q[g * rep * d..(g + 1) * rep * d], &kd[at(k_at(g))], &vd[at(v_at(g))], d, scale, part) {
+        // The group's query heads at position i, one after another (q is [heads, s, d]).
+        let qg: Vec<f32> = (g * rep..(g + 1) * rep).flat_map(|h| &q[(h * s + i) * d..(h * s + i + 1) * d]).copied().collect();
+        if let Err(e) = kernels::attend_part(&qg, &kd[at(k_at(g))], &vd[at(v_at(g))], d, scale, part) {
             if let Ok(mut f) = failed.lock() {
                 *f = Some(e);
             }
@@ -501,11 +515,13 @@ fn single_query_attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, kv_h
     if let Some(e) = failed.into_inner().ok().flatten() {
         return Err(e);
     }
-    let mut y = vec![0f32; heads * d];
+    // Output rows are positions, each holding its heads in order: group g's heads are the
+    // g-th run of rep·d values.
+    let mut y = vec![0f32; s * heads * d];
     for (group, yg) in parts.chunks(splits * part_len).zip(y.chunks_mut(rep * d)) {
         kernels::combine_parts(group, splits, d, yg)?;
     }
-    Ok(Some(Tensor::from_vec(y, (1, 1, heads * d), k.device())?))
+    Ok(Some(Tensor::from_vec(y, (1, s, heads * d), k.device())?))
 }
 
 impl Mlp {
