@@ -10,7 +10,7 @@ use super::Isa;
 use candle_core::{bail, Result};
 
 /// Query heads a SIMD tile handles at once (a group of more is taken a few heads at a time).
-pub(super) const MAX_TILE_HEADS: usize = 4;
+pub const MAX_TILE_HEADS: usize = 4;
 
 /// For each query head `r` of one group, `y_r = softmax(scale · q_r·Kᵀ) · V`: `q` and `y` hold
 /// the group's heads one after another (`heads · d` values), `keys` and `values` hold `t` rows

@@ -28,7 +28,7 @@ mod weights;
 mod x86;
 
 pub use activations::QuantizedActivations;
-pub use attention::{attend, attend_part, attend_part_with, attend_with, combine_parts, part_len};
+pub use attention::{attend, attend_part, attend_part_with, attend_with, combine_parts, part_len, MAX_TILE_HEADS};
 pub use weights::{quantize_weight_rows, quantize_weight_rows_with, Int8Rows, PackedInt8Weights, WeightQuant, BLOCK_ROWS, MAX_IN_FEATURES};
 
 use candle_core::{bail, Result};
@@ -526,6 +526,37 @@ pub(crate) fn quantize_symmetric(x: &[f32], inv: f32, q: &mut [i8]) {
     let best = Isa::best();
     let isa = if abs_max_with(best, x).1 { best } else { Isa::Reference };
     quantize_symmetric_with(isa, x, inv, q)
+}
+
+/// `p` and `a1..a5` of Abramowitz & Stegun 7.1.26: for `z ≥ 0`, with `t = 1/(1 + p·z)`,
+/// `erf(z) ≈ 1 − t·(a1 + a2·t + a3·t² + a4·t³ + a5·t⁴)·e^(−z²)`, absolute error below 1.5e-7.
+const ERF_COEFFS: [f32; 6] = [0.327_591_1, 0.254_829_6, -0.284_496_74, 1.421_413_7, -1.453_152, 1.061_405_4];
+
+/// Exact GELU in place, `x ↦ x·Φ(x) = x/2 · (1 + erf(x/√2))` (BERT's activation), on the best
+/// path. With `z = |x|/√2` and `c = x/2 · t·P(t) · e^(−z²)` (the tail `1 − erf(z)` of
+/// [`ERF_COEFFS`], times `x/2`): `x − c` for `x ≥ 0` and `c` for `x < 0`, so the negative side,
+/// where the result is small, keeps its relative precision.
+pub fn gelu_erf(x: &mut [f32]) {
+    match Isa::best() {
+        // SAFETY: the best path is supported.
+        #[cfg(target_arch = "x86_64")]
+        avx2_paths!() => unsafe { x86::gelu_erf(x) },
+        _ => x.iter_mut().for_each(|v| *v = gelu_erf_scalar(*v)),
+    }
+}
+
+/// [`gelu_erf`] of one value (the portable path).
+pub fn gelu_erf_scalar(x: f32) -> f32 {
+    let [p, a1, a2, a3, a4, a5] = ERF_COEFFS;
+    let z = x.abs() * std::f32::consts::FRAC_1_SQRT_2;
+    let t = 1.0 / (1.0 + p * z);
+    let tail = t * (a1 + t * (a2 + t * (a3 + t * (a4 + t * a5)))) * (-z * z).exp();
+    let c = 0.5 * x * tail;
+    if x >= 0.0 {
+        x - c
+    } else {
+        c
+    }
 }
 
 /// Runs `work(i, parts[i])` for every part on the kernels' fork-join team — as many threads as

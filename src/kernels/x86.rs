@@ -520,6 +520,40 @@ pub unsafe fn exp_shifted(p: &mut [f32], shift: f32) -> f32 {
     hsum(_mm256_add_ps(sum, e))
 }
 
+/// `x ↦ x·Φ(x)` (exact GELU, `Φ` the normal distribution function) in place: see
+/// [`super::gelu_erf`] for the maths; the same steps eight lanes at a time.
+///
+/// # Safety
+/// AVX2+FMA+F16C available.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn gelu_erf(x: &mut [f32]) {
+    let [p, a1, a2, a3, a4, a5] = super::ERF_COEFFS.map(|c| _mm256_set1_ps(c));
+    let (half, one, sign) = (_mm256_set1_ps(0.5), _mm256_set1_ps(1.0), _mm256_set1_ps(-0.0));
+    let frac = _mm256_set1_ps(std::f32::consts::FRAC_1_SQRT_2);
+    let lanes = |v: __m256| {
+        let z = _mm256_mul_ps(_mm256_andnot_ps(sign, v), frac);
+        let t = _mm256_div_ps(one, _mm256_fmadd_ps(p, z, one));
+        let mut poly = a5;
+        for a in [a4, a3, a2, a1] {
+            poly = _mm256_fmadd_ps(poly, t, a);
+        }
+        let tail = _mm256_mul_ps(_mm256_mul_ps(poly, t), exp_nonpositive(_mm256_mul_ps(_mm256_xor_ps(z, sign), z)));
+        let c = _mm256_mul_ps(_mm256_mul_ps(half, v), tail);
+        // x − c where x ≥ 0, c where x < 0.
+        _mm256_blendv_ps(_mm256_sub_ps(v, c), c, v)
+    };
+    let mut chunks = x.chunks_exact_mut(8);
+    for c in &mut chunks {
+        // SAFETY: chunks_exact_mut gives 8 floats.
+        _mm256_storeu_ps(c.as_mut_ptr(), lanes(_mm256_loadu_ps(c.as_ptr())));
+    }
+    let tail = chunks.into_remainder();
+    let mut rest = [0f32; 8];
+    rest[..tail.len()].copy_from_slice(tail);
+    _mm256_storeu_ps(rest.as_mut_ptr(), lanes(_mm256_loadu_ps(rest.as_ptr())));
+    tail.copy_from_slice(&rest[..tail.len()]);
+}
+
 /// Horizontal sum of eight lanes.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]

@@ -1,6 +1,7 @@
 //! BERT encoder (all-MiniLM-L6-v2 and kin) with mean pooling → sentence embeddings. Every dense
 //! layer is a [`QLinear`] named as in the checkpoint (`encoder.layer.0.attention.self.query`).
 
+use super::attention::{attend_sequence, HeadRows};
 use crate::convert::Quantizable;
 use crate::nn::QLinear;
 use candle_core::{bail, Device, Module, Result, Tensor, D};
@@ -147,8 +148,9 @@ impl Bert {
         let pos = Tensor::arange(0u32, s as u32, &dev)?.unsqueeze(0)?.broadcast_as((b, s))?.contiguous()?;
         let types = Tensor::zeros((b, s), candle_core::DType::U32, &dev)?;
         let mask = Tensor::from_vec(real, (b, s), &dev)?;
-        // Additive attention mask [b, 1, 1, s]: 0 for real keys, −∞ for padding.
-        let bias = if batch.iter().any(|t| t.len() < s) {
+        // Additive attention mask [b, 1, 1, s]: 0 for real keys, −∞ for padding (differentiable
+        // mode only; the fast path attends to the real keys alone).
+        let bias = if self.differentiable && batch.iter().any(|t| t.len() < s) {
             let bias: Vec<f32> = batch.iter().flat_map(|t| (0..s).map(|i| if i < t.len() { 0.0 } else { f32::NEG_INFINITY })).collect();
             Some(Tensor::from_vec(bias, (b, 1, 1, s), &dev)?)
         } else {
@@ -156,25 +158,54 @@ impl Bert {
         };
         let x = (self.word.forward(&ids)? + self.position.forward(&pos)?)?;
         let mut x = self.norm(&self.emb_norm, &(x + self.token_type.forward(&types)?)?)?;
+        let lens: Vec<usize> = batch.iter().map(|t| t.len()).collect();
         for l in &self.layers {
-            let a = self.attention(l, &x, bias.as_ref())?;
+            let a = self.attention(l, &x, &lens, bias.as_ref())?;
             x = self.norm(&l.attn_norm, &(l.attn_out.forward(&a)? + &x)?)?;
-            let h = l.intermediate.forward(&x)?.gelu_erf()?;
+            let h = self.gelu(&l.intermediate.forward(&x)?)?;
             x = self.norm(&l.out_norm, &(l.output.forward(&h)? + &x)?)?;
         }
         Ok((x, mask))
     }
 
-    fn attention(&self, l: &Layer, x: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    /// Exact GELU: candle's op in differentiable mode (it has a backward pass), else the
+    /// kernels' vectorised one.
+    fn gelu(&self, x: &Tensor) -> Result<Tensor> {
+        if self.differentiable || x.dtype() != candle_core::DType::F32 {
+            return x.gelu_erf();
+        }
+        let mut v = x.flatten_all()?.to_vec1::<f32>()?;
+        crate::kernels::gelu_erf(&mut v);
+        Tensor::from_vec(v, x.shape(), x.device())
+    }
+
+    /// Self-attention of a padded batch whose sequences hold `lens` real tokens: each query
+    /// row sees the real keys of its own sequence. Outside training this runs on the kernels'
+    /// attention over just those keys; in differentiable mode, on candle ops with the additive
+    /// padding mask `bias`.
+    fn attention(&self, l: &Layer, x: &Tensor, lens: &[usize], bias: Option<&Tensor>) -> Result<Tensor> {
         let (b, s, h) = x.dims3()?;
         let d = h / self.heads;
         let split = |t: Tensor| t.reshape((b, s, self.heads, d))?.transpose(1, 2)?.contiguous();
         let (q, k, v) = (split(l.query.forward(x)?)?, split(l.key.forward(x)?)?, split(l.value.forward(x)?)?);
-        let mut att = (q.matmul(&k.t()?.contiguous()?)? / (d as f64).sqrt())?;
+        let scale = 1.0 / (d as f64).sqrt();
+        if !self.differentiable && q.dtype() == candle_core::DType::F32 {
+            let (q, k, v) = (q.flatten_all()?.to_vec1::<f32>()?, k.flatten_all()?.to_vec1::<f32>()?, v.flatten_all()?.to_vec1::<f32>()?);
+            let seq = self.heads * s * d;
+            let mut y = vec![0f32; b * seq];
+            for (i, &len) in lens.iter().enumerate() {
+                let at = |g: usize| i * seq + g * s * d..i * seq + (g + 1) * s * d;
+                let kv: Vec<_> = (0..self.heads).map(|g| HeadRows { keys: &k[at(g)], values: &v[at(g)] }).collect();
+                let q = &q[i * seq..(i + 1) * seq];
+                attend_sequence(q, s, d, &kv, self.heads, scale as f32, |_| 0..len, &mut y[i * seq..(i + 1) * seq])?;
+            }
+            return Tensor::from_vec(y, (b, s, h), x.device());
+        }
+        let mut att = (q.matmul(&k.t()?.contiguous()?)? * scale)?;
         if let Some(bias) = bias {
             att = att.broadcast_add(bias)?;
         }
-        let att = if self.differentiable { candle_nn::ops::softmax(&att, D::Minus1)? } else { candle_nn::ops::softmax_last_dim(&att)? };
+        let att = candle_nn::ops::softmax(&att, D::Minus1)?;
         att.matmul(&v)?.transpose(1, 2)?.reshape((b, s, h))
     }
 

@@ -2,8 +2,8 @@
 //! layers are [`QLinear`]s named as in the checkpoint. Grouped-query attention, RoPE (with
 //! llama3 frequency scaling), RMSNorm, SwiGLU, tied or untied `lm_head`, KV cache. Batch 1.
 
+use super::attention::{attend_sequence, HeadRows};
 use crate::convert::Quantizable;
-use crate::kernels;
 use crate::nn::QLinear;
 use candle_core::{bail, DType, Device, Module, Result, Tensor, D};
 use candle_nn::{Embedding, Linear, RmsNorm, VarBuilder};
@@ -445,14 +445,9 @@ impl Attention {
     }
 }
 
-/// Cached values (`heads · t · d`) from which decoding attention is split over threads.
-const ATTENTION_PARALLEL_MIN: usize = 1 << 15;
-
 /// Causal attention of the `s` newest positions (a prompt, or one decoding step) against every
-/// cached key and value, computed on the cache's storage without a mask: for query position
-/// `i` (absolute position `p = t − s + i`) and head `h` with key/value head `g = h / rep`,
-/// `p = softmax(q_h · K_gᵀ / √d)` over the keys `j ≤ p` (and `p − j < window` on a
-/// sliding-window layer), `y_h = p · V_g`. The masked half of the scores is never computed.
+/// cached key and value, on the cache's storage: query position `i` (absolute position
+/// `p = t − s + i`) sees the keys `j ≤ p`, and `p − j < window` on a sliding-window layer.
 /// Returns `[1, s, heads·d]`, or `None` when the tensors are not f32 CPU tensors with
 /// contiguous rows (the general path then runs).
 fn causal_attention(
@@ -475,52 +470,20 @@ fn causal_attention(
     if q.len() != heads * s * d || s > t || !rows_contiguous(kl) || !rows_contiguous(vl) {
         return Ok(None);
     }
-    let rep = heads / kv_heads;
     // Key/value head g's rows, t·d values from its offset (rows are contiguous, checked above).
     let (k_at, v_at) = (|g: usize| kl.start_offset() + g * kl.stride()[1], |g: usize| vl.start_offset() + g * vl.stride()[1]);
     if (0..kv_heads).any(|g| k_at(g) + t * d > kd.len() || v_at(g) + t * d > vd.len()) {
         return Ok(None);
     }
-    // The keys query position i sees.
+    let kv: Vec<_> = (0..kv_heads).map(|g| HeadRows { keys: &kd[k_at(g)..k_at(g) + t * d], values: &vd[v_at(g)..v_at(g) + t * d] }).collect();
     let visible = |i: usize| {
         let p = t - s + i;
         (p + 1).saturating_sub(window.unwrap_or(usize::MAX))..p + 1
     };
-    let failed = std::sync::Mutex::new(None);
-    // Every (position, key/value group) is independent: the `rep` query heads sharing one
-    // key/value head read each key and value row once for all of them. A single position
-    // (decoding) is also cut into ranges of keys (flash-decoding: each part keeps its own
-    // softmax maximum and sum, merged after), once the cache is long enough to outweigh the
-    // hand-off, into as many ranges as it takes for the parts to share out evenly over the
-    // threads (SmolLM2's 3 groups on 2 threads: 6 parts, not 2 : 1).
-    let parallel = heads * t * d * s >= ATTENTION_PARALLEL_MIN;
-    let threads = if parallel { rayon::current_num_threads() } else { 1 };
-    let splits = if s > 1 { 1 } else { (1..=threads).find(|n| (kv_heads * n).is_multiple_of(threads)).unwrap_or(1).min(visible(0).len()) };
-    let part_len = kernels::part_len(rep, d);
-    let mut parts = vec![0f32; s * kv_heads * splits * part_len];
-    kernels::parallel_for_parts(parts.chunks_mut(part_len).collect(), parallel, |task, part| {
-        let (i, g, split) = (task / (kv_heads * splits), task / splits % kv_heads, task % splits);
-        let keys = visible(i);
-        let rows = keys.start + split * keys.len() / splits..keys.start + (split + 1) * keys.len() / splits;
-        let at = |start: usize| start + rows.start * d..start + rows.end * d;
-        // The group's query heads at position i, one after another (q is [heads, s, d]).
-        let qg: Vec<f32> = (g * rep..(g + 1) * rep).flat_map(|h| &q[(h * s + i) * d..(h * s + i + 1) * d]).copied().collect();
-        if let Err(e) = kernels::attend_part(&qg, &kd[at(k_at(g))], &vd[at(v_at(g))], d, scale, part) {
-            if let Ok(mut f) = failed.lock() {
-                *f = Some(e);
-            }
-        }
-    });
-    drop((ks, vs));
-    if let Some(e) = failed.into_inner().ok().flatten() {
-        return Err(e);
-    }
-    // Output rows are positions, each holding its heads in order: group g's heads are the
-    // g-th run of rep·d values.
     let mut y = vec![0f32; s * heads * d];
-    for (group, yg) in parts.chunks(splits * part_len).zip(y.chunks_mut(rep * d)) {
-        kernels::combine_parts(group, splits, d, yg)?;
-    }
+    attend_sequence(&q, s, d, &kv, heads, scale, visible, &mut y)?;
+    drop(kv);
+    drop((ks, vs));
     Ok(Some(Tensor::from_vec(y, (1, s, heads * d), k.device())?))
 }
 
