@@ -458,7 +458,7 @@ fn parse_size(s: &str) -> std::result::Result<u64, String> {
         other => return Err(format!("unknown size unit '{other}' in '{s}' (use B, KB, MB, GB, KiB, MiB or GiB)")),
     };
     let bytes = n * mult;
-    if !(bytes >= 1.0 && bytes < 1e18) {
+    if !(1.0..1e18).contains(&bytes) {
         return Err(format!("size '{s}' must be at least one byte"));
     }
     Ok(bytes as u64)

@@ -433,8 +433,7 @@ fn bad_checkpoints_are_errors_naming_the_file_and_tensor() {
                 .unwrap()
                 .flatten()
                 .map(|e| e.path())
-                .filter(|p| p.to_str().unwrap().contains("model-00001-of"))
-                .next()
+                .find(|p| p.to_str().unwrap().contains("model-00001-of"))
                 .unwrap();
             std::fs::remove_file(first).unwrap()
         },

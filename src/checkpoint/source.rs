@@ -324,12 +324,15 @@ impl TensorSource for PlannedSource {
     }
 }
 
+/// A progress callback: `(done, total)`.
+type Progress<'a> = Box<dyn FnMut(usize, usize) + Send + 'a>;
+
 /// Serves a [`TensorSource`] to candle's `VarBuilder`: each tensor is read when the model asks
 /// for it, its shape checked. Float tensors come in the dtype asked for; an `I8` tensor only as
 /// `U8` (its bytes), which is how [`crate::QLinear::load`] reads int8 weights.
 pub struct CheckpointBackend<'a> {
     source: Arc<dyn TensorSource>,
-    progress: Option<Mutex<Box<dyn FnMut(usize, usize) + Send + 'a>>>,
+    progress: Option<Mutex<Progress<'a>>>,
     reads: std::sync::atomic::AtomicUsize,
 }
 

@@ -38,7 +38,7 @@ pub(crate) fn attend_sequence(
     y: &mut [f32],
 ) -> Result<()> {
     let groups = kv.len();
-    if groups == 0 || heads % groups != 0 || q.len() != heads * s * d || y.len() != q.len() {
+    if groups == 0 || !heads.is_multiple_of(groups) || q.len() != heads * s * d || y.len() != q.len() {
         bail!("attention: {heads} heads of {d} over {s} rows do not fit {groups} key/value heads, a query of {} and an output of {}", q.len(), y.len())
     }
     let rep = heads / groups;

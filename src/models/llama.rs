@@ -80,7 +80,7 @@ pub struct Variant {
 impl Variant {
     /// Whether layer `i` attends through the sliding window.
     pub fn is_sliding(&self, i: usize) -> bool {
-        self.sliding_window.is_some() && self.global_every.is_none_or(|n| n == 0 || (i + 1) % n != 0)
+        self.sliding_window.is_some() && self.global_every.is_none_or(|n| n == 0 || !(i + 1).is_multiple_of(n))
     }
 }
 
