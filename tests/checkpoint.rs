@@ -429,12 +429,8 @@ fn bad_checkpoints_are_errors_naming_the_file_and_tensor() {
     corrupt(
         "missing shard",
         |d| {
-            let first = std::fs::read_dir(d)
-                .unwrap()
-                .flatten()
-                .map(|e| e.path())
-                .find(|p| p.to_str().unwrap().contains("model-00001-of"))
-                .unwrap();
+            let first =
+                std::fs::read_dir(d).unwrap().flatten().map(|e| e.path()).find(|p| p.to_str().unwrap().contains("model-00001-of")).unwrap();
             std::fs::remove_file(first).unwrap()
         },
         &["model-00001-of-"],

@@ -39,7 +39,11 @@ pub(crate) fn attend_sequence(
 ) -> Result<()> {
     let groups = kv.len();
     if groups == 0 || !heads.is_multiple_of(groups) || q.len() != heads * s * d || y.len() != q.len() {
-        bail!("attention: {heads} heads of {d} over {s} rows do not fit {groups} key/value heads, a query of {} and an output of {}", q.len(), y.len())
+        bail!(
+            "attention: {heads} heads of {d} over {s} rows do not fit {groups} key/value heads, a query of {} and an output of {}",
+            q.len(),
+            y.len()
+        )
     }
     let rep = heads / groups;
     for i in 0..s {
@@ -54,7 +58,8 @@ pub(crate) fn attend_sequence(
     let splits = if s > 1 { 1 } else { (1..=threads).find(|n| (groups * n).is_multiple_of(threads)).unwrap_or(1).min(visible(0).len()) };
     // Rows that see the same keys go through the kernel together, up to its tile of query
     // heads, so that each key and value row is read once for all of them.
-    let block = if rep < kernels::MAX_TILE_HEADS && (1..s).all(|i| visible(i) == visible(0)) { (kernels::MAX_TILE_HEADS / rep).min(s) } else { 1 };
+    let block =
+        if rep < kernels::MAX_TILE_HEADS && (1..s).all(|i| visible(i) == visible(0)) { (kernels::MAX_TILE_HEADS / rep).min(s) } else { 1 };
     let blocks = s.div_ceil(block);
     let part_len = kernels::part_len(block * rep, d);
     let mut parts = vec![0f32; blocks * groups * splits * part_len];

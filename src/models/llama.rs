@@ -475,7 +475,8 @@ fn causal_attention(
     if (0..kv_heads).any(|g| k_at(g) + t * d > kd.len() || v_at(g) + t * d > vd.len()) {
         return Ok(None);
     }
-    let kv: Vec<_> = (0..kv_heads).map(|g| HeadRows { keys: &kd[k_at(g)..k_at(g) + t * d], values: &vd[v_at(g)..v_at(g) + t * d] }).collect();
+    let kv: Vec<_> =
+        (0..kv_heads).map(|g| HeadRows { keys: &kd[k_at(g)..k_at(g) + t * d], values: &vd[v_at(g)..v_at(g) + t * d] }).collect();
     let visible = |i: usize| {
         let p = t - s + i;
         (p + 1).saturating_sub(window.unwrap_or(usize::MAX))..p + 1
