@@ -76,14 +76,15 @@ pub fn avx512_vnni_available() -> bool {
 /// `R·V` multiply-adds into `i32` lanes, one lane per output channel:
 /// - `vpmaddubsw` multiplies unsigned by signed bytes, so it takes `|a|` and the weight with its
 ///   bits flipped where `a < 0` (one `xor` with the row's mask: `|a|·!w = a·w − |a|` there, and
-///   the row's `Σ_{a<0} a` comes off at the segment's end); each 16-bit pair sum is at most
+///   the row's `Σ_{a<0} a` is taken back, `op.shift_terms`); each 16-bit pair sum is at most
 ///   `2·127·128 = 32512`, never saturating, and `vpmaddwd` with ones widens the pairs. (`vpsignb`
 ///   would move the sign in one instruction, but it competes with the two multiplies for the
 ///   same two pipes on AMD cores; the `xor` runs on any of four);
 /// - `vpdpbusd` does all of that in one instruction; its unsigned side is the weight shifted,
 ///   `w + 128` (one `xor` per weight register, shared by the `R` rows), so a segment sums
-///   `Σ a·w + 128·Σ a`, and the row's `128·Σ a` (`op.shift_terms`) comes off at the segment's end.
+///   `Σ a·w + 128·Σ a`, and the row's `128·Σ a` (`op.shift_terms`) is taken back.
 ///
+/// Each segment sum starts from minus its row's shift term, so no correction is left for the end.
 /// All integer sums are exact (wrapping `i32` arithmetic, and the true sums fit). At the end of
 /// each segment (a run of input channels sharing one activation scale and one weight scale) the
 /// lanes are converted once and scaled by `sa[m,g] · sw[n,g]` — eight outputs per instruction,
@@ -504,20 +505,34 @@ fn exp_nonpositive(x: __m256) -> __m256 {
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn exp_shifted(p: &mut [f32], shift: f32) -> f32 {
     let (m, mut sum) = (_mm256_set1_ps(shift), _mm256_setzero_ps());
-    let mut chunks = p.chunks_exact_mut(8);
+    // Padding past the end is −∞, whose e^(−∞ − shift) = 0 adds nothing to the sum.
+    map_vectors(p, f32::NEG_INFINITY, |v| {
+        let e = exp_nonpositive(_mm256_sub_ps(v, m));
+        sum = _mm256_add_ps(sum, e);
+        e
+    });
+    hsum(sum)
+}
+
+/// `x[i] = f(x[i..i+8])` eight values at a time, in place; the last, partial vector is padded
+/// with `pad` and only its real values are written back.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn map_vectors(x: &mut [f32], pad: f32, mut f: impl FnMut(__m256) -> __m256) {
+    let mut chunks = x.chunks_exact_mut(8);
     for c in &mut chunks {
         // SAFETY: chunks_exact_mut gives 8 floats.
-        let e = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(c.as_ptr()), m));
-        _mm256_storeu_ps(c.as_mut_ptr(), e);
-        sum = _mm256_add_ps(sum, e);
+        unsafe { _mm256_storeu_ps(c.as_mut_ptr(), f(_mm256_loadu_ps(c.as_ptr()))) };
     }
     let tail = chunks.into_remainder();
-    let mut rest = [f32::NEG_INFINITY; 8];
+    if tail.is_empty() {
+        return;
+    }
+    let mut rest = [pad; 8];
     rest[..tail.len()].copy_from_slice(tail);
-    let e = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(rest.as_ptr()), m));
-    _mm256_storeu_ps(rest.as_mut_ptr(), e);
+    // SAFETY: rest holds 8 floats.
+    unsafe { _mm256_storeu_ps(rest.as_mut_ptr(), f(_mm256_loadu_ps(rest.as_ptr()))) };
     tail.copy_from_slice(&rest[..tail.len()]);
-    hsum(_mm256_add_ps(sum, e))
 }
 
 /// `x ↦ x·Φ(x)` (exact GELU, `Φ` the normal distribution function) in place: see
@@ -542,16 +557,7 @@ pub unsafe fn gelu_erf(x: &mut [f32]) {
         // x − c where x ≥ 0, c where x < 0.
         _mm256_blendv_ps(_mm256_sub_ps(v, c), c, v)
     };
-    let mut chunks = x.chunks_exact_mut(8);
-    for c in &mut chunks {
-        // SAFETY: chunks_exact_mut gives 8 floats.
-        _mm256_storeu_ps(c.as_mut_ptr(), lanes(_mm256_loadu_ps(c.as_ptr())));
-    }
-    let tail = chunks.into_remainder();
-    let mut rest = [0f32; 8];
-    rest[..tail.len()].copy_from_slice(tail);
-    _mm256_storeu_ps(rest.as_mut_ptr(), lanes(_mm256_loadu_ps(rest.as_ptr())));
-    tail.copy_from_slice(&rest[..tail.len()]);
+    map_vectors(x, 0.0, lanes)
 }
 
 /// Horizontal sum of eight lanes.

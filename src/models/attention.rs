@@ -16,8 +16,8 @@ pub(crate) struct HeadRows<'a> {
     pub values: &'a [f32],
 }
 
-/// `y[i, h·d..(h+1)·d] = softmax(scale · q_{h,i} · K_gᵀ) · V_g` over the key rows `visible(i)`,
-/// for every query row `i < s` and head `h`, whose key/value head is `g = h / rep` with
+/// `y[i, h·d..(h+1)·d] = softmax(scale · q_{h,i} · K_gᵀ) · V_g` over the key rows `visible[i]`,
+/// for every query row `i < s = visible.len()` and head `h`, whose key/value head is `g = h / rep` with
 /// `rep = heads / kv.len()` (grouped-query attention: the `rep` heads of a group read each key
 /// and value row once for all of them). `q` is `[heads, s, d]`, `y` is `[s, heads·d]`.
 ///
@@ -29,16 +29,15 @@ pub(crate) struct HeadRows<'a> {
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn attend_sequence(
     q: &[f32],
-    s: usize,
     d: usize,
     kv: &[HeadRows],
     heads: usize,
     scale: f32,
-    visible: impl Fn(usize) -> Range<usize> + Sync,
+    visible: &[Range<usize>],
     y: &mut [f32],
 ) -> Result<()> {
-    let groups = kv.len();
-    if groups == 0 || !heads.is_multiple_of(groups) || q.len() != heads * s * d || y.len() != q.len() {
+    let (s, groups) = (visible.len(), kv.len());
+    if s == 0 || groups == 0 || !heads.is_multiple_of(groups) || q.len() != heads * s * d || y.len() != q.len() {
         bail!(
             "attention: {heads} heads of {d} over {s} rows do not fit {groups} key/value heads, a query of {} and an output of {}",
             q.len(),
@@ -46,20 +45,19 @@ pub(crate) fn attend_sequence(
         )
     }
     let rep = heads / groups;
-    for i in 0..s {
-        let r = visible(i);
+    for (i, r) in visible.iter().enumerate() {
         if r.is_empty() || kv.iter().any(|h| h.keys.len() < r.end * d || h.values.len() < r.end * d) {
             bail!("attention: query row {i} sees keys {r:?}, beyond the {} rows held", kv[0].keys.len() / d.max(1))
         }
     }
-    let work = heads * d * (0..s).map(|i| visible(i).len()).sum::<usize>();
+    let work = heads * d * visible.iter().map(|r| r.len()).sum::<usize>();
     let parallel = work >= PARALLEL_MIN;
     let threads = if parallel { rayon::current_num_threads() } else { 1 };
-    let splits = if s > 1 { 1 } else { (1..=threads).find(|n| (groups * n).is_multiple_of(threads)).unwrap_or(1).min(visible(0).len()) };
+    let splits = if s > 1 { 1 } else { (1..=threads).find(|n| (groups * n).is_multiple_of(threads)).unwrap_or(1).min(visible[0].len()) };
     // Rows that see the same keys go through the kernel together, up to its tile of query
     // heads, so that each key and value row is read once for all of them.
     let block =
-        if rep < kernels::MAX_TILE_HEADS && (1..s).all(|i| visible(i) == visible(0)) { (kernels::MAX_TILE_HEADS / rep).min(s) } else { 1 };
+        if rep < kernels::MAX_TILE_HEADS && visible.iter().all(|r| *r == visible[0]) { (kernels::MAX_TILE_HEADS / rep).min(s) } else { 1 };
     let blocks = s.div_ceil(block);
     let part_len = kernels::part_len(block * rep, d);
     let mut parts = vec![0f32; blocks * groups * splits * part_len];
@@ -67,7 +65,7 @@ pub(crate) fn attend_sequence(
     kernels::parallel_for_parts(parts.chunks_mut(part_len).collect(), parallel, |task, part| {
         let (ib, g, split) = (task / (groups * splits), task / splits % groups, task % splits);
         let rows_i = ib * block..((ib + 1) * block).min(s);
-        let keys = visible(rows_i.start);
+        let keys = visible[rows_i.start].clone();
         let rows = keys.start + split * keys.len() / splits..keys.start + (split + 1) * keys.len() / splits;
         let at = rows.start * d..rows.end * d;
         // The group's query heads at each row of the block, one after another (a short last

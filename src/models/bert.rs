@@ -197,7 +197,7 @@ impl Bert {
                 let at = |g: usize| i * seq + g * s * d..i * seq + (g + 1) * s * d;
                 let kv: Vec<_> = (0..self.heads).map(|g| HeadRows { keys: &k[at(g)], values: &v[at(g)] }).collect();
                 let q = &q[i * seq..(i + 1) * seq];
-                attend_sequence(q, s, d, &kv, self.heads, scale as f32, |_| 0..len, &mut y[i * seq..(i + 1) * seq])?;
+                attend_sequence(q, d, &kv, self.heads, scale as f32, &vec![0..len; s], &mut y[i * seq..(i + 1) * seq])?;
             }
             return Tensor::from_vec(y, (b, s, h), x.device());
         }

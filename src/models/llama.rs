@@ -477,12 +477,9 @@ fn causal_attention(
     }
     let kv: Vec<_> =
         (0..kv_heads).map(|g| HeadRows { keys: &kd[k_at(g)..k_at(g) + t * d], values: &vd[v_at(g)..v_at(g) + t * d] }).collect();
-    let visible = |i: usize| {
-        let p = t - s + i;
-        (p + 1).saturating_sub(window.unwrap_or(usize::MAX))..p + 1
-    };
+    let visible: Vec<_> = (t - s..t).map(|p| (p + 1).saturating_sub(window.unwrap_or(usize::MAX))..p + 1).collect();
     let mut y = vec![0f32; s * heads * d];
-    attend_sequence(&q, s, d, &kv, heads, scale, visible, &mut y)?;
+    attend_sequence(&q, d, &kv, heads, scale, &visible, &mut y)?;
     drop(kv);
     drop((ks, vs));
     Ok(Some(Tensor::from_vec(y, (1, s, heads * d), k.device())?))
