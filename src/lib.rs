@@ -35,9 +35,12 @@ pub mod observer;
 pub mod quant;
 
 pub use checkpoint::{load_quantized, save_quantized, QuantizedCheckpoint};
-pub use convert::{convert, prepare, prepare_qat, quantize_dynamic, quantize_weight_only, ConversionReport, QuantConfig, Quantizable};
+pub use convert::{
+    convert, ensure_quantized, float_linears, prepare, prepare_qat, quantize_dynamic, quantize_weight_only, ConversionReport, QuantConfig,
+    Quantizable,
+};
 pub use kernels::WeightQuant;
-pub use nn::{ActivationQuant, QLinear, QLinearKind};
+pub use nn::{qlinear, qlinear_b, qlinear_no_bias, ActivationQuant, QLinear, QLinearKind};
 pub use observer::{HistogramObserver, MinMaxObserver, Observer};
 pub use quant::{dequantize_value, fake_quantize, quantize_value, Granularity, QDType, QParams, QScheme, QSpec, QTensor};
 #[cfg(feature = "hub")]
@@ -47,3 +50,7 @@ pub mod generate;
 #[cfg(feature = "hub")]
 pub mod io;
 pub mod models;
+
+/// candle-core, for the paths [`quantizable!`] expands to (whatever name the user's crate gives it).
+#[doc(hidden)]
+pub use candle_core as __candle;

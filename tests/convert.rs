@@ -114,3 +114,100 @@ fn prepare_qat_then_convert() {
     assert_eq!(report.converted.len(), 4);
     assert_eq!(kinds(&mut model)[4].1, "float");
 }
+
+/// A user model built like candle models are (VarBuilder paths), with its `Quantizable` written
+/// by the macro — one version that forgets a layer, one that does not.
+mod user_kit {
+    use candle_core::{DType, Device, Module, Result, Tensor};
+    use candle_nn::{VarBuilder, VarMap};
+    use candle_quant::checkpoint::{load_quantized, save_quantized, SaveOptions};
+    use candle_quant::{
+        ensure_quantized, float_linears, qlinear, qlinear_b, qlinear_no_bias, quantizable, quantize_dynamic, QLinear, QuantConfig,
+    };
+
+    struct Attn {
+        qkv: QLinear,
+        out: QLinear,
+    }
+    struct Net {
+        embed: candle_nn::Embedding,
+        norm: candle_nn::RmsNorm,
+        layers: Vec<Attn>,
+        head: Option<QLinear>,
+    }
+    /// `out` forgotten.
+    struct Forgetful(Net);
+
+    quantizable!(Attn { linears: [qkv, out] });
+    quantizable!(Net { linears: [layers, head], tensors: [embed => "embed", norm => "norm"] });
+    impl candle_quant::Quantizable for Forgetful {
+        fn visit_linears(&mut self, f: &mut dyn FnMut(&mut QLinear) -> Result<()>) -> Result<()> {
+            for layer in &mut self.0.layers {
+                f(&mut layer.qkv)?;
+            }
+            self.0.head.as_mut().map_or(Ok(()), f)
+        }
+    }
+
+    fn net(vb: VarBuilder) -> Result<Net> {
+        let layers = (0..2)
+            .map(|i| {
+                let vb = vb.pp(format!("layers.{i}"));
+                Ok(Attn { qkv: qlinear_b(32, 96, i == 0, vb.pp("qkv"))?, out: qlinear_no_bias(96, 32, vb.pp("out"))? })
+            })
+            .collect::<Result<_>>()?;
+        Ok(Net {
+            embed: candle_nn::embedding(50, 32, vb.pp("embed"))?,
+            norm: candle_nn::rms_norm(32, 1e-5, vb.pp("norm"))?,
+            layers,
+            head: Some(qlinear(32, 50, vb.pp("head"))?),
+        })
+    }
+
+    impl Module for Net {
+        fn forward(&self, ids: &Tensor) -> Result<Tensor> {
+            let mut h = self.embed.forward(ids)?;
+            for l in &self.layers {
+                h = (&h + l.out.forward(&l.qkv.forward(&self.norm.forward(&h)?)?.gelu()?)?)?;
+            }
+            self.head.as_ref().map_or(Ok(h.clone()), |head| head.forward(&h))
+        }
+    }
+
+    fn shapes(map: &VarMap) -> Vec<(String, Vec<usize>)> {
+        map.data().lock().unwrap().iter().map(|(n, v)| (n.clone(), v.dims().to_vec())).collect()
+    }
+
+    #[test]
+    fn a_forgotten_layer_is_named_and_the_macro_model_round_trips() -> Result<()> {
+        let map = VarMap::new();
+        let vb = VarBuilder::from_varmap(&map, DType::F32, &Device::Cpu);
+        let shapes = shapes(&{
+            net(vb.clone())?;
+            map.clone()
+        });
+        let named = || shapes.iter().map(|(n, s)| (n.as_str(), s.as_slice()));
+
+        let mut forgetful = Forgetful(net(vb.clone())?);
+        let report = quantize_dynamic(&mut forgetful, &QuantConfig::default())?;
+        assert_eq!(report.converted, ["layers.0.qkv", "layers.1.qkv", "head"]);
+        // The embedding table is 2-D too: ignored by pattern; the two `out` layers are reported.
+        assert_eq!(float_linears(&mut forgetful, named(), &["embed"])?, ["layers.0.out", "layers.1.out"]);
+        let err = ensure_quantized(&mut forgetful, named(), &["embed"]).unwrap_err().to_string();
+        assert!(err.contains("layers.1.out"), "{err}");
+
+        let mut model = net(vb)?;
+        quantize_dynamic(&mut model, &QuantConfig::default())?;
+        ensure_quantized(&mut model, named(), &["embed"])?;
+
+        // The macro's tensor list makes the saved folder complete: it loads back to the same outputs.
+        let dir = std::env::temp_dir().join(format!("candle-quant-user-kit-{}", std::process::id()));
+        save_quantized(&mut model, &dir, &SaveOptions::default())?;
+        let loaded = load_quantized(&dir, net)?;
+        std::fs::remove_dir_all(&dir).ok();
+        let ids = Tensor::new(&[[1u32, 7, 49, 3]], &Device::Cpu)?;
+        let diff = (model.forward(&ids)? - loaded.forward(&ids)?)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert_eq!(diff, 0.0);
+        Ok(())
+    }
+}

@@ -10,7 +10,7 @@ use crate::kernels::WeightQuant;
 use crate::nn::{ActivationQuant, QLinear, QLinearKind};
 use crate::observer::{MinMaxObserver, Observer};
 use crate::quant::{QDType, QScheme, QSpec};
-use candle_core::{bail, Result};
+use candle_core::{bail, Result, Tensor};
 use rayon::prelude::*;
 
 /// A model whose linear layers can be visited, each with its full name.
@@ -21,7 +21,7 @@ pub trait Quantizable {
     /// Calls `f` with the checkpoint name and value of every other tensor the model holds
     /// (embeddings, norms), so that [`crate::checkpoint::save_quantized`] can save the whole
     /// model. The default shows none.
-    fn visit_tensors(&self, f: &mut dyn FnMut(&str, &candle_core::Tensor) -> Result<()>) -> Result<()> {
+    fn visit_tensors(&self, f: &mut dyn FnMut(&str, &Tensor) -> Result<()>) -> Result<()> {
         let _ = f;
         Ok(())
     }
@@ -37,12 +37,167 @@ impl<T: Quantizable> Quantizable for [T] {
     fn visit_linears(&mut self, f: &mut dyn FnMut(&mut QLinear) -> Result<()>) -> Result<()> {
         self.iter_mut().try_for_each(|m| m.visit_linears(f))
     }
+
+    fn visit_tensors(&self, f: &mut dyn FnMut(&str, &Tensor) -> Result<()>) -> Result<()> {
+        self.iter().try_for_each(|m| m.visit_tensors(f))
+    }
 }
 
 impl<T: Quantizable> Quantizable for Vec<T> {
     fn visit_linears(&mut self, f: &mut dyn FnMut(&mut QLinear) -> Result<()>) -> Result<()> {
         self.as_mut_slice().visit_linears(f)
     }
+
+    fn visit_tensors(&self, f: &mut dyn FnMut(&str, &Tensor) -> Result<()>) -> Result<()> {
+        self.as_slice().visit_tensors(f)
+    }
+}
+
+impl<T: Quantizable> Quantizable for Option<T> {
+    fn visit_linears(&mut self, f: &mut dyn FnMut(&mut QLinear) -> Result<()>) -> Result<()> {
+        self.as_mut().map_or(Ok(()), |m| m.visit_linears(f))
+    }
+
+    fn visit_tensors(&self, f: &mut dyn FnMut(&str, &Tensor) -> Result<()>) -> Result<()> {
+        self.as_ref().map_or(Ok(()), |m| m.visit_tensors(f))
+    }
+}
+
+/// The float tensors of a module other than its linear layers (embeddings, norms), named by
+/// their VarBuilder path, for [`quantizable!`](crate::quantizable)'s `tensors` list: what
+/// [`crate::checkpoint::save_quantized`] writes beside the int8 layers.
+pub trait NamedTensors {
+    /// Calls `f` with each tensor's checkpoint name under `path`.
+    fn visit_named(&self, path: &str, f: &mut dyn FnMut(&str, &Tensor) -> Result<()>) -> Result<()>;
+}
+
+impl NamedTensors for Tensor {
+    /// A bare tensor is saved as `path` itself.
+    fn visit_named(&self, path: &str, f: &mut dyn FnMut(&str, &Tensor) -> Result<()>) -> Result<()> {
+        f(path, self)
+    }
+}
+
+impl NamedTensors for candle_nn::Embedding {
+    /// `path.weight`, as `candle_nn::embedding` loads it.
+    fn visit_named(&self, path: &str, f: &mut dyn FnMut(&str, &Tensor) -> Result<()>) -> Result<()> {
+        f(&format!("{path}.weight"), self.embeddings())
+    }
+}
+
+impl NamedTensors for candle_nn::LayerNorm {
+    /// `path.weight` and, when there is one, `path.bias`.
+    fn visit_named(&self, path: &str, f: &mut dyn FnMut(&str, &Tensor) -> Result<()>) -> Result<()> {
+        f(&format!("{path}.weight"), self.weight())?;
+        self.bias().map_or(Ok(()), |b| f(&format!("{path}.bias"), b))
+    }
+}
+
+impl NamedTensors for candle_nn::RmsNorm {
+    /// `path.weight`.
+    fn visit_named(&self, path: &str, f: &mut dyn FnMut(&str, &Tensor) -> Result<()>) -> Result<()> {
+        f(&format!("{path}.weight"), self.weight())
+    }
+}
+
+/// Implements [`Quantizable`] for a struct from its fields: `linears` are fields that are
+/// themselves `Quantizable` ([`QLinear`], a nested model, a `Vec` or `Option` of either), visited
+/// in the order written; `tensors` are other float tensors ([`NamedTensors`]: `Tensor`,
+/// `Embedding`, `LayerNorm`, `RmsNorm`) with the VarBuilder path they were loaded from, so that
+/// saving the model writes them too. A field left out of both lists is invisible to every
+/// conversion verb — [`float_linears`] finds such a forgotten layer.
+///
+/// ```
+/// use candle_core::{Module, Result, Tensor};
+/// use candle_nn::VarBuilder;
+/// use candle_quant::{qlinear, qlinear_no_bias, quantizable, QLinear};
+///
+/// struct Block { up: QLinear, down: QLinear }
+/// struct Net { embed: candle_nn::Embedding, blocks: Vec<Block>, head: QLinear }
+///
+/// quantizable!(Block { linears: [up, down] });
+/// quantizable!(Net { linears: [blocks, head], tensors: [embed => "embed"] });
+///
+/// fn block(vb: VarBuilder) -> Result<Block> {
+///     Ok(Block { up: qlinear(16, 32, vb.pp("up"))?, down: qlinear_no_bias(32, 16, vb.pp("down"))? })
+/// }
+/// # fn main() -> Result<()> {
+/// let vb = VarBuilder::from_varmap(&candle_nn::VarMap::new(), candle_core::DType::F32, &candle_core::Device::Cpu);
+/// let mut net = Net {
+///     embed: candle_nn::embedding(100, 16, vb.pp("embed"))?,
+///     blocks: (0..2).map(|i| block(vb.pp(format!("blocks.{i}")))).collect::<Result<_>>()?,
+///     head: qlinear(16, 100, vb.pp("head"))?,
+/// };
+/// let report = candle_quant::quantize_dynamic(&mut net, &Default::default())?;
+/// assert_eq!(report.converted, ["blocks.0.up", "blocks.0.down", "blocks.1.up", "blocks.1.down", "head"]);
+/// # Ok(()) }
+/// ```
+#[macro_export]
+macro_rules! quantizable {
+    ($ty:ty { linears: [$($linear:ident),* $(,)?] $(, tensors: [$($field:ident => $path:expr),* $(,)?])? $(,)? }) => {
+        impl $crate::Quantizable for $ty {
+            fn visit_linears(
+                &mut self,
+                f: &mut dyn FnMut(&mut $crate::QLinear) -> $crate::__candle::Result<()>,
+            ) -> $crate::__candle::Result<()> {
+                $($crate::Quantizable::visit_linears(&mut self.$linear, f)?;)*
+                let _ = f;
+                Ok(())
+            }
+
+            fn visit_tensors(
+                &self,
+                f: &mut dyn FnMut(&str, &$crate::__candle::Tensor) -> $crate::__candle::Result<()>,
+            ) -> $crate::__candle::Result<()> {
+                $($($crate::convert::NamedTensors::visit_named(&self.$field, $path, f)?;)*)?
+                $($crate::Quantizable::visit_tensors(&self.$linear, f)?;)*
+                let _ = f;
+                Ok(())
+            }
+        }
+    };
+}
+
+/// The linear layers a model leaves in float: every 2-D `P.weight` among `tensors` (the names and
+/// shapes of the checkpoint the model was loaded from, e.g. a `VarMap`'s or a safetensors file's)
+/// whose `P` the model's [`Quantizable::visit_linears`] never reaches, or reaches as a float
+/// layer — a field forgotten in `visit_linears` (or [`quantizable!`](crate::quantizable)) shows up
+/// here instead of silently staying float. `ignore` holds patterns (`*` = anything) for 2-D
+/// tensors that are not linear layers (embedding tables) or that are meant to stay float.
+pub fn float_linears<'a>(
+    model: &mut (impl Quantizable + ?Sized),
+    tensors: impl IntoIterator<Item = (&'a str, &'a [usize])>,
+    ignore: &[&str],
+) -> Result<Vec<String>> {
+    let mut quantized = std::collections::HashSet::new();
+    model.visit_linears(&mut |layer| {
+        if !matches!(layer.kind(), QLinearKind::Float(_)) {
+            quantized.insert(layer.name().to_string());
+        }
+        Ok(())
+    })?;
+    let mut left: Vec<String> = tensors
+        .into_iter()
+        .filter(|(_, shape)| shape.len() == 2)
+        .filter_map(|(name, _)| name.strip_suffix(".weight"))
+        .filter(|layer| !quantized.contains(*layer) && !ignore.iter().any(|p| matches(p, layer)))
+        .map(str::to_string)
+        .collect();
+    left.sort();
+    Ok(left)
+}
+
+/// [`float_linears`] as a check: an error naming every layer left in float.
+pub fn ensure_quantized<'a>(
+    model: &mut (impl Quantizable + ?Sized),
+    tensors: impl IntoIterator<Item = (&'a str, &'a [usize])>,
+    ignore: &[&str],
+) -> Result<()> {
+    let left = float_linears(model, tensors, ignore)?;
+    if !left.is_empty() {
+        bail!("{} linear layer(s) left in float (not visited by the model's Quantizable, or not selected): {}", left.len(), left.join(", "))
+    }
+    Ok(())
 }
 
 pub use crate::nn::DEFAULT_OUTLIER_THRESHOLD;

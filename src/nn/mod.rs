@@ -22,6 +22,23 @@ use crate::quant::{float_values, QParams};
 use candle_core::{bail, DType, Module, Result, Storage, Tensor, D};
 use candle_nn::{Linear, VarBuilder};
 
+/// A linear layer `in_features → out_features` with a bias, loaded from `vb` (its path becomes the
+/// layer's name): the drop-in for `candle_nn::linear`. Float until a conversion verb quantizes it;
+/// over a quantized checkpoint's VarBuilder it loads as int8 directly.
+pub fn qlinear(in_features: usize, out_features: usize, vb: VarBuilder) -> Result<QLinear> {
+    QLinear::load(in_features, out_features, true, vb)
+}
+
+/// [`qlinear`] without a bias: the drop-in for `candle_nn::linear_no_bias`.
+pub fn qlinear_no_bias(in_features: usize, out_features: usize, vb: VarBuilder) -> Result<QLinear> {
+    QLinear::load(in_features, out_features, false, vb)
+}
+
+/// [`qlinear`] with the bias chosen by a flag: the drop-in for `candle_nn::linear_b`.
+pub fn qlinear_b(in_features: usize, out_features: usize, bias: bool, vb: VarBuilder) -> Result<QLinear> {
+    QLinear::load(in_features, out_features, bias, vb)
+}
+
 /// What a [`QLinear`] currently is.
 #[derive(Debug, Clone)]
 pub enum QLinearKind {
