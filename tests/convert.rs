@@ -121,6 +121,7 @@ mod user_kit {
     use candle_core::{DType, Device, Module, Result, Tensor};
     use candle_nn::{VarBuilder, VarMap};
     use candle_quant::checkpoint::{load_quantized, save_quantized, SaveOptions};
+    use candle_quant::convert::Named;
     use candle_quant::{
         ensure_quantized, float_linears, qlinear, qlinear_b, qlinear_no_bias, quantizable, quantize_dynamic, QLinear, QuantConfig,
     };
@@ -130,16 +131,16 @@ mod user_kit {
         out: QLinear,
     }
     struct Net {
-        embed: candle_nn::Embedding,
-        norm: candle_nn::RmsNorm,
+        embed: Named<candle_nn::Embedding>,
+        norm: Named<candle_nn::RmsNorm>,
         layers: Vec<Attn>,
         head: Option<QLinear>,
     }
     /// `out` forgotten.
     struct Forgetful(Net);
 
-    quantizable!(Attn { linears: [qkv, out] });
-    quantizable!(Net { linears: [layers, head], tensors: [embed => "embed", norm => "norm"] });
+    quantizable!(Attn { qkv, out });
+    quantizable!(Net { embed, norm, layers, head });
     impl candle_quant::Quantizable for Forgetful {
         fn visit_linears(&mut self, f: &mut dyn FnMut(&mut QLinear) -> Result<()>) -> Result<()> {
             for layer in &mut self.0.layers {
@@ -157,8 +158,8 @@ mod user_kit {
             })
             .collect::<Result<_>>()?;
         Ok(Net {
-            embed: candle_nn::embedding(50, 32, vb.pp("embed"))?,
-            norm: candle_nn::rms_norm(32, 1e-5, vb.pp("norm"))?,
+            embed: Named::load(vb.pp("embed"), |vb| candle_nn::embedding(50, 32, vb))?,
+            norm: Named::load(vb.pp("norm"), |vb| candle_nn::rms_norm(32, 1e-5, vb))?,
             layers,
             head: Some(qlinear(32, 50, vb.pp("head"))?),
         })

@@ -2,8 +2,10 @@
 //! `quantize_dynamic`; `prepare` → run calibration data → `convert`; `prepare_qat` → train →
 //! `convert`. The PyTorch verbs, as a visitor over [`QLinear`]s (no global hooks).
 
+mod named;
 mod pattern;
 
+pub use named::{Named, NamedTensors};
 pub use pattern::matches;
 
 use crate::kernels::WeightQuant;
@@ -61,101 +63,6 @@ impl<T: Quantizable> Quantizable for Option<T> {
     fn visit_tensors(&self, f: &mut dyn FnMut(&str, &Tensor) -> Result<()>) -> Result<()> {
         self.as_ref().map_or(Ok(()), |m| m.visit_tensors(f))
     }
-}
-
-/// The float tensors of a module other than its linear layers (embeddings, norms), named by
-/// their VarBuilder path, for [`quantizable!`](crate::quantizable)'s `tensors` list: what
-/// [`crate::checkpoint::save_quantized`] writes beside the int8 layers.
-pub trait NamedTensors {
-    /// Calls `f` with each tensor's checkpoint name under `path`.
-    fn visit_named(&self, path: &str, f: &mut dyn FnMut(&str, &Tensor) -> Result<()>) -> Result<()>;
-}
-
-impl NamedTensors for Tensor {
-    /// A bare tensor is saved as `path` itself.
-    fn visit_named(&self, path: &str, f: &mut dyn FnMut(&str, &Tensor) -> Result<()>) -> Result<()> {
-        f(path, self)
-    }
-}
-
-impl NamedTensors for candle_nn::Embedding {
-    /// `path.weight`, as `candle_nn::embedding` loads it.
-    fn visit_named(&self, path: &str, f: &mut dyn FnMut(&str, &Tensor) -> Result<()>) -> Result<()> {
-        f(&format!("{path}.weight"), self.embeddings())
-    }
-}
-
-impl NamedTensors for candle_nn::LayerNorm {
-    /// `path.weight` and, when there is one, `path.bias`.
-    fn visit_named(&self, path: &str, f: &mut dyn FnMut(&str, &Tensor) -> Result<()>) -> Result<()> {
-        f(&format!("{path}.weight"), self.weight())?;
-        self.bias().map_or(Ok(()), |b| f(&format!("{path}.bias"), b))
-    }
-}
-
-impl NamedTensors for candle_nn::RmsNorm {
-    /// `path.weight`.
-    fn visit_named(&self, path: &str, f: &mut dyn FnMut(&str, &Tensor) -> Result<()>) -> Result<()> {
-        f(&format!("{path}.weight"), self.weight())
-    }
-}
-
-/// Implements [`Quantizable`] for a struct from its fields: `linears` are fields that are
-/// themselves `Quantizable` ([`QLinear`], a nested model, a `Vec` or `Option` of either), visited
-/// in the order written; `tensors` are other float tensors ([`NamedTensors`]: `Tensor`,
-/// `Embedding`, `LayerNorm`, `RmsNorm`) with the VarBuilder path they were loaded from, so that
-/// saving the model writes them too. A field left out of both lists is invisible to every
-/// conversion verb — [`float_linears`] finds such a forgotten layer.
-///
-/// ```
-/// use candle_core::{Module, Result, Tensor};
-/// use candle_nn::VarBuilder;
-/// use candle_quant::{qlinear, qlinear_no_bias, quantizable, QLinear};
-///
-/// struct Block { up: QLinear, down: QLinear }
-/// struct Net { embed: candle_nn::Embedding, blocks: Vec<Block>, head: QLinear }
-///
-/// quantizable!(Block { linears: [up, down] });
-/// quantizable!(Net { linears: [blocks, head], tensors: [embed => "embed"] });
-///
-/// fn block(vb: VarBuilder) -> Result<Block> {
-///     Ok(Block { up: qlinear(16, 32, vb.pp("up"))?, down: qlinear_no_bias(32, 16, vb.pp("down"))? })
-/// }
-/// # fn main() -> Result<()> {
-/// let vb = VarBuilder::from_varmap(&candle_nn::VarMap::new(), candle_core::DType::F32, &candle_core::Device::Cpu);
-/// let mut net = Net {
-///     embed: candle_nn::embedding(100, 16, vb.pp("embed"))?,
-///     blocks: (0..2).map(|i| block(vb.pp(format!("blocks.{i}")))).collect::<Result<_>>()?,
-///     head: qlinear(16, 100, vb.pp("head"))?,
-/// };
-/// let report = candle_quant::quantize_dynamic(&mut net, &Default::default())?;
-/// assert_eq!(report.converted, ["blocks.0.up", "blocks.0.down", "blocks.1.up", "blocks.1.down", "head"]);
-/// # Ok(()) }
-/// ```
-#[macro_export]
-macro_rules! quantizable {
-    ($ty:ty { linears: [$($linear:ident),* $(,)?] $(, tensors: [$($field:ident => $path:expr),* $(,)?])? $(,)? }) => {
-        impl $crate::Quantizable for $ty {
-            fn visit_linears(
-                &mut self,
-                f: &mut dyn FnMut(&mut $crate::QLinear) -> $crate::__candle::Result<()>,
-            ) -> $crate::__candle::Result<()> {
-                $($crate::Quantizable::visit_linears(&mut self.$linear, f)?;)*
-                let _ = f;
-                Ok(())
-            }
-
-            fn visit_tensors(
-                &self,
-                f: &mut dyn FnMut(&str, &$crate::__candle::Tensor) -> $crate::__candle::Result<()>,
-            ) -> $crate::__candle::Result<()> {
-                $($($crate::convert::NamedTensors::visit_named(&self.$field, $path, f)?;)*)?
-                $($crate::Quantizable::visit_tensors(&self.$linear, f)?;)*
-                let _ = f;
-                Ok(())
-            }
-        }
-    };
 }
 
 /// The linear layers a model leaves in float: every 2-D `P.weight` among `tensors` (the names and
