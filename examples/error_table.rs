@@ -7,10 +7,10 @@
 use anyhow::Result;
 use candle_core::{Device, Module, Tensor};
 use candle_nn::Linear;
-use candle_quant::kernels::PackedInt8Weights;
+use candle_quant::internals::PackedInt8Weights;
 use candle_quant::nn::{ActivationQuant, DynamicLinear, QLinear, QLinearKind};
 use candle_quant::observer::{HistogramObserver, MinMaxObserver, Observer};
-use candle_quant::quant::{Granularity, QDType, QParams, QScheme, QSpec, QTensor};
+use candle_quant::quant::{Granularity, QDType, QParams, QScheme, QSpec, QuantizedTensor};
 use candle_quant::WeightQuant;
 
 fn rel_error(a: &Tensor, b: &Tensor) -> Result<f32> {
@@ -33,7 +33,7 @@ fn main() -> Result<()> {
 
     let per_tensor_w = {
         let p = QParams::from_tensor(QSpec::WEIGHT, Granularity::PerTensor, &w)?;
-        PackedInt8Weights::from_qtensor(&QTensor::quantize(&w, &p)?)?
+        PackedInt8Weights::from_quantized_tensor(&QuantizedTensor::quantize(&w, &p)?)?
     };
     let bias = float.bias().map(|b| b.to_vec1::<f32>()).transpose()?;
     let dynamic = |act: ActivationQuant, per_channel: bool| -> Result<QLinear> {

@@ -24,12 +24,11 @@
 //! # Ok(()) }
 //! ```
 //!
-//! Layers, from the maths up: [`quant`] → [`observer`], [`kernels`] → [`nn`] → [`convert`](mod@convert).
+//! Layers, from the maths up: [`quant`] → [`observer`], the int8 kernels → [`nn`] → [`convert`](mod@convert).
 
-pub mod bench;
 pub mod checkpoint;
 pub mod convert;
-pub mod kernels;
+mod kernels;
 pub mod nn;
 pub mod observer;
 pub mod quant;
@@ -39,10 +38,10 @@ pub use convert::{
     convert, ensure_quantized, float_linears, prepare, prepare_qat, quantize_dynamic, quantize_weight_only, ConversionReport, QuantConfig,
     Quantizable,
 };
-pub use kernels::WeightQuant;
+pub use kernels::{force_isa, Isa, WeightQuant};
 pub use nn::{qlinear, qlinear_b, qlinear_no_bias, ActivationQuant, QLinear, QLinearKind};
 pub use observer::{HistogramObserver, MinMaxObserver, Observer};
-pub use quant::{dequantize_value, fake_quantize, quantize_value, Granularity, QDType, QParams, QScheme, QSpec, QTensor};
+pub use quant::{dequantize_value, fake_quantize, quantize_value, Granularity, QDType, QParams, QScheme, QSpec, QuantizedTensor};
 #[cfg(feature = "hub")]
 pub mod eval;
 #[cfg(feature = "hub")]
@@ -54,3 +53,10 @@ pub mod models;
 /// candle-core, for the paths [`quantizable!`] expands to (whatever name the user's crate gives it).
 #[doc(hidden)]
 pub use candle_core as __candle;
+
+/// The kernels' entry points for this crate's own tests, benchmarks and CLI: not part of the API,
+/// and free to change in any release.
+#[doc(hidden)]
+pub mod internals {
+    pub use crate::kernels::*;
+}

@@ -3,8 +3,8 @@
 mod common;
 
 use candle_core::{Device, Tensor};
-use candle_quant::kernels::{int8_linear, int8_linear_with, reference, Isa, PackedInt8Weights, QuantizedActivations, WeightQuant};
-use candle_quant::quant::{Granularity, QDType, QParams, QScheme, QSpec, QTensor};
+use candle_quant::internals::{int8_linear, int8_linear_with, reference, Isa, PackedInt8Weights, QuantizedActivations, WeightQuant};
+use candle_quant::quant::{Granularity, QDType, QParams, QScheme, QSpec, QuantizedTensor};
 use proptest::prelude::*;
 
 #[test]
@@ -24,7 +24,7 @@ fn reference_gemm_golden() {
 fn weights_from(values: &[i8], n: usize, k: usize, scales: Vec<f32>) -> PackedInt8Weights {
     let params = QParams::new(QSpec::WEIGHT, Granularity::PerChannel { axis: 0 }, scales, vec![0; n]).unwrap();
     let ints: Vec<i32> = values.iter().map(|&v| v as i32).collect();
-    PackedInt8Weights::from_qtensor(&QTensor::from_values(&ints, (n, k), params).unwrap()).unwrap()
+    PackedInt8Weights::from_quantized_tensor(&QuantizedTensor::from_values(&ints, (n, k), params).unwrap()).unwrap()
 }
 
 proptest! {
@@ -113,8 +113,8 @@ fn kernel_shape_errors() {
     // Weights outside the narrow range or with a zero point are refused.
     let wide = QSpec::new(QDType::QInt8, QScheme::Symmetric);
     let p = QParams::new(wide, Granularity::PerTensor, vec![1.0], vec![0]).unwrap();
-    let q = QTensor::from_values(&[-128, 0], (1, 2), p).unwrap();
-    assert!(PackedInt8Weights::from_qtensor(&q).unwrap_err().to_string().contains("-127"));
+    let q = QuantizedTensor::from_values(&[-128, 0], (1, 2), p).unwrap();
+    assert!(PackedInt8Weights::from_quantized_tensor(&q).unwrap_err().to_string().contains("-127"));
 }
 
 #[test]
@@ -150,7 +150,7 @@ fn weight_scales_are_stored_as_f16() {
 /// path's exact segment sums, which never go through the split.
 #[test]
 fn outputs_land_in_their_columns_on_every_split() {
-    use candle_quant::kernels::{group_sums_with, Isa};
+    use candle_quant::internals::{group_sums_with, Isa};
     let mut rng = common::Rng::new(99);
     let k = 576;
     for (m, n) in [(1, 512), (1, 520), (1, 1000), (3, 512), (5, 264), (2, 1001)] {
@@ -187,7 +187,7 @@ fn outputs_land_in_their_columns_on_every_split() {
 /// summation order.
 #[test]
 fn simd_paths_equal_the_reference() {
-    use candle_quant::kernels::{group_sums_with, int8_linear_with, weight_only_linear_with, Isa, WeightQuant};
+    use candle_quant::internals::{group_sums_with, int8_linear_with, weight_only_linear_with, Isa, WeightQuant};
     let paths: Vec<Isa> = Isa::supported().into_iter().filter(|&i| i != Isa::Reference).collect();
     println!("SIMD paths exercised: {paths:?}");
     let mut rng = common::Rng::new(2024);
@@ -271,7 +271,7 @@ fn simd_paths_equal_the_reference() {
 /// 2.5 → 2 and −3.5 → −4 exercise rounding half to even.
 #[test]
 fn simd_activation_quantizer_equals_the_reference() {
-    use candle_quant::kernels::Isa;
+    use candle_quant::internals::Isa;
     let mut rng = common::Rng::new(7);
     for case in 0..2_000 {
         let (m, k) = (1 + (rng.next_u64() % 4) as usize, 1 + (rng.next_u64() % 300) as usize);
@@ -306,7 +306,7 @@ fn simd_activation_quantizer_equals_the_reference() {
 /// ranges merged afterwards; bad lengths are errors.
 #[test]
 fn attention_paths_agree_with_a_direct_softmax() {
-    use candle_quant::kernels::{attend_part_with, attend_with, combine_parts, part_len, Isa};
+    use candle_quant::internals::{attend_part_with, attend_with, combine_parts, part_len, Isa};
     // Golden: two keys with equal scores weigh both values ½: y = ([1, 2] + [3, 6]) / 2 = [2, 4].
     let mut y = [0f32; 2];
     attend_with(Isa::Reference, &[1.0, 1.0], &[0.5, 0.5, 0.5, 0.5], &[1.0, 2.0, 3.0, 6.0], 2, 1.0, &mut y).unwrap();
@@ -365,7 +365,7 @@ fn attention_paths_agree_with_a_direct_softmax() {
 fn stream_sum_reads_every_value_once() {
     for n in [0u64, 1, 7, 31, 32, 33, 1000, 4097] {
         let buf: Vec<u64> = (0..n).collect();
-        assert_eq!(candle_quant::kernels::stream_sum(&buf), n * n.saturating_sub(1) / 2, "n = {n}");
+        assert_eq!(candle_quant::internals::stream_sum(&buf), n * n.saturating_sub(1) / 2, "n = {n}");
     }
 }
 
@@ -375,7 +375,7 @@ fn stream_sum_reads_every_value_once() {
 /// number of vectors. Golden: GELU(0) = 0 and GELU(−x) = GELU(x) − x.
 #[test]
 fn gelu_erf_matches_candle() {
-    use candle_quant::kernels::{gelu_erf, gelu_erf_scalar};
+    use candle_quant::internals::{gelu_erf, gelu_erf_scalar};
     let mut rng = common::Rng::new(5);
     for n in [1, 7, 8, 9, 100] {
         let mut x: Vec<f32> = rng.normals(n, 3.0);

@@ -20,7 +20,7 @@ fn minmax_golden() {
     o.observe(&t(&[-1.0, 2.0])).unwrap();
     o.observe(&t(&[0.5, 3.0])).unwrap();
     let p = o.qparams().unwrap();
-    assert_eq!((p.scales[0], p.zero_points[0]), (4.0 / 255.0, 64));
+    assert_eq!((p.scales()[0], p.zero_points()[0]), (4.0 / 255.0, 64));
 }
 
 #[test]
@@ -32,7 +32,7 @@ fn moving_average_golden() {
     o.observe(&t(&[-3.0, 5.0])).unwrap();
     assert_eq!(o.range().unwrap(), (&[-2.0f32][..], &[3.0f32][..]));
     let p = o.qparams().unwrap();
-    assert_eq!((p.scales[0], p.zero_points[0]), (5.0 / 255.0, 102));
+    assert_eq!((p.scales()[0], p.zero_points()[0]), (5.0 / 255.0, 102));
     assert!(MinMaxObserver::moving_average(AFFINE_U8, 0.0).is_err());
     assert!(MinMaxObserver::moving_average(AFFINE_U8, 1.5).is_err());
 }
@@ -44,7 +44,7 @@ fn per_channel_golden() {
     let mut o = MinMaxObserver::per_channel(QSpec::WEIGHT, 0);
     o.observe(&Tensor::new(&[[1f32, -2.0], [3.0, 4.0]], &Device::Cpu).unwrap()).unwrap();
     let p = o.qparams().unwrap();
-    assert_eq!(p.scales, vec![2.0 / 127.0, 4.0 / 127.0]);
+    assert_eq!(p.scales(), vec![2.0 / 127.0, 4.0 / 127.0]);
     // Moving-average per channel: second batch [[3, 0], [1, 2]] -> channel 0 [-2 + 0.5·2, 1 + 0.5·2] = [-1, 2].
     let mut o = MinMaxObserver::moving_average_per_channel(QSpec::WEIGHT, 0, 0.5).unwrap();
     o.observe(&Tensor::new(&[[1f32, -2.0], [3.0, 4.0]], &Device::Cpu).unwrap()).unwrap();
@@ -61,7 +61,7 @@ fn non_finite_values_are_skipped_and_counted() {
     let mut o = MinMaxObserver::new(AFFINE_U8);
     o.observe(&t(&[f32::NAN, -1.0, f32::INFINITY, 3.0, f32::NEG_INFINITY])).unwrap();
     assert_eq!(o.nonfinite_count(), 3);
-    assert_eq!(o.qparams().unwrap().zero_points[0], 64);
+    assert_eq!(o.qparams().unwrap().zero_points()[0], 64);
     let mut h = HistogramObserver::new(AFFINE_U8, 64).unwrap();
     h.observe(&t(&[f32::NAN, f32::NAN])).unwrap();
     assert_eq!(h.nonfinite_count(), 2);
@@ -123,7 +123,7 @@ fn histogram_keeps_the_full_range_when_clipping_does_not_pay() {
     let mut hist = HistogramObserver::new(AFFINE_U8, 2048).unwrap();
     mm.observe(&x).unwrap();
     hist.observe(&x).unwrap();
-    let (a, b) = (mm.qparams().unwrap().scales[0], hist.qparams().unwrap().scales[0]);
+    let (a, b) = (mm.qparams().unwrap().scales()[0], hist.qparams().unwrap().scales()[0]);
     assert!((a - b).abs() / a < 0.02, "min/max scale {a}, histogram scale {b}");
 }
 
@@ -134,7 +134,7 @@ fn percentile_clips_tails() {
     let v: Vec<f32> = (0..10_000).map(|i| i as f32).collect();
     let mut o = HistogramObserver::percentile(QSpec::WEIGHT, 99.0, 1000).unwrap();
     o.observe(&Tensor::from_vec(v, 10_000, &Device::Cpu).unwrap()).unwrap();
-    let s = o.qparams().unwrap().scales[0];
+    let s = o.qparams().unwrap().scales()[0];
     assert!((s * 127.0 - 9900.0).abs() < 20.0, "scale {s} → range {}", s * 127.0);
 }
 

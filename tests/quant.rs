@@ -3,7 +3,7 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor, Var};
-use candle_quant::quant::{fake_quantize, Granularity, QDType, QParams, QScheme, QSpec, QTensor, SCALE_EPS};
+use candle_quant::quant::{fake_quantize, Granularity, QDType, QParams, QScheme, QSpec, QuantizedTensor, SCALE_EPS};
 use proptest::prelude::*;
 
 const AFFINE_U8: QSpec = QSpec { dtype: QDType::QUInt8, scheme: QScheme::Affine, reduce_range: false, narrow_range: false };
@@ -63,12 +63,12 @@ fn constant_and_zero_tensors_get_valid_scales() {
     assert_eq!((s, z), (SCALE_EPS, 0));
     let x = Tensor::zeros((3, 4), DType::F32, &Device::Cpu).unwrap();
     let p = QParams::from_tensor(SYM_I8, Granularity::PerChannel { axis: 0 }, &x).unwrap();
-    let q = QTensor::quantize(&x, &p).unwrap();
+    let q = QuantizedTensor::quantize(&x, &p).unwrap();
     assert!(q.values().iter().all(|&v| v == 0));
     // A constant 5.0 tensor is representable: scale 5/255 (affine u8), 5.0 maps to 255 and back.
     let x = Tensor::full(5f32, (2, 2), &Device::Cpu).unwrap();
     let p = QParams::from_tensor(AFFINE_U8, Granularity::PerTensor, &x).unwrap();
-    let back = QTensor::quantize(&x, &p).unwrap().dequantize(&Device::Cpu).unwrap();
+    let back = QuantizedTensor::quantize(&x, &p).unwrap().dequantize(&Device::Cpu).unwrap();
     assert!(back.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().all(|v| close(*v, 5.0)));
 }
 
@@ -79,7 +79,7 @@ fn golden_quantize_rounding_and_clamping() {
     // dequantize 12 -> (12 - 10) * 0.5 = 1.0.
     let p = QParams::new(AFFINE_I8, Granularity::PerTensor, vec![0.5], vec![10]).unwrap();
     let x = Tensor::new(&[1.25f32, 1.75, 100.0, -100.0, 0.0], &Device::Cpu).unwrap();
-    let q = QTensor::quantize(&x, &p).unwrap();
+    let q = QuantizedTensor::quantize(&x, &p).unwrap();
     assert_eq!(q.values(), vec![12, 14, 127, -128, 10]);
     let back = q.dequantize(&Device::Cpu).unwrap().to_vec1::<f32>().unwrap();
     assert_eq!(back, vec![1.0, 2.0, 58.5, -69.0, 0.0]);
@@ -90,16 +90,16 @@ fn quint8_storage_round_trips() {
     // quint8 values 0 and 255 survive the i8 storage offset.
     let p = QParams::new(AFFINE_U8, Granularity::PerTensor, vec![1.0], vec![0]).unwrap();
     let x = Tensor::new(&[0f32, 255.0, 128.0, 300.0], &Device::Cpu).unwrap();
-    assert_eq!(QTensor::quantize(&x, &p).unwrap().values(), vec![0, 255, 128, 255]);
+    assert_eq!(QuantizedTensor::quantize(&x, &p).unwrap().values(), vec![0, 255, 128, 255]);
 }
 
 #[test]
 fn half_precision_inputs() {
     let x = Tensor::new(&[-1f32, 0.5, 3.0], &Device::Cpu).unwrap();
     let p = QParams::from_tensor(AFFINE_U8, Granularity::PerTensor, &x).unwrap();
-    let want = QTensor::quantize(&x, &p).unwrap().values();
+    let want = QuantizedTensor::quantize(&x, &p).unwrap().values();
     for dt in [DType::F16, DType::BF16] {
-        assert_eq!(QTensor::quantize(&x.to_dtype(dt).unwrap(), &p).unwrap().values(), want, "{dt:?}");
+        assert_eq!(QuantizedTensor::quantize(&x.to_dtype(dt).unwrap(), &p).unwrap().values(), want, "{dt:?}");
     }
 }
 
@@ -111,8 +111,8 @@ fn per_group_layout() {
     // Group maxima 2, 4, 8, 0, 1, 1 -> scales m/127 (0 floors to eps);
     // 1.5 / (2/127) = 95.25 -> 95, 0.5 / (4/127) = 15.875 -> 16.
     let want = [2.0f32, 4.0, 8.0, 0.0, 1.0, 1.0].map(|m| (m / 127.0).max(SCALE_EPS));
-    assert_eq!(p.scales, want);
-    let q = QTensor::quantize(&x, &p).unwrap().values();
+    assert_eq!(p.scales(), want);
+    let q = QuantizedTensor::quantize(&x, &p).unwrap().values();
     assert_eq!(q, vec![95, -127, 127, 16, 127, 0, 0, 127, 127, -127]);
 }
 
@@ -148,7 +148,7 @@ fn bad_inputs_are_errors() {
     let x = Tensor::ones((2, 3), DType::F32, &dev).unwrap();
     assert!(QParams::from_tensor(SYM_I8, Granularity::PerChannel { axis: 2 }, &x).unwrap_err().to_string().contains("axis 2"));
     let p = QParams::new(SYM_I8, Granularity::PerChannel { axis: 0 }, vec![1.0; 3], vec![0; 3]).unwrap();
-    assert!(QTensor::quantize(&x, &p).unwrap_err().to_string().contains("needs 2"));
+    assert!(QuantizedTensor::quantize(&x, &p).unwrap_err().to_string().contains("needs 2"));
     assert!(QParams::new(SYM_I8, Granularity::PerTensor, vec![0.0], vec![0]).is_err());
     assert!(QParams::new(AFFINE_U8, Granularity::PerTensor, vec![1.0], vec![300]).is_err());
     assert!(SYM_I8.scale_zero_point(f32::NAN, 1.0).is_err());
@@ -213,10 +213,10 @@ proptest! {
         }
         let x = Tensor::from_vec(v.clone(), (rows, cols), &Device::Cpu).unwrap();
         let p = QParams::from_tensor(QSpec::WEIGHT, Granularity::PerGroup { size: group }, &x).unwrap();
-        let q = QTensor::quantize(&x, &p).unwrap().values();
+        let q = QuantizedTensor::quantize(&x, &p).unwrap().values();
         let groups = cols.div_ceil(group);
         for (i, (&qi, &xi)) in q.iter().zip(&v).enumerate() {
-            let scale = p.scales[(i / cols) * groups + (i % cols) / group];
+            let scale = p.scales()[(i / cols) * groups + (i % cols) / group];
             prop_assert_eq!(qi, QSpec::WEIGHT.quantize_value(xi, scale, 0), "element {} = {}", i, xi);
         }
     }
@@ -226,13 +226,13 @@ proptest! {
         let mut rng = common::Rng::new(seed);
         let x = rng.tensor(&[rows, cols], 3.0).unwrap();
         let p = QParams::from_tensor(spec, Granularity::PerChannel { axis }, &x).unwrap();
-        let q = QTensor::quantize(&x, &p).unwrap().values();
+        let q = QuantizedTensor::quantize(&x, &p).unwrap().values();
         let channels = if axis == 0 { rows } else { cols };
         for c in 0..channels {
             let slice = x.narrow(axis, c, 1).unwrap().contiguous().unwrap();
             let ps = QParams::from_tensor(spec, Granularity::PerTensor, &slice).unwrap();
-            prop_assert_eq!(ps.scales[0], p.scales[c]);
-            let qs = QTensor::quantize(&slice, &ps).unwrap().values();
+            prop_assert_eq!(ps.scales()[0], p.scales()[c]);
+            let qs = QuantizedTensor::quantize(&slice, &ps).unwrap().values();
             let from_full: Vec<i32> = (0..qs.len()).map(|i| if axis == 0 { q[c * cols + i] } else { q[i * cols + c] }).collect();
             prop_assert_eq!(qs, from_full);
         }

@@ -95,6 +95,7 @@ pub struct QuantizationConfig {
 
 /// How one int8 layer computes. Group sizes count input channels per scale; `None` means one
 /// scale per output channel (weights) or per token (activations).
+#[non_exhaustive]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
 pub enum LayerScheme {
@@ -324,6 +325,7 @@ impl QuantizationConfig {
 }
 
 /// How the selected layers of a model get int8 weights.
+#[non_exhaustive]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Int8Kind {
     /// [`LayerScheme::Dynamic`]: int8 weights and activations.

@@ -23,6 +23,7 @@ pub const DEFAULT_HUB_MODEL: &str = "HuggingFaceTB/SmolLM2-135M-Instruct";
 pub const DEFAULT_GGUF: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 
 /// A model location, as given on a command line.
+#[non_exhaustive]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ModelSource {
     /// `org/name` or `org/name@revision`.
@@ -69,9 +70,22 @@ impl std::fmt::Display for ModelSource {
     }
 }
 
-/// Folder of the offline models: `$CANDLE_QUANT_MODELS`, else `models/` in this crate.
+/// Folder of the offline models and texts, resolved at run time: `$CANDLE_QUANT_MODELS`, else
+/// `models/` in the current directory when there is one (a checkout of this crate), else
+/// `candle-quant/models` in the user's cache (`$XDG_CACHE_HOME`, else `~/.cache`).
 pub fn models_dir() -> PathBuf {
-    std::env::var_os("CANDLE_QUANT_MODELS").map(PathBuf::from).unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("models"))
+    if let Some(dir) = std::env::var_os("CANDLE_QUANT_MODELS") {
+        return PathBuf::from(dir);
+    }
+    let here = PathBuf::from("models");
+    if here.is_dir() {
+        return here;
+    }
+    let cache = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(std::env::temp_dir);
+    cache.join("candle-quant").join("models")
 }
 
 /// Loading progress: `(stage, done, total)`.

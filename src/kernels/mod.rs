@@ -32,6 +32,7 @@ pub use attention::{attend, attend_part, attend_part_with, attend_with, combine_
 pub use weights::{quantize_weight_rows, quantize_weight_rows_with, Int8Rows, PackedInt8Weights, WeightQuant, BLOCK_ROWS, MAX_IN_FEATURES};
 
 use candle_core::{bail, Result};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::OnceLock;
 
 /// Below this many multiply-adds a linear runs on the calling thread only.
@@ -50,8 +51,25 @@ macro_rules! avx2_paths {
 #[cfg(target_arch = "x86_64")]
 pub(crate) use avx2_paths;
 
+/// The path [`force_isa`] chose: 0 for none, else 1 + its index in [`Isa::ALL`].
+static FORCED: AtomicU8 = AtomicU8::new(0);
+
+/// Makes every int8 layer of the process run on `isa` (`None`: back to the fastest path the CPU
+/// has) — to compare paths, or to step around one. Fails, naming the CPU's paths, when this CPU
+/// cannot run `isa`. The environment variable `CANDLE_QUANT_ISA` does the same from outside.
+pub fn force_isa(isa: Option<Isa>) -> Result<()> {
+    let code = match isa {
+        None => 0,
+        Some(isa) if isa.is_supported() => 1 + Isa::ALL.iter().position(|&i| i == isa).unwrap_or(0) as u8,
+        Some(isa) => bail!("kernel path {isa:?} is not available on this CPU, which has {:?}", Isa::detected()),
+    };
+    FORCED.store(code, Ordering::Relaxed);
+    Ok(())
+}
+
 /// An instruction-set path for the int8 kernels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Isa {
     /// Portable scalar code.
     Reference,
@@ -71,10 +89,15 @@ pub enum Isa {
 }
 
 impl Isa {
-    /// The fastest path this CPU supports, or the one `CANDLE_QUANT_ISA` names (any listed in
-    /// [`Isa::supported`], case-insensitive).
+    const ALL: [Isa; 7] = [Isa::Reference, Isa::Avx2, Isa::VnniOnAvx2, Isa::AvxVnni, Isa::Avx512Vnni, Isa::Neon, Isa::NeonDot];
+
+    /// The path every layer uses: the one [`force_isa`] chose, else the one `CANDLE_QUANT_ISA`
+    /// names (any listed in [`Isa::supported`], case-insensitive), else the fastest this CPU has.
     pub fn best() -> Isa {
-        Isa::detected().last().copied().unwrap_or(Isa::Reference)
+        match FORCED.load(Ordering::Relaxed) {
+            0 => Isa::detected().last().copied().unwrap_or(Isa::Reference),
+            code => Isa::ALL[code as usize - 1],
+        }
     }
 
     /// Every path this CPU can run, slowest first (for tests that force each one).

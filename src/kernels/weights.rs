@@ -1,7 +1,7 @@
 //! Int8 weights in the layout the kernels read.
 
 use super::CHUNK;
-use crate::quant::{float_values, Granularity, QDType, QParams, QSpec, QTensor};
+use crate::quant::{float_values, Granularity, QDType, QParams, QSpec, QuantizedTensor};
 use candle_core::{bail, Device, Result, Tensor};
 use half::f16;
 use std::sync::Arc;
@@ -10,6 +10,7 @@ use std::sync::Arc;
 pub const MAX_IN_FEATURES: usize = 1 << 17;
 
 /// How int8 weights are scaled.
+#[non_exhaustive]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WeightQuant {
     /// One scale per output channel.
@@ -91,7 +92,7 @@ impl PackedInt8Weights {
     /// Packs an already quantized `[out, in]` weight; it must be symmetric signed with zero
     /// point 0 — per tensor, per output channel or per group — and inside `[-127, 127]`.
     /// Its scales are rounded to the nearest `f16` (an error if one exceeds `f16::MAX`).
-    pub fn from_qtensor(q: &QTensor) -> Result<Self> {
+    pub fn from_quantized_tensor(q: &QuantizedTensor) -> Result<Self> {
         let &[n, k] = q.shape().dims() else { bail!("int8 weights must be 2-D [out, in], got shape {:?}", q.shape()) };
         let p = q.params();
         if p.zero_points.iter().any(|&z| z != 0) || p.spec.qrange().0 >= 0 || p.spec.dtype != QDType::QInt8 {
@@ -368,7 +369,7 @@ fn check_rows(n: usize, k: usize, group: usize, values: &[i8], scales: &[f16]) -
 /// `sw = f16(max|w| / 127)` over the finite values (at least [`crate::quant::SCALE_EPS`]) and
 /// `qw = round_half_even(clamp(w / sw, −127, 127))` with the rounded scale, so values and the
 /// stored scale agree exactly. Rows are quantized in parallel on rayon's pool. The same
-/// numbers as [`QTensor::quantize`] with [`PackedInt8Weights::qparams`].
+/// numbers as [`QuantizedTensor::quantize`] with [`PackedInt8Weights::qparams`].
 pub fn quantize_weight_rows(values: &[f32], n: usize, k: usize, how: WeightQuant) -> Result<Int8Rows> {
     if n.checked_mul(k) != Some(values.len()) {
         bail!("cannot quantize {} values as an {n}×{k} weight", values.len())

@@ -9,6 +9,7 @@ use candle_core::{bail, Result};
 pub const DEFAULT_OUTLIER_THRESHOLD: f32 = 3.0;
 
 /// How activations are quantized on the fly (symmetric int8, `[-127, 127]`).
+#[non_exhaustive]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ActivationQuant {
     /// One scale per token (row).

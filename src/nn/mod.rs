@@ -40,6 +40,7 @@ pub fn qlinear_b(in_features: usize, out_features: usize, bias: bool, vb: VarBui
 }
 
 /// What a [`QLinear`] currently is.
+#[non_exhaustive]
 #[derive(Debug, Clone)]
 pub enum QLinearKind {
     /// `candle_nn::Linear`, untouched.

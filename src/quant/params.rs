@@ -4,15 +4,37 @@ use super::spec::{Granularity, QSpec};
 use candle_core::{bail, Result, Shape};
 
 /// Scales and zero points of one quantized tensor (or of one observer's view of a tensor).
+/// Built only through the checked constructors: every scale finite and positive, every zero
+/// point inside the spec's integer range, as many of each.
 #[derive(Debug, Clone, PartialEq)]
 pub struct QParams {
-    pub spec: QSpec,
-    pub granularity: Granularity,
-    pub scales: Vec<f32>,
-    pub zero_points: Vec<i32>,
+    pub(crate) spec: QSpec,
+    pub(crate) granularity: Granularity,
+    pub(crate) scales: Vec<f32>,
+    pub(crate) zero_points: Vec<i32>,
 }
 
 impl QParams {
+    /// The integer type, scheme and range these parameters were made for.
+    pub fn spec(&self) -> QSpec {
+        self.spec
+    }
+
+    /// Which slices of a tensor share one `(scale, zero_point)`.
+    pub fn granularity(&self) -> Granularity {
+        self.granularity
+    }
+
+    /// One scale per slot.
+    pub fn scales(&self) -> &[f32] {
+        &self.scales
+    }
+
+    /// One zero point per slot.
+    pub fn zero_points(&self) -> &[i32] {
+        &self.zero_points
+    }
+
     /// Per-tensor parameters for the range `[min, max]`.
     pub fn per_tensor(spec: QSpec, min: f32, max: f32) -> Result<Self> {
         Self::from_min_max(spec, Granularity::PerTensor, &[min], &[max])

@@ -1,13 +1,13 @@
-//! `QTensor`: integer values plus their [`QParams`] and shape.
+//! `QuantizedTensor`: integer values plus their [`QParams`] and shape.
 
 use super::params::{QParams, SlotLayout};
 use super::spec::{dequantize_value, quantize_value, Granularity, QSpec};
 use candle_core::{bail, DType, Device, Result, Shape, Tensor};
 
 /// A quantized tensor. Values are kept as `i8` storing `q - offset` (offset 0 for qint8, 128 for
-/// quint8); that choice stays inside this type: use [`QTensor::values`] or [`QTensor::dequantize`].
+/// quint8); that choice stays inside this type: use [`QuantizedTensor::values`] or [`QuantizedTensor::dequantize`].
 #[derive(Debug, Clone)]
-pub struct QTensor {
+pub struct QuantizedTensor {
     storage: Vec<i8>,
     offset: i32,
     shape: Shape,
@@ -58,7 +58,7 @@ impl QParams {
     }
 }
 
-impl QTensor {
+impl QuantizedTensor {
     /// `q = clamp(round(x / scale) + zero_point, qmin, qmax)` element by element, each element
     /// with the parameters of its slot.
     pub fn quantize(x: &Tensor, params: &QParams) -> Result<Self> {

@@ -29,6 +29,7 @@ impl QDType {
 }
 
 /// How a real range maps onto the integer range.
+#[non_exhaustive]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum QScheme {
     /// `scale = (max - min) / (qmax - qmin)`, `zero_point = qmin - round(min / scale)`;
@@ -40,6 +41,7 @@ pub enum QScheme {
 }
 
 /// Which elements share one scale and zero point.
+#[non_exhaustive]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Granularity {
     /// One pair for the whole tensor.

