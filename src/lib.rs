@@ -60,3 +60,8 @@ pub use candle_core as __candle;
 pub mod internals {
     pub use crate::kernels::*;
 }
+
+/// The README's Rust examples, compiled and run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

@@ -137,7 +137,7 @@ pub struct QuantConfig {
     pub weight: WeightQuant,
     /// Dynamic layers multiply inputs with `|x|` above this in float (LLM.int8()-style).
     /// Default 3.0: on SmolLM2-135M it halves KL(f32 ‖ int8) against no threshold for a few
-    /// percent of decode time (see README).
+    /// percent of decode time (docs/accuracy.md).
     pub outlier_threshold: Option<f32>,
     pub overrides: Vec<(String, ActivationQuant)>,
     /// Observer for static calibration and QAT inputs.

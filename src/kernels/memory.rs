@@ -1,6 +1,6 @@
 //! Large buffers backed by transparent huge pages where the system offers them: a 7B model's
 //! weights are gigabytes, and on 4 KB pages filling them costs a page fault (and later a TLB
-//! entry) every 4 KB — measured as a third of the time of loading an int8 checkpoint.
+//! entry) every 4 KB, a large share of the time of loading an int8 checkpoint.
 
 /// Size of a huge page (x86_64 and aarch64 with 4 KB base pages).
 const HUGE_PAGE: usize = 2 << 20;

@@ -591,7 +591,7 @@ pub fn parallel_for_parts<T: Send>(parts: Vec<&mut [T]>, parallel: bool, work: i
 }
 
 /// Parts the bandwidth probe reads side by side: as many as the weight blocks a decoding tile
-/// streams at once (one stream alone reads slower on the dev VM: ~10–15 against 15–18 GB/s).
+/// streams at once (one stream alone reads memory slower than eight side by side).
 const STREAMS: usize = 8;
 
 /// Wrapping sum of `buf` with the widest vectors this CPU has, read as eight parts side by side

@@ -3,12 +3,9 @@
 //!
 //! Why not rayon's pool: a decoding model calls a layer every 10–100 µs, with a few µs of
 //! serial work in between. Rayon's idle workers go to sleep within tens of µs, and waking one
-//! costs about 10 µs on a VM (measured on the 2-core dev VM: a 10 µs job split in two with
-//! `rayon::join` took 7.6 µs back to back but 17 µs after a 50 µs pause) — more than half of
-//! what splitting a small layer saves. These helpers spin for [`SPIN`] after each job before
-//! they park, so the next layer finds them awake (576×576 layers streamed from memory, one
-//! call every 100 µs, 2 threads: 32.5 µs per call here vs 44.0 µs on rayon, 48.8 µs on one
-//! thread); after a longer pause they cost nothing.
+//! costs about 10 µs on a virtual machine — more than half of what splitting a small layer
+//! saves. These helpers spin for [`SPIN`] after each job before they park, so the next layer
+//! finds them awake; after a longer pause they cost nothing.
 //!
 //! Helper `h` starts a job with task `h + 1` (the caller with task 0): a layer split in as many
 //! tasks as threads gives each thread the same weights on every call, still warm in that

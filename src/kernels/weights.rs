@@ -21,8 +21,8 @@ pub enum WeightQuant {
 }
 
 impl Default for WeightQuant {
-    /// Groups of 32: measured on SmolLM2-135M, per-channel weight scales alone cost about half of
-    /// the KL divergence of the dynamic int8 model (see README).
+    /// Groups of 32: on SmolLM2-135M per-channel weight scales alone cost about half of the KL
+    /// divergence of the dynamic int8 model (docs/accuracy.md).
     fn default() -> Self {
         WeightQuant::PerGroup(32)
     }
@@ -431,8 +431,8 @@ const STREAM_PANELS: usize = 8;
 /// blocks of a panel side by side, one memory stream each; within each run of
 /// [`STREAM_PANELS`] whole panels, block `v` of panel `p + 1` is stored right after block `v` of
 /// panel `p`, so each of the eight streams runs on through the panels of its run (at K = 576 a
-/// block is a 4.6 KB stream; a run of eight, 37 KB — measured in C on the dev VM, eight such
-/// streams read 14–17 GB/s from memory against 11–13 for 4.6 KB ones). Panel `p`'s block `v`,
+/// block is a 4.6 KB stream; a run of eight, 37 KB: eight long streams read memory faster than
+/// eight short ones, docs/kernels.md). Panel `p`'s block `v`,
 /// in a run starting at panel `p0` and holding `P` panels, goes to `8·p0 + v·P + (p − p0)`;
 /// the last, partial panel stays in order. A bijection on `0..blocks`; every block stays
 /// contiguous, so tiles over any blocks read them through [`PackedInt8Weights::block`].

@@ -231,7 +231,7 @@ macro_rules! int8_tiles {
             /// Runs every row tile over blocks `blocks`, in panels of a few blocks so that a
             /// panel's weights stay in cache while all rows pass over them. One activation row
             /// (decoding) takes panels of eight blocks — 64 outputs per pass over the row, eight
-            /// weight streams in flight (measured: ~10 % more bandwidth than four); more rows take
+            /// weight streams in flight (more memory bandwidth than four); more rows take
             /// tiles of 4 rows × 2 blocks.
             ///
             /// # Safety

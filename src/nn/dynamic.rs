@@ -5,7 +5,7 @@ use candle_core::{bail, Result};
 
 /// Default outlier threshold of dynamic layers: inputs with `|x|` above it are multiplied in
 /// float. On SmolLM2-135M it halves KL(f32 ‖ int8) against no threshold for a few percent of
-/// decode time (see README).
+/// decode time (docs/accuracy.md).
 pub const DEFAULT_OUTLIER_THRESHOLD: f32 = 3.0;
 
 /// How activations are quantized on the fly (symmetric int8, `[-127, 127]`).
