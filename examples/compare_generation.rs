@@ -19,7 +19,7 @@ fn main() -> Result<()> {
 
     let tokens = encode(&f32_model, &prompt)?;
     for (label, lm) in [("f32", &f32_model), ("int8", &int8_model)] {
-        let g = generate(lm, &tokens, 48, &Sampling::default(), |_| {})?;
+        let g = generate(&lm.model, &lm.tokenizer, &tokens, 48, &Sampling::default(), |_| {})?;
         println!("[{label}] {prompt}{}", g.text);
         println!(
             "[{label}] prefill {:.1} ms, decode {:.1} tok/s, weights {:.1} MB",

@@ -1,7 +1,8 @@
-//! Quality of a quantized model against its float reference: perplexity of both, mean
-//! KL(f32 ‖ int8) of the next-token distributions, and top-1 agreement.
+//! Quality of a candidate model (e.g. int8) against a reference (e.g. its float self), on any
+//! [`CausalLm`]: perplexity of both, mean KL(reference ‖ candidate) of the next-token
+//! distributions, and top-1 agreement.
 
-use crate::models::llama::{KvCache, Llama};
+use crate::lm::CausalLm;
 use candle_core::{bail, Result, Tensor, D};
 
 /// Sums over the scored positions of one or more windows.
@@ -17,8 +18,11 @@ struct Sums {
 /// Quality figures of `candidate` relative to `reference`.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct EvalReport {
-    pub f32_ppl: f64,
-    pub int8_ppl: f64,
+    /// Perplexity of the reference model on the scored tokens.
+    pub reference_ppl: f64,
+    /// Perplexity of the candidate model.
+    pub candidate_ppl: f64,
+    /// `100 · (candidate_ppl / reference_ppl − 1)`.
     pub ppl_delta_pct: f64,
     /// Mean KL(reference ‖ candidate) per scored token, in nats.
     pub kld: f64,
@@ -29,16 +33,23 @@ pub struct EvalReport {
 }
 
 /// Scores positions `from..len-1` of `tokens` (each predicting the next token) in one pass.
-fn score(reference: &Llama, candidate: &Llama, tokens: &[u32], from: usize) -> Result<Sums> {
-    let logits_ref = reference.forward(tokens, &mut KvCache::default(), true)?;
-    let logits_cand = candidate.forward(tokens, &mut KvCache::default(), true)?;
+fn score(reference: &impl CausalLm, candidate: &impl CausalLm, tokens: &[u32], from: usize) -> Result<Sums> {
+    let logits_ref = reference.forward(tokens, &mut reference.new_cache(), true)?;
+    let logits_cand = candidate.forward(tokens, &mut candidate.new_cache(), true)?;
+    let rows = tokens.len() - 1;
+    for (what, l) in [("reference", &logits_ref), ("candidate", &logits_cand)] {
+        if l.dims().len() != 2 || l.dim(0)? < rows {
+            bail!("the {what} model returned logits of shape {:?} for {} tokens: [tokens, vocab] expected", l.shape(), tokens.len())
+        }
+    }
     let n = tokens.len() - 1;
     let (lr, lc) = (logits_ref.narrow(0, from, n - from)?, logits_cand.narrow(0, from, n - from)?);
     let (lp, lq) = (candle_nn::ops::log_softmax(&lr, D::Minus1)?, candle_nn::ops::log_softmax(&lc, D::Minus1)?);
     let targets = Tensor::new(&tokens[from + 1..], lr.device())?.unsqueeze(1)?;
     let nll = |l: &Tensor| -> Result<f64> { Ok(-(l.gather(&targets, 1)?.sum_all()?.to_scalar::<f32>()? as f64)) };
     let kl = (lp.exp()? * (&lp - &lq)?)?.sum_all()?.to_scalar::<f32>()? as f64;
-    let (ar, ac) = (Llama::argmax(&lr)?, Llama::argmax(&lc)?);
+    let argmax = |l: &Tensor| l.argmax(D::Minus1)?.to_vec1::<u32>();
+    let (ar, ac) = (argmax(&lr)?, argmax(&lc)?);
     Ok(Sums { nll_ref: nll(&lp)?, nll_cand: nll(&lq)?, kl, agree: ar.iter().zip(&ac).filter(|(a, b)| a == b).count(), n: n - from })
 }
 
@@ -46,8 +57,8 @@ fn report(s: &Sums) -> EvalReport {
     let n = s.n.max(1) as f64;
     let (p, q) = ((s.nll_ref / n).exp(), (s.nll_cand / n).exp());
     EvalReport {
-        f32_ppl: p,
-        int8_ppl: q,
+        reference_ppl: p,
+        candidate_ppl: q,
         ppl_delta_pct: (q / p - 1.0) * 100.0,
         kld: s.kl / n,
         top1_agreement: s.agree as f64 / n,
@@ -56,13 +67,13 @@ fn report(s: &Sums) -> EvalReport {
 }
 
 /// Perplexity, KL and agreement over consecutive non-overlapping windows of `window` tokens
-/// (each window starts with an empty cache). A model that wants a BOS token
-/// (`add_bos_token`) gets one at the start of every window, before `window − 1` tokens of text,
+/// (each window starts with an empty cache). When the reference has a
+/// [`CausalLm::bos_token`] it starts every window, before `window − 1` tokens of text,
 /// as llama.cpp's perplexity does; `tokens` is the text alone. `progress(done, total)` after
 /// each window.
 pub fn evaluate(
-    reference: &Llama,
-    candidate: &Llama,
+    reference: &impl CausalLm,
+    candidate: &impl CausalLm,
     tokens: &[u32],
     window: usize,
     mut progress: impl FnMut(usize, usize),
@@ -73,8 +84,7 @@ pub fn evaluate(
     if tokens.len() < 2 {
         bail!("evaluation needs at least 2 tokens of text, got {}", tokens.len())
     }
-    let cfg = reference.config();
-    let bos = cfg.bos_token_id.filter(|_| cfg.add_bos_token);
+    let bos = reference.bos_token();
     let text_len = window - bos.is_some() as usize;
     let chunks: Vec<Vec<u32>> =
         tokens.chunks(text_len).map(|c| bos.iter().chain(c).copied().collect::<Vec<u32>>()).filter(|c| c.len() >= 2).collect();
@@ -93,7 +103,7 @@ pub fn evaluate(
 
 /// Teacher-forced comparison along one sequence: only the predictions of positions from
 /// `from` on are scored (e.g. the generated part after a prompt).
-pub fn evaluate_from(reference: &Llama, candidate: &Llama, tokens: &[u32], from: usize) -> Result<EvalReport> {
+pub fn evaluate_from(reference: &impl CausalLm, candidate: &impl CausalLm, tokens: &[u32], from: usize) -> Result<EvalReport> {
     if from + 1 >= tokens.len() {
         bail!("nothing to score: {} tokens, scoring from position {from}", tokens.len())
     }

@@ -2,9 +2,10 @@
 //! penalty, seeded), streaming text as it is produced, with prefill and decode timed apart.
 
 use crate::io::LanguageModel;
-use crate::models::llama::KvCache;
+use crate::lm::CausalLm;
 use candle_core::{bail, Result};
 use std::time::Instant;
+use tokenizers::Tokenizer;
 
 /// How the next token is chosen.
 #[derive(Debug, Clone)]
@@ -101,11 +102,11 @@ pub fn encode_text(lm: &LanguageModel, text: &str) -> Result<Vec<u32>> {
     Ok(enc.get_ids().to_vec())
 }
 
-/// End-of-sequence token ids of the model (config, then the tokenizer's usual names).
-pub fn eos_tokens(lm: &LanguageModel) -> Vec<u32> {
-    let mut eos = lm.model.config().eos_token_id.clone();
+/// End-of-sequence token ids: the model's, then the tokenizer's usual names for one.
+pub fn eos_tokens(model: &impl CausalLm, tokenizer: &Tokenizer) -> Vec<u32> {
+    let mut eos = model.eos_tokens();
     for name in ["<|im_end|>", "<|endoftext|>", "</s>", "<|eot_id|>"] {
-        if let Some(id) = lm.tokenizer.token_to_id(name) {
+        if let Some(id) = tokenizer.token_to_id(name) {
             if !eos.contains(&id) {
                 eos.push(id);
             }
@@ -171,30 +172,32 @@ fn choose(logits: &mut [f32], history: &[u32], s: &Sampling, rng: &mut Rng) -> u
     idx[probs.len() - 1] as u32
 }
 
-/// Generates up to `max_new` tokens after `prompt`, calling `on_text` with each new piece of
-/// text as soon as it decodes cleanly. Stops at an end-of-sequence token.
+/// Generates up to `max_new` tokens after `prompt` with any [`CausalLm`], calling `on_text` with
+/// each new piece of text (decoded by `tokenizer`) as soon as it decodes cleanly. Stops at an
+/// end-of-sequence token ([`eos_tokens`]).
 pub fn generate(
-    lm: &LanguageModel,
+    model: &impl CausalLm,
+    tokenizer: &Tokenizer,
     prompt: &[u32],
     max_new: usize,
     sampling: &Sampling,
     mut on_text: impl FnMut(&str),
 ) -> Result<Generation> {
-    let ctx = lm.model.config().max_position_embeddings;
+    let ctx = model.max_context();
     if prompt.is_empty() {
         bail!("the prompt is empty")
     }
     if prompt.len() + max_new > ctx {
         bail!("prompt of {} tokens plus {max_new} new tokens exceeds the model's context of {ctx} tokens", prompt.len())
     }
-    let eos = eos_tokens(lm);
+    let eos = eos_tokens(model, tokenizer);
     let mut rng = Rng(sampling.seed);
-    let mut cache = KvCache::default();
+    let mut cache = model.new_cache();
     let mut history = prompt.to_vec();
     let mut new = Vec::new();
     let (mut shown, mut text) = (0usize, String::new());
     let start = Instant::now();
-    let mut logits = lm.model.forward(prompt, &mut cache, false)?;
+    let mut logits = model.forward(prompt, &mut cache, false)?;
     let prefill = start.elapsed();
     let decode_start = Instant::now();
     while new.len() < max_new {
@@ -205,7 +208,7 @@ pub fn generate(
         }
         new.push(next);
         history.push(next);
-        text = lm.tokenizer.decode(&new, true).map_err(|e| candle_core::Error::Msg(format!("decoding: {e}")))?;
+        text = tokenizer.decode(&new, true).map_err(|e| candle_core::Error::Msg(format!("decoding: {e}")))?;
         if !text.ends_with('\u{FFFD}') && text.len() > shown && text.is_char_boundary(shown) {
             on_text(&text[shown..]);
             shown = text.len();
@@ -213,7 +216,7 @@ pub fn generate(
         if new.len() == max_new {
             break;
         }
-        logits = lm.model.forward(&[next], &mut cache, false)?;
+        logits = model.forward(&[next], &mut cache, false)?;
     }
     let decode = decode_start.elapsed().as_secs_f64();
     let stats = GenerationStats {
@@ -223,4 +226,87 @@ pub fn generate(
         decode_tok_s: if new.len() > 1 && decode > 0.0 { (new.len() - 1) as f64 / decode } else { 0.0 },
     };
     Ok(Generation { tokens: new, text, stats })
+}
+
+/// A reference and a candidate model generating greedily from the same prompt, side by side.
+#[derive(Debug, Clone)]
+pub struct Comparison {
+    /// The reference's generation, with the median timings of all runs.
+    pub reference: Generation,
+    /// The candidate's generation, with the median timings of all runs.
+    pub candidate: Generation,
+    /// Candidate over reference decode speed, one per pair of alternating runs.
+    pub decode_speedups: Vec<f64>,
+    /// The median of `decode_speedups`.
+    pub decode_speedup: f64,
+    /// Index of the first generated token where the two texts differ (`None`: identical).
+    pub first_divergence: Option<usize>,
+    /// Share of the reference's generated positions where, fed the reference's text, the
+    /// candidate ranks the same token first (`None` when nothing was generated).
+    pub top1_agreement: Option<f64>,
+}
+
+/// Which side of a [`compare`] produced a piece of text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// The reference model.
+    Reference,
+    /// The candidate model.
+    Candidate,
+}
+
+/// Greedy generation of `max_new` tokens after `prompt` by `reference` and `candidate`, `repeats`
+/// times each, alternating so that both see the same machine load; `on_text` streams the first
+/// run of each. Timings are medians; speedups are per pair, then their median.
+pub fn compare<R: CausalLm, C: CausalLm>(
+    reference: &R,
+    candidate: &C,
+    tokenizer: &Tokenizer,
+    prompt: &[u32],
+    max_new: usize,
+    repeats: usize,
+    mut on_text: impl FnMut(Side, &str),
+) -> Result<Comparison> {
+    if repeats == 0 {
+        bail!("compare needs at least one run of each model")
+    }
+    let greedy = Sampling::default();
+    let mut r = generate(reference, tokenizer, prompt, max_new, &greedy, |t| on_text(Side::Reference, t))?;
+    let mut c = generate(candidate, tokenizer, prompt, max_new, &greedy, |t| on_text(Side::Candidate, t))?;
+    let mut runs = vec![(r.stats.clone(), c.stats.clone())];
+    for _ in 1..repeats {
+        let rr = generate(reference, tokenizer, prompt, max_new, &greedy, |_| {})?;
+        let cc = generate(candidate, tokenizer, prompt, max_new, &greedy, |_| {})?;
+        runs.push((rr.stats, cc.stats));
+    }
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let decode_speedups: Vec<f64> =
+        runs.iter().map(|(r, c)| if r.decode_tok_s > 0.0 { c.decode_tok_s / r.decode_tok_s } else { 0.0 }).collect();
+    r.stats.decode_tok_s = median(runs.iter().map(|x| x.0.decode_tok_s).collect());
+    r.stats.prefill_ms = median(runs.iter().map(|x| x.0.prefill_ms).collect());
+    c.stats.decode_tok_s = median(runs.iter().map(|x| x.1.decode_tok_s).collect());
+    c.stats.prefill_ms = median(runs.iter().map(|x| x.1.prefill_ms).collect());
+    let first_divergence = r
+        .tokens
+        .iter()
+        .zip(&c.tokens)
+        .position(|(a, b)| a != b)
+        .or((r.tokens.len() != c.tokens.len()).then(|| r.tokens.len().min(c.tokens.len())));
+    let seq: Vec<u32> = prompt.iter().chain(&r.tokens).copied().collect();
+    let top1_agreement = if r.tokens.is_empty() {
+        None
+    } else {
+        Some(crate::eval::evaluate_from(reference, candidate, &seq, prompt.len() - 1)?.top1_agreement)
+    };
+    Ok(Comparison {
+        reference: r,
+        candidate: c,
+        decode_speedup: median(decode_speedups.clone()),
+        decode_speedups,
+        first_divergence,
+        top1_agreement,
+    })
 }

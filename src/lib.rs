@@ -39,15 +39,16 @@ pub use convert::{
     Quantizable,
 };
 pub use kernels::{force_isa, Isa, WeightQuant};
+pub use lm::CausalLm;
 pub use nn::{qlinear, qlinear_b, qlinear_no_bias, ActivationQuant, QLinear, QLinearKind};
 pub use observer::{HistogramObserver, MinMaxObserver, Observer};
 pub use quant::{dequantize_value, fake_quantize, quantize_value, Granularity, QDType, QParams, QScheme, QSpec, QuantizedTensor};
-#[cfg(feature = "hub")]
 pub mod eval;
 #[cfg(feature = "hub")]
 pub mod generate;
 #[cfg(feature = "hub")]
 pub mod io;
+pub mod lm;
 pub mod models;
 
 /// candle-core, for the paths [`quantizable!`] expands to (whatever name the user's crate gives it).

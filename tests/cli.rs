@@ -107,7 +107,7 @@ fn eval_json_and_inspect() {
     let out = cli(&["eval", "--text", text.to_str().unwrap(), "--window", "16", "--json"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    for key in ["f32_ppl", "int8_ppl", "ppl_delta_pct", "kld", "top1_agreement", "tokens"] {
+    for key in ["reference_ppl", "candidate_ppl", "ppl_delta_pct", "kld", "top1_agreement", "tokens"] {
         assert!(v[key].is_number(), "missing {key} in {v}");
     }
     let out = cli(&["inspect", "--float-lm-head"]);

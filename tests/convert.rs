@@ -175,6 +175,38 @@ mod user_kit {
         }
     }
 
+    /// A model without a KV cache: the cache is the tokens so far, and each call reruns them all.
+    impl candle_quant::CausalLm for Net {
+        type Cache = Vec<u32>;
+        fn new_cache(&self) -> Vec<u32> {
+            Vec::new()
+        }
+        fn forward(&self, tokens: &[u32], cache: &mut Vec<u32>, all_logits: bool) -> Result<Tensor> {
+            cache.extend_from_slice(tokens);
+            let logits = Module::forward(self, &Tensor::new(cache.as_slice(), &Device::Cpu)?.unsqueeze(0)?)?.squeeze(0)?;
+            let keep = if all_logits { tokens.len() } else { 1 };
+            logits.narrow(0, cache.len() - keep, keep)
+        }
+        fn max_context(&self) -> usize {
+            1024
+        }
+    }
+
+    #[test]
+    fn evaluate_runs_on_a_model_of_your_own() -> Result<()> {
+        let vb = VarBuilder::from_varmap(&VarMap::new(), DType::F32, &Device::Cpu);
+        let (float, mut int8) = (net(vb.clone())?, net(vb)?);
+        quantize_dynamic(&mut int8, &QuantConfig::default())?;
+        let tokens: Vec<u32> = (0..200).map(|i| (i * 7 + 3) % 50).collect();
+        let same = candle_quant::eval::evaluate(&float, &float, &tokens, 64, |_, _| {})?;
+        // 200 tokens in windows of 64: 63 + 63 + 63 + 7 scored positions.
+        assert_eq!(same.tokens, 196);
+        assert_eq!((same.kld.abs() < 1e-6, same.top1_agreement, same.ppl_delta_pct), (true, 1.0, 0.0));
+        let r = candle_quant::eval::evaluate(&float, &int8, &tokens, 64, |_, _| {})?;
+        assert!(r.kld > 0.0 && r.kld < 0.01 && r.top1_agreement > 0.9, "{r:?}");
+        Ok(())
+    }
+
     fn shapes(map: &VarMap) -> Vec<(String, Vec<usize>)> {
         map.data().lock().unwrap().iter().map(|(n, v)| (n.clone(), v.dims().to_vec())).collect()
     }

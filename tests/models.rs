@@ -38,7 +38,7 @@ fn smollm2_knows_the_capital_of_france_in_f32_and_int8() {
     let lm = smollm2();
     let prompt = encode(lm, "The capital of France is").unwrap();
     for (label, m) in [("f32", lm.clone()), ("int8", int8(lm))] {
-        let g = generate(&m, &prompt, 8, &Sampling::default(), |_| {}).unwrap();
+        let g = generate(&m.model, &m.tokenizer, &prompt, 8, &Sampling::default(), |_| {}).unwrap();
         println!("{label}: {:?}", g.text);
         assert!(g.text.contains("Paris"), "{label} continuation: {:?}", g.text);
     }
@@ -211,7 +211,7 @@ fn bert_matches_candle_transformers() {
 fn prompt_longer_than_the_context_is_refused() {
     let lm = smollm2();
     let ctx = lm.model.config().max_position_embeddings;
-    let e = generate(lm, &[1, 2, 3], ctx, &Sampling::default(), |_| {}).unwrap_err().to_string();
+    let e = generate(&lm.model, &lm.tokenizer, &[1, 2, 3], ctx, &Sampling::default(), |_| {}).unwrap_err().to_string();
     assert!(e.contains("exceeds the model's context"), "{e}");
     let e = lm.model.forward(&[49_999], &mut Default::default(), false).unwrap_err().to_string();
     assert!(e.contains("outside the vocabulary"), "{e}");
@@ -222,11 +222,11 @@ fn sampling_is_seeded_and_inspectable() {
     let lm = smollm2();
     let prompt = encode(lm, "Once upon a time").unwrap();
     let s = Sampling { temperature: 0.8, top_k: Some(40), top_p: Some(0.9), repetition_penalty: 1.1, seed: 7, ..Default::default() };
-    let a = generate(lm, &prompt, 12, &s, |_| {}).unwrap();
-    let b = generate(lm, &prompt, 12, &s, |_| {}).unwrap();
+    let a = generate(&lm.model, &lm.tokenizer, &prompt, 12, &s, |_| {}).unwrap();
+    let b = generate(&lm.model, &lm.tokenizer, &prompt, 12, &s, |_| {}).unwrap();
     assert_eq!(a.tokens, b.tokens, "same seed, same tokens");
     let mut streamed = String::new();
-    let c = generate(lm, &prompt, 12, &Sampling::default(), |p| streamed.push_str(p)).unwrap();
+    let c = generate(&lm.model, &lm.tokenizer, &prompt, 12, &Sampling::default(), |p| streamed.push_str(p)).unwrap();
     assert_eq!(streamed, c.text, "streamed pieces add up to the text");
     let mut m = lm.model.clone();
     let mut names = vec![];

@@ -239,3 +239,64 @@ pub fn bench_linear(
         int8_peak_gmac_s: bounds.int8_peak_gmac_s,
     })
 }
+
+/// The `bench` command: every shape of [`SHAPES`] (or those with the given input sizes) at each M
+/// and thread count, as a table or JSON records.
+pub fn run(m: Vec<usize>, threads: Vec<usize>, in_features: &[usize], json: bool) -> anyhow::Result<()> {
+    let ms = if m.is_empty() { vec![1, 16, 128] } else { m };
+    let ts = if threads.is_empty() { vec![1, 2] } else { threads };
+    if let Some(bad) = ms.iter().chain(&ts).find(|&&v| v == 0) {
+        anyhow::bail!("bench: --m and --threads must be at least 1, got {bad}")
+    }
+    let config = QuantConfig::default();
+    let bounds = Bounds::measure(&ts)?;
+    let mut records = vec![];
+    if !json {
+        println!("int8 kernel path: {:?}", candle_quant::Isa::best());
+        let reads: Vec<String> = bounds.read_gb_s_by_threads.iter().map(|(t, gb)| format!("{gb:.1} GB/s with {t}")).collect();
+        println!("memory read bound (threads streaming at once): {}", reads.join(", "));
+        println!(
+            "one thread: int8 decode streaming {:.0} MB of weights {:.1} GB/s ({:.0} % of its read bound); int8 kernel in cache {:.1} GMAC/s",
+            bounds.int8_stream_bytes as f64 / 1e6,
+            bounds.int8_stream_gb_s,
+            100.0 * bounds.int8_stream_gb_s / bounds.read_gb_s,
+            bounds.int8_peak_gmac_s
+        );
+        println!(
+            "%bw: int8 weight bytes per second / memory read bound at that thread count (over 100: served from cache); \
+             %peak: GMAC/s / in-cache peak × threads"
+        );
+        println!(
+            "{:>5} {:>5} {:>4} {:>3} {:>10} {:>10} {:>10} {:>9} {:>10} {:>7} {:>6}",
+            "in", "out", "m", "thr", "int8 µs", "f32 µs", "q8_0 µs", "int8/f32", "int8/q8_0", "%bw", "%peak"
+        );
+    }
+    for &(i, o) in SHAPES.iter().filter(|(i, _)| in_features.is_empty() || in_features.contains(i)) {
+        for &mm in &ms {
+            for &t in &ts {
+                let r = bench_linear(i, o, mm, t, &config, &bounds)?;
+                if !json {
+                    println!(
+                        "{:>5} {:>5} {:>4} {:>3} {:>10.1} {:>10.1} {:>10.1} {:>9.3} {:>10.3} {:>7.1} {:>6.1}",
+                        r.in_features,
+                        r.out_features,
+                        r.m,
+                        r.threads,
+                        r.int8_us,
+                        r.f32_us,
+                        r.q8_0_us,
+                        r.ratio_f32,
+                        r.ratio_q8_0,
+                        r.bandwidth_pct,
+                        r.peak_pct
+                    );
+                }
+                records.push(r);
+            }
+        }
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&records)?);
+    }
+    Ok(())
+}

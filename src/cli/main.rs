@@ -5,8 +5,8 @@ mod bench;
 use anyhow::{bail, Context, Result};
 use candle_quant::checkpoint::{Int8Kind, SaveOptions};
 use candle_quant::convert::{quantize_dynamic, quantize_ggml, quantize_weight_only, ConversionReport, QuantConfig, Quantizable};
-use candle_quant::eval::{evaluate, evaluate_from, EvalReport};
-use candle_quant::generate::{apply_chat_template, encode, encode_text, generate, Generation, Sampling};
+use candle_quant::eval::{evaluate, EvalReport};
+use candle_quant::generate::{apply_chat_template, compare, encode, encode_text, generate, Generation, Sampling, Side};
 use candle_quant::io::{self, LanguageModel, ModelSource};
 use candle_quant::nn::ActivationQuant;
 use candle_quant::WeightQuant;
@@ -568,263 +568,204 @@ fn main() -> Result<()> {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Generate { model, precision, gen, sampling } => {
-            let lm =
-                if precision == Precision::Int8 { load_int8(&model)?.0 } else { load_float(model.model.as_deref(), "--precision f32")? };
-            let (tokens, chat) = prompt_tokens(&lm, &gen)?;
-            let s = Sampling {
-                temperature: sampling.temperature,
-                top_k: sampling.top_k,
-                top_p: sampling.top_p,
-                repetition_penalty: sampling.repeat_penalty,
-                repeat_last_n: sampling.repeat_last_n,
-                seed: sampling.seed,
-            };
-            // A continuation follows its prompt on the line; a chat reply stands apart from it.
-            if chat {
-                println!("> {}", gen.prompt);
-            } else if gen.prompt_file.is_none() {
-                print!("{}", gen.prompt);
-            }
-            let g = generate(&lm, &tokens, gen.max_new_tokens, &s, |piece| {
-                print!("{piece}");
-                let _ = std::io::stdout().flush();
-            })?;
-            println!();
-            eprintln!(
-                "{} prompt tokens, prefill {:.1} ms; {} new tokens at {:.1} tok/s",
-                g.stats.prompt_tokens, g.stats.prefill_ms, g.stats.new_tokens, g.stats.decode_tok_s
-            );
-        }
+        Command::Generate { model, precision, gen, sampling } => generate_text(&model, precision, &gen, &sampling),
         Command::Compare { model, reference, gen, repeats, json } => {
-            let (lm, q, report) = model_pair(&model, reference.as_deref(), "compare")?;
-            let (tokens, _) = prompt_tokens(&lm, &gen)?;
-            let greedy = Sampling::default();
-            let run = |m: &LanguageModel, label: &str| -> Result<Generation> {
-                if !json {
-                    eprintln!("--- {label} ---");
-                }
-                let g = generate(m, &tokens, gen.max_new_tokens, &greedy, |piece| {
-                    if !json {
-                        print!("{piece}");
-                        let _ = std::io::stdout().flush();
-                    }
-                })?;
-                if !json {
-                    println!();
-                }
-                Ok(g)
-            };
-            let (mut gf, mut gq) = (run(&lm, "f32")?, run(&q, "int8")?);
-            // Further alternating runs (same greedy text) only for their timings.
-            let mut runs = vec![(gf.stats.clone(), gq.stats.clone())];
-            for _ in 1..repeats {
-                let f = generate(&lm, &tokens, gen.max_new_tokens, &greedy, |_| {})?;
-                let i = generate(&q, &tokens, gen.max_new_tokens, &greedy, |_| {})?;
-                runs.push((f.stats, i.stats));
-            }
-            let median = |mut v: Vec<f64>| {
-                v.sort_by(f64::total_cmp);
-                v[v.len() / 2]
-            };
-            let speedups: Vec<f64> =
-                runs.iter().map(|(f, i)| if f.decode_tok_s > 0.0 { i.decode_tok_s / f.decode_tok_s } else { 0.0 }).collect();
-            gf.stats.decode_tok_s = median(runs.iter().map(|r| r.0.decode_tok_s).collect());
-            gf.stats.prefill_ms = median(runs.iter().map(|r| r.0.prefill_ms).collect());
-            gq.stats.decode_tok_s = median(runs.iter().map(|r| r.1.decode_tok_s).collect());
-            gq.stats.prefill_ms = median(runs.iter().map(|r| r.1.prefill_ms).collect());
-            let first_divergence = gf
-                .tokens
-                .iter()
-                .zip(&gq.tokens)
-                .position(|(a, b)| a != b)
-                .or((gf.tokens.len() != gq.tokens.len()).then(|| gf.tokens.len().min(gq.tokens.len())));
-            let seq: Vec<u32> = tokens.iter().chain(&gf.tokens).copied().collect();
-            let agreement =
-                if gf.tokens.is_empty() { None } else { Some(evaluate_from(&lm.model, &q.model, &seq, tokens.len() - 1)?.top1_agreement) };
-            let speedup = median(speedups.clone());
-            let side = |g: &Generation, m: &LanguageModel| serde_json::json!({"text": g.text, "prefill_ms": g.stats.prefill_ms, "decode_tok_s": g.stats.decode_tok_s, "weight_bytes": m.model.weight_bytes()});
-            if json {
-                let out = serde_json::json!({
-                    "model": q.source,
-                    "reference": lm.source,
-                    "prompt_tokens": tokens.len(),
-                    "new_tokens": gf.tokens.len(),
-                    "f32": side(&gf, &lm),
-                    "int8": side(&gq, &q),
-                    "decode_speedup": speedup,
-                    "decode_speedups": speedups,
-                    "repeats": repeats,
-                    "first_divergence": first_divergence,
-                    "top1_agreement": agreement,
-                    "quantized_layers": report.converted.len(),
-                    "skipped_layers": report.skipped,
-                });
-                println!("{}", serde_json::to_string_pretty(&out)?);
-            } else {
-                println!("{:<6} {:>12} {:>14} {:>14}", "", "prefill ms", "decode tok/s", "weight MB");
-                for (label, g, m) in [("f32", &gf, &lm), ("int8", &gq, &q)] {
-                    println!(
-                        "{label:<6} {:>12.1} {:>14.1} {:>14.1}",
-                        g.stats.prefill_ms,
-                        g.stats.decode_tok_s,
-                        m.model.weight_bytes() as f64 / 1e6
-                    );
-                }
-                if repeats > 1 {
-                    let each: Vec<String> = speedups.iter().map(|s| format!("{s:.2}")).collect();
-                    println!("decode speedup int8/f32: {speedup:.2}x (median of {repeats} alternating runs: {})", each.join(", "));
-                } else {
-                    println!("decode speedup int8/f32: {speedup:.2}x");
-                }
-                match first_divergence {
-                    Some(p) => println!("outputs first differ at generated token {p}"),
-                    None => println!("outputs are identical"),
-                }
-                if let Some(a) = agreement {
-                    println!("top-1 agreement of int8 with f32 along the f32 text: {:.1}%", a * 100.0);
-                }
-                println!("{} layers int8, {} kept float {:?}", report.converted.len(), report.skipped.len(), report.skipped);
-            }
+            compare_models(&model, reference.as_deref(), &gen, repeats as usize, json)
         }
         Command::Eval { model, reference, text, max_tokens, window, json } => {
-            let (lm, q, report) = model_pair(&model, reference.as_deref(), "eval")?;
-            let body = std::fs::read_to_string(&text).with_context(|| format!("reading {}", text.display()))?;
-            let mut tokens = encode_text(&lm, &body)?;
-            tokens.truncate(max_tokens);
-            let pb = bar(tokens.len().div_ceil(window.max(1)), "evaluating windows");
-            let r: EvalReport = evaluate(&lm.model, &q.model, &tokens, window, |d, t| {
-                pb.set_length(t as u64);
-                pb.set_position(d as u64)
-            })?;
-            pb.finish_and_clear();
-            if json {
-                let mut v = serde_json::to_value(&r)?;
-                v["model"] = q.source.clone().into();
-                v["reference"] = lm.source.clone().into();
-                v["text"] = text.display().to_string().into();
-                v["window"] = window.into();
-                v["quantized_layers"] = report.converted.len().into();
-                v["skipped_layers"] = serde_json::to_value(&report.skipped)?;
-                println!("{}", serde_json::to_string_pretty(&v)?);
-            } else {
-                println!("{} tokens of {} in windows of {window}", r.tokens, text.display());
-                println!("perplexity f32 {:.3}, int8 {:.3} ({:+.2}%)", r.f32_ppl, r.int8_ppl, r.ppl_delta_pct);
-                println!("mean KL(f32 || int8) {:.5} nats, top-1 agreement {:.2}%", r.kld, r.top1_agreement * 100.0);
-            }
+            eval_text(&model, reference.as_deref(), &text, max_tokens, window, json)
         }
-        Command::Bench { m, threads, in_features, json } => {
-            let ms = if m.is_empty() { vec![1, 16, 128] } else { m };
-            let ts = if threads.is_empty() { vec![1, 2] } else { threads };
-            if let Some(bad) = ms.iter().chain(&ts).find(|&&v| v == 0) {
-                bail!("bench: --m and --threads must be at least 1, got {bad}")
-            }
-            let config = QuantConfig::default();
-            let bounds = bench::Bounds::measure(&ts)?;
-            let mut records = vec![];
-            if !json {
-                println!("int8 kernel path: {:?}", candle_quant::Isa::best());
-                let reads: Vec<String> = bounds.read_gb_s_by_threads.iter().map(|(t, gb)| format!("{gb:.1} GB/s with {t}")).collect();
-                println!("memory read bound (threads streaming at once): {}", reads.join(", "));
-                println!(
-                    "one thread: int8 decode streaming {:.0} MB of weights {:.1} GB/s ({:.0} % of its read bound); int8 kernel in cache {:.1} GMAC/s",
-                    bounds.int8_stream_bytes as f64 / 1e6,
-                    bounds.int8_stream_gb_s,
-                    100.0 * bounds.int8_stream_gb_s / bounds.read_gb_s,
-                    bounds.int8_peak_gmac_s
-                );
-                println!(
-                    "%bw: int8 weight bytes per second / memory read bound at that thread count (over 100: served from cache); \
-                     %peak: GMAC/s / in-cache peak × threads"
-                );
-                println!(
-                    "{:>5} {:>5} {:>4} {:>3} {:>10} {:>10} {:>10} {:>9} {:>10} {:>7} {:>6}",
-                    "in", "out", "m", "thr", "int8 µs", "f32 µs", "q8_0 µs", "int8/f32", "int8/q8_0", "%bw", "%peak"
-                );
-            }
-            for &(i, o) in bench::SHAPES.iter().filter(|(i, _)| in_features.is_empty() || in_features.contains(i)) {
-                for &mm in &ms {
-                    for &t in &ts {
-                        let r = bench::bench_linear(i, o, mm, t, &config, &bounds)?;
-                        if !json {
-                            println!(
-                                "{:>5} {:>5} {:>4} {:>3} {:>10.1} {:>10.1} {:>10.1} {:>9.3} {:>10.3} {:>7.1} {:>6.1}",
-                                r.in_features,
-                                r.out_features,
-                                r.m,
-                                r.threads,
-                                r.int8_us,
-                                r.f32_us,
-                                r.q8_0_us,
-                                r.ratio_f32,
-                                r.ratio_q8_0,
-                                r.bandwidth_pct,
-                                r.peak_pct
-                            );
-                        }
-                        records.push(r);
-                    }
-                }
-            }
-            if json {
-                println!("{}", serde_json::to_string_pretty(&records)?);
-            }
-        }
-        Command::Quantize { model, out, max_shard_size, force } => {
-            let kind = match model.mode {
-                Mode::Dynamic => Int8Kind::Dynamic,
-                Mode::WeightOnly => Int8Kind::WeightOnly,
-                Mode::Q8_0 => bail!("quantize writes this toolkit's int8 format: --mode dynamic or weight-only"),
-            };
-            let opened = open_model(model.model.as_deref())?;
-            if opened.is_quantized() {
-                bail!("{}: is already an int8 checkpoint", opened.source)
-            }
-            let options = SaveOptions { max_shard_bytes: max_shard_size, overwrite: force, ..Default::default() };
-            let pb = ProgressBar::new(0).with_message("quantizing and writing");
-            pb.set_style(
-                ProgressStyle::with_template("{msg:>24} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} {elapsed}")
-                    .unwrap_or_else(|_| ProgressStyle::default_bar())
-                    .progress_chars("=> "),
-            );
-            let start = std::time::Instant::now();
-            let written = opened.quantize_to(&out, &quant_config(&model), kind, &options, |p| {
-                pb.set_length(p.total_bytes);
-                pb.set_position(p.bytes);
-                pb.set_message(format!("tensors {}/{}", p.tensors, p.total_tensors));
-            });
-            pb.finish_and_clear();
-            let written = written?;
-            println!(
-                "wrote {} ({} safetensors file{}, {:.1} MB of tensors) in {:.1} s",
-                out.display(),
-                written.files.len(),
-                if written.files.len() == 1 { "" } else { "s" },
-                written.tensor_bytes as f64 / 1e6,
-                start.elapsed().as_secs_f64()
-            );
-        }
+        Command::Bench { m, threads, in_features, json } => bench::run(m, threads, &in_features, json),
+        Command::Quantize { model, out, max_shard_size, force } => quantize_model(&model, &out, max_shard_size, force),
         Command::Embed { model, file, batch_size, precision, out, json } => {
-            embed_file(&model, &file, batch_size as usize, precision, out.as_deref(), json)?;
+            embed_file(&model, &file, batch_size as usize, precision, out.as_deref(), json)
         }
-        Command::Inspect { model, precision } => {
-            let mut m = if precision == Precision::Int8 { load_int8(&model)?.0 } else { load_model(model.model.as_deref())? };
-            let (mut n, mut int8) = (0usize, 0usize);
-            println!("{:<44} {:>12} {:<18} {:>12}", "layer", "in x out", "kind", "bytes");
-            m.model.visit_linears(&mut |l| {
-                println!(
-                    "{:<44} {:>12} {:<18} {:>12}",
-                    l.name(),
-                    format!("{}x{}", l.in_features(), l.out_features()),
-                    l.kind_name(),
-                    l.weight_bytes()
-                );
-                n += 1;
-                int8 += l.is_int8() as usize;
-                Ok(())
-            })?;
-            println!("{n} linear layers, {int8} int8; all weights {:.1} MB", m.model.weight_bytes() as f64 / 1e6);
-        }
+        Command::Inspect { model, precision } => inspect_model(&model, precision),
     }
+}
+
+/// `generate`: one model, streamed to stdout.
+fn generate_text(model: &ModelArgs, precision: Precision, gen: &GenArgs, sampling: &SamplingArgs) -> Result<()> {
+    let lm = if precision == Precision::Int8 { load_int8(model)?.0 } else { load_float(model.model.as_deref(), "--precision f32")? };
+    let (tokens, chat) = prompt_tokens(&lm, gen)?;
+    let s = Sampling {
+        temperature: sampling.temperature,
+        top_k: sampling.top_k,
+        top_p: sampling.top_p,
+        repetition_penalty: sampling.repeat_penalty,
+        repeat_last_n: sampling.repeat_last_n,
+        seed: sampling.seed,
+    };
+    // A continuation follows its prompt on the line; a chat reply stands apart from it.
+    if chat {
+        println!("> {}", gen.prompt);
+    } else if gen.prompt_file.is_none() {
+        print!("{}", gen.prompt);
+    }
+    let g = generate(&lm.model, &lm.tokenizer, &tokens, gen.max_new_tokens, &s, |piece| {
+        print!("{piece}");
+        let _ = std::io::stdout().flush();
+    })?;
+    println!();
+    eprintln!(
+        "{} prompt tokens, prefill {:.1} ms; {} new tokens at {:.1} tok/s",
+        g.stats.prompt_tokens, g.stats.prefill_ms, g.stats.new_tokens, g.stats.decode_tok_s
+    );
+    Ok(())
+}
+
+/// `compare`: f32 and int8 side by side ([`candle_quant::generate::compare`]), as a table or JSON.
+fn compare_models(model: &ModelArgs, reference: Option<&str>, gen: &GenArgs, repeats: usize, json: bool) -> Result<()> {
+    let (lm, q, report) = model_pair(model, reference, "compare")?;
+    let (tokens, _) = prompt_tokens(&lm, gen)?;
+    let mut side = None;
+    let c = compare(&lm.model, &q.model, &lm.tokenizer, &tokens, gen.max_new_tokens, repeats, |s, piece| {
+        if json {
+            return;
+        }
+        if side != Some(s) {
+            if side.is_some() {
+                println!();
+            }
+            eprintln!("--- {} ---", if s == Side::Reference { "f32" } else { "int8" });
+            side = Some(s);
+        }
+        print!("{piece}");
+        let _ = std::io::stdout().flush();
+    })?;
+    if json {
+        let side = |g: &Generation, m: &LanguageModel| serde_json::json!({"text": g.text, "prefill_ms": g.stats.prefill_ms, "decode_tok_s": g.stats.decode_tok_s, "weight_bytes": m.model.weight_bytes()});
+        let out = serde_json::json!({
+            "model": q.source,
+            "reference": lm.source,
+            "prompt_tokens": tokens.len(),
+            "new_tokens": c.reference.tokens.len(),
+            "f32": side(&c.reference, &lm),
+            "int8": side(&c.candidate, &q),
+            "decode_speedup": c.decode_speedup,
+            "decode_speedups": c.decode_speedups,
+            "repeats": repeats,
+            "first_divergence": c.first_divergence,
+            "top1_agreement": c.top1_agreement,
+            "quantized_layers": report.converted.len(),
+            "skipped_layers": report.skipped,
+        });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(());
+    }
+    println!();
+    println!("{:<6} {:>12} {:>14} {:>14}", "", "prefill ms", "decode tok/s", "weight MB");
+    for (label, g, m) in [("f32", &c.reference, &lm), ("int8", &c.candidate, &q)] {
+        println!("{label:<6} {:>12.1} {:>14.1} {:>14.1}", g.stats.prefill_ms, g.stats.decode_tok_s, m.model.weight_bytes() as f64 / 1e6);
+    }
+    let speedup = c.decode_speedup;
+    if repeats > 1 {
+        let each: Vec<String> = c.decode_speedups.iter().map(|s| format!("{s:.2}")).collect();
+        println!("decode speedup int8/f32: {speedup:.2}x (median of {repeats} alternating runs: {})", each.join(", "));
+    } else {
+        println!("decode speedup int8/f32: {speedup:.2}x");
+    }
+    match c.first_divergence {
+        Some(p) => println!("outputs first differ at generated token {p}"),
+        None => println!("outputs are identical"),
+    }
+    if let Some(a) = c.top1_agreement {
+        println!("top-1 agreement of int8 with f32 along the f32 text: {:.1}%", a * 100.0);
+    }
+    println!("{} layers int8, {} kept float {:?}", report.converted.len(), report.skipped.len(), report.skipped);
+    Ok(())
+}
+
+/// `eval`: perplexity, KL and top-1 agreement of int8 against f32 on a text.
+fn eval_text(
+    model: &ModelArgs,
+    reference: Option<&str>,
+    text: &std::path::Path,
+    max_tokens: usize,
+    window: usize,
+    json: bool,
+) -> Result<()> {
+    let (lm, q, report) = model_pair(model, reference, "eval")?;
+    let body = std::fs::read_to_string(text).with_context(|| format!("reading {}", text.display()))?;
+    let mut tokens = encode_text(&lm, &body)?;
+    tokens.truncate(max_tokens);
+    let pb = bar(tokens.len().div_ceil(window.max(1)), "evaluating windows");
+    let r: EvalReport = evaluate(&lm.model, &q.model, &tokens, window, |d, t| {
+        pb.set_length(t as u64);
+        pb.set_position(d as u64)
+    })?;
+    pb.finish_and_clear();
+    if json {
+        let mut v = serde_json::to_value(&r)?;
+        v["model"] = q.source.clone().into();
+        v["reference"] = lm.source.clone().into();
+        v["text"] = text.display().to_string().into();
+        v["window"] = window.into();
+        v["quantized_layers"] = report.converted.len().into();
+        v["skipped_layers"] = serde_json::to_value(&report.skipped)?;
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        println!("{} tokens of {} in windows of {window}", r.tokens, text.display());
+        println!("perplexity f32 {:.3}, int8 {:.3} ({:+.2}%)", r.reference_ppl, r.candidate_ppl, r.ppl_delta_pct);
+        println!("mean KL(f32 || int8) {:.5} nats, top-1 agreement {:.2}%", r.kld, r.top1_agreement * 100.0);
+    }
+    Ok(())
+}
+
+/// `quantize`: a float model streamed into an int8 folder, with a progress bar of bytes.
+fn quantize_model(model: &ModelArgs, out: &std::path::Path, max_shard_size: u64, force: bool) -> Result<()> {
+    let kind = match model.mode {
+        Mode::Dynamic => Int8Kind::Dynamic,
+        Mode::WeightOnly => Int8Kind::WeightOnly,
+        Mode::Q8_0 => bail!("quantize writes this toolkit's int8 format: --mode dynamic or weight-only"),
+    };
+    let opened = open_model(model.model.as_deref())?;
+    if opened.is_quantized() {
+        bail!("{}: is already an int8 checkpoint", opened.source)
+    }
+    let options = SaveOptions { max_shard_bytes: max_shard_size, overwrite: force, ..Default::default() };
+    let pb = ProgressBar::new(0).with_message("quantizing and writing");
+    pb.set_style(
+        ProgressStyle::with_template("{msg:>24} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} {elapsed}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    let start = std::time::Instant::now();
+    let written = opened.quantize_to(out, &quant_config(model), kind, &options, |p| {
+        pb.set_length(p.total_bytes);
+        pb.set_position(p.bytes);
+        pb.set_message(format!("tensors {}/{}", p.tensors, p.total_tensors));
+    });
+    pb.finish_and_clear();
+    let written = written?;
+    println!(
+        "wrote {} ({} safetensors file{}, {:.1} MB of tensors) in {:.1} s",
+        out.display(),
+        written.files.len(),
+        if written.files.len() == 1 { "" } else { "s" },
+        written.tensor_bytes as f64 / 1e6,
+        start.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// `inspect`: every linear layer with its shape, kind and bytes.
+fn inspect_model(model: &ModelArgs, precision: Precision) -> Result<()> {
+    let mut m = if precision == Precision::Int8 { load_int8(model)?.0 } else { load_model(model.model.as_deref())? };
+    let (mut n, mut int8) = (0usize, 0usize);
+    println!("{:<44} {:>12} {:<18} {:>12}", "layer", "in x out", "kind", "bytes");
+    m.model.visit_linears(&mut |l| {
+        println!(
+            "{:<44} {:>12} {:<18} {:>12}",
+            l.name(),
+            format!("{}x{}", l.in_features(), l.out_features()),
+            l.kind_name(),
+            l.weight_bytes()
+        );
+        n += 1;
+        int8 += l.is_int8() as usize;
+        Ok(())
+    })?;
+    println!("{n} linear layers, {int8} int8; all weights {:.1} MB", m.model.weight_bytes() as f64 / 1e6);
     Ok(())
 }
