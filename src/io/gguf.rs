@@ -75,6 +75,7 @@ pub fn load_gguf_llama(path: &Path, mut progress: impl FnMut(usize, usize)) -> R
 pub fn open_gguf_llama(path: &Path) -> Result<GgufModel> {
     let ctx = |e: candle_core::Error| e.context(format!("reading GGUF file {}", path.display()));
     let mut file = std::fs::File::open(path).map_err(|e| candle_core::Error::Msg(format!("cannot open {}: {e}", path.display())))?;
+    let file_len = file.metadata().map_err(|e| candle_core::Error::Msg(format!("{}: {e}", path.display())))?.len();
     let content = Content::read(&mut file).map_err(ctx)?;
     let arch = meta(&content, "general.architecture", path)?.to_string()?.clone();
     let gemma3 = match arch.as_str() {
@@ -140,7 +141,16 @@ pub fn open_gguf_llama(path: &Path) -> Result<GgufModel> {
     let (mut entries, mut names) = (Vec::new(), HashMap::new());
     for (name, _) in infos {
         let Some(hf) = hf_name(name, gemma3) else { bail!("{}: unexpected tensor '{name}' in a {arch} GGUF file", path.display()) };
-        let shape = content.tensor_infos[name].shape.dims().to_vec();
+        let info = &content.tensor_infos[name];
+        let shape = info.shape.dims().to_vec();
+        // The bytes the shape implies must lie inside the file: a shape whose element count
+        // overflows, or claims more than the file holds, is refused before anything is sized by it.
+        let (block, type_size) = (info.ggml_dtype.block_size(), info.ggml_dtype.type_size());
+        let bytes = shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d)).and_then(|n| (n / block).checked_mul(type_size));
+        let room = file_len.saturating_sub(content.tensor_data_offset.saturating_add(info.offset));
+        if !bytes.is_some_and(|b| b as u64 <= room) {
+            bail!("{}: tensor '{name}' of shape {shape:?} ({:?}) does not fit in the file ({room} bytes after its offset)", path.display(), info.ggml_dtype)
+        }
         names.insert(hf.clone(), (name.clone(), entries.len()));
         entries.push(Entry { name: hf, dtype: Dtype::F32, shape });
     }

@@ -118,9 +118,45 @@ fn hf_files(source: &ModelSource) -> Result<hf::HfFiles> {
     }
 }
 
+/// Reads a `tokenizer.json`. The tokenizers crate panics on some malformed files (a decoder of
+/// the wrong shape): the file is checked to be JSON first, and a panic while reading it is
+/// turned into an error naming the file (its message is not printed).
+pub fn tokenizer_from_file(path: &Path) -> Result<Tokenizer> {
+    let err = |msg: String| candle_core::Error::Msg(format!("{}: {msg}", path.display()));
+    let text = std::fs::read_to_string(path).map_err(|e| err(format!("cannot read: {e}")))?;
+    serde_json::from_str::<serde::de::IgnoredAny>(&text).map_err(|e| err(format!("not valid JSON: {e}")))?;
+    match quiet_panics(|| text.parse::<Tokenizer>()) {
+        Ok(Ok(tokenizer)) => Ok(tokenizer),
+        Ok(Err(e)) => Err(err(format!("not a tokenizer: {e}"))),
+        Err(panic) => Err(err(format!("not a tokenizer the tokenizers crate can read ({panic})"))),
+    }
+}
+
+thread_local! {
+    static QUIET: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f`, turning a panic into `Err(its message)` without printing it: the process's panic
+/// hook is wrapped once so that it stays silent on this thread while `f` runs.
+fn quiet_panics<T>(f: impl FnOnce() -> T) -> std::result::Result<T, String> {
+    static WRAP: std::sync::Once = std::sync::Once::new();
+    WRAP.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !QUIET.with(|q| q.get()) {
+                previous(info)
+            }
+        }));
+    });
+    QUIET.with(|q| q.set(true));
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    QUIET.with(|q| q.set(false));
+    result.map_err(|p| p.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| p.downcast_ref::<String>().cloned()).unwrap_or_else(|| "panic".into()))
+}
+
 fn read_tokenizer(source: &ModelSource, files: &hf::HfFiles) -> Result<Tokenizer> {
     let Some(tok_path) = &files.tokenizer else { bail!("{source}: no tokenizer.json") };
-    let mut tokenizer = Tokenizer::from_file(tok_path).map_err(|e| candle_core::Error::Msg(format!("{}: {e}", tok_path.display())))?;
+    let mut tokenizer = tokenizer_from_file(tok_path)?;
     tokenizer.with_padding(None);
     tokenizer.with_truncation(None).map_err(|e| candle_core::Error::Msg(format!("{}: {e}", tok_path.display())))?;
     Ok(tokenizer)

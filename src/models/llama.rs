@@ -195,6 +195,24 @@ impl LlamaConfig {
     /// Errors for head counts the attention cannot split: no heads, no key/value heads, query
     /// heads not a whole multiple of key/value heads, or no head size.
     pub fn validate(&self) -> Result<()> {
+        // Sizes a config can claim before any tensor is read are bounded, so that nothing is
+        // sized by an absurd one (the tensors' own shapes are checked against these when read).
+        const MAX_SIZE: usize = 1 << 24;
+        let sizes = [
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("vocab_size", self.vocab_size),
+            ("num_hidden_layers", self.num_hidden_layers),
+            ("num_attention_heads", self.num_attention_heads),
+            ("num_key_value_heads", self.kv_heads()),
+            ("head_dim", self.head_dim.unwrap_or(0)),
+        ];
+        if let Some((name, v)) = sizes.iter().find(|(_, v)| *v > MAX_SIZE) {
+            bail!("model config: {name} = {v} is larger than any supported model ({MAX_SIZE})")
+        }
+        if self.max_position_embeddings == 0 {
+            bail!("model config: max_position_embeddings is 0")
+        }
         let (heads, kv) = (self.num_attention_heads, self.kv_heads());
         let d = self.head_dim.or(self.hidden_size.checked_div(heads)).unwrap_or(0);
         if heads == 0 || kv == 0 || !heads.is_multiple_of(kv) || d == 0 {
@@ -233,6 +251,18 @@ impl LlamaConfig {
             })
             .collect()
     }
+}
+
+/// Positions whose RoPE rotations are computed when a model loads (at most; a longer context
+/// computes the rest as it reaches them), so a config's context length never sizes an allocation.
+const ROPE_TABLE: usize = 8192;
+
+/// `(cos, sin)` of `p · f` for positions `p ∈ from..from + n` and frequencies `inv_freq`, each
+/// `[n, inv_freq.len()]`.
+fn rope_rows(inv_freq: &[f32], from: usize, n: usize) -> Result<(Tensor, Tensor)> {
+    let angles: Vec<f32> = (from..from + n).flat_map(|p| inv_freq.iter().map(move |f| p as f32 * f)).collect();
+    let freqs = Tensor::from_vec(angles, (n, inv_freq.len()), &Device::Cpu)?;
+    Ok((freqs.cos()?, freqs.sin()?))
 }
 
 /// Positions a layer's key/value buffers grow by: memory is reserved in steps of this many
@@ -558,19 +588,11 @@ impl Llama {
         } else {
             bail!("no model.embed_tokens.weight (only a tied int8 lm_head can stand in for it)")
         };
-        // RoPE tables: global (`rope_theta`), then local for sliding-window layers if they differ.
-        let pos = Tensor::arange(0u32, cfg.max_position_embeddings as u32, &Device::Cpu)?
-            .to_dtype(DType::F32)?
-            .reshape((cfg.max_position_embeddings, 1))?;
-        let ropes = std::iter::once(cfg.rope_theta)
-            .chain(cfg.variant.rope_local_theta)
-            .map(|theta| {
-                let inv_freq = cfg.inv_freq(theta);
-                let n = inv_freq.len();
-                let freqs = pos.matmul(&Tensor::from_vec(inv_freq, (1, n), &Device::Cpu)?)?;
-                Ok((freqs.cos()?, freqs.sin()?))
-            })
-            .collect::<Result<Vec<_>>>()?;
+        // RoPE tables: global (`rope_theta`), then local for sliding-window layers if they differ;
+        // positions past the tables (a context longer than ROPE_TABLE) are computed when reached.
+        let thetas: Vec<f32> = std::iter::once(cfg.rope_theta).chain(cfg.variant.rope_local_theta).collect();
+        let ropes =
+            thetas.iter().map(|&theta| rope_rows(&cfg.inv_freq(theta), 0, cfg.max_position_embeddings.min(ROPE_TABLE))).collect::<Result<_>>()?;
         Ok(Self { embed_tokens, tied_lm_head, layers, norm, lm_head, ropes, config: cfg.clone(), differentiable: false })
     }
 
@@ -611,7 +633,16 @@ impl Llama {
             bail!("{} positions exceed the model's context of {} tokens", pos + s, self.config.max_position_embeddings)
         }
         cache.layers.resize_with(self.layers.len(), || candle_nn::kv_cache::KvCache::new(2, KV_CHUNK));
-        let ropes = self.ropes.iter().map(|(c, s_)| Ok((c.narrow(0, pos, s)?, s_.narrow(0, pos, s)?))).collect::<Result<Vec<_>>>()?;
+        let thetas = std::iter::once(self.config.rope_theta).chain(self.config.variant.rope_local_theta);
+        let ropes = self
+            .ropes
+            .iter()
+            .zip(thetas)
+            .map(|((c, s_), theta)| match pos + s <= c.dim(0)? {
+                true => Ok((c.narrow(0, pos, s)?, s_.narrow(0, pos, s)?)),
+                false => rope_rows(&self.config.inv_freq(theta), pos, s),
+            })
+            .collect::<Result<Vec<_>>>()?;
         let mut x = self.embed(tokens)?.unsqueeze(0)?;
         if self.config.variant.scale_embeddings {
             x = (x * (self.config.hidden_size as f64).sqrt())?;

@@ -1,0 +1,77 @@
+//! Hostile input: every file in `fuzz/regressions/<target>/` — inputs that once crashed a
+//! loader under `scripts/fuzz.sh`, or aborted it with an allocation a header claimed — loads the
+//! model through the same path as the fuzzer and must end in an error that names the file, never a
+//! panic. An allocation above 1 GiB (the inputs are a few KB) aborts this test binary instead of
+//! exhausting the machine.
+
+#[path = "../fuzz/targets.rs"]
+mod targets;
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use targets::{Seeds, Target};
+
+struct Guarded;
+
+const MAX_ALLOC: usize = 1 << 30;
+
+// SAFETY: forwards to `System`, returning null (a valid allocation failure) above the limit.
+unsafe impl GlobalAlloc for Guarded {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        if layout.size() > MAX_ALLOC {
+            return std::ptr::null_mut();
+        }
+        // SAFETY: the caller's contract for `alloc` is `System.alloc`'s.
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: `ptr` came from `System.alloc` with this layout.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        if new_size > MAX_ALLOC {
+            return std::ptr::null_mut();
+        }
+        // SAFETY: as for `realloc` on `System`, which allocated `ptr`.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: Guarded = Guarded;
+
+#[test]
+fn every_regression_input_loads_or_is_an_error_naming_the_file() {
+    let work = std::env::temp_dir().join(format!("candle-quant-hostile-{}", std::process::id()));
+    let seeds = Seeds::build(&work).unwrap();
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/regressions");
+    let mut replayed = 0;
+    for target in Target::ALL {
+        // The valid file loads: the harness itself works.
+        seeds.run(target, &seeds.seed(target).unwrap()).unwrap_or_else(|e| panic!("{}: the seed fails: {e}", target.name()));
+        let Ok(dir) = std::fs::read_dir(root.join(target.name())) else { continue };
+        for file in dir {
+            let path = file.unwrap().path();
+            let input = std::fs::read(&path).unwrap();
+            replayed += 1;
+            let Err(err) = seeds.run(target, &input) else { continue };
+            let err = err.to_string();
+            let names = ["input.gguf", "model.safetensors", "config.json", "tokenizer.json", "model config"];
+            assert!(names.iter().any(|n| err.contains(n)), "{}: the error does not name the file: {err}", path.display());
+        }
+    }
+    std::fs::remove_dir_all(&work).ok();
+    assert!(replayed >= 9, "only {replayed} regression inputs found under {}", root.display());
+}
+
+/// A `tokenizer.json` that is valid JSON but whose decoder has the wrong shape makes the
+/// tokenizers crate panic while deserializing; the loader turns that into an error.
+#[test]
+fn a_tokenizer_the_tokenizers_crate_panics_on_is_an_error() {
+    let work = std::env::temp_dir().join(format!("candle-quant-hostile-tok-{}", std::process::id()));
+    let seeds = Seeds::build(&work).unwrap();
+    let mut json: serde_json::Value = serde_json::from_slice(&seeds.seed(Target::Tokenizer).unwrap()).unwrap();
+    json["decoder"] = serde_json::json!({"type": 5});
+    let err = seeds.run(Target::Tokenizer, &serde_json::to_vec(&json).unwrap()).unwrap_err().to_string();
+    std::fs::remove_dir_all(&work).ok();
+    assert!(err.contains("tokenizer.json") && err.contains("not a tokenizer"), "{err}");
+}
