@@ -65,8 +65,7 @@ impl Rng {
 }
 
 /// Integers that break length and shape arithmetic.
-const INTERESTING: [u64; 14] =
-    [0, 1, 2, 7, 8, 255, 256, 65_535, 0x7fff_ffff, 0x8000_0000, 0xffff_ffff, 1 << 32, i64::MAX as u64, u64::MAX];
+const INTERESTING: [u64; 14] = [0, 1, 2, 7, 8, 255, 256, 65_535, 0x7fff_ffff, 0x8000_0000, 0xffff_ffff, 1 << 32, i64::MAX as u64, u64::MAX];
 
 /// One to eight byte-level mutations: bit flips, interesting bytes and little-endian integers,
 /// truncation, deleted, duplicated and inserted runs, and splices of the seed.
@@ -161,8 +160,8 @@ fn arg(args: &[String], name: &str) -> Option<String> {
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let target = arg(&args, "--target").unwrap_or_else(|| "gguf".into());
-    let target = Target::parse(&target)
-        .ok_or_else(|| anyhow::anyhow!("unknown target '{target}': one of {:?}", Target::ALL.map(|t| t.name())))?;
+    let target =
+        Target::parse(&target).ok_or_else(|| anyhow::anyhow!("unknown target '{target}': one of {:?}", Target::ALL.map(|t| t.name())))?;
     let execs: u64 = arg(&args, "--execs").map_or(Ok(10_000), |v| v.parse())?;
     let mut rng = Rng(arg(&args, "--seed").map_or(Ok(1), |v| v.parse::<u64>())?.max(1));
     let out = PathBuf::from(arg(&args, "--out").unwrap_or_else(|| "fuzz/crashes".into()));
@@ -223,7 +222,13 @@ fn main() -> anyhow::Result<()> {
             }
         }
         if (exec + 1) % 2000 == 0 {
-            eprintln!("{}: {} executions, {} crashes, {:.0} exec/s", target.name(), exec + 1, crashes.len(), (exec + 1) as f64 / start.elapsed().as_secs_f64());
+            eprintln!(
+                "{}: {} executions, {} crashes, {:.0} exec/s",
+                target.name(),
+                exec + 1,
+                crashes.len(),
+                (exec + 1) as f64 / start.elapsed().as_secs_f64()
+            );
         }
     }
     std::fs::remove_file(&current).ok();

@@ -12,13 +12,16 @@ use tokenizers::Tokenizer;
 pub struct Sampling {
     /// 0 means greedy (argmax).
     pub temperature: f64,
+    /// Sample among the `k` most likely tokens only.
     pub top_k: Option<usize>,
+    /// Sample among the most likely tokens whose probabilities add up to `p`.
     pub top_p: Option<f64>,
     /// Logits of recently generated tokens are divided (if positive) or multiplied (if
     /// negative) by this; 1.0 disables it.
     pub repetition_penalty: f32,
     /// How many recent tokens the penalty looks at.
     pub repeat_last_n: usize,
+    /// Seed of the sampler's random numbers.
     pub seed: u64,
 }
 
@@ -31,8 +34,11 @@ impl Default for Sampling {
 /// Timings and counts of one generation.
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct GenerationStats {
+    /// Tokens of the prompt.
     pub prompt_tokens: usize,
+    /// Tokens generated.
     pub new_tokens: usize,
+    /// Time to run the prompt through the model, in milliseconds.
     pub prefill_ms: f64,
     /// New tokens after the first, per second of decoding.
     pub decode_tok_s: f64,
@@ -41,8 +47,11 @@ pub struct GenerationStats {
 /// What a generation produced.
 #[derive(Debug, Clone)]
 pub struct Generation {
+    /// The generated tokens (the prompt not included).
     pub tokens: Vec<u32>,
+    /// Their text.
     pub text: String,
+    /// Counts and timings.
     pub stats: GenerationStats,
 }
 

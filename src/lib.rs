@@ -1,3 +1,4 @@
+#![deny(missing_docs)]
 //! # candle-quant
 //!
 //! Int8 quantization for [candle](https://github.com/huggingface/candle): observers, int8
@@ -28,6 +29,7 @@
 
 pub mod checkpoint;
 pub mod convert;
+#[allow(missing_docs)] // internal: reachable only through the hidden `internals` module
 mod kernels;
 pub mod nn;
 pub mod observer;

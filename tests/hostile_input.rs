@@ -5,6 +5,7 @@
 //! exhausting the machine.
 
 #[path = "../fuzz/targets.rs"]
+#[allow(dead_code)] // the fuzzer's command-line helpers
 mod targets;
 
 use std::alloc::{GlobalAlloc, Layout, System};

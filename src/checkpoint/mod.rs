@@ -101,12 +101,27 @@ pub struct QuantizationConfig {
 pub enum LayerScheme {
     /// Activations quantized on every call, symmetric int8 per token or per group; inputs with
     /// `|x|` above `outlier_threshold` multiplied in float.
-    Dynamic { weight_group_size: Option<usize>, activation_group_size: Option<usize>, outlier_threshold: Option<f32> },
+    Dynamic {
+        /// Input channels per weight scale (`None`: one per output channel).
+        weight_group_size: Option<usize>,
+        /// Input channels per activation scale (`None`: one per token).
+        activation_group_size: Option<usize>,
+        /// Inputs with `|x|` above it are multiplied in float (`None`: off).
+        outlier_threshold: Option<f32>,
+    },
     /// Float activations times int8 weights.
-    WeightOnly { weight_group_size: Option<usize> },
+    WeightOnly {
+        /// Input channels per weight scale (`None`: one per output channel).
+        weight_group_size: Option<usize>,
+    },
     /// Activations quantized per tensor with the calibrated `input_scale` / `input_zero_point`
     /// tensors, under `activation`'s integer range.
-    Static { weight_group_size: Option<usize>, activation: ActivationSpec },
+    Static {
+        /// Input channels per weight scale (`None`: one per output channel).
+        weight_group_size: Option<usize>,
+        /// The activations' integer range.
+        activation: ActivationSpec,
+    },
 }
 
 /// The integer range of static activations (a [`QSpec`] in words).
@@ -117,7 +132,9 @@ pub struct ActivationSpec {
     pub dtype: String,
     /// `affine` or `symmetric`.
     pub scheme: String,
+    /// One bit less of range (PyTorch's `reduce_range`).
     pub reduce_range: bool,
+    /// `[-127, 127]` instead of `[-128, 127]` (qint8).
     pub narrow_range: bool,
 }
 
@@ -427,6 +444,7 @@ impl QuantizedCheckpoint {
         Ok(Self { dir: dir.to_path_buf(), config, quantization, source: Arc::new(source) })
     }
 
+    /// The checkpoint's folder.
     pub fn dir(&self) -> &Path {
         &self.dir
     }
@@ -436,10 +454,12 @@ impl QuantizedCheckpoint {
         &self.config
     }
 
+    /// Its `quantization_config`: every layer's scheme.
     pub fn quantization(&self) -> &QuantizationConfig {
         &self.quantization
     }
 
+    /// Its tensors, read one at a time.
     pub fn source(&self) -> Arc<dyn TensorSource> {
         self.source.clone()
     }
@@ -524,9 +544,13 @@ impl Default for SaveOptions {
 /// Where writing a checkpoint has come: tensors and bytes written of the totals.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct WriteProgress {
+    /// Tensors written so far.
     pub tensors: usize,
+    /// Tensors in the checkpoint.
     pub total_tensors: usize,
+    /// Bytes of tensor data written so far.
     pub bytes: u64,
+    /// Bytes of tensor data in the checkpoint.
     pub total_bytes: u64,
 }
 

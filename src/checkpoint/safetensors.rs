@@ -18,17 +18,26 @@ const MAX_HEADER: u64 = 100_000_000;
 /// Element types of the container that this crate reads or writes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Dtype {
+    /// 8-bit signed integers (int8 weights).
     I8,
+    /// 8-bit unsigned integers.
     U8,
+    /// 32-bit signed integers (static zero points).
     I32,
+    /// 64-bit signed integers.
     I64,
+    /// IEEE half precision (int8 weight scales).
     F16,
+    /// bfloat16.
     BF16,
+    /// IEEE single precision.
     F32,
+    /// IEEE double precision.
     F64,
 }
 
 impl Dtype {
+    /// Bytes per element.
     pub fn size(self) -> usize {
         match self {
             Dtype::I8 | Dtype::U8 => 1,
@@ -38,6 +47,7 @@ impl Dtype {
         }
     }
 
+    /// The dtype's name in a safetensors header (`"F16"`).
     pub fn name(self) -> &'static str {
         match self {
             Dtype::I8 => "I8",
@@ -55,6 +65,7 @@ impl Dtype {
         [Dtype::I8, Dtype::U8, Dtype::I32, Dtype::I64, Dtype::F16, Dtype::BF16, Dtype::F32, Dtype::F64].into_iter().find(|d| d.name() == s)
     }
 
+    /// Whether values are floating point.
     pub fn is_float(self) -> bool {
         matches!(self, Dtype::F16 | Dtype::BF16 | Dtype::F32 | Dtype::F64)
     }
@@ -90,7 +101,9 @@ impl Dtype {
 /// Where one tensor's bytes lie, checked against the file.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TensorInfo {
+    /// Element type.
     pub dtype: Dtype,
+    /// Dimensions, outermost first.
     pub shape: Vec<usize>,
     /// Absolute position of the first byte in the file.
     offset: u64,
@@ -98,10 +111,12 @@ pub struct TensorInfo {
 }
 
 impl TensorInfo {
+    /// Bytes of data.
     pub fn nbytes(&self) -> u64 {
         self.len
     }
 
+    /// Number of elements.
     pub fn elem_count(&self) -> usize {
         self.shape.iter().product()
     }
@@ -121,6 +136,7 @@ fn err(path: &Path, msg: impl std::fmt::Display) -> candle_core::Error {
 }
 
 impl SafetensorsFile {
+    /// Opens `path` and checks its header: every tensor's dtype, shape and byte range against the file; errors name the file and tensor.
     pub fn open(path: &Path) -> Result<Self> {
         let file = File::open(path).map_err(|e| err(path, format!("cannot open: {e}")))?;
         let file_len = file.metadata().map_err(|e| err(path, e))?.len();
@@ -151,10 +167,12 @@ impl SafetensorsFile {
         Ok(Self { path: path.to_path_buf(), file, tensors })
     }
 
+    /// The file.
     pub fn path(&self) -> &Path {
         &self.path
     }
 
+    /// Every tensor's header entry, by name.
     pub fn tensors(&self) -> &BTreeMap<String, TensorInfo> {
         &self.tensors
     }
@@ -166,6 +184,7 @@ impl SafetensorsFile {
         names.into_iter().map(|(n, _)| n.clone()).collect()
     }
 
+    /// The header entry of `name` (an error naming the file when there is none).
     pub fn info(&self, name: &str) -> Result<&TensorInfo> {
         self.tensors.get(name).ok_or_else(|| err(&self.path, format!("no tensor '{name}'")))
     }
@@ -220,12 +239,16 @@ fn parse_entry(entry: &serde_json::Value, data_start: u64, data_len: u64) -> std
 /// A tensor to be written: its name, dtype and shape, known before any data.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entry {
+    /// Tensor name.
     pub name: String,
+    /// Element type.
     pub dtype: Dtype,
+    /// Dimensions, outermost first.
     pub shape: Vec<usize>,
 }
 
 impl Entry {
+    /// Bytes of data.
     pub fn nbytes(&self) -> u64 {
         self.shape.iter().product::<usize>() as u64 * self.dtype.size() as u64
     }

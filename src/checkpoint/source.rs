@@ -27,6 +27,7 @@ pub trait TensorSource: Send + Sync {
     /// Where the tensor lives, for error messages (`file: tensor 'name'`).
     fn describe(&self, name: &str) -> String;
 
+    /// The entry of `name`, if the source has it.
     fn entry(&self, name: &str) -> Option<&Entry> {
         self.entries().iter().find(|e| e.name == name)
     }
@@ -89,6 +90,7 @@ pub struct SafetensorsSource {
 }
 
 impl SafetensorsSource {
+    /// Opens safetensors files (the shards of one model; `index_file` is its `model.safetensors.index.json`, checked against them).
     pub fn open(paths: &[PathBuf], index_file: Option<&Path>) -> Result<Self> {
         let files = paths.iter().map(|p| SafetensorsFile::open(p)).collect::<Result<Vec<_>>>()?;
         let (mut entries, mut index): (Vec<Entry>, HashMap<String, (usize, usize)>) = (Vec::new(), HashMap::new());
@@ -337,6 +339,7 @@ pub struct CheckpointBackend<'a> {
 }
 
 impl<'a> CheckpointBackend<'a> {
+    /// Serves `source` to a `VarBuilder`.
     pub fn new(source: Arc<dyn TensorSource>) -> Self {
         Self { source, progress: None, reads: 0.into() }
     }

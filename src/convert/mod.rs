@@ -130,8 +130,11 @@ impl std::fmt::Debug for Progress {
 /// `(pattern, ActivationQuant)` wins.
 #[derive(Debug, Clone)]
 pub struct QuantConfig {
+    /// Layer-name patterns to convert (`*` = anything; empty: all layers).
     pub include: Vec<String>,
+    /// Layer-name patterns to keep as they are.
     pub exclude: Vec<String>,
+    /// How dynamic layers quantize their inputs.
     pub activation: ActivationQuant,
     /// Weight scales of dynamic and weight-only layers (static layers are per channel).
     pub weight: WeightQuant,
@@ -139,6 +142,7 @@ pub struct QuantConfig {
     /// Default 3.0: on SmolLM2-135M it halves KL(f32 ‖ int8) against no threshold for a few
     /// percent of decode time (docs/accuracy.md).
     pub outlier_threshold: Option<f32>,
+    /// Per-layer activation schemes: the first matching pattern wins.
     pub overrides: Vec<(String, ActivationQuant)>,
     /// Observer for static calibration and QAT inputs.
     pub observer: ObserverFactory,
@@ -168,36 +172,43 @@ impl Default for QuantConfig {
 }
 
 impl QuantConfig {
+    /// Adds a pattern of layers to convert.
     pub fn include(mut self, pattern: impl Into<String>) -> Self {
         self.include.push(pattern.into());
         self
     }
 
+    /// Adds a pattern of layers to leave alone.
     pub fn exclude(mut self, pattern: impl Into<String>) -> Self {
         self.exclude.push(pattern.into());
         self
     }
 
+    /// Sets how dynamic layers quantize their inputs.
     pub fn activation(mut self, act: ActivationQuant) -> Self {
         self.activation = act;
         self
     }
 
+    /// Sets the float-outlier threshold of dynamic layers (`None`: off).
     pub fn outlier_threshold(mut self, threshold: Option<f32>) -> Self {
         self.outlier_threshold = threshold;
         self
     }
 
+    /// Sets how weights are scaled.
     pub fn weight(mut self, how: WeightQuant) -> Self {
         self.weight = how;
         self
     }
 
+    /// Gives the layers matching `pattern` their own activation scheme.
     pub fn override_activation(mut self, pattern: impl Into<String>, act: ActivationQuant) -> Self {
         self.overrides.push((pattern.into(), act));
         self
     }
 
+    /// Sets the observer `prepare` and `prepare_qat` attach to each layer's input.
     pub fn observer(mut self, factory: ObserverFactory) -> Self {
         self.observer = factory;
         self
@@ -223,7 +234,9 @@ impl QuantConfig {
 /// Which layers a conversion changed and which it left alone.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ConversionReport {
+    /// Layers the verb changed, in visiting order.
     pub converted: Vec<String>,
+    /// Layers it visited and left as they were.
     pub skipped: Vec<String>,
 }
 
@@ -306,6 +319,22 @@ fn convert_selected_in_parallel(
 /// channel as `config.weight` says, activations quantized on the fly) — the counterpart of
 /// `torch.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)`. Layers are
 /// quantized in parallel.
+///
+/// ```
+/// use candle_core::{DType, Device, Module, Tensor};
+/// use candle_nn::{VarBuilder, VarMap};
+/// use candle_quant::{qlinear, quantize_dynamic, QuantConfig};
+///
+/// # fn main() -> candle_core::Result<()> {
+/// let vb = VarBuilder::from_varmap(&VarMap::new(), DType::F32, &Device::Cpu);
+/// let mut layers = vec![qlinear(64, 64, vb.pp("a"))?, qlinear(64, 64, vb.pp("b"))?];
+/// let report = quantize_dynamic(&mut layers, &QuantConfig::default().exclude("b"))?;
+/// assert_eq!((report.converted, report.skipped), (vec!["a".to_string()], vec!["b".to_string()]));
+/// assert!(layers[0].is_int8() && !layers[1].is_int8());
+/// let y = layers[0].forward(&Tensor::ones((3, 64), DType::F32, &Device::Cpu)?)?;
+/// assert_eq!(y.dims(), [3, 64]);
+/// # Ok(()) }
+/// ```
 pub fn quantize_dynamic(model: &mut (impl Quantizable + ?Sized), config: &QuantConfig) -> Result<ConversionReport> {
     convert_selected_in_parallel(model, config, |layer| {
         let act = config.activation_for(layer.name());
@@ -330,6 +359,23 @@ pub fn quantize_ggml(
 
 /// Static quantization, step 1: selected float layers start observing their inputs.
 /// Run calibration data through the model, then call [`convert`].
+///
+/// ```
+/// use candle_core::{DType, Device, Module, Tensor};
+/// use candle_nn::{VarBuilder, VarMap};
+/// use candle_quant::{convert, prepare, qlinear, QuantConfig};
+///
+/// # fn main() -> candle_core::Result<()> {
+/// let vb = VarBuilder::from_varmap(&VarMap::new(), DType::F32, &Device::Cpu);
+/// let mut layer = qlinear(32, 16, vb.pp("proj"))?;
+/// prepare(&mut layer, &QuantConfig::default())?; // observers on the inputs (min/max by default)
+/// for _ in 0..4 {
+///     layer.forward(&Tensor::randn(0f32, 1.0, (8, 32), &Device::Cpu)?)?; // calibration batches
+/// }
+/// convert(&mut layer)?; // weights and activations int8, activation range fixed
+/// assert_eq!(layer.kind_name(), "int8-static");
+/// # Ok(()) }
+/// ```
 pub fn prepare(model: &mut (impl Quantizable + ?Sized), config: &QuantConfig) -> Result<ConversionReport> {
     convert_selected(model, config, |layer| match layer.kind() {
         QLinearKind::Float(_) => layer.observe_with((config.observer)()).map(|_| true),
@@ -339,6 +385,25 @@ pub fn prepare(model: &mut (impl Quantizable + ?Sized), config: &QuantConfig) ->
 
 /// QAT, step 1: selected float layers become fake-quantized with trainable weights.
 /// Train, then call [`convert`].
+///
+/// ```
+/// use candle_core::{DType, Device, Module, Tensor};
+/// use candle_nn::{VarBuilder, VarMap};
+/// use candle_quant::{convert, prepare_qat, qlinear, QuantConfig};
+///
+/// # fn main() -> candle_core::Result<()> {
+/// let vb = VarBuilder::from_varmap(&VarMap::new(), DType::F32, &Device::Cpu);
+/// let mut layer = qlinear(32, 16, vb.pp("proj"))?;
+/// prepare_qat(&mut layer, &QuantConfig::default())?;
+/// // Training steps: forward passes see quantized weights and inputs, gradients pass straight
+/// // through the rounding to the float weights.
+/// let x = Tensor::randn(0f32, 1.0, (8, 32), &Device::Cpu)?;
+/// let loss = layer.forward(&x)?.sqr()?.mean_all()?;
+/// let _grads = loss.backward()?;
+/// convert(&mut layer)?;
+/// assert!(layer.is_int8());
+/// # Ok(()) }
+/// ```
 pub fn prepare_qat(model: &mut (impl Quantizable + ?Sized), config: &QuantConfig) -> Result<ConversionReport> {
     convert_selected(model, config, |layer| match layer.kind() {
         QLinearKind::Float(_) => layer.prepare_qat((config.observer)()).map(|_| true),

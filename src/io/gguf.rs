@@ -21,18 +21,25 @@ use tokenizers::{AddedToken, DecoderWrapper, NormalizerWrapper, PreTokenizerWrap
 
 /// What a GGUF llama file holds, converted to the Hugging Face layout.
 pub struct GgufLlama {
+    /// The configuration the metadata describes.
     pub config: LlamaConfig,
     /// f32 tensors named as in the HF checkpoint (`model.layers.0.self_attn.q_proj.weight`).
     pub tensors: HashMap<String, Tensor>,
+    /// The tokenizer rebuilt from the metadata.
     pub tokenizer: Tokenizer,
+    /// `tokenizer.chat_template`, if present.
     pub chat_template: Option<String>,
 }
 
 /// A GGUF llama file opened: config and tokenizer from the metadata, tensors read on demand.
 pub struct GgufModel {
+    /// The configuration the metadata describes.
     pub config: LlamaConfig,
+    /// The tensor directory, read on demand.
     pub tensors: GgufSource,
+    /// The tokenizer rebuilt from the metadata.
     pub tokenizer: Tokenizer,
+    /// `tokenizer.chat_template`, if present.
     pub chat_template: Option<String>,
 }
 
@@ -148,8 +155,12 @@ pub fn open_gguf_llama(path: &Path) -> Result<GgufModel> {
         let (block, type_size) = (info.ggml_dtype.block_size(), info.ggml_dtype.type_size());
         let bytes = shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d)).and_then(|n| (n / block).checked_mul(type_size));
         let room = file_len.saturating_sub(content.tensor_data_offset.saturating_add(info.offset));
-        if !bytes.is_some_and(|b| b as u64 <= room) {
-            bail!("{}: tensor '{name}' of shape {shape:?} ({:?}) does not fit in the file ({room} bytes after its offset)", path.display(), info.ggml_dtype)
+        if bytes.is_none_or(|b| b as u64 > room) {
+            bail!(
+                "{}: tensor '{name}' of shape {shape:?} ({:?}) does not fit in the file ({room} bytes after its offset)",
+                path.display(),
+                info.ggml_dtype
+            )
         }
         names.insert(hf.clone(), (name.clone(), entries.len()));
         entries.push(Entry { name: hf, dtype: Dtype::F32, shape });

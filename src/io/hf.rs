@@ -9,10 +9,13 @@ use std::path::{Path, PathBuf};
 /// Files of one model, wherever they live.
 #[derive(Debug, Clone)]
 pub struct HfFiles {
+    /// `config.json`.
     pub config: PathBuf,
+    /// The safetensors files (one, or every shard).
     pub weights: Vec<PathBuf>,
     /// `model.safetensors.index.json`, for a sharded checkpoint.
     pub index: Option<PathBuf>,
+    /// `tokenizer.json`, if present.
     pub tokenizer: Option<PathBuf>,
 }
 

@@ -27,7 +27,12 @@ pub const DEFAULT_GGUF: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ModelSource {
     /// `org/name` or `org/name@revision`.
-    Hub { id: String, revision: String },
+    Hub {
+        /// `org/name`.
+        id: String,
+        /// Branch, tag or commit (`main` unless given).
+        revision: String,
+    },
     /// A folder with `config.json`, safetensors and `tokenizer.json`.
     Folder(PathBuf),
     /// A `.gguf` file.
@@ -94,16 +99,22 @@ pub type Progress<'a> = &'a mut (dyn FnMut(&str, usize, usize) + Send);
 /// A causal language model with its tokenizer.
 #[derive(Clone)]
 pub struct LanguageModel {
+    /// The decoder.
     pub model: Llama,
+    /// Its tokenizer.
     pub tokenizer: Tokenizer,
+    /// Its Jinja chat template, if it has one.
     pub chat_template: Option<String>,
+    /// Where it was loaded from, as given.
     pub source: String,
 }
 
 /// A sentence encoder with its tokenizer.
 #[derive(Clone)]
 pub struct SentenceEncoder {
+    /// The encoder.
     pub model: Bert,
+    /// Its tokenizer.
     pub tokenizer: Tokenizer,
 }
 
@@ -151,7 +162,9 @@ fn quiet_panics<T>(f: impl FnOnce() -> T) -> std::result::Result<T, String> {
     QUIET.with(|q| q.set(true));
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
     QUIET.with(|q| q.set(false));
-    result.map_err(|p| p.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| p.downcast_ref::<String>().cloned()).unwrap_or_else(|| "panic".into()))
+    result.map_err(|p| {
+        p.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| p.downcast_ref::<String>().cloned()).unwrap_or_else(|| "panic".into())
+    })
 }
 
 fn read_tokenizer(source: &ModelSource, files: &hf::HfFiles) -> Result<Tokenizer> {
@@ -165,18 +178,23 @@ fn read_tokenizer(source: &ModelSource, files: &hf::HfFiles) -> Result<Tokenizer
 /// A Llama-family model opened but not loaded: its config, tokenizer and tensors (read one at
 /// a time when the model is built or the checkpoint written).
 pub struct OpenedLlama {
+    /// The model's configuration.
     pub config: LlamaConfig,
     /// The `config.json` to save with a quantized copy (built from the metadata for GGUF).
     pub config_json: serde_json::Value,
+    /// Its tensors, read one at a time.
     pub tensors: Arc<dyn TensorSource>,
     /// Set when the source is a quantized checkpoint.
     pub quantization: Option<QuantizationConfig>,
+    /// Its tokenizer.
     pub tokenizer: Tokenizer,
+    /// Its Jinja chat template, if it has one.
     pub chat_template: Option<String>,
     /// Files a quantized copy carries over: `tokenizer.json`, `tokenizer_config.json`.
     pub extra_files: Vec<(String, Vec<u8>)>,
     /// The files read, so that a quantized copy never overwrites them.
     pub inputs: Vec<PathBuf>,
+    /// Where it was opened from, as given.
     pub source: String,
 }
 

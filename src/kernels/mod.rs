@@ -557,7 +557,7 @@ const ERF_COEFFS: [f32; 6] = [0.327_591_1, 0.254_829_6, -0.284_496_74, 1.421_413
 
 /// Exact GELU in place, `x ↦ x·Φ(x) = x/2 · (1 + erf(x/√2))` (BERT's activation), on the best
 /// path. With `z = |x|/√2` and `c = x/2 · t·P(t) · e^(−z²)` (the tail `1 − erf(z)` of
-/// [`ERF_COEFFS`], times `x/2`): `x − c` for `x ≥ 0` and `c` for `x < 0`, so the negative side,
+/// `ERF_COEFFS`, times `x/2`): `x − c` for `x ≥ 0` and `c` for `x < 0`, so the negative side,
 /// where the result is small, keeps its relative precision.
 pub fn gelu_erf(x: &mut [f32]) {
     match Isa::best() {

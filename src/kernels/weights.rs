@@ -48,7 +48,7 @@ pub const BLOCK_ROWS: usize = 8;
 /// (`vpdpbusd` on VNNI, `vpmaddubsw` + `vpmaddwd` on AVX2) leaves eight outputs' partial sums in
 /// eight lanes, with no horizontal reduction. `K` is zero-padded to a multiple of [`CHUNK`] and
 /// `N` to a multiple of 8 (padding rows have scale 0). Blocks are stored in stream order
-/// ([`stream_slot`]) so that a decoding tile's eight streams run on across panels. Scales stay
+/// (`stream_slot`) so that a decoding tile's eight streams run on across panels. Scales stay
 /// in block order, eight per block and group: `scales[(b·groups + g)·8 + r] = sw[8b + r, g]`,
 /// one vector load per block and group.
 #[derive(Debug, Clone)]

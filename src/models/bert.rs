@@ -9,18 +9,28 @@ use candle_nn::{Embedding, LayerNorm, VarBuilder};
 use serde::Deserialize;
 
 #[derive(Debug, Clone, Deserialize)]
+/// The fields of a BERT `config.json` this model reads.
 pub struct BertConfig {
+    /// Tokens in the vocabulary.
     pub vocab_size: usize,
+    /// Width of the hidden states.
     pub hidden_size: usize,
+    /// Encoder layers.
     pub num_hidden_layers: usize,
+    /// Attention heads per layer.
     pub num_attention_heads: usize,
+    /// Width of the feed-forward layer.
     pub intermediate_size: usize,
+    /// Longest input, in tokens.
     pub max_position_embeddings: usize,
     #[serde(default = "two")]
+    /// Token types (segments).
     pub type_vocab_size: usize,
     #[serde(default = "eps")]
+    /// Epsilon of the layer norms.
     pub layer_norm_eps: f64,
     #[serde(default)]
+    /// Feed-forward activation (`gelu`).
     pub hidden_act: String,
 }
 
@@ -32,6 +42,7 @@ fn eps() -> f64 {
 }
 
 impl BertConfig {
+    /// Parses a `config.json`, checking the values this model supports.
     pub fn from_json(json: &serde_json::Value) -> Result<Self> {
         match json.get("model_type").and_then(|v| v.as_str()).unwrap_or("") {
             "bert" => {}

@@ -12,32 +12,47 @@ use serde::{Deserialize, Serialize};
 /// The fields of a Hugging Face `config.json` this model reads.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct LlamaConfig {
+    /// Width of the hidden states.
     pub hidden_size: usize,
+    /// Width of the MLP.
     pub intermediate_size: usize,
+    /// Decoder layers.
     pub num_hidden_layers: usize,
+    /// Query heads per layer.
     pub num_attention_heads: usize,
     #[serde(default)]
+    /// Key/value heads (grouped-query attention); the query heads when absent.
     pub num_key_value_heads: Option<usize>,
     #[serde(default)]
+    /// Size of one head; `hidden_size / num_attention_heads` when absent.
     pub head_dim: Option<usize>,
+    /// Epsilon of the RMS norms.
     pub rms_norm_eps: f64,
     #[serde(default = "default_rope_theta")]
+    /// RoPE base.
     pub rope_theta: f32,
     #[serde(default = "default_context")]
+    /// Longest sequence, in tokens.
     pub max_position_embeddings: usize,
+    /// Tokens in the vocabulary.
     pub vocab_size: usize,
     #[serde(default)]
+    /// `lm_head` is the embedding table.
     pub tie_word_embeddings: bool,
     /// q/k/v projections carry a bias (Qwen2; some Llama variants).
     #[serde(default)]
     pub attention_bias: bool,
     #[serde(default)]
+    /// RoPE frequency scaling (llama3).
     pub rope_scaling: Option<RopeScaling>,
     #[serde(default)]
+    /// Beginning-of-sequence token.
     pub bos_token_id: Option<u32>,
     #[serde(default, deserialize_with = "one_or_many")]
+    /// End-of-sequence tokens.
     pub eos_token_id: Vec<u32>,
     #[serde(default)]
+    /// `llama`, `qwen2`, `mistral`, `phi3` or `gemma3_text`.
     pub model_type: String,
     /// Prepend `bos_token_id` to every prompt and evaluation window (Gemma; llama.cpp's
     /// `add_bos_token`).
@@ -112,13 +127,18 @@ fn one_or_many<'de, De: serde::Deserializer<'de>>(d: De) -> std::result::Result<
 #[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct RopeScaling {
     #[serde(default, alias = "type")]
+    /// `llama3` (or `default`: none).
     pub rope_type: String,
+    /// How much longer the context is than in training.
     pub factor: f32,
     #[serde(default = "one")]
+    /// Wavelengths above `original / low_freq_factor` are divided by `factor`.
     pub low_freq_factor: f32,
     #[serde(default = "four")]
+    /// Wavelengths below `original / high_freq_factor` are kept; in between, blended.
     pub high_freq_factor: f32,
     #[serde(default = "default_orig")]
+    /// The training context.
     pub original_max_position_embeddings: usize,
 }
 
@@ -221,10 +241,12 @@ impl LlamaConfig {
         Ok(())
     }
 
+    /// Key/value heads.
     pub fn kv_heads(&self) -> usize {
         self.num_key_value_heads.unwrap_or(self.num_attention_heads)
     }
 
+    /// Size of one head.
     pub fn head_dim(&self) -> usize {
         self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads)
     }
@@ -282,6 +304,7 @@ impl KvCache {
         self.layers.first().map_or(0, |l| l.current_seq_len())
     }
 
+    /// Whether no position is cached.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -591,8 +614,10 @@ impl Llama {
         // RoPE tables: global (`rope_theta`), then local for sliding-window layers if they differ;
         // positions past the tables (a context longer than ROPE_TABLE) are computed when reached.
         let thetas: Vec<f32> = std::iter::once(cfg.rope_theta).chain(cfg.variant.rope_local_theta).collect();
-        let ropes =
-            thetas.iter().map(|&theta| rope_rows(&cfg.inv_freq(theta), 0, cfg.max_position_embeddings.min(ROPE_TABLE))).collect::<Result<_>>()?;
+        let ropes = thetas
+            .iter()
+            .map(|&theta| rope_rows(&cfg.inv_freq(theta), 0, cfg.max_position_embeddings.min(ROPE_TABLE)))
+            .collect::<Result<_>>()?;
         Ok(Self { embed_tokens, tied_lm_head, layers, norm, lm_head, ropes, config: cfg.clone(), differentiable: false })
     }
 
@@ -617,6 +642,7 @@ impl Llama {
         self.differentiable = on;
     }
 
+    /// The model's configuration.
     pub fn config(&self) -> &LlamaConfig {
         &self.config
     }

@@ -53,6 +53,7 @@ pub struct DynamicLinear {
 }
 
 impl DynamicLinear {
+    /// A layer over packed int8 weights, quantizing its inputs as `act` says (no outlier threshold).
     pub fn new(weights: PackedInt8Weights, bias: Option<Vec<f32>>, act: ActivationQuant) -> Self {
         Self { weights, bias, act, outlier_threshold: None }
     }
@@ -64,18 +65,22 @@ impl DynamicLinear {
         self
     }
 
+    /// Inputs with `|x|` above this are multiplied in float.
     pub fn outlier_threshold(&self) -> Option<f32> {
         self.outlier_threshold
     }
 
+    /// The packed int8 weights.
     pub fn weights(&self) -> &PackedInt8Weights {
         &self.weights
     }
 
+    /// The float bias.
     pub fn bias(&self) -> Option<&[f32]> {
         self.bias.as_deref()
     }
 
+    /// How inputs are quantized.
     pub fn activation_quant(&self) -> ActivationQuant {
         self.act
     }

@@ -21,6 +21,7 @@ pub struct FakeQuantLinear {
 }
 
 impl FakeQuantLinear {
+    /// Trainable copy of `linear` whose weights and inputs are fake-quantized, the inputs' range learned by `observer`.
     pub fn new(linear: &Linear, observer: Box<dyn Observer>) -> Result<Self> {
         Ok(Self {
             weight: Var::from_tensor(linear.weight())?,
@@ -40,6 +41,7 @@ impl FakeQuantLinear {
         self.observing.store(on, std::sync::atomic::Ordering::Relaxed);
     }
 
+    /// The input qparams learned so far (an error before any input was seen).
     pub fn activation_qparams(&self) -> Result<QParams> {
         lock(&self.observer)?.qparams()
     }

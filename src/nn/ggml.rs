@@ -23,10 +23,12 @@ impl GgmlLinear {
         Ok(Self { matmul: QMatMul::from_qtensor(q)?, bias, dtype, weight_bytes })
     }
 
+    /// candle's block format (Q8_0, …).
     pub fn dtype(&self) -> GgmlDType {
         self.dtype
     }
 
+    /// Bytes of quantized weights.
     pub fn weight_bytes(&self) -> usize {
         self.weight_bytes + self.bias.as_ref().map_or(0, |b| b.elem_count() * 4)
     }
@@ -39,6 +41,7 @@ impl GgmlLinear {
         }
     }
 
+    /// The float bias.
     pub fn bias(&self) -> Option<&Tensor> {
         self.bias.as_ref()
     }

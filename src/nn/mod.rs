@@ -76,6 +76,19 @@ impl QLinear {
     /// [`crate::checkpoint::PlannedSource`]), a layer with a `weight_scale` is built straight
     /// from its int8 weights (no float copy) as a dynamic layer with the default activation
     /// scheme; [`crate::checkpoint::QuantizationConfig::apply`] then gives it its saved scheme.
+    ///
+    /// ```
+    /// use candle_core::{DType, Device, Module, Tensor};
+    /// use candle_nn::{VarBuilder, VarMap};
+    /// use candle_quant::QLinear;
+    ///
+    /// # fn main() -> candle_core::Result<()> {
+    /// let vb = VarBuilder::from_varmap(&VarMap::new(), DType::F32, &Device::Cpu);
+    /// let layer = QLinear::load(16, 4, true, vb.pp("encoder.proj"))?;
+    /// assert_eq!((layer.name(), layer.kind_name()), ("encoder.proj", "float"));
+    /// assert_eq!(layer.forward(&Tensor::zeros((2, 16), DType::F32, &Device::Cpu)?)?.dims(), [2, 4]);
+    /// # Ok(()) }
+    /// ```
     pub fn load(in_features: usize, out_features: usize, bias: bool, vb: VarBuilder) -> Result<Self> {
         let name = vb.prefix();
         if vb.contains_tensor("weight_scale") {
@@ -125,18 +138,22 @@ impl QLinear {
         Ok(Self { name, in_features, out_features, kind: QLinearKind::Float(linear.clone()) })
     }
 
+    /// The layer's name: its VarBuilder path.
     pub fn name(&self) -> &str {
         &self.name
     }
 
+    /// Input width.
     pub fn in_features(&self) -> usize {
         self.in_features
     }
 
+    /// Output width.
     pub fn out_features(&self) -> usize {
         self.out_features
     }
 
+    /// What the layer currently is.
     pub fn kind(&self) -> &QLinearKind {
         &self.kind
     }

@@ -15,10 +15,12 @@ pub struct ObservedLinear {
 }
 
 impl ObservedLinear {
+    /// `linear`, unchanged, with `observer` watching its inputs.
     pub fn new(linear: Linear, observer: Box<dyn Observer>) -> Self {
         Self { linear, observer: Arc::new(Mutex::new(observer)) }
     }
 
+    /// The float layer.
     pub fn linear(&self) -> &Linear {
         &self.linear
     }

@@ -21,14 +21,17 @@ impl StaticLinear {
         Ok(Self { weights, bias, act })
     }
 
+    /// The packed int8 weights.
     pub fn weights(&self) -> &PackedInt8Weights {
         &self.weights
     }
 
+    /// The float bias.
     pub fn bias(&self) -> Option<&[f32]> {
         self.bias.as_deref()
     }
 
+    /// The fixed input qparams from calibration.
     pub fn activation_qparams(&self) -> &QParams {
         &self.act
     }

@@ -11,14 +11,17 @@ pub struct WeightOnlyLinear {
 }
 
 impl WeightOnlyLinear {
+    /// A layer over packed int8 weights with float inputs.
     pub fn new(weights: PackedInt8Weights, bias: Option<Vec<f32>>) -> Self {
         Self { weights, bias }
     }
 
+    /// The packed int8 weights.
     pub fn weights(&self) -> &PackedInt8Weights {
         &self.weights
     }
 
+    /// The float bias.
     pub fn bias(&self) -> Option<&[f32]> {
         self.bias.as_deref()
     }

@@ -4,6 +4,28 @@
 //! Non-finite values (NaN, ±Inf) never enter a range: they are skipped and counted
 //! ([`Observer::nonfinite_count`]), so one bad activation cannot blow a scale up to infinity.
 //! An observer that has seen no finite value refuses to produce qparams.
+//!
+//! ```
+//! use candle_core::{Device, Tensor};
+//! use candle_quant::{HistogramObserver, MinMaxObserver, Observer, QDType, QScheme, QSpec};
+//!
+//! # fn main() -> candle_core::Result<()> {
+//! let spec = QSpec::new(QDType::QUInt8, QScheme::Affine);
+//! let mut minmax = MinMaxObserver::new(spec);
+//! minmax.observe(&Tensor::new(&[-1.0f32, 0.5, 3.0], &Device::Cpu)?)?;
+//! let p = minmax.qparams()?;
+//! // Range [-1, 3] over 255 steps: scale 4/255, zero point 0 - round(-1 / (4/255)) = 64.
+//! assert_eq!((p.scales()[0], p.zero_points()[0]), (4.0 / 255.0, 64));
+//!
+//! // A histogram observer clips a rare outlier that min/max would have to cover.
+//! let mut hist = HistogramObserver::new(spec, 2048)?;
+//! let mut values = vec![0.0f32; 10_000];
+//! values.iter_mut().enumerate().for_each(|(i, v)| *v = (i % 100) as f32 / 100.0);
+//! values[0] = 50.0;
+//! hist.observe(&Tensor::new(values.as_slice(), &Device::Cpu)?)?;
+//! assert!(hist.qparams()?.scales()[0] < 50.0 / 255.0);
+//! # Ok(()) }
+//! ```
 
 mod histogram;
 mod minmax;

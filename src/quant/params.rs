@@ -89,6 +89,7 @@ pub struct SlotLayout {
 }
 
 impl SlotLayout {
+    /// The layout of `granularity` over a tensor of `shape` (an error when the shape cannot have it).
     pub fn new(granularity: Granularity, shape: &Shape) -> Result<Self> {
         let dims = shape.dims();
         let numel = shape.elem_count();

@@ -121,10 +121,12 @@ impl QuantizedTensor {
         &self.storage
     }
 
+    /// The tensor's shape.
     pub fn shape(&self) -> &Shape {
         &self.shape
     }
 
+    /// Its scales and zero points.
     pub fn params(&self) -> &QParams {
         &self.params
     }

@@ -47,18 +47,26 @@ pub enum Granularity {
     /// One pair for the whole tensor.
     PerTensor,
     /// One pair per index along `axis` (weights: axis 0 = output channel).
-    PerChannel { axis: usize },
+    PerChannel {
+        /// The dimension whose indices each get a pair.
+        axis: usize,
+    },
     /// One pair per row of the last dimension (activations: one per token).
     PerToken,
     /// One pair per run of `size` consecutive values along the last dimension of each row
     /// (the last group of a row may be shorter).
-    PerGroup { size: usize },
+    PerGroup {
+        /// Values per group.
+        size: usize,
+    },
 }
 
 /// Everything that decides the integer range and the mapping: type, scheme and range options.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct QSpec {
+    /// Integer type.
     pub dtype: QDType,
+    /// Affine or symmetric.
     pub scheme: QScheme,
     /// Use one bit less (7-bit range), as fbgemm does for activations so that
     /// `u8 * i8` pair sums cannot saturate 16-bit intermediates.
@@ -74,15 +82,18 @@ impl QSpec {
     /// Symmetric `[-127, 127]` qint8: dynamic activations (per token or per group).
     pub const DYNAMIC_ACTIVATION: QSpec = QSpec::WEIGHT;
 
+    /// Full integer range, no `reduce_range`, no `narrow_range`.
     pub fn new(dtype: QDType, scheme: QScheme) -> Self {
         Self { dtype, scheme, reduce_range: false, narrow_range: false }
     }
 
+    /// One bit less of range (PyTorch's `reduce_range`, for `u8 × i8` kernels that would saturate).
     pub fn with_reduce_range(mut self, on: bool) -> Self {
         self.reduce_range = on;
         self
     }
 
+    /// Drops the most negative value (`[-127, 127]` for qint8), so the range is symmetric.
     pub fn with_narrow_range(mut self, on: bool) -> Self {
         self.narrow_range = on;
         self
