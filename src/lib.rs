@@ -1,4 +1,6 @@
 #![deny(missing_docs)]
+#![deny(unsafe_op_in_unsafe_fn)]
+#![warn(clippy::undocumented_unsafe_blocks)]
 //! # candle-quant
 //!
 //! Int8 quantization for [candle](https://github.com/huggingface/candle): observers, int8

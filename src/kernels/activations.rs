@@ -58,7 +58,8 @@ impl QuantizedActivations {
             // scales and their reciprocals, then the values.
             outlier_groups.clear();
             for (g, (xg, amax)) in xr.chunks(group).zip(sr.iter_mut()).enumerate() {
-                let (a, finite) = super::abs_max_with(isa, xg);
+                // SAFETY: `isa` is supported (checked above).
+                let (a, finite) = unsafe { super::abs_max_with(isa, xg) };
                 if !finite {
                     bail!("activation row contains a non-finite value (NaN or ±Inf)")
                 }
@@ -83,8 +84,8 @@ impl QuantizedActivations {
                         }
                     }
                 } else {
-                    // The group is finite (checked above).
-                    super::quantize_symmetric_with(isa, xg, inv[g], qg)
+                    // SAFETY: `isa` is supported (checked above); the group is finite.
+                    unsafe { super::quantize_symmetric_with(isa, xg, inv[g], qg) }
                 }
             }
             outlier_start.push(outliers.len());

@@ -514,10 +514,13 @@ pub fn weight_only_linear_with(
     Ok(())
 }
 
-/// `(max |x|, whether every value is finite)` on `isa`'s vectors (a supported path).
-fn abs_max_with(isa: Isa, x: &[f32]) -> (f32, bool) {
+/// `(max |x|, whether every value is finite)` on `isa`'s vectors.
+///
+/// # Safety
+/// This CPU supports `isa`.
+unsafe fn abs_max_with(isa: Isa, x: &[f32]) -> (f32, bool) {
     match isa {
-        // SAFETY: callers pass supported paths only.
+        // SAFETY: a supported path (the caller's contract).
         #[cfg(target_arch = "x86_64")]
         avx2_paths!() => unsafe { x86::abs_max(x) },
         #[cfg(target_arch = "aarch64")]
@@ -529,8 +532,11 @@ fn abs_max_with(isa: Isa, x: &[f32]) -> (f32, bool) {
 
 /// `q[i] = round_half_even(clamp(x[i] · inv, −127, 127))` on `isa`'s vectors, bit for bit the
 /// scalar [`crate::quant::quantize_value`] with zero point 0. `x` must be finite and `q` at
-/// least as long as `x` (checked; only its first `x.len()` bytes are written); `isa` a supported path.
-fn quantize_symmetric_with(isa: Isa, x: &[f32], inv: f32, q: &mut [i8]) {
+/// least as long as `x` (checked; only its first `x.len()` bytes are written).
+///
+/// # Safety
+/// This CPU supports `isa`.
+unsafe fn quantize_symmetric_with(isa: Isa, x: &[f32], inv: f32, q: &mut [i8]) {
     assert!(q.len() >= x.len(), "quantizer: {} outputs for {} inputs", q.len(), x.len());
     match isa {
         // SAFETY: a supported path, x finite (the caller's contract), q long enough (asserted).
@@ -547,8 +553,11 @@ fn quantize_symmetric_with(isa: Isa, x: &[f32], inv: f32, q: &mut [i8]) {
 /// value goes through the scalar quantizer (weights quantized at load time use this).
 pub(crate) fn quantize_symmetric(x: &[f32], inv: f32, q: &mut [i8]) {
     let best = Isa::best();
-    let isa = if abs_max_with(best, x).1 { best } else { Isa::Reference };
-    quantize_symmetric_with(isa, x, inv, q)
+    // SAFETY: `Isa::best` is a supported path, and so is `Reference`.
+    unsafe {
+        let isa = if abs_max_with(best, x).1 { best } else { Isa::Reference };
+        quantize_symmetric_with(isa, x, inv, q)
+    }
 }
 
 /// `p` and `a1..a5` of Abramowitz & Stegun 7.1.26: for `z ≥ 0`, with `t = 1/(1 + p·z)`,

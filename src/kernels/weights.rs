@@ -399,7 +399,8 @@ pub fn quantize_weight_rows_with(n: usize, k: usize, how: WeightQuant, row: impl
             row(j, buf);
             for ((w, qw), s) in buf.chunks(group).zip(qrow.chunks_mut(group)).zip(srow.iter_mut()) {
                 // Symmetric: the scale needs only max|w| over the finite values.
-                let (amax, finite) = super::abs_max_with(isa, w);
+                // SAFETY: `Isa::best` is a supported path.
+                let (amax, finite) = unsafe { super::abs_max_with(isa, w) };
                 let (lo, hi) = if finite {
                     (-amax, amax)
                 } else {
@@ -408,7 +409,8 @@ pub fn quantize_weight_rows_with(n: usize, k: usize, how: WeightQuant, row: impl
                 *s = to_f16(QSpec::WEIGHT.scale_zero_point(lo, hi)?.0)?;
                 let inv = 1.0 / s.to_f32();
                 if finite {
-                    super::quantize_symmetric_with(isa, w, inv, qw);
+                    // SAFETY: as above.
+                    unsafe { super::quantize_symmetric_with(isa, w, inv, qw) };
                 } else {
                     super::quantize_symmetric(w, inv, qw);
                 }

@@ -25,8 +25,11 @@ pub fn available() -> bool {
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn load_scales(p: *const f16) -> __m256 {
-    // SAFETY: eight f16 are 16 readable bytes (caller).
-    _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
+    // SAFETY: the operations below are those this function's `# Safety` section makes the caller answer for (features present, pointers and ranges valid).
+    unsafe {
+        // SAFETY: eight f16 are 16 readable bytes (caller).
+        _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
+    }
 }
 
 /// `acc + Σ₄ u·w` per 32-bit lane — `vpdpbusd` (unsigned bytes of `u` times the signed bytes of
@@ -111,118 +114,121 @@ macro_rules! int8_tiles {
                 b0: usize,
                 sink: Sink,
             ) {
-                let stride = op.weights.padded_in_features();
-                let quads = stride / 4;
-                let (segs, seg_quads) = op.segments();
-                // SQ > 0: every segment is exactly SQ quads (the caller checked), a loop the
-                // compiler unrolls.
-                let seg_quads = if SQ > 0 { SQ } else { seg_quads };
-                let (a_step, w_step) = op.scale_steps();
-                let (ones, shift) = (_mm256_set1_epi16(1), _mm256_set1_epi8(-128));
-                let (a, sa) = op.row_pointers::<R>(i0);
-                let ua: [*const u8; R] = std::array::from_fn(|r| op.abs.as_ptr().wrapping_add((i0 + r) * stride));
-                let na: [*const u8; R] = std::array::from_fn(|r| op.neg_mask.as_ptr().wrapping_add((i0 + r) * stride));
-                let (w, sw) = op.block_pointers::<V>(b0);
-                let mut y = [[_mm256_setzero_ps(); V]; R];
-                for g in 0..segs {
-                    // Each segment sum starts at minus the row's shift term, which the tiles'
-                    // byte products add (`Int8Operands::shift_terms`).
-                    let mut acc: [[__m256i; V]; R] = std::array::from_fn(|r| {
-                        // SAFETY: shift_terms holds M · segs values (caller).
-                        [_mm256_set1_epi32(-*op.shift_terms.get_unchecked((i0 + r) * segs + g)); V]
-                    });
-                    let q_end = if SQ > 0 { (g + 1) * SQ } else { ((g + 1) * seg_quads).min(quads) };
-                    for q in g * seg_quads..q_end {
-                        let mut wv = [_mm256_setzero_si256(); V];
-                        for v in 0..V {
-                            // SAFETY: a block holds 8·stride = 32·quads bytes.
-                            wv[v] = _mm256_loadu_si256(w[v].add(32 * q) as *const __m256i);
-                            if $vnni {
-                                // xor 0x80 turns each signed byte w into the unsigned w + 128.
-                                wv[v] = _mm256_xor_si256(wv[v], shift);
-                            }
-                        }
-                        for r in 0..R {
-                            // The row's four activations (or their magnitudes and sign mask) in
-                            // every lane. SAFETY: a padded row (and its |a| and mask) holds
-                            // stride = 4·quads bytes.
-                            if $vnni {
-                                let act = _mm256_set1_epi32((a[r].add(4 * q) as *const i32).read_unaligned());
-                                for v in 0..V {
-                                    acc[r][v] = $dot(acc[r][v], wv[v], act);
-                                }
-                            } else {
-                                let mag = _mm256_set1_epi32((ua[r].add(4 * q) as *const i32).read_unaligned());
-                                let neg = _mm256_set1_epi32((na[r].add(4 * q) as *const i32).read_unaligned());
-                                for v in 0..V {
-                                    let pairs = _mm256_maddubs_epi16(mag, _mm256_xor_si256(wv[v], neg));
-                                    acc[r][v] = _mm256_add_epi32(acc[r][v], _mm256_madd_epi16(pairs, ones));
+                // SAFETY: the operations below are those this function's `# Safety` section makes the caller answer for (features present, pointers and ranges valid).
+                unsafe {
+                    let stride = op.weights.padded_in_features();
+                    let quads = stride / 4;
+                    let (segs, seg_quads) = op.segments();
+                    // SQ > 0: every segment is exactly SQ quads (the caller checked), a loop the
+                    // compiler unrolls.
+                    let seg_quads = if SQ > 0 { SQ } else { seg_quads };
+                    let (a_step, w_step) = op.scale_steps();
+                    let (ones, shift) = (_mm256_set1_epi16(1), _mm256_set1_epi8(-128));
+                    let (a, sa) = op.row_pointers::<R>(i0);
+                    let ua: [*const u8; R] = std::array::from_fn(|r| op.abs.as_ptr().wrapping_add((i0 + r) * stride));
+                    let na: [*const u8; R] = std::array::from_fn(|r| op.neg_mask.as_ptr().wrapping_add((i0 + r) * stride));
+                    let (w, sw) = op.block_pointers::<V>(b0);
+                    let mut y = [[_mm256_setzero_ps(); V]; R];
+                    for g in 0..segs {
+                        // Each segment sum starts at minus the row's shift term, which the tiles'
+                        // byte products add (`Int8Operands::shift_terms`).
+                        let mut acc: [[__m256i; V]; R] = std::array::from_fn(|r| {
+                            // SAFETY: shift_terms holds M · segs values (caller).
+                            [_mm256_set1_epi32(-*op.shift_terms.get_unchecked((i0 + r) * segs + g)); V]
+                        });
+                        let q_end = if SQ > 0 { (g + 1) * SQ } else { ((g + 1) * seg_quads).min(quads) };
+                        for q in g * seg_quads..q_end {
+                            let mut wv = [_mm256_setzero_si256(); V];
+                            for v in 0..V {
+                                // SAFETY: a block holds 8·stride = 32·quads bytes.
+                                wv[v] = _mm256_loadu_si256(w[v].add(32 * q) as *const __m256i);
+                                if $vnni {
+                                    // xor 0x80 turns each signed byte w into the unsigned w + 128.
+                                    wv[v] = _mm256_xor_si256(wv[v], shift);
                                 }
                             }
-                        }
-                    }
-                    if SUMS {
-                        for r in 0..R {
-                            for v in 0..V {
-                                let mut lanes = [0i32; BLOCK_ROWS];
-                                _mm256_storeu_si256(lanes.as_mut_ptr() as *mut __m256i, acc[r][v]);
-                                // SAFETY: the sums buffer holds M·N_pad·segs values (caller).
-                                sink.put_sums(op, i0 + r, b0 + v, g, &lanes);
+                            for r in 0..R {
+                                // The row's four activations (or their magnitudes and sign mask) in
+                                // every lane. SAFETY: a padded row (and its |a| and mask) holds
+                                // stride = 4·quads bytes.
+                                if $vnni {
+                                    let act = _mm256_set1_epi32((a[r].add(4 * q) as *const i32).read_unaligned());
+                                    for v in 0..V {
+                                        acc[r][v] = $dot(acc[r][v], wv[v], act);
+                                    }
+                                } else {
+                                    let mag = _mm256_set1_epi32((ua[r].add(4 * q) as *const i32).read_unaligned());
+                                    let neg = _mm256_set1_epi32((na[r].add(4 * q) as *const i32).read_unaligned());
+                                    for v in 0..V {
+                                        let pairs = _mm256_maddubs_epi16(mag, _mm256_xor_si256(wv[v], neg));
+                                        acc[r][v] = _mm256_add_epi32(acc[r][v], _mm256_madd_epi16(pairs, ones));
+                                    }
+                                }
                             }
                         }
-                    } else if w_step == 0 {
-                        // One weight scale per channel: it multiplies the sum of all segments once,
-                        // after the last one.
-                        for r in 0..R {
-                            // SAFETY: each row has one scale, or one per segment when a_step is 1.
-                            let s = _mm256_set1_ps(*sa[r].add(g * a_step));
-                            for v in 0..V {
-                                y[r][v] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r][v]), s, y[r][v]);
+                        if SUMS {
+                            for r in 0..R {
+                                for v in 0..V {
+                                    let mut lanes = [0i32; BLOCK_ROWS];
+                                    _mm256_storeu_si256(lanes.as_mut_ptr() as *mut __m256i, acc[r][v]);
+                                    // SAFETY: the sums buffer holds M·N_pad·segs values (caller).
+                                    sink.put_sums(op, i0 + r, b0 + v, g, &lanes);
+                                }
                             }
-                        }
-                    } else {
-                        for r in 0..R {
-                            // SAFETY: each row has one scale, or one per segment when a_step is 1.
-                            let s = _mm256_set1_ps(*sa[r].add(g * a_step));
-                            for v in 0..V {
-                                // SAFETY: a block has 8 scales per weight group.
-                                let scale = _mm256_mul_ps(load_scales(sw[v].add(BLOCK_ROWS * g)), s);
-                                y[r][v] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r][v]), scale, y[r][v]);
+                        } else if w_step == 0 {
+                            // One weight scale per channel: it multiplies the sum of all segments once,
+                            // after the last one.
+                            for r in 0..R {
+                                // SAFETY: each row has one scale, or one per segment when a_step is 1.
+                                let s = _mm256_set1_ps(*sa[r].add(g * a_step));
+                                for v in 0..V {
+                                    y[r][v] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r][v]), s, y[r][v]);
+                                }
                             }
-                        }
-                    }
-                }
-                if !SUMS && w_step == 0 {
-                    for v in 0..V {
-                        // SAFETY: a block has 8 scales (one group).
-                        let scale = load_scales(sw[v]);
-                        for r in 0..R {
-                            y[r][v] = _mm256_mul_ps(y[r][v], scale);
-                        }
-                    }
-                }
-                if !SUMS {
-                    // Float outliers (LLM.int8()-style): y += x · q[n,c] · sw[n,c/group], with the
-                    // weight quad still in cache. Byte c%4 of each 32-bit lane is shifted to the top
-                    // and arithmetic-shifted back down, sign-extending the eight outputs' weights at once.
-                    for r in 0..R {
-                        for &(c, x) in op.acts.row_outliers(i0 + r) {
-                            let c = c as usize;
-                            let to_top = _mm_cvtsi32_si128(24 - 8 * (c % 4) as i32);
-                            let (xs, g) = (_mm256_set1_ps(x), c / op.weights.group_size());
-                            for v in 0..V {
-                                // SAFETY: c < K, so quad c/4 and group g exist in every block.
-                                let quad = _mm256_loadu_si256(w[v].add(32 * (c / 4)) as *const __m256i);
-                                let q = _mm256_srai_epi32(_mm256_sll_epi32(quad, to_top), 24);
-                                let wf = _mm256_mul_ps(_mm256_cvtepi32_ps(q), load_scales(sw[v].add(BLOCK_ROWS * g)));
-                                y[r][v] = _mm256_fmadd_ps(wf, xs, y[r][v]);
+                        } else {
+                            for r in 0..R {
+                                // SAFETY: each row has one scale, or one per segment when a_step is 1.
+                                let s = _mm256_set1_ps(*sa[r].add(g * a_step));
+                                for v in 0..V {
+                                    // SAFETY: a block has 8 scales per weight group.
+                                    let scale = _mm256_mul_ps(load_scales(sw[v].add(BLOCK_ROWS * g)), s);
+                                    y[r][v] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r][v]), scale, y[r][v]);
+                                }
                             }
                         }
                     }
-                    for r in 0..R {
+                    if !SUMS && w_step == 0 {
                         for v in 0..V {
-                            // SAFETY: the caller gives R rows of 8·V floats at stride row_len.
-                            _mm256_storeu_ps(sink.out.add(r * sink.row_len + BLOCK_ROWS * v), y[r][v]);
+                            // SAFETY: a block has 8 scales (one group).
+                            let scale = load_scales(sw[v]);
+                            for r in 0..R {
+                                y[r][v] = _mm256_mul_ps(y[r][v], scale);
+                            }
+                        }
+                    }
+                    if !SUMS {
+                        // Float outliers (LLM.int8()-style): y += x · q[n,c] · sw[n,c/group], with the
+                        // weight quad still in cache. Byte c%4 of each 32-bit lane is shifted to the top
+                        // and arithmetic-shifted back down, sign-extending the eight outputs' weights at once.
+                        for r in 0..R {
+                            for &(c, x) in op.acts.row_outliers(i0 + r) {
+                                let c = c as usize;
+                                let to_top = _mm_cvtsi32_si128(24 - 8 * (c % 4) as i32);
+                                let (xs, g) = (_mm256_set1_ps(x), c / op.weights.group_size());
+                                for v in 0..V {
+                                    // SAFETY: c < K, so quad c/4 and group g exist in every block.
+                                    let quad = _mm256_loadu_si256(w[v].add(32 * (c / 4)) as *const __m256i);
+                                    let q = _mm256_srai_epi32(_mm256_sll_epi32(quad, to_top), 24);
+                                    let wf = _mm256_mul_ps(_mm256_cvtepi32_ps(q), load_scales(sw[v].add(BLOCK_ROWS * g)));
+                                    y[r][v] = _mm256_fmadd_ps(wf, xs, y[r][v]);
+                                }
+                            }
+                        }
+                        for r in 0..R {
+                            for v in 0..V {
+                                // SAFETY: the caller gives R rows of 8·V floats at stride row_len.
+                                _mm256_storeu_ps(sink.out.add(r * sink.row_len + BLOCK_ROWS * v), y[r][v]);
+                            }
                         }
                     }
                 }
@@ -239,34 +245,37 @@ macro_rules! int8_tiles {
             /// `M × 8·blocks.len()` and points at its start.
             #[target_feature(enable = $features)]
             unsafe fn run_tiles<const SUMS: bool>(op: &Int8Operands, blocks: Range<usize>, sink: Sink) {
-                let m = op.acts.rows();
-                let panel = if m == 1 { 8 } else { 2 };
-                // Groups of 32 channels (the default on both sides): segments of 8 whole quads.
-                let eight_quad_segments = matches!(op.segments(), (segs, 8) if segs > 1);
-                let mut b = blocks.start;
-                while b < blocks.end {
-                    // The widest panel that fits what is left: 8, 4, 2 or 1 blocks.
-                    let v = [8, 4, 2, 1].into_iter().find(|&v| v <= panel && v <= blocks.end - b).unwrap_or(1);
-                    let mut i = 0;
-                    while i < m {
-                        let r = (m - i).min(4);
-                        let at = sink.at(i, b - blocks.start);
-                        match (r, v, eight_quad_segments) {
-                            (1, 8, _) => tile::<1, 8, SUMS, 0>(op, i, b, at),
-                            (1, 4, _) => tile::<1, 4, SUMS, 0>(op, i, b, at),
-                            (1, 2, _) => tile::<1, 2, SUMS, 0>(op, i, b, at),
-                            (1, _, _) => tile::<1, 1, SUMS, 0>(op, i, b, at),
-                            (2, 2, _) => tile::<2, 2, SUMS, 0>(op, i, b, at),
-                            (2, _, _) => tile::<2, 1, SUMS, 0>(op, i, b, at),
-                            (3, 2, _) => tile::<3, 2, SUMS, 0>(op, i, b, at),
-                            (3, _, _) => tile::<3, 1, SUMS, 0>(op, i, b, at),
-                            (_, 2, true) => tile::<4, 2, SUMS, 8>(op, i, b, at),
-                            (_, 2, false) => tile::<4, 2, SUMS, 0>(op, i, b, at),
-                            _ => tile::<4, 1, SUMS, 0>(op, i, b, at),
+                // SAFETY: the operations below are those this function's `# Safety` section makes the caller answer for (features present, pointers and ranges valid).
+                unsafe {
+                    let m = op.acts.rows();
+                    let panel = if m == 1 { 8 } else { 2 };
+                    // Groups of 32 channels (the default on both sides): segments of 8 whole quads.
+                    let eight_quad_segments = matches!(op.segments(), (segs, 8) if segs > 1);
+                    let mut b = blocks.start;
+                    while b < blocks.end {
+                        // The widest panel that fits what is left: 8, 4, 2 or 1 blocks.
+                        let v = [8, 4, 2, 1].into_iter().find(|&v| v <= panel && v <= blocks.end - b).unwrap_or(1);
+                        let mut i = 0;
+                        while i < m {
+                            let r = (m - i).min(4);
+                            let at = sink.at(i, b - blocks.start);
+                            match (r, v, eight_quad_segments) {
+                                (1, 8, _) => tile::<1, 8, SUMS, 0>(op, i, b, at),
+                                (1, 4, _) => tile::<1, 4, SUMS, 0>(op, i, b, at),
+                                (1, 2, _) => tile::<1, 2, SUMS, 0>(op, i, b, at),
+                                (1, _, _) => tile::<1, 1, SUMS, 0>(op, i, b, at),
+                                (2, 2, _) => tile::<2, 2, SUMS, 0>(op, i, b, at),
+                                (2, _, _) => tile::<2, 1, SUMS, 0>(op, i, b, at),
+                                (3, 2, _) => tile::<3, 2, SUMS, 0>(op, i, b, at),
+                                (3, _, _) => tile::<3, 1, SUMS, 0>(op, i, b, at),
+                                (_, 2, true) => tile::<4, 2, SUMS, 8>(op, i, b, at),
+                                (_, 2, false) => tile::<4, 2, SUMS, 0>(op, i, b, at),
+                                _ => tile::<4, 1, SUMS, 0>(op, i, b, at),
+                            }
+                            i += r;
                         }
-                        i += r;
+                        b += v;
                     }
-                    b += v;
                 }
             }
 
@@ -279,7 +288,10 @@ macro_rules! int8_tiles {
             /// says; `op.seg` is `K` or a multiple of 4 matching the grouped side(s); `blocks`
             /// lies within the weights' blocks; `out` holds `M × 8·blocks.len()` floats.
             pub unsafe fn int8_blocks(op: &Int8Operands, blocks: Range<usize>, out: &mut [f32]) {
-                run_tiles::<false>(op, blocks.clone(), Sink::outputs(out, blocks.len()))
+                // SAFETY: the operations below are those this function's `# Safety` section makes the caller answer for (features present, pointers and ranges valid).
+                unsafe {
+                    run_tiles::<false>(op, blocks.clone(), Sink::outputs(out, blocks.len()))
+                }
             }
 
             /// The exact `i32` sum of every segment, `sums[((i·N_pad) + n)·segments + g]` — the
@@ -288,7 +300,10 @@ macro_rules! int8_tiles {
             /// # Safety
             /// As [`int8_blocks`] over all blocks; `sums` holds `M · 8·blocks · segments` values.
             pub unsafe fn int8_segment_sums(op: &Int8Operands, sums: &mut [i32]) {
-                run_tiles::<true>(op, 0..op.weights.blocks(), Sink::sums(sums))
+                // SAFETY: the operations below are those this function's `# Safety` section makes the caller answer for (features present, pointers and ranges valid).
+                unsafe {
+                    run_tiles::<true>(op, 0..op.weights.blocks(), Sink::sums(sums))
+                }
             }
         }
     };
@@ -304,11 +319,14 @@ int8_tiles!(avx512_vnni, "avx2,fma,f16c,avx512f,avx512vl,avx512vnni", true, dpbu
 /// # Safety
 /// `isa` supported by this CPU; the rest as the family's `int8_blocks`.
 pub unsafe fn int8_blocks(isa: Isa, op: &Int8Operands, blocks: Range<usize>, out: &mut [f32]) {
-    match isa {
-        Isa::VnniOnAvx2 => vnni_on_avx2::int8_blocks(op, blocks, out),
-        Isa::AvxVnni => avx_vnni::int8_blocks(op, blocks, out),
-        Isa::Avx512Vnni => avx512_vnni::int8_blocks(op, blocks, out),
-        _ => maddubs::int8_blocks(op, blocks, out),
+    // SAFETY: the operations below are those this function's `# Safety` section makes the caller answer for (features present, pointers and ranges valid).
+    unsafe {
+        match isa {
+            Isa::VnniOnAvx2 => vnni_on_avx2::int8_blocks(op, blocks, out),
+            Isa::AvxVnni => avx_vnni::int8_blocks(op, blocks, out),
+            Isa::Avx512Vnni => avx512_vnni::int8_blocks(op, blocks, out),
+            _ => maddubs::int8_blocks(op, blocks, out),
+        }
     }
 }
 
@@ -317,11 +335,14 @@ pub unsafe fn int8_blocks(isa: Isa, op: &Int8Operands, blocks: Range<usize>, out
 /// # Safety
 /// As [`int8_blocks`].
 pub unsafe fn int8_segment_sums(isa: Isa, op: &Int8Operands, sums: &mut [i32]) {
-    match isa {
-        Isa::VnniOnAvx2 => vnni_on_avx2::int8_segment_sums(op, sums),
-        Isa::AvxVnni => avx_vnni::int8_segment_sums(op, sums),
-        Isa::Avx512Vnni => avx512_vnni::int8_segment_sums(op, sums),
-        _ => maddubs::int8_segment_sums(op, sums),
+    // SAFETY: the operations below are those this function's `# Safety` section makes the caller answer for (features present, pointers and ranges valid).
+    unsafe {
+        match isa {
+            Isa::VnniOnAvx2 => vnni_on_avx2::int8_segment_sums(op, sums),
+            Isa::AvxVnni => avx_vnni::int8_segment_sums(op, sums),
+            Isa::Avx512Vnni => avx512_vnni::int8_segment_sums(op, sums),
+            _ => maddubs::int8_segment_sums(op, sums),
+        }
     }
 }
 
@@ -331,14 +352,17 @@ pub unsafe fn int8_segment_sums(isa: Isa, op: &Int8Operands, sums: &mut [i32]) {
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn widen_quad(packed: *const i8) -> [__m256; 4] {
-    let transpose =
-        _mm256_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15, 0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
-    // SAFETY: the caller points at 32 readable bytes.
-    let v = _mm256_shuffle_epi8(_mm256_loadu_si256(packed as *const __m256i), transpose);
-    let v = _mm256_permutevar8x32_epi32(v, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
-    let (lo, hi) = (_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-    let f = |x: __m128i| _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(x));
-    [f(lo), f(_mm_unpackhi_epi64(lo, lo)), f(hi), f(_mm_unpackhi_epi64(hi, hi))]
+    // SAFETY: the operations below are those this function's `# Safety` section makes the caller answer for (features present, pointers and ranges valid).
+    unsafe {
+        let transpose =
+            _mm256_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15, 0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+        // SAFETY: the caller points at 32 readable bytes.
+        let v = _mm256_shuffle_epi8(_mm256_loadu_si256(packed as *const __m256i), transpose);
+        let v = _mm256_permutevar8x32_epi32(v, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        let (lo, hi) = (_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+        let f = |x: __m128i| _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(x));
+        [f(lo), f(_mm_unpackhi_epi64(lo, lo)), f(hi), f(_mm_unpackhi_epi64(hi, hi))]
+    }
 }
 
 /// `R` float rows against one weight block, weights widened once per quad for all rows.
@@ -349,32 +373,35 @@ unsafe fn widen_quad(packed: *const i8) -> [__m256; 4] {
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn weight_only_tile<const R: usize>(x: &[f32], i0: usize, weights: &PackedInt8Weights, b: usize, out: *mut f32, row_len: usize) {
-    let (k, stride) = (weights.in_features(), weights.padded_in_features());
-    let quads = stride / 4;
-    let (segs, seg_quads) = segments(k, stride, weights.group_size());
-    let (w, sw) = (weights.block(b).as_ptr(), weights.block_scales(b).as_ptr());
-    let mut y = [_mm256_setzero_ps(); R];
-    for g in 0..segs {
-        let mut acc = [_mm256_setzero_ps(); R];
-        for q in g * seg_quads..((g + 1) * seg_quads).min(quads) {
-            // SAFETY: a block holds 32·quads bytes; each x row holds 4·quads floats.
-            let wq = widen_quad(w.add(32 * q));
-            for r in 0..R {
-                let xr = x.as_ptr().add((i0 + r) * stride + 4 * q);
-                for (t, wt) in wq.iter().enumerate() {
-                    acc[r] = _mm256_fmadd_ps(*wt, _mm256_set1_ps(*xr.add(t)), acc[r]);
+    // SAFETY: the operations below are those this function's `# Safety` section makes the caller answer for (features present, pointers and ranges valid).
+    unsafe {
+        let (k, stride) = (weights.in_features(), weights.padded_in_features());
+        let quads = stride / 4;
+        let (segs, seg_quads) = segments(k, stride, weights.group_size());
+        let (w, sw) = (weights.block(b).as_ptr(), weights.block_scales(b).as_ptr());
+        let mut y = [_mm256_setzero_ps(); R];
+        for g in 0..segs {
+            let mut acc = [_mm256_setzero_ps(); R];
+            for q in g * seg_quads..((g + 1) * seg_quads).min(quads) {
+                // SAFETY: a block holds 32·quads bytes; each x row holds 4·quads floats.
+                let wq = widen_quad(w.add(32 * q));
+                for r in 0..R {
+                    let xr = x.as_ptr().add((i0 + r) * stride + 4 * q);
+                    for (t, wt) in wq.iter().enumerate() {
+                        acc[r] = _mm256_fmadd_ps(*wt, _mm256_set1_ps(*xr.add(t)), acc[r]);
+                    }
                 }
             }
+            // SAFETY: 8 scales per group (a single group when per channel).
+            let s = load_scales(sw.add(BLOCK_ROWS * g * (segs > 1) as usize));
+            for r in 0..R {
+                y[r] = _mm256_fmadd_ps(acc[r], s, y[r]);
+            }
         }
-        // SAFETY: 8 scales per group (a single group when per channel).
-        let s = load_scales(sw.add(BLOCK_ROWS * g * (segs > 1) as usize));
         for r in 0..R {
-            y[r] = _mm256_fmadd_ps(acc[r], s, y[r]);
+            // SAFETY: R rows of 8 floats at stride row_len (caller).
+            _mm256_storeu_ps(out.add(r * row_len), y[r]);
         }
-    }
-    for r in 0..R {
-        // SAFETY: R rows of 8 floats at stride row_len (caller).
-        _mm256_storeu_ps(out.add(r * row_len), y[r]);
     }
 }
 
@@ -385,12 +412,15 @@ unsafe fn weight_only_tile<const R: usize>(x: &[f32], i0: usize, weights: &Packe
 /// AVX2+FMA+F16C available; `x` holds `M · padded_in_features()` floats; the weight group size is
 /// `K` or a multiple of 4; `blocks` within the weights; `out` holds `M × 8·blocks.len()`.
 pub unsafe fn weight_only_blocks(x: &[f32], m: usize, weights: &PackedInt8Weights, blocks: Range<usize>, out: &mut [f32]) {
-    let row_len = BLOCK_ROWS * blocks.len();
-    weight_only_tiles(m, blocks, out, |rows, i, b, at| match rows {
-        // SAFETY: the caller's contract; weight_only_tiles keeps rows, blocks and `at` in range.
-        4 => weight_only_tile::<4>(x, i, weights, b, at, row_len),
-        _ => weight_only_tile::<1>(x, i, weights, b, at, row_len),
-    })
+    // SAFETY: the operations below are those this function's `# Safety` section makes the caller answer for (features present, pointers and ranges valid).
+    unsafe {
+        let row_len = BLOCK_ROWS * blocks.len();
+        weight_only_tiles(m, blocks, out, |rows, i, b, at| match rows {
+            // SAFETY: the caller's contract; weight_only_tiles keeps rows, blocks and `at` in range.
+            4 => weight_only_tile::<4>(x, i, weights, b, at, row_len),
+            _ => weight_only_tile::<1>(x, i, weights, b, at, row_len),
+        })
+    }
 }
 
 /// `(max |x|, whether every value is finite)`.
@@ -399,27 +429,30 @@ pub unsafe fn weight_only_blocks(x: &[f32], m: usize, weights: &PackedInt8Weight
 /// AVX2+FMA+F16C available.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn abs_max(x: &[f32]) -> (f32, bool) {
-    let (sign, zero) = (_mm256_set1_ps(-0.0), _mm256_setzero_ps());
-    let (mut amax, mut probe) = (zero, zero);
-    let chunks = x.chunks_exact(8);
-    let tail = chunks.remainder();
-    for c in chunks {
-        // SAFETY: chunks_exact gives 8 floats.
-        let v = _mm256_loadu_ps(c.as_ptr());
-        amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v));
-        // x·0 is 0 for finite x and NaN for NaN or ±Inf.
-        probe = _mm256_add_ps(probe, _mm256_mul_ps(v, zero));
+    // SAFETY: the operations below are those this function's `# Safety` section makes the caller answer for (features present, pointers and ranges valid).
+    unsafe {
+        let (sign, zero) = (_mm256_set1_ps(-0.0), _mm256_setzero_ps());
+        let (mut amax, mut probe) = (zero, zero);
+        let chunks = x.chunks_exact(8);
+        let tail = chunks.remainder();
+        for c in chunks {
+            // SAFETY: chunks_exact gives 8 floats.
+            let v = _mm256_loadu_ps(c.as_ptr());
+            amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v));
+            // x·0 is 0 for finite x and NaN for NaN or ±Inf.
+            probe = _mm256_add_ps(probe, _mm256_mul_ps(v, zero));
+        }
+        // Fold the eight lanes in registers: halves, then pairs, then neighbours.
+        let m = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+        let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+        let mut m = _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+        let mut finite = _mm256_movemask_ps(_mm256_cmp_ps(probe, probe, _CMP_UNORD_Q)) == 0;
+        for &v in tail {
+            m = m.max(v.abs());
+            finite &= v * 0.0 == 0.0;
+        }
+        (m, finite)
     }
-    // Fold the eight lanes in registers: halves, then pairs, then neighbours.
-    let m = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
-    let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-    let mut m = _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
-    let mut finite = _mm256_movemask_ps(_mm256_cmp_ps(probe, probe, _CMP_UNORD_Q)) == 0;
-    for &v in tail {
-        m = m.max(v.abs());
-        finite &= v * 0.0 == 0.0;
-    }
-    (m, finite)
 }
 
 /// `q[i] = round_half_even(clamp(x[i] · inv, −127, 127))`, bit for bit what
@@ -429,24 +462,27 @@ pub unsafe fn abs_max(x: &[f32]) -> (f32, bool) {
 /// AVX2+FMA+F16C available; `x` finite; `q.len() >= x.len()`.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn quantize_symmetric(x: &[f32], inv: f32, q: &mut [i8]) {
-    let (inv, lo, hi) = (_mm256_set1_ps(inv), _mm256_set1_ps(-127.0), _mm256_set1_ps(127.0));
-    let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
-    let mut i = 0;
-    while i + 32 <= x.len() {
-        let mut v = [_mm256_setzero_si256(); 4];
-        for (j, vj) in v.iter_mut().enumerate() {
-            // SAFETY: i + 32 <= x.len().
-            let r = _mm256_mul_ps(_mm256_loadu_ps(x.as_ptr().add(i + 8 * j)), inv);
-            *vj = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(r, lo), hi));
+    // SAFETY: the operations below are those this function's `# Safety` section makes the caller answer for (features present, pointers and ranges valid).
+    unsafe {
+        let (inv, lo, hi) = (_mm256_set1_ps(inv), _mm256_set1_ps(-127.0), _mm256_set1_ps(127.0));
+        let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+        let mut i = 0;
+        while i + 32 <= x.len() {
+            let mut v = [_mm256_setzero_si256(); 4];
+            for (j, vj) in v.iter_mut().enumerate() {
+                // SAFETY: i + 32 <= x.len().
+                let r = _mm256_mul_ps(_mm256_loadu_ps(x.as_ptr().add(i + 8 * j)), inv);
+                *vj = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(r, lo), hi));
+            }
+            // Packing works per 128-bit half; the permute puts the 32 bytes back in order.
+            let bytes = _mm256_packs_epi16(_mm256_packs_epi32(v[0], v[1]), _mm256_packs_epi32(v[2], v[3]));
+            // SAFETY: q has as many bytes as x has floats.
+            _mm256_storeu_si256(q.as_mut_ptr().add(i) as *mut __m256i, _mm256_permutevar8x32_epi32(bytes, order));
+            i += 32;
         }
-        // Packing works per 128-bit half; the permute puts the 32 bytes back in order.
-        let bytes = _mm256_packs_epi16(_mm256_packs_epi32(v[0], v[1]), _mm256_packs_epi32(v[2], v[3]));
-        // SAFETY: q has as many bytes as x has floats.
-        _mm256_storeu_si256(q.as_mut_ptr().add(i) as *mut __m256i, _mm256_permutevar8x32_epi32(bytes, order));
-        i += 32;
-    }
-    for (qv, &xv) in q[i..].iter_mut().zip(&x[i..]) {
-        *qv = crate::quant::quantize_value(xv, _mm256_cvtss_f32(inv), 0, -127, 127) as i8;
+        for (qv, &xv) in q[i..].iter_mut().zip(&x[i..]) {
+            *qv = crate::quant::quantize_value(xv, _mm256_cvtss_f32(inv), 0, -127, 127) as i8;
+        }
     }
 }
 
@@ -458,22 +494,25 @@ pub unsafe fn quantize_symmetric(x: &[f32], inv: f32, q: &mut [i8]) {
 /// AVX2 available.
 #[target_feature(enable = "avx2")]
 pub unsafe fn stream_sum(buf: &[u64]) -> u64 {
-    let part = buf.len() / super::STREAMS / 4 * 4;
-    let mut acc = [_mm256_setzero_si256(); super::STREAMS];
-    for i in (0..part).step_by(4) {
-        for (s, a) in acc.iter_mut().enumerate() {
-            // SAFETY: s·part + i + 4 <= STREAMS·part <= buf.len().
-            *a = _mm256_add_epi64(*a, _mm256_loadu_si256(buf.as_ptr().add(s * part + i) as *const __m256i));
+    // SAFETY: the operations below are those this function's `# Safety` section makes the caller answer for (features present, pointers and ranges valid).
+    unsafe {
+        let part = buf.len() / super::STREAMS / 4 * 4;
+        let mut acc = [_mm256_setzero_si256(); super::STREAMS];
+        for i in (0..part).step_by(4) {
+            for (s, a) in acc.iter_mut().enumerate() {
+                // SAFETY: s·part + i + 4 <= STREAMS·part <= buf.len().
+                *a = _mm256_add_epi64(*a, _mm256_loadu_si256(buf.as_ptr().add(s * part + i) as *const __m256i));
+            }
         }
+        let mut lanes = [0u64; 4];
+        for a in acc {
+            let mut l = [0u64; 4];
+            _mm256_storeu_si256(l.as_mut_ptr() as *mut __m256i, a);
+            lanes.iter_mut().zip(l).for_each(|(x, y)| *x = x.wrapping_add(y));
+        }
+        let rest = buf[super::STREAMS * part..].iter().fold(0u64, |a, &b| a.wrapping_add(b));
+        lanes.iter().fold(rest, |a, &b| a.wrapping_add(b))
     }
-    let mut lanes = [0u64; 4];
-    for a in acc {
-        let mut l = [0u64; 4];
-        _mm256_storeu_si256(l.as_mut_ptr() as *mut __m256i, a);
-        lanes.iter_mut().zip(l).for_each(|(x, y)| *x = x.wrapping_add(y));
-    }
-    let rest = buf[super::STREAMS * part..].iter().fold(0u64, |a, &b| a.wrapping_add(b));
-    lanes.iter().fold(rest, |a, &b| a.wrapping_add(b))
 }
 
 /// `e^x` in every lane, for `x ≤ 0` (softmax numerators): `x = n·ln2 + r` with `n` the nearest
@@ -577,11 +616,14 @@ fn hsum(v: __m256) -> f32 {
 /// `t` rows of `d`.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn attention_scores(q: &[f32], keys: &[f32], d: usize, scale: f32, p: &mut [f32]) {
-    match q.len() / d {
-        1 => scores_tile::<1>(q, keys, d, scale, p),
-        2 => scores_tile::<2>(q, keys, d, scale, p),
-        3 => scores_tile::<3>(q, keys, d, scale, p),
-        _ => scores_tile::<4>(q, keys, d, scale, p),
+    // SAFETY: the operations below are those this function's `# Safety` section makes the caller answer for (features present, pointers and ranges valid).
+    unsafe {
+        match q.len() / d {
+            1 => scores_tile::<1>(q, keys, d, scale, p),
+            2 => scores_tile::<2>(q, keys, d, scale, p),
+            3 => scores_tile::<3>(q, keys, d, scale, p),
+            _ => scores_tile::<4>(q, keys, d, scale, p),
+        }
     }
 }
 
@@ -592,27 +634,30 @@ pub unsafe fn attention_scores(q: &[f32], keys: &[f32], d: usize, scale: f32, p:
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn scores_tile<const R: usize>(q: &[f32], keys: &[f32], d: usize, scale: f32, p: &mut [f32]) {
-    let t = p.len() / R;
-    let body = d - d % 8;
-    let qp = q.as_ptr();
-    for j in 0..t {
-        // SAFETY: row j < t lies within keys; every load stays below c + 8 <= body <= d in its row.
-        let k = keys.as_ptr().add(j * d);
-        let mut acc = [_mm256_setzero_ps(); R];
-        let mut c = 0;
-        while c < body {
-            let kv = _mm256_loadu_ps(k.add(c));
+    // SAFETY: the operations below are those this function's `# Safety` section makes the caller answer for (features present, pointers and ranges valid).
+    unsafe {
+        let t = p.len() / R;
+        let body = d - d % 8;
+        let qp = q.as_ptr();
+        for j in 0..t {
+            // SAFETY: row j < t lies within keys; every load stays below c + 8 <= body <= d in its row.
+            let k = keys.as_ptr().add(j * d);
+            let mut acc = [_mm256_setzero_ps(); R];
+            let mut c = 0;
+            while c < body {
+                let kv = _mm256_loadu_ps(k.add(c));
+                for r in 0..R {
+                    acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(qp.add(r * d + c)), kv, acc[r]);
+                }
+                c += 8;
+            }
             for r in 0..R {
-                acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(qp.add(r * d + c)), kv, acc[r]);
+                let mut s = hsum(acc[r]);
+                for c in body..d {
+                    s += *qp.add(r * d + c) * *k.add(c);
+                }
+                p[r * t + j] = s * scale;
             }
-            c += 8;
-        }
-        for r in 0..R {
-            let mut s = hsum(acc[r]);
-            for c in body..d {
-                s += *qp.add(r * d + c) * *k.add(c);
-            }
-            p[r * t + j] = s * scale;
         }
     }
 }
@@ -625,11 +670,14 @@ unsafe fn scores_tile<const R: usize>(q: &[f32], keys: &[f32], d: usize, scale: 
 /// `t` rows of `d`.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn weighted_rows(w: &[f32], values: &[f32], d: usize, y: &mut [f32]) {
-    match y.len() / d {
-        1 => weighted_tile::<1>(w, values, d, y),
-        2 => weighted_tile::<2>(w, values, d, y),
-        3 => weighted_tile::<3>(w, values, d, y),
-        _ => weighted_tile::<4>(w, values, d, y),
+    // SAFETY: the operations below are those this function's `# Safety` section makes the caller answer for (features present, pointers and ranges valid).
+    unsafe {
+        match y.len() / d {
+            1 => weighted_tile::<1>(w, values, d, y),
+            2 => weighted_tile::<2>(w, values, d, y),
+            3 => weighted_tile::<3>(w, values, d, y),
+            _ => weighted_tile::<4>(w, values, d, y),
+        }
     }
 }
 
@@ -640,35 +688,38 @@ pub unsafe fn weighted_rows(w: &[f32], values: &[f32], d: usize, y: &mut [f32]) 
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn weighted_tile<const R: usize>(w: &[f32], values: &[f32], d: usize, y: &mut [f32]) {
-    let t = w.len() / R;
-    let body = d - d % 8;
-    let mut c = 0;
-    while c < body {
-        // Two registers per head while 16 outputs are left, then one.
-        let regs = if body - c >= 16 { 2 } else { 1 };
-        let mut acc = [[_mm256_setzero_ps(); 2]; R];
-        for j in 0..t {
-            // SAFETY: row j < t lies within values; c + 8·regs <= body <= d.
-            let v = values.as_ptr().add(j * d + c);
-            let vv = [_mm256_loadu_ps(v), if regs == 2 { _mm256_loadu_ps(v.add(8)) } else { _mm256_setzero_ps() }];
-            for r in 0..R {
-                let wv = _mm256_set1_ps(w[r * t + j]);
-                for g in 0..regs {
-                    acc[r][g] = _mm256_fmadd_ps(wv, vv[g], acc[r][g]);
+    // SAFETY: the operations below are those this function's `# Safety` section makes the caller answer for (features present, pointers and ranges valid).
+    unsafe {
+        let t = w.len() / R;
+        let body = d - d % 8;
+        let mut c = 0;
+        while c < body {
+            // Two registers per head while 16 outputs are left, then one.
+            let regs = if body - c >= 16 { 2 } else { 1 };
+            let mut acc = [[_mm256_setzero_ps(); 2]; R];
+            for j in 0..t {
+                // SAFETY: row j < t lies within values; c + 8·regs <= body <= d.
+                let v = values.as_ptr().add(j * d + c);
+                let vv = [_mm256_loadu_ps(v), if regs == 2 { _mm256_loadu_ps(v.add(8)) } else { _mm256_setzero_ps() }];
+                for r in 0..R {
+                    let wv = _mm256_set1_ps(w[r * t + j]);
+                    for g in 0..regs {
+                        acc[r][g] = _mm256_fmadd_ps(wv, vv[g], acc[r][g]);
+                    }
                 }
             }
+            for r in 0..R {
+                for g in 0..regs {
+                    // SAFETY: row r of y has d >= c + 8·regs values.
+                    _mm256_storeu_ps(y.as_mut_ptr().add(r * d + c + 8 * g), acc[r][g]);
+                }
+            }
+            c += 8 * regs;
         }
         for r in 0..R {
-            for g in 0..regs {
-                // SAFETY: row r of y has d >= c + 8·regs values.
-                _mm256_storeu_ps(y.as_mut_ptr().add(r * d + c + 8 * g), acc[r][g]);
+            for c in body..d {
+                y[r * d + c] = (0..t).map(|j| w[r * t + j] * values[j * d + c]).sum();
             }
-        }
-        c += 8 * regs;
-    }
-    for r in 0..R {
-        for c in body..d {
-            y[r * d + c] = (0..t).map(|j| w[r * t + j] * values[j * d + c]).sum();
         }
     }
 }
