@@ -37,9 +37,7 @@ impl QuantizedActivations {
     /// same bits (tests compare them).
     pub fn quantize_dynamic_with(isa: Isa, x: &[f32], m: usize, k: usize, group: usize, outlier_threshold: Option<f32>) -> Result<Self> {
         check_dims(x, m, k)?;
-        if !isa.is_supported() {
-            bail!("activations: this CPU cannot run the {isa:?} kernels")
-        }
+        let kernels = super::Kernels::of(isa).map_err(|e| e.context("activations"))?;
         let group = group.clamp(1, k.max(1));
         let groups = k.div_ceil(group);
         let spec = QSpec::DYNAMIC_ACTIVATION;
@@ -58,8 +56,7 @@ impl QuantizedActivations {
             // scales and their reciprocals, then the values.
             outlier_groups.clear();
             for (g, (xg, amax)) in xr.chunks(group).zip(sr.iter_mut()).enumerate() {
-                // SAFETY: `isa` is supported (checked above).
-                let (a, finite) = unsafe { super::abs_max_with(isa, xg) };
+                let (a, finite) = kernels.abs_max(xg);
                 if !finite {
                     bail!("activation row contains a non-finite value (NaN or ±Inf)")
                 }
@@ -84,8 +81,8 @@ impl QuantizedActivations {
                         }
                     }
                 } else {
-                    // SAFETY: `isa` is supported (checked above); the group is finite.
-                    unsafe { super::quantize_symmetric_with(isa, xg, inv[g], qg) }
+                    // The group is finite (checked above).
+                    kernels.quantize_symmetric(xg, inv[g], qg)
                 }
             }
             outlier_start.push(outliers.len());

@@ -58,25 +58,17 @@ pub fn attend_part_with(isa: Isa, q: &[f32], keys: &[f32], values: &[f32], d: us
             d + 2
         )
     }
-    if !isa.is_supported() {
-        bail!("attention: this CPU cannot run the {isa:?} kernels")
-    }
+    let kernels = super::Kernels::of(isa).map_err(|e| e.context("attention"))?;
     let (heads, t) = (q.len() / d, keys.len() / d);
     let (y, stats) = part.split_at_mut(heads * d);
     let (maxima, sums) = stats.split_at_mut(heads);
     // Scores, one row of t per head.
     let mut p = vec![0f32; heads * t];
-    match isa {
-        #[cfg(target_arch = "x86_64")]
-        super::avx2_paths!() => {
-            for (qs, ps) in q.chunks(MAX_TILE_HEADS * d).zip(p.chunks_mut(MAX_TILE_HEADS * t)) {
-                // SAFETY: AVX2 checked above; qs holds whole heads of d, ps as many rows of t,
-                // keys t rows of d.
-                unsafe { super::x86::attention_scores(qs, keys, d, scale, ps) }
-            }
-        }
-        _ => {
-            for (qh, ph) in q.chunks_exact(d).zip(p.chunks_exact_mut(t)) {
+    for (qs, ps) in q.chunks(MAX_TILE_HEADS * d).zip(p.chunks_mut(MAX_TILE_HEADS * t)) {
+        // SAFETY: qs holds 1 to MAX_TILE_HEADS whole heads of d, ps as many rows of t, keys t
+        // rows of d.
+        if !unsafe { kernels.attention_scores(qs, keys, d, scale, ps) } {
+            for (qh, ph) in qs.chunks_exact(d).zip(ps.chunks_exact_mut(t)) {
                 ph.iter_mut().zip(keys.chunks_exact(d)).for_each(|(p, k)| *p = scale * dot(qh, k));
             }
         }
@@ -84,27 +76,13 @@ pub fn attend_part_with(isa: Isa, q: &[f32], keys: &[f32], values: &[f32], d: us
     // Softmax numerators e^(s − max) per head, their maximum and sum beside them.
     for ((ph, max), sum) in p.chunks_exact_mut(t).zip(maxima.iter_mut()).zip(sums.iter_mut()) {
         *max = ph.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
-        *sum = match isa {
-            // SAFETY: AVX2 checked above.
-            #[cfg(target_arch = "x86_64")]
-            super::avx2_paths!() => unsafe { super::x86::exp_shifted(ph, *max) },
-            _ => {
-                ph.iter_mut().for_each(|s| *s = (*s - *max).exp());
-                ph.iter().sum()
-            }
-        };
+        *sum = kernels.exp_shifted(ph, *max);
     }
-    match isa {
-        #[cfg(target_arch = "x86_64")]
-        super::avx2_paths!() => {
-            for (ps, ys) in p.chunks(MAX_TILE_HEADS * t).zip(y.chunks_mut(MAX_TILE_HEADS * d)) {
-                // SAFETY: AVX2 checked above; ps holds whole rows of t, ys as many heads of d,
-                // values t rows of d.
-                unsafe { super::x86::weighted_rows(ps, values, d, ys) }
-            }
-        }
-        _ => {
-            for (ph, yh) in p.chunks_exact(t).zip(y.chunks_exact_mut(d)) {
+    for (ps, ys) in p.chunks(MAX_TILE_HEADS * t).zip(y.chunks_mut(MAX_TILE_HEADS * d)) {
+        // SAFETY: ps holds 1 to MAX_TILE_HEADS whole rows of t, ys as many heads of d, values t
+        // rows of d.
+        if !unsafe { kernels.weighted_rows(ps, values, d, ys) } {
+            for (ph, yh) in ps.chunks_exact(t).zip(ys.chunks_exact_mut(d)) {
                 yh.fill(0.0);
                 for (&w, v) in ph.iter().zip(values.chunks_exact(d)) {
                     yh.iter_mut().zip(v).for_each(|(y, v)| *y += w * v);

@@ -20,6 +20,7 @@ mod activations;
 mod arm;
 mod attention;
 pub(crate) mod memory;
+mod paths;
 pub mod reference;
 mod team;
 mod tiles;
@@ -41,15 +42,7 @@ const PARALLEL_MIN_MACS: usize = 1 << 18;
 /// Rows of weights and activations are zero-padded to a multiple of this many bytes.
 pub const CHUNK: usize = 32;
 
-/// The x86 paths: AVX2 + FMA for every kernel, each with its own int8 tiles.
-#[cfg(target_arch = "x86_64")]
-macro_rules! avx2_paths {
-    () => {
-        Isa::Avx2 | Isa::VnniOnAvx2 | Isa::AvxVnni | Isa::Avx512Vnni
-    };
-}
-#[cfg(target_arch = "x86_64")]
-pub(crate) use avx2_paths;
+pub(crate) use paths::Kernels;
 
 /// The path [`force_isa`] chose: 0 for none, else 1 + its index in [`Isa::ALL`].
 static FORCED: AtomicU8 = AtomicU8::new(0);
@@ -195,36 +188,18 @@ pub fn int8_linear_with(
     out: &mut [f32],
 ) -> Result<()> {
     check_linear(acts, weights, bias, out)?;
-    if !isa.is_supported() {
-        bail!("int8 linear: this CPU cannot run the {isa:?} kernels")
-    }
+    let kernels = Kernels::of(isa).map_err(|e| e.context("int8 linear"))?;
     let seg = segment(acts, weights)?;
-    let isa = if simd_segments(seg, acts.cols()) { isa } else { Isa::Reference };
-    #[cfg(target_arch = "x86_64")]
-    let x86 = x86_operands(isa, acts, weights, seg);
+    let kernels = if simd_segments(seg, acts.cols()) { kernels } else { Kernels::PORTABLE };
+    let operands = TileOperands::new(kernels.isa(), acts, weights, seg);
     let (m, n) = (acts.rows(), weights.out_features());
     over_blocks(m, n, m * n * acts.cols(), out, |blocks, buf| {
-        match isa {
-            #[cfg(target_arch = "x86_64")]
-            avx2_paths!() => {
-                let op = x86.operands(acts, weights, seg);
-                // SAFETY: isa is supported (checked above); x86_operands filled what its tiles
-                // read; seg passed simd_segments and check_linear; blocks and buf
-                // come from over_blocks, which sizes buf as M × 8·blocks.len().
-                unsafe { x86::int8_blocks(isa, &op, blocks.clone(), buf) }
-            }
-            #[cfg(target_arch = "aarch64")]
-            Isa::Neon | Isa::NeonDot => {
-                let op = tiles::Int8Operands { acts, abs: &[], neg_mask: &[], shift_terms: &[], weights, seg };
-                // SAFETY: NeonDot is only supported with the dot-product extension (checked
-                // above); seg passed simd_segments and check_linear; blocks and buf come from
-                // over_blocks, which sizes buf as M × 8·blocks.len().
-                unsafe { arm::int8_blocks(&op, isa == Isa::NeonDot, blocks.clone(), buf) }
-            }
-            _ => {
-                reference_blocks(acts, weights, seg, blocks.clone(), buf);
-                add_outliers(acts, weights, blocks, buf);
-            }
+        let op = operands.view(acts, weights, seg);
+        // SAFETY: the operands were built for this path; seg passed simd_segments and
+        // check_linear; blocks and buf come from over_blocks, which sizes buf as M × 8·blocks.len().
+        if !unsafe { kernels.int8_blocks(&op, blocks.clone(), buf) } {
+            reference_blocks(acts, weights, seg, blocks.clone(), buf);
+            add_outliers(acts, weights, blocks, buf);
         }
     });
     let za = acts.zero_point();
@@ -241,18 +216,27 @@ pub fn int8_linear_with(
     Ok(())
 }
 
-/// What the x86 int8 tiles take besides the rows ([`tiles::Int8Operands`]).
-#[cfg(target_arch = "x86_64")]
+/// What a path's int8 tiles take besides the rows ([`tiles::Int8Operands`]), built once per call.
 #[derive(Default)]
-struct X86Operands {
+struct TileOperands {
     abs: Vec<u8>,
     neg_mask: Vec<u8>,
     shift_terms: Vec<i32>,
 }
 
-#[cfg(target_arch = "x86_64")]
-impl X86Operands {
-    fn operands<'a>(&'a self, acts: &'a QuantizedActivations, weights: &'a PackedInt8Weights, seg: usize) -> tiles::Int8Operands<'a> {
+impl TileOperands {
+    /// The operands `isa`'s tiles read (none for NEON and the portable code).
+    fn new(isa: Isa, acts: &QuantizedActivations, weights: &PackedInt8Weights, seg: usize) -> Self {
+        #[cfg(target_arch = "x86_64")]
+        return x86_operands(isa, acts, weights, seg);
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = (isa, acts, weights, seg);
+            Self::default()
+        }
+    }
+
+    fn view<'a>(&'a self, acts: &'a QuantizedActivations, weights: &'a PackedInt8Weights, seg: usize) -> tiles::Int8Operands<'a> {
         tiles::Int8Operands { acts, abs: &self.abs, neg_mask: &self.neg_mask, shift_terms: &self.shift_terms, weights, seg }
     }
 }
@@ -265,7 +249,7 @@ impl X86Operands {
 ///   within `±2·127·128`, below `vpmaddubsw`'s saturation);
 /// - `vpdpbusd` gets `w + 128` as its unsigned side, so a segment sums `Σ a·w + 128·Σ a`.
 #[cfg(target_arch = "x86_64")]
-fn x86_operands(isa: Isa, acts: &QuantizedActivations, weights: &PackedInt8Weights, seg: usize) -> X86Operands {
+fn x86_operands(isa: Isa, acts: &QuantizedActivations, weights: &PackedInt8Weights, seg: usize) -> TileOperands {
     let (k, stride) = (acts.cols(), weights.padded_in_features());
     let (segs, _) = tiles::segments(k, stride, seg);
     let seg = seg.min(stride);
@@ -276,16 +260,16 @@ fn x86_operands(isa: Isa, acts: &QuantizedActivations, weights: &PackedInt8Weigh
     match isa {
         Isa::Avx2 => {
             let data = acts.padded_data();
-            X86Operands {
+            TileOperands {
                 abs: data.iter().map(|v| v.unsigned_abs()).collect(),
                 neg_mask: data.iter().map(|&v| (v >> 7) as u8).collect(),
                 shift_terms: terms(&|g| g.iter().map(|&v| (v as i32).min(0)).sum()),
             }
         }
         Isa::VnniOnAvx2 | Isa::AvxVnni | Isa::Avx512Vnni => {
-            X86Operands { shift_terms: terms(&|g| 128 * g.iter().map(|&v| v as i32).sum::<i32>()), ..Default::default() }
+            TileOperands { shift_terms: terms(&|g| 128 * g.iter().map(|&v| v as i32).sum::<i32>()), ..Default::default() }
         }
-        _ => X86Operands::default(),
+        _ => TileOperands::default(),
     }
 }
 
@@ -404,48 +388,35 @@ fn add_outliers(acts: &QuantizedActivations, weights: &PackedInt8Weights, blocks
 /// Exact integer sums `Σ_{k∈g} qa[i,k]·qw[j,k]` of every segment, `[M][N][segments]`, from the
 /// chosen path's own tiles (tests compare paths on this).
 pub fn group_sums_with(isa: Isa, acts: &QuantizedActivations, weights: &PackedInt8Weights) -> Result<Vec<i32>> {
-    if !isa.is_supported() {
-        bail!("this CPU cannot run the {isa:?} kernels")
-    }
+    let kernels = Kernels::of(isa)?;
     if acts.cols() != weights.in_features() {
         bail!("group sums: activations have {} columns but the weights expect {}", acts.cols(), weights.in_features())
     }
     let (seg, k, m, n) = (segment(acts, weights)?, acts.cols(), acts.rows(), weights.out_features());
     let segs = k.div_ceil(seg);
-    match isa {
-        #[cfg(target_arch = "x86_64")]
-        avx2_paths!() if simd_segments(seg, k) => {
-            let x86 = x86_operands(isa, acts, weights, seg);
-            let op = x86.operands(acts, weights, seg);
-            let n_pad = weights.blocks() * BLOCK_ROWS;
-            let mut sums = vec![0i32; m * n_pad * segs];
-            // SAFETY: isa checked via is_supported(); x86_operands filled what its tiles read; seg passed simd_segments; sums holds M · N_pad · segments values.
-            unsafe { x86::int8_segment_sums(isa, &op, &mut sums) };
+    if simd_segments(seg, k) {
+        let operands = TileOperands::new(isa, acts, weights, seg);
+        let op = operands.view(acts, weights, seg);
+        let n_pad = weights.blocks() * BLOCK_ROWS;
+        let mut sums = vec![0i32; m * n_pad * segs];
+        // SAFETY: the operands were built for this path; seg passed simd_segments; sums holds
+        // M · N_pad · segments values.
+        if unsafe { kernels.int8_segment_sums(&op, &mut sums) } {
             debug_assert_eq!(op.segments().0, segs);
-            Ok(unpad_sums(&sums, m, n, n_pad, segs))
+            return Ok(unpad_sums(&sums, m, n, n_pad, segs));
         }
-        #[cfg(target_arch = "aarch64")]
-        Isa::Neon | Isa::NeonDot if simd_segments(seg, k) => {
-            let op = tiles::Int8Operands { acts, abs: &[], neg_mask: &[], shift_terms: &[], weights, seg };
-            let n_pad = weights.blocks() * BLOCK_ROWS;
-            let mut sums = vec![0i32; m * n_pad * segs];
-            // SAFETY: NeonDot checked via is_supported(); seg passed simd_segments; sums holds
-            // M · N_pad · segments values.
-            unsafe { arm::int8_segment_sums(&op, isa == Isa::NeonDot, &mut sums) };
-            Ok(unpad_sums(&sums, m, n, n_pad, segs))
-        }
-        _ => Ok((0..m)
-            .flat_map(|i| {
-                let a = acts.row(i).to_vec();
-                (0..n).flat_map(move |j| {
-                    let w = weights.row(j);
-                    (0..segs)
-                        .map(|g| reference::dot_i8(&a[g * seg..((g + 1) * seg).min(k)], &w[g * seg..((g + 1) * seg).min(k)]))
-                        .collect::<Vec<_>>()
-                })
-            })
-            .collect()),
     }
+    Ok((0..m)
+        .flat_map(|i| {
+            let a = acts.row(i).to_vec();
+            (0..n).flat_map(move |j| {
+                let w = weights.row(j);
+                (0..segs)
+                    .map(|g| reference::dot_i8(&a[g * seg..((g + 1) * seg).min(k)], &w[g * seg..((g + 1) * seg).min(k)]))
+                    .collect::<Vec<_>>()
+            })
+        })
+        .collect())
 }
 
 /// The sums of the real outputs from `[M][N_pad][segments]` tile sums.
@@ -476,25 +447,18 @@ pub fn weight_only_linear_with(
             bail!("weight-only linear: bias has {} values, {n} needed", b.len())
         }
     }
-    if !isa.is_supported() {
-        bail!("weight-only linear: this CPU cannot run the {isa:?} kernels")
-    }
-    let isa = if simd_segments(weights.group_size(), k) { isa } else { Isa::Reference };
+    let kernels = Kernels::of(isa).map_err(|e| e.context("weight-only linear"))?;
+    let kernels = if simd_segments(weights.group_size(), k) { kernels } else { Kernels::PORTABLE };
     let stride = weights.padded_in_features();
-    let padded: Vec<f32> = if isa == Isa::Reference {
+    let padded: Vec<f32> = if kernels.isa() == Isa::Reference {
         Vec::new()
     } else {
         x.chunks(k).flat_map(|row| row.iter().copied().chain(std::iter::repeat_n(0.0, stride - k))).collect()
     };
-    over_blocks(m, n, m * n * k, out, |blocks, buf| match isa {
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: AVX2 is supported (checked above); `padded` holds M rows of `stride` floats;
+    over_blocks(m, n, m * n * k, out, |blocks, buf| {
+        // SAFETY: `padded` holds M rows of `stride` floats whenever the path has vector tiles;
         // the group size passed simd_segments; buf is M × 8·blocks.len() (over_blocks).
-        avx2_paths!() => unsafe { x86::weight_only_blocks(&padded, m, weights, blocks, buf) },
-        #[cfg(target_arch = "aarch64")]
-        // SAFETY: as above (NEON is part of every aarch64 CPU).
-        Isa::Neon | Isa::NeonDot => unsafe { arm::weight_only_blocks(&padded, m, weights, blocks, buf) },
-        _ => {
+        if !unsafe { kernels.weight_only_blocks(&padded, m, weights, blocks.clone(), buf) } {
             let row_len = BLOCK_ROWS * blocks.len();
             let g = weights.group_size();
             for (j, col) in block_columns(&blocks, n) {
@@ -514,50 +478,12 @@ pub fn weight_only_linear_with(
     Ok(())
 }
 
-/// `(max |x|, whether every value is finite)` on `isa`'s vectors.
-///
-/// # Safety
-/// This CPU supports `isa`.
-unsafe fn abs_max_with(isa: Isa, x: &[f32]) -> (f32, bool) {
-    match isa {
-        // SAFETY: a supported path (the caller's contract).
-        #[cfg(target_arch = "x86_64")]
-        avx2_paths!() => unsafe { x86::abs_max(x) },
-        #[cfg(target_arch = "aarch64")]
-        Isa::Neon | Isa::NeonDot => arm::abs_max(x),
-        // `f32::max` skips NaN, so NaN is caught by the probe (NaN·0 = NaN, ±Inf·0 = NaN).
-        _ => x.iter().fold((0f32, true), |(a, f), v| (a.max(v.abs()), f && (v * 0.0) == 0.0)),
-    }
-}
-
-/// `q[i] = round_half_even(clamp(x[i] · inv, −127, 127))` on `isa`'s vectors, bit for bit the
-/// scalar [`crate::quant::quantize_value`] with zero point 0. `x` must be finite and `q` at
-/// least as long as `x` (checked; only its first `x.len()` bytes are written).
-///
-/// # Safety
-/// This CPU supports `isa`.
-unsafe fn quantize_symmetric_with(isa: Isa, x: &[f32], inv: f32, q: &mut [i8]) {
-    assert!(q.len() >= x.len(), "quantizer: {} outputs for {} inputs", q.len(), x.len());
-    match isa {
-        // SAFETY: a supported path, x finite (the caller's contract), q long enough (asserted).
-        #[cfg(target_arch = "x86_64")]
-        avx2_paths!() => unsafe { x86::quantize_symmetric(x, inv, q) },
-        // SAFETY: as above.
-        #[cfg(target_arch = "aarch64")]
-        Isa::Neon | Isa::NeonDot => unsafe { arm::quantize_symmetric(x, inv, q) },
-        _ => q.iter_mut().zip(x).for_each(|(q, &v)| *q = crate::quant::quantize_value(v, inv, 0, -127, 127) as i8),
-    }
-}
-
-/// [`quantize_symmetric_with`] on the best path, for any input: a run holding a non-finite
+/// [`Kernels::quantize_symmetric`] on the best path, for any input: a run holding a non-finite
 /// value goes through the scalar quantizer (weights quantized at load time use this).
 pub(crate) fn quantize_symmetric(x: &[f32], inv: f32, q: &mut [i8]) {
-    let best = Isa::best();
-    // SAFETY: `Isa::best` is a supported path, and so is `Reference`.
-    unsafe {
-        let isa = if abs_max_with(best, x).1 { best } else { Isa::Reference };
-        quantize_symmetric_with(isa, x, inv, q)
-    }
+    let best = Kernels::best();
+    let kernels = if best.abs_max(x).1 { best } else { Kernels::PORTABLE };
+    kernels.quantize_symmetric(x, inv, q)
 }
 
 /// `p` and `a1..a5` of Abramowitz & Stegun 7.1.26: for `z ≥ 0`, with `t = 1/(1 + p·z)`,
@@ -569,11 +495,8 @@ const ERF_COEFFS: [f32; 6] = [0.327_591_1, 0.254_829_6, -0.284_496_74, 1.421_413
 /// `ERF_COEFFS`, times `x/2`): `x − c` for `x ≥ 0` and `c` for `x < 0`, so the negative side,
 /// where the result is small, keeps its relative precision.
 pub fn gelu_erf(x: &mut [f32]) {
-    match Isa::best() {
-        // SAFETY: the best path is supported.
-        #[cfg(target_arch = "x86_64")]
-        avx2_paths!() => unsafe { x86::gelu_erf(x) },
-        _ => x.iter_mut().for_each(|v| *v = gelu_erf_scalar(*v)),
+    if !Kernels::best().gelu_erf(x) {
+        x.iter_mut().for_each(|v| *v = gelu_erf_scalar(*v))
     }
 }
 

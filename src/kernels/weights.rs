@@ -392,15 +392,14 @@ pub fn quantize_weight_rows_with(n: usize, k: usize, how: WeightQuant, row: impl
     let groups = k.div_ceil(group);
     let mut q = super::memory::zeroed::<i8>(n * k);
     let mut scales = vec![f16::ZERO; n * groups];
-    let isa = super::Isa::best();
+    let kernels = super::Kernels::best();
     q.par_chunks_mut(k).zip(scales.par_chunks_mut(groups)).enumerate().with_min_len(16).try_for_each_init(
         || vec![0f32; k],
         |buf, (j, (qrow, srow))| -> Result<()> {
             row(j, buf);
             for ((w, qw), s) in buf.chunks(group).zip(qrow.chunks_mut(group)).zip(srow.iter_mut()) {
                 // Symmetric: the scale needs only max|w| over the finite values.
-                // SAFETY: `Isa::best` is a supported path.
-                let (amax, finite) = unsafe { super::abs_max_with(isa, w) };
+                let (amax, finite) = kernels.abs_max(w);
                 let (lo, hi) = if finite {
                     (-amax, amax)
                 } else {
@@ -409,8 +408,7 @@ pub fn quantize_weight_rows_with(n: usize, k: usize, how: WeightQuant, row: impl
                 *s = to_f16(QSpec::WEIGHT.scale_zero_point(lo, hi)?.0)?;
                 let inv = 1.0 / s.to_f32();
                 if finite {
-                    // SAFETY: as above.
-                    unsafe { super::quantize_symmetric_with(isa, w, inv, qw) };
+                    kernels.quantize_symmetric(w, inv, qw);
                 } else {
                     super::quantize_symmetric(w, inv, qw);
                 }

@@ -7,7 +7,7 @@
 #![allow(clippy::needless_range_loop)]
 
 use super::tiles::{segments, weight_only_tiles, Int8Operands, Sink};
-use super::{Isa, PackedInt8Weights, BLOCK_ROWS};
+use super::{PackedInt8Weights, BLOCK_ROWS};
 use half::f16;
 use std::arch::x86_64::*;
 use std::ops::Range;
@@ -313,38 +313,6 @@ int8_tiles!(maddubs, "avx2,fma,f16c", false, dpbusd_on_avx2);
 int8_tiles!(vnni_on_avx2, "avx2,fma,f16c", true, dpbusd_on_avx2);
 int8_tiles!(avx_vnni, "avx2,fma,f16c,avxvnni", true, dpbusd_avx_vnni);
 int8_tiles!(avx512_vnni, "avx2,fma,f16c,avx512f,avx512vl,avx512vnni", true, dpbusd_avx512_vnni);
-
-/// [`int8_tiles`]' `int8_blocks` of the family `isa` names (`vpmaddubsw` for `Isa::Avx2`).
-///
-/// # Safety
-/// `isa` supported by this CPU; the rest as the family's `int8_blocks`.
-pub unsafe fn int8_blocks(isa: Isa, op: &Int8Operands, blocks: Range<usize>, out: &mut [f32]) {
-    // SAFETY: the operations below are those this function's `# Safety` section makes the caller answer for (features present, pointers and ranges valid).
-    unsafe {
-        match isa {
-            Isa::VnniOnAvx2 => vnni_on_avx2::int8_blocks(op, blocks, out),
-            Isa::AvxVnni => avx_vnni::int8_blocks(op, blocks, out),
-            Isa::Avx512Vnni => avx512_vnni::int8_blocks(op, blocks, out),
-            _ => maddubs::int8_blocks(op, blocks, out),
-        }
-    }
-}
-
-/// [`int8_tiles`]' `int8_segment_sums` of the family `isa` names.
-///
-/// # Safety
-/// As [`int8_blocks`].
-pub unsafe fn int8_segment_sums(isa: Isa, op: &Int8Operands, sums: &mut [i32]) {
-    // SAFETY: the operations below are those this function's `# Safety` section makes the caller answer for (features present, pointers and ranges valid).
-    unsafe {
-        match isa {
-            Isa::VnniOnAvx2 => vnni_on_avx2::int8_segment_sums(op, sums),
-            Isa::AvxVnni => avx_vnni::int8_segment_sums(op, sums),
-            Isa::Avx512Vnni => avx512_vnni::int8_segment_sums(op, sums),
-            _ => maddubs::int8_segment_sums(op, sums),
-        }
-    }
-}
 
 /// Eight `f32` registers' worth of one weight quad, widened: entry `t` holds `w[8b + l, 4q + t]`
 /// in lane `l`. A byte shuffle turns each 128-bit half's 4×4 (channel × input) bytes around,

@@ -1,0 +1,254 @@
+//! One table of kernels per instruction-set path, chosen once per call ([`Kernels::of`]) instead
+//! of a `match` on the [`Isa`] at every use.
+//!
+//! A table is only ever built for a path this CPU supports, which is what lets its methods call
+//! target-feature code: the feature half of every kernel's safety contract is settled when the
+//! table is made, so the methods are safe where the kernel's other preconditions are checked
+//! here, and `unsafe` only where the caller must vouch for more (operands matching each other).
+
+#[cfg(target_arch = "aarch64")]
+use super::arm;
+use super::tiles::Int8Operands;
+#[cfg(target_arch = "x86_64")]
+use super::x86;
+use super::{Isa, PackedInt8Weights};
+use candle_core::{bail, Result};
+use std::ops::Range;
+
+type AbsMax = unsafe fn(&[f32]) -> (f32, bool);
+type QuantizeSymmetric = unsafe fn(&[f32], f32, &mut [i8]);
+type Int8Blocks = unsafe fn(&Int8Operands, Range<usize>, &mut [f32]);
+type SegmentSums = unsafe fn(&Int8Operands, &mut [i32]);
+type WeightOnlyBlocks = unsafe fn(&[f32], usize, &PackedInt8Weights, Range<usize>, &mut [f32]);
+type AttentionScores = unsafe fn(&[f32], &[f32], usize, f32, &mut [f32]);
+type WeightedRows = unsafe fn(&[f32], &[f32], usize, &mut [f32]);
+
+/// The vector kernels of one supported path; `None` where it has none (the portable code runs).
+#[derive(Clone, Copy)]
+pub(crate) struct Kernels {
+    isa: Isa,
+    abs_max: Option<AbsMax>,
+    quantize_symmetric: Option<QuantizeSymmetric>,
+    int8_blocks: Option<Int8Blocks>,
+    int8_segment_sums: Option<SegmentSums>,
+    weight_only_blocks: Option<WeightOnlyBlocks>,
+    attention_scores: Option<AttentionScores>,
+    exp_shifted: Option<unsafe fn(&mut [f32], f32) -> f32>,
+    weighted_rows: Option<WeightedRows>,
+    gelu_erf: Option<unsafe fn(&mut [f32])>,
+}
+
+/// The NEON int8 tiles without and with `sdot`, in the table's shape.
+#[cfg(target_arch = "aarch64")]
+mod neon {
+    use super::*;
+
+    /// # Safety
+    /// As [`arm::int8_blocks`] without `dot`.
+    pub unsafe fn int8_blocks(op: &Int8Operands, blocks: Range<usize>, out: &mut [f32]) {
+        // SAFETY: the caller's contract is `arm::int8_blocks`'.
+        unsafe { arm::int8_blocks(op, false, blocks, out) }
+    }
+    /// # Safety
+    /// As [`arm::int8_blocks`] with `dot`.
+    pub unsafe fn int8_blocks_dot(op: &Int8Operands, blocks: Range<usize>, out: &mut [f32]) {
+        // SAFETY: the caller's contract is `arm::int8_blocks`'.
+        unsafe { arm::int8_blocks(op, true, blocks, out) }
+    }
+    /// # Safety
+    /// As [`arm::int8_segment_sums`] without `dot`.
+    pub unsafe fn int8_segment_sums(op: &Int8Operands, sums: &mut [i32]) {
+        // SAFETY: the caller's contract is `arm::int8_segment_sums`'.
+        unsafe { arm::int8_segment_sums(op, false, sums) }
+    }
+    /// # Safety
+    /// As [`arm::int8_segment_sums`] with `dot`.
+    pub unsafe fn int8_segment_sums_dot(op: &Int8Operands, sums: &mut [i32]) {
+        // SAFETY: the caller's contract is `arm::int8_segment_sums`'.
+        unsafe { arm::int8_segment_sums(op, true, sums) }
+    }
+}
+
+impl Kernels {
+    /// The portable path: no vector kernels.
+    pub const PORTABLE: Kernels = Kernels {
+        isa: Isa::Reference,
+        abs_max: None,
+        quantize_symmetric: None,
+        int8_blocks: None,
+        int8_segment_sums: None,
+        weight_only_blocks: None,
+        attention_scores: None,
+        exp_shifted: None,
+        weighted_rows: None,
+        gelu_erf: None,
+    };
+
+    /// The table of `isa`; an error naming the path when this CPU cannot run it.
+    pub fn of(isa: Isa) -> Result<Kernels> {
+        if !isa.is_supported() {
+            bail!("this CPU cannot run the {isa:?} kernels (it has {:?})", Isa::supported())
+        }
+        Ok(Self::table(isa))
+    }
+
+    /// The table of the path every layer uses ([`Isa::best`], supported by construction).
+    pub fn best() -> Kernels {
+        Self::table(Isa::best())
+    }
+
+    /// Only for a supported `isa`.
+    fn table(isa: Isa) -> Kernels {
+        match isa {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 | Isa::VnniOnAvx2 | Isa::AvxVnni | Isa::Avx512Vnni => {
+                let (blocks, sums): (Int8Blocks, SegmentSums) = match isa {
+                    Isa::VnniOnAvx2 => (x86::vnni_on_avx2::int8_blocks, x86::vnni_on_avx2::int8_segment_sums),
+                    Isa::AvxVnni => (x86::avx_vnni::int8_blocks, x86::avx_vnni::int8_segment_sums),
+                    Isa::Avx512Vnni => (x86::avx512_vnni::int8_blocks, x86::avx512_vnni::int8_segment_sums),
+                    _ => (x86::maddubs::int8_blocks, x86::maddubs::int8_segment_sums),
+                };
+                Kernels {
+                    isa,
+                    abs_max: Some(x86::abs_max),
+                    quantize_symmetric: Some(x86::quantize_symmetric),
+                    int8_blocks: Some(blocks),
+                    int8_segment_sums: Some(sums),
+                    weight_only_blocks: Some(x86::weight_only_blocks),
+                    attention_scores: Some(x86::attention_scores),
+                    exp_shifted: Some(x86::exp_shifted),
+                    weighted_rows: Some(x86::weighted_rows),
+                    gelu_erf: Some(x86::gelu_erf),
+                }
+            }
+            #[cfg(target_arch = "aarch64")]
+            Isa::Neon | Isa::NeonDot => {
+                let dot = isa == Isa::NeonDot;
+                Kernels {
+                    isa,
+                    abs_max: Some(arm::abs_max),
+                    quantize_symmetric: Some(arm::quantize_symmetric),
+                    int8_blocks: Some(if dot { neon::int8_blocks_dot } else { neon::int8_blocks }),
+                    int8_segment_sums: Some(if dot { neon::int8_segment_sums_dot } else { neon::int8_segment_sums }),
+                    weight_only_blocks: Some(arm::weight_only_blocks),
+                    ..Self::PORTABLE
+                }
+            }
+            _ => Kernels { isa, ..Self::PORTABLE },
+        }
+    }
+
+    /// The path this table is for.
+    pub fn isa(&self) -> Isa {
+        self.isa
+    }
+
+    /// `(max |x|, whether every value is finite)`.
+    pub fn abs_max(&self, x: &[f32]) -> (f32, bool) {
+        match self.abs_max {
+            // SAFETY: the table's path is supported; the kernel reads `x` only.
+            Some(f) => unsafe { f(x) },
+            // `f32::max` skips NaN, so NaN is caught by the probe (NaN·0 = NaN, ±Inf·0 = NaN).
+            None => x.iter().fold((0f32, true), |(a, f), v| (a.max(v.abs()), f && (v * 0.0) == 0.0)),
+        }
+    }
+
+    /// `q[i] = round_half_even(clamp(x[i] · inv, −127, 127))`, bit for bit the scalar
+    /// [`crate::quant::quantize_value`] with zero point 0, for finite `x` (a non-finite value
+    /// gives an unspecified byte). Only the first `x.len()` bytes of `q` are written.
+    pub fn quantize_symmetric(&self, x: &[f32], inv: f32, q: &mut [i8]) {
+        assert!(q.len() >= x.len(), "quantizer: {} outputs for {} inputs", q.len(), x.len());
+        match self.quantize_symmetric {
+            // SAFETY: the table's path is supported; `q` is long enough (asserted).
+            Some(f) => unsafe { f(x, inv, q) },
+            None => q.iter_mut().zip(x).for_each(|(q, &v)| *q = crate::quant::quantize_value(v, inv, 0, -127, 127) as i8),
+        }
+    }
+
+    /// The path's int8 tiles over `blocks` into `out`; `false` (nothing done) when it has none.
+    ///
+    /// # Safety
+    /// As the tiles' `int8_blocks`: `op`'s operands built for this path (`x86_operands`), `op.seg`
+    /// `K` or a multiple of 4 matching the grouped side(s), `blocks` within the weights' blocks,
+    /// `out` holding `M × 8·blocks.len()` floats.
+    pub unsafe fn int8_blocks(&self, op: &Int8Operands, blocks: Range<usize>, out: &mut [f32]) -> bool {
+        let Some(f) = self.int8_blocks else { return false };
+        // SAFETY: the path is supported; the rest is the caller's contract.
+        unsafe { f(op, blocks, out) };
+        true
+    }
+
+    /// The exact `i32` sums of every segment by the path's tiles; `false` when it has none.
+    ///
+    /// # Safety
+    /// As [`Self::int8_blocks`] over all blocks; `sums` holds `M · N_pad · segments` values.
+    pub unsafe fn int8_segment_sums(&self, op: &Int8Operands, sums: &mut [i32]) -> bool {
+        let Some(f) = self.int8_segment_sums else { return false };
+        // SAFETY: the path is supported; the rest is the caller's contract.
+        unsafe { f(op, sums) };
+        true
+    }
+
+    /// The path's weight-only tiles; `false` when it has none.
+    ///
+    /// # Safety
+    /// `x` holds `m` rows of the weights' padded input width; the group size passed
+    /// `simd_segments`; `blocks` within the weights' blocks; `out` holds `m × 8·blocks.len()`.
+    pub unsafe fn weight_only_blocks(
+        &self,
+        x: &[f32],
+        m: usize,
+        weights: &PackedInt8Weights,
+        blocks: Range<usize>,
+        out: &mut [f32],
+    ) -> bool {
+        let Some(f) = self.weight_only_blocks else { return false };
+        // SAFETY: the path is supported; the rest is the caller's contract.
+        unsafe { f(x, m, weights, blocks, out) };
+        true
+    }
+
+    /// Vector attention scores `p[h, j] = scale · q_h·k_j`; `false` when the path has none.
+    ///
+    /// # Safety
+    /// `q` holds whole heads of `d` (at most `MAX_TILE_HEADS`), `keys` rows of `d`, `p` one row of
+    /// `keys.len() / d` per head.
+    pub unsafe fn attention_scores(&self, q: &[f32], keys: &[f32], d: usize, scale: f32, p: &mut [f32]) -> bool {
+        let Some(f) = self.attention_scores else { return false };
+        // SAFETY: the path is supported; the rest is the caller's contract.
+        unsafe { f(q, keys, d, scale, p) };
+        true
+    }
+
+    /// `p ← e^(p − shift)` and `Σ p`.
+    pub fn exp_shifted(&self, p: &mut [f32], shift: f32) -> f32 {
+        match self.exp_shifted {
+            // SAFETY: the table's path is supported; the kernel stays within `p`.
+            Some(f) => unsafe { f(p, shift) },
+            None => {
+                p.iter_mut().for_each(|s| *s = (*s - shift).exp());
+                p.iter().sum()
+            }
+        }
+    }
+
+    /// Vector weighted sums of value rows; `false` when the path has none.
+    ///
+    /// # Safety
+    /// `w` holds whole rows of `values.len() / d` weights (at most `MAX_TILE_HEADS`), `y` as many
+    /// heads of `d`.
+    pub unsafe fn weighted_rows(&self, w: &[f32], values: &[f32], d: usize, y: &mut [f32]) -> bool {
+        let Some(f) = self.weighted_rows else { return false };
+        // SAFETY: the path is supported; the rest is the caller's contract.
+        unsafe { f(w, values, d, y) };
+        true
+    }
+
+    /// Exact GELU in place; `false` (nothing done) when the path has no vector version.
+    pub fn gelu_erf(&self, x: &mut [f32]) -> bool {
+        let Some(f) = self.gelu_erf else { return false };
+        // SAFETY: the table's path is supported; the kernel stays within `x`.
+        unsafe { f(x) };
+        true
+    }
+}
