@@ -11,43 +11,13 @@
 #[path = "../fuzz/targets.rs"]
 mod targets;
 
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use targets::{Seeds, Target};
-
-/// The system allocator, refusing single allocations above a limit (the process then aborts
-/// with "memory allocation of N bytes failed"), so that a header believed without checking shows
-/// up as a crash instead of swapping the machine.
-struct Guarded;
-
-static MAX_ALLOC: AtomicUsize = AtomicUsize::new(usize::MAX);
-
-// SAFETY: forwards to `System`, returning null (a valid allocation failure) above the limit.
-unsafe impl GlobalAlloc for Guarded {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        if layout.size() > MAX_ALLOC.load(Ordering::Relaxed) {
-            return std::ptr::null_mut();
-        }
-        // SAFETY: the caller's contract for `alloc` is `System.alloc`'s.
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: `ptr` came from `System.alloc` with this layout.
-        unsafe { System.dealloc(ptr, layout) }
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        if new_size > MAX_ALLOC.load(Ordering::Relaxed) {
-            return std::ptr::null_mut();
-        }
-        // SAFETY: as for `realloc` on `System`, which allocated `ptr`.
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
+use targets::{Guarded, Seeds, Target};
 
 #[global_allocator]
-static ALLOCATOR: Guarded = Guarded;
+static ALLOCATOR: Guarded = Guarded(AtomicUsize::new(usize::MAX));
 
 /// xorshift64*: small and seedable.
 struct Rng(u64);
@@ -189,7 +159,7 @@ fn main() -> anyhow::Result<()> {
             *m = format!("{info}");
         }
     }));
-    MAX_ALLOC.store(max_alloc, Ordering::Relaxed);
+    ALLOCATOR.0.store(max_alloc, Ordering::Relaxed);
 
     let current = out.join(format!("current-{}.bin", target.name()));
     let (mut ok, mut errors, mut crashes) = (0u64, 0u64, Vec::new());

@@ -12,7 +12,37 @@ use candle_core::{Device, Result, Tensor};
 use candle_quant::checkpoint::{Int8Kind, SaveOptions};
 use candle_quant::io::{open_llama, ModelSource};
 use candle_quant::QuantConfig;
+use std::alloc::{GlobalAlloc, Layout, System};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+/// The system allocator, refusing any single allocation above its limit (the process then
+/// aborts with "memory allocation of N bytes failed"), so that a size a header claims without
+/// being checked shows up as a crash instead of exhausting the machine. Install it with
+/// `#[global_allocator] static A: Guarded = Guarded(AtomicUsize::new(limit));`.
+pub struct Guarded(pub AtomicUsize);
+
+// SAFETY: forwards to `System`, returning null (a valid allocation failure) above the limit.
+unsafe impl GlobalAlloc for Guarded {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        if layout.size() > self.0.load(Ordering::Relaxed) {
+            return std::ptr::null_mut();
+        }
+        // SAFETY: the caller's contract for `alloc` is `System.alloc`'s.
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: `ptr` came from `System.alloc` with this layout.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        if new_size > self.0.load(Ordering::Relaxed) {
+            return std::ptr::null_mut();
+        }
+        // SAFETY: as for `realloc` on `System`, which allocated `ptr`.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
 
 /// What a fuzzing input replaces.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
