@@ -29,6 +29,7 @@
 //!
 //! Layers, from the maths up: [`quant`] → [`observer`], the int8 kernels → [`nn`] → [`convert`](mod@convert).
 
+pub mod calibration;
 pub mod checkpoint;
 pub mod convert;
 #[allow(missing_docs)] // internal: reachable only through the hidden `internals` module

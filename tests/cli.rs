@@ -116,6 +116,33 @@ fn eval_json_and_inspect() {
     assert!(listing.lines().any(|l| l.starts_with("lm_head") && l.contains("float")), "{listing}");
 }
 
+/// `calibrate` writes a calibration file that `eval --mode static` uses; static without a file,
+/// or with a broken one, is an error naming what is missing.
+#[test]
+fn calibrate_then_static_eval() {
+    let dir = std::env::temp_dir().join(format!("candle-quant-cli-calib-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (text, calib) = (dir.join("text.txt"), dir.join("calib.json"));
+    std::fs::write(&text, "Alice was beginning to get very tired of sitting by her sister on the bank, and of having nothing to do: once or twice she had peeped into the book her sister was reading.").unwrap();
+    let (t, c) = (text.to_str().unwrap(), calib.to_str().unwrap());
+    let out = cli(&["calibrate", "--text", t, "--samples", "2", "--seq-len", "16", "--out", c]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let file: serde_json::Value = serde_json::from_slice(&std::fs::read(&calib).unwrap()).unwrap();
+    assert_eq!((file["format"].as_str(), file["windows"].as_u64()), (Some("candle-quant-calibration"), Some(2)));
+    assert_eq!(file["layers"].as_object().unwrap().len(), 211);
+    let out = cli(&["eval", "--text", t, "--window", "16", "--mode", "static", "--calibration", c, "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(v["clamped_activations"].is_u64() && v["kld"].is_number(), "{v}");
+    assert_eq!(v["quantized_layers"], 211);
+    let out = cli(&["eval", "--text", t, "--mode", "static"]);
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("--calibration"));
+    std::fs::write(&calib, "{\"format\": \"candle-quant-calibration\"").unwrap();
+    let out = cli(&["eval", "--text", t, "--mode", "static", "--calibration", c]);
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("calib.json"));
+    std::fs::remove_dir_all(&dir).ok();
+}
+
 #[test]
 fn bad_arguments_fail_with_a_message() {
     let out = cli(&["eval", "--text", "/no/such/file.txt"]);

@@ -207,6 +207,66 @@ mod user_kit {
         Ok(())
     }
 
+    #[test]
+    fn calibrate_save_load_apply_and_refuse_what_does_not_fit() -> Result<()> {
+        use candle_quant::calibration::{calibrate, Calibration, ObserverKind};
+        let vb = VarBuilder::from_varmap(&VarMap::new(), DType::F32, &Device::Cpu);
+        let (float, mut model) = (net(vb.clone())?, net(vb)?);
+        let windows: Vec<Vec<u32>> = (0..4).map(|w| (0..32).map(|i| (w * 13 + i * 7) % 50).collect()).collect();
+        let mut seen = 0;
+        let c = calibrate(&mut model, "test-net", ObserverKind::Minmax, &windows, |d, _| seen = d)?;
+        assert_eq!((seen, c.windows, c.tokens, c.layers.len()), (4, 4, 128, 5));
+        // The model is float again, and the file round-trips.
+        let kinds = |m: &mut Net| -> Vec<&'static str> {
+            let mut k = vec![];
+            candle_quant::Quantizable::visit_linears(m, &mut |l| {
+                k.push(l.kind_name());
+                Ok(())
+            })
+            .unwrap();
+            k
+        };
+        assert_eq!(kinds(&mut model), ["float"; 5]);
+        let dir = std::env::temp_dir().join(format!("candle-quant-calib-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("calib.json");
+        c.save(&path)?;
+        assert_eq!(Calibration::load(&path)?, c);
+        // Applied: every layer static, outputs close to float on the calibration text.
+        let report = c.apply(&mut model, &QuantConfig::default())?;
+        assert_eq!((report.converted.len(), kinds(&mut model)), (5, vec!["int8-static"; 5]));
+        let r = candle_quant::eval::evaluate(&float, &model, &windows.concat(), 32, |_, _| {})?;
+        assert!(r.kld < 0.05 && r.top1_agreement > 0.8, "{r:?}");
+
+        // Another model (a wider head) is refused by name, before any layer changes.
+        let other_map = VarMap::new();
+        let ovb = VarBuilder::from_varmap(&other_map, DType::F32, &Device::Cpu);
+        let mut other = net(ovb.clone())?;
+        other.head = Some(qlinear(32, 60, ovb.pp("wide_head"))?);
+        let e = c.apply(&mut other, &QuantConfig::default()).unwrap_err().to_string();
+        assert!(e.contains("another model") && e.contains("head"), "{e}");
+        assert_eq!(kinds(&mut other), ["float"; 5]);
+        // A truncated or hand-broken file names the file (and the layer).
+        let text = std::fs::read_to_string(&path).unwrap();
+        std::fs::write(&path, &text[..text.len() / 2]).unwrap();
+        assert!(Calibration::load(&path).unwrap_err().to_string().contains("calib.json"));
+        let mut broken = c.clone();
+        broken.layers.get_mut("head").unwrap().scale = -1.0;
+        broken.save(&path)?;
+        let e = Calibration::load(&path).unwrap_err().to_string();
+        assert!(e.contains("calib.json") && e.contains("'head'"), "{e}");
+        std::fs::remove_dir_all(&dir).ok();
+        // No windows, and NaN activations, are errors (the latter naming the first layer).
+        let mut nan = net(VarBuilder::from_varmap(&VarMap::new(), DType::F32, &Device::Cpu))?;
+        let e = calibrate(&mut nan, "t", ObserverKind::Minmax, &[], |_, _| {}).unwrap_err().to_string();
+        assert!(e.contains("at least one window"), "{e}");
+        let table = Tensor::full(f32::NAN, (50, 32), &Device::Cpu)?;
+        nan.embed = Named::new("embed", candle_nn::Embedding::new(table, 32));
+        let e = calibrate(&mut nan, "t", ObserverKind::Histogram, &windows, |_, _| {}).unwrap_err().to_string();
+        assert!(e.contains("layers.0.qkv") && e.contains("non-finite"), "{e}");
+        Ok(())
+    }
+
     fn shapes(map: &VarMap) -> Vec<(String, Vec<usize>)> {
         map.data().lock().unwrap().iter().map(|(n, v)| (n.clone(), v.dims().to_vec())).collect()
     }

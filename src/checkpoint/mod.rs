@@ -139,13 +139,15 @@ pub struct ActivationSpec {
 }
 
 impl ActivationSpec {
-    fn of(spec: &QSpec) -> Self {
+    /// `spec` in words.
+    pub fn of(spec: &QSpec) -> Self {
         let dtype = if spec.dtype == QDType::QUInt8 { "quint8" } else { "qint8" };
         let scheme = if spec.scheme == QScheme::Symmetric { "symmetric" } else { "affine" };
         Self { dtype: dtype.into(), scheme: scheme.into(), reduce_range: spec.reduce_range, narrow_range: spec.narrow_range }
     }
 
-    fn spec(&self) -> Result<QSpec> {
+    /// The [`QSpec`] these words name (an error for an unknown dtype or scheme).
+    pub fn spec(&self) -> Result<QSpec> {
         let dtype = match self.dtype.as_str() {
             "qint8" => QDType::QInt8,
             "quint8" => QDType::QUInt8,

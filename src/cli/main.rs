@@ -3,6 +3,7 @@
 mod bench;
 
 use anyhow::{bail, Context, Result};
+use candle_quant::calibration::{self, Calibration, ObserverKind};
 use candle_quant::checkpoint::{Int8Kind, SaveOptions};
 use candle_quant::convert::{quantize_dynamic, quantize_ggml, quantize_weight_only, ConversionReport, QuantConfig, Quantizable};
 use candle_quant::eval::{evaluate, EvalReport};
@@ -85,6 +86,27 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Run sample windows of a text through the float model and write each linear layer's
+    /// activation range and static int8 qparams to a calibration file (for --mode static).
+    Calibrate {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Text to calibrate on (use another text than the one you evaluate on).
+        #[arg(long)]
+        text: PathBuf,
+        /// Windows of text to run.
+        #[arg(long, default_value_t = 16)]
+        samples: usize,
+        /// Tokens per window.
+        #[arg(long, default_value_t = 512)]
+        seq_len: usize,
+        /// How each layer's range is chosen from what it saw.
+        #[arg(long, value_enum, default_value_t = ObserverArg::Minmax)]
+        observer: ObserverArg,
+        /// The calibration file to write (JSON; written under a temporary name, then renamed).
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Quantize a model once and save it as an int8 checkpoint folder that --model accepts.
     /// Streams: one tensor in memory at a time.
     Quantize {
@@ -133,9 +155,24 @@ enum Command {
 enum Mode {
     Dynamic,
     WeightOnly,
+    /// Static int8: activations quantized with fixed per-tensor qparams from --calibration.
+    Static,
     /// candle's Q8_0 QMatMul (baseline).
     #[value(name = "q8_0")]
     Q8_0,
+}
+
+/// `calibrate --observer`.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum ObserverArg {
+    /// Smallest and largest value seen.
+    Minmax,
+    /// Running average of each window's min and max.
+    MovingAverage,
+    /// The range with the least expected quantization error (2048-bin histogram).
+    Histogram,
+    /// 0.01th to 99.99th percentile.
+    Percentile,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -171,6 +208,9 @@ struct ModelArgs {
     /// Layer-name patterns to keep in float (glob, `*` = anything), repeatable.
     #[arg(long)]
     exclude: Vec<String>,
+    /// Calibration file written by `calibrate`, for --mode static.
+    #[arg(long)]
+    calibration: Option<PathBuf>,
     /// Compute threads (candle's and ours); default: all cores.
     #[arg(long)]
     threads: Option<usize>,
@@ -300,8 +340,10 @@ fn load_int8(args: &ModelArgs) -> Result<(LanguageModel, ConversionReport)> {
     let kind = match args.mode {
         Mode::Dynamic => Int8Kind::Dynamic,
         Mode::WeightOnly => Int8Kind::WeightOnly,
-        Mode::Q8_0 if opened.is_quantized() => bail!("{}: is an int8 checkpoint; --mode q8_0 needs a float model", opened.source),
-        Mode::Q8_0 => {
+        Mode::Q8_0 | Mode::Static if opened.is_quantized() => {
+            bail!("{}: is an int8 checkpoint; --mode q8_0 and --mode static need a float model", opened.source)
+        }
+        Mode::Q8_0 | Mode::Static => {
             return quantized(&Bars::around(|p| opened.load(p))?, args);
         }
     };
@@ -367,6 +409,7 @@ fn embed_file(
             Mode::Dynamic => quantize_dynamic(&mut enc.model, &cfg)?,
             Mode::WeightOnly => quantize_weight_only(&mut enc.model, &cfg)?,
             Mode::Q8_0 => quantize_ggml(&mut enc.model, &cfg, candle_core::quantized::GgmlDType::Q8_0)?,
+            Mode::Static => bail!("embed: --mode static is for language models (calibrate runs text through a decoder)"),
         };
     }
     let text = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
@@ -516,6 +559,12 @@ fn quantized(lm: &LanguageModel, args: &ModelArgs) -> Result<(LanguageModel, Con
         Mode::Dynamic => quantize_dynamic(&mut q.model, &cfg)?,
         Mode::WeightOnly => quantize_weight_only(&mut q.model, &cfg)?,
         Mode::Q8_0 => quantize_ggml(&mut q.model, &cfg, candle_core::quantized::GgmlDType::Q8_0)?,
+        Mode::Static => {
+            let Some(path) = &args.calibration else {
+                bail!("--mode static needs --calibration FILE (written by `candle-quant calibrate`)")
+            };
+            Calibration::load(path)?.apply(&mut q.model, &cfg).with_context(|| format!("applying {}", path.display()))?
+        }
     };
     pb.finish();
     Ok((q, report))
@@ -557,6 +606,7 @@ fn main() -> Result<()> {
     | Command::Eval { model, .. }
     | Command::Inspect { model, .. }
     | Command::Quantize { model, .. }
+    | Command::Calibrate { model, .. }
     | Command::Embed { model, .. } = &cli.command
     {
         set_threads(model.threads);
@@ -577,6 +627,9 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Bench { m, threads, in_features, json } => bench::run(m, threads, &in_features, json),
         Command::Quantize { model, out, max_shard_size, force } => quantize_model(&model, &out, max_shard_size, force),
+        Command::Calibrate { model, text, samples, seq_len, observer, out } => {
+            calibrate_model(&model, &text, samples, seq_len, observer, &out)
+        }
         Command::Embed { model, file, batch_size, precision, out, json } => {
             embed_file(&model, &file, batch_size as usize, precision, out.as_deref(), json)
         }
@@ -703,6 +756,7 @@ fn eval_text(
         v["window"] = window.into();
         v["quantized_layers"] = report.converted.len().into();
         v["skipped_layers"] = serde_json::to_value(&report.skipped)?;
+        v["clamped_activations"] = clamped_activations(&mut q.model.clone())?.into();
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         println!("{} tokens of {} in windows of {window}", r.tokens, text.display());
@@ -712,12 +766,22 @@ fn eval_text(
     Ok(())
 }
 
+/// Inputs the model's static layers clamped to their calibrated ranges so far.
+fn clamped_activations(model: &mut candle_quant::models::llama::Llama) -> Result<u64> {
+    let mut n = 0;
+    model.visit_linears(&mut |l| {
+        n += l.clamped_activations();
+        Ok(())
+    })?;
+    Ok(n)
+}
+
 /// `quantize`: a float model streamed into an int8 folder, with a progress bar of bytes.
 fn quantize_model(model: &ModelArgs, out: &std::path::Path, max_shard_size: u64, force: bool) -> Result<()> {
     let kind = match model.mode {
         Mode::Dynamic => Int8Kind::Dynamic,
         Mode::WeightOnly => Int8Kind::WeightOnly,
-        Mode::Q8_0 => bail!("quantize writes this toolkit's int8 format: --mode dynamic or weight-only"),
+        Mode::Q8_0 | Mode::Static => bail!("quantize streams dynamic or weight-only int8 checkpoints: --mode dynamic or weight-only"),
     };
     let opened = open_model(model.model.as_deref())?;
     if opened.is_quantized() {
@@ -745,6 +809,52 @@ fn quantize_model(model: &ModelArgs, out: &std::path::Path, max_shard_size: u64,
         if written.files.len() == 1 { "" } else { "s" },
         written.tensor_bytes as f64 / 1e6,
         start.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// `calibrate`: windows of `text` through the float model, each layer's range and qparams to `out`.
+fn calibrate_model(
+    model: &ModelArgs,
+    text: &std::path::Path,
+    samples: usize,
+    seq_len: usize,
+    observer: ObserverArg,
+    out: &std::path::Path,
+) -> Result<()> {
+    if samples == 0 || seq_len < 2 {
+        bail!("calibrate: --samples must be at least 1 and --seq-len at least 2 (got {samples} and {seq_len})")
+    }
+    let mut lm = load_float(model.model.as_deref(), "calibrate")?;
+    let body = std::fs::read_to_string(text).with_context(|| format!("reading {}", text.display()))?;
+    let tokens = encode_text(&lm, &body)?;
+    let bos = candle_quant::CausalLm::bos_token(&lm.model);
+    let per_window = seq_len - bos.is_some() as usize;
+    let windows: Vec<Vec<u32>> =
+        tokens.chunks(per_window).filter(|c| c.len() >= 2).take(samples).map(|c| bos.iter().chain(c).copied().collect()).collect();
+    if windows.is_empty() {
+        bail!("{}: holds {} tokens, too few for one calibration window", text.display(), tokens.len())
+    }
+    let kind = match observer {
+        ObserverArg::Minmax => ObserverKind::Minmax,
+        ObserverArg::MovingAverage => ObserverKind::MovingAverage,
+        ObserverArg::Histogram => ObserverKind::Histogram,
+        ObserverArg::Percentile => ObserverKind::Percentile,
+    };
+    let pb = bar(windows.len(), "calibrating windows");
+    let start = std::time::Instant::now();
+    let source = lm.source.clone();
+    let c = calibration::calibrate(&mut lm.model, &source, kind, &windows, |d, _| pb.set_position(d as u64))?;
+    pb.finish_and_clear();
+    c.save(out)?;
+    println!(
+        "calibrated {} layers on {} windows ({} tokens of {}) in {:.1} s; wrote {}",
+        c.layers.len(),
+        c.windows,
+        c.tokens,
+        text.display(),
+        start.elapsed().as_secs_f64(),
+        out.display()
     );
     Ok(())
 }

@@ -261,7 +261,7 @@ fn convert_selected(
 /// Like [`convert_selected`] for steps that only read their own layer (weight quantization):
 /// layers are converted on rayon's pool, a batch of a few per thread at a time — so at most one
 /// batch of new weights exists beside the float ones — and swapped in, in visiting order.
-fn convert_selected_in_parallel(
+pub(crate) fn convert_selected_in_parallel(
     model: &mut (impl Quantizable + ?Sized),
     config: &QuantConfig,
     step: impl Fn(&mut QLinear) -> Result<()> + Sync,

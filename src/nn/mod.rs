@@ -189,6 +189,14 @@ impl QLinear {
         }
     }
 
+    /// Inputs a static layer clamped to its calibrated range so far (0 for other kinds).
+    pub fn clamped_activations(&self) -> u64 {
+        match &self.kind {
+            QLinearKind::Static(s) => s.clamped_count(),
+            _ => 0,
+        }
+    }
+
     /// Whether the weights are stored as int8.
     pub fn is_int8(&self) -> bool {
         self.int8_parts().is_some()

@@ -29,6 +29,16 @@ impl ObservedLinear {
     pub fn activation_qparams(&self) -> Result<QParams> {
         lock(&self.observer)?.qparams()
     }
+
+    /// The finite input range the observer saw, if it keeps one.
+    pub fn observed_range(&self) -> Result<Option<(f32, f32)>> {
+        Ok(lock(&self.observer)?.observed_range())
+    }
+
+    /// NaN/±Inf inputs seen (and left out of the range).
+    pub fn nonfinite_count(&self) -> Result<u64> {
+        Ok(lock(&self.observer)?.nonfinite_count())
+    }
 }
 
 pub(crate) fn lock(observer: &Mutex<Box<dyn Observer>>) -> Result<std::sync::MutexGuard<'_, Box<dyn Observer>>> {

@@ -242,4 +242,8 @@ impl Observer for HistogramObserver {
     fn nonfinite_count(&self) -> u64 {
         self.nonfinite
     }
+
+    fn observed_range(&self) -> Option<(f32, f32)> {
+        (!self.hist.is_empty()).then_some((self.hist.lo, self.hist.hi))
+    }
 }

@@ -121,4 +121,9 @@ impl Observer for MinMaxObserver {
     fn nonfinite_count(&self) -> u64 {
         self.nonfinite
     }
+
+    fn observed_range(&self) -> Option<(f32, f32)> {
+        let (lo, hi) = self.range()?;
+        Some((lo.iter().copied().fold(f32::INFINITY, f32::min), hi.iter().copied().fold(f32::NEG_INFINITY, f32::max)))
+    }
 }

@@ -48,6 +48,11 @@ pub trait Observer: std::fmt::Debug + Send + Sync {
     fn spec(&self) -> QSpec;
     /// NaN/±Inf values seen and skipped.
     fn nonfinite_count(&self) -> u64;
+    /// The finite `(min, max)` seen so far over the whole tensor (moving averages for a
+    /// moving-average observer), if the observer keeps it.
+    fn observed_range(&self) -> Option<(f32, f32)> {
+        None
+    }
 }
 
 /// The finite extremes of `values` and how many values were not finite; `None` if none was.

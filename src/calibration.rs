@@ -1,0 +1,301 @@
+//! Calibration files: the input ranges a float language model's linear layers saw on sample
+//! text and the static int8 activation qparams chosen from them, kept as JSON so that static
+//! int8 layers can be built later without running the calibration again.
+//!
+//! [`calibrate`] runs windows of tokens through a float [`CausalLm`] with an observer on every
+//! linear layer's input; [`Calibration::save`] / [`Calibration::load`] write and read the file
+//! (`docs/calibration-format.md`); [`Calibration::apply`] turns the selected layers of a model
+//! with the same layers into static int8 ones.
+
+use crate::checkpoint::ActivationSpec;
+use crate::convert::{prepare, ConversionReport, ObserverFactory, QuantConfig, Quantizable};
+use crate::lm::CausalLm;
+use crate::nn::QLinearKind;
+use crate::observer::{HistogramObserver, MinMaxObserver, Observer};
+use crate::quant::{Granularity, QDType, QParams, QScheme, QSpec};
+use candle_core::{bail, Result};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// The `format` field of every calibration file.
+pub const FORMAT: &str = "candle-quant-calibration";
+/// The format's version.
+pub const VERSION: u32 = 1;
+
+/// How the activation range of each layer is chosen from what it saw.
+#[non_exhaustive]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ObserverKind {
+    /// The smallest and largest value seen.
+    Minmax,
+    /// Running averages of each batch's min and max (constant 0.01, PyTorch's default).
+    MovingAverage,
+    /// The range minimising the expected quantization error over a 2048-bin histogram.
+    Histogram,
+    /// The 0.01th and 99.99th percentiles of a 2048-bin histogram.
+    Percentile,
+}
+
+/// Static activations: qint8, affine, per tensor (one scale and zero point per layer input).
+const ACTIVATION: QSpec = QSpec { dtype: QDType::QInt8, scheme: QScheme::Affine, reduce_range: false, narrow_range: false };
+
+fn minmax() -> Box<dyn Observer> {
+    Box::new(MinMaxObserver::new(ACTIVATION))
+}
+fn moving_average() -> Box<dyn Observer> {
+    Box::new(MinMaxObserver::moving_average(ACTIVATION, 0.01).unwrap_or_else(|_| MinMaxObserver::new(ACTIVATION)))
+}
+fn histogram() -> Box<dyn Observer> {
+    match HistogramObserver::new(ACTIVATION, 2048) {
+        Ok(h) => Box::new(h),
+        Err(_) => minmax(),
+    }
+}
+fn percentile() -> Box<dyn Observer> {
+    match HistogramObserver::percentile(ACTIVATION, 99.99, 2048) {
+        Ok(h) => Box::new(h),
+        Err(_) => minmax(),
+    }
+}
+
+impl ObserverKind {
+    /// The observer factory for `prepare`.
+    pub fn factory(self) -> ObserverFactory {
+        match self {
+            ObserverKind::Minmax => minmax,
+            ObserverKind::MovingAverage => moving_average,
+            ObserverKind::Histogram => histogram,
+            ObserverKind::Percentile => percentile,
+        }
+    }
+}
+
+/// One linear layer of the calibrated model.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LayerShape {
+    /// Its name (VarBuilder path).
+    pub name: String,
+    /// Input width.
+    pub in_features: usize,
+    /// Output width.
+    pub out_features: usize,
+}
+
+/// What was calibrated: where the model came from and its linear layers, in order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelIdentity {
+    /// The model as given (`--model`).
+    pub source: String,
+    /// Every linear layer, in visiting order.
+    pub layers: Vec<LayerShape>,
+}
+
+/// One layer's calibrated input.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LayerCalibration {
+    /// Smallest input value seen (finite values only).
+    pub min: f32,
+    /// Largest input value seen.
+    pub max: f32,
+    /// The chosen activation scale.
+    pub scale: f32,
+    /// The chosen activation zero point.
+    pub zero_point: i32,
+}
+
+/// A calibration file's contents.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Calibration {
+    /// Always [`FORMAT`].
+    pub format: String,
+    /// The format's version, [`VERSION`].
+    pub version: u32,
+    /// The candle-quant version that wrote it.
+    pub toolkit_version: String,
+    /// The calibrated model.
+    pub model: ModelIdentity,
+    /// How ranges were chosen.
+    pub observer: ObserverKind,
+    /// Windows of text run through the model.
+    pub windows: usize,
+    /// Tokens in those windows.
+    pub tokens: usize,
+    /// The activations' integer type and scheme.
+    pub activation: ActivationSpec,
+    /// Per layer name: the observed range and the chosen qparams.
+    pub layers: BTreeMap<String, LayerCalibration>,
+}
+
+fn identity(model: &mut (impl Quantizable + ?Sized), source: &str) -> Result<ModelIdentity> {
+    let mut layers = Vec::new();
+    model.visit_linears(&mut |l| {
+        layers.push(LayerShape { name: l.name().to_string(), in_features: l.in_features(), out_features: l.out_features() });
+        Ok(())
+    })?;
+    Ok(ModelIdentity { source: source.to_string(), layers })
+}
+
+/// Runs every window of `windows` (token ids, each starting with the model's BOS if it wants one)
+/// through the float `model` with an `observer` on every linear layer's input, calling
+/// `progress(done, total)` after each, and returns the ranges and qparams. The model is left
+/// float, as it was. Errors: no windows, a layer that is not float, a layer that saw NaN or ±Inf
+/// (named), a layer that saw nothing.
+pub fn calibrate<M: CausalLm + Quantizable>(
+    model: &mut M,
+    source: &str,
+    observer: ObserverKind,
+    windows: &[Vec<u32>],
+    mut progress: impl FnMut(usize, usize),
+) -> Result<Calibration> {
+    if windows.iter().all(|w| w.is_empty()) {
+        bail!("calibration needs at least one window of text; none was given")
+    }
+    let ident = identity(model, source)?;
+    let mut not_float = None;
+    model.visit_linears(&mut |l| {
+        if !matches!(l.kind(), QLinearKind::Float(_)) && not_float.is_none() {
+            not_float = Some(format!("{} is {}", l.name(), l.kind_name()));
+        }
+        Ok(())
+    })?;
+    if let Some(what) = not_float {
+        bail!("calibration needs a float model: layer {what}")
+    }
+    prepare(model, &QuantConfig::default().observer(observer.factory()))?;
+    let mut run = |model: &M| -> Result<()> {
+        for (i, w) in windows.iter().filter(|w| !w.is_empty()).enumerate() {
+            model.forward(w, &mut model.new_cache(), false)?;
+            progress(i + 1, windows.len());
+        }
+        Ok(())
+    };
+    let ran = run(model);
+    // Collect, then put every layer back to float (also when a window failed).
+    let mut layers = BTreeMap::new();
+    let mut failure = ran.err();
+    model.visit_linears(&mut |l| {
+        let QLinearKind::Observed(o) = l.kind() else { return Ok(()) };
+        if failure.is_none() {
+            let collected = (|| -> Result<LayerCalibration> {
+                let bad = o.nonfinite_count()?;
+                if bad > 0 {
+                    bail!("layer '{}' saw {bad} non-finite input values (NaN or ±Inf) during calibration", l.name())
+                }
+                let p = o.activation_qparams().map_err(|e| e.context(format!("layer '{}'", l.name())))?;
+                let (scale, zero_point) = (p.scales()[0], p.zero_points()[0]);
+                let (qmin, qmax) = ACTIVATION.qrange();
+                let representable = ((qmin - zero_point) as f32 * scale, (qmax - zero_point) as f32 * scale);
+                let (min, max) = o.observed_range()?.unwrap_or(representable);
+                Ok(LayerCalibration { min, max, scale, zero_point })
+            })();
+            match collected {
+                Ok(c) => {
+                    layers.insert(l.name().to_string(), c);
+                }
+                Err(e) => failure = Some(e),
+            }
+        }
+        let float = o.linear().clone();
+        l.set_kind(QLinearKind::Float(float))
+    })?;
+    if let Some(e) = failure {
+        return Err(e);
+    }
+    let tokens = windows.iter().map(Vec::len).sum();
+    Ok(Calibration {
+        format: FORMAT.into(),
+        version: VERSION,
+        toolkit_version: env!("CARGO_PKG_VERSION").into(),
+        model: ident,
+        observer,
+        windows: windows.iter().filter(|w| !w.is_empty()).count(),
+        tokens,
+        activation: ActivationSpec::of(&ACTIVATION),
+        layers,
+    })
+}
+
+impl Calibration {
+    /// Writes the file as JSON: to a temporary name beside `path`, renamed when complete.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let err = |e: &dyn std::fmt::Display| candle_core::Error::Msg(format!("{}: {e}", path.display()));
+        let json = serde_json::to_vec_pretty(self).map_err(|e| err(&e))?;
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "calibration".into());
+        let tmp = path.with_file_name(format!(".{name}.tmp"));
+        std::fs::write(&tmp, json).map_err(|e| err(&e))?;
+        std::fs::rename(&tmp, path).map_err(|e| {
+            std::fs::remove_file(&tmp).ok();
+            err(&e)
+        })
+    }
+
+    /// Reads and checks a calibration file: format and version, every layer's range and qparams
+    /// (finite, a positive scale, the zero point inside the integer range). Errors name the file
+    /// and the layer.
+    pub fn load(path: &Path) -> Result<Calibration> {
+        let err = |m: String| candle_core::Error::Msg(format!("{}: {m}", path.display()));
+        let text = std::fs::read_to_string(path).map_err(|e| err(format!("cannot read: {e}")))?;
+        let c: Calibration = serde_json::from_str(&text).map_err(|e| err(format!("not a calibration file: {e}")))?;
+        if c.format != FORMAT || c.version != VERSION {
+            return Err(err(format!("format '{}' version {}, expected '{FORMAT}' version {VERSION}", c.format, c.version)));
+        }
+        let spec = c.activation.spec().map_err(|e| err(e.to_string()))?;
+        for (name, l) in &c.layers {
+            l.qparams(spec).map_err(|e| err(format!("layer '{name}': {e}")))?;
+            if !(l.min.is_finite() && l.max.is_finite() && l.min <= l.max) {
+                return Err(err(format!("layer '{name}': observed range [{}, {}] is not a finite interval", l.min, l.max)));
+            }
+        }
+        Ok(c)
+    }
+
+    /// Makes every layer of `model` that `config` selects a static int8 layer with its
+    /// calibrated activation qparams (weights per output channel). The model must have exactly
+    /// the calibrated layers, with the same shapes; every check runs before any layer changes.
+    pub fn apply(&self, model: &mut (impl Quantizable + ?Sized), config: &QuantConfig) -> Result<ConversionReport> {
+        let spec = self.activation.spec()?;
+        let ident = identity(model, &self.model.source)?;
+        for (have, want) in ident.layers.iter().zip(&self.model.layers) {
+            if have != want {
+                bail!(
+                    "the calibration is for another model: its layer '{}' is {}→{}, the model's layer '{}' is {}→{}",
+                    want.name,
+                    want.in_features,
+                    want.out_features,
+                    have.name,
+                    have.in_features,
+                    have.out_features
+                )
+            }
+        }
+        if ident.layers.len() != self.model.layers.len() {
+            bail!(
+                "the calibration is for another model: {} linear layers calibrated, the model has {}",
+                self.model.layers.len(),
+                ident.layers.len()
+            )
+        }
+        let mut params = BTreeMap::new();
+        for l in ident.layers.iter().filter(|l| config.selects(&l.name)) {
+            let Some(c) = self.layers.get(&l.name) else { bail!("layer '{}' has no entry in the calibration", l.name) };
+            params.insert(l.name.clone(), c.qparams(spec).map_err(|e| e.context(format!("layer '{}'", l.name)))?);
+        }
+        crate::convert::convert_selected_in_parallel(model, config, |layer| match params.get(layer.name()) {
+            Some(p) => layer.quantize_static(p.clone()),
+            None => bail!("layer '{}' has no calibrated qparams", layer.name()),
+        })
+    }
+}
+
+impl LayerCalibration {
+    /// The per-tensor qparams (checked).
+    pub fn qparams(&self, spec: QSpec) -> Result<QParams> {
+        QParams::new(spec, Granularity::PerTensor, vec![self.scale], vec![self.zero_point])
+    }
+}
