@@ -293,6 +293,14 @@ impl Calibration {
     }
 }
 
+impl Calibration {
+    /// The static qparams calibrated for `layer` (an error naming it when there are none).
+    pub fn qparams_for(&self, layer: &str) -> Result<QParams> {
+        let Some(c) = self.layers.get(layer) else { bail!("layer '{layer}' has no entry in the calibration") };
+        c.qparams(self.activation.spec()?).map_err(|e| e.context(format!("layer '{layer}'")))
+    }
+}
+
 impl LayerCalibration {
     /// The per-tensor qparams (checked).
     pub fn qparams(&self, spec: QSpec) -> Result<QParams> {

@@ -32,25 +32,87 @@ pub struct EvalReport {
     pub tokens: usize,
 }
 
+/// One model's predictions over one window: log-probabilities of positions `from..len-1`, each
+/// position's top token, and the negative log-likelihood of the tokens that follow.
+struct Side {
+    log_probs: Tensor,
+    argmax: Vec<u32>,
+    nll: f64,
+}
+
+impl Side {
+    fn of(model: &impl CausalLm, what: &str, tokens: &[u32], from: usize) -> Result<Self> {
+        let logits = model.forward(tokens, &mut model.new_cache(), true)?;
+        let n = tokens.len() - 1;
+        if logits.dims().len() != 2 || logits.dim(0)? < n {
+            bail!("the {what} model returned logits of shape {:?} for {} tokens: [tokens, vocab] expected", logits.shape(), tokens.len())
+        }
+        let log_probs = candle_nn::ops::log_softmax(&logits.narrow(0, from, n - from)?, D::Minus1)?;
+        let targets = Tensor::new(&tokens[from + 1..], log_probs.device())?.unsqueeze(1)?;
+        let nll = -(log_probs.gather(&targets, 1)?.sum_all()?.to_scalar::<f32>()? as f64);
+        let argmax = log_probs.argmax(D::Minus1)?.to_vec1::<u32>()?;
+        Ok(Self { log_probs, argmax, nll })
+    }
+}
+
+/// The sums of a candidate's window against the reference's.
+fn compare(reference: &Side, candidate: &Side) -> Result<Sums> {
+    let (lp, lq) = (&reference.log_probs, &candidate.log_probs);
+    let kl = (lp.exp()? * (lp - lq)?)?.sum_all()?.to_scalar::<f32>()? as f64;
+    let agree = reference.argmax.iter().zip(&candidate.argmax).filter(|(a, b)| a == b).count();
+    Ok(Sums { nll_ref: reference.nll, nll_cand: candidate.nll, kl, agree, n: reference.argmax.len() })
+}
+
 /// Scores positions `from..len-1` of `tokens` (each predicting the next token) in one pass.
 fn score(reference: &impl CausalLm, candidate: &impl CausalLm, tokens: &[u32], from: usize) -> Result<Sums> {
-    let logits_ref = reference.forward(tokens, &mut reference.new_cache(), true)?;
-    let logits_cand = candidate.forward(tokens, &mut candidate.new_cache(), true)?;
-    let rows = tokens.len() - 1;
-    for (what, l) in [("reference", &logits_ref), ("candidate", &logits_cand)] {
-        if l.dims().len() != 2 || l.dim(0)? < rows {
-            bail!("the {what} model returned logits of shape {:?} for {} tokens: [tokens, vocab] expected", l.shape(), tokens.len())
-        }
+    compare(&Side::of(reference, "reference", tokens, from)?, &Side::of(candidate, "candidate", tokens, from)?)
+}
+
+impl Sums {
+    fn add(&mut self, s: &Sums) {
+        self.nll_ref += s.nll_ref;
+        self.nll_cand += s.nll_cand;
+        self.kl += s.kl;
+        self.agree += s.agree;
+        self.n += s.n;
     }
-    let n = tokens.len() - 1;
-    let (lr, lc) = (logits_ref.narrow(0, from, n - from)?, logits_cand.narrow(0, from, n - from)?);
-    let (lp, lq) = (candle_nn::ops::log_softmax(&lr, D::Minus1)?, candle_nn::ops::log_softmax(&lc, D::Minus1)?);
-    let targets = Tensor::new(&tokens[from + 1..], lr.device())?.unsqueeze(1)?;
-    let nll = |l: &Tensor| -> Result<f64> { Ok(-(l.gather(&targets, 1)?.sum_all()?.to_scalar::<f32>()? as f64)) };
-    let kl = (lp.exp()? * (&lp - &lq)?)?.sum_all()?.to_scalar::<f32>()? as f64;
-    let argmax = |l: &Tensor| l.argmax(D::Minus1)?.to_vec1::<u32>();
-    let (ar, ac) = (argmax(&lr)?, argmax(&lc)?);
-    Ok(Sums { nll_ref: nll(&lp)?, nll_cand: nll(&lq)?, kl, agree: ar.iter().zip(&ac).filter(|(a, b)| a == b).count(), n: n - from })
+}
+
+/// Consecutive non-overlapping windows of `window` tokens of `tokens`, each after `bos` if given.
+fn windows(bos: Option<u32>, tokens: &[u32], window: usize) -> Result<Vec<Vec<u32>>> {
+    if window < 2 {
+        bail!("evaluation window must hold at least 2 tokens, got {window}")
+    }
+    if tokens.len() < 2 {
+        bail!("evaluation needs at least 2 tokens of text, got {}", tokens.len())
+    }
+    let text_len = window - bos.is_some() as usize;
+    Ok(tokens.chunks(text_len).map(|c| bos.iter().chain(c).copied().collect::<Vec<u32>>()).filter(|c| c.len() >= 2).collect())
+}
+
+/// A reference model's side of [`evaluate`] on fixed windows, computed once, to score many
+/// candidates against it (per-layer sensitivity scores hundreds).
+pub struct ReferenceScores {
+    windows: Vec<Vec<u32>>,
+    sides: Vec<Side>,
+}
+
+impl ReferenceScores {
+    /// The reference's predictions over `tokens` in windows of `window`, as [`evaluate`] cuts them.
+    pub fn new(reference: &impl CausalLm, tokens: &[u32], window: usize) -> Result<Self> {
+        let windows = windows(reference.bos_token(), tokens, window)?;
+        let sides = windows.iter().map(|w| Side::of(reference, "reference", w, 0)).collect::<Result<_>>()?;
+        Ok(Self { windows, sides })
+    }
+
+    /// [`evaluate`] of `candidate` against the stored reference.
+    pub fn evaluate(&self, candidate: &impl CausalLm) -> Result<EvalReport> {
+        let mut total = Sums::default();
+        for (w, r) in self.windows.iter().zip(&self.sides) {
+            total.add(&compare(r, &Side::of(candidate, "candidate", w, 0)?)?);
+        }
+        Ok(report(&total))
+    }
 }
 
 fn report(s: &Sums) -> EvalReport {
@@ -78,24 +140,10 @@ pub fn evaluate(
     window: usize,
     mut progress: impl FnMut(usize, usize),
 ) -> Result<EvalReport> {
-    if window < 2 {
-        bail!("evaluation window must hold at least 2 tokens, got {window}")
-    }
-    if tokens.len() < 2 {
-        bail!("evaluation needs at least 2 tokens of text, got {}", tokens.len())
-    }
-    let bos = reference.bos_token();
-    let text_len = window - bos.is_some() as usize;
-    let chunks: Vec<Vec<u32>> =
-        tokens.chunks(text_len).map(|c| bos.iter().chain(c).copied().collect::<Vec<u32>>()).filter(|c| c.len() >= 2).collect();
+    let chunks = windows(reference.bos_token(), tokens, window)?;
     let mut total = Sums::default();
     for (i, chunk) in chunks.iter().enumerate() {
-        let s = score(reference, candidate, chunk, 0)?;
-        total.nll_ref += s.nll_ref;
-        total.nll_cand += s.nll_cand;
-        total.kl += s.kl;
-        total.agree += s.agree;
-        total.n += s.n;
+        total.add(&score(reference, candidate, chunk, 0)?);
         progress(i + 1, chunks.len());
     }
     Ok(report(&total))

@@ -37,6 +37,7 @@ mod kernels;
 pub mod nn;
 pub mod observer;
 pub mod quant;
+pub mod sensitivity;
 
 pub use checkpoint::{load_quantized, save_quantized, QuantizedCheckpoint};
 pub use convert::{

@@ -126,10 +126,12 @@ mod user_kit {
         ensure_quantized, float_linears, qlinear, qlinear_b, qlinear_no_bias, quantizable, quantize_dynamic, QLinear, QuantConfig,
     };
 
+    #[derive(Clone)]
     struct Attn {
         qkv: QLinear,
         out: QLinear,
     }
+    #[derive(Clone)]
     struct Net {
         embed: Named<candle_nn::Embedding>,
         norm: Named<candle_nn::RmsNorm>,
@@ -264,6 +266,32 @@ mod user_kit {
         nan.embed = Named::new("embed", candle_nn::Embedding::new(table, 32));
         let e = calibrate(&mut nan, "t", ObserverKind::Histogram, &windows, |_, _| {}).unwrap_err().to_string();
         assert!(e.contains("layers.0.qkv") && e.contains("non-finite"), "{e}");
+        Ok(())
+    }
+
+    #[test]
+    fn sensitivity_ranks_layers_and_finds_the_exclusions_for_a_budget() -> Result<()> {
+        use candle_quant::eval::ReferenceScores;
+        use candle_quant::sensitivity::{exclusions_for_budget, layer_sensitivity};
+        let float = net(VarBuilder::from_varmap(&VarMap::new(), DType::F32, &Device::Cpu))?;
+        let tokens: Vec<u32> = (0..96).map(|i| (i * 11 + 5) % 50).collect();
+        let reference = ReferenceScores::new(&float, &tokens, 32)?;
+        // Coarse weights (per channel) and activations (per token), no outliers: every layer hurts a bit.
+        let q = |l: &mut QLinear| l.quantize_dynamic(candle_quant::ActivationQuant::PerToken, candle_quant::WeightQuant::PerChannel, None);
+        let mut calls = 0;
+        let ranked = layer_sensitivity(&float, &reference, q, |_, _| calls += 1)?;
+        assert_eq!((calls, ranked.len()), (5, 5));
+        assert!(ranked.windows(2).all(|w| w[0].kld >= w[1].kld) && ranked.iter().all(|l| l.kld > 0.0), "{ranked:?}");
+        // A generous budget keeps nothing in float; a zero budget keeps everything.
+        let (none, r) = exclusions_for_budget(&float, &ranked, &reference, 1e9, q)?;
+        assert!(none.is_empty() && r.kld > 0.0);
+        let (all, r) = exclusions_for_budget(&float, &ranked, &reference, 0.0, q)?;
+        assert_eq!((all.len(), r.ppl_delta_pct), (5, 0.0));
+        // In between: the exclusions are the worst layers, in rank order.
+        let (some, r) = exclusions_for_budget(&float, &ranked, &reference, ranked[0].ppl_delta_pct.abs() / 4.0, q)?;
+        let worst: Vec<String> = ranked[..some.len()].iter().map(|l| l.name.clone()).collect();
+        assert_eq!(some, worst);
+        assert!(r.ppl_delta_pct.abs() <= ranked[0].ppl_delta_pct.abs() / 4.0);
         Ok(())
     }
 

@@ -107,6 +107,30 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Which layers hurt most when quantized: each linear layer quantized alone and scored
+    /// against the float model on sample windows, worst first, and the fewest layers to keep in
+    /// float (--exclude) for a perplexity budget.
+    Sensitivity {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Text to score on.
+        #[arg(long)]
+        text: PathBuf,
+        /// Windows of text.
+        #[arg(long, default_value_t = 4)]
+        samples: usize,
+        /// Tokens per window.
+        #[arg(long, default_value_t = 256)]
+        seq_len: usize,
+        /// Largest perplexity change to allow with every other layer quantized, e.g. 0.2%.
+        #[arg(long, default_value = "0.2%", value_parser = parse_percent)]
+        budget: f64,
+        /// Layers to list.
+        #[arg(long, default_value_t = 15)]
+        top: usize,
+        #[arg(long)]
+        json: bool,
+    },
     /// Quantize a model once and save it as an int8 checkpoint folder that --model accepts.
     /// Streams: one tensor in memory at a time.
     Quantize {
@@ -607,6 +631,7 @@ fn main() -> Result<()> {
     | Command::Inspect { model, .. }
     | Command::Quantize { model, .. }
     | Command::Calibrate { model, .. }
+    | Command::Sensitivity { model, .. }
     | Command::Embed { model, .. } = &cli.command
     {
         set_threads(model.threads);
@@ -629,6 +654,9 @@ fn run(cli: Cli) -> Result<()> {
         Command::Quantize { model, out, max_shard_size, force } => quantize_model(&model, &out, max_shard_size, force),
         Command::Calibrate { model, text, samples, seq_len, observer, out } => {
             calibrate_model(&model, &text, samples, seq_len, observer, &out)
+        }
+        Command::Sensitivity { model, text, samples, seq_len, budget, top, json } => {
+            layer_sensitivity(&model, &text, samples, seq_len, budget, top, json)
         }
         Command::Embed { model, file, batch_size, precision, out, json } => {
             embed_file(&model, &file, batch_size as usize, precision, out.as_deref(), json)
@@ -856,6 +884,96 @@ fn calibrate_model(
         start.elapsed().as_secs_f64(),
         out.display()
     );
+    Ok(())
+}
+
+/// `--budget`: a percentage, with or without `%`.
+fn parse_percent(s: &str) -> std::result::Result<f64, String> {
+    let v: f64 = s.trim().trim_end_matches('%').parse().map_err(|_| format!("'{s}' is not a percentage (e.g. 0.2%)"))?;
+    if !(v.is_finite() && v >= 0.0) {
+        return Err(format!("'{s}': the budget must be a non-negative percentage"));
+    }
+    Ok(v)
+}
+
+/// `sensitivity`: every layer quantized alone (as `--mode` says), worst first, and the fewest
+/// layers to keep in float for the budget.
+fn layer_sensitivity(
+    model: &ModelArgs,
+    text: &std::path::Path,
+    samples: usize,
+    seq_len: usize,
+    budget: f64,
+    top: usize,
+    json: bool,
+) -> Result<()> {
+    if samples == 0 || seq_len < 2 {
+        bail!("sensitivity: --samples must be at least 1 and --seq-len at least 2 (got {samples} and {seq_len})")
+    }
+    let lm = load_float(model.model.as_deref(), "sensitivity")?;
+    let body = std::fs::read_to_string(text).with_context(|| format!("reading {}", text.display()))?;
+    let mut tokens = encode_text(&lm, &body)?;
+    tokens.truncate(samples * (seq_len - candle_quant::CausalLm::bos_token(&lm.model).is_some() as usize));
+    let cfg = quant_config(model);
+    let calibration = match model.mode {
+        Mode::Static => {
+            let Some(path) = &model.calibration else {
+                bail!("--mode static needs --calibration FILE (written by `candle-quant calibrate`)")
+            };
+            Some(Calibration::load(path)?)
+        }
+        Mode::Dynamic | Mode::WeightOnly => None,
+        Mode::Q8_0 => bail!("sensitivity measures this toolkit's int8 layers: --mode dynamic, weight-only or static"),
+    };
+    let quantize = |l: &mut candle_quant::QLinear| -> candle_core::Result<()> {
+        match (&calibration, model.mode) {
+            (Some(c), _) => l.quantize_static(c.qparams_for(l.name())?),
+            (None, Mode::WeightOnly) => l.quantize_weight_only(cfg.weight),
+            (None, _) => l.quantize_dynamic(cfg.activation_for(l.name()), cfg.weight, cfg.outlier_threshold),
+        }
+    };
+    let mut layers = 0;
+    lm.model.clone().visit_linears(&mut |_| {
+        layers += 1;
+        Ok(())
+    })?;
+    let pb = bar(layers, "quantizing one layer at a time");
+    let reference = candle_quant::eval::ReferenceScores::new(&lm.model, &tokens, seq_len)?;
+    let ranked = candle_quant::sensitivity::layer_sensitivity(&lm.model, &reference, quantize, |d, _| pb.set_position(d as u64))?;
+    pb.finish_and_clear();
+    let pb = bar(0, "searching the exclusions");
+    let (exclude, with) = candle_quant::sensitivity::exclusions_for_budget(&lm.model, &ranked, &reference, budget, quantize)?;
+    pb.finish_and_clear();
+    if json {
+        let out = serde_json::json!({"model": lm.source, "text": text.display().to_string(), "tokens": tokens.len(), "window": seq_len,
+            "budget_pct": budget, "layers": ranked, "exclude": exclude, "with_exclusions": with});
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(());
+    }
+    println!("Each linear layer quantized alone, scored against the float model on {} tokens of {}:", tokens.len(), text.display());
+    println!("{:>4}  {:<40} {:>10} {:>12} {:>10}", "rank", "layer", "KL", "perplexity", "same top");
+    for (i, l) in ranked.iter().take(top).enumerate() {
+        println!("{:>4}  {:<40} {:>10.5} {:>+11.2}% {:>9.1}%", i + 1, l.name, l.kld, l.ppl_delta_pct, 100.0 * l.top1_agreement);
+    }
+    println!(
+        "KL: how far the model's next-token probabilities move (0 = not at all); perplexity: how much less sure it becomes of the actual text; same top: how often it still ranks the same next token first."
+    );
+    if exclude.is_empty() {
+        println!(
+            "With every layer quantized the perplexity moves {:+.2}%, within the {budget}% budget: nothing needs to stay float.",
+            with.ppl_delta_pct
+        );
+    } else {
+        println!("To stay within {budget}% perplexity, keep these {} layers in float:", exclude.len());
+        let flags: Vec<String> = exclude.iter().map(|n| format!("--exclude '{n}'")).collect();
+        println!("  {}", flags.join(" "));
+        println!(
+            "(every other layer quantized: perplexity {:+.2}%, KL {:.5}, same top {:.1}% on the same tokens)",
+            with.ppl_delta_pct,
+            with.kld,
+            100.0 * with.top1_agreement
+        );
+    }
     Ok(())
 }
 
