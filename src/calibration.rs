@@ -95,7 +95,7 @@ pub struct ModelIdentity {
 }
 
 /// One layer's calibrated input.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LayerCalibration {
     /// Smallest input value seen (finite values only).
@@ -106,6 +106,22 @@ pub struct LayerCalibration {
     pub scale: f32,
     /// The chosen activation zero point.
     pub zero_point: i32,
+    /// Each input channel's largest `|x|` (what SmoothQuant needs); kept in memory, not saved.
+    #[serde(skip)]
+    pub channel_absmax: Vec<f32>,
+}
+
+/// SmoothQuant factors folded into the float model before it was calibrated
+/// ([`crate::models::llama::Llama::smooth`]); applying the calibration folds them again first.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Smoothing {
+    /// The migration strength `α` of `s_j = max|X_j|^α / max|W_j|^(1−α)`.
+    pub alpha: f32,
+    /// Per group, keyed by its first layer: one factor per input channel.
+    pub factors: BTreeMap<String, Vec<f32>>,
+    /// Layers left unsmoothed, and why.
+    pub skipped: Vec<String>,
 }
 
 /// A calibration file's contents.
@@ -130,6 +146,9 @@ pub struct Calibration {
     pub activation: ActivationSpec,
     /// Per layer name: the observed range and the chosen qparams.
     pub layers: BTreeMap<String, LayerCalibration>,
+    /// SmoothQuant factors the model was smoothed with before calibration, if it was.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub smoothing: Option<Smoothing>,
 }
 
 fn identity(model: &mut (impl Quantizable + ?Sized), source: &str) -> Result<ModelIdentity> {
@@ -192,7 +211,7 @@ pub fn calibrate<M: CausalLm + Quantizable>(
                 let (qmin, qmax) = ACTIVATION.qrange();
                 let representable = ((qmin - zero_point) as f32 * scale, (qmax - zero_point) as f32 * scale);
                 let (min, max) = o.observed_range()?.unwrap_or(representable);
-                Ok(LayerCalibration { min, max, scale, zero_point })
+                Ok(LayerCalibration { min, max, scale, zero_point, channel_absmax: o.channel_absmax()? })
             })();
             match collected {
                 Ok(c) => {
@@ -218,6 +237,7 @@ pub fn calibrate<M: CausalLm + Quantizable>(
         tokens,
         activation: ActivationSpec::of(&ACTIVATION),
         layers,
+        smoothing: None,
     })
 }
 
@@ -250,6 +270,11 @@ impl Calibration {
             l.qparams(spec).map_err(|e| err(format!("layer '{name}': {e}")))?;
             if !(l.min.is_finite() && l.max.is_finite() && l.min <= l.max) {
                 return Err(err(format!("layer '{name}': observed range [{}, {}] is not a finite interval", l.min, l.max)));
+            }
+        }
+        if let Some(s) = &c.smoothing {
+            if let Some((name, _)) = s.factors.iter().find(|(_, f)| f.iter().any(|v| !(v.is_finite() && *v > 0.0))) {
+                return Err(err(format!("layer '{name}': smoothing factors must be finite and positive")));
             }
         }
         Ok(c)

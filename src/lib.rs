@@ -38,6 +38,7 @@ pub mod nn;
 pub mod observer;
 pub mod quant;
 pub mod sensitivity;
+pub mod smooth;
 
 pub use checkpoint::{load_quantized, save_quantized, QuantizedCheckpoint};
 pub use convert::{

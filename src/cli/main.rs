@@ -103,6 +103,10 @@ enum Command {
         /// How each layer's range is chosen from what it saw.
         #[arg(long, value_enum, default_value_t = ObserverArg::Minmax)]
         observer: ObserverArg,
+        /// SmoothQuant first, with this migration strength (0–1, e.g. 0.5): a first pass measures
+        /// each input channel, the factors are folded into the model, a second pass calibrates it.
+        #[arg(long)]
+        smooth_alpha: Option<f32>,
         /// The calibration file to write (JSON; written under a temporary name, then renamed).
         #[arg(long)]
         out: PathBuf,
@@ -587,7 +591,11 @@ fn quantized(lm: &LanguageModel, args: &ModelArgs) -> Result<(LanguageModel, Con
             let Some(path) = &args.calibration else {
                 bail!("--mode static needs --calibration FILE (written by `candle-quant calibrate`)")
             };
-            Calibration::load(path)?.apply(&mut q.model, &cfg).with_context(|| format!("applying {}", path.display()))?
+            let c = Calibration::load(path)?;
+            if let Some(s) = &c.smoothing {
+                q.model.apply_smoothing(&s.factors).with_context(|| format!("smoothing the model as {} says", path.display()))?;
+            }
+            c.apply(&mut q.model, &cfg).with_context(|| format!("applying {}", path.display()))?
         }
     };
     pb.finish();
@@ -652,8 +660,8 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Bench { m, threads, in_features, json } => bench::run(m, threads, &in_features, json),
         Command::Quantize { model, out, max_shard_size, force } => quantize_model(&model, &out, max_shard_size, force),
-        Command::Calibrate { model, text, samples, seq_len, observer, out } => {
-            calibrate_model(&model, &text, samples, seq_len, observer, &out)
+        Command::Calibrate { model, text, samples, seq_len, observer, smooth_alpha, out } => {
+            calibrate_model(&model, &text, samples, seq_len, observer, smooth_alpha, &out)
         }
         Command::Sensitivity { model, text, samples, seq_len, budget, top, json } => {
             layer_sensitivity(&model, &text, samples, seq_len, budget, top, json)
@@ -848,6 +856,7 @@ fn calibrate_model(
     samples: usize,
     seq_len: usize,
     observer: ObserverArg,
+    smooth_alpha: Option<f32>,
     out: &std::path::Path,
 ) -> Result<()> {
     if samples == 0 || seq_len < 2 {
@@ -872,8 +881,17 @@ fn calibrate_model(
     let pb = bar(windows.len(), "calibrating windows");
     let start = std::time::Instant::now();
     let source = lm.source.clone();
-    let c = calibration::calibrate(&mut lm.model, &source, kind, &windows, |d, _| pb.set_position(d as u64))?;
+    let mut c = calibration::calibrate(&mut lm.model, &source, kind, &windows, |d, _| pb.set_position(d as u64))?;
     pb.finish_and_clear();
+    if let Some(alpha) = smooth_alpha {
+        let maxima = c.layers.iter().map(|(n, l)| (n.clone(), l.channel_absmax.clone())).collect();
+        let (factors, skipped) = lm.model.smooth(&maxima, alpha)?;
+        let pb = bar(windows.len(), "calibrating the smoothed model");
+        c = calibration::calibrate(&mut lm.model, &source, kind, &windows, |d, _| pb.set_position(d as u64))?;
+        pb.finish_and_clear();
+        println!("SmoothQuant (alpha {alpha}): {} groups smoothed; not smoothed: {}", factors.len(), skipped.len());
+        c.smoothing = Some(calibration::Smoothing { alpha, factors, skipped });
+    }
     c.save(out)?;
     println!(
         "calibrated {} layers on {} windows ({} tokens of {}) in {:.1} s; wrote {}",
@@ -910,7 +928,7 @@ fn layer_sensitivity(
     if samples == 0 || seq_len < 2 {
         bail!("sensitivity: --samples must be at least 1 and --seq-len at least 2 (got {samples} and {seq_len})")
     }
-    let lm = load_float(model.model.as_deref(), "sensitivity")?;
+    let mut lm = load_float(model.model.as_deref(), "sensitivity")?;
     let body = std::fs::read_to_string(text).with_context(|| format!("reading {}", text.display()))?;
     let mut tokens = encode_text(&lm, &body)?;
     tokens.truncate(samples * (seq_len - candle_quant::CausalLm::bos_token(&lm.model).is_some() as usize));
@@ -920,7 +938,12 @@ fn layer_sensitivity(
             let Some(path) = &model.calibration else {
                 bail!("--mode static needs --calibration FILE (written by `candle-quant calibrate`)")
             };
-            Some(Calibration::load(path)?)
+            let c = Calibration::load(path)?;
+            // A smoothed calibration measures the smoothed model (the same float function).
+            if let Some(s) = &c.smoothing {
+                lm.model.apply_smoothing(&s.factors).with_context(|| format!("smoothing the model as {} says", path.display()))?;
+            }
+            Some(c)
         }
         Mode::Dynamic | Mode::WeightOnly => None,
         Mode::Q8_0 => bail!("sensitivity measures this toolkit's int8 layers: --mode dynamic, weight-only or static"),

@@ -763,6 +763,90 @@ impl Llama {
         norms
     }
 
+    /// SmoothQuant over every block (see [`crate::smooth`]): factors from each layer's input
+    /// channel maxima (`channel_absmax`, by layer name, from calibration) and weight columns,
+    /// folded by [`Self::apply_smoothing`]. Groups: `input_layernorm` → q/k/v (or `qkv_proj`),
+    /// the pre-MLP norm → gate/up (or `gate_up_proj`), `up_proj` → `down_proj`. Returns the
+    /// factors, keyed by the first layer of each group, and what was not smoothed, with why.
+    pub fn smooth(&mut self, channel_absmax: &std::collections::BTreeMap<String, Vec<f32>>, alpha: f32) -> Result<(std::collections::BTreeMap<String, Vec<f32>>, Vec<String>)> {
+        use crate::smooth::{smoothing_factors, weight_column_absmax};
+        let mut factors = std::collections::BTreeMap::new();
+        let mut skipped = Vec::new();
+        let group = |layers: &[&QLinear]| -> Result<Vec<f32>> {
+            let mut act: Vec<f32> = Vec::new();
+            for l in layers {
+                let Some(a) = channel_absmax.get(l.name()) else { bail!("no input channel maxima for layer '{}'", l.name()) };
+                if act.is_empty() {
+                    act = a.clone();
+                } else {
+                    act.iter_mut().zip(a).for_each(|(x, y)| *x = x.max(*y));
+                }
+            }
+            smoothing_factors(&act, &weight_column_absmax(layers)?, alpha)
+        };
+        for b in &self.layers {
+            let qkv: Vec<&QLinear> = b.attn.qkv.iter().collect();
+            factors.insert(qkv[0].name().to_string(), group(&qkv)?);
+            let gate_up: Vec<&QLinear> = b.mlp.gate_up.iter().collect();
+            factors.insert(gate_up[0].name().to_string(), group(&gate_up)?);
+            if b.mlp.gate_up.len() == 2 {
+                factors.insert(b.mlp.down_proj.name().to_string(), group(&[&b.mlp.down_proj])?);
+            } else {
+                skipped.push(format!("{}: its input is gate · up of one fused layer, whose up half is not folded", b.mlp.down_proj.name()));
+            }
+            skipped.push(format!("{}: its input comes out of attention, not folded", b.attn.o_proj.name()));
+        }
+        skipped.push("lm_head: not folded (a tied head's weight is the token embedding table)".into());
+        self.apply_smoothing(&factors)?;
+        Ok((factors, skipped))
+    }
+
+    /// Folds SmoothQuant factors (keyed as [`Self::smooth`] returns them) into the float model:
+    /// the producing norm's weight (or `up_proj`'s rows) divided, the reading layers' weight
+    /// columns multiplied. The float model computes the same function. Errors name the layer;
+    /// nothing is changed unless every key names a group of this model.
+    pub fn apply_smoothing(&mut self, factors: &std::collections::BTreeMap<String, Vec<f32>>) -> Result<()> {
+        let mut known = std::collections::BTreeMap::new();
+        for b in &self.layers {
+            known.insert(b.attn.qkv[0].name().to_string(), b.attn.qkv[0].in_features());
+            known.insert(b.mlp.gate_up[0].name().to_string(), b.mlp.gate_up[0].in_features());
+            if b.mlp.gate_up.len() == 2 {
+                known.insert(b.mlp.down_proj.name().to_string(), b.mlp.down_proj.in_features());
+            }
+        }
+        for (k, s) in factors {
+            match known.get(k) {
+                None => bail!("smoothing factors for '{k}', which starts no smoothable group of this model"),
+                Some(&n) if n != s.len() => bail!("layer '{k}': {} smoothing factors for {n} inputs", s.len()),
+                _ if s.iter().any(|v| !(v.is_finite() && *v > 0.0)) => bail!("layer '{k}': smoothing factors must be finite and positive"),
+                _ => {}
+            }
+        }
+        let divide_norm = |norm: &RmsNorm, s: &[f32]| -> Result<RmsNorm> {
+            let s = Tensor::from_slice(s, s.len(), norm.weight().device())?.to_dtype(norm.weight().dtype())?;
+            Ok(RmsNorm::new(norm.weight().div(&s)?, norm.eps()))
+        };
+        for b in &mut self.layers {
+            if let Some(s) = factors.get(b.attn.qkv[0].name()) {
+                b.input_layernorm = divide_norm(&b.input_layernorm, s)?;
+                for l in &mut b.attn.qkv {
+                    l.scale_input_channels(s)?;
+                }
+            }
+            if let Some(s) = factors.get(b.mlp.gate_up[0].name()) {
+                b.pre_mlp_norm = divide_norm(&b.pre_mlp_norm, s)?;
+                for l in &mut b.mlp.gate_up {
+                    l.scale_input_channels(s)?;
+                }
+            }
+            if let Some(s) = factors.get(b.mlp.down_proj.name()) {
+                b.mlp.gate_up[1].scale_down_output_channels(s)?;
+                b.mlp.down_proj.scale_input_channels(s)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Index of the largest logit in each row.
     pub fn argmax(logits: &Tensor) -> Result<Vec<u32>> {
         logits.argmax(D::Minus1)?.to_vec1::<u32>()

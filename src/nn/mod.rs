@@ -189,6 +189,31 @@ impl QLinear {
         }
     }
 
+    /// Multiplies input column `j` of a float layer's weight by `s[j]` (SmoothQuant's fold into
+    /// the layer that reads a smoothed input).
+    pub fn scale_input_channels(&mut self, s: &[f32]) -> Result<()> {
+        let QLinearKind::Float(l) = &self.kind else { bail!("layer '{}' is {}: only float layers can be smoothed", self.name, self.kind_name()) };
+        if s.len() != self.in_features {
+            bail!("layer '{}': {} smoothing factors for {} inputs", self.name, s.len(), self.in_features)
+        }
+        let s = Tensor::from_slice(s, (1, s.len()), l.weight().device())?;
+        self.kind = QLinearKind::Float(Linear::new(l.weight().broadcast_mul(&s)?, l.bias().cloned()));
+        Ok(())
+    }
+
+    /// Divides output row `j` of a float layer's weight (and bias) by `s[j]` (SmoothQuant's fold
+    /// into the layer that produces a smoothed input).
+    pub fn scale_down_output_channels(&mut self, s: &[f32]) -> Result<()> {
+        let QLinearKind::Float(l) = &self.kind else { bail!("layer '{}' is {}: only float layers can be smoothed", self.name, self.kind_name()) };
+        if s.len() != self.out_features {
+            bail!("layer '{}': {} smoothing factors for {} outputs", self.name, s.len(), self.out_features)
+        }
+        let col = Tensor::from_slice(s, (s.len(), 1), l.weight().device())?;
+        let bias = l.bias().map(|b| b.broadcast_div(&col.flatten_all()?)).transpose()?;
+        self.kind = QLinearKind::Float(Linear::new(l.weight().broadcast_div(&col)?, bias));
+        Ok(())
+    }
+
     /// Inputs a static layer clamped to its calibrated range so far (0 for other kinds).
     pub fn clamped_activations(&self) -> u64 {
         match &self.kind {
