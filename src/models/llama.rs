@@ -768,7 +768,11 @@ impl Llama {
     /// folded by [`Self::apply_smoothing`]. Groups: `input_layernorm` → q/k/v (or `qkv_proj`),
     /// the pre-MLP norm → gate/up (or `gate_up_proj`), `up_proj` → `down_proj`. Returns the
     /// factors, keyed by the first layer of each group, and what was not smoothed, with why.
-    pub fn smooth(&mut self, channel_absmax: &std::collections::BTreeMap<String, Vec<f32>>, alpha: f32) -> Result<(std::collections::BTreeMap<String, Vec<f32>>, Vec<String>)> {
+    pub fn smooth(
+        &mut self,
+        channel_absmax: &std::collections::BTreeMap<String, Vec<f32>>,
+        alpha: f32,
+    ) -> Result<(std::collections::BTreeMap<String, Vec<f32>>, Vec<String>)> {
         use crate::smooth::{smoothing_factors, weight_column_absmax};
         let mut factors = std::collections::BTreeMap::new();
         let mut skipped = Vec::new();

@@ -192,7 +192,9 @@ impl QLinear {
     /// Multiplies input column `j` of a float layer's weight by `s[j]` (SmoothQuant's fold into
     /// the layer that reads a smoothed input).
     pub fn scale_input_channels(&mut self, s: &[f32]) -> Result<()> {
-        let QLinearKind::Float(l) = &self.kind else { bail!("layer '{}' is {}: only float layers can be smoothed", self.name, self.kind_name()) };
+        let QLinearKind::Float(l) = &self.kind else {
+            bail!("layer '{}' is {}: only float layers can be smoothed", self.name, self.kind_name())
+        };
         if s.len() != self.in_features {
             bail!("layer '{}': {} smoothing factors for {} inputs", self.name, s.len(), self.in_features)
         }
@@ -204,7 +206,9 @@ impl QLinear {
     /// Divides output row `j` of a float layer's weight (and bias) by `s[j]` (SmoothQuant's fold
     /// into the layer that produces a smoothed input).
     pub fn scale_down_output_channels(&mut self, s: &[f32]) -> Result<()> {
-        let QLinearKind::Float(l) = &self.kind else { bail!("layer '{}' is {}: only float layers can be smoothed", self.name, self.kind_name()) };
+        let QLinearKind::Float(l) = &self.kind else {
+            bail!("layer '{}' is {}: only float layers can be smoothed", self.name, self.kind_name())
+        };
         if s.len() != self.out_features {
             bail!("layer '{}': {} smoothing factors for {} outputs", self.name, s.len(), self.out_features)
         }
