@@ -119,7 +119,7 @@ pub struct Smoothing {
     /// The migration strength `α` of `s_j = max|X_j|^α / max|W_j|^(1−α)`.
     pub alpha: f32,
     /// Per group, keyed by its first layer: one factor per input channel.
-    pub factors: BTreeMap<String, Vec<f32>>,
+    pub factors: crate::smooth::SmoothingFactors,
     /// Layers left unsmoothed, and why.
     pub skipped: Vec<String>,
 }

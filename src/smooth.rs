@@ -10,6 +10,10 @@
 
 use crate::nn::QLinear;
 use candle_core::{bail, Result};
+use std::collections::BTreeMap;
+
+/// Smoothing factors per group of layers that read one input, keyed by the group's first layer.
+pub type SmoothingFactors = BTreeMap<String, Vec<f32>>;
 
 /// `s_j = max|X_j|^α / max|W_j|^(1−α)` for every input channel, `1` where either maximum is 0
 /// (a channel never active, or never read), kept within `[1e-5, 1e5]`.

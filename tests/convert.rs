@@ -233,7 +233,10 @@ mod user_kit {
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("calib.json");
         c.save(&path)?;
-        assert_eq!(Calibration::load(&path)?, c);
+        // (The per-channel maxima are for smoothing in memory; the file does not keep them.)
+        let mut saved = c.clone();
+        saved.layers.values_mut().for_each(|l| l.channel_absmax.clear());
+        assert_eq!(Calibration::load(&path)?, saved);
         // Applied: every layer static, outputs close to float on the calibration text.
         let report = c.apply(&mut model, &QuantConfig::default())?;
         assert_eq!((report.converted.len(), kinds(&mut model)), (5, vec!["int8-static"; 5]));

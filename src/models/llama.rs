@@ -772,7 +772,7 @@ impl Llama {
         &mut self,
         channel_absmax: &std::collections::BTreeMap<String, Vec<f32>>,
         alpha: f32,
-    ) -> Result<(std::collections::BTreeMap<String, Vec<f32>>, Vec<String>)> {
+    ) -> Result<(crate::smooth::SmoothingFactors, Vec<String>)> {
         use crate::smooth::{smoothing_factors, weight_column_absmax};
         let mut factors = std::collections::BTreeMap::new();
         let mut skipped = Vec::new();
@@ -809,7 +809,7 @@ impl Llama {
     /// the producing norm's weight (or `up_proj`'s rows) divided, the reading layers' weight
     /// columns multiplied. The float model computes the same function. Errors name the layer;
     /// nothing is changed unless every key names a group of this model.
-    pub fn apply_smoothing(&mut self, factors: &std::collections::BTreeMap<String, Vec<f32>>) -> Result<()> {
+    pub fn apply_smoothing(&mut self, factors: &crate::smooth::SmoothingFactors) -> Result<()> {
         let mut known = std::collections::BTreeMap::new();
         for b in &self.layers {
             known.insert(b.attn.qkv[0].name().to_string(), b.attn.qkv[0].in_features());
