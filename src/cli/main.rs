@@ -774,7 +774,7 @@ fn eval_text(
     window: usize,
     json: bool,
 ) -> Result<()> {
-    let (lm, q, report) = model_pair(model, reference, "eval")?;
+    let (lm, mut q, report) = model_pair(model, reference, "eval")?;
     let body = std::fs::read_to_string(text).with_context(|| format!("reading {}", text.display()))?;
     let mut tokens = encode_text(&lm, &body)?;
     tokens.truncate(max_tokens);
@@ -792,7 +792,7 @@ fn eval_text(
         v["window"] = window.into();
         v["quantized_layers"] = report.converted.len().into();
         v["skipped_layers"] = serde_json::to_value(&report.skipped)?;
-        v["clamped_activations"] = clamped_activations(&mut q.model.clone())?.into();
+        v["clamped_activations"] = clamped_activations(&mut q.model)?.into();
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         println!("{} tokens of {} in windows of {window}", r.tokens, text.display());
