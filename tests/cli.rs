@@ -135,6 +135,16 @@ fn calibrate_then_static_eval() {
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(v["clamped_activations"].is_u64() && v["kld"].is_number(), "{v}");
     assert_eq!(v["quantized_layers"], 211);
+    // Saved as a static int8 folder, it loads back to the same model: the same figures.
+    let folder = dir.join("static-int8");
+    let out = cli(&["quantize", "--mode", "static", "--calibration", c, "--out", folder.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let gguf = candle_quant::io::models_dir().join(candle_quant::io::DEFAULT_GGUF);
+    let out =
+        cli(&["eval", "--model", folder.to_str().unwrap(), "--reference", gguf.to_str().unwrap(), "--text", t, "--window", "16", "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let saved: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!((saved["kld"].as_f64(), saved["candidate_ppl"].as_f64()), (v["kld"].as_f64(), v["candidate_ppl"].as_f64()));
     let out = cli(&["eval", "--text", t, "--mode", "static"]);
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("--calibration"));
     std::fs::write(&calib, "{\"format\": \"candle-quant-calibration\"").unwrap();

@@ -814,16 +814,31 @@ fn clamped_activations(model: &mut candle_quant::models::llama::Llama) -> Result
 
 /// `quantize`: a float model streamed into an int8 folder, with a progress bar of bytes.
 fn quantize_model(model: &ModelArgs, out: &std::path::Path, max_shard_size: u64, force: bool) -> Result<()> {
-    let kind = match model.mode {
-        Mode::Dynamic => Int8Kind::Dynamic,
-        Mode::WeightOnly => Int8Kind::WeightOnly,
-        Mode::Q8_0 | Mode::Static => bail!("quantize streams dynamic or weight-only int8 checkpoints: --mode dynamic or weight-only"),
-    };
     let opened = open_model(model.model.as_deref())?;
     if opened.is_quantized() {
         bail!("{}: is already an int8 checkpoint", opened.source)
     }
     let options = SaveOptions { max_shard_bytes: max_shard_size, overwrite: force, ..Default::default() };
+    let kind = match model.mode {
+        Mode::Dynamic => Int8Kind::Dynamic,
+        Mode::WeightOnly => Int8Kind::WeightOnly,
+        Mode::Q8_0 => bail!("quantize writes this toolkit's int8 format: --mode dynamic, weight-only or static"),
+        Mode::Static => {
+            // Static layers need the whole float model (smoothing, calibration): loaded, then saved.
+            let options = opened.save_options_for(out, &options)?;
+            let (mut q, report) = quantized(&Bars::around(|p| opened.load(p))?, model)?;
+            let start = std::time::Instant::now();
+            let written = candle_quant::checkpoint::save_quantized(&mut q.model, out, &options)?;
+            println!(
+                "wrote {} ({} static int8 layers, {:.1} MB of tensors) in {:.1} s",
+                out.display(),
+                report.converted.len(),
+                written.tensor_bytes as f64 / 1e6,
+                start.elapsed().as_secs_f64()
+            );
+            return Ok(());
+        }
+    };
     let pb = ProgressBar::new(0).with_message("quantizing and writing");
     pb.set_style(
         ProgressStyle::with_template("{msg:>24} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} {elapsed}")

@@ -326,6 +326,14 @@ impl OpenedLlama {
         options: &SaveOptions,
         progress: impl FnMut(WriteProgress),
     ) -> Result<WriteReport> {
+        let options = self.save_options_for(out, options)?;
+        let (view, quantization) = self.quantized_view(config, kind)?;
+        write_checkpoint(out, &view, &quantization, &options, progress)
+    }
+
+    /// `options` completed with this model's `config.json` and tokenizer files, after checking
+    /// that `out` does not hold one of the files the model is read from.
+    pub fn save_options_for(&self, out: &Path, options: &SaveOptions) -> Result<SaveOptions> {
         let out_abs = std::path::absolute(out).map_err(|e| candle_core::Error::Msg(format!("{}: {e}", out.display())))?;
         let out_real = out_abs.canonicalize().unwrap_or(out_abs.clone());
         for input in &self.inputs {
@@ -334,7 +342,6 @@ impl OpenedLlama {
                 bail!("{}: the output folder holds the input {}; write the quantized model elsewhere", out.display(), input.display())
             }
         }
-        let (view, quantization) = self.quantized_view(config, kind)?;
         let mut options = options.clone();
         if options.config.as_object().is_none_or(|o| o.is_empty()) {
             options.config = self.config_json.clone();
@@ -342,7 +349,7 @@ impl OpenedLlama {
         if options.files.is_empty() {
             options.files = self.extra_files.clone();
         }
-        write_checkpoint(out, &view, &quantization, &options, progress)
+        Ok(options)
     }
 }
 
