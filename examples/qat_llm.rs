@@ -42,7 +42,13 @@ fn main() -> Result<()> {
     let c = calibrate(&mut plain, &train_file, ObserverKind::Minmax, &windows[..8], |_, _| {})?;
     c.apply(&mut plain, &QuantConfig::default())?;
     let r_static = evaluate(&lm.model, &plain, &test, 512, |_, _| {})?;
-    println!("static int8 (min/max calibration): perplexity {:.3} ({:+.2}%), KL {:.4}, top-1 {:.2}%", r_static.candidate_ppl, r_static.ppl_delta_pct, r_static.kld, 100.0 * r_static.top1_agreement);
+    println!(
+        "static int8 (min/max calibration): perplexity {:.3} ({:+.2}%), KL {:.4}, top-1 {:.2}%",
+        r_static.candidate_ppl,
+        r_static.ppl_delta_pct,
+        r_static.kld,
+        100.0 * r_static.top1_agreement
+    );
 
     // QAT: fake-quantized layers with trainable float weights, the same observers on the inputs.
     let mut qat = lm.model.clone();
@@ -70,7 +76,13 @@ fn main() -> Result<()> {
     convert(&mut qat)?;
     qat.set_differentiable(false);
     let r_qat = evaluate(&lm.model, &qat, &test, 512, |_, _| {})?;
-    println!("QAT static int8 ({steps} steps of {seq_len} tokens, lr {lr}): perplexity {:.3} ({:+.2}%), KL {:.4}, top-1 {:.2}%", r_qat.candidate_ppl, r_qat.ppl_delta_pct, r_qat.kld, 100.0 * r_qat.top1_agreement);
+    println!(
+        "QAT static int8 ({steps} steps of {seq_len} tokens, lr {lr}): perplexity {:.3} ({:+.2}%), KL {:.4}, top-1 {:.2}%",
+        r_qat.candidate_ppl,
+        r_qat.ppl_delta_pct,
+        r_qat.kld,
+        100.0 * r_qat.top1_agreement
+    );
     let recovered = 100.0 * (r_static.candidate_ppl - r_qat.candidate_ppl) / (r_static.candidate_ppl - r_static.reference_ppl);
     println!("f32 perplexity {:.3}; QAT recovers {recovered:.1}% of static int8's perplexity loss", r_static.reference_ppl);
     Ok(())
