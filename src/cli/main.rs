@@ -588,18 +588,23 @@ fn quantized(lm: &LanguageModel, args: &ModelArgs) -> Result<(LanguageModel, Con
         Mode::WeightOnly => quantize_weight_only(&mut q.model, &cfg)?,
         Mode::Q8_0 => quantize_ggml(&mut q.model, &cfg, candle_core::quantized::GgmlDType::Q8_0)?,
         Mode::Static => {
-            let Some(path) = &args.calibration else {
-                bail!("--mode static needs --calibration FILE (written by `candle-quant calibrate`)")
-            };
-            let c = Calibration::load(path)?;
-            if let Some(s) = &c.smoothing {
-                q.model.apply_smoothing(&s.factors).with_context(|| format!("smoothing the model as {} says", path.display()))?;
-            }
-            c.apply(&mut q.model, &cfg).with_context(|| format!("applying {}", path.display()))?
+            let c = smoothed_for_static(args, &mut q.model)?;
+            c.apply(&mut q.model, &cfg).context("applying the calibration")?
         }
     };
     pb.finish();
     Ok((q, report))
+}
+
+/// The `--calibration` file of `--mode static`, its SmoothQuant factors (if any) folded into the
+/// float `model` — the model it was calibrated as, computing the same function.
+fn smoothed_for_static(args: &ModelArgs, model: &mut candle_quant::models::llama::Llama) -> Result<Calibration> {
+    let Some(path) = &args.calibration else { bail!("--mode static needs --calibration FILE (written by `candle-quant calibrate`)") };
+    let c = Calibration::load(path)?;
+    if let Some(s) = &c.smoothing {
+        model.apply_smoothing(&s.factors).with_context(|| format!("smoothing the model as {} says", path.display()))?;
+    }
+    Ok(c)
 }
 
 /// The prompt's tokens, and whether it went through the model's chat template (the reply then
@@ -949,17 +954,8 @@ fn layer_sensitivity(
     tokens.truncate(samples * (seq_len - candle_quant::CausalLm::bos_token(&lm.model).is_some() as usize));
     let cfg = quant_config(model);
     let calibration = match model.mode {
-        Mode::Static => {
-            let Some(path) = &model.calibration else {
-                bail!("--mode static needs --calibration FILE (written by `candle-quant calibrate`)")
-            };
-            let c = Calibration::load(path)?;
-            // A smoothed calibration measures the smoothed model (the same float function).
-            if let Some(s) = &c.smoothing {
-                lm.model.apply_smoothing(&s.factors).with_context(|| format!("smoothing the model as {} says", path.display()))?;
-            }
-            Some(c)
-        }
+        // A smoothed calibration measures the smoothed model (the same float function).
+        Mode::Static => Some(smoothed_for_static(model, &mut lm.model)?),
         Mode::Dynamic | Mode::WeightOnly => None,
         Mode::Q8_0 => bail!("sensitivity measures this toolkit's int8 layers: --mode dynamic, weight-only or static"),
     };
