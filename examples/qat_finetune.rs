@@ -6,10 +6,9 @@
 
 use anyhow::{Error, Result};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
-use candle_quant::convert::{convert, prepare, prepare_qat, QuantConfig, Quantizable};
+use candle_quant::convert::{convert, prepare, prepare_qat, qat_vars, QuantConfig};
 use candle_quant::io::{self, ModelSource};
 use candle_quant::models::bert::Bert;
-use candle_quant::nn::QLinearKind;
 
 #[path = "common/sentences.rs"]
 mod sentences;
@@ -33,13 +32,7 @@ fn main() -> Result<()> {
     prepare_qat(&mut qat, &QuantConfig::default())?;
     // candle's fused layer norm and softmax have no backward pass: use differentiable ones.
     qat.set_differentiable(true);
-    let mut vars = vec![];
-    qat.visit_linears(&mut |l| {
-        if let QLinearKind::FakeQuant(f) = l.kind() {
-            vars.extend(f.vars());
-        }
-        Ok(())
-    })?;
+    let vars = qat_vars(&mut qat)?;
     let mut opt = AdamW::new(vars, ParamsAdamW { lr: 1e-6, weight_decay: 0.0, ..Default::default() })?;
     for epoch in 0..4 {
         let mut total = 0f32;

@@ -9,11 +9,10 @@
 use candle_core::{Result, Tensor};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 use candle_quant::calibration::{calibrate, ObserverKind};
-use candle_quant::convert::{convert, prepare_qat, QuantConfig, Quantizable};
+use candle_quant::convert::{convert, prepare_qat, qat_vars, QuantConfig};
 use candle_quant::eval::evaluate;
 use candle_quant::generate::encode_text;
 use candle_quant::io::{self, ModelSource};
-use candle_quant::nn::QLinearKind;
 use candle_quant::CausalLm;
 
 fn arg<T: std::str::FromStr>(name: &str, default: T) -> T {
@@ -54,13 +53,7 @@ fn main() -> Result<()> {
     let mut qat = lm.model.clone();
     prepare_qat(&mut qat, &QuantConfig::default())?;
     qat.set_differentiable(true);
-    let mut vars = vec![];
-    qat.visit_linears(&mut |l| {
-        if let QLinearKind::FakeQuant(f) = l.kind() {
-            vars.extend(f.vars());
-        }
-        Ok(())
-    })?;
+    let vars = qat_vars(&mut qat)?;
     let mut opt = AdamW::new(vars, ParamsAdamW { lr, weight_decay: 0.0, ..Default::default() })?;
     let start = std::time::Instant::now();
     for step in 0..steps {

@@ -411,6 +411,19 @@ pub fn prepare_qat(model: &mut (impl Quantizable + ?Sized), config: &QuantConfig
     })
 }
 
+/// QAT, step 2: the trainable weights of every fake-quantized layer `prepare_qat` made, in
+/// visiting order — what an optimizer (e.g. `candle_nn::AdamW`) updates.
+pub fn qat_vars(model: &mut (impl Quantizable + ?Sized)) -> Result<Vec<candle_core::Var>> {
+    let mut vars = Vec::new();
+    model.visit_linears(&mut |l| {
+        if let QLinearKind::FakeQuant(f) = l.kind() {
+            vars.extend(f.vars());
+        }
+        Ok(())
+    })?;
+    Ok(vars)
+}
+
 /// Static quantization / QAT, last step: observed and fake-quant layers become static int8
 /// layers with the activation qparams their observers learned. Fails, naming the layer, if a
 /// layer saw no calibration data.
