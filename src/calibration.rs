@@ -38,6 +38,46 @@ pub enum ObserverKind {
     Percentile,
 }
 
+/// How a layer's static input qparams are laid out.
+#[non_exhaustive]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum StaticGranularity {
+    /// One affine scale and zero point per layer, from the observer (PyTorch's static scheme);
+    /// inputs outside the range are clamped.
+    PerTensor,
+    /// One symmetric scale per run of `size` input channels, the same for every token: the
+    /// group's range is the smallest with at most `float_fraction` of the calibration inputs
+    /// beyond it ([`crate::observer::GroupHistogram::clip`]), and inputs beyond it are multiplied in float.
+    PerGroup {
+        /// Input channels per scale.
+        size: usize,
+        /// Share of the calibration inputs allowed beyond each group's range.
+        float_fraction: f64,
+    },
+}
+
+impl Default for StaticGranularity {
+    /// Per tensor, as PyTorch.
+    fn default() -> Self {
+        StaticGranularity::PerTensor
+    }
+}
+
+impl StaticGranularity {
+    fn validate(&self) -> Result<()> {
+        if let StaticGranularity::PerGroup { size, float_fraction } = *self {
+            if size == 0 {
+                bail!("static activation groups need at least 1 input channel")
+            }
+            if !(0.0..1.0).contains(&float_fraction) {
+                bail!("the share of inputs multiplied in float must be in [0, 1), got {float_fraction}")
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Static activations: qint8, affine, per tensor (one scale and zero point per layer input).
 const ACTIVATION: QSpec = QSpec { dtype: QDType::QInt8, scheme: QScheme::Affine, reduce_range: false, narrow_range: false };
 
@@ -106,6 +146,10 @@ pub struct LayerCalibration {
     pub scale: f32,
     /// The chosen activation zero point.
     pub zero_point: i32,
+    /// Per-group granularity: one symmetric scale (`[-127, 127]`, zero point 0) per group of
+    /// input channels.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group_scales: Option<Vec<f32>>,
     /// Each input channel's largest `|x|` (what SmoothQuant needs); kept in memory, not saved.
     #[serde(skip)]
     pub channel_absmax: Vec<f32>,
@@ -142,8 +186,11 @@ pub struct Calibration {
     pub windows: usize,
     /// Tokens in those windows.
     pub tokens: usize,
-    /// The activations' integer type and scheme.
+    /// The integer type and scheme of the per-tensor qparams.
     pub activation: ActivationSpec,
+    /// Per tensor, or per group of input channels.
+    #[serde(default)]
+    pub granularity: StaticGranularity,
     /// Per layer name: the observed range and the chosen qparams.
     pub layers: BTreeMap<String, LayerCalibration>,
     /// SmoothQuant factors the model was smoothed with before calibration, if it was.
@@ -161,17 +208,19 @@ fn identity(model: &mut (impl Quantizable + ?Sized), source: &str) -> Result<Mod
 }
 
 /// Runs every window of `windows` (token ids, each starting with the model's BOS if it wants one)
-/// through the float `model` with an `observer` on every linear layer's input, calling
-/// `progress(done, total)` after each, and returns the ranges and qparams. The model is left
-/// float, as it was. Errors: no windows, a layer that is not float, a layer that saw NaN or ±Inf
-/// (named), a layer that saw nothing.
+/// through the float `model` with an `observer` on every linear layer's input (and, per group,
+/// a [`crate::observer::GroupHistogram`]), calling `progress(done, total)` after each, and returns the ranges and
+/// qparams. The model is left float, as it was. Errors: no windows, a layer that is not float,
+/// a layer that saw NaN or ±Inf (named), a layer that saw nothing.
 pub fn calibrate<M: CausalLm + Quantizable>(
     model: &mut M,
     source: &str,
     observer: ObserverKind,
+    granularity: StaticGranularity,
     windows: &[Vec<u32>],
     mut progress: impl FnMut(usize, usize),
 ) -> Result<Calibration> {
+    granularity.validate()?;
     if windows.iter().all(|w| w.is_empty()) {
         bail!("calibration needs at least one window of text; none was given")
     }
@@ -187,6 +236,15 @@ pub fn calibrate<M: CausalLm + Quantizable>(
         bail!("calibration needs a float model: layer {what}")
     }
     prepare(model, &QuantConfig::default().observer(observer.factory()))?;
+    if let StaticGranularity::PerGroup { size, .. } = granularity {
+        model.visit_linears(&mut |l| match l.kind() {
+            QLinearKind::Observed(o) => {
+                let o = o.clone().with_group_histogram(size).map_err(|e| e.context(format!("layer '{}'", l.name())))?;
+                l.set_kind(QLinearKind::Observed(o))
+            }
+            _ => Ok(()),
+        })?;
+    }
     let mut run = |model: &M| -> Result<()> {
         for (i, w) in windows.iter().filter(|w| !w.is_empty()).enumerate() {
             model.forward(w, &mut model.new_cache(), false)?;
@@ -211,7 +269,16 @@ pub fn calibrate<M: CausalLm + Quantizable>(
                 let (qmin, qmax) = ACTIVATION.qrange();
                 let representable = ((qmin - zero_point) as f32 * scale, (qmax - zero_point) as f32 * scale);
                 let (min, max) = o.observed_range()?.unwrap_or(representable);
-                Ok(LayerCalibration { min, max, scale, zero_point, channel_absmax: o.channel_absmax()? })
+                let group_scales = match (granularity, o.group_histogram()?) {
+                    (StaticGranularity::PerGroup { float_fraction, .. }, Some(h)) => Some(
+                        h.clip(float_fraction)?
+                            .into_iter()
+                            .map(|c| QSpec::DYNAMIC_ACTIVATION.scale_zero_point_unchecked(-c, c).0)
+                            .collect(),
+                    ),
+                    _ => None,
+                };
+                Ok(LayerCalibration { min, max, scale, zero_point, group_scales, channel_absmax: o.channel_absmax()? })
             })();
             match collected {
                 Ok(c) => {
@@ -236,6 +303,7 @@ pub fn calibrate<M: CausalLm + Quantizable>(
         windows: windows.iter().filter(|w| !w.is_empty()).count(),
         tokens,
         activation: ActivationSpec::of(&ACTIVATION),
+        granularity,
         layers,
         smoothing: None,
     })
@@ -266,8 +334,12 @@ impl Calibration {
             return Err(err(format!("format '{}' version {}, expected '{FORMAT}' version {VERSION}", c.format, c.version)));
         }
         let spec = c.activation.spec().map_err(|e| err(e.to_string()))?;
+        c.granularity.validate().map_err(|e| err(e.to_string()))?;
         for (name, l) in &c.layers {
-            l.qparams(spec).map_err(|e| err(format!("layer '{name}': {e}")))?;
+            let Some(shape) = c.model.layers.iter().find(|s| &s.name == name) else {
+                return Err(err(format!("layer '{name}' is not one of the calibrated model's layers")));
+            };
+            l.qparams(spec, c.granularity, shape.in_features).map_err(|e| err(format!("layer '{name}': {e}")))?;
             if !(l.min.is_finite() && l.max.is_finite() && l.min <= l.max) {
                 return Err(err(format!("layer '{name}': observed range [{}, {}] is not a finite interval", l.min, l.max)));
             }
@@ -309,7 +381,8 @@ impl Calibration {
         let mut params = BTreeMap::new();
         for l in ident.layers.iter().filter(|l| config.selects(&l.name)) {
             let Some(c) = self.layers.get(&l.name) else { bail!("layer '{}' has no entry in the calibration", l.name) };
-            params.insert(l.name.clone(), c.qparams(spec).map_err(|e| e.context(format!("layer '{}'", l.name)))?);
+            let p = c.qparams(spec, self.granularity, l.in_features).map_err(|e| e.context(format!("layer '{}'", l.name)))?;
+            params.insert(l.name.clone(), p);
         }
         crate::convert::convert_selected_in_parallel(model, config, |layer| match params.get(layer.name()) {
             Some(p) => layer.quantize_static(p.clone()),
@@ -322,13 +395,29 @@ impl Calibration {
     /// The static qparams calibrated for `layer` (an error naming it when there are none).
     pub fn qparams_for(&self, layer: &str) -> Result<QParams> {
         let Some(c) = self.layers.get(layer) else { bail!("layer '{layer}' has no entry in the calibration") };
-        c.qparams(self.activation.spec()?).map_err(|e| e.context(format!("layer '{layer}'")))
+        let Some(shape) = self.model.layers.iter().find(|s| s.name == layer) else {
+            bail!("layer '{layer}' is not one of the calibrated model's layers")
+        };
+        c.qparams(self.activation.spec()?, self.granularity, shape.in_features).map_err(|e| e.context(format!("layer '{layer}'")))
     }
 }
 
 impl LayerCalibration {
-    /// The per-tensor qparams (checked).
-    pub fn qparams(&self, spec: QSpec) -> Result<QParams> {
-        QParams::new(spec, Granularity::PerTensor, vec![self.scale], vec![self.zero_point])
+    /// The static qparams (checked) of a layer with `in_features` inputs: per tensor under
+    /// `spec`, or per group (symmetric `[-127, 127]`, one scale per group).
+    pub fn qparams(&self, spec: QSpec, granularity: StaticGranularity, in_features: usize) -> Result<QParams> {
+        let per_tensor = QParams::new(spec, Granularity::PerTensor, vec![self.scale], vec![self.zero_point])?;
+        match (granularity, &self.group_scales) {
+            (StaticGranularity::PerTensor, None) => Ok(per_tensor),
+            (StaticGranularity::PerGroup { size, .. }, Some(scales)) => {
+                let groups = in_features.div_ceil(size.clamp(1, in_features.max(1)));
+                if scales.len() != groups {
+                    bail!("{} group scales, {in_features} inputs in groups of {size} need {groups}", scales.len())
+                }
+                QParams::new(QSpec::DYNAMIC_ACTIVATION, Granularity::PerGroup { size }, scales.clone(), vec![0; groups])
+            }
+            (StaticGranularity::PerTensor, Some(_)) => bail!("group scales in a per-tensor calibration"),
+            (StaticGranularity::PerGroup { .. }, None) => bail!("no group scales in a per-group calibration"),
+        }
     }
 }

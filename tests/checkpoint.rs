@@ -14,7 +14,7 @@ use candle_quant::convert::{convert, prepare, prepare_qat, quantize_dynamic, Qua
 use candle_quant::io::{self, LanguageModel, ModelSource};
 use candle_quant::models::llama::KvCache;
 use candle_quant::nn::ActivationQuant;
-use candle_quant::{QLinear, WeightQuant};
+use candle_quant::{Granularity, QLinear, QParams, QSpec, WeightQuant};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -185,6 +185,22 @@ fn a_users_model_saves_and_loads_in_every_int8_kind() {
     assert_eq!(m.fc1.kind_name(), "int8-static");
     let q = save_load_same_outputs(m, "static");
     assert!(matches!(q.default, candle_quant::checkpoint::LayerScheme::Static { .. }), "{q:?}");
+
+    // Static per group of 16 input channels, ranges narrow enough that some inputs of the
+    // test batch (|x| up to ~3 on fc1) go through float: the scales and the float path survive.
+    let mut m = tiny_float(7);
+    for (layer, k) in [(&mut m.fc1, 48), (&mut m.fc2, 64)] {
+        let scales: Vec<f32> = (0..k / 16).map(|g| (1.0 + g as f32) / 127.0).collect();
+        let p = QParams::new(QSpec::DYNAMIC_ACTIVATION, Granularity::PerGroup { size: 16 }, scales, vec![0; k / 16]).unwrap();
+        layer.quantize_static(p).unwrap();
+    }
+    let q = save_load_same_outputs(m, "static per group");
+    match &q.default {
+        candle_quant::checkpoint::LayerScheme::Static { activation_group_size, weight_group_size, .. } => {
+            assert_eq!((*activation_group_size, *weight_group_size), (Some(16), Some(16)), "{q:?}")
+        }
+        other => panic!("{other:?}"),
+    }
 
     // QAT: fake-quantized forward passes, then convert.
     let mut m = tiny_float(5);

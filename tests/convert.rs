@@ -211,12 +211,12 @@ mod user_kit {
 
     #[test]
     fn calibrate_save_load_apply_and_refuse_what_does_not_fit() -> Result<()> {
-        use candle_quant::calibration::{calibrate, Calibration, ObserverKind};
+        use candle_quant::calibration::{calibrate, Calibration, ObserverKind, StaticGranularity};
         let vb = VarBuilder::from_varmap(&VarMap::new(), DType::F32, &Device::Cpu);
         let (float, mut model) = (net(vb.clone())?, net(vb)?);
         let windows: Vec<Vec<u32>> = (0..4).map(|w| (0..32).map(|i| (w * 13 + i * 7) % 50).collect()).collect();
         let mut seen = 0;
-        let c = calibrate(&mut model, "test-net", ObserverKind::Minmax, &windows, |d, _| seen = d)?;
+        let c = calibrate(&mut model, "test-net", ObserverKind::Minmax, StaticGranularity::PerTensor, &windows, |d, _| seen = d)?;
         assert_eq!((seen, c.windows, c.tokens, c.layers.len()), (4, 4, 128, 5));
         // The model is float again, and the file round-trips.
         let kinds = |m: &mut Net| -> Vec<&'static str> {
@@ -263,12 +263,60 @@ mod user_kit {
         std::fs::remove_dir_all(&dir).ok();
         // No windows, and NaN activations, are errors (the latter naming the first layer).
         let mut nan = net(VarBuilder::from_varmap(&VarMap::new(), DType::F32, &Device::Cpu))?;
-        let e = calibrate(&mut nan, "t", ObserverKind::Minmax, &[], |_, _| {}).unwrap_err().to_string();
+        let e = calibrate(&mut nan, "t", ObserverKind::Minmax, StaticGranularity::PerTensor, &[], |_, _| {}).unwrap_err().to_string();
         assert!(e.contains("at least one window"), "{e}");
         let table = Tensor::full(f32::NAN, (50, 32), &Device::Cpu)?;
         nan.embed = Named::new("embed", candle_nn::Embedding::new(table, 32));
-        let e = calibrate(&mut nan, "t", ObserverKind::Histogram, &windows, |_, _| {}).unwrap_err().to_string();
+        let e =
+            calibrate(&mut nan, "t", ObserverKind::Histogram, StaticGranularity::PerTensor, &windows, |_, _| {}).unwrap_err().to_string();
         assert!(e.contains("layers.0.qkv") && e.contains("non-finite"), "{e}");
+        Ok(())
+    }
+
+    #[test]
+    fn per_group_calibration_goes_float_beyond_its_ranges_and_refuses_a_wrong_file() -> Result<()> {
+        use candle_quant::calibration::{calibrate, Calibration, ObserverKind, StaticGranularity};
+        let vb = VarBuilder::from_varmap(&VarMap::new(), DType::F32, &Device::Cpu);
+        let (float, mut tensor, mut grouped) = (net(vb.clone())?, net(vb.clone())?, net(vb)?);
+        let windows: Vec<Vec<u32>> = (0..4).map(|w| (0..32).map(|i| (w * 13 + i * 7) % 50).collect()).collect();
+        let per_group = StaticGranularity::PerGroup { size: 8, float_fraction: 0.01 };
+        let c = calibrate(&mut grouped, "test-net", ObserverKind::Minmax, per_group, &windows, |_, _| {})?;
+        // One scale per 8 input channels: 32 inputs (qkv, head) → 4 groups, 96 (out) → 12.
+        let groups: Vec<usize> = c.layers.values().map(|l| l.group_scales.as_ref().map_or(0, Vec::len)).collect();
+        // (In name order: head, layers.0.out, layers.0.qkv, layers.1.out, layers.1.qkv.)
+        assert_eq!(groups, [4, 12, 4, 12, 4]);
+        c.apply(&mut grouped, &QuantConfig::default())?;
+        let pt = calibrate(&mut tensor, "test-net", ObserverKind::Minmax, StaticGranularity::PerTensor, &windows, |_, _| {})?;
+        pt.apply(&mut tensor, &QuantConfig::default())?;
+        // On the calibration text about 1 % of the inputs lie beyond their group's range and go
+        // through float; per-group ranges are closer to float than one range per tensor.
+        let tokens = windows.concat();
+        let (rg, rt) = (
+            candle_quant::eval::evaluate(&float, &grouped, &tokens, 32, |_, _| {})?,
+            candle_quant::eval::evaluate(&float, &tensor, &tokens, 32, |_, _| {})?,
+        );
+        assert!(rg.kld < rt.kld && rg.top1_agreement > 0.9, "per group {rg:?}, per tensor {rt:?}");
+        let (mut in_float, mut clamped) = (0, 0);
+        candle_quant::Quantizable::visit_linears(&mut grouped, &mut |l| {
+            in_float += l.float_activations();
+            clamped += l.clamped_activations();
+            Ok(())
+        })?;
+        assert!(in_float > 0 && clamped == 0, "{in_float} in float, {clamped} clamped");
+        // A file whose group scales do not fit a layer's width names the file and the layer.
+        let dir = std::env::temp_dir().join(format!("candle-quant-calib-groups-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("groups.json");
+        let mut broken = c.clone();
+        broken.layers.get_mut("head").unwrap().group_scales.as_mut().unwrap().pop();
+        broken.save(&path)?;
+        let e = Calibration::load(&path).unwrap_err().to_string();
+        assert!(e.contains("groups.json") && e.contains("'head'") && e.contains("group scales"), "{e}");
+        std::fs::remove_dir_all(&dir).ok();
+        let mut fresh = net(VarBuilder::from_varmap(&VarMap::new(), DType::F32, &Device::Cpu))?;
+        let all_float = StaticGranularity::PerGroup { size: 8, float_fraction: 1.0 };
+        let e = calibrate(&mut fresh, "t", ObserverKind::Minmax, all_float, &windows, |_, _| {}).unwrap_err().to_string();
+        assert!(e.contains("[0, 1)"), "{e}");
         Ok(())
     }
 

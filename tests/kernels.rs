@@ -300,6 +300,71 @@ fn simd_activation_quantizer_equals_the_reference() {
     }
 }
 
+/// Static per-group activations: every path gives the reference's bits, values beyond
+/// `127·s_g` are set aside in float exactly (never clamped), and the int8 linear over them
+/// equals the float product of the dequantized inputs plus the set-aside ones.
+#[test]
+fn static_group_quantizer_sets_aside_what_is_beyond_its_range() {
+    let mut rng = common::Rng::new(11);
+    for case in 0..1_000 {
+        let (m, k) = (1 + (rng.next_u64() % 4) as usize, 1 + (rng.next_u64() % 200) as usize);
+        let group = [k, 32, 8, 17][(rng.next_u64() % 4) as usize];
+        let groups = k.div_ceil(group.min(k));
+        let scales: Vec<f32> = (0..groups).map(|_| (0.5 + (rng.next_u64() % 100) as f32 / 50.0) / 127.0).collect();
+        let x = rng.normals(m * k, 1.5);
+        let want = QuantizedActivations::quantize_static_groups_with(Isa::Reference, &x, m, k, group, &scales).unwrap();
+        for isa in Isa::supported() {
+            let got = QuantizedActivations::quantize_static_groups_with(isa, &x, m, k, group, &scales).unwrap();
+            for i in 0..m {
+                assert_eq!(got.row(i), want.row(i), "case {case} {isa:?} row {i}");
+                assert_eq!(got.row_outliers(i), want.row_outliers(i), "case {case} {isa:?} row {i}");
+            }
+        }
+        for i in 0..m {
+            let outliers = want.row_outliers(i);
+            for c in 0..k {
+                let (v, s) = (x[i * k + c], scales[c / group.min(k)]);
+                let set_aside = outliers.iter().find(|(col, _)| *col as usize == c);
+                assert_eq!(set_aside.is_some(), v.abs() > 127.0 * s, "case {case} ({i},{c}) {v} with scale {s}");
+                assert_eq!(set_aside.map_or(0.0, |o| o.1), if v.abs() > 127.0 * s { v } else { 0.0 });
+            }
+            assert_eq!(want.row_scales(i), scales.as_slice());
+        }
+        // The linear: Σ_c ŵ_jc · (q_c·s_g or the float value), within summation rounding.
+        let n = 1 + (rng.next_u64() % 5) as usize;
+        let qw = rng.i8s(n * k, -127, 127);
+        let w = weights_from(&qw, n, k, vec![0.25; n]);
+        let mut got = vec![0f32; m * n];
+        int8_linear(&want, &w, None, &mut got).unwrap();
+        for i in 0..m {
+            for j in 0..n {
+                let deq = |c: usize| -> f64 {
+                    match want.row_outliers(i).iter().find(|(col, _)| *col as usize == c) {
+                        Some(&(_, v)) => v as f64,
+                        None => want.row(i)[c] as f64 * scales[c / group.min(k)] as f64,
+                    }
+                };
+                let terms: Vec<f64> = (0..k).map(|c| deq(c) * qw[j * k + c] as f64 * 0.25).collect();
+                let want_y: f64 = terms.iter().sum();
+                let abs_terms: f64 = terms.iter().map(|t| t.abs()).sum();
+                assert!(
+                    common::within_sum_rounding(got[i * n + j], want_y, abs_terms, 3 * groups + 2),
+                    "case {case} ({i},{j}) {} vs {want_y}",
+                    got[i * n + j]
+                );
+            }
+        }
+    }
+    // Golden: scale 1/127 for both groups of 2: 0.5·127 = 63.5 → 64 (half to even), −1 → −127,
+    // 1.5 is beyond 127·(1/127) = 1 and goes to float, 0.25·127 = 31.75 → 32.
+    let q = QuantizedActivations::quantize_static_groups(&[0.5, -1.0, 1.5, 0.25], 1, 4, 2, &[1.0 / 127.0; 2]).unwrap();
+    assert_eq!((q.row(0), q.row_outliers(0)), (&[64i8, -127, 0, 32][..], &[(2u32, 1.5f32)][..]));
+    // Wrong scale count, a non-positive scale, a non-finite input: errors.
+    assert!(QuantizedActivations::quantize_static_groups(&[0.0; 4], 1, 4, 2, &[1.0]).is_err());
+    assert!(QuantizedActivations::quantize_static_groups(&[0.0; 4], 1, 4, 2, &[1.0, 0.0]).is_err());
+    assert!(QuantizedActivations::quantize_static_groups(&[f32::NAN, 0.0, 0.0, 0.0], 1, 4, 2, &[1.0, 1.0]).is_err());
+}
+
 /// Decoding attention on every path this CPU has against a direct f64 softmax: groups of 1 to 9
 /// query heads sharing one key/value head (the SIMD path takes up to four at a time), head sizes
 /// with and without a whole number of 8- and 16-value vectors, whole or in parts over position

@@ -4,8 +4,8 @@
 //! A checkpoint is `config.json` (the model's, plus a `quantization_config` object: see
 //! [`QuantizationConfig`]) and safetensors files in which each int8 layer `L` has `L.weight`
 //! (`I8`, `[out, in]`, values in `[-127, 127]`), `L.weight_scale` (`F16`, `[out, ⌈in / group⌉]`),
-//! its float `L.bias`, and for static layers `L.input_scale` (`F32`, `[1]`) and
-//! `L.input_zero_point` (`I32`, `[1]`): `w[o, i] = weight[o, i] · weight_scale[o, i / group]`.
+//! its float `L.bias`, and for static layers `L.input_scale` (`F32`, `[1]` or one per group) and
+//! `L.input_zero_point` (`I32`, the same shape): `w[o, i] = weight[o, i] · weight_scale[o, i / group]`.
 //! Every other tensor is stored as it was. `docs/checkpoint-format.md` is the full description.
 //!
 //! Saving: [`save_quantized`] for any [`Quantizable`] model in memory; [`write_checkpoint`]
@@ -114,13 +114,17 @@ pub enum LayerScheme {
         /// Input channels per weight scale (`None`: one per output channel).
         weight_group_size: Option<usize>,
     },
-    /// Activations quantized per tensor with the calibrated `input_scale` / `input_zero_point`
-    /// tensors, under `activation`'s integer range.
+    /// Activations quantized with the calibrated `input_scale` / `input_zero_point` tensors,
+    /// under `activation`'s integer range: one pair per tensor, or one per group of input
+    /// channels (symmetric; inputs beyond a group's range multiplied in float).
     Static {
         /// Input channels per weight scale (`None`: one per output channel).
         weight_group_size: Option<usize>,
         /// The activations' integer range.
         activation: ActivationSpec,
+        /// Input channels per activation scale (`None`: one for the whole input).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        activation_group_size: Option<usize>,
     },
 }
 
@@ -178,9 +182,11 @@ impl LayerScheme {
                 activation_group_size: group_or_none(d.activation_quant().group_size(k), k),
                 outlier_threshold: d.outlier_threshold(),
             },
-            QLinearKind::Static(s) => {
-                LayerScheme::Static { weight_group_size, activation: ActivationSpec::of(&s.activation_qparams().spec) }
-            }
+            QLinearKind::Static(s) => LayerScheme::Static {
+                weight_group_size,
+                activation: ActivationSpec::of(&s.activation_qparams().spec),
+                activation_group_size: s.activation_group_size(),
+            },
             _ => LayerScheme::WeightOnly { weight_group_size },
         })
     }
@@ -235,11 +241,16 @@ impl LayerScheme {
                 layer.quantize_dynamic(act, self.weight_quant(), outlier_threshold)
             }
             LayerScheme::WeightOnly { .. } => layer.quantize_weight_only(self.weight_quant()),
-            LayerScheme::Static { ref activation, .. } => {
+            LayerScheme::Static { ref activation, activation_group_size, .. } => {
                 let spec = activation.spec().map_err(|e| e.context(format!("layer '{name}'")))?;
-                let scale = read_scalar::<f32>(source, &format!("{name}.input_scale"), Dtype::F32)?;
-                let zero_point = read_scalar::<i32>(source, &format!("{name}.input_zero_point"), Dtype::I32)?;
-                let params = QParams::new(spec, Granularity::PerTensor, vec![scale], vec![zero_point])
+                let (granularity, slots) = match activation_group_size {
+                    Some(size) if size > 0 => (Granularity::PerGroup { size }, k.div_ceil(size)),
+                    Some(_) => bail!("layer '{name}': activation_group_size must be at least 1"),
+                    None => (Granularity::PerTensor, 1),
+                };
+                let scales = read_values::<f32>(source, &format!("{name}.input_scale"), Dtype::F32, slots)?;
+                let zero_points = read_values::<i32>(source, &format!("{name}.input_zero_point"), Dtype::I32, slots)?;
+                let params = QParams::new(spec, granularity, scales, zero_points)
                     .map_err(|e| e.context(source.describe(&format!("{name}.input_scale"))))?;
                 layer.quantize_static(params)
             }
@@ -254,19 +265,14 @@ fn weight_group(how: WeightQuant) -> Option<usize> {
     }
 }
 
-/// A one-element tensor of `dtype`.
-fn read_scalar<T: candle_core::WithDType>(source: &dyn TensorSource, name: &str, dtype: Dtype) -> Result<T> {
+/// A tensor of `count` values of `dtype`.
+fn read_values<T: candle_core::WithDType>(source: &dyn TensorSource, name: &str, dtype: Dtype, count: usize) -> Result<Vec<T>> {
     match source.entry(name) {
         None => bail!("{}: missing (a static layer needs it)", source.describe(name)),
-        Some(e) if e.dtype != dtype || e.shape.iter().product::<usize>() != 1 => {
-            bail!("{}: expected one {} value, found {} of shape {:?}", source.describe(name), dtype.name(), e.dtype.name(), e.shape)
+        Some(e) if e.dtype != dtype || e.shape.iter().product::<usize>() != count => {
+            bail!("{}: expected {count} {} value(s), found {} of shape {:?}", source.describe(name), dtype.name(), e.dtype.name(), e.shape)
         }
-        Some(_) => source::read_tensor(source, name)?
-            .flatten_all()?
-            .to_vec1::<T>()?
-            .first()
-            .copied()
-            .ok_or_else(|| candle_core::Error::Msg(format!("{}: empty", source.describe(name)))),
+        Some(_) => source::read_tensor(source, name)?.flatten_all()?.to_vec1::<T>(),
     }
 }
 
@@ -761,8 +767,11 @@ pub fn save_quantized(model: &mut (impl Quantizable + ?Sized), dir: &Path, optio
                 )?;
                 if let QLinearKind::Static(s) = kind {
                     let p = s.activation_qparams();
-                    mem.push(format!("{name}.input_scale"), Dtype::F32, vec![1], p.scales[0].to_le_bytes().to_vec())?;
-                    mem.push(format!("{name}.input_zero_point"), Dtype::I32, vec![1], p.zero_points[0].to_le_bytes().to_vec())?;
+                    let (scales, zero_points) = (&p.scales, &p.zero_points);
+                    let bytes = scales.iter().flat_map(|v| v.to_le_bytes()).collect();
+                    mem.push(format!("{name}.input_scale"), Dtype::F32, vec![scales.len()], bytes)?;
+                    let bytes = zero_points.iter().flat_map(|v| v.to_le_bytes()).collect();
+                    mem.push(format!("{name}.input_zero_point"), Dtype::I32, vec![zero_points.len()], bytes)?;
                 }
                 schemes.push((name, scheme));
             }

@@ -3,7 +3,7 @@
 mod bench;
 
 use anyhow::{bail, Context, Result};
-use candle_quant::calibration::{self, Calibration, ObserverKind};
+use candle_quant::calibration::{self, Calibration, ObserverKind, StaticGranularity};
 use candle_quant::checkpoint::{Int8Kind, SaveOptions};
 use candle_quant::convert::{quantize_dynamic, quantize_ggml, quantize_weight_only, ConversionReport, QuantConfig, Quantizable};
 use candle_quant::eval::{evaluate, EvalReport};
@@ -103,6 +103,17 @@ enum Command {
         /// How each layer's range is chosen from what it saw.
         #[arg(long, value_enum, default_value_t = ObserverArg::Minmax)]
         observer: ObserverArg,
+        /// One range per layer input (clamped, PyTorch's scheme; --observer chooses it) or one
+        /// per group of input channels (inputs beyond it multiplied in float).
+        #[arg(long, value_enum, default_value_t = GranularityArg::PerTensor)]
+        granularity: GranularityArg,
+        /// Input channels per range with --granularity per-group.
+        #[arg(long, default_value_t = 32)]
+        group_size: usize,
+        /// With --granularity per-group: the share of calibration inputs allowed beyond each
+        /// group's range (smaller: wider ranges, coarser steps; larger: more inputs in float).
+        #[arg(long, default_value_t = 1e-3)]
+        float_fraction: f64,
         /// SmoothQuant first, with this migration strength (0–1, e.g. 0.5): a first pass measures
         /// each input channel, the factors are folded into the model, a second pass calibrates it.
         #[arg(long)]
@@ -183,11 +194,20 @@ enum Command {
 enum Mode {
     Dynamic,
     WeightOnly,
-    /// Static int8: activations quantized with fixed per-tensor qparams from --calibration.
+    /// Static int8: activations quantized with fixed qparams from --calibration.
     Static,
     /// candle's Q8_0 QMatMul (baseline).
     #[value(name = "q8_0")]
     Q8_0,
+}
+
+/// `calibrate --granularity`.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum GranularityArg {
+    /// One affine scale and zero point per layer input.
+    PerTensor,
+    /// One symmetric scale per group of input channels.
+    PerGroup,
 }
 
 /// `calibrate --observer`.
@@ -665,8 +685,12 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Bench { m, threads, in_features, json } => bench::run(m, threads, &in_features, json),
         Command::Quantize { model, out, max_shard_size, force } => quantize_model(&model, &out, max_shard_size, force),
-        Command::Calibrate { model, text, samples, seq_len, observer, smooth_alpha, out } => {
-            calibrate_model(&model, &text, samples, seq_len, observer, smooth_alpha, &out)
+        Command::Calibrate { model, text, samples, seq_len, observer, granularity, group_size, float_fraction, smooth_alpha, out } => {
+            let granularity = match granularity {
+                GranularityArg::PerTensor => StaticGranularity::PerTensor,
+                GranularityArg::PerGroup => StaticGranularity::PerGroup { size: group_size, float_fraction },
+            };
+            calibrate_model(&model, &text, (samples, seq_len), (observer, granularity), smooth_alpha, &out)
         }
         Command::Sensitivity { model, text, samples, seq_len, budget, top, json } => {
             layer_sensitivity(&model, &text, samples, seq_len, budget, top, json)
@@ -797,7 +821,9 @@ fn eval_text(
         v["window"] = window.into();
         v["quantized_layers"] = report.converted.len().into();
         v["skipped_layers"] = serde_json::to_value(&report.skipped)?;
-        v["clamped_activations"] = clamped_activations(&mut q.model)?.into();
+        let (clamped, in_float) = static_range_misses(&mut q.model)?;
+        v["clamped_activations"] = clamped.into();
+        v["float_activations"] = in_float.into();
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         println!("{} tokens of {} in windows of {window}", r.tokens, text.display());
@@ -807,14 +833,16 @@ fn eval_text(
     Ok(())
 }
 
-/// Inputs the model's static layers clamped to their calibrated ranges so far.
-fn clamped_activations(model: &mut candle_quant::models::llama::Llama) -> Result<u64> {
-    let mut n = 0;
+/// Inputs the model's static layers found outside their calibrated ranges so far: clamped
+/// (per-tensor ranges) and multiplied in float (per-group ranges).
+fn static_range_misses(model: &mut candle_quant::models::llama::Llama) -> Result<(u64, u64)> {
+    let (mut clamped, mut in_float) = (0, 0);
     model.visit_linears(&mut |l| {
-        n += l.clamped_activations();
+        clamped += l.clamped_activations();
+        in_float += l.float_activations();
         Ok(())
     })?;
-    Ok(n)
+    Ok((clamped, in_float))
 }
 
 /// `quantize`: a float model streamed into an int8 folder, with a progress bar of bytes.
@@ -873,9 +901,8 @@ fn quantize_model(model: &ModelArgs, out: &std::path::Path, max_shard_size: u64,
 fn calibrate_model(
     model: &ModelArgs,
     text: &std::path::Path,
-    samples: usize,
-    seq_len: usize,
-    observer: ObserverArg,
+    (samples, seq_len): (usize, usize),
+    (observer, granularity): (ObserverArg, StaticGranularity),
     smooth_alpha: Option<f32>,
     out: &std::path::Path,
 ) -> Result<()> {
@@ -901,13 +928,13 @@ fn calibrate_model(
     let pb = bar(windows.len(), "calibrating windows");
     let start = std::time::Instant::now();
     let source = lm.source.clone();
-    let mut c = calibration::calibrate(&mut lm.model, &source, kind, &windows, |d, _| pb.set_position(d as u64))?;
+    let mut c = calibration::calibrate(&mut lm.model, &source, kind, granularity, &windows, |d, _| pb.set_position(d as u64))?;
     pb.finish_and_clear();
     if let Some(alpha) = smooth_alpha {
         let maxima = c.layers.iter().map(|(n, l)| (n.clone(), l.channel_absmax.clone())).collect();
         let (factors, skipped) = lm.model.smooth(&maxima, alpha)?;
         let pb = bar(windows.len(), "calibrating the smoothed model");
-        c = calibration::calibrate(&mut lm.model, &source, kind, &windows, |d, _| pb.set_position(d as u64))?;
+        c = calibration::calibrate(&mut lm.model, &source, kind, granularity, &windows, |d, _| pb.set_position(d as u64))?;
         pb.finish_and_clear();
         println!("SmoothQuant (alpha {alpha}): {} groups smoothed; not smoothed: {}", factors.len(), skipped.len());
         c.smoothing = Some(calibration::Smoothing { alpha, factors, skipped });

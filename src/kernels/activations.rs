@@ -41,14 +41,11 @@ impl QuantizedActivations {
         let group = group.clamp(1, k.max(1));
         let groups = k.div_ceil(group);
         let spec = QSpec::DYNAMIC_ACTIVATION;
-        let (qmin, qmax) = spec.qrange();
         let stride = k.next_multiple_of(CHUNK);
         let mut data = vec![0i8; m * stride];
         let mut scales = vec![0f32; m * groups];
         let (mut outliers, mut outlier_start) = (Vec::new(), vec![0]);
         let limit = outlier_threshold.unwrap_or(f32::INFINITY);
-        // Symmetric: the zero point is the same for every range.
-        let zp = spec.scale_zero_point_unchecked(0.0, 0.0).1;
         let (mut inv, mut outlier_groups) = (vec![0f32; groups], Vec::new());
         for ((xr, qr), sr) in x.chunks(k).zip(data.chunks_mut(stride)).zip(scales.chunks_mut(groups)) {
             // Three passes per row, so that the divisions of all its groups run side by side
@@ -73,13 +70,7 @@ impl QuantizedActivations {
             }
             for (g, (xg, qg)) in xr.chunks(group).zip(qr.chunks_mut(group)).enumerate() {
                 if outlier_groups.contains(&g) {
-                    for (c, (q, &v)) in qg.iter_mut().zip(xg).enumerate() {
-                        if v.abs() > limit {
-                            outliers.push(((g * group + c) as u32, v));
-                        } else {
-                            *q = quantize_value(v, inv[g], zp, qmin, qmax) as i8;
-                        }
-                    }
+                    set_aside_above(limit, xg, inv[g], g * group, qg, &mut outliers);
                 } else {
                     // The group is finite (checked above).
                     kernels.quantize_symmetric(xg, inv[g], qg)
@@ -87,6 +78,51 @@ impl QuantizedActivations {
             }
             outlier_start.push(outliers.len());
         }
+        Ok(Self { m, k, stride, group, data, scales, zero_point: 0, outliers, outlier_start })
+    }
+
+    /// Static symmetric quantization with fixed scales, one per run of `group` input channels
+    /// shared by every row (`scales.len() == k.div_ceil(group)`): `q = round(x / s_g)` in
+    /// `[-127, 127]`. A value with `|x| > 127·s_g` is set aside in float rather than clamped
+    /// (the kernel adds `x · ŵ` for it exactly). Non-finite inputs are an error.
+    pub fn quantize_static_groups(x: &[f32], m: usize, k: usize, group: usize, scales: &[f32]) -> Result<Self> {
+        Self::quantize_static_groups_with(Isa::best(), x, m, k, group, scales)
+    }
+
+    /// [`quantize_static_groups`](Self::quantize_static_groups) on a chosen path; every path
+    /// gives the same bits.
+    pub fn quantize_static_groups_with(isa: Isa, x: &[f32], m: usize, k: usize, group: usize, scales: &[f32]) -> Result<Self> {
+        check_dims(x, m, k)?;
+        let kernels = super::Kernels::of(isa).map_err(|e| e.context("activations"))?;
+        let group = group.clamp(1, k);
+        let groups = k.div_ceil(group);
+        if scales.len() != groups {
+            bail!("static activations: {} scales for {groups} groups of {group} in rows of {k}", scales.len())
+        }
+        if let Some(s) = scales.iter().find(|s| !(s.is_finite() && **s > 0.0)) {
+            bail!("static activations: scale {s} is not a finite positive number")
+        }
+        let inv: Vec<f32> = scales.iter().map(|s| 1.0 / s).collect();
+        // |x| ≤ 127·s rounds into [-127, 127].
+        let limits: Vec<f32> = scales.iter().map(|s| 127.0 * s).collect();
+        let stride = k.next_multiple_of(CHUNK);
+        let mut data = vec![0i8; m * stride];
+        let (mut outliers, mut outlier_start) = (Vec::new(), vec![0]);
+        for (xr, qr) in x.chunks(k).zip(data.chunks_mut(stride)) {
+            for (g, (xg, qg)) in xr.chunks(group).zip(qr.chunks_mut(group)).enumerate() {
+                let (a, finite) = kernels.abs_max(xg);
+                if !finite {
+                    bail!("activation row contains a non-finite value (NaN or ±Inf)")
+                }
+                if a > limits[g] {
+                    set_aside_above(limits[g], xg, inv[g], g * group, qg, &mut outliers);
+                } else {
+                    kernels.quantize_symmetric(xg, inv[g], qg)
+                }
+            }
+            outlier_start.push(outliers.len());
+        }
+        let scales = scales.repeat(m);
         Ok(Self { m, k, stride, group, data, scales, zero_point: 0, outliers, outlier_start })
     }
 
@@ -169,6 +205,18 @@ impl QuantizedActivations {
     pub fn row_scales(&self, i: usize) -> &[f32] {
         let g = self.groups();
         &self.scales[i * g..(i + 1) * g]
+    }
+}
+
+/// Quantizes one group symmetrically (`[-127, 127]`), setting the values with `|x| > limit`
+/// aside in float as `(column, value)` (their int8 slots stay 0); `first` is the group's column.
+fn set_aside_above(limit: f32, xg: &[f32], inv: f32, first: usize, qg: &mut [i8], outliers: &mut Vec<(u32, f32)>) {
+    for (c, (q, &v)) in qg.iter_mut().zip(xg).enumerate() {
+        if v.abs() > limit {
+            outliers.push(((first + c) as u32, v));
+        } else {
+            *q = quantize_value(v, inv, 0, -127, 127) as i8;
+        }
     }
 }
 

@@ -18,7 +18,7 @@ pub use weight_only::WeightOnlyLinear;
 
 use crate::kernels::{Int8Rows, PackedInt8Weights, WeightQuant};
 use crate::observer::Observer;
-use crate::quant::{float_values, QParams};
+use crate::quant::{float_values, Granularity, QParams};
 use candle_core::{bail, DType, Module, Result, Storage, Tensor, D};
 use candle_nn::{Linear, VarBuilder};
 
@@ -226,6 +226,15 @@ impl QLinear {
         }
     }
 
+    /// Inputs a static layer with per-group ranges multiplied in float so far, being beyond
+    /// their group's calibrated range (0 for other kinds).
+    pub fn float_activations(&self) -> u64 {
+        match &self.kind {
+            QLinearKind::Static(s) => s.float_count(),
+            _ => 0,
+        }
+    }
+
     /// Whether the weights are stored as int8.
     pub fn is_int8(&self) -> bool {
         self.int8_parts().is_some()
@@ -358,10 +367,16 @@ impl QLinear {
         Ok(())
     }
 
-    /// Becomes [`QLinearKind::Static`] with the given per-tensor activation qparams (int8
-    /// weights kept if it has them, else quantized per output channel).
+    /// Becomes [`QLinearKind::Static`] with the given activation qparams, per tensor or per
+    /// group of input channels ([`StaticLinear::new`]). Int8 weights are kept if it has them;
+    /// float weights are quantized per output channel for per-tensor activations and per group
+    /// of the same size for per-group ones.
     pub fn quantize_static(&mut self, act: QParams) -> Result<()> {
-        let (w, b) = self.int8_weights(WeightQuant::PerChannel)?;
+        let how = match act.granularity() {
+            Granularity::PerGroup { size } => WeightQuant::PerGroup(size),
+            _ => WeightQuant::PerChannel,
+        };
+        let (w, b) = self.int8_weights(how)?;
         self.kind = QLinearKind::Static(StaticLinear::new(w, b, act).map_err(|e| e.context(format!("layer '{}'", self.name)))?);
         Ok(())
     }

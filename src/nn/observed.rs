@@ -1,6 +1,6 @@
 //! Observed linear: a float layer that records the range of its inputs (calibration).
 
-use crate::observer::Observer;
+use crate::observer::{GroupHistogram, Observer};
 use crate::quant::QParams;
 use candle_core::{Module, Result, Tensor};
 use candle_nn::Linear;
@@ -14,12 +14,26 @@ pub struct ObservedLinear {
     observer: Arc<Mutex<Box<dyn Observer>>>,
     /// Each input channel's largest finite `|x|` so far (SmoothQuant's `max |X_j|`).
     channel_absmax: Arc<Mutex<Vec<f32>>>,
+    /// `|x|` histograms per group of input channels, when asked for (static per-group ranges).
+    groups: Option<Arc<Mutex<GroupHistogram>>>,
 }
 
 impl ObservedLinear {
     /// `linear`, unchanged, with `observer` watching its inputs.
     pub fn new(linear: Linear, observer: Box<dyn Observer>) -> Self {
-        Self { linear, observer: Arc::new(Mutex::new(observer)), channel_absmax: Arc::default() }
+        Self { linear, observer: Arc::new(Mutex::new(observer)), channel_absmax: Arc::default(), groups: None }
+    }
+
+    /// Also keeps a histogram of `|x|` per run of `group` input channels ([`GroupHistogram`]).
+    pub fn with_group_histogram(mut self, group: usize) -> Result<Self> {
+        let k = self.linear.weight().dim(1)?;
+        self.groups = Some(Arc::new(Mutex::new(GroupHistogram::new(k, group)?)));
+        Ok(self)
+    }
+
+    /// The per-group histogram, if kept.
+    pub fn group_histogram(&self) -> Result<Option<GroupHistogram>> {
+        self.groups.as_ref().map(|g| Ok(g.lock().map_err(|_| poisoned())?.clone())).transpose()
     }
 
     /// The float layer.
@@ -39,13 +53,17 @@ impl ObservedLinear {
 
     /// Each input channel's largest finite `|x|` seen (empty before any input).
     pub fn channel_absmax(&self) -> Result<Vec<f32>> {
-        Ok(self.channel_absmax.lock().map_err(|_| candle_core::Error::Msg("channel maxima lock poisoned".into()))?.clone())
+        Ok(self.channel_absmax.lock().map_err(|_| poisoned())?.clone())
     }
 
     /// NaN/±Inf inputs seen (and left out of the range).
     pub fn nonfinite_count(&self) -> Result<u64> {
         Ok(lock(&self.observer)?.nonfinite_count())
     }
+}
+
+fn poisoned() -> candle_core::Error {
+    candle_core::Error::Msg("input statistics lock poisoned by a panic in another thread".into())
 }
 
 pub(crate) fn lock(observer: &Mutex<Box<dyn Observer>>) -> Result<std::sync::MutexGuard<'_, Box<dyn Observer>>> {
@@ -57,7 +75,10 @@ impl Module for ObservedLinear {
         lock(&self.observer)?.observe(x)?;
         let k = x.dim(candle_core::D::Minus1)?;
         let rows = crate::quant::float_values(x, "observed input")?;
-        let mut maxima = self.channel_absmax.lock().map_err(|_| candle_core::Error::Msg("channel maxima lock poisoned".into()))?;
+        if let Some(groups) = &self.groups {
+            groups.lock().map_err(|_| poisoned())?.observe(&rows)?;
+        }
+        let mut maxima = self.channel_absmax.lock().map_err(|_| poisoned())?;
         if maxima.len() != k {
             *maxima = vec![0.0; k];
         }

@@ -27,9 +27,11 @@
 //! # Ok(()) }
 //! ```
 
+mod groups;
 mod histogram;
 mod minmax;
 
+pub use groups::GroupHistogram;
 pub use histogram::HistogramObserver;
 pub use minmax::MinMaxObserver;
 
