@@ -1,15 +1,19 @@
 //! Quantization-aware training of SmolLM2-135M-Instruct: `prepare_qat` (fake-quantized weights
-//! and inputs, per-tensor activation ranges learned by observers), a short fine-tune with the
-//! next-token loss on one text, `convert` to static int8 — compared on another text with static
-//! int8 calibrated on the same training text, and with f32.
+//! and inputs), a short fine-tune with the next-token loss on one text, `convert` to static int8
+//! (per-tensor ranges) — compared on another text with static int8 calibrated on the same
+//! training text, and with f32.
 //!
-//! `cargo run --release --example qat_llm -- [--steps 200] [--seq-len 128] [--lr 1e-5]
-//!   [--train models/texts/lcet10.txt] [--eval models/texts/alice29.txt] [--eval-tokens 8192]`
+//! The input ranges start from that calibration and are trained with the loss (learned step
+//! size, `--range-lr`, on the log of each step size); `--range-lr 0` leaves them to min/max
+//! observers instead, as PyTorch's default QAT does. `--lr` trains the weights (0: frozen).
+//!
+//! `cargo run --release --example qat_llm -- [--steps 40] [--seq-len 64] [--range-lr 0.05]
+//!   [--lr 0] [--train models/texts/lcet10.txt] [--eval models/texts/alice29.txt] [--eval-tokens 8192]`
 
 use candle_core::{Result, Tensor};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
-use candle_quant::calibration::{calibrate, ObserverKind};
-use candle_quant::convert::{convert, prepare_qat, qat_vars, QuantConfig};
+use candle_quant::calibration::{calibrate, ObserverKind, StaticGranularity};
+use candle_quant::convert::{convert, learn_activation_ranges, prepare_qat, qat_vars, QuantConfig};
 use candle_quant::eval::evaluate;
 use candle_quant::generate::encode_text;
 use candle_quant::io::{self, ModelSource};
@@ -21,7 +25,8 @@ fn arg<T: std::str::FromStr>(name: &str, default: T) -> T {
 }
 
 fn main() -> Result<()> {
-    let (steps, seq_len, lr) = (arg("--steps", 200usize), arg("--seq-len", 128usize), arg("--lr", 1e-5f64));
+    let (steps, seq_len, lr, range_lr) =
+        (arg("--steps", 40usize), arg("--seq-len", 64usize), arg("--lr", 0f64), arg("--range-lr", 0.05f64));
     let train_file = arg("--train", io::models_dir().join("texts/lcet10.txt").display().to_string());
     let eval_file = arg("--eval", io::models_dir().join("texts/alice29.txt").display().to_string());
     let eval_tokens = arg("--eval-tokens", 8192usize);
@@ -38,7 +43,7 @@ fn main() -> Result<()> {
 
     // Static int8 calibrated on the training text (min/max, the QAT observers' kind).
     let mut plain = lm.model.clone();
-    let c = calibrate(&mut plain, &train_file, ObserverKind::Minmax, &windows[..8], |_, _| {})?;
+    let c = calibrate(&mut plain, &train_file, ObserverKind::Minmax, StaticGranularity::PerTensor, &windows[..8], |_, _| {})?;
     c.apply(&mut plain, &QuantConfig::default())?;
     let r_static = evaluate(&lm.model, &plain, &test, 512, |_, _| {})?;
     println!(
@@ -49,19 +54,31 @@ fn main() -> Result<()> {
         100.0 * r_static.top1_agreement
     );
 
-    // QAT: fake-quantized layers with trainable float weights, the same observers on the inputs.
+    // QAT: fake-quantized layers; input ranges from the calibration, trained (or observed).
     let mut qat = lm.model.clone();
     prepare_qat(&mut qat, &QuantConfig::default())?;
     qat.set_differentiable(true);
-    let vars = qat_vars(&mut qat)?;
-    let mut opt = AdamW::new(vars, ParamsAdamW { lr, weight_decay: 0.0, ..Default::default() })?;
+    let ranges = if range_lr > 0.0 { learn_activation_ranges(&mut qat, |l| c.qparams_for(l.name()).map(Some))? } else { vec![] };
+    let adam = |vars, lr| AdamW::new(vars, ParamsAdamW { lr, weight_decay: 0.0, ..Default::default() });
+    let mut optimizers = vec![];
+    if lr > 0.0 {
+        optimizers.push(adam(qat_vars(&mut qat)?, lr)?);
+    }
+    if !ranges.is_empty() {
+        optimizers.push(adam(ranges, range_lr)?);
+    }
+    // The windows after the calibration's eight, so that training sees other text.
+    let train_windows = &windows[8.min(windows.len() - 1)..];
     let start = std::time::Instant::now();
     for step in 0..steps {
-        let w = &windows[step % windows.len()];
+        let w = &train_windows[step % train_windows.len()];
         let logits = qat.forward(w, &mut qat.new_cache(), true)?;
         let targets = Tensor::new(&w[1..], logits.device())?;
         let loss = candle_nn::loss::cross_entropy(&logits.narrow(0, 0, w.len() - 1)?, &targets)?;
-        opt.backward_step(&loss)?;
+        let grads = loss.backward()?;
+        for opt in &mut optimizers {
+            opt.step(&grads)?;
+        }
         if step % 10 == 0 || step + 1 == steps {
             println!("step {step:>4}: loss {:.4} ({:.1} s)", loss.to_scalar::<f32>()?, start.elapsed().as_secs_f64());
         }
@@ -70,7 +87,7 @@ fn main() -> Result<()> {
     qat.set_differentiable(false);
     let r_qat = evaluate(&lm.model, &qat, &test, 512, |_, _| {})?;
     println!(
-        "QAT static int8 ({steps} steps of {seq_len} tokens, lr {lr}): perplexity {:.3} ({:+.2}%), KL {:.4}, top-1 {:.2}%",
+        "QAT static int8 ({steps} steps of {seq_len} tokens, weight lr {lr}, range lr {range_lr}): perplexity {:.3} ({:+.2}%), KL {:.4}, top-1 {:.2}%",
         r_qat.candidate_ppl,
         r_qat.ppl_delta_pct,
         r_qat.kld,

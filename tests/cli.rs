@@ -130,10 +130,13 @@ fn calibrate_then_static_eval() {
     let file: serde_json::Value = serde_json::from_slice(&std::fs::read(&calib).unwrap()).unwrap();
     assert_eq!((file["format"].as_str(), file["windows"].as_u64()), (Some("candle-quant-calibration"), Some(2)));
     assert_eq!(file["layers"].as_object().unwrap().len(), 211);
+    // The default: one range per 32 input channels (576 inputs → 18 scales in q_proj).
+    assert_eq!(file["granularity"]["kind"], "per-group");
+    assert_eq!(file["layers"]["model.layers.0.self_attn.q_proj"]["group_scales"].as_array().map(Vec::len), Some(18));
     let out = cli(&["eval", "--text", t, "--window", "16", "--mode", "static", "--calibration", c, "--json"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert!(v["clamped_activations"].is_u64() && v["kld"].is_number(), "{v}");
+    assert!(v["clamped_activations"] == 0 && v["float_activations"].is_u64() && v["kld"].is_number(), "{v}");
     assert_eq!(v["quantized_layers"], 211);
     // Saved as a static int8 folder, it loads back to the same model: the same figures.
     let folder = dir.join("static-int8");

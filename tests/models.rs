@@ -381,17 +381,18 @@ fn minilm_padded_batches_embed_as_sentences_alone() {
 
 /// SmoothQuant folds its factors so that the float model computes the same function: logits
 /// before and after `smooth` agree to 1e-4 of their largest magnitude, and static int8 of the
-/// smoothed model moves less from f32 than static int8 of the plain one on the same calibration.
+/// smoothed model moves less from f32 than static int8 of the plain one on the same calibration
+/// (and static int8 with a range per group of inputs less than either).
 #[test]
 fn smoothing_keeps_the_float_logits_and_helps_static_int8() {
-    use candle_quant::calibration::{calibrate, ObserverKind};
+    use candle_quant::calibration::{calibrate, ObserverKind, StaticGranularity};
     let lm = smollm2();
     let text = encode(lm, "Alice was beginning to get very tired of sitting by her sister on the bank, and of having nothing to do: once or twice she had peeped into the book her sister was reading, but it had no pictures or conversations in it.").unwrap();
     let windows = vec![text.clone()];
     let logits = |m: &candle_quant::models::llama::Llama| m.forward(&text, &mut Default::default(), true).unwrap();
     let (mut plain, mut smoothed) = (lm.model.clone(), lm.model.clone());
     let before = logits(&plain);
-    let c = calibrate(&mut smoothed, "smollm2", ObserverKind::Minmax, &windows, |_, _| {}).unwrap();
+    let c = calibrate(&mut smoothed, "smollm2", ObserverKind::Minmax, StaticGranularity::PerTensor, &windows, |_, _| {}).unwrap();
     let maxima = c.layers.iter().map(|(n, l)| (n.clone(), l.channel_absmax.clone())).collect();
     let (factors, skipped) = smoothed.smooth(&maxima, 0.5).unwrap();
     assert_eq!((factors.len(), skipped.len()), (90, 31), "q/k/v, gate/up and down of 30 blocks; 30 o_proj and lm_head");
@@ -408,14 +409,19 @@ fn smoothing_keeps_the_float_logits_and_helps_static_int8() {
     assert!(other.apply_smoothing(&bad).unwrap_err().to_string().contains("up_proj"));
     assert_eq!(logits(&other).to_vec2::<f32>().unwrap(), before.to_vec2::<f32>().unwrap());
 
-    // Static int8 (min/max) of both, calibrated on the same text, scored on it.
-    let static_of = |m: &mut candle_quant::models::llama::Llama| {
-        let c = calibrate(m, "smollm2", ObserverKind::Minmax, &windows, |_, _| {}).unwrap();
+    // Static int8 (min/max per tensor) of both, calibrated on the same text, scored on it; and
+    // the plain model with one range per 32 input channels, which beats both.
+    let static_of = |m: &mut candle_quant::models::llama::Llama, granularity| {
+        let c = calibrate(m, "smollm2", ObserverKind::Minmax, granularity, &windows, |_, _| {}).unwrap();
         c.apply(m, &QuantConfig::default()).unwrap();
     };
-    static_of(&mut plain);
-    static_of(&mut smoothed);
+    let mut grouped = lm.model.clone();
+    static_of(&mut plain, StaticGranularity::PerTensor);
+    static_of(&mut smoothed, StaticGranularity::PerTensor);
+    static_of(&mut grouped, StaticGranularity::PerGroup { size: 32, float_fraction: 1e-3 });
     let r_plain = evaluate(&lm.model, &plain, &text, 64, |_, _| {}).unwrap();
     let r_smooth = evaluate(&lm.model, &smoothed, &text, 64, |_, _| {}).unwrap();
+    let r_group = evaluate(&lm.model, &grouped, &text, 64, |_, _| {}).unwrap();
     assert!(r_smooth.kld < r_plain.kld, "smoothed KL {} vs plain {}", r_smooth.kld, r_plain.kld);
+    assert!(r_group.kld < r_smooth.kld && r_group.kld < 0.05, "per-group KL {} vs smoothed per-tensor {}", r_group.kld, r_smooth.kld);
 }

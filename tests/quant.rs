@@ -134,6 +134,27 @@ fn fake_quant_straight_through_gradient() {
 }
 
 #[test]
+fn learned_step_size_gradients() {
+    // s = 0.1, z = 0, [-128, 127]: the same values as above, and d fq / d s per element:
+    // 0.26 → r = 2.6, round 3: 3 − 2.6 = 0.4; −0.04 → −0.4, round 0: 0.4;
+    // 20 clipped to 127: 127; −13 clipped to −128: −128. Σ = 0.4 + 0.4 + 127 − 128 = −0.2.
+    let x = Var::new(&[0.26f32, -0.04, 20.0, -13.0], &Device::Cpu).unwrap();
+    let s = Var::new(&[0.1f32], &Device::Cpu).unwrap();
+    let y = candle_quant::quant::fake_quantize_learned(x.as_tensor(), s.as_tensor(), 0, &SYM_I8).unwrap();
+    let got = y.to_vec1::<f32>().unwrap();
+    for (g, w) in got.iter().zip([0.3f32, 0.0, 12.7, -12.8]) {
+        assert!((g - w).abs() < 1e-6, "{got:?}");
+    }
+    let grads = y.sum_all().unwrap().backward().unwrap();
+    assert_eq!(grads.get(x.as_tensor()).unwrap().to_vec1::<f32>().unwrap(), vec![1.0, 1.0, 0.0, 0.0]);
+    let gs = grads.get(s.as_tensor()).unwrap().to_vec1::<f32>().unwrap()[0];
+    assert!((gs + 0.2).abs() < 1e-5, "d/ds = {gs}");
+    // A step size that is not a positive number is an error, not NaNs.
+    let bad = Tensor::new(&[-0.1f32], &Device::Cpu).unwrap();
+    assert!(candle_quant::quant::fake_quantize_learned(x.as_tensor(), &bad, 0, &SYM_I8).is_err());
+}
+
+#[test]
 fn bad_inputs_are_errors() {
     let dev = Device::Cpu;
     // Integer dtype.

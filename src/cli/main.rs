@@ -103,9 +103,9 @@ enum Command {
         /// How each layer's range is chosen from what it saw.
         #[arg(long, value_enum, default_value_t = ObserverArg::Minmax)]
         observer: ObserverArg,
-        /// One range per layer input (clamped, PyTorch's scheme; --observer chooses it) or one
-        /// per group of input channels (inputs beyond it multiplied in float).
-        #[arg(long, value_enum, default_value_t = GranularityArg::PerTensor)]
+        /// One range per group of input channels (inputs beyond it multiplied in float; far more
+        /// accurate) or one per layer input (clamped: PyTorch's scheme; --observer chooses it).
+        #[arg(long, value_enum, default_value_t = GranularityArg::PerGroup)]
         granularity: GranularityArg,
         /// Input channels per range with --granularity per-group.
         #[arg(long, default_value_t = 32)]

@@ -424,6 +424,26 @@ pub fn qat_vars(model: &mut (impl Quantizable + ?Sized)) -> Result<Vec<candle_co
     Ok(vars)
 }
 
+/// QAT with learned ranges (LSQ), between `prepare_qat` and training: every fake-quantized
+/// layer for which `init` gives per-tensor qparams (e.g. a calibration's,
+/// [`crate::calibration::Calibration::qparams_for`]) trains its input step size from there;
+/// returns those step sizes' variables (log scale, one per layer) for an optimizer.
+pub fn learn_activation_ranges(
+    model: &mut (impl Quantizable + ?Sized),
+    mut init: impl FnMut(&QLinear) -> Result<Option<crate::QParams>>,
+) -> Result<Vec<candle_core::Var>> {
+    let mut vars = Vec::new();
+    model.visit_linears(&mut |l| {
+        let QLinearKind::FakeQuant(f) = l.kind() else { return Ok(()) };
+        let Some(p) = init(l)? else { return Ok(()) };
+        let mut f = f.clone();
+        f.learn_activation_range(&p).map_err(|e| e.context(format!("layer '{}'", l.name())))?;
+        vars.extend(f.range_var());
+        l.set_kind(QLinearKind::FakeQuant(f))
+    })?;
+    Ok(vars)
+}
+
 /// Static quantization / QAT, last step: observed and fake-quant layers become static int8
 /// layers with the activation qparams their observers learned. Fails, naming the layer, if a
 /// layer saw no calibration data.

@@ -6,7 +6,7 @@ mod params;
 mod qtensor;
 mod spec;
 
-pub use fake::{fake_quantize, fake_quantize_values, quantization_mse};
+pub use fake::{fake_quantize, fake_quantize_learned, fake_quantize_values, quantization_mse};
 pub use params::{QParams, SlotLayout};
 pub use qtensor::{float_values, slot_min_max, QuantizedTensor};
 pub use spec::{dequantize_value, quantize_value, Granularity, QDType, QScheme, QSpec, SCALE_EPS};
