@@ -115,6 +115,47 @@ fn prepare_qat_then_convert() {
     assert_eq!(kinds(&mut model)[4].1, "float");
 }
 
+/// QAT of the ranges alone: learned step sizes start from the given qparams, frozen weights
+/// leave nothing but the step sizes to train, one optimizer step moves them, and `convert`
+/// makes static layers with the trained ranges.
+#[test]
+fn learned_ranges_train_alone_and_convert() {
+    use candle_nn::{AdamW, Optimizer, ParamsAdamW};
+    use candle_quant::convert::{freeze_qat_weights, learn_activation_ranges, qat_vars};
+    use candle_quant::{Granularity, QParams, QSpec};
+    let mut rng = Rng::new(17);
+    let mut model = Mlp::new(&mut rng);
+    let x = rng.tensor(&[16, 32], 1.0).unwrap();
+    let float = model.forward(&x).unwrap();
+    prepare_qat(&mut model, &QuantConfig::default()).unwrap();
+    let before = model.forward(&x).unwrap();
+    assert_eq!(freeze_qat_weights(&mut model).unwrap(), 5);
+    assert!(qat_vars(&mut model).unwrap().is_empty());
+    // Frozen fq(W) is the same constant the trainable path computes.
+    assert_eq!(model.forward(&x).unwrap().to_vec2::<f32>().unwrap(), before.to_vec2::<f32>().unwrap());
+    // Deliberately coarse start: one step of 0.5 on a symmetric range.
+    let init =
+        QParams::new(QSpec::new(candle_quant::QDType::QInt8, candle_quant::QScheme::Affine), Granularity::PerTensor, vec![0.5], vec![0])
+            .unwrap();
+    let ranges = learn_activation_ranges(&mut model, |_| Ok(Some(init.clone()))).unwrap();
+    assert_eq!(ranges.len(), 5);
+    let target = float.detach();
+    let mut opt = AdamW::new(ranges.clone(), ParamsAdamW { lr: 0.1, weight_decay: 0.0, ..Default::default() }).unwrap();
+    let loss = |m: &Mlp| m.forward(&x).unwrap().sub(&target).unwrap().sqr().unwrap().mean_all().unwrap();
+    let l0 = loss(&model).to_scalar::<f32>().unwrap();
+    for _ in 0..20 {
+        opt.backward_step(&loss(&model)).unwrap();
+    }
+    let l1 = loss(&model).to_scalar::<f32>().unwrap();
+    assert!(l1 < l0 / 2.0, "training the step sizes should fit the float outputs better: {l0} → {l1}");
+    let steps: Vec<f32> = ranges.iter().map(|v| v.as_tensor().exp().unwrap().to_vec1::<f32>().unwrap()[0]).collect();
+    assert!(steps.iter().all(|&s| s < 0.5), "coarse steps should shrink: {steps:?}");
+    convert(&mut model).unwrap();
+    let first = &model.blocks[0][0];
+    let QLinearKind::Static(s) = first.kind() else { panic!("{} is {}", first.name(), first.kind_name()) };
+    assert!((s.activation_qparams().scales()[0] - steps[0]).abs() < 1e-6);
+}
+
 /// A user model built like candle models are (VarBuilder paths), with its `Quantizable` written
 /// by the macro — one version that forgets a layer, one that does not.
 mod user_kit {

@@ -444,6 +444,21 @@ pub fn learn_activation_ranges(
     Ok(vars)
 }
 
+/// QAT of the input ranges alone: every fake-quantized layer's weights stop training and their
+/// fake-quantized values are computed once ([`crate::nn::FakeQuantLinear::freeze_weights`]),
+/// which makes a training step several times cheaper. Returns how many layers were frozen.
+pub fn freeze_qat_weights(model: &mut (impl Quantizable + ?Sized)) -> Result<usize> {
+    let mut frozen = 0;
+    model.visit_linears(&mut |l| {
+        let QLinearKind::FakeQuant(f) = l.kind() else { return Ok(()) };
+        let mut f = f.clone();
+        f.freeze_weights().map_err(|e| e.context(format!("layer '{}'", l.name())))?;
+        frozen += 1;
+        l.set_kind(QLinearKind::FakeQuant(f))
+    })?;
+    Ok(frozen)
+}
+
 /// Static quantization / QAT, last step: observed and fake-quant layers become static int8
 /// layers with the activation qparams their observers learned. Fails, naming the layer, if a
 /// layer saw no calibration data.

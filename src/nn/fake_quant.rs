@@ -20,6 +20,8 @@ pub struct FakeQuantLinear {
     observer: Arc<Mutex<Box<dyn Observer>>>,
     observing: Arc<std::sync::atomic::AtomicBool>,
     learned: Option<LearnedRange>,
+    /// `fq(W)` computed once, when the weights are frozen (ranges-only training).
+    frozen: Option<Tensor>,
 }
 
 /// A per-tensor input range trained with the loss: step size `s = exp(log_scale)` (the log
@@ -40,7 +42,18 @@ impl FakeQuantLinear {
             observer: Arc::new(Mutex::new(observer)),
             observing: Arc::new(true.into()),
             learned: None,
+            frozen: None,
         })
+    }
+
+    /// Stops training the weights: `fq(W)` is computed once and reused as a constant, so a
+    /// training step neither fake-quantizes every weight again nor computes weight gradients
+    /// (what is left to train is the learned input range, if any). [`vars`](Self::vars) is then
+    /// empty.
+    pub fn freeze_weights(&mut self) -> Result<()> {
+        let w = self.weight.as_tensor().detach();
+        self.frozen = Some(fake_quantize(&w, &self.weight_qparams()?)?.detach());
+        Ok(())
     }
 
     /// From now on the input step size is trained with the loss (learned step size, LSQ),
@@ -61,8 +74,11 @@ impl FakeQuantLinear {
         self.learned.as_ref().map(|l| l.log_scale.clone())
     }
 
-    /// The trainable variables (weight, then bias if any), for an optimizer.
+    /// The trainable variables (weight, then bias if any), for an optimizer; none once frozen.
     pub fn vars(&self) -> Vec<Var> {
+        if self.frozen.is_some() {
+            return vec![];
+        }
         std::iter::once(self.weight.clone()).chain(self.bias.clone()).collect()
     }
 
@@ -102,8 +118,13 @@ impl FakeQuantLinear {
 
 impl Module for FakeQuantLinear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let wq = fake_quantize(self.weight.as_tensor(), &self.weight_qparams()?)?;
-        let bias = self.bias.as_ref().map(|b| b.as_tensor().clone());
+        let (wq, bias) = match &self.frozen {
+            Some(wq) => (wq.clone(), self.bias.as_ref().map(|b| b.as_tensor().detach())),
+            None => {
+                let wq = fake_quantize(self.weight.as_tensor(), &self.weight_qparams()?)?;
+                (wq, self.bias.as_ref().map(|b| b.as_tensor().clone()))
+            }
+        };
         if let Some(l) = &self.learned {
             let xq = fake_quantize_learned(x, &l.log_scale.as_tensor().exp()?, l.zero_point, &l.spec)?;
             return Linear::new(wq, bias).forward(&xq);
