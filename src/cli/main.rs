@@ -112,7 +112,7 @@ enum Command {
         group_size: usize,
         /// With --granularity per-group: the share of calibration inputs allowed beyond each
         /// group's range (smaller: wider ranges, coarser steps; larger: more inputs in float).
-        #[arg(long, default_value_t = 1e-3)]
+        #[arg(long, default_value_t = 3e-3)]
         float_fraction: f64,
         /// SmoothQuant first, with this migration strength (0–1, e.g. 0.5): a first pass measures
         /// each input channel, the factors are folded into the model, a second pass calibrates it.
