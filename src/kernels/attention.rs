@@ -62,8 +62,36 @@ pub fn attend_part_with(isa: Isa, q: &[f32], keys: &[f32], values: &[f32], d: us
     let (heads, t) = (q.len() / d, keys.len() / d);
     let (y, stats) = part.split_at_mut(heads * d);
     let (maxima, sums) = stats.split_at_mut(heads);
-    // Scores, one row of t per head.
-    let mut p = vec![0f32; heads * t];
+    // Scores, one row of t per head, in this thread's reused buffer (every value is written
+    // before it is read).
+    SCORES.with_borrow_mut(|p| {
+        p.resize(heads * t, 0.0);
+        scores_softmax_values(&kernels, q, keys, values, d, scale, t, &mut p[..heads * t], y, maxima, sums)
+    });
+    Ok(())
+}
+
+thread_local! {
+    /// Each thread's score rows, grown to the largest `heads · t` it has seen.
+    static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// The body of [`attend_part_with`] once its buffers are laid out: scores into `p`, softmax
+/// numerators with each head's maximum and sum, then the weighted value rows into `y`.
+#[allow(clippy::too_many_arguments)]
+fn scores_softmax_values(
+    kernels: &super::Kernels,
+    q: &[f32],
+    keys: &[f32],
+    values: &[f32],
+    d: usize,
+    scale: f32,
+    t: usize,
+    p: &mut [f32],
+    y: &mut [f32],
+    maxima: &mut [f32],
+    sums: &mut [f32],
+) {
     for (qs, ps) in q.chunks(MAX_TILE_HEADS * d).zip(p.chunks_mut(MAX_TILE_HEADS * t)) {
         // SAFETY: qs holds 1 to MAX_TILE_HEADS whole heads of d, ps as many rows of t, keys t
         // rows of d.
@@ -90,7 +118,6 @@ pub fn attend_part_with(isa: Isa, q: &[f32], keys: &[f32], values: &[f32], d: us
             }
         }
     }
-    Ok(())
 }
 
 /// Merges `splits` [`attend_part`]s of the same heads over disjoint position ranges (stored one

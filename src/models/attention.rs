@@ -70,11 +70,12 @@ pub(crate) fn attend_sequence(
         let at = rows.start * d..rows.end * d;
         // The group's query heads at each row of the block, one after another (a short last
         // block repeats its last row, whose result is not used).
-        let qg: Vec<f32> = (rows_i.start..rows_i.start + block)
-            .flat_map(|i| (g * rep..(g + 1) * rep).map(move |h| (h, i.min(s - 1))))
-            .flat_map(|(h, i)| &q[(h * s + i) * d..(h * s + i + 1) * d])
-            .copied()
-            .collect();
+        let mut qg = Vec::with_capacity(block * rep * d);
+        for i in (rows_i.start..rows_i.start + block).map(|i| i.min(s - 1)) {
+            for h in g * rep..(g + 1) * rep {
+                qg.extend_from_slice(&q[(h * s + i) * d..(h * s + i + 1) * d]);
+            }
+        }
         if let Err(e) = kernels::attend_part(&qg, &kv[g].keys[at.clone()], &kv[g].values[at], d, scale, part) {
             if let Ok(mut f) = failed.lock() {
                 *f = Some(e);

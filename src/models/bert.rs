@@ -3,7 +3,7 @@
 
 use super::attention::{attend_sequence, HeadRows};
 use crate::convert::Quantizable;
-use crate::nn::QLinear;
+use crate::nn::{with_float_values, QLinear};
 use candle_core::{bail, Device, Module, Result, Tensor, D};
 use candle_nn::{Embedding, LayerNorm, VarBuilder};
 use serde::Deserialize;
@@ -201,15 +201,22 @@ impl Bert {
         let (q, k, v) = (split(l.query.forward(x)?)?, split(l.key.forward(x)?)?, split(l.value.forward(x)?)?);
         let scale = 1.0 / (d as f64).sqrt();
         if !self.differentiable && q.dtype() == candle_core::DType::F32 {
-            let (q, k, v) = (q.flatten_all()?.to_vec1::<f32>()?, k.flatten_all()?.to_vec1::<f32>()?, v.flatten_all()?.to_vec1::<f32>()?);
             let seq = self.heads * s * d;
             let mut y = vec![0f32; b * seq];
-            for (i, &len) in lens.iter().enumerate() {
-                let at = |g: usize| i * seq + g * s * d..i * seq + (g + 1) * s * d;
-                let kv: Vec<_> = (0..self.heads).map(|g| HeadRows { keys: &k[at(g)], values: &v[at(g)] }).collect();
-                let q = &q[i * seq..(i + 1) * seq];
-                attend_sequence(q, d, &kv, self.heads, scale as f32, &vec![0..len; s], &mut y[i * seq..(i + 1) * seq])?;
-            }
+            // The three were just made contiguous: borrowed, not copied again.
+            with_float_values(&q, "attention queries", |q| {
+                with_float_values(&k, "attention keys", |k| {
+                    with_float_values(&v, "attention values", |v| {
+                        for (i, &len) in lens.iter().enumerate() {
+                            let at = |g: usize| i * seq + g * s * d..i * seq + (g + 1) * s * d;
+                            let kv: Vec<_> = (0..self.heads).map(|g| HeadRows { keys: &k[at(g)], values: &v[at(g)] }).collect();
+                            let q = &q[i * seq..(i + 1) * seq];
+                            attend_sequence(q, d, &kv, self.heads, scale as f32, &vec![0..len; s], &mut y[i * seq..(i + 1) * seq])?;
+                        }
+                        Ok(())
+                    })
+                })
+            })?;
             return Tensor::from_vec(y, (b, s, h), x.device());
         }
         let mut att = (q.matmul(&k.t()?.contiguous()?)? * scale)?;

@@ -458,7 +458,7 @@ fn cpu_slice<T: candle_core::WithDType, R>(t: &Tensor, f: impl FnOnce(&[T]) -> R
 
 /// Runs `f` on `x`'s values as `f32`: borrowed from a contiguous `f32` CPU tensor (the usual
 /// case: no copy), converted into a new buffer otherwise.
-fn with_float_values<T>(x: &Tensor, name: &str, f: impl FnOnce(&[f32]) -> Result<T>) -> Result<T> {
+pub(crate) fn with_float_values<T>(x: &Tensor, name: &str, f: impl FnOnce(&[f32]) -> Result<T>) -> Result<T> {
     if x.dtype() == DType::F32 {
         let (storage, layout) = x.storage_and_layout();
         if let (Storage::Cpu(cpu), Some((start, end))) = (&*storage, layout.contiguous_offsets()) {
