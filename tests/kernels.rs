@@ -461,3 +461,33 @@ fn gelu_erf_matches_candle() {
     assert!((g[2] - (g[1] - 1.5)).abs() <= 1e-6, "{g:?}");
     assert_eq!(g[3], 0.0);
 }
+
+/// SwiGLU's `silu(gate) · up` on the best path and the portable one against an f64 reference,
+/// lengths with and without a whole number of 8-value vectors, values out to where `e^(−|x|)`
+/// underflows; golden: silu(0) = 0, silu(x) − silu(−x) = x, NaN stays NaN.
+#[test]
+fn silu_mul_matches_a_direct_sigmoid() {
+    use candle_quant::internals::{silu_mul, silu_scalar};
+    let mut rng = common::Rng::new(9);
+    for n in [1, 7, 8, 9, 100, 1536] {
+        let mut gate: Vec<f32> = rng.normals(n, 4.0);
+        gate[0] = [0.0, -100.0, 100.0, -0.5, 20.0, -20.0][n % 6];
+        let up: Vec<f32> = rng.normals(n, 1.0);
+        let mut got = vec![0f32; n];
+        silu_mul(&gate, &up, &mut got).unwrap();
+        for i in 0..n {
+            let (g, u) = (gate[i] as f64, up[i] as f64);
+            let want = g / (1.0 + (-g).exp()) * u;
+            let tol = 1e-6 * (g.abs() * u.abs()).max(1e-30);
+            assert!((got[i] as f64 - want).abs() <= tol, "silu({g})·{u}: {} vs {want}", got[i]);
+            let scalar = silu_scalar(gate[i]) as f64 * u;
+            assert!((scalar - want).abs() <= tol, "scalar silu({g})·{u}: {scalar} vs {want}");
+        }
+    }
+    let mut out = [0f32; 4];
+    silu_mul(&[0.0, 2.5, -2.5, f32::NAN], &[1.0; 4], &mut out).unwrap();
+    assert_eq!(out[0], 0.0);
+    assert!((out[1] - out[2] - 2.5).abs() <= 1e-6, "{out:?}");
+    assert!(out[3].is_nan());
+    assert!(silu_mul(&[1.0; 3], &[1.0; 2], &mut [0.0; 3]).is_err());
+}

@@ -500,6 +500,27 @@ pub fn gelu_erf(x: &mut [f32]) {
     }
 }
 
+/// SwiGLU's product `out[i] = silu(gate[i]) · up[i]`, `silu(x) = x / (1 + e^(−x))`, on the best
+/// path (Llama's MLP between its gate/up and down projections). With `e = e^(−|x|) ≤ 1`:
+/// `σ(x) = 1/(1 + e)` for `x ≥ 0` and `e/(1 + e)` for `x < 0`, so the exponential never
+/// overflows.
+pub fn silu_mul(gate: &[f32], up: &[f32], out: &mut [f32]) -> Result<()> {
+    if gate.len() != up.len() || out.len() != gate.len() {
+        bail!("silu_mul: gate of {}, up of {} and output of {} values must match", gate.len(), up.len(), out.len())
+    }
+    if !Kernels::best().silu_mul(gate, up, out) {
+        out.iter_mut().zip(gate.iter().zip(up)).for_each(|(o, (&g, &u))| *o = silu_scalar(g) * u)
+    }
+    Ok(())
+}
+
+/// `x / (1 + e^(−x))` (the portable path of [`silu_mul`]).
+pub fn silu_scalar(x: f32) -> f32 {
+    let e = (-x.abs()).exp();
+    let r = 1.0 / (1.0 + e);
+    x * if x >= 0.0 { r } else { e * r }
+}
+
 /// [`gelu_erf`] of one value (the portable path).
 pub fn gelu_erf_scalar(x: f32) -> f32 {
     let [p, a1, a2, a3, a4, a5] = ERF_COEFFS;

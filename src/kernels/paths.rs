@@ -22,6 +22,7 @@ type SegmentSums = unsafe fn(&Int8Operands, &mut [i32]);
 type WeightOnlyBlocks = unsafe fn(&[f32], usize, &PackedInt8Weights, Range<usize>, &mut [f32]);
 type AttentionScores = unsafe fn(&[f32], &[f32], usize, f32, &mut [f32]);
 type WeightedRows = unsafe fn(&[f32], &[f32], usize, &mut [f32]);
+type SiluMul = unsafe fn(&[f32], &[f32], &mut [f32]);
 
 /// The vector kernels of one supported path; `None` where it has none (the portable code runs).
 #[derive(Clone, Copy)]
@@ -36,6 +37,7 @@ pub(crate) struct Kernels {
     exp_shifted: Option<unsafe fn(&mut [f32], f32) -> f32>,
     weighted_rows: Option<WeightedRows>,
     gelu_erf: Option<unsafe fn(&mut [f32])>,
+    silu_mul: Option<SiluMul>,
 }
 
 /// The NEON int8 tiles without and with `sdot`, in the table's shape.
@@ -82,6 +84,7 @@ impl Kernels {
         exp_shifted: None,
         weighted_rows: None,
         gelu_erf: None,
+        silu_mul: None,
     };
 
     /// The table of `isa`; an error naming the path when this CPU cannot run it.
@@ -119,6 +122,7 @@ impl Kernels {
                     exp_shifted: Some(x86::exp_shifted),
                     weighted_rows: Some(x86::weighted_rows),
                     gelu_erf: Some(x86::gelu_erf),
+                    silu_mul: Some(x86::silu_mul),
                 }
             }
             #[cfg(target_arch = "aarch64")]
@@ -241,6 +245,16 @@ impl Kernels {
         let Some(f) = self.weighted_rows else { return false };
         // SAFETY: the path is supported; the rest is the caller's contract.
         unsafe { f(w, values, d, y) };
+        true
+    }
+
+    /// `out = silu(gate) · up`; `false` (nothing done) when the path has no vector version.
+    /// Lengths are the caller's to match (checked by [`super::silu_mul`]).
+    pub fn silu_mul(&self, gate: &[f32], up: &[f32], out: &mut [f32]) -> bool {
+        let Some(f) = self.silu_mul else { return false };
+        assert!(gate.len() == up.len() && out.len() == gate.len(), "silu_mul: lengths differ");
+        // SAFETY: the table's path is supported; the three slices have the same length.
+        unsafe { f(gate, up, out) };
         true
     }
 

@@ -567,6 +567,37 @@ pub unsafe fn gelu_erf(x: &mut [f32]) {
     map_vectors(x, 0.0, lanes)
 }
 
+/// `out = silu(gate) · up` eight values at a time: see [`super::silu_mul`] for the maths.
+///
+/// # Safety
+/// AVX2+FMA+F16C available; `gate`, `up` and `out` of the same length.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn silu_mul(gate: &[f32], up: &[f32], out: &mut [f32]) {
+    let (one, sign) = (_mm256_set1_ps(1.0), _mm256_set1_ps(-0.0));
+    let lanes = |x: __m256, u: __m256| {
+        let e = exp_nonpositive(_mm256_or_ps(x, sign));
+        let r = _mm256_div_ps(one, _mm256_add_ps(one, e));
+        // σ = e·r where x < 0 (its sign bit set), r elsewhere.
+        let sigma = _mm256_blendv_ps(r, _mm256_mul_ps(e, r), x);
+        _mm256_mul_ps(_mm256_mul_ps(x, sigma), u)
+    };
+    let n = gate.len() - gate.len() % 8;
+    for i in (0..n).step_by(8) {
+        // SAFETY: i + 8 <= n <= the three lengths (equal, the caller's contract).
+        unsafe {
+            let y = lanes(_mm256_loadu_ps(gate.as_ptr().add(i)), _mm256_loadu_ps(up.as_ptr().add(i)));
+            _mm256_storeu_ps(out.as_mut_ptr().add(i), y);
+        }
+    }
+    let (mut g, mut u, mut o) = ([0f32; 8], [0f32; 8], [0f32; 8]);
+    let rest = gate.len() - n;
+    g[..rest].copy_from_slice(&gate[n..]);
+    u[..rest].copy_from_slice(&up[n..]);
+    // SAFETY: the three arrays hold 8 floats.
+    unsafe { _mm256_storeu_ps(o.as_mut_ptr(), lanes(_mm256_loadu_ps(g.as_ptr()), _mm256_loadu_ps(u.as_ptr()))) };
+    out[n..].copy_from_slice(&o[..rest]);
+}
+
 /// Horizontal sum of eight lanes.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]

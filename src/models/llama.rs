@@ -4,7 +4,7 @@
 
 use super::attention::{attend_sequence, HeadRows};
 use crate::convert::Quantizable;
-use crate::nn::QLinear;
+use crate::nn::{with_float_values, QLinear};
 use candle_core::{bail, DType, Device, Module, Result, Tensor, D};
 use candle_nn::{Embedding, Linear, RmsNorm, VarBuilder};
 use serde::{Deserialize, Serialize};
@@ -552,7 +552,7 @@ impl Mlp {
         })
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, differentiable: bool) -> Result<Tensor> {
         let (gate, up) = match self.gate_up.as_slice() {
             [fused] => {
                 let y = fused.forward(x)?;
@@ -562,6 +562,13 @@ impl Mlp {
             [gate, up] => (gate.forward(x)?, up.forward(x)?),
             _ => bail!("MLP holds {} input projections", self.gate_up.len()),
         };
+        if !self.gelu_tanh && !differentiable && gate.dtype() == DType::F32 {
+            // SwiGLU in one pass on the kernels (no libm exp, no intermediate tensor).
+            let (gate, up) = (gate.contiguous()?, up.contiguous()?);
+            let mut out = vec![0f32; gate.elem_count()];
+            with_float_values(&gate, "MLP gate", |g| with_float_values(&up, "MLP up", |u| crate::kernels::silu_mul(g, u, &mut out)))?;
+            return self.down_proj.forward(&Tensor::from_vec(out, gate.shape(), gate.device())?);
+        }
         let gate = if self.gelu_tanh { gate.gelu()? } else { candle_nn::ops::silu(&gate)? };
         self.down_proj.forward(&(gate * up)?)
     }
@@ -681,7 +688,7 @@ impl Llama {
                 h = rms_norm(after_attn, &h, d)?;
             }
             x = (x + h)?;
-            let mut h = block.mlp.forward(&rms_norm(&block.pre_mlp_norm, &x, d)?)?;
+            let mut h = block.mlp.forward(&rms_norm(&block.pre_mlp_norm, &x, d)?, d)?;
             if let Some((_, after_mlp)) = &block.post_norms {
                 h = rms_norm(after_mlp, &h, d)?;
             }
