@@ -173,21 +173,19 @@ impl Bert {
         for l in &self.layers {
             let a = self.attention(l, &x, &lens, bias.as_ref())?;
             x = self.norm(&l.attn_norm, &(l.attn_out.forward(&a)? + &x)?)?;
-            let h = self.gelu(&l.intermediate.forward(&x)?)?;
+            let h = self.intermediate_gelu(&l.intermediate, &x)?;
             x = self.norm(&l.out_norm, &(l.output.forward(&h)? + &x)?)?;
         }
         Ok((x, mask))
     }
 
-    /// Exact GELU: candle's op in differentiable mode (it has a backward pass), else the
-    /// kernels' vectorised one.
-    fn gelu(&self, x: &Tensor) -> Result<Tensor> {
+    /// `GELU(intermediate(x))`, exact GELU: candle's op in differentiable mode (it has a
+    /// backward pass), else the kernels' vectorised one run on the layer's output buffer.
+    fn intermediate_gelu(&self, intermediate: &QLinear, x: &Tensor) -> Result<Tensor> {
         if self.differentiable || x.dtype() != candle_core::DType::F32 {
-            return x.gelu_erf();
+            return intermediate.forward(x)?.gelu_erf();
         }
-        let mut v = x.flatten_all()?.to_vec1::<f32>()?;
-        crate::kernels::gelu_erf(&mut v);
-        Tensor::from_vec(v, x.shape(), x.device())
+        intermediate.forward_then(x, crate::kernels::gelu_erf)
     }
 
     /// Self-attention of a padded batch whose sequences hold `lens` real tokens: each query

@@ -400,6 +400,28 @@ impl QLinear {
     }
 }
 
+impl QLinear {
+    /// [`Module::forward`] followed by `activation` applied in place to the output values, in
+    /// f32 (an activation fused after the matmul): int8 kinds run it on the buffer their kernel
+    /// just wrote, before any tensor exists; other kinds on a copy of their output. Not
+    /// differentiable.
+    pub(crate) fn forward_then(&self, x: &Tensor, activation: impl Fn(&mut [f32])) -> Result<Tensor> {
+        check_input(x, self.in_features, &self.name)?;
+        let (n, name) = (self.out_features, &self.name);
+        match &self.kind {
+            QLinearKind::Dynamic(d) => rows_forward(x, n, name, |xs, m, out| d.forward_rows(xs, m, out).map(|()| activation(out))),
+            QLinearKind::Static(s) => rows_forward(x, n, name, |xs, m, out| s.forward_rows(xs, m, out).map(|()| activation(out))),
+            QLinearKind::WeightOnly(w) => rows_forward(x, n, name, |xs, m, out| w.forward_rows(xs, m, out).map(|()| activation(out))),
+            _ => {
+                let y = self.forward(x)?;
+                let mut v = float_values(&y, name)?;
+                activation(&mut v);
+                Tensor::from_vec(v, y.shape(), y.device())?.to_dtype(y.dtype())
+            }
+        }
+    }
+}
+
 impl Module for QLinear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         check_input(x, self.in_features, &self.name)?;
