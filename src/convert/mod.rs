@@ -433,13 +433,11 @@ pub fn learn_activation_ranges(
     mut init: impl FnMut(&QLinear) -> Result<Option<crate::QParams>>,
 ) -> Result<Vec<candle_core::Var>> {
     let mut vars = Vec::new();
-    model.visit_linears(&mut |l| {
-        let QLinearKind::FakeQuant(f) = l.kind() else { return Ok(()) };
-        let Some(p) = init(l)? else { return Ok(()) };
-        let mut f = f.clone();
-        f.learn_activation_range(&p).map_err(|e| e.context(format!("layer '{}'", l.name())))?;
+    edit_fake_quant(model, |l, f| {
+        let Some(p) = init(l)? else { return Ok(false) };
+        f.learn_activation_range(&p)?;
         vars.extend(f.range_var());
-        l.set_kind(QLinearKind::FakeQuant(f))
+        Ok(true)
     })?;
     Ok(vars)
 }
@@ -449,14 +447,28 @@ pub fn learn_activation_ranges(
 /// which makes a training step several times cheaper. Returns how many layers were frozen.
 pub fn freeze_qat_weights(model: &mut (impl Quantizable + ?Sized)) -> Result<usize> {
     let mut frozen = 0;
+    edit_fake_quant(model, |_, f| {
+        f.freeze_weights()?;
+        frozen += 1;
+        Ok(true)
+    })?;
+    Ok(frozen)
+}
+
+/// Offers a copy of every fake-quantized layer to `edit` (with the layer as it is) and puts the
+/// copy in its place when `edit` says so; errors name the layer.
+fn edit_fake_quant(
+    model: &mut (impl Quantizable + ?Sized),
+    mut edit: impl FnMut(&QLinear, &mut crate::nn::FakeQuantLinear) -> Result<bool>,
+) -> Result<()> {
     model.visit_linears(&mut |l| {
         let QLinearKind::FakeQuant(f) = l.kind() else { return Ok(()) };
         let mut f = f.clone();
-        f.freeze_weights().map_err(|e| e.context(format!("layer '{}'", l.name())))?;
-        frozen += 1;
-        l.set_kind(QLinearKind::FakeQuant(f))
-    })?;
-    Ok(frozen)
+        if edit(l, &mut f).map_err(|e| e.context(format!("layer '{}'", l.name())))? {
+            l.set_kind(QLinearKind::FakeQuant(f))?;
+        }
+        Ok(())
+    })
 }
 
 /// Static quantization / QAT, last step: observed and fake-quant layers become static int8

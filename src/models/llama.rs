@@ -563,8 +563,8 @@ impl Mlp {
             _ => bail!("MLP holds {} input projections", self.gate_up.len()),
         };
         if !self.gelu_tanh && !differentiable && gate.dtype() == DType::F32 {
-            // SwiGLU in one pass on the kernels (no libm exp, no intermediate tensor).
-            let (gate, up) = (gate.contiguous()?, up.contiguous()?);
+            // SwiGLU in one pass on the kernels (no libm exp, no intermediate tensor); a
+            // strided gate or up (a fused gate_up's halves) is read through a copy.
             let mut out = vec![0f32; gate.elem_count()];
             with_float_values(&gate, "MLP gate", |g| with_float_values(&up, "MLP up", |u| crate::kernels::silu_mul(g, u, &mut out)))?;
             return self.down_proj.forward(&Tensor::from_vec(out, gate.shape(), gate.device())?);
