@@ -48,33 +48,28 @@ impl QuantizedActivations {
         let limit = outlier_threshold.unwrap_or(f32::INFINITY);
         let (mut inv, mut outlier_groups) = (vec![0f32; groups], Vec::new());
         for ((xr, qr), sr) in x.chunks(k).zip(data.chunks_mut(stride)).zip(scales.chunks_mut(groups)) {
-            // Three passes per row, so that the divisions of all its groups run side by side
-            // instead of each group waiting for its own: max |x| of each group, then the
-            // scales and their reciprocals, then the values.
+            // Three passes over the row, each one kernel call: max |x| of every group, then the
+            // scales and their reciprocals (the divisions of all groups side by side), then the
+            // values.
+            if !kernels.group_abs_max(xr, group, sr) {
+                bail!("activation row contains a non-finite value (NaN or ±Inf)")
+            }
             outlier_groups.clear();
-            for (g, (xg, amax)) in xr.chunks(group).zip(sr.iter_mut()).enumerate() {
-                let (a, finite) = kernels.abs_max(xg);
-                if !finite {
-                    bail!("activation row contains a non-finite value (NaN or ±Inf)")
-                }
-                *amax = a;
+            for (g, s) in sr.iter_mut().enumerate() {
                 // Rare: the group holds outliers; they stay in float and leave the scale.
-                if a > limit {
+                if *s > limit {
                     outlier_groups.push(g);
-                    *amax = xg.iter().map(|v| v.abs()).filter(|&a| a <= limit).fold(0f32, f32::max);
+                    *s = xr[g * group..].iter().take(group).map(|v| v.abs()).fold(0f32, |m, a| if a <= limit && a > m { a } else { m });
                 }
             }
             for (s, inv) in sr.iter_mut().zip(inv.iter_mut()) {
                 *s = spec.scale_zero_point_unchecked(-*s, *s).0;
                 *inv = 1.0 / *s;
             }
-            for (g, (xg, qg)) in xr.chunks(group).zip(qr.chunks_mut(group)).enumerate() {
-                if outlier_groups.contains(&g) {
-                    set_aside_above(limit, xg, inv[g], g * group, qg, &mut outliers);
-                } else {
-                    // The group is finite (checked above).
-                    kernels.quantize_symmetric(xg, inv[g], qg)
-                }
+            kernels.quantize_groups(xr, group, &inv, qr);
+            for &g in &outlier_groups {
+                let run = g * group..((g + 1) * group).min(k);
+                set_aside_above(limit, &xr[run.clone()], run.start, &mut qr[run], &mut outliers);
             }
             outlier_start.push(outliers.len());
         }
@@ -114,10 +109,9 @@ impl QuantizedActivations {
                 if !finite {
                     bail!("activation row contains a non-finite value (NaN or ±Inf)")
                 }
+                kernels.quantize_symmetric(xg, inv[g], qg);
                 if a > limits[g] {
-                    set_aside_above(limits[g], xg, inv[g], g * group, qg, &mut outliers);
-                } else {
-                    kernels.quantize_symmetric(xg, inv[g], qg)
+                    set_aside_above(limits[g], xg, g * group, qg, &mut outliers);
                 }
             }
             outlier_start.push(outliers.len());
@@ -208,14 +202,13 @@ impl QuantizedActivations {
     }
 }
 
-/// Quantizes one group symmetrically (`[-127, 127]`), setting the values with `|x| > limit`
-/// aside in float as `(column, value)` (their int8 slots stay 0); `first` is the group's column.
-fn set_aside_above(limit: f32, xg: &[f32], inv: f32, first: usize, qg: &mut [i8], outliers: &mut Vec<(u32, f32)>) {
+/// Sets the values of a quantized group with `|x| > limit` aside in float as `(column, value)`,
+/// their int8 slots zeroed; `first` is the group's column.
+fn set_aside_above(limit: f32, xg: &[f32], first: usize, qg: &mut [i8], outliers: &mut Vec<(u32, f32)>) {
     for (c, (q, &v)) in qg.iter_mut().zip(xg).enumerate() {
         if v.abs() > limit {
+            *q = 0;
             outliers.push(((first + c) as u32, v));
-        } else {
-            *q = quantize_value(v, inv, 0, -127, 127) as i8;
         }
     }
 }

@@ -16,7 +16,7 @@
 // Register tiles are indexed by row and block on purpose: the loops mirror the tile's shape.
 #![allow(clippy::needless_range_loop)]
 
-use super::tiles::{segments, weight_only_tiles, Int8Operands, Sink};
+use super::tiles::{segments, weight_only_tiles, BlockOutputs, Int8Operands, Sink};
 use super::{PackedInt8Weights, BLOCK_ROWS};
 use half::f16;
 use std::arch::aarch64::*;
@@ -246,11 +246,11 @@ unsafe fn run_tiles_dot<const SUMS: bool>(op: &Int8Operands, blocks: Range<usize
 /// # Safety
 /// With `dot`, the CPU has the dot-product extension (see [`dotprod_available`]); `op.seg` is
 /// `K` or a multiple of 4 matching the grouped side(s); `blocks` lies within the weights'
-/// blocks; `out` holds `M × 8·blocks.len()` floats.
-pub unsafe fn int8_blocks(op: &Int8Operands, dot: bool, blocks: Range<usize>, out: &mut [f32]) {
+/// blocks; `out` has `M` writable rows of `8·blocks.len()` floats.
+pub unsafe fn int8_blocks(op: &Int8Operands, dot: bool, blocks: Range<usize>, out: BlockOutputs) {
     // SAFETY: the operations below are those this function's `# Safety` section makes the caller answer for (features present, pointers and ranges valid).
     unsafe {
-        let sink = Sink::outputs(out, blocks.len());
+        let sink = Sink::outputs(out);
         if dot {
             run_tiles_dot::<false>(op, blocks, sink)
         } else {
@@ -354,11 +354,11 @@ unsafe fn weight_only_tile<const R: usize>(x: &[f32], i0: usize, weights: &Packe
 ///
 /// # Safety
 /// `x` holds `M · padded_in_features()` floats; the weight group size is `K` or a multiple of 4;
-/// `blocks` within the weights; `out` holds `M × 8·blocks.len()`.
-pub unsafe fn weight_only_blocks(x: &[f32], m: usize, weights: &PackedInt8Weights, blocks: Range<usize>, out: &mut [f32]) {
+/// `blocks` within the weights; `out` has `M` writable rows of `8·blocks.len()` floats.
+pub unsafe fn weight_only_blocks(x: &[f32], m: usize, weights: &PackedInt8Weights, blocks: Range<usize>, out: BlockOutputs) {
     // SAFETY: the operations below are those this function's `# Safety` section makes the caller answer for (features present, pointers and ranges valid).
     unsafe {
-        let row_len = BLOCK_ROWS * blocks.len();
+        let row_len = out.row_len();
         weight_only_tiles(m, blocks, out, |rows, i, b, at| match rows {
             // SAFETY: the caller's contract; weight_only_tiles keeps rows, blocks and `at` in range.
             4 => weight_only_tile::<4>(x, i, weights, b, at, row_len),

@@ -30,6 +30,7 @@ mod x86;
 
 pub use activations::QuantizedActivations;
 pub use attention::{attend, attend_part, attend_part_with, attend_with, combine_parts, part_len, MAX_TILE_HEADS};
+use tiles::BlockOutputs;
 pub use weights::{quantize_weight_rows, quantize_weight_rows_with, Int8Rows, PackedInt8Weights, WeightQuant, BLOCK_ROWS, MAX_IN_FEATURES};
 
 use candle_core::{bail, Result};
@@ -193,26 +194,34 @@ pub fn int8_linear_with(
     let kernels = if simd_segments(seg, acts.cols()) { kernels } else { Kernels::PORTABLE };
     let operands = TileOperands::new(kernels.isa(), acts, weights, seg);
     let (m, n) = (acts.rows(), weights.out_features());
-    over_blocks(m, n, m * n * acts.cols(), out, |blocks, buf| {
+    let za = acts.zero_point();
+    over_blocks(m, n, m * n * acts.cols(), out, |blocks, outs| {
         let op = operands.view(acts, weights, seg);
         // SAFETY: the operands were built for this path; seg passed simd_segments and
-        // check_linear; blocks and buf come from over_blocks, which sizes buf as M × 8·blocks.len().
-        if !unsafe { kernels.int8_blocks(&op, blocks.clone(), buf) } {
-            reference_blocks(acts, weights, seg, blocks.clone(), buf);
-            add_outliers(acts, weights, blocks, buf);
+        // check_linear; blocks and outs come from over_blocks (M rows of 8·blocks.len() this
+        // task alone writes).
+        if !unsafe { kernels.int8_blocks(&op, blocks.clone(), outs) } {
+            reference_blocks(acts, weights, seg, blocks.clone(), outs);
+            add_outliers(acts, weights, blocks.clone(), outs);
+        }
+        if za == 0 && bias.is_none() {
+            return;
+        }
+        // The bias, and for an activation zero point `Σ_k (a − za)·w = Σ_k a·w − za·Σ_k w`,
+        // on this task's columns while they are in cache.
+        let columns = blocks.start * BLOCK_ROWS..(blocks.end * BLOCK_ROWS).min(n);
+        for i in 0..m {
+            let s0 = acts.row_scales(i)[0];
+            // SAFETY: row i's outputs of these blocks are this task's (over_blocks).
+            let row = unsafe { outs.row(i, columns.len()) };
+            for (y, j) in row.iter_mut().zip(columns.clone()) {
+                if za != 0 {
+                    *y -= s0 * za as f32 * weights.zero_point_term(j);
+                }
+                *y += bias.map_or(0.0, |b| b[j]);
+            }
         }
     });
-    let za = acts.zero_point();
-    for i in 0..m {
-        let s0 = acts.row_scales(i)[0];
-        for j in 0..n {
-            let y = &mut out[i * n + j];
-            if za != 0 {
-                *y -= s0 * za as f32 * weights.zero_point_term(j);
-            }
-            *y += bias.map_or(0.0, |b| b[j]);
-        }
-    }
     Ok(())
 }
 
@@ -253,9 +262,12 @@ fn x86_operands(isa: Isa, acts: &QuantizedActivations, weights: &PackedInt8Weigh
     let (k, stride) = (acts.cols(), weights.padded_in_features());
     let (segs, _) = tiles::segments(k, stride, seg);
     let seg = seg.min(stride);
-    // `Σ term(a)` over each segment of each row (the padding is zeros, whose terms are 0).
-    let terms = |term: &dyn Fn(&[i8]) -> i32| -> Vec<i32> {
-        acts.padded_data().chunks(stride).flat_map(|row| row.chunks(seg).take(segs).map(term)).collect()
+    // `factor · Σ a` over each segment of each row (the padding is zeros, which add nothing).
+    let sums = |factor: i32, of: &[i8]| {
+        let mut terms = Vec::with_capacity(acts.rows() * segs);
+        // SAFETY: every x86 SIMD path has AVX2.
+        unsafe { x86::segment_sums(of, stride, seg, segs, factor, &mut terms) };
+        terms
     };
     match isa {
         Isa::Avx2 => {
@@ -263,12 +275,10 @@ fn x86_operands(isa: Isa, acts: &QuantizedActivations, weights: &PackedInt8Weigh
             TileOperands {
                 abs: data.iter().map(|v| v.unsigned_abs()).collect(),
                 neg_mask: data.iter().map(|&v| (v >> 7) as u8).collect(),
-                shift_terms: terms(&|g| g.iter().map(|&v| (v as i32).min(0)).sum()),
+                shift_terms: sums(1, &data.iter().map(|&v| v.min(0)).collect::<Vec<i8>>()),
             }
         }
-        Isa::VnniOnAvx2 | Isa::AvxVnni | Isa::Avx512Vnni => {
-            TileOperands { shift_terms: terms(&|g| 128 * g.iter().map(|&v| v as i32).sum::<i32>()), ..Default::default() }
-        }
+        Isa::VnniOnAvx2 | Isa::AvxVnni | Isa::Avx512Vnni => TileOperands { shift_terms: sums(128, acts.padded_data()), ..Default::default() },
         _ => TileOperands::default(),
     }
 }
@@ -280,19 +290,14 @@ fn block_columns(blocks: &std::ops::Range<usize>, n: usize) -> impl Iterator<Ite
     (first..(blocks.end * BLOCK_ROWS).min(n)).map(move |j| (j, j - first))
 }
 
-/// Splits the weight blocks into ranges, runs `f(blocks, buf)` on each — on the kernel team
+/// Splits the weight blocks into ranges and runs `f(blocks, outs)` on each — on the kernel team
 /// ([`team::run`], candle's thread count) when there is enough work (`macs` multiply-adds) —
-/// with `buf` an `M × 8·blocks.len()` buffer for those blocks' outputs, and leaves the valid
-/// columns in `out` (`M×N`). Where a range's buffer is a piece of `out` itself (a single row,
-/// or a single range, and `N` a multiple of 8) the tiles write there directly; otherwise they
-/// write to a scratch buffer that is copied over.
-fn over_blocks(m: usize, n: usize, macs: usize, out: &mut [f32], f: impl Fn(std::ops::Range<usize>, &mut [f32]) + Sync) {
+/// with `outs` the `M` rows of `8·blocks.len()` outputs that task alone writes. With `N` a
+/// multiple of 8 they are the range's columns of `out` (`M×N`) itself; otherwise each range
+/// writes a scratch buffer whose real columns are copied over.
+fn over_blocks(m: usize, n: usize, macs: usize, out: &mut [f32], f: impl Fn(std::ops::Range<usize>, BlockOutputs) + Sync) {
     let total = n.div_ceil(BLOCK_ROWS);
     let threads = team_threads(macs >= PARALLEL_MIN_MACS);
-    let direct = n.is_multiple_of(BLOCK_ROWS);
-    if threads == 1 && direct {
-        return f(0..total, out);
-    }
     // One task per thread for a single row (each task is a short stream of weights); several
     // per thread for more rows, so that a thread slowed by a neighbour does not hold up the rest.
     let per_task = match (threads, m) {
@@ -301,32 +306,24 @@ fn over_blocks(m: usize, n: usize, macs: usize, out: &mut [f32], f: impl Fn(std:
         _ => total.div_ceil(threads * 4).clamp(1, 32),
     };
     let ranges: Vec<_> = (0..total.div_ceil(per_task)).map(|t| t * per_task..((t + 1) * per_task).min(total)).collect();
-    if direct && (m == 1 || ranges.len() == 1) {
-        return run_on_parts(split_by_ranges(out, m, &ranges), threads, |t, buf| f(ranges[t].clone(), buf));
+    if n.is_multiple_of(BLOCK_ROWS) {
+        let outs = BlockOutputs::new(out.as_mut_ptr(), n);
+        // Ranges are disjoint, so each task writes columns no other task touches.
+        return team::run(ranges.len(), threads, &|t| f(ranges[t].clone(), outs.skip_blocks(ranges[t].start)));
     }
+    // Range r's scratch follows those of the ranges before it: M·8·r.start floats in.
     let mut scratch = vec![0f32; m * BLOCK_ROWS * total];
-    run_on_parts(split_by_ranges(&mut scratch, m, &ranges), threads, |t, buf| f(ranges[t].clone(), buf));
-    let mut buf = scratch.as_slice();
+    let whole = BlockOutputs::new(scratch.as_mut_ptr(), m * BLOCK_ROWS);
+    let part = |r: &std::ops::Range<usize>| BlockOutputs::new(whole.at(r.start, 0), BLOCK_ROWS * r.len());
+    team::run(ranges.len(), threads, &|t| f(ranges[t].clone(), part(&ranges[t])));
     for blocks in &ranges {
         let start = blocks.start * BLOCK_ROWS;
         let width = (blocks.end * BLOCK_ROWS).min(n) - start;
-        let row_len = BLOCK_ROWS * blocks.len();
+        let (from, row_len) = (m * BLOCK_ROWS * blocks.start, BLOCK_ROWS * blocks.len());
         for i in 0..m {
-            out[i * n + start..i * n + start + width].copy_from_slice(&buf[i * row_len..i * row_len + width]);
+            out[i * n + start..i * n + start + width].copy_from_slice(&scratch[from + i * row_len..from + i * row_len + width]);
         }
-        buf = &buf[m * row_len..];
     }
-}
-
-/// `buf` cut into consecutive `M × 8·range.len()` pieces, one per range of blocks.
-fn split_by_ranges<'a>(mut buf: &'a mut [f32], m: usize, ranges: &[std::ops::Range<usize>]) -> Vec<&'a mut [f32]> {
-    let mut parts = Vec::with_capacity(ranges.len());
-    for r in ranges {
-        let (part, tail) = std::mem::take(&mut buf).split_at_mut(m * BLOCK_ROWS * r.len());
-        parts.push(part);
-        buf = tail;
-    }
-    parts
 }
 
 /// Threads for a team job: candle's thread count (rayon's, `RAYON_NUM_THREADS`) when the work
@@ -353,33 +350,36 @@ fn run_on_parts<T: Send>(parts: Vec<&mut [T]>, threads: usize, work: impl Fn(usi
 }
 
 /// Scalar [`x86::int8_blocks`]: `Σ_g sa · sw · dot_g` per output, from the reference dot product.
-fn reference_blocks(acts: &QuantizedActivations, weights: &PackedInt8Weights, seg: usize, blocks: std::ops::Range<usize>, buf: &mut [f32]) {
+fn reference_blocks(acts: &QuantizedActivations, weights: &PackedInt8Weights, seg: usize, blocks: std::ops::Range<usize>, outs: BlockOutputs) {
     let (k, n) = (acts.cols(), weights.out_features());
     let (a_step, w_step) = ((acts.groups() > 1) as usize, (weights.groups() > 1) as usize);
-    let row_len = BLOCK_ROWS * blocks.len();
-    for (j, col) in block_columns(&blocks, n) {
-        let (w, sw) = (weights.row(j), weights.row_scales(j));
-        for i in 0..acts.rows() {
-            let (row, sa) = (acts.row(i), acts.row_scales(i));
+    for i in 0..acts.rows() {
+        let (row, sa) = (acts.row(i), acts.row_scales(i));
+        // SAFETY: row i's outputs of these blocks are the caller's task's alone.
+        let out = unsafe { outs.row(i, BLOCK_ROWS * blocks.len()) };
+        for (j, col) in block_columns(&blocks, n) {
+            let (w, sw) = (weights.row(j), weights.row_scales(j));
             let mut acc = 0f32;
             for g in 0..k.div_ceil(seg) {
                 let r = g * seg..((g + 1) * seg).min(k);
                 acc += sa[g * a_step] * sw[g * w_step] * reference::dot_i8(&row[r.clone()], &w[r]) as f32;
             }
-            buf[i * row_len + col] = acc;
+            out[col] = acc;
         }
     }
 }
 
 /// Adds `Σ x[c] · ŵ[n,c]` over the float outliers of each activation row (`ŵ = q · sw`) to the
-/// outputs of `blocks` in `buf` (the SIMD tiles do this themselves, vectorised).
-fn add_outliers(acts: &QuantizedActivations, weights: &PackedInt8Weights, blocks: std::ops::Range<usize>, buf: &mut [f32]) {
-    let (row_len, group) = (BLOCK_ROWS * blocks.len(), weights.group_size());
+/// outputs of `blocks` (the SIMD tiles do this themselves, vectorised).
+fn add_outliers(acts: &QuantizedActivations, weights: &PackedInt8Weights, blocks: std::ops::Range<usize>, outs: BlockOutputs) {
+    let group = weights.group_size();
     for i in 0..acts.rows() {
+        // SAFETY: row i's outputs of these blocks are the caller's task's alone.
+        let out = unsafe { outs.row(i, BLOCK_ROWS * blocks.len()) };
         for &(c, x) in acts.row_outliers(i) {
             let c = c as usize;
             for (j, col) in block_columns(&blocks, weights.out_features()) {
-                buf[i * row_len + col] += x * weights.value(j, c) as f32 * weights.scale(j, c / group);
+                out[col] += x * weights.value(j, c) as f32 * weights.scale(j, c / group);
             }
         }
     }
@@ -455,17 +455,18 @@ pub fn weight_only_linear_with(
     } else {
         x.chunks(k).flat_map(|row| row.iter().copied().chain(std::iter::repeat_n(0.0, stride - k))).collect()
     };
-    over_blocks(m, n, m * n * k, out, |blocks, buf| {
+    over_blocks(m, n, m * n * k, out, |blocks, outs| {
         // SAFETY: `padded` holds M rows of `stride` floats whenever the path has vector tiles;
-        // the group size passed simd_segments; buf is M × 8·blocks.len() (over_blocks).
-        if !unsafe { kernels.weight_only_blocks(&padded, m, weights, blocks.clone(), buf) } {
-            let row_len = BLOCK_ROWS * blocks.len();
+        // the group size passed simd_segments; outs has M rows of 8·blocks.len() this task alone
+        // writes (over_blocks).
+        if !unsafe { kernels.weight_only_blocks(&padded, m, weights, blocks.clone(), outs) } {
             let g = weights.group_size();
-            for (j, col) in block_columns(&blocks, n) {
-                let (w, sw) = (weights.row(j), weights.row_scales(j));
-                for (i, row) in x.chunks(k).enumerate() {
-                    let dot = row.chunks(g).zip(w.chunks(g)).zip(&sw).map(|((x, w), s)| s * reference::dot_f32_i8(x, w)).sum();
-                    buf[i * row_len + col] = dot;
+            for (i, row) in x.chunks(k).enumerate() {
+                // SAFETY: as above.
+                let out = unsafe { outs.row(i, BLOCK_ROWS * blocks.len()) };
+                for (j, col) in block_columns(&blocks, n) {
+                    let (w, sw) = (weights.row(j), weights.row_scales(j));
+                    out[col] = row.chunks(g).zip(w.chunks(g)).zip(&sw).map(|((x, w), s)| s * reference::dot_f32_i8(x, w)).sum();
                 }
             }
         }

@@ -8,7 +8,7 @@
 
 #[cfg(target_arch = "aarch64")]
 use super::arm;
-use super::tiles::Int8Operands;
+use super::tiles::{BlockOutputs, Int8Operands};
 #[cfg(target_arch = "x86_64")]
 use super::x86;
 use super::{Isa, PackedInt8Weights};
@@ -17,9 +17,11 @@ use std::ops::Range;
 
 type AbsMax = unsafe fn(&[f32]) -> (f32, bool);
 type QuantizeSymmetric = unsafe fn(&[f32], f32, &mut [i8]);
-type Int8Blocks = unsafe fn(&Int8Operands, Range<usize>, &mut [f32]);
+type GroupAbsMax = unsafe fn(&[f32], usize, &mut [f32]) -> bool;
+type QuantizeGroups = unsafe fn(&[f32], usize, &[f32], &mut [i8]);
+type Int8Blocks = unsafe fn(&Int8Operands, Range<usize>, BlockOutputs);
 type SegmentSums = unsafe fn(&Int8Operands, &mut [i32]);
-type WeightOnlyBlocks = unsafe fn(&[f32], usize, &PackedInt8Weights, Range<usize>, &mut [f32]);
+type WeightOnlyBlocks = unsafe fn(&[f32], usize, &PackedInt8Weights, Range<usize>, BlockOutputs);
 type AttentionScores = unsafe fn(&[f32], &[f32], usize, f32, &mut [f32]);
 type WeightedRows = unsafe fn(&[f32], &[f32], usize, &mut [f32]);
 type SiluMul = unsafe fn(&[f32], &[f32], &mut [f32]);
@@ -30,6 +32,8 @@ pub(crate) struct Kernels {
     isa: Isa,
     abs_max: Option<AbsMax>,
     quantize_symmetric: Option<QuantizeSymmetric>,
+    group_abs_max: Option<GroupAbsMax>,
+    quantize_groups: Option<QuantizeGroups>,
     int8_blocks: Option<Int8Blocks>,
     int8_segment_sums: Option<SegmentSums>,
     weight_only_blocks: Option<WeightOnlyBlocks>,
@@ -47,13 +51,13 @@ mod neon {
 
     /// # Safety
     /// As [`arm::int8_blocks`] without `dot`.
-    pub unsafe fn int8_blocks(op: &Int8Operands, blocks: Range<usize>, out: &mut [f32]) {
+    pub unsafe fn int8_blocks(op: &Int8Operands, blocks: Range<usize>, out: BlockOutputs) {
         // SAFETY: the caller's contract is `arm::int8_blocks`'.
         unsafe { arm::int8_blocks(op, false, blocks, out) }
     }
     /// # Safety
     /// As [`arm::int8_blocks`] with `dot`.
-    pub unsafe fn int8_blocks_dot(op: &Int8Operands, blocks: Range<usize>, out: &mut [f32]) {
+    pub unsafe fn int8_blocks_dot(op: &Int8Operands, blocks: Range<usize>, out: BlockOutputs) {
         // SAFETY: the caller's contract is `arm::int8_blocks`'.
         unsafe { arm::int8_blocks(op, true, blocks, out) }
     }
@@ -77,6 +81,8 @@ impl Kernels {
         isa: Isa::Reference,
         abs_max: None,
         quantize_symmetric: None,
+        group_abs_max: None,
+        quantize_groups: None,
         int8_blocks: None,
         int8_segment_sums: None,
         weight_only_blocks: None,
@@ -115,6 +121,8 @@ impl Kernels {
                     isa,
                     abs_max: Some(x86::abs_max),
                     quantize_symmetric: Some(x86::quantize_symmetric),
+                    group_abs_max: Some(x86::group_abs_max),
+                    quantize_groups: Some(x86::quantize_groups),
                     int8_blocks: Some(blocks),
                     int8_segment_sums: Some(sums),
                     weight_only_blocks: Some(x86::weight_only_blocks),
@@ -169,13 +177,44 @@ impl Kernels {
         }
     }
 
+    /// [`Self::abs_max`] of each run of `group` values of `x` into `amax`, one per run; whether
+    /// every value is finite.
+    pub fn group_abs_max(&self, x: &[f32], group: usize, amax: &mut [f32]) -> bool {
+        assert!(group > 0 && amax.len() >= x.len().div_ceil(group), "abs max: {} outputs for runs of {group} in {}", amax.len(), x.len());
+        match self.group_abs_max {
+            // SAFETY: the table's path is supported; the kernel reads `x` and writes `amax` only.
+            Some(f) => unsafe { f(x, group, amax) },
+            None => x.chunks(group).zip(amax).fold(true, |finite, (xg, a)| {
+                let (m, f) = self.abs_max(xg);
+                *a = m;
+                finite & f
+            }),
+        }
+    }
+
+    /// [`Self::quantize_symmetric`] of each run of `group` values of `x` with its own `inv[g]`.
+    pub fn quantize_groups(&self, x: &[f32], group: usize, inv: &[f32], q: &mut [i8]) {
+        assert!(
+            group > 0 && q.len() >= x.len() && inv.len() >= x.len().div_ceil(group),
+            "quantizer: {} outputs and {} scales for runs of {group} in {}",
+            q.len(),
+            inv.len(),
+            x.len()
+        );
+        match self.quantize_groups {
+            // SAFETY: the table's path is supported; `q` and `inv` are long enough (asserted).
+            Some(f) => unsafe { f(x, group, inv, q) },
+            None => x.chunks(group).zip(q.chunks_mut(group)).zip(inv).for_each(|((xg, qg), &i)| self.quantize_symmetric(xg, i, qg)),
+        }
+    }
+
     /// The path's int8 tiles over `blocks` into `out`; `false` (nothing done) when it has none.
     ///
     /// # Safety
     /// As the tiles' `int8_blocks`: `op`'s operands built for this path (`x86_operands`), `op.seg`
     /// `K` or a multiple of 4 matching the grouped side(s), `blocks` within the weights' blocks,
-    /// `out` holding `M × 8·blocks.len()` floats.
-    pub unsafe fn int8_blocks(&self, op: &Int8Operands, blocks: Range<usize>, out: &mut [f32]) -> bool {
+    /// `out` with `M` writable rows of `8·blocks.len()` floats that nothing else accesses meanwhile.
+    pub unsafe fn int8_blocks(&self, op: &Int8Operands, blocks: Range<usize>, out: BlockOutputs) -> bool {
         let Some(f) = self.int8_blocks else { return false };
         // SAFETY: the path is supported; the rest is the caller's contract.
         unsafe { f(op, blocks, out) };
@@ -197,14 +236,15 @@ impl Kernels {
     ///
     /// # Safety
     /// `x` holds `m` rows of the weights' padded input width; the group size passed
-    /// `simd_segments`; `blocks` within the weights' blocks; `out` holds `m × 8·blocks.len()`.
+    /// `simd_segments`; `blocks` within the weights' blocks; `out` has `m` writable rows of `8·blocks.len()`
+    /// floats that nothing else accesses meanwhile.
     pub unsafe fn weight_only_blocks(
         &self,
         x: &[f32],
         m: usize,
         weights: &PackedInt8Weights,
         blocks: Range<usize>,
-        out: &mut [f32],
+        out: BlockOutputs,
     ) -> bool {
         let Some(f) = self.weight_only_blocks else { return false };
         // SAFETY: the path is supported; the rest is the caller's contract.

@@ -61,22 +61,66 @@ pub(super) fn segments(k: usize, stride: usize, seg: usize) -> (usize, usize) {
 }
 
 /// Walks the weight-only tiles of `blocks` for `m` float rows: `tile(rows, i, b, at)` with
-/// `rows` 4 while four rows are left, else 1, and `at` the tile's first output in `out`
-/// (`M × 8·blocks.len()`, row stride `8·blocks.len()`).
-pub(super) fn weight_only_tiles(m: usize, blocks: Range<usize>, out: &mut [f32], mut tile: impl FnMut(usize, usize, usize, *mut f32)) {
-    let row_len = BLOCK_ROWS * blocks.len();
+/// `rows` 4 while four rows are left, else 1, and `at` the tile's first output in `out`.
+pub(super) fn weight_only_tiles(m: usize, blocks: Range<usize>, out: BlockOutputs, mut tile: impl FnMut(usize, usize, usize, *mut f32)) {
     for b in blocks.clone() {
         let mut i = 0;
         while i < m {
             let rows = if m - i >= 4 { 4 } else { 1 };
-            tile(rows, i, b, out.as_mut_ptr().wrapping_add(i * row_len + BLOCK_ROWS * (b - blocks.start)));
+            tile(rows, i, b, out.at(i, b - blocks.start));
             i += rows;
         }
     }
 }
 
-/// Where a tile's results go: fused `f32` outputs (`out` points at row `i0`, column of block
-/// `b0` of an `M × row_len` buffer), or — for exactness tests — every segment's raw `i32` sum
+/// Where the outputs of a run of weight blocks go: row `i`'s eight outputs of the run's `b`-th
+/// block are the floats at `ptr + i·row_len + 8·b`. Either the run's own columns of the whole
+/// `M × N` output, written in place (`row_len = N`; the tasks of one call own disjoint columns),
+/// or a scratch buffer of the run's own (`row_len = 8·blocks`).
+#[derive(Clone, Copy)]
+pub struct BlockOutputs {
+    ptr: *mut f32,
+    row_len: usize,
+}
+
+// SAFETY: a `BlockOutputs` is an address; what may be written through it, and by which thread,
+// is the contract of the unsafe methods and of the kernels that take one.
+unsafe impl Send for BlockOutputs {}
+// SAFETY: as above.
+unsafe impl Sync for BlockOutputs {}
+
+impl BlockOutputs {
+    /// Outputs at `ptr` with rows `row_len` floats apart (nothing is accessed here).
+    pub fn new(ptr: *mut f32, row_len: usize) -> Self {
+        Self { ptr, row_len }
+    }
+
+    /// The outputs of the run's blocks from its `b`-th on (a run starting `b` blocks later).
+    pub fn skip_blocks(self, b: usize) -> Self {
+        Self { ptr: self.ptr.wrapping_add(BLOCK_ROWS * b), ..self }
+    }
+
+    pub fn row_len(self) -> usize {
+        self.row_len
+    }
+
+    /// The address of row `i`'s first output of the run's `b`-th block.
+    pub fn at(self, i: usize, b: usize) -> *mut f32 {
+        self.ptr.wrapping_add(i * self.row_len + BLOCK_ROWS * b)
+    }
+
+    /// Row `i`'s first `width` outputs.
+    ///
+    /// # Safety
+    /// They are writable, and no other reference to them is alive while this one is.
+    pub unsafe fn row<'a>(self, i: usize, width: usize) -> &'a mut [f32] {
+        // SAFETY: the caller's contract.
+        unsafe { std::slice::from_raw_parts_mut(self.at(i, 0), width) }
+    }
+}
+
+/// Where a tile's results go: fused `f32` outputs (`out` points at row `i0`'s outputs of block
+/// `b0`, rows `row_len` apart), or — for exactness tests — every segment's raw `i32` sum
 /// into `sums[((i·N_pad) + n)·segments + g]` (`N_pad = 8·blocks`).
 #[derive(Clone, Copy)]
 pub(super) struct Sink {
@@ -86,9 +130,9 @@ pub(super) struct Sink {
 }
 
 impl Sink {
-    /// Fused outputs into `out`, `M × 8·blocks` for a run of `blocks` blocks.
-    pub fn outputs(out: &mut [f32], blocks: usize) -> Sink {
-        Sink { out: out.as_mut_ptr(), row_len: BLOCK_ROWS * blocks, sums: std::ptr::null_mut() }
+    /// Fused outputs into `out`.
+    pub fn outputs(out: BlockOutputs) -> Sink {
+        Sink { out: out.ptr, row_len: out.row_len, sums: std::ptr::null_mut() }
     }
 
     /// Raw segment sums into `sums`.

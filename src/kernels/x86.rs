@@ -6,7 +6,7 @@
 // Register tiles are indexed by row and block on purpose: the loops mirror the tile's shape.
 #![allow(clippy::needless_range_loop)]
 
-use super::tiles::{segments, weight_only_tiles, Int8Operands, Sink};
+use super::tiles::{segments, weight_only_tiles, BlockOutputs, Int8Operands, Sink};
 use super::{PackedInt8Weights, BLOCK_ROWS};
 use half::f16;
 use std::arch::x86_64::*;
@@ -286,11 +286,11 @@ macro_rules! int8_tiles {
             /// # Safety
             /// The family's features available; `op.abs` / `op.shift_terms` filled as [`tile`]
             /// says; `op.seg` is `K` or a multiple of 4 matching the grouped side(s); `blocks`
-            /// lies within the weights' blocks; `out` holds `M × 8·blocks.len()` floats.
-            pub unsafe fn int8_blocks(op: &Int8Operands, blocks: Range<usize>, out: &mut [f32]) {
+            /// lies within the weights' blocks; `out` has `M` writable rows of `8·blocks.len()` floats.
+            pub unsafe fn int8_blocks(op: &Int8Operands, blocks: Range<usize>, out: BlockOutputs) {
                 // SAFETY: the operations below are those this function's `# Safety` section makes the caller answer for (features present, pointers and ranges valid).
                 unsafe {
-                    run_tiles::<false>(op, blocks.clone(), Sink::outputs(out, blocks.len()))
+                    run_tiles::<false>(op, blocks, Sink::outputs(out))
                 }
             }
 
@@ -378,11 +378,11 @@ unsafe fn weight_only_tile<const R: usize>(x: &[f32], i0: usize, weights: &Packe
 ///
 /// # Safety
 /// AVX2+FMA+F16C available; `x` holds `M · padded_in_features()` floats; the weight group size is
-/// `K` or a multiple of 4; `blocks` within the weights; `out` holds `M × 8·blocks.len()`.
-pub unsafe fn weight_only_blocks(x: &[f32], m: usize, weights: &PackedInt8Weights, blocks: Range<usize>, out: &mut [f32]) {
+/// `K` or a multiple of 4; `blocks` within the weights; `out` has `M` writable rows of `8·blocks.len()` floats.
+pub unsafe fn weight_only_blocks(x: &[f32], m: usize, weights: &PackedInt8Weights, blocks: Range<usize>, out: BlockOutputs) {
     // SAFETY: the operations below are those this function's `# Safety` section makes the caller answer for (features present, pointers and ranges valid).
     unsafe {
-        let row_len = BLOCK_ROWS * blocks.len();
+        let row_len = out.row_len();
         weight_only_tiles(m, blocks, out, |rows, i, b, at| match rows {
             // SAFETY: the caller's contract; weight_only_tiles keeps rows, blocks and `at` in range.
             4 => weight_only_tile::<4>(x, i, weights, b, at, row_len),
@@ -395,6 +395,7 @@ pub unsafe fn weight_only_blocks(x: &[f32], m: usize, weights: &PackedInt8Weight
 ///
 /// # Safety
 /// AVX2+FMA+F16C available.
+#[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn abs_max(x: &[f32]) -> (f32, bool) {
     // SAFETY: the operations below are those this function's `# Safety` section makes the caller answer for (features present, pointers and ranges valid).
@@ -428,6 +429,7 @@ pub unsafe fn abs_max(x: &[f32]) -> (f32, bool) {
 ///
 /// # Safety
 /// AVX2+FMA+F16C available; `x` finite; `q.len() >= x.len()`.
+#[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn quantize_symmetric(x: &[f32], inv: f32, q: &mut [i8]) {
     // SAFETY: the operations below are those this function's `# Safety` section makes the caller answer for (features present, pointers and ranges valid).
@@ -450,6 +452,68 @@ pub unsafe fn quantize_symmetric(x: &[f32], inv: f32, q: &mut [i8]) {
         }
         for (qv, &xv) in q[i..].iter_mut().zip(&x[i..]) {
             *qv = crate::quant::quantize_value(xv, _mm256_cvtss_f32(inv), 0, -127, 127) as i8;
+        }
+    }
+}
+
+/// [`abs_max`] of each run of `group` values of `x` into `amax` (one per run, in order), in one
+/// call for a whole activation row; whether every value is finite.
+///
+/// # Safety
+/// AVX2+FMA+F16C available.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn group_abs_max(x: &[f32], group: usize, amax: &mut [f32]) -> bool {
+    // SAFETY: the features are the caller's contract.
+    unsafe {
+        let mut finite = true;
+        for (xg, a) in x.chunks(group).zip(amax) {
+            let (m, f) = abs_max(xg);
+            (*a, finite) = (m, finite & f);
+        }
+        finite
+    }
+}
+
+/// [`quantize_symmetric`] of each run of `group` values of `x` with its own `inv[g]`, in one
+/// call for a whole activation row.
+///
+/// # Safety
+/// AVX2+FMA+F16C available; `x` finite; `q.len() >= x.len()`.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn quantize_groups(x: &[f32], group: usize, inv: &[f32], q: &mut [i8]) {
+    // SAFETY: the caller's contract; each run of q is as long as its run of x.
+    unsafe {
+        for ((xg, qg), &i) in x.chunks(group).zip(q.chunks_mut(group)).zip(inv) {
+            quantize_symmetric(xg, i, qg)
+        }
+    }
+}
+
+/// `factor · Σ a` over each run of `seg` bytes of each row of `stride` bytes in `data` (the first
+/// `segs` runs of a row, the last one possibly short), appended to `out` row by row: the shift
+/// terms of the int8 tiles. Whole 32-byte pieces are summed with `vpsadbw` on `a xor 0x80`
+/// (`= a + 128` as an unsigned byte), taking `128` per byte back at the end.
+///
+/// # Safety
+/// AVX2 available.
+#[target_feature(enable = "avx2")]
+pub unsafe fn segment_sums(data: &[i8], stride: usize, seg: usize, segs: usize, factor: i32, out: &mut Vec<i32>) {
+    // SAFETY: AVX2 is the caller's contract; every load reads 32 bytes inside `run`.
+    unsafe {
+        let (flip, zero) = (_mm256_set1_epi8(-128), _mm256_setzero_si256());
+        for row in data.chunks(stride) {
+            for run in row.chunks(seg).take(segs) {
+                let whole = run.len() / 32 * 32;
+                let mut acc = zero;
+                for i in (0..whole).step_by(32) {
+                    let v = _mm256_xor_si256(_mm256_loadu_si256(run.as_ptr().add(i) as *const __m256i), flip);
+                    acc = _mm256_add_epi64(acc, _mm256_sad_epu8(v, zero));
+                }
+                let lanes = _mm_add_epi64(_mm256_castsi256_si128(acc), _mm256_extracti128_si256(acc, 1));
+                let biased = _mm_cvtsi128_si64(_mm_add_epi64(lanes, _mm_unpackhi_epi64(lanes, lanes)));
+                let tail: i32 = run[whole..].iter().map(|&v| v as i32).sum();
+                out.push(factor * (biased as i32 - 128 * whole as i32 + tail));
+            }
         }
     }
 }
