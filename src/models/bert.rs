@@ -3,7 +3,7 @@
 
 use super::attention::{attend_sequence, HeadRows};
 use crate::convert::Quantizable;
-use crate::nn::{with_float_values, QLinear};
+use crate::nn::{forward_shared, with_float_values, QLinear};
 use candle_core::{bail, Device, Module, Result, Tensor, D};
 use candle_nn::{Embedding, LayerNorm, VarBuilder};
 use serde::Deserialize;
@@ -196,7 +196,8 @@ impl Bert {
         let (b, s, h) = x.dims3()?;
         let d = h / self.heads;
         let split = |t: Tensor| t.reshape((b, s, self.heads, d))?.transpose(1, 2)?.contiguous();
-        let (q, k, v) = (split(l.query.forward(x)?)?, split(l.key.forward(x)?)?, split(l.value.forward(x)?)?);
+        let [q, k, v] = forward_shared(x, [&l.query, &l.key, &l.value])?;
+        let (q, k, v) = (split(q)?, split(k)?, split(v)?);
         let scale = 1.0 / (d as f64).sqrt();
         if !self.differentiable && q.dtype() == candle_core::DType::F32 {
             let seq = self.heads * s * d;

@@ -4,7 +4,7 @@
 
 use super::attention::{attend_sequence, HeadRows};
 use crate::convert::Quantizable;
-use crate::nn::{with_float_values, QLinear};
+use crate::nn::{forward_shared, with_float_values, QLinear};
 use candle_core::{bail, DType, Device, Module, Result, Tensor, D};
 use candle_nn::{Embedding, Linear, RmsNorm, VarBuilder};
 use serde::{Deserialize, Serialize};
@@ -441,7 +441,10 @@ impl Attention {
                 let y = fused.forward(x)?;
                 (y.narrow(D::Minus1, 0, hd)?, y.narrow(D::Minus1, hd, kvd)?, y.narrow(D::Minus1, hd + kvd, kvd)?)
             }
-            [q, k, v] => (q.forward(x)?, k.forward(x)?, v.forward(x)?),
+            [q, k, v] => {
+                let [q, k, v] = forward_shared(x, [q, k, v])?;
+                (q, k, v)
+            }
             _ => bail!("attention holds {} projections", self.qkv.len()),
         };
         let (q, k, v) = (split(q, self.heads)?, split(k, self.kv_heads)?, split(v, self.kv_heads)?);
@@ -559,7 +562,10 @@ impl Mlp {
                 let i = y.dim(D::Minus1)? / 2;
                 (y.narrow(D::Minus1, 0, i)?, y.narrow(D::Minus1, i, i)?)
             }
-            [gate, up] => (gate.forward(x)?, up.forward(x)?),
+            [gate, up] => {
+                let [gate, up] = forward_shared(x, [gate, up])?;
+                (gate, up)
+            }
             _ => bail!("MLP holds {} input projections", self.gate_up.len()),
         };
         if !self.gelu_tanh && !differentiable && gate.dtype() == DType::F32 {

@@ -86,8 +86,26 @@ impl DynamicLinear {
     }
 
     pub(crate) fn forward_rows(&self, x: &[f32], m: usize, out: &mut [f32]) -> Result<()> {
+        int8_linear(&self.quantize_input(x, m)?, &self.weights, self.bias(), out)
+    }
+
+    /// `m` input rows quantized as this layer quantizes them.
+    pub(crate) fn quantize_input(&self, x: &[f32], m: usize) -> Result<QuantizedActivations> {
         let k = self.weights.in_features();
-        let acts = QuantizedActivations::quantize_dynamic(x, m, k, self.act.group_size(k), self.outlier_threshold)?;
-        int8_linear(&acts, &self.weights, self.bias(), out)
+        QuantizedActivations::quantize_dynamic(x, m, k, self.act.group_size(k), self.outlier_threshold)
+    }
+
+    /// The layer on inputs already quantized by [`Self::quantize_input`] (of this layer or of
+    /// one that [`Self::quantizes_like`] it).
+    pub(crate) fn forward_quantized(&self, acts: &QuantizedActivations, out: &mut [f32]) -> Result<()> {
+        int8_linear(acts, &self.weights, self.bias(), out)
+    }
+
+    /// Whether `other` turns every input into the same int8 values and scales as this layer.
+    pub(crate) fn quantizes_like(&self, other: &DynamicLinear) -> bool {
+        let k = self.weights.in_features();
+        k == other.weights.in_features()
+            && self.act.group_size(k) == other.act.group_size(k)
+            && self.outlier_threshold == other.outlier_threshold
     }
 }

@@ -422,6 +422,41 @@ impl QLinear {
     }
 }
 
+/// `layers[i].forward(x)` for every layer reading the same input `x` (q/k/v projections,
+/// gate/up): when all are dynamic int8 layers that quantize inputs alike, `x` is quantized once
+/// for all of them (same values as separate calls).
+pub(crate) fn forward_shared<const N: usize>(x: &Tensor, layers: [&QLinear; N]) -> Result<[Tensor; N]> {
+    let dynamic: Option<Vec<&DynamicLinear>> = layers
+        .iter()
+        .map(|l| match &l.kind {
+            QLinearKind::Dynamic(d) => Some(d),
+            _ => None,
+        })
+        .collect();
+    let outputs: Vec<Tensor> = match dynamic.filter(|d| d.len() > 1 && d.iter().all(|o| o.quantizes_like(d[0]))) {
+        None => layers.iter().map(|l| l.forward(x)).collect::<Result<_>>()?,
+        Some(dynamic) => {
+            for l in layers {
+                check_input(x, l.in_features, &l.name)?;
+            }
+            let name = &layers[0].name;
+            let k = x.dim(D::Minus1)?;
+            let m = x.elem_count().checked_div(k).unwrap_or(0);
+            let acts = with_float_values(x, name, |xs| dynamic[0].quantize_input(xs, m)).map_err(|e| e.context(format!("layer '{name}'")))?;
+            layers
+                .iter()
+                .zip(dynamic)
+                .map(|(l, d)| {
+                    let mut out = vec![0f32; m * l.out_features];
+                    d.forward_quantized(&acts, &mut out).map_err(|e| e.context(format!("layer '{}'", l.name)))?;
+                    rows_tensor(x, l.out_features, out)
+                })
+                .collect::<Result<_>>()?
+        }
+    };
+    outputs.try_into().map_err(|_| candle_core::Error::Msg("forward_shared: one output per layer".into()))
+}
+
 impl Module for QLinear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         check_input(x, self.in_features, &self.name)?;
@@ -457,6 +492,12 @@ fn rows_forward(
     let m = x.elem_count().checked_div(k).unwrap_or(0);
     let mut out = vec![0f32; m * out_features];
     with_float_values(x, name, |xs| kernel(xs, m, &mut out)).map_err(|e| e.context(format!("layer '{name}'")))?;
+    rows_tensor(x, out_features, out)
+}
+
+/// `M×N` outputs `out` of a layer as a tensor shaped like its input `x` but for the last
+/// dimension, in `x`'s dtype.
+fn rows_tensor(x: &Tensor, out_features: usize, out: Vec<f32>) -> Result<Tensor> {
     let mut dims = x.dims().to_vec();
     if let Some(last) = dims.last_mut() {
         *last = out_features;
@@ -488,4 +529,37 @@ pub(crate) fn with_float_values<T>(x: &Tensor, name: &str, f: impl FnOnce(&[f32]
         }
     }
     f(&float_values(x, name)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn layer(seed: f64, out: usize, k: usize, outliers: Option<f32>) -> QLinear {
+        let w = (Tensor::arange(0f32, (out * k) as f32, &Device::Cpu).unwrap().reshape((out, k)).unwrap() * seed).unwrap().sin().unwrap();
+        let mut l = QLinear::from_linear(&Linear::new(w, None), format!("l{seed}")).unwrap();
+        l.quantize_dynamic(ActivationQuant::default(), WeightQuant::default(), outliers).unwrap();
+        l
+    }
+
+    /// One quantization of the shared input gives every layer exactly what its own call gives,
+    /// outliers in float included; layers that quantize differently are run one by one.
+    #[test]
+    fn shared_input_is_quantized_once_with_the_same_results() {
+        let x = (Tensor::arange(0f32, 3.0 * 96.0, &Device::Cpu).unwrap().reshape((3, 96)).unwrap() * 0.37).unwrap().cos().unwrap();
+        let x = (x * 4.0).unwrap(); // values up to 4: some above the threshold 3
+        let (a, b, c) = (layer(0.1, 40, 96, Some(3.0)), layer(0.2, 16, 96, Some(3.0)), layer(0.3, 8, 96, Some(3.0)));
+        let shared = forward_shared(&x, [&a, &b, &c]).unwrap();
+        for (y, l) in shared.iter().zip([&a, &b, &c]) {
+            assert_eq!(y.to_vec2::<f32>().unwrap(), l.forward(&x).unwrap().to_vec2::<f32>().unwrap());
+        }
+        let other = layer(0.4, 8, 96, None);
+        let [y, z] = forward_shared(&x, [&a, &other]).unwrap();
+        assert_eq!(y.to_vec2::<f32>().unwrap(), a.forward(&x).unwrap().to_vec2::<f32>().unwrap());
+        assert_eq!(z.to_vec2::<f32>().unwrap(), other.forward(&x).unwrap().to_vec2::<f32>().unwrap());
+        let wrong = layer(0.5, 8, 64, Some(3.0));
+        let err = forward_shared(&x, [&a, &wrong]).unwrap_err().to_string();
+        assert!(err.contains("l0.5") && err.contains("64"), "{err}");
+    }
 }
