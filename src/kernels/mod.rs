@@ -211,14 +211,14 @@ pub fn int8_linear_with(
         // on this task's columns while they are in cache.
         let columns = blocks.start * BLOCK_ROWS..(blocks.end * BLOCK_ROWS).min(n);
         for i in 0..m {
-            let s0 = acts.row_scales(i)[0];
             // SAFETY: row i's outputs of these blocks are this task's (over_blocks).
             let row = unsafe { outs.row(i, columns.len()) };
-            for (y, j) in row.iter_mut().zip(columns.clone()) {
-                if za != 0 {
-                    *y -= s0 * za as f32 * weights.zero_point_term(j);
-                }
-                *y += bias.map_or(0.0, |b| b[j]);
+            if za != 0 {
+                let shift = acts.row_scales(i)[0] * za as f32;
+                row.iter_mut().zip(columns.clone()).for_each(|(y, j)| *y -= shift * weights.zero_point_term(j));
+            }
+            if let Some(b) = bias {
+                row.iter_mut().zip(&b[columns.clone()]).for_each(|(y, b)| *y += b);
             }
         }
     });
