@@ -34,11 +34,13 @@ impl Int8Operands<'_> {
     }
 
     /// Rows `i0..i0+R`: their padded `i8` data and their scales.
+    #[inline]
     pub(super) fn row_pointers<const R: usize>(&self, i0: usize) -> ([*const i8; R], [*const f32; R]) {
         (std::array::from_fn(|r| self.acts.padded_row(i0 + r).as_ptr()), std::array::from_fn(|r| self.acts.row_scales(i0 + r).as_ptr()))
     }
 
     /// Blocks `b0..b0+V`: their packed weights and their scales.
+    #[inline]
     pub(super) fn block_pointers<const V: usize>(&self, b0: usize) -> ([*const i8; V], [*const half::f16; V]) {
         (std::array::from_fn(|v| self.weights.block(b0 + v).as_ptr()), std::array::from_fn(|v| self.weights.block_scales(b0 + v).as_ptr()))
     }

@@ -736,7 +736,8 @@ unsafe fn scores_tile<const R: usize>(q: &[f32], keys: &[f32], d: usize, scale: 
 }
 
 /// `y_r = Σ_j w[r·t + j] · values[j]` for the 1 to 4 heads of `w` (rows of `t`) and `y` (rows of
-/// `d`), 16 outputs of every head per pass over the value rows (each row read once per pass).
+/// `d`), 16 to 32 outputs of every head per pass over the value rows (each row read once per
+/// pass): as many as keep 8 or more accumulators in flight without running out of registers.
 ///
 /// # Safety
 /// AVX2+FMA+F16C available; `y` holds 1 to 4 rows of `d`, `w` as many rows of `t`, and `values`
@@ -761,34 +762,44 @@ pub unsafe fn weighted_rows(w: &[f32], values: &[f32], d: usize, y: &mut [f32]) 
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn weighted_tile<const R: usize>(w: &[f32], values: &[f32], d: usize, y: &mut [f32]) {
-    // SAFETY: the operations below are those this function's `# Safety` section makes the caller answer for (features present, pointers and ranges valid).
+    // SAFETY: row j < t of values and row r < R of w and y exist (caller); every vector access
+    // stays below c + 8·W <= body <= d within its row.
     unsafe {
         let t = w.len() / R;
         let body = d - d % 8;
+        let (wp, vp, yp) = (w.as_ptr(), values.as_ptr(), y.as_mut_ptr());
         let mut c = 0;
-        while c < body {
-            // Two registers per head while 16 outputs are left, then one.
-            let regs = if body - c >= 16 { 2 } else { 1 };
-            let mut acc = [[_mm256_setzero_ps(); 2]; R];
-            for j in 0..t {
-                // SAFETY: row j < t lies within values; c + 8·regs <= body <= d.
-                let v = values.as_ptr().add(j * d + c);
-                let vv = [_mm256_loadu_ps(v), if regs == 2 { _mm256_loadu_ps(v.add(8)) } else { _mm256_setzero_ps() }];
-                for r in 0..R {
-                    let wv = _mm256_set1_ps(w[r * t + j]);
-                    for g in 0..regs {
-                        acc[r][g] = _mm256_fmadd_ps(wv, vv[g], acc[r][g]);
+        // W registers per head while 8·W outputs are left.
+        macro_rules! pass {
+            ($w:literal) => {
+                while c + 8 * $w <= body {
+                    let mut acc = [[_mm256_setzero_ps(); $w]; R];
+                    for j in 0..t {
+                        let v = vp.add(j * d + c);
+                        let vv: [__m256; $w] = std::array::from_fn(|u| _mm256_loadu_ps(v.add(8 * u)));
+                        for r in 0..R {
+                            let wv = _mm256_set1_ps(*wp.add(r * t + j));
+                            for u in 0..$w {
+                                acc[r][u] = _mm256_fmadd_ps(wv, vv[u], acc[r][u]);
+                            }
+                        }
                     }
+                    for r in 0..R {
+                        for u in 0..$w {
+                            _mm256_storeu_ps(yp.add(r * d + c + 8 * u), acc[r][u]);
+                        }
+                    }
+                    c += 8 * $w;
                 }
-            }
-            for r in 0..R {
-                for g in 0..regs {
-                    // SAFETY: row r of y has d >= c + 8·regs values.
-                    _mm256_storeu_ps(y.as_mut_ptr().add(r * d + c + 8 * g), acc[r][g]);
-                }
-            }
-            c += 8 * regs;
+            };
         }
+        if R <= 2 {
+            pass!(4);
+        } else if R == 3 {
+            pass!(3);
+        }
+        pass!(2);
+        pass!(1);
         for r in 0..R {
             for c in body..d {
                 y[r * d + c] = (0..t).map(|j| w[r * t + j] * values[j * d + c]).sum();
