@@ -300,6 +300,35 @@ fn simd_activation_quantizer_equals_the_reference() {
     }
 }
 
+/// A prompt's or a batch's rows are quantized in pieces on the kernel team: the same bits,
+/// scales and float outliers (in row order) as quantizing each row alone; a non-finite value in
+/// any piece is still an error.
+#[test]
+fn quantizers_split_over_rows_equal_one_row_at_a_time() {
+    let mut rng = common::Rng::new(13);
+    let (m, k, group) = (67, 600, 32); // 40 200 inputs: above the split threshold, 67 rows: uneven pieces
+    let mut x = rng.normals(m * k, 1.5);
+    let scales: Vec<f32> = (0..k.div_ceil(group)).map(|g| (1.0 + g as f32 / 8.0) / 127.0).collect();
+    let together = [
+        QuantizedActivations::quantize_dynamic(&x, m, k, group, Some(3.0)).unwrap(),
+        QuantizedActivations::quantize_static_groups(&x, m, k, group, &scales).unwrap(),
+    ];
+    for i in 0..m {
+        let row = &x[i * k..(i + 1) * k];
+        let alone = [
+            QuantizedActivations::quantize_dynamic(row, 1, k, group, Some(3.0)).unwrap(),
+            QuantizedActivations::quantize_static_groups(row, 1, k, group, &scales).unwrap(),
+        ];
+        for (t, a) in together.iter().zip(&alone) {
+            assert_eq!((t.row(i), t.row_scales(i), t.row_outliers(i)), (a.row(0), a.row_scales(0), a.row_outliers(0)), "row {i}");
+        }
+    }
+    assert!(together.iter().map(|t| t.outlier_count()).min().unwrap() > 0, "the data should hold values set aside");
+    x[(m - 1) * k + 5] = f32::NAN;
+    assert!(QuantizedActivations::quantize_dynamic(&x, m, k, group, Some(3.0)).is_err());
+    assert!(QuantizedActivations::quantize_static_groups(&x, m, k, group, &scales).is_err());
+}
+
 /// Static per-group activations: every path gives the reference's bits, values beyond
 /// `127·s_g` are set aside in float exactly (never clamped), and the int8 linear over them
 /// equals the float product of the dequantized inputs plus the set-aside ones.

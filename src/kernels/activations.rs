@@ -44,35 +44,37 @@ impl QuantizedActivations {
         let stride = k.next_multiple_of(CHUNK);
         let mut data = vec![0i8; m * stride];
         let mut scales = vec![0f32; m * groups];
-        let (mut outliers, mut outlier_start) = (Vec::new(), vec![0]);
         let limit = outlier_threshold.unwrap_or(f32::INFINITY);
-        let (mut inv, mut outlier_groups) = (vec![0f32; groups], Vec::new());
-        for ((xr, qr), sr) in x.chunks(k).zip(data.chunks_mut(stride)).zip(scales.chunks_mut(groups)) {
-            // Three passes over the row, each one kernel call: max |x| of every group, then the
-            // scales and their reciprocals (the divisions of all groups side by side), then the
-            // values.
-            if !kernels.group_abs_max(xr, group, sr) {
-                bail!("activation row contains a non-finite value (NaN or ±Inf)")
-            }
-            outlier_groups.clear();
-            for (g, s) in sr.iter_mut().enumerate() {
-                // Rare: the group holds outliers; they stay in float and leave the scale.
-                if *s > limit {
-                    outlier_groups.push(g);
-                    *s = xr[g * group..].iter().take(group).map(|v| v.abs()).fold(0f32, |m, a| if a <= limit && a > m { a } else { m });
+        let (outliers, outlier_start) = over_row_pieces(x, k, &mut data, stride, &mut scales, groups, |x, data, scales, outliers, ends| {
+            let (mut inv, mut outlier_groups) = (vec![0f32; groups], Vec::new());
+            for ((xr, qr), sr) in x.chunks(k).zip(data.chunks_mut(stride)).zip(scales.chunks_mut(groups)) {
+                // Three passes over the row, each one kernel call: max |x| of every group, then
+                // the scales and their reciprocals (the divisions of all groups side by side),
+                // then the values.
+                if !kernels.group_abs_max(xr, group, sr) {
+                    bail!("activation row contains a non-finite value (NaN or ±Inf)")
                 }
+                outlier_groups.clear();
+                for (g, s) in sr.iter_mut().enumerate() {
+                    // Rare: the group holds outliers; they stay in float and leave the scale.
+                    if *s > limit {
+                        outlier_groups.push(g);
+                        *s = xr[g * group..].iter().take(group).map(|v| v.abs()).fold(0f32, |m, a| if a <= limit && a > m { a } else { m });
+                    }
+                }
+                for (s, inv) in sr.iter_mut().zip(inv.iter_mut()) {
+                    *s = spec.scale_zero_point_unchecked(-*s, *s).0;
+                    *inv = 1.0 / *s;
+                }
+                kernels.quantize_groups(xr, group, &inv, qr);
+                for &g in &outlier_groups {
+                    let run = g * group..((g + 1) * group).min(k);
+                    set_aside_above(limit, &xr[run.clone()], run.start, &mut qr[run], outliers);
+                }
+                ends.push(outliers.len());
             }
-            for (s, inv) in sr.iter_mut().zip(inv.iter_mut()) {
-                *s = spec.scale_zero_point_unchecked(-*s, *s).0;
-                *inv = 1.0 / *s;
-            }
-            kernels.quantize_groups(xr, group, &inv, qr);
-            for &g in &outlier_groups {
-                let run = g * group..((g + 1) * group).min(k);
-                set_aside_above(limit, &xr[run.clone()], run.start, &mut qr[run], &mut outliers);
-            }
-            outlier_start.push(outliers.len());
-        }
+            Ok(())
+        })?;
         Ok(Self { m, k, stride, group, data, scales, zero_point: 0, outliers, outlier_start })
     }
 
@@ -102,20 +104,22 @@ impl QuantizedActivations {
         let limits: Vec<f32> = scales.iter().map(|s| 127.0 * s).collect();
         let stride = k.next_multiple_of(CHUNK);
         let mut data = vec![0i8; m * stride];
-        let (mut outliers, mut outlier_start) = (Vec::new(), vec![0]);
-        for (xr, qr) in x.chunks(k).zip(data.chunks_mut(stride)) {
-            for (g, (xg, qg)) in xr.chunks(group).zip(qr.chunks_mut(group)).enumerate() {
-                let (a, finite) = kernels.abs_max(xg);
-                if !finite {
-                    bail!("activation row contains a non-finite value (NaN or ±Inf)")
+        let (outliers, outlier_start) = over_row_pieces(x, k, &mut data, stride, &mut [], 0, |x, data, _, outliers, ends| {
+            for (xr, qr) in x.chunks(k).zip(data.chunks_mut(stride)) {
+                for (g, (xg, qg)) in xr.chunks(group).zip(qr.chunks_mut(group)).enumerate() {
+                    let (a, finite) = kernels.abs_max(xg);
+                    if !finite {
+                        bail!("activation row contains a non-finite value (NaN or ±Inf)")
+                    }
+                    kernels.quantize_symmetric(xg, inv[g], qg);
+                    if a > limits[g] {
+                        set_aside_above(limits[g], xg, g * group, qg, outliers);
+                    }
                 }
-                kernels.quantize_symmetric(xg, inv[g], qg);
-                if a > limits[g] {
-                    set_aside_above(limits[g], xg, g * group, qg, &mut outliers);
-                }
+                ends.push(outliers.len());
             }
-            outlier_start.push(outliers.len());
-        }
+            Ok(())
+        })?;
         let scales = scales.repeat(m);
         Ok(Self { m, k, stride, group, data, scales, zero_point: 0, outliers, outlier_start })
     }
@@ -200,6 +204,53 @@ impl QuantizedActivations {
         let g = self.groups();
         &self.scales[i * g..(i + 1) * g]
     }
+}
+
+/// Input values from which a quantizer splits its rows over the kernel team (a prompt's or a
+/// batch's, not a decoding step's).
+const PARALLEL_MIN_VALUES: usize = 1 << 15;
+
+/// Float values set aside, all rows' in row order, and where each row's begin (`rows + 1`).
+type SetAside = (Vec<(u32, f32)>, Vec<usize>);
+
+/// Runs `quantize(x, data, scales, outliers, ends)` on pieces of whole rows — `K` inputs,
+/// `stride` bytes and `groups` scales each — on the kernel team when the input is large; each
+/// piece appends its rows' float outliers and, per row, how many it has set aside so far. The
+/// pieces' outliers are then joined in row order.
+fn over_row_pieces(
+    x: &[f32],
+    k: usize,
+    data: &mut [i8],
+    stride: usize,
+    scales: &mut [f32],
+    groups: usize,
+    quantize: impl Fn(&[f32], &mut [i8], &mut [f32], &mut Vec<(u32, f32)>, &mut Vec<usize>) -> Result<()> + Sync,
+) -> Result<SetAside> {
+    let m = x.len() / k;
+    let threads = super::team_threads(x.len() >= PARALLEL_MIN_VALUES).min(m.max(1));
+    let rows = m.div_ceil(threads).max(1);
+    let mut scale_pieces = scales.chunks_mut((rows * groups).max(1));
+    let pieces: Vec<_> = x
+        .chunks(rows * k)
+        .zip(data.chunks_mut(rows * stride))
+        .map(|(x, data)| std::sync::Mutex::new((x, data, scale_pieces.next().unwrap_or_default(), Vec::new(), Vec::with_capacity(rows), Ok(()))))
+        .collect();
+    super::team::run(pieces.len(), threads, &|p| {
+        // Each task locks only its own piece; a panic poisons that piece alone and team::run
+        // re-raises it once every task has finished.
+        if let Ok(mut piece) = pieces[p].lock() {
+            let (x, data, scales, outliers, ends, result) = &mut *piece;
+            *result = quantize(x, data, scales, outliers, ends);
+        }
+    });
+    let (mut outliers, mut starts) = (Vec::new(), vec![0]);
+    for piece in pieces {
+        let (_, _, _, piece_outliers, ends, result) = piece.into_inner().map_err(|_| candle_core::Error::Msg("activation quantizer: a piece of rows panicked".into()))?;
+        result?;
+        starts.extend(ends.iter().map(|e| outliers.len() + e));
+        outliers.extend(piece_outliers);
+    }
+    Ok((outliers, starts))
 }
 
 /// Sets the values of a quantized group with `|x| > limit` aside in float as `(column, value)`,
