@@ -45,36 +45,41 @@ impl QuantizedActivations {
         let mut data = vec![0i8; m * stride];
         let mut scales = vec![0f32; m * groups];
         let limit = outlier_threshold.unwrap_or(f32::INFINITY);
-        let (outliers, outlier_start) = over_row_pieces(x, k, &mut data, stride, &mut scales, groups, |x, data, scales, outliers, ends| {
-            let (mut inv, mut outlier_groups) = (vec![0f32; groups], Vec::new());
-            for ((xr, qr), sr) in x.chunks(k).zip(data.chunks_mut(stride)).zip(scales.chunks_mut(groups)) {
-                // Three passes over the row, each one kernel call: max |x| of every group, then
-                // the scales and their reciprocals (the divisions of all groups side by side),
-                // then the values.
-                if !kernels.group_abs_max(xr, group, sr) {
-                    bail!("activation row contains a non-finite value (NaN or ±Inf)")
-                }
-                outlier_groups.clear();
-                for (g, s) in sr.iter_mut().enumerate() {
-                    // Rare: the group holds outliers; they stay in float and leave the scale.
-                    if *s > limit {
-                        outlier_groups.push(g);
-                        *s = xr[g * group..].iter().take(group).map(|v| v.abs()).fold(0f32, |m, a| if a <= limit && a > m { a } else { m });
+        let (outliers, outlier_start) =
+            over_row_pieces(x, k, &mut data, stride, &mut scales, groups, |x, data, scales, outliers, ends| {
+                let (mut inv, mut outlier_groups) = (vec![0f32; groups], Vec::new());
+                for ((xr, qr), sr) in x.chunks(k).zip(data.chunks_mut(stride)).zip(scales.chunks_mut(groups)) {
+                    // Three passes over the row, each one kernel call: max |x| of every group, then
+                    // the scales and their reciprocals (the divisions of all groups side by side),
+                    // then the values.
+                    if !kernels.group_abs_max(xr, group, sr) {
+                        bail!("activation row contains a non-finite value (NaN or ±Inf)")
                     }
+                    outlier_groups.clear();
+                    for (g, s) in sr.iter_mut().enumerate() {
+                        // Rare: the group holds outliers; they stay in float and leave the scale.
+                        if *s > limit {
+                            outlier_groups.push(g);
+                            *s = xr[g * group..]
+                                .iter()
+                                .take(group)
+                                .map(|v| v.abs())
+                                .fold(0f32, |m, a| if a <= limit && a > m { a } else { m });
+                        }
+                    }
+                    for (s, inv) in sr.iter_mut().zip(inv.iter_mut()) {
+                        *s = spec.scale_zero_point_unchecked(-*s, *s).0;
+                        *inv = 1.0 / *s;
+                    }
+                    kernels.quantize_groups(xr, group, &inv, qr);
+                    for &g in &outlier_groups {
+                        let run = g * group..((g + 1) * group).min(k);
+                        set_aside_above(limit, &xr[run.clone()], run.start, &mut qr[run], outliers);
+                    }
+                    ends.push(outliers.len());
                 }
-                for (s, inv) in sr.iter_mut().zip(inv.iter_mut()) {
-                    *s = spec.scale_zero_point_unchecked(-*s, *s).0;
-                    *inv = 1.0 / *s;
-                }
-                kernels.quantize_groups(xr, group, &inv, qr);
-                for &g in &outlier_groups {
-                    let run = g * group..((g + 1) * group).min(k);
-                    set_aside_above(limit, &xr[run.clone()], run.start, &mut qr[run], outliers);
-                }
-                ends.push(outliers.len());
-            }
-            Ok(())
-        })?;
+                Ok(())
+            })?;
         Ok(Self { m, k, stride, group, data, scales, zero_point: 0, outliers, outlier_start })
     }
 
@@ -233,7 +238,9 @@ fn over_row_pieces(
     let pieces: Vec<_> = x
         .chunks(rows * k)
         .zip(data.chunks_mut(rows * stride))
-        .map(|(x, data)| std::sync::Mutex::new((x, data, scale_pieces.next().unwrap_or_default(), Vec::new(), Vec::with_capacity(rows), Ok(()))))
+        .map(|(x, data)| {
+            std::sync::Mutex::new((x, data, scale_pieces.next().unwrap_or_default(), Vec::new(), Vec::with_capacity(rows), Ok(())))
+        })
         .collect();
     super::team::run(pieces.len(), threads, &|p| {
         // Each task locks only its own piece; a panic poisons that piece alone and team::run
@@ -245,7 +252,8 @@ fn over_row_pieces(
     });
     let (mut outliers, mut starts) = (Vec::new(), vec![0]);
     for piece in pieces {
-        let (_, _, _, piece_outliers, ends, result) = piece.into_inner().map_err(|_| candle_core::Error::Msg("activation quantizer: a piece of rows panicked".into()))?;
+        let (_, _, _, piece_outliers, ends, result) =
+            piece.into_inner().map_err(|_| candle_core::Error::Msg("activation quantizer: a piece of rows panicked".into()))?;
         result?;
         starts.extend(ends.iter().map(|e| outliers.len() + e));
         outliers.extend(piece_outliers);

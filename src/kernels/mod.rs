@@ -278,7 +278,9 @@ fn x86_operands(isa: Isa, acts: &QuantizedActivations, weights: &PackedInt8Weigh
                 shift_terms: sums(1, &data.iter().map(|&v| v.min(0)).collect::<Vec<i8>>()),
             }
         }
-        Isa::VnniOnAvx2 | Isa::AvxVnni | Isa::Avx512Vnni => TileOperands { shift_terms: sums(128, acts.padded_data()), ..Default::default() },
+        Isa::VnniOnAvx2 | Isa::AvxVnni | Isa::Avx512Vnni => {
+            TileOperands { shift_terms: sums(128, acts.padded_data()), ..Default::default() }
+        }
         _ => TileOperands::default(),
     }
 }
@@ -350,7 +352,13 @@ fn run_on_parts<T: Send>(parts: Vec<&mut [T]>, threads: usize, work: impl Fn(usi
 }
 
 /// Scalar [`x86::int8_blocks`]: `Σ_g sa · sw · dot_g` per output, from the reference dot product.
-fn reference_blocks(acts: &QuantizedActivations, weights: &PackedInt8Weights, seg: usize, blocks: std::ops::Range<usize>, outs: BlockOutputs) {
+fn reference_blocks(
+    acts: &QuantizedActivations,
+    weights: &PackedInt8Weights,
+    seg: usize,
+    blocks: std::ops::Range<usize>,
+    outs: BlockOutputs,
+) {
     let (k, n) = (acts.cols(), weights.out_features());
     let (a_step, w_step) = ((acts.groups() > 1) as usize, (weights.groups() > 1) as usize);
     for i in 0..acts.rows() {

@@ -442,7 +442,8 @@ pub(crate) fn forward_shared<const N: usize>(x: &Tensor, layers: [&QLinear; N]) 
             let name = &layers[0].name;
             let k = x.dim(D::Minus1)?;
             let m = x.elem_count().checked_div(k).unwrap_or(0);
-            let acts = with_float_values(x, name, |xs| dynamic[0].quantize_input(xs, m)).map_err(|e| e.context(format!("layer '{name}'")))?;
+            let acts =
+                with_float_values(x, name, |xs| dynamic[0].quantize_input(xs, m)).map_err(|e| e.context(format!("layer '{name}'")))?;
             layers
                 .iter()
                 .zip(dynamic)
