@@ -537,30 +537,31 @@ mod tests {
     use super::*;
     use candle_core::Device;
 
-    fn layer(seed: f64, out: usize, k: usize, outliers: Option<f32>) -> QLinear {
-        let w = (Tensor::arange(0f32, (out * k) as f32, &Device::Cpu).unwrap().reshape((out, k)).unwrap() * seed).unwrap().sin().unwrap();
-        let mut l = QLinear::from_linear(&Linear::new(w, None), format!("l{seed}")).unwrap();
-        l.quantize_dynamic(ActivationQuant::default(), WeightQuant::default(), outliers).unwrap();
-        l
+    fn layer(seed: f64, out: usize, k: usize, outliers: Option<f32>) -> Result<QLinear> {
+        let w = (Tensor::arange(0f32, (out * k) as f32, &Device::Cpu)?.reshape((out, k))? * seed)?.sin()?;
+        let mut l = QLinear::from_linear(&Linear::new(w, None), format!("l{seed}"))?;
+        l.quantize_dynamic(ActivationQuant::default(), WeightQuant::default(), outliers)?;
+        Ok(l)
     }
 
     /// One quantization of the shared input gives every layer exactly what its own call gives,
     /// outliers in float included; layers that quantize differently are run one by one.
     #[test]
-    fn shared_input_is_quantized_once_with_the_same_results() {
-        let x = (Tensor::arange(0f32, 3.0 * 96.0, &Device::Cpu).unwrap().reshape((3, 96)).unwrap() * 0.37).unwrap().cos().unwrap();
-        let x = (x * 4.0).unwrap(); // values up to 4: some above the threshold 3
-        let (a, b, c) = (layer(0.1, 40, 96, Some(3.0)), layer(0.2, 16, 96, Some(3.0)), layer(0.3, 8, 96, Some(3.0)));
-        let shared = forward_shared(&x, [&a, &b, &c]).unwrap();
-        for (y, l) in shared.iter().zip([&a, &b, &c]) {
-            assert_eq!(y.to_vec2::<f32>().unwrap(), l.forward(&x).unwrap().to_vec2::<f32>().unwrap());
+    fn shared_input_is_quantized_once_with_the_same_results() -> Result<()> {
+        let x = (Tensor::arange(0f32, 3.0 * 96.0, &Device::Cpu)?.reshape((3, 96))? * 0.37)?.cos()?;
+        let x = (x * 4.0)?; // values up to 4: some above the threshold 3
+        let (a, b, c) = (layer(0.1, 40, 96, Some(3.0))?, layer(0.2, 16, 96, Some(3.0))?, layer(0.3, 8, 96, Some(3.0))?);
+        let values = |t: &Tensor| t.to_vec2::<f32>();
+        for (y, l) in forward_shared(&x, [&a, &b, &c])?.iter().zip([&a, &b, &c]) {
+            assert_eq!(values(y)?, values(&l.forward(&x)?)?);
         }
-        let other = layer(0.4, 8, 96, None);
-        let [y, z] = forward_shared(&x, [&a, &other]).unwrap();
-        assert_eq!(y.to_vec2::<f32>().unwrap(), a.forward(&x).unwrap().to_vec2::<f32>().unwrap());
-        assert_eq!(z.to_vec2::<f32>().unwrap(), other.forward(&x).unwrap().to_vec2::<f32>().unwrap());
-        let wrong = layer(0.5, 8, 64, Some(3.0));
-        let err = forward_shared(&x, [&a, &wrong]).unwrap_err().to_string();
+        let other = layer(0.4, 8, 96, None)?;
+        let [y, z] = forward_shared(&x, [&a, &other])?;
+        assert_eq!(values(&y)?, values(&a.forward(&x)?)?);
+        assert_eq!(values(&z)?, values(&other.forward(&x)?)?);
+        let wrong = layer(0.5, 8, 64, Some(3.0))?;
+        let err = forward_shared(&x, [&a, &wrong]).err().map(|e| e.to_string()).unwrap_or_default();
         assert!(err.contains("l0.5") && err.contains("64"), "{err}");
+        Ok(())
     }
 }
