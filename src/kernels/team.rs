@@ -104,7 +104,17 @@ pub fn run(tasks: usize, threads: usize, work: &(dyn Fn(usize) + Sync)) {
     let wanted = threads.min(tasks).min(cores).saturating_sub(1).min(MAX_HELPERS);
     let team = if wanted > 0 { TEAM.try_lock().ok() } else { None };
     let Some(mut slots) = team else {
-        (0..tasks).for_each(work);
+        // Alone (no helpers wanted, or the team is busy): every task still runs before a panic
+        // is passed on, as on the team.
+        let mut panicked = None;
+        for i in 0..tasks {
+            if let Err(p) = catch_unwind(AssertUnwindSafe(|| work(i))) {
+                panicked.get_or_insert(p);
+            }
+        }
+        if let Some(p) = panicked {
+            std::panic::resume_unwind(p);
+        }
         return;
     };
     while slots.len() < wanted {
@@ -246,6 +256,18 @@ mod tests {
         let done = AtomicUsize::new(0);
         let result = catch_unwind(AssertUnwindSafe(|| {
             run(8, 2, &|i| {
+                if i == 3 {
+                    panic!("task 3");
+                }
+                done.fetch_add(1, Ordering::Relaxed);
+            })
+        }));
+        assert!(result.is_err());
+        assert_eq!(done.load(Ordering::Relaxed), 7);
+        // The same when the caller runs alone (one thread; or the team busy with another caller).
+        let done = AtomicUsize::new(0);
+        let result = catch_unwind(AssertUnwindSafe(|| {
+            run(8, 1, &|i| {
                 if i == 3 {
                     panic!("task 3");
                 }
