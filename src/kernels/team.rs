@@ -253,29 +253,20 @@ mod tests {
 
     #[test]
     fn a_panicking_task_reaches_the_caller_after_the_others_finish() {
-        let done = AtomicUsize::new(0);
-        let result = catch_unwind(AssertUnwindSafe(|| {
-            run(8, 2, &|i| {
-                if i == 3 {
-                    panic!("task 3");
-                }
-                done.fetch_add(1, Ordering::Relaxed);
-            })
-        }));
-        assert!(result.is_err());
-        assert_eq!(done.load(Ordering::Relaxed), 7);
-        // The same when the caller runs alone (one thread; or the team busy with another caller).
-        let done = AtomicUsize::new(0);
-        let result = catch_unwind(AssertUnwindSafe(|| {
-            run(8, 1, &|i| {
-                if i == 3 {
-                    panic!("task 3");
-                }
-                done.fetch_add(1, Ordering::Relaxed);
-            })
-        }));
-        assert!(result.is_err());
-        assert_eq!(done.load(Ordering::Relaxed), 7);
+        // On the team, and on a caller running alone (one thread; or the team busy elsewhere).
+        for threads in [2, 1] {
+            let done = AtomicUsize::new(0);
+            let result = catch_unwind(AssertUnwindSafe(|| {
+                run(8, threads, &|i| {
+                    if i == 3 {
+                        panic!("task 3");
+                    }
+                    done.fetch_add(1, Ordering::Relaxed);
+                })
+            }));
+            assert!(result.is_err(), "{threads} threads");
+            assert_eq!(done.load(Ordering::Relaxed), 7, "{threads} threads");
+        }
         // The team is usable afterwards.
         let sum = AtomicUsize::new(0);
         run(4, 2, &|i| {
