@@ -406,7 +406,20 @@ fn attention_paths_agree_with_a_direct_softmax() {
     attend_with(Isa::Reference, &[1.0, 1.0], &[0.5, 0.5, 0.5, 0.5], &[1.0, 2.0, 3.0, 6.0], 2, 1.0, &mut y).unwrap();
     assert_eq!(y, [2.0, 4.0]);
     let mut rng = common::Rng::new(11);
-    for (heads, d, t) in [(1, 1, 1), (1, 7, 2), (3, 8, 33), (2, 17, 5), (5, 40, 300), (3, 64, 300), (9, 64, 7), (4, 80, 33), (1, 128, 2)] {
+    for (heads, d, t) in [
+        (1, 1, 1),
+        (1, 7, 2),
+        (3, 8, 33),
+        (2, 17, 5),
+        (5, 40, 300),
+        (3, 64, 300),
+        (9, 64, 7),
+        (4, 80, 33),
+        (1, 128, 2),
+        (2, 32, 13),
+        (4, 32, 38),
+        (3, 64, 4),
+    ] {
         let (q, k, v) = (rng.normals(heads * d, 1.0), rng.normals(t * d, 1.0), rng.normals(t * d, 1.0));
         let scale = 1.0 / (d as f32).sqrt();
         let mut want = Vec::new();
@@ -418,11 +431,23 @@ fn attention_paths_agree_with_a_direct_softmax() {
             let sum: f64 = e.iter().sum();
             want.extend((0..d).map(|c| e.iter().enumerate().map(|(j, e)| e * v[j * d + c] as f64).sum::<f64>() / sum));
         }
+        let mut simd_bits: Option<Vec<u32>> = None;
         for isa in Isa::supported() {
             let mut y = vec![f32::NAN; heads * d];
             attend_with(isa, &q, &k, &v, d, scale, &mut y).unwrap();
             for (i, (&got, &w)) in y.iter().zip(&want).enumerate() {
                 assert!((got as f64 - w).abs() <= 1e-5 * w.abs().max(1.0), "{isa:?} {heads} heads, d {d}, t {t} [{i}]: {got} vs {w}");
+            }
+            // The vector paths tile scores and value sums by their register files (16 or 32
+            // vector registers: 1 to 8 keys per tile, whole or one at a time) but add in the same
+            // order: the same bits.
+            if isa != Isa::Reference {
+                let bits: Vec<u32> = y.iter().map(|x| x.to_bits()).collect();
+                assert_eq!(
+                    simd_bits.get_or_insert_with(|| bits.clone()),
+                    &bits,
+                    "{isa:?} {heads} heads, d {d}, t {t}: other bits than the first vector path"
+                );
             }
             // The positions cut into 2 or 3 ranges (as decoding threads split them), each part
             // with its own softmax maximum and sum, merged.

@@ -262,6 +262,30 @@ fn kv_cache_decoding_matches_a_full_forward() {
     assert_cached_decoding_matches_full_forward(&tokens, 5);
 }
 
+/// A cache filled in one mode and extended in the other (rows for the kernels' attention,
+/// tensors in differentiable mode) is converted and keeps every position: each step's logits
+/// match the full forward's, both ways round.
+#[test]
+fn kv_cache_carries_over_between_fast_and_differentiable_modes() {
+    let tokens = encode(smollm2(), "One two three four five six seven eight nine").unwrap();
+    let mut model = smollm2().model.clone();
+    let full = model.forward(&tokens, &mut Default::default(), true).unwrap();
+    for first_differentiable in [true, false] {
+        let mut cache = Default::default();
+        model.set_differentiable(first_differentiable);
+        model.forward(&tokens[..5], &mut cache, false).unwrap();
+        for (i, &t) in tokens.iter().enumerate().skip(5) {
+            // Switch at the first step, and back and forth after it.
+            model.set_differentiable(first_differentiable == (i % 2 == 0));
+            let step = model.forward(&[t], &mut cache, false).unwrap();
+            let diff = (step - full.narrow(0, i, 1).unwrap()).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap();
+            let diff = diff.to_scalar::<f32>().unwrap();
+            assert!(diff < 1e-3, "first differentiable {first_differentiable}, position {i}: {diff}");
+        }
+        assert_eq!(cache.len(), tokens.len());
+    }
+}
+
 #[test]
 fn kv_cache_grows_past_its_first_chunk() {
     // The cache reserves 512 positions at a time: prefill 510, then decode across the boundary

@@ -103,8 +103,7 @@ fn scores_softmax_values(
     }
     // Softmax numerators e^(s − max) per head, their maximum and sum beside them.
     for ((ph, max), sum) in p.chunks_exact_mut(t).zip(maxima.iter_mut()).zip(sums.iter_mut()) {
-        *max = ph.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
-        *sum = kernels.exp_shifted(ph, *max);
+        (*max, *sum) = kernels.softmax_numerators(ph);
     }
     for (ps, ys) in p.chunks(MAX_TILE_HEADS * t).zip(y.chunks_mut(MAX_TILE_HEADS * d)) {
         // SAFETY: ps holds 1 to MAX_TILE_HEADS whole rows of t, ys as many heads of d, values t

@@ -27,6 +27,8 @@ mod tiles;
 mod weights;
 #[cfg(target_arch = "x86_64")]
 mod x86;
+#[cfg(target_arch = "x86_64")]
+mod x86_attention;
 
 pub use activations::QuantizedActivations;
 pub use attention::{attend, attend_part, attend_part_with, attend_with, combine_parts, part_len, MAX_TILE_HEADS};

@@ -10,7 +10,7 @@
 use super::arm;
 use super::tiles::{BlockOutputs, Int8Operands};
 #[cfg(target_arch = "x86_64")]
-use super::x86;
+use super::{x86, x86_attention};
 use super::{Isa, PackedInt8Weights};
 use candle_core::{bail, Result};
 use std::ops::Range;
@@ -25,6 +25,7 @@ type WeightOnlyBlocks = unsafe fn(&[f32], usize, &PackedInt8Weights, Range<usize
 type AttentionScores = unsafe fn(&[f32], &[f32], usize, f32, &mut [f32]);
 type WeightedRows = unsafe fn(&[f32], &[f32], usize, &mut [f32]);
 type SiluMul = unsafe fn(&[f32], &[f32], &mut [f32]);
+type SoftmaxNumerators = unsafe fn(&mut [f32]) -> (f32, f32);
 
 /// The vector kernels of one supported path; `None` where it has none (the portable code runs).
 #[derive(Clone, Copy)]
@@ -38,7 +39,7 @@ pub(crate) struct Kernels {
     int8_segment_sums: Option<SegmentSums>,
     weight_only_blocks: Option<WeightOnlyBlocks>,
     attention_scores: Option<AttentionScores>,
-    exp_shifted: Option<unsafe fn(&mut [f32], f32) -> f32>,
+    softmax_numerators: Option<SoftmaxNumerators>,
     weighted_rows: Option<WeightedRows>,
     gelu_erf: Option<unsafe fn(&mut [f32])>,
     silu_mul: Option<SiluMul>,
@@ -87,7 +88,7 @@ impl Kernels {
         int8_segment_sums: None,
         weight_only_blocks: None,
         attention_scores: None,
-        exp_shifted: None,
+        softmax_numerators: None,
         weighted_rows: None,
         gelu_erf: None,
         silu_mul: None,
@@ -126,9 +127,17 @@ impl Kernels {
                     int8_blocks: Some(blocks),
                     int8_segment_sums: Some(sums),
                     weight_only_blocks: Some(x86::weight_only_blocks),
-                    attention_scores: Some(x86::attention_scores),
-                    exp_shifted: Some(x86::exp_shifted),
-                    weighted_rows: Some(x86::weighted_rows),
+                    attention_scores: Some(if isa == Isa::Avx512Vnni {
+                        x86_attention::avx512::attention_scores
+                    } else {
+                        x86_attention::avx2::attention_scores
+                    }),
+                    softmax_numerators: Some(x86::softmax_numerators),
+                    weighted_rows: Some(if isa == Isa::Avx512Vnni {
+                        x86_attention::avx512::weighted_rows
+                    } else {
+                        x86_attention::avx2::weighted_rows
+                    }),
                     gelu_erf: Some(x86::gelu_erf),
                     silu_mul: Some(x86::silu_mul),
                 }
@@ -264,14 +273,16 @@ impl Kernels {
         true
     }
 
-    /// `p ← e^(p − shift)` and `Σ p`.
-    pub fn exp_shifted(&self, p: &mut [f32], shift: f32) -> f32 {
-        match self.exp_shifted {
+    /// Softmax numerators of a row of scores in place: with `m = max p`, `p ← e^(p − m)`;
+    /// returns `(m, Σ p)`.
+    pub fn softmax_numerators(&self, p: &mut [f32]) -> (f32, f32) {
+        match self.softmax_numerators {
             // SAFETY: the table's path is supported; the kernel stays within `p`.
-            Some(f) => unsafe { f(p, shift) },
+            Some(f) => unsafe { f(p) },
             None => {
-                p.iter_mut().for_each(|s| *s = (*s - shift).exp());
-                p.iter().sum()
+                let max = p.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
+                p.iter_mut().for_each(|s| *s = (*s - max).exp());
+                (max, p.iter().sum())
             }
         }
     }

@@ -578,21 +578,32 @@ fn exp_nonpositive(x: __m256) -> __m256 {
     _mm256_and_ps(_mm256_mul_ps(poly, two_n), live)
 }
 
-/// `p[j] = e^(p[j] − shift)` for every `j`, returning `Σ_j p[j]`; `shift ≥ max_j p[j]` (the
-/// softmax numerators of a row of scores, and their sum).
+/// The softmax numerators of a row of scores in place: with `m = max_j p[j]`,
+/// `p[j] = e^(p[j] − m)`; returns `(m, Σ_j p[j])`.
 ///
 /// # Safety
 /// AVX2+FMA+F16C available.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn exp_shifted(p: &mut [f32], shift: f32) -> f32 {
-    let (m, mut sum) = (_mm256_set1_ps(shift), _mm256_setzero_ps());
-    // Padding past the end is −∞, whose e^(−∞ − shift) = 0 adds nothing to the sum.
+pub unsafe fn softmax_numerators(p: &mut [f32]) -> (f32, f32) {
+    let mut top = _mm256_set1_ps(f32::NEG_INFINITY);
+    let chunks = p.chunks_exact(8);
+    let tail = chunks.remainder().iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
+    for c in chunks {
+        // SAFETY: chunks_exact gives 8 floats.
+        top = _mm256_max_ps(top, unsafe { _mm256_loadu_ps(c.as_ptr()) });
+    }
+    let mut lanes = [0f32; 8];
+    // SAFETY: lanes holds 8 floats.
+    unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), top) };
+    let max = lanes.iter().fold(tail, |m, &s| m.max(s));
+    let (m, mut sum) = (_mm256_set1_ps(max), _mm256_setzero_ps());
+    // Padding past the end is −∞, whose e^(−∞ − m) = 0 adds nothing to the sum.
     map_vectors(p, f32::NEG_INFINITY, |v| {
         let e = exp_nonpositive(_mm256_sub_ps(v, m));
         sum = _mm256_add_ps(sum, e);
         e
     });
-    hsum(sum)
+    (max, hsum(sum))
 }
 
 /// `x[i] = f(x[i..i+8])` eight values at a time, in place; the last, partial vector is padded
@@ -675,20 +686,21 @@ pub unsafe fn silu_mul(gate: &[f32], up: &[f32], out: &mut [f32]) {
 /// Horizontal sum of eight lanes.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-fn hsum(v: __m256) -> f32 {
+pub(super) fn hsum(v: __m256) -> f32 {
     let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
 }
 
 /// `p[r·t + j] = scale · q_r·keys[j]` for the 1 to 4 heads of `q` (rows of `d`)
-/// and every key row `j < t`, each key row read once for all of them.
+/// and every key row `j < t`, one key row at a time for all the heads: the scores of heads whose
+/// size is not a multiple of 8 (the register tiles of [`super::x86_attention`] take the rest).
 ///
 /// # Safety
 /// AVX2+FMA+F16C available; `q` holds 1 to 4 rows of `d`, `p` as many rows of `t`, and `keys`
 /// `t` rows of `d`.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn attention_scores(q: &[f32], keys: &[f32], d: usize, scale: f32, p: &mut [f32]) {
+pub unsafe fn attention_scores_by_key(q: &[f32], keys: &[f32], d: usize, scale: f32, p: &mut [f32]) {
     // SAFETY: the operations below are those this function's `# Safety` section makes the caller answer for (features present, pointers and ranges valid).
     unsafe {
         match q.len() / d {
@@ -730,79 +742,6 @@ unsafe fn scores_tile<const R: usize>(q: &[f32], keys: &[f32], d: usize, scale: 
                     s += *qp.add(r * d + c) * *k.add(c);
                 }
                 p[r * t + j] = s * scale;
-            }
-        }
-    }
-}
-
-/// `y_r = Σ_j w[r·t + j] · values[j]` for the 1 to 4 heads of `w` (rows of `t`) and `y` (rows of
-/// `d`), 16 to 32 outputs of every head per pass over the value rows (each row read once per
-/// pass): as many as keep 8 or more accumulators in flight without running out of registers.
-///
-/// # Safety
-/// AVX2+FMA+F16C available; `y` holds 1 to 4 rows of `d`, `w` as many rows of `t`, and `values`
-/// `t` rows of `d`.
-#[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn weighted_rows(w: &[f32], values: &[f32], d: usize, y: &mut [f32]) {
-    // SAFETY: the operations below are those this function's `# Safety` section makes the caller answer for (features present, pointers and ranges valid).
-    unsafe {
-        match y.len() / d {
-            1 => weighted_tile::<1>(w, values, d, y),
-            2 => weighted_tile::<2>(w, values, d, y),
-            3 => weighted_tile::<3>(w, values, d, y),
-            _ => weighted_tile::<4>(w, values, d, y),
-        }
-    }
-}
-
-/// [`weighted_rows`] for exactly `R` heads.
-///
-/// # Safety
-/// As [`weighted_rows`], with `R` rows in `w` and `y`.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn weighted_tile<const R: usize>(w: &[f32], values: &[f32], d: usize, y: &mut [f32]) {
-    // SAFETY: row j < t of values and row r < R of w and y exist (caller); every vector access
-    // stays below c + 8·W <= body <= d within its row.
-    unsafe {
-        let t = w.len() / R;
-        let body = d - d % 8;
-        let (wp, vp, yp) = (w.as_ptr(), values.as_ptr(), y.as_mut_ptr());
-        let mut c = 0;
-        // W registers per head while 8·W outputs are left.
-        macro_rules! pass {
-            ($w:literal) => {
-                while c + 8 * $w <= body {
-                    let mut acc = [[_mm256_setzero_ps(); $w]; R];
-                    for j in 0..t {
-                        let v = vp.add(j * d + c);
-                        let vv: [__m256; $w] = std::array::from_fn(|u| _mm256_loadu_ps(v.add(8 * u)));
-                        for r in 0..R {
-                            let wv = _mm256_set1_ps(*wp.add(r * t + j));
-                            for u in 0..$w {
-                                acc[r][u] = _mm256_fmadd_ps(wv, vv[u], acc[r][u]);
-                            }
-                        }
-                    }
-                    for r in 0..R {
-                        for u in 0..$w {
-                            _mm256_storeu_ps(yp.add(r * d + c + 8 * u), acc[r][u]);
-                        }
-                    }
-                    c += 8 * $w;
-                }
-            };
-        }
-        if R <= 2 {
-            pass!(4);
-        } else if R == 3 {
-            pass!(3);
-        }
-        pass!(2);
-        pass!(1);
-        for r in 0..R {
-            for c in body..d {
-                y[r * d + c] = (0..t).map(|j| w[r * t + j] * values[j * d + c]).sum();
             }
         }
     }

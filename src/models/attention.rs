@@ -19,7 +19,8 @@ pub(crate) struct HeadRows<'a> {
 /// `y[i, h·d..(h+1)·d] = softmax(scale · q_{h,i} · K_gᵀ) · V_g` over the key rows `visible[i]`,
 /// for every query row `i < s = visible.len()` and head `h`, whose key/value head is `g = h / rep` with
 /// `rep = heads / kv.len()` (grouped-query attention: the `rep` heads of a group read each key
-/// and value row once for all of them). `q` is `[heads, s, d]`, `y` is `[s, heads·d]`.
+/// and value row once for all of them). `q` and `y` are `[s, heads·d]` (a projection's output
+/// rows: head `h` of row `i` at `(i·heads + h)·d`).
 ///
 /// Every (row, group) is a task of the kernel team; a single row (decoding) is also cut into
 /// ranges of keys (flash-decoding: each part keeps its own softmax maximum and sum, merged
@@ -68,15 +69,18 @@ pub(crate) fn attend_sequence(
         let keys = visible[rows_i.start].clone();
         let rows = keys.start + split * keys.len() / splits..keys.start + (split + 1) * keys.len() / splits;
         let at = rows.start * d..rows.end * d;
-        // The group's query heads at each row of the block, one after another (a short last
-        // block repeats its last row, whose result is not used).
-        let mut qg = Vec::with_capacity(block * rep * d);
-        for i in (rows_i.start..rows_i.start + block).map(|i| i.min(s - 1)) {
-            for h in g * rep..(g + 1) * rep {
-                qg.extend_from_slice(&q[(h * s + i) * d..(h * s + i + 1) * d]);
-            }
-        }
-        if let Err(e) = kernels::attend_part(&qg, &kv[g].keys[at.clone()], &kv[g].values[at], d, scale, part) {
+        // The group's query heads at each row of the block, one after another: one row's are
+        // already side by side; a block's are gathered (a short last block repeats its last
+        // row, whose result is not used).
+        let heads_of = |i: usize| &q[(i * heads + g * rep) * d..(i * heads + (g + 1) * rep) * d];
+        let gathered: Vec<f32>;
+        let qg = if block == 1 {
+            heads_of(rows_i.start)
+        } else {
+            gathered = (rows_i.start..rows_i.start + block).flat_map(|i| heads_of(i.min(s - 1))).copied().collect();
+            &gathered
+        };
+        if let Err(e) = kernels::attend_part(qg, &kv[g].keys[at.clone()], &kv[g].values[at], d, scale, part) {
             if let Ok(mut f) = failed.lock() {
                 *f = Some(e);
             }

@@ -197,12 +197,13 @@ impl Bert {
         let d = h / self.heads;
         let split = |t: Tensor| t.reshape((b, s, self.heads, d))?.transpose(1, 2)?.contiguous();
         let [q, k, v] = forward_shared(x, [&l.query, &l.key, &l.value])?;
-        let (q, k, v) = (split(q)?, split(k)?, split(v)?);
         let scale = 1.0 / (d as f64).sqrt();
         if !self.differentiable && q.dtype() == candle_core::DType::F32 {
+            // Queries stay in their rows ([b, s, heads·d]); each head's keys and values are
+            // gathered into rows of their own. Contiguous: borrowed, not copied again.
+            let (k, v) = (split(k)?, split(v)?);
             let seq = self.heads * s * d;
             let mut y = vec![0f32; b * seq];
-            // The three were just made contiguous: borrowed, not copied again.
             with_float_values(&q, "attention queries", |q| {
                 with_float_values(&k, "attention keys", |k| {
                     with_float_values(&v, "attention values", |v| {
@@ -218,6 +219,7 @@ impl Bert {
             })?;
             return Tensor::from_vec(y, (b, s, h), x.device());
         }
+        let (q, k, v) = (split(q)?, split(k)?, split(v)?);
         let mut att = (q.matmul(&k.t()?.contiguous()?)? * scale)?;
         if let Some(bias) = bias {
             att = att.broadcast_add(bias)?;

@@ -291,22 +291,150 @@ fn rope_rows(inv_freq: &[f32], from: usize, n: usize) -> Result<(Tensor, Tensor)
 /// positions instead of being copied on every token.
 const KV_CHUNK: usize = 512;
 
-/// Keys and values of past positions, one pair of growable buffers per layer (written in place,
-/// so a decoding step copies one position, not the whole history).
+/// Keys and values of past positions, per layer, written in place (a decoding step copies one
+/// position, not the whole history). One sequence: a batch of sequences is a cache each.
 #[derive(Debug, Clone, Default)]
 pub struct KvCache {
-    layers: Vec<candle_nn::kv_cache::KvCache>,
+    layers: Vec<LayerCache>,
 }
 
 impl KvCache {
     /// Number of cached positions.
     pub fn len(&self) -> usize {
-        self.layers.first().map_or(0, |l| l.current_seq_len())
+        self.layers.first().map_or(0, LayerCache::len)
     }
 
     /// Whether no position is cached.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+/// One layer's keys and values, in the form the attention that reads them wants: rows of plain
+/// floats for the kernels' attention (inference), tensors that carry gradients for candle's ops
+/// (differentiable mode, other dtypes). A cache filled one way and read the other is converted once.
+#[derive(Debug, Clone, Default)]
+enum LayerCache {
+    #[default]
+    Empty,
+    Rows(RowCache),
+    /// `[1, kv_heads, t, d]` keys and values.
+    Tensors(candle_nn::kv_cache::KvCache),
+}
+
+impl LayerCache {
+    fn len(&self) -> usize {
+        match self {
+            LayerCache::Empty => 0,
+            LayerCache::Rows(r) => r.len,
+            LayerCache::Tensors(c) => c.current_seq_len(),
+        }
+    }
+
+    /// The rows form for `heads` key/value heads of `d` values.
+    fn rows(&mut self, heads: usize, d: usize) -> Result<&mut RowCache> {
+        if let LayerCache::Tensors(c) = self {
+            let mut rows = RowCache::new(heads, d);
+            if let (Some(k), Some(v)) = (c.k()?, c.v()?) {
+                let (k, v) = (k.flatten_all()?.to_vec1::<f32>()?, v.flatten_all()?.to_vec1::<f32>()?);
+                let t = k.len() / (heads * d).max(1);
+                rows.reserve(t);
+                for g in 0..heads {
+                    let (from, to) = (g * t * d..(g + 1) * t * d, g * rows.capacity * d);
+                    rows.keys[to..to + t * d].copy_from_slice(&k[from.clone()]);
+                    rows.values[to..to + t * d].copy_from_slice(&v[from]);
+                }
+                rows.len = t;
+            }
+            *self = LayerCache::Rows(rows);
+        }
+        if let LayerCache::Empty = self {
+            *self = LayerCache::Rows(RowCache::new(heads, d));
+        }
+        match self {
+            LayerCache::Rows(r) if r.heads == heads && r.d == d => Ok(r),
+            _ => bail!("key/value cache holds heads of another shape than {heads} × {d}"),
+        }
+    }
+
+    /// The tensors form.
+    fn tensors(&mut self) -> Result<&mut candle_nn::kv_cache::KvCache> {
+        if let LayerCache::Rows(r) = self {
+            let mut c = candle_nn::kv_cache::KvCache::new(2, KV_CHUNK);
+            if r.len > 0 {
+                let heads: Vec<usize> = (0..r.heads).collect();
+                let gather =
+                    |buf: &[f32]| -> Vec<f32> { heads.iter().flat_map(|g| &buf[g * r.capacity * r.d..][..r.len * r.d]).copied().collect() };
+                let shape = (1, r.heads, r.len, r.d);
+                c.append(
+                    &Tensor::from_vec(gather(&r.keys), shape, &Device::Cpu)?,
+                    &Tensor::from_vec(gather(&r.values), shape, &Device::Cpu)?,
+                )?;
+            }
+            *self = LayerCache::Tensors(c);
+        }
+        if let LayerCache::Empty = self {
+            *self = LayerCache::Tensors(candle_nn::kv_cache::KvCache::new(2, KV_CHUNK));
+        }
+        match self {
+            LayerCache::Tensors(c) => Ok(c),
+            _ => bail!("key/value cache lost its tensors"),
+        }
+    }
+}
+
+/// Keys (RoPE applied) and values of one layer as rows of `d` floats: key/value head `g`'s
+/// position `p` at `(g·capacity + p)·d`, room for `capacity` positions reserved in steps of
+/// [`KV_CHUNK`].
+#[derive(Debug, Clone, Default)]
+struct RowCache {
+    heads: usize,
+    d: usize,
+    len: usize,
+    capacity: usize,
+    keys: Vec<f32>,
+    values: Vec<f32>,
+}
+
+impl RowCache {
+    fn new(heads: usize, d: usize) -> Self {
+        Self { heads, d, ..Self::default() }
+    }
+
+    /// Room for `extra` more positions (moving each head's rows to its new place if it grows).
+    fn reserve(&mut self, extra: usize) {
+        let need = self.len + extra;
+        if need <= self.capacity {
+            return;
+        }
+        let (cap, old, len, d) = (need.next_multiple_of(KV_CHUNK), self.capacity, self.len, self.d);
+        let regrow = |buf: &[f32]| {
+            let mut grown = vec![0f32; self.heads * cap * d];
+            for g in 0..self.heads {
+                grown[g * cap * d..][..len * d].copy_from_slice(&buf[g * old * d..][..len * d]);
+            }
+            grown
+        };
+        (self.keys, self.values) = (regrow(&self.keys), regrow(&self.values));
+        self.capacity = cap;
+    }
+
+    /// The rows of key/value head `g` up to the last position held.
+    fn head(&self, g: usize) -> HeadRows<'_> {
+        let at = g * self.capacity * self.d..(g * self.capacity + self.len) * self.d;
+        HeadRows { keys: &self.keys[at.clone()], values: &self.values[at] }
+    }
+}
+
+/// `x` rotated by RoPE at one position (`rotate_half` form, as candle's `rope`): with `h = d/2`,
+/// `y_j = x_j·cos_j − x_{j+h}·sin_j` and `y_{j+h} = x_j·sin_j + x_{j+h}·cos_j` for `j < h`.
+fn rope_row(x: &[f32], cos: &[f32], sin: &[f32], y: &mut [f32]) {
+    let h = x.len() / 2;
+    let (x1, x2) = x.split_at(h);
+    let (y1, y2) = y.split_at_mut(h);
+    for j in 0..h.min(cos.len()).min(sin.len()) {
+        y1[j] = x1[j] * cos[j] - x2[j] * sin[j];
+        y2[j] = x1[j] * sin[j] + x2[j] * cos[j];
     }
 }
 
@@ -425,16 +553,8 @@ impl Attention {
         })
     }
 
-    fn forward(
-        &self,
-        x: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-        cache: &mut candle_nn::kv_cache::KvCache,
-        differentiable: bool,
-    ) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, cache: &mut LayerCache, differentiable: bool) -> Result<Tensor> {
         let (b, s, _) = x.dims3()?;
-        let split = |t: Tensor, n: usize| t.reshape((b, s, n, self.head_dim))?.transpose(1, 2)?.contiguous();
         let (hd, kvd) = (self.heads * self.head_dim, self.kv_heads * self.head_dim);
         let (q, k, v) = match self.qkv.as_slice() {
             [fused] => {
@@ -447,6 +567,11 @@ impl Attention {
             }
             _ => bail!("attention holds {} projections", self.qkv.len()),
         };
+        if b == 1 && !differentiable && q.dtype() == DType::F32 && q.device().is_cpu() {
+            let y = self.attend_rows(q, k, v, cos, sin, cache.rows(self.kv_heads, self.head_dim)?)?;
+            return self.o_proj.forward(&y);
+        }
+        let split = |t: Tensor, n: usize| t.reshape((b, s, n, self.head_dim))?.transpose(1, 2)?.contiguous();
         let (q, k, v) = (split(q, self.heads)?, split(k, self.kv_heads)?, split(v, self.kv_heads)?);
         let (q, k) = match &self.qk_norms {
             Some((qn, kn)) => (rms_norm(qn, &q, differentiable)?, rms_norm(kn, &k, differentiable)?),
@@ -457,6 +582,7 @@ impl Attention {
         // The first call attends to its own keys and values (which keeps their gradients);
         // later ones to the cache's view of everything so far. Differentiable mode concatenates
         // so that gradients reach this step's keys and values, as in-place writes would not.
+        let cache = cache.tensors()?;
         let (k, v) = match (cache.current_seq_len(), differentiable) {
             (0, _) => {
                 cache.append(&k, &v)?;
@@ -472,11 +598,6 @@ impl Attention {
                 }
             }
         };
-        if b == 1 && !differentiable {
-            if let Some(y) = causal_attention(&q, &k, &v, self.heads, self.kv_heads, self.scale as f32, self.window)? {
-                return self.o_proj.forward(&y);
-            }
-        }
         let t = k.dim(2)?;
         // Grouped-query attention without copying the cache once per query head: the `rep`
         // query heads that share key/value head `g` are stacked as rows of one matrix,
@@ -499,46 +620,64 @@ impl Attention {
         let y = att.matmul(&v)?.reshape((b, self.heads, s, self.head_dim))?.transpose(1, 2)?.reshape((b, s, self.heads * self.head_dim))?;
         self.o_proj.forward(&y)
     }
-}
 
-/// Causal attention of the `s` newest positions (a prompt, or one decoding step) against every
-/// cached key and value, on the cache's storage: query position `i` (absolute position
-/// `p = t − s + i`) sees the keys `j ≤ p`, and `p − j < window` on a sliding-window layer.
-/// Returns `[1, s, heads·d]`, or `None` when the tensors are not f32 CPU tensors with
-/// contiguous rows (the general path then runs).
-fn causal_attention(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    heads: usize,
-    kv_heads: usize,
-    scale: f32,
-    window: Option<usize>,
-) -> Result<Option<Tensor>> {
-    let (_, _, t, d) = k.dims4()?;
-    let s = q.dim(2)?;
-    let q = q.flatten_all()?.to_vec1::<f32>()?;
-    let (ks, kl) = k.storage_and_layout();
-    let (vs, vl) = v.storage_and_layout();
-    let (candle_core::Storage::Cpu(kc), candle_core::Storage::Cpu(vc)) = (&*ks, &*vs) else { return Ok(None) };
-    let (Ok(kd), Ok(vd)) = (kc.as_slice::<f32>(), vc.as_slice::<f32>()) else { return Ok(None) };
-    let rows_contiguous = |l: &candle_core::Layout| l.stride()[3] == 1 && l.stride()[2] == d;
-    if q.len() != heads * s * d || s > t || !rows_contiguous(kl) || !rows_contiguous(vl) {
-        return Ok(None);
+    /// Causal attention of the `s` newest positions (a prompt, or one decoding step) on the
+    /// kernels, from the projections' `[1, s, heads·d]` outputs: keys rotated straight into the
+    /// cache's rows, values copied there, queries rotated in their own layout; query position
+    /// `i` (absolute position `p = t − s + i`) sees the keys `j ≤ p`, and `p − j < window` on a
+    /// sliding-window layer. Returns `[1, s, heads·d]`.
+    #[allow(clippy::too_many_arguments)]
+    fn attend_rows(&self, q: Tensor, k: Tensor, v: Tensor, cos: &Tensor, sin: &Tensor, cache: &mut RowCache) -> Result<Tensor> {
+        let (d, s) = (self.head_dim, q.dim(1)?);
+        let (q, k) = match &self.qk_norms {
+            // Per-head RMSNorm over rows of d, whatever the heads' order.
+            Some((qn, kn)) => (qn.forward(&q.reshape((s, self.heads, d))?)?, kn.forward(&k.reshape((s, self.kv_heads, d))?)?),
+            None => (q, k),
+        };
+        cache.reserve(s);
+        let (pos, cap) = (cache.len, cache.capacity);
+        let mut qr = vec![0f32; s * self.heads * d];
+        with_float_values(cos, "RoPE cosines", |cos| {
+            with_float_values(sin, "RoPE sines", |sin| {
+                let half = d / 2;
+                if cos.len() < s * half || sin.len() < s * half {
+                    bail!("RoPE tables hold {} values for {s} positions of {half}", cos.len().min(sin.len()))
+                }
+                let at = |i: usize| (&cos[i * half..(i + 1) * half], &sin[i * half..(i + 1) * half]);
+                with_float_values(&q, "attention queries", |q| {
+                    for (i, (x, y)) in q.chunks_exact(self.heads * d).zip(qr.chunks_exact_mut(self.heads * d)).enumerate() {
+                        let (c, sn) = at(i);
+                        x.chunks_exact(d).zip(y.chunks_exact_mut(d)).for_each(|(x, y)| rope_row(x, c, sn, y));
+                    }
+                    Ok(())
+                })?;
+                with_float_values(&k, "attention keys", |k| {
+                    for (i, x) in k.chunks_exact(self.kv_heads * d).enumerate() {
+                        let (c, sn) = at(i);
+                        for (g, x) in x.chunks_exact(d).enumerate() {
+                            rope_row(x, c, sn, &mut cache.keys[(g * cap + pos + i) * d..][..d]);
+                        }
+                    }
+                    Ok(())
+                })
+            })
+        })?;
+        with_float_values(&v, "attention values", |v| {
+            for (i, x) in v.chunks_exact(self.kv_heads * d).enumerate() {
+                for (g, x) in x.chunks_exact(d).enumerate() {
+                    cache.values[(g * cap + pos + i) * d..][..d].copy_from_slice(x);
+                }
+            }
+            Ok(())
+        })?;
+        cache.len += s;
+        let t = cache.len;
+        let kv: Vec<_> = (0..self.kv_heads).map(|g| cache.head(g)).collect();
+        let visible: Vec<_> = (t - s..t).map(|p| (p + 1).saturating_sub(self.window.unwrap_or(usize::MAX))..p + 1).collect();
+        let mut y = vec![0f32; s * self.heads * d];
+        attend_sequence(&qr, d, &kv, self.heads, self.scale as f32, &visible, &mut y)?;
+        Tensor::from_vec(y, (1, s, self.heads * d), &Device::Cpu)
     }
-    // Key/value head g's rows, t·d values from its offset (rows are contiguous, checked above).
-    let (k_at, v_at) = (|g: usize| kl.start_offset() + g * kl.stride()[1], |g: usize| vl.start_offset() + g * vl.stride()[1]);
-    if (0..kv_heads).any(|g| k_at(g) + t * d > kd.len() || v_at(g) + t * d > vd.len()) {
-        return Ok(None);
-    }
-    let kv: Vec<_> =
-        (0..kv_heads).map(|g| HeadRows { keys: &kd[k_at(g)..k_at(g) + t * d], values: &vd[v_at(g)..v_at(g) + t * d] }).collect();
-    let visible: Vec<_> = (t - s..t).map(|p| (p + 1).saturating_sub(window.unwrap_or(usize::MAX))..p + 1).collect();
-    let mut y = vec![0f32; s * heads * d];
-    attend_sequence(&q, d, &kv, heads, scale, &visible, &mut y)?;
-    drop(kv);
-    drop((ks, vs));
-    Ok(Some(Tensor::from_vec(y, (1, s, heads * d), k.device())?))
 }
 
 impl Mlp {
@@ -671,7 +810,7 @@ impl Llama {
         if pos + s > self.config.max_position_embeddings {
             bail!("{} positions exceed the model's context of {} tokens", pos + s, self.config.max_position_embeddings)
         }
-        cache.layers.resize_with(self.layers.len(), || candle_nn::kv_cache::KvCache::new(2, KV_CHUNK));
+        cache.layers.resize_with(self.layers.len(), LayerCache::default);
         let thetas = std::iter::once(self.config.rope_theta).chain(self.config.variant.rope_local_theta);
         let ropes = self
             .ropes
