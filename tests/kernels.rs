@@ -545,3 +545,34 @@ fn silu_mul_matches_a_direct_sigmoid() {
     assert!(out[3].is_nan());
     assert!(silu_mul(&[1.0; 3], &[1.0; 2], &mut [0.0; 3]).is_err());
 }
+
+/// The RMSNorm kernel gives candle's fused RMSNorm bit for bit: rows of 1 to 600 values (whole
+/// 8-value vectors and not), fewer and more than eight rows (the x86 path sums eight rows per
+/// register, the rest one by one), and enough rows to be shared over the kernel team; wrong
+/// lengths are errors.
+#[test]
+fn rms_norm_equals_candles_bit_for_bit() {
+    use candle_quant::internals::rms_norm;
+    let mut rng = common::Rng::new(5);
+    for (rows, n) in [(1, 1), (3, 7), (8, 8), (13, 64), (9, 576), (300, 576), (67, 600)] {
+        let x: Vec<f32> = rng.normals(rows * n, 1.0).iter().enumerate().map(|(i, v)| v * (1 + i % 5) as f32).collect();
+        let alpha = rng.normals(n, 1.0);
+        let eps = 1e-5;
+        let want = candle_nn::ops::rms_norm(
+            &Tensor::from_vec(x.clone(), (rows, n), &Device::Cpu).unwrap(),
+            &Tensor::from_vec(alpha.clone(), n, &Device::Cpu).unwrap(),
+            eps,
+        )
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+        let mut got = vec![f32::NAN; rows * n];
+        rms_norm(&x, n, &alpha, eps, &mut got).unwrap();
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&got), bits(&want), "{rows} rows of {n}");
+    }
+    assert!(rms_norm(&[1.0; 6], 4, &[1.0; 4], 1e-5, &mut [0.0; 6]).is_err(), "6 values are not rows of 4");
+    assert!(rms_norm(&[1.0; 8], 4, &[1.0; 3], 1e-5, &mut [0.0; 8]).is_err(), "3 weights for rows of 4");
+}

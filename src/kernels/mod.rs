@@ -15,6 +15,8 @@
 //! over output channels by the kernels' own fork-join team (`team.rs`), as many threads as
 //! candle's CPU ops use (rayon's thread count, `RAYON_NUM_THREADS`).
 
+use std::mem::MaybeUninit;
+
 mod activations;
 #[cfg(target_arch = "aarch64")]
 mod arm;
@@ -140,7 +142,7 @@ impl Isa {
     }
 }
 
-fn check_linear(acts: &QuantizedActivations, weights: &PackedInt8Weights, bias: Option<&[f32]>, out: &[f32]) -> Result<()> {
+fn check_linear(acts: &QuantizedActivations, weights: &PackedInt8Weights, bias: Option<&[f32]>, out: &[MaybeUninit<f32>]) -> Result<()> {
     let (m, k, n) = (acts.rows(), acts.cols(), weights.out_features());
     if k != weights.in_features() {
         bail!("int8 linear: activations have {k} columns but the weights expect {}", weights.in_features())
@@ -157,6 +159,35 @@ fn check_linear(acts: &QuantizedActivations, weights: &PackedInt8Weights, bias: 
         bail!("int8 linear: a non-zero activation zero point needs one group per row")
     }
     segment(acts, weights).map(|_| ())
+}
+
+/// `out` as memory to write (every `f32` is a valid value, so writing any keeps it initialised).
+fn as_unfilled(out: &mut [f32]) -> &mut [MaybeUninit<f32>] {
+    // SAFETY: same size and alignment; MaybeUninit<f32> only loosens what may be read, and the
+    // kernels write nothing but f32 values through it.
+    unsafe { &mut *(out as *mut [f32] as *mut [MaybeUninit<f32>]) }
+}
+
+/// `out` once every value has been written.
+///
+/// # Safety
+/// Every value of `out` is initialised.
+pub(crate) unsafe fn assume_filled(out: &mut [MaybeUninit<f32>]) -> &mut [f32] {
+    // SAFETY: the caller's contract; same size and alignment.
+    unsafe { &mut *(out as *mut [MaybeUninit<f32>] as *mut [f32]) }
+}
+
+/// A vector of `len` floats that `fill` writes in full, without zeroing its memory first (at a
+/// prompt's sizes, zeroing every layer's outputs is a few percent of the time).
+///
+/// # Safety
+/// When `fill` returns `Ok`, it has written every one of the `len` values.
+pub(crate) unsafe fn filled_vec(len: usize, fill: impl FnOnce(&mut [MaybeUninit<f32>]) -> Result<()>) -> Result<Vec<f32>> {
+    let mut v = Vec::with_capacity(len);
+    fill(&mut v.spare_capacity_mut()[..len])?;
+    // SAFETY: capacity is at least len, and fill wrote all of them (the caller's contract).
+    unsafe { v.set_len(len) };
+    Ok(v)
 }
 
 /// Length of the runs of input channels that share one activation scale and one weight scale.
@@ -189,6 +220,18 @@ pub fn int8_linear_with(
     weights: &PackedInt8Weights,
     bias: Option<&[f32]>,
     out: &mut [f32],
+) -> Result<()> {
+    int8_linear_into(isa, acts, weights, bias, as_unfilled(out))
+}
+
+/// [`int8_linear_with`] into memory that need not hold values yet: on `Ok`, every value of
+/// `out` is written (so a layer's output buffer is never zeroed first).
+pub(crate) fn int8_linear_into(
+    isa: Isa,
+    acts: &QuantizedActivations,
+    weights: &PackedInt8Weights,
+    bias: Option<&[f32]>,
+    out: &mut [MaybeUninit<f32>],
 ) -> Result<()> {
     check_linear(acts, weights, bias, out)?;
     let kernels = Kernels::of(isa).map_err(|e| e.context("int8 linear"))?;
@@ -299,7 +342,7 @@ fn block_columns(blocks: &std::ops::Range<usize>, n: usize) -> impl Iterator<Ite
 /// with `outs` the `M` rows of `8·blocks.len()` outputs that task alone writes. With `N` a
 /// multiple of 8 they are the range's columns of `out` (`M×N`) itself; otherwise each range
 /// writes a scratch buffer whose real columns are copied over.
-fn over_blocks(m: usize, n: usize, macs: usize, out: &mut [f32], f: impl Fn(std::ops::Range<usize>, BlockOutputs) + Sync) {
+fn over_blocks(m: usize, n: usize, macs: usize, out: &mut [MaybeUninit<f32>], f: impl Fn(std::ops::Range<usize>, BlockOutputs) + Sync) {
     let total = n.div_ceil(BLOCK_ROWS);
     let threads = team_threads(macs >= PARALLEL_MIN_MACS);
     // One task per thread for a single row (each task is a short stream of weights); several
@@ -311,7 +354,7 @@ fn over_blocks(m: usize, n: usize, macs: usize, out: &mut [f32], f: impl Fn(std:
     };
     let ranges: Vec<_> = (0..total.div_ceil(per_task)).map(|t| t * per_task..((t + 1) * per_task).min(total)).collect();
     if n.is_multiple_of(BLOCK_ROWS) {
-        let outs = BlockOutputs::new(out.as_mut_ptr(), n);
+        let outs = BlockOutputs::new(out.as_mut_ptr().cast(), n);
         // Ranges are disjoint, so each task writes columns no other task touches.
         return team::run(ranges.len(), threads, &|t| f(ranges[t].clone(), outs.skip_blocks(ranges[t].start)));
     }
@@ -325,7 +368,8 @@ fn over_blocks(m: usize, n: usize, macs: usize, out: &mut [f32], f: impl Fn(std:
         let width = (blocks.end * BLOCK_ROWS).min(n) - start;
         let (from, row_len) = (m * BLOCK_ROWS * blocks.start, BLOCK_ROWS * blocks.len());
         for i in 0..m {
-            out[i * n + start..i * n + start + width].copy_from_slice(&scratch[from + i * row_len..from + i * row_len + width]);
+            let (to, row) = (&mut out[i * n + start..i * n + start + width], &scratch[from + i * row_len..from + i * row_len + width]);
+            to.iter_mut().zip(row).for_each(|(y, &v)| _ = y.write(v));
         }
     }
 }
@@ -365,8 +409,6 @@ fn reference_blocks(
     let (a_step, w_step) = ((acts.groups() > 1) as usize, (weights.groups() > 1) as usize);
     for i in 0..acts.rows() {
         let (row, sa) = (acts.row(i), acts.row_scales(i));
-        // SAFETY: row i's outputs of these blocks are the caller's task's alone.
-        let out = unsafe { outs.row(i, BLOCK_ROWS * blocks.len()) };
         for (j, col) in block_columns(&blocks, n) {
             let (w, sw) = (weights.row(j), weights.row_scales(j));
             let mut acc = 0f32;
@@ -374,7 +416,8 @@ fn reference_blocks(
                 let r = g * seg..((g + 1) * seg).min(k);
                 acc += sa[g * a_step] * sw[g * w_step] * reference::dot_i8(&row[r.clone()], &w[r]) as f32;
             }
-            out[col] = acc;
+            // SAFETY: row i's outputs of these blocks are the caller's task's alone.
+            unsafe { outs.write(i, col, acc) };
         }
     }
 }
@@ -448,6 +491,19 @@ pub fn weight_only_linear_with(
     bias: Option<&[f32]>,
     out: &mut [f32],
 ) -> Result<()> {
+    weight_only_linear_into(isa, x, m, weights, bias, as_unfilled(out))
+}
+
+/// [`weight_only_linear_with`] into memory that need not hold values yet: on `Ok`, every value
+/// of `out` is written.
+pub(crate) fn weight_only_linear_into(
+    isa: Isa,
+    x: &[f32],
+    m: usize,
+    weights: &PackedInt8Weights,
+    bias: Option<&[f32]>,
+    out: &mut [MaybeUninit<f32>],
+) -> Result<()> {
     let (k, n) = (weights.in_features(), weights.out_features());
     if x.len() != m * k || out.len() != m * n {
         bail!("weight-only linear: {} inputs / {} outputs do not fit {m}×{k} → {m}×{n}", x.len(), out.len())
@@ -472,16 +528,18 @@ pub fn weight_only_linear_with(
         if !unsafe { kernels.weight_only_blocks(&padded, m, weights, blocks.clone(), outs) } {
             let g = weights.group_size();
             for (i, row) in x.chunks(k).enumerate() {
-                // SAFETY: as above.
-                let out = unsafe { outs.row(i, BLOCK_ROWS * blocks.len()) };
                 for (j, col) in block_columns(&blocks, n) {
                     let (w, sw) = (weights.row(j), weights.row_scales(j));
-                    out[col] = row.chunks(g).zip(w.chunks(g)).zip(&sw).map(|((x, w), s)| s * reference::dot_f32_i8(x, w)).sum();
+                    let y = row.chunks(g).zip(w.chunks(g)).zip(&sw).map(|((x, w), s)| s * reference::dot_f32_i8(x, w)).sum();
+                    // SAFETY: as above.
+                    unsafe { outs.write(i, col, y) };
                 }
             }
         }
     });
     if let Some(b) = bias {
+        // SAFETY: over_blocks had every output of every block written.
+        let out = unsafe { assume_filled(out) };
         for y in out.chunks_mut(n) {
             y.iter_mut().zip(b).for_each(|(y, b)| *y += b);
         }
@@ -544,6 +602,37 @@ pub fn gelu_erf_scalar(x: f32) -> f32 {
     } else {
         c
     }
+}
+
+/// RMSNorm of every row of `n` values of `x` into `out`, bit for bit as candle's CPU kernel
+/// computes it: `Σ x²` of each row added in order (`x·x` rounded, then added),
+/// `m = √(Σ/n + ε)`, `y = x / m · α`. The sums of eight rows at a time run in the lanes of one
+/// register on x86 (a row per lane, still in order); the rows are shared out over the kernel
+/// team when there are many.
+pub fn rms_norm(x: &[f32], n: usize, alpha: &[f32], eps: f32, out: &mut [f32]) -> Result<()> {
+    rms_norm_into(x, n, alpha, eps, as_unfilled(out))
+}
+
+/// [`rms_norm`] into memory that need not hold values yet: on `Ok`, every value of `out` is written.
+pub(crate) fn rms_norm_into(x: &[f32], n: usize, alpha: &[f32], eps: f32, out: &mut [MaybeUninit<f32>]) -> Result<()> {
+    if n == 0 || !x.len().is_multiple_of(n) || alpha.len() != n || out.len() != x.len() {
+        bail!("rms norm: {} inputs, {} outputs and {} weights are not rows of {n}", x.len(), out.len(), alpha.len())
+    }
+    let kernels = Kernels::best();
+    let rows = x.len() / n;
+    // Pieces of whole rows, a multiple of eight each, about 64 K values.
+    let per = (65_536 / n).next_multiple_of(8).max(8);
+    let parts: Vec<_> = out.chunks_mut(per * n).collect();
+    run_on_parts(parts, team_threads(rows > per), |p, out| {
+        let x = &x[p * per * n..][..out.len()];
+        let mut sums = vec![0f32; out.len() / n];
+        kernels.sums_of_squares(x, n, &mut sums);
+        for ((row, y), sum) in x.chunks_exact(n).zip(out.chunks_exact_mut(n)).zip(sums) {
+            let m = (sum / n as f32 + eps).sqrt();
+            y.iter_mut().zip(row).zip(alpha).for_each(|((y, &v), &a)| _ = y.write(v / m * a));
+        }
+    });
+    Ok(())
 }
 
 /// Runs `work(i, parts[i])` for every part on the kernels' fork-join team — as many threads as

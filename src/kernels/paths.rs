@@ -26,6 +26,7 @@ type AttentionScores = unsafe fn(&[f32], &[f32], usize, f32, &mut [f32]);
 type WeightedRows = unsafe fn(&[f32], &[f32], usize, &mut [f32]);
 type SiluMul = unsafe fn(&[f32], &[f32], &mut [f32]);
 type SoftmaxNumerators = unsafe fn(&mut [f32]) -> (f32, f32);
+type SumsOfSquares = unsafe fn(&[f32], usize, &mut [f32]);
 
 /// The vector kernels of one supported path; `None` where it has none (the portable code runs).
 #[derive(Clone, Copy)]
@@ -43,6 +44,7 @@ pub(crate) struct Kernels {
     weighted_rows: Option<WeightedRows>,
     gelu_erf: Option<unsafe fn(&mut [f32])>,
     silu_mul: Option<SiluMul>,
+    sums_of_squares: Option<SumsOfSquares>,
 }
 
 /// The NEON int8 tiles without and with `sdot`, in the table's shape.
@@ -92,6 +94,7 @@ impl Kernels {
         weighted_rows: None,
         gelu_erf: None,
         silu_mul: None,
+        sums_of_squares: None,
     };
 
     /// The table of `isa`; an error naming the path when this CPU cannot run it.
@@ -140,6 +143,7 @@ impl Kernels {
                     }),
                     gelu_erf: Some(x86::gelu_erf),
                     silu_mul: Some(x86::silu_mul),
+                    sums_of_squares: Some(x86::sums_of_squares),
                 }
             }
             #[cfg(target_arch = "aarch64")]
@@ -307,6 +311,17 @@ impl Kernels {
         // SAFETY: the table's path is supported; the three slices have the same length.
         unsafe { f(gate, up, out) };
         true
+    }
+
+    /// `sums[r] = Σ_j x[r·n + j]²` for every row `r` of `n` values, each added in order (`x·x`
+    /// rounded, then added), as the portable loop does.
+    pub fn sums_of_squares(&self, x: &[f32], n: usize, sums: &mut [f32]) {
+        assert!(n > 0 && x.len() == n * sums.len(), "sums of squares: {} values are not {} rows of {n}", x.len(), sums.len());
+        match self.sums_of_squares {
+            // SAFETY: the table's path is supported; x holds sums.len() rows of n.
+            Some(f) => unsafe { f(x, n, sums) },
+            None => x.chunks_exact(n).zip(sums).for_each(|(row, s)| *s = row.iter().map(|&v| v * v).sum()),
+        }
     }
 
     /// Exact GELU in place; `false` (nothing done) when the path has no vector version.

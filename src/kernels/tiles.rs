@@ -111,7 +111,16 @@ impl BlockOutputs {
         self.ptr.wrapping_add(i * self.row_len + BLOCK_ROWS * b)
     }
 
-    /// Row `i`'s first `width` outputs.
+    /// Writes row `i`'s output `col` (counted from the run's first).
+    ///
+    /// # Safety
+    /// It is writable, and no reference to it is alive.
+    pub unsafe fn write(self, i: usize, col: usize, value: f32) {
+        // SAFETY: the caller's contract.
+        unsafe { self.at(i, 0).add(col).write(value) }
+    }
+
+    /// Row `i`'s first `width` outputs (once written).
     ///
     /// # Safety
     /// They are writable, and no other reference to them is alive while this one is.

@@ -746,3 +746,64 @@ unsafe fn scores_tile<const R: usize>(q: &[f32], keys: &[f32], d: usize, scale: 
         }
     }
 }
+
+/// `sums[r] = Σ_j x[r·n + j]²` for every row `r` of `n` values, each row's squares added in order
+/// — eight rows at a time, one per lane: 8 × 8 blocks are transposed so that each register holds
+/// one channel of the eight rows; the rows left over, one at a time.
+///
+/// # Safety
+/// AVX2+FMA+F16C available; `x` holds `sums.len()` rows of `n > 0`.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn sums_of_squares(x: &[f32], n: usize, sums: &mut [f32]) {
+    let eights = sums.len() / 8 * 8;
+    let body = n - n % 8;
+    for r0 in (0..eights).step_by(8) {
+        let at = |r: usize| x.as_ptr().wrapping_add((r0 + r) * n);
+        let mut acc = _mm256_setzero_ps();
+        for j in (0..body).step_by(8) {
+            // SAFETY: rows r0..r0+8 hold n values each, j + 8 <= body <= n.
+            let rows: [__m256; 8] = std::array::from_fn(|r| unsafe { _mm256_loadu_ps(at(r).add(j)) });
+            for c in transpose8(rows) {
+                acc = _mm256_add_ps(acc, _mm256_mul_ps(c, c));
+            }
+        }
+        for j in body..n {
+            // SAFETY: as above, j < n.
+            let c: [f32; 8] = std::array::from_fn(|r| unsafe { *at(r).add(j) });
+            // SAFETY: c holds 8 floats.
+            let c = unsafe { _mm256_loadu_ps(c.as_ptr()) };
+            acc = _mm256_add_ps(acc, _mm256_mul_ps(c, c));
+        }
+        // SAFETY: sums holds at least r0 + 8 values.
+        unsafe { _mm256_storeu_ps(sums.as_mut_ptr().add(r0), acc) };
+    }
+    for (row, s) in x.chunks_exact(n).zip(sums.iter_mut()).skip(eights) {
+        *s = row.iter().map(|&v| v * v).sum();
+    }
+}
+
+/// The columns of an 8 × 8 block of rows: `out[c][r] = rows[r][c]`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn transpose8(r: [__m256; 8]) -> [__m256; 8] {
+    // Pairs of rows interleaved, then quads (columns c and c + 4 in the two halves), then halves.
+    let lo = |a, b| _mm256_unpacklo_ps(a, b);
+    let hi = |a, b| _mm256_unpackhi_ps(a, b);
+    let t =
+        [lo(r[0], r[1]), hi(r[0], r[1]), lo(r[2], r[3]), hi(r[2], r[3]), lo(r[4], r[5]), hi(r[4], r[5]), lo(r[6], r[7]), hi(r[6], r[7])];
+    let even = |a, b| _mm256_shuffle_ps::<0x44>(a, b);
+    let odd = |a, b| _mm256_shuffle_ps::<0xee>(a, b);
+    let q = [
+        even(t[0], t[2]),
+        odd(t[0], t[2]),
+        even(t[1], t[3]),
+        odd(t[1], t[3]),
+        even(t[4], t[6]),
+        odd(t[4], t[6]),
+        even(t[5], t[7]),
+        odd(t[5], t[7]),
+    ];
+    std::array::from_fn(
+        |c| if c < 4 { _mm256_permute2f128_ps::<0x20>(q[c], q[c + 4]) } else { _mm256_permute2f128_ps::<0x31>(q[c - 4], q[c]) },
+    )
+}

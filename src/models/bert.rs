@@ -172,9 +172,9 @@ impl Bert {
         let lens: Vec<usize> = batch.iter().map(|t| t.len()).collect();
         for l in &self.layers {
             let a = self.attention(l, &x, &lens, bias.as_ref())?;
-            x = self.norm(&l.attn_norm, &(l.attn_out.forward(&a)? + &x)?)?;
+            x = self.norm(&l.attn_norm, &crate::nn::add(&l.attn_out.forward(&a)?, &x)?)?;
             let h = self.intermediate_gelu(&l.intermediate, &x)?;
-            x = self.norm(&l.out_norm, &(l.output.forward(&h)? + &x)?)?;
+            x = self.norm(&l.out_norm, &crate::nn::add(&l.output.forward(&h)?, &x)?)?;
         }
         Ok((x, mask))
     }

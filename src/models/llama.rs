@@ -506,13 +506,24 @@ pub struct Llama {
     differentiable: bool,
 }
 
-/// RMSNorm through candle's fused kernel, or from basic ops that carry gradients.
+/// RMSNorm from basic ops that carry gradients, or the same arithmetic as candle's fused kernel:
+/// on the kernels for a contiguous `f32` CPU tensor (no pool threads, rows summed eight at a
+/// time), through candle's otherwise.
 fn rms_norm(norm: &RmsNorm, x: &Tensor, differentiable: bool) -> Result<Tensor> {
     if differentiable {
-        candle_nn::ops::rms_norm_slow(x, norm.weight(), norm.eps() as f32)
-    } else {
-        norm.forward(x)
+        return candle_nn::ops::rms_norm_slow(x, norm.weight(), norm.eps() as f32);
     }
+    if x.dtype() != DType::F32 || !x.device().is_cpu() || !x.is_contiguous() || x.track_op() {
+        return norm.forward(x);
+    }
+    let n = x.dim(D::Minus1)?;
+    let y = with_float_values(x, "RMSNorm input", |xs| {
+        with_float_values(norm.weight(), "RMSNorm weight", |w| {
+            // SAFETY: rms_norm writes every output on Ok.
+            unsafe { crate::kernels::filled_vec(xs.len(), |out| crate::kernels::rms_norm_into(xs, n, w, norm.eps() as f32, out)) }
+        })
+    })?;
+    Tensor::from_vec(y, x.shape(), x.device())
 }
 
 /// An RMSNorm of `dim` from `vb`, its weight shifted by the variant's `norm_offset`.
@@ -631,7 +642,9 @@ impl Attention {
         let (d, s) = (self.head_dim, q.dim(1)?);
         let (q, k) = match &self.qk_norms {
             // Per-head RMSNorm over rows of d, whatever the heads' order.
-            Some((qn, kn)) => (qn.forward(&q.reshape((s, self.heads, d))?)?, kn.forward(&k.reshape((s, self.kv_heads, d))?)?),
+            Some((qn, kn)) => {
+                (rms_norm(qn, &q.reshape((s, self.heads, d))?, false)?, rms_norm(kn, &k.reshape((s, self.kv_heads, d))?, false)?)
+            }
             None => (q, k),
         };
         cache.reserve(s);
@@ -832,12 +845,12 @@ impl Llama {
             if let Some((after_attn, _)) = &block.post_norms {
                 h = rms_norm(after_attn, &h, d)?;
             }
-            x = (x + h)?;
+            x = crate::nn::add(&x, &h)?;
             let mut h = block.mlp.forward(&rms_norm(&block.pre_mlp_norm, &x, d)?, d)?;
             if let Some((_, after_mlp)) = &block.post_norms {
                 h = rms_norm(after_mlp, &h, d)?;
             }
-            x = (x + h)?;
+            x = crate::nn::add(&x, &h)?;
         }
         let x = if all_logits { x } else { x.narrow(1, s - 1, 1)? };
         let x = rms_norm(&self.norm, &x, self.differentiable)?;

@@ -1,7 +1,8 @@
 //! Dynamic int8 linear: int8 weights ahead of time, activations quantized on every call.
 
-use crate::kernels::{int8_linear, PackedInt8Weights, QuantizedActivations};
+use crate::kernels::{int8_linear_into, Isa, PackedInt8Weights, QuantizedActivations};
 use candle_core::{bail, Result};
+use std::mem::MaybeUninit;
 
 /// Default outlier threshold of dynamic layers: inputs with `|x|` above it are multiplied in
 /// float. On SmolLM2-135M it halves KL(f32 ‖ int8) against no threshold for a few percent of
@@ -85,8 +86,9 @@ impl DynamicLinear {
         self.act
     }
 
-    pub(crate) fn forward_rows(&self, x: &[f32], m: usize, out: &mut [f32]) -> Result<()> {
-        int8_linear(&self.quantize_input(x, m)?, &self.weights, self.bias(), out)
+    /// Writes every value of `out` (`m × out_features`) on `Ok`.
+    pub(crate) fn forward_rows(&self, x: &[f32], m: usize, out: &mut [MaybeUninit<f32>]) -> Result<()> {
+        self.forward_quantized(&self.quantize_input(x, m)?, out)
     }
 
     /// `m` input rows quantized as this layer quantizes them.
@@ -97,8 +99,9 @@ impl DynamicLinear {
 
     /// The layer on inputs already quantized by [`Self::quantize_input`] (of this layer or of
     /// one that [`Self::quantizes_like`] it).
-    pub(crate) fn forward_quantized(&self, acts: &QuantizedActivations, out: &mut [f32]) -> Result<()> {
-        int8_linear(acts, &self.weights, self.bias(), out)
+    /// Writes every value of `out` on `Ok`.
+    pub(crate) fn forward_quantized(&self, acts: &QuantizedActivations, out: &mut [MaybeUninit<f32>]) -> Result<()> {
+        int8_linear_into(Isa::best(), acts, &self.weights, self.bias(), out)
     }
 
     /// Whether `other` turns every input into the same int8 values and scales as this layer.

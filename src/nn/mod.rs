@@ -16,11 +16,12 @@ pub use observed::ObservedLinear;
 pub use static_linear::StaticLinear;
 pub use weight_only::WeightOnlyLinear;
 
-use crate::kernels::{Int8Rows, PackedInt8Weights, WeightQuant};
+use crate::kernels::{filled_vec, Int8Rows, PackedInt8Weights, WeightQuant};
 use crate::observer::Observer;
 use crate::quant::{float_values, Granularity, QParams};
 use candle_core::{bail, DType, Module, Result, Storage, Tensor, D};
 use candle_nn::{Linear, VarBuilder};
+use std::mem::MaybeUninit;
 
 /// A linear layer `in_features → out_features` with a bias, loaded from `vb` (its path becomes the
 /// layer's name): the drop-in for `candle_nn::linear`. Float until a conversion verb quantizes it;
@@ -409,9 +410,10 @@ impl QLinear {
         check_input(x, self.in_features, &self.name)?;
         let (n, name) = (self.out_features, &self.name);
         match &self.kind {
-            QLinearKind::Dynamic(d) => rows_forward(x, n, name, |xs, m, out| d.forward_rows(xs, m, out).map(|()| activation(out))),
-            QLinearKind::Static(s) => rows_forward(x, n, name, |xs, m, out| s.forward_rows(xs, m, out).map(|()| activation(out))),
-            QLinearKind::WeightOnly(w) => rows_forward(x, n, name, |xs, m, out| w.forward_rows(xs, m, out).map(|()| activation(out))),
+            // SAFETY (the three int8 kinds): forward_rows writes every output on Ok.
+            QLinearKind::Dynamic(d) => unsafe { rows_forward_then(x, n, name, |xs, m, out| d.forward_rows(xs, m, out), activation) },
+            QLinearKind::Static(s) => unsafe { rows_forward_then(x, n, name, |xs, m, out| s.forward_rows(xs, m, out), activation) },
+            QLinearKind::WeightOnly(w) => unsafe { rows_forward_then(x, n, name, |xs, m, out| w.forward_rows(xs, m, out), activation) },
             _ => {
                 let y = self.forward(x)?;
                 let mut v = float_values(&y, name)?;
@@ -448,8 +450,9 @@ pub(crate) fn forward_shared<const N: usize>(x: &Tensor, layers: [&QLinear; N]) 
                 .iter()
                 .zip(dynamic)
                 .map(|(l, d)| {
-                    let mut out = vec![0f32; m * l.out_features];
-                    d.forward_quantized(&acts, &mut out).map_err(|e| e.context(format!("layer '{}'", l.name)))?;
+                    // SAFETY: forward_quantized writes every output on Ok.
+                    let out = unsafe { filled_vec(m * l.out_features, |out| d.forward_quantized(&acts, out)) }
+                        .map_err(|e| e.context(format!("layer '{}'", l.name)))?;
                     rows_tensor(x, l.out_features, out)
                 })
                 .collect::<Result<_>>()?
@@ -467,9 +470,10 @@ impl Module for QLinear {
             QLinearKind::Observed(o) => o.forward(x),
             QLinearKind::FakeQuant(f) => f.forward(x),
             QLinearKind::Ggml(g) => g.forward(x),
-            QLinearKind::Dynamic(d) => rows_forward(x, n, name, |xs, m, out| d.forward_rows(xs, m, out)),
-            QLinearKind::Static(s) => rows_forward(x, n, name, |xs, m, out| s.forward_rows(xs, m, out)),
-            QLinearKind::WeightOnly(w) => rows_forward(x, n, name, |xs, m, out| w.forward_rows(xs, m, out)),
+            // SAFETY (the three int8 kinds): forward_rows writes every output on Ok.
+            QLinearKind::Dynamic(d) => unsafe { rows_forward(x, n, name, |xs, m, out| d.forward_rows(xs, m, out)) },
+            QLinearKind::Static(s) => unsafe { rows_forward(x, n, name, |xs, m, out| s.forward_rows(xs, m, out)) },
+            QLinearKind::WeightOnly(w) => unsafe { rows_forward(x, n, name, |xs, m, out| w.forward_rows(xs, m, out)) },
         }
     }
 }
@@ -482,17 +486,37 @@ fn check_input(x: &Tensor, in_features: usize, name: &str) -> Result<()> {
 }
 
 /// Runs an int8 kernel over `x` viewed as `M×K` rows of f32 and reshapes the `M×N` result
-/// back to `x`'s leading dims, in `x`'s dtype.
-fn rows_forward(
+/// back to `x`'s leading dims, in `x`'s dtype. The output buffer is not zeroed first.
+///
+/// # Safety
+/// `kernel` writes every value of its output on `Ok`.
+unsafe fn rows_forward(
     x: &Tensor,
     out_features: usize,
     name: &str,
-    kernel: impl FnOnce(&[f32], usize, &mut [f32]) -> Result<()>,
+    kernel: impl FnOnce(&[f32], usize, &mut [MaybeUninit<f32>]) -> Result<()>,
+) -> Result<Tensor> {
+    // SAFETY: the caller's contract.
+    unsafe { rows_forward_then(x, out_features, name, kernel, |_| {}) }
+}
+
+/// [`rows_forward`] with `then` applied to the outputs in place before they become a tensor.
+///
+/// # Safety
+/// As [`rows_forward`].
+unsafe fn rows_forward_then(
+    x: &Tensor,
+    out_features: usize,
+    name: &str,
+    kernel: impl FnOnce(&[f32], usize, &mut [MaybeUninit<f32>]) -> Result<()>,
+    then: impl FnOnce(&mut [f32]),
 ) -> Result<Tensor> {
     let k = x.dim(D::Minus1)?;
     let m = x.elem_count().checked_div(k).unwrap_or(0);
-    let mut out = vec![0f32; m * out_features];
-    with_float_values(x, name, |xs| kernel(xs, m, &mut out)).map_err(|e| e.context(format!("layer '{name}'")))?;
+    // SAFETY: the kernel writes every output on Ok (the caller's contract).
+    let mut out = with_float_values(x, name, |xs| unsafe { filled_vec(m * out_features, |out| kernel(xs, m, out)) })
+        .map_err(|e| e.context(format!("layer '{name}'")))?;
+    then(&mut out);
     rows_tensor(x, out_features, out)
 }
 
@@ -518,6 +542,27 @@ fn cpu_slice<T: candle_core::WithDType, R>(t: &Tensor, f: impl FnOnce(&[T]) -> R
         (Storage::Cpu(cpu), Some((start, end))) => Ok(f(&cpu.as_slice::<T>()?[start..end])),
         _ => bail!("expected a contiguous CPU tensor of {:?}, got {:?} {:?}", T::DTYPE, t.dtype(), t.shape()),
     }
+}
+
+/// `a + b` (a residual connection): on two contiguous `f32` CPU tensors of one shape, one plain
+/// pass on this thread — candle's element-wise ops hand work this size to a pool whose thread
+/// then spins for a while, taking a core from the kernels' threads — else candle's op (which
+/// also carries gradients).
+pub(crate) fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    if a.dtype() != DType::F32 || b.dtype() != DType::F32 || a.shape() != b.shape() || !a.device().is_cpu() || a.track_op() || b.track_op()
+    {
+        return a + b;
+    }
+    let (sa, la) = a.storage_and_layout();
+    let (sb, lb) = b.storage_and_layout();
+    let (Storage::Cpu(ca), Storage::Cpu(cb), Some((a0, a1)), Some((b0, b1))) =
+        (&*sa, &*sb, la.contiguous_offsets(), lb.contiguous_offsets())
+    else {
+        drop((sa, sb));
+        return a + b;
+    };
+    let sum: Vec<f32> = ca.as_slice::<f32>()?[a0..a1].iter().zip(&cb.as_slice::<f32>()?[b0..b1]).map(|(x, y)| x + y).collect();
+    Tensor::from_vec(sum, a.shape(), a.device())
 }
 
 /// Runs `f` on `x`'s values as `f32`: borrowed from a contiguous `f32` CPU tensor (the usual

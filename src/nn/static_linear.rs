@@ -1,8 +1,9 @@
 //! Static int8 linear: activation qparams fixed ahead of time by calibration.
 
-use crate::kernels::{int8_linear, PackedInt8Weights, QuantizedActivations};
+use crate::kernels::{int8_linear_into, Isa, PackedInt8Weights, QuantizedActivations};
 use crate::quant::{Granularity, QParams, QSpec};
 use candle_core::{bail, Result};
+use std::mem::MaybeUninit;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -86,7 +87,8 @@ impl StaticLinear {
         self.out_of_range.load(Ordering::Relaxed)
     }
 
-    pub(crate) fn forward_rows(&self, x: &[f32], m: usize, out: &mut [f32]) -> Result<()> {
+    /// Writes every value of `out` (`m × out_features`) on `Ok`.
+    pub(crate) fn forward_rows(&self, x: &[f32], m: usize, out: &mut [MaybeUninit<f32>]) -> Result<()> {
         let k = self.weights.in_features();
         let (acts, missed) = match self.act.granularity {
             Granularity::PerGroup { size } => {
@@ -106,6 +108,6 @@ impl StaticLinear {
         if missed > 0 {
             self.out_of_range.fetch_add(missed as u64, Ordering::Relaxed);
         }
-        int8_linear(&acts, &self.weights, self.bias(), out)
+        int8_linear_into(Isa::best(), &acts, &self.weights, self.bias(), out)
     }
 }

@@ -1,7 +1,8 @@
 //! Weight-only int8 linear: int8 weights, float activations.
 
-use crate::kernels::{weight_only_linear, PackedInt8Weights};
+use crate::kernels::{weight_only_linear_into, Isa, PackedInt8Weights};
 use candle_core::Result;
+use std::mem::MaybeUninit;
 
 /// `y = x · (qw ⊙ sw)ᵀ + b`, weights widened to f32 inside the dot product.
 #[derive(Debug, Clone)]
@@ -26,7 +27,8 @@ impl WeightOnlyLinear {
         self.bias.as_deref()
     }
 
-    pub(crate) fn forward_rows(&self, x: &[f32], m: usize, out: &mut [f32]) -> Result<()> {
-        weight_only_linear(x, m, &self.weights, self.bias(), out)
+    /// Writes every value of `out` (`m × out_features`) on `Ok`.
+    pub(crate) fn forward_rows(&self, x: &[f32], m: usize, out: &mut [MaybeUninit<f32>]) -> Result<()> {
+        weight_only_linear_into(Isa::best(), x, m, &self.weights, self.bias(), out)
     }
 }
