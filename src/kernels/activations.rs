@@ -19,6 +19,9 @@ pub struct QuantizedActivations {
     /// their int8 slots hold 0. Row `i`'s are `outliers[outlier_start[i]..outlier_start[i + 1]]`.
     outliers: Vec<(u32, f32)>,
     outlier_start: Vec<usize>,
+    /// What the int8 tiles of one path take besides the rows, for one segment length: built by
+    /// the first layer that multiplies these activations, reused by the others.
+    tile_operands: std::sync::OnceLock<(Isa, usize, super::TileOperands)>,
 }
 
 impl QuantizedActivations {
@@ -80,7 +83,7 @@ impl QuantizedActivations {
                 }
                 Ok(())
             })?;
-        Ok(Self { m, k, stride, group, data, scales, zero_point: 0, outliers, outlier_start })
+        Ok(Self { m, k, stride, group, data, scales, zero_point: 0, outliers, outlier_start, tile_operands: Default::default() })
     }
 
     /// Static symmetric quantization with fixed scales, one per run of `group` input channels
@@ -126,7 +129,7 @@ impl QuantizedActivations {
             Ok(())
         })?;
         let scales = scales.repeat(m);
-        Ok(Self { m, k, stride, group, data, scales, zero_point: 0, outliers, outlier_start })
+        Ok(Self { m, k, stride, group, data, scales, zero_point: 0, outliers, outlier_start, tile_operands: Default::default() })
     }
 
     /// Static quantization with fixed per-tensor `scale` and `zero_point` under `spec`
@@ -153,7 +156,16 @@ impl QuantizedActivations {
             zero_point: zero_point - shift,
             outliers: vec![],
             outlier_start: vec![0; m + 1],
+            tile_operands: Default::default(),
         })
+    }
+
+    /// The tile operands of path `isa` for segments of `seg`: the ones kept with these
+    /// activations, built by `build` if none are kept yet; `None` when other ones are kept (for
+    /// another path or segment length), which the caller then builds for itself.
+    pub(super) fn tile_operands(&self, isa: Isa, seg: usize, build: impl FnOnce() -> super::TileOperands) -> Option<&super::TileOperands> {
+        let (kept_isa, kept_seg, ops) = self.tile_operands.get_or_init(|| (isa, seg, build()));
+        (*kept_isa == isa && *kept_seg == seg).then_some(ops)
     }
 
     pub fn rows(&self) -> usize {

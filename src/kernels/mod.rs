@@ -237,7 +237,14 @@ pub(crate) fn int8_linear_into(
     let kernels = Kernels::of(isa).map_err(|e| e.context("int8 linear"))?;
     let seg = segment(acts, weights)?;
     let kernels = if simd_segments(seg, acts.cols()) { kernels } else { Kernels::PORTABLE };
-    let operands = TileOperands::new(kernels.isa(), acts, weights, seg);
+    let fresh;
+    let operands = match acts.tile_operands(kernels.isa(), seg, || TileOperands::new(kernels.isa(), acts, weights, seg)) {
+        Some(cached) => cached,
+        None => {
+            fresh = TileOperands::new(kernels.isa(), acts, weights, seg);
+            &fresh
+        }
+    };
     let (m, n) = (acts.rows(), weights.out_features());
     let za = acts.zero_point();
     over_blocks(m, n, m * n * acts.cols(), out, |blocks, outs| {
@@ -270,9 +277,11 @@ pub(crate) fn int8_linear_into(
     Ok(())
 }
 
-/// What a path's int8 tiles take besides the rows ([`tiles::Int8Operands`]), built once per call.
-#[derive(Default)]
-struct TileOperands {
+/// What a path's int8 tiles take besides the rows ([`tiles::Int8Operands`]): built once per
+/// set of quantized activations and kept with them, so that layers sharing an input
+/// ([`crate::nn::forward_shared`]) build them once.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct TileOperands {
     abs: Vec<u8>,
     neg_mask: Vec<u8>,
     shift_terms: Vec<i32>,
@@ -304,30 +313,41 @@ impl TileOperands {
 /// - `vpdpbusd` gets `w + 128` as its unsigned side, so a segment sums `Σ a·w + 128·Σ a`.
 #[cfg(target_arch = "x86_64")]
 fn x86_operands(isa: Isa, acts: &QuantizedActivations, weights: &PackedInt8Weights, seg: usize) -> TileOperands {
-    let (k, stride) = (acts.cols(), weights.padded_in_features());
+    let (m, k, stride) = (acts.rows(), acts.cols(), weights.padded_in_features());
     let (segs, _) = tiles::segments(k, stride, seg);
     let seg = seg.min(stride);
-    // `factor · Σ a` over each segment of each row (the padding is zeros, which add nothing).
-    let sums = |factor: i32, of: &[i8]| {
-        let mut terms = Vec::with_capacity(acts.rows() * segs);
-        // SAFETY: every x86 SIMD path has AVX2.
-        unsafe { x86::segment_sums(of, stride, seg, segs, factor, &mut terms) };
-        terms
+    let avx2 = match isa {
+        Isa::Avx2 => true,
+        Isa::VnniOnAvx2 | Isa::AvxVnni | Isa::Avx512Vnni => false,
+        _ => return TileOperands::default(),
     };
-    match isa {
-        Isa::Avx2 => {
-            let data = acts.padded_data();
-            TileOperands {
-                abs: data.iter().map(|v| v.unsigned_abs()).collect(),
-                neg_mask: data.iter().map(|&v| (v >> 7) as u8).collect(),
-                shift_terms: sums(1, &data.iter().map(|&v| v.min(0)).collect::<Vec<i8>>()),
-            }
+    let bytes = if avx2 { m * stride } else { 0 };
+    let mut ops = TileOperands { abs: vec![0; bytes], neg_mask: vec![0; bytes], shift_terms: vec![0; m * segs] };
+    // Pieces of whole rows, about 32 KB of activations each, over the kernel team.
+    let rows = (32_768 / stride.max(1)).max(1);
+    let data = acts.padded_data();
+    let mut pieces: Vec<_> = ops.shift_terms.chunks_mut(rows * segs).map(|terms| (terms, &mut [][..], &mut [][..])).collect();
+    if avx2 {
+        for ((piece, abs), neg) in pieces.iter_mut().zip(ops.abs.chunks_mut(rows * stride)).zip(ops.neg_mask.chunks_mut(rows * stride)) {
+            (piece.1, piece.2) = (abs, neg);
         }
-        Isa::VnniOnAvx2 | Isa::AvxVnni | Isa::Avx512Vnni => {
-            TileOperands { shift_terms: sums(128, acts.padded_data()), ..Default::default() }
-        }
-        _ => TileOperands::default(),
     }
+    run_on_items(pieces, team_threads(m > rows), |p, (terms, abs, neg)| {
+        let data = &data[p * rows * stride..][..terms.len() / segs * stride];
+        if avx2 {
+            // `|a|`, the mask of `a < 0`, and `Σ_{a<0} a` per segment.
+            abs.iter_mut().zip(data).for_each(|(u, &v)| *u = v.unsigned_abs());
+            neg.iter_mut().zip(data).for_each(|(u, &v)| *u = (v >> 7) as u8);
+            let negatives: Vec<i8> = data.iter().map(|&v| v.min(0)).collect();
+            // SAFETY: every x86 SIMD path has AVX2; terms holds segs values per row of data.
+            unsafe { x86::segment_sums(&negatives, stride, seg, segs, 1, terms) };
+        } else {
+            // `128·Σ a` per segment (the padding is zeros, which add nothing).
+            // SAFETY: as above.
+            unsafe { x86::segment_sums(data, stride, seg, segs, 128, terms) };
+        }
+    });
+    ops
 }
 
 /// `(output channel j, its column in a blocks' scratch buffer)` for the real (unpadded)
@@ -382,6 +402,19 @@ fn team_threads(parallel: bool) -> usize {
     } else {
         1
     }
+}
+
+/// Runs `work(i, &mut items[i])` for every item on `threads` threads of the kernel team, each
+/// item handed to exactly one task.
+fn run_on_items<P: Send>(items: Vec<P>, threads: usize, work: impl Fn(usize, &mut P) + Sync) {
+    let items: Vec<_> = items.into_iter().map(std::sync::Mutex::new).collect();
+    team::run(items.len(), threads, &|i| {
+        // Each task locks only its own item (never contended); a panic in `work` poisons that
+        // item alone and team::run re-raises it once every task has finished.
+        if let Ok(mut item) = items[i].lock() {
+            work(i, &mut item)
+        }
+    })
 }
 
 /// Runs `work(i, parts[i])` for every part on `threads` threads of the kernel team, each part

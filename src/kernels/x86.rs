@@ -500,19 +500,19 @@ pub unsafe fn quantize_groups(x: &[f32], group: usize, inv: &[f32], q: &mut [i8]
 }
 
 /// `factor · Σ a` over each run of `seg` bytes of each row of `stride` bytes in `data` (the first
-/// `segs` runs of a row, the last one possibly short), appended to `out` row by row: the shift
-/// terms of the int8 tiles. Whole 32-byte pieces are summed with `vpsadbw` on `a xor 0x80`
+/// `segs` runs of a row, the last one possibly short), into `out` row by row (`segs` values
+/// per row; rows beyond `out` are left out): the shift terms of the int8 tiles. Whole 32-byte pieces are summed with `vpsadbw` on `a xor 0x80`
 /// (`= a + 128` as an unsigned byte), taking `128` per byte back at the end.
 ///
 /// # Safety
 /// AVX2 available.
 #[target_feature(enable = "avx2")]
-pub unsafe fn segment_sums(data: &[i8], stride: usize, seg: usize, segs: usize, factor: i32, out: &mut Vec<i32>) {
+pub unsafe fn segment_sums(data: &[i8], stride: usize, seg: usize, segs: usize, factor: i32, out: &mut [i32]) {
     // SAFETY: AVX2 is the caller's contract; every load reads 32 bytes inside `run`.
     unsafe {
         let (flip, zero) = (_mm256_set1_epi8(-128), _mm256_setzero_si256());
-        for row in data.chunks(stride) {
-            for run in row.chunks(seg).take(segs) {
+        for (row, terms) in data.chunks(stride).zip(out.chunks_mut(segs)) {
+            for (run, term) in row.chunks(seg).take(segs).zip(terms) {
                 let whole = run.len() / 32 * 32;
                 let mut acc = zero;
                 for i in (0..whole).step_by(32) {
@@ -522,7 +522,7 @@ pub unsafe fn segment_sums(data: &[i8], stride: usize, seg: usize, segs: usize, 
                 let lanes = _mm_add_epi64(_mm256_castsi256_si128(acc), _mm256_extracti128_si256(acc, 1));
                 let biased = _mm_cvtsi128_si64(_mm_add_epi64(lanes, _mm_unpackhi_epi64(lanes, lanes)));
                 let tail: i32 = run[whole..].iter().map(|&v| v as i32).sum();
-                out.push(factor * (biased as i32 - 128 * whole as i32 + tail));
+                *term = factor * (biased as i32 - 128 * whole as i32 + tail);
             }
         }
     }
