@@ -410,9 +410,11 @@ impl QLinear {
         check_input(x, self.in_features, &self.name)?;
         let (n, name) = (self.out_features, &self.name);
         match &self.kind {
-            // SAFETY (the three int8 kinds): forward_rows writes every output on Ok.
+            // SAFETY: forward_rows writes every output on Ok.
             QLinearKind::Dynamic(d) => unsafe { rows_forward_then(x, n, name, |xs, m, out| d.forward_rows(xs, m, out), activation) },
+            // SAFETY: forward_rows writes every output on Ok.
             QLinearKind::Static(s) => unsafe { rows_forward_then(x, n, name, |xs, m, out| s.forward_rows(xs, m, out), activation) },
+            // SAFETY: forward_rows writes every output on Ok.
             QLinearKind::WeightOnly(w) => unsafe { rows_forward_then(x, n, name, |xs, m, out| w.forward_rows(xs, m, out), activation) },
             _ => {
                 let y = self.forward(x)?;
@@ -470,9 +472,11 @@ impl Module for QLinear {
             QLinearKind::Observed(o) => o.forward(x),
             QLinearKind::FakeQuant(f) => f.forward(x),
             QLinearKind::Ggml(g) => g.forward(x),
-            // SAFETY (the three int8 kinds): forward_rows writes every output on Ok.
+            // SAFETY: forward_rows writes every output on Ok.
             QLinearKind::Dynamic(d) => unsafe { rows_forward(x, n, name, |xs, m, out| d.forward_rows(xs, m, out)) },
+            // SAFETY: forward_rows writes every output on Ok.
             QLinearKind::Static(s) => unsafe { rows_forward(x, n, name, |xs, m, out| s.forward_rows(xs, m, out)) },
+            // SAFETY: forward_rows writes every output on Ok.
             QLinearKind::WeightOnly(w) => unsafe { rows_forward(x, n, name, |xs, m, out| w.forward_rows(xs, m, out)) },
         }
     }
