@@ -607,12 +607,27 @@ pub fn gelu_erf(x: &mut [f32]) {
 /// `σ(x) = 1/(1 + e)` for `x ≥ 0` and `e/(1 + e)` for `x < 0`, so the exponential never
 /// overflows.
 pub fn silu_mul(gate: &[f32], up: &[f32], out: &mut [f32]) -> Result<()> {
+    silu_mul_into(gate, up, as_unfilled(out))
+}
+
+/// [`silu_mul`] into memory that need not hold values yet (every value is written on `Ok`), in
+/// pieces of 64 K values over the kernel team when there are several.
+pub(crate) fn silu_mul_into(gate: &[f32], up: &[f32], out: &mut [MaybeUninit<f32>]) -> Result<()> {
     if gate.len() != up.len() || out.len() != gate.len() {
         bail!("silu_mul: gate of {}, up of {} and output of {} values must match", gate.len(), up.len(), out.len())
     }
-    if !Kernels::best().silu_mul(gate, up, out) {
-        out.iter_mut().zip(gate.iter().zip(up)).for_each(|(o, (&g, &u))| *o = silu_scalar(g) * u)
-    }
+    const PIECE: usize = 1 << 16;
+    let kernels = Kernels::best();
+    run_on_parts(out.chunks_mut(PIECE).collect(), team_threads(gate.len() > PIECE), |p, out| {
+        let (gate, up) = (&gate[p * PIECE..][..out.len()], &up[p * PIECE..][..out.len()]);
+        // The piece is zeroed while in cache, then written.
+        out.fill(MaybeUninit::new(0.0));
+        // SAFETY: every value was just written.
+        let out = unsafe { assume_filled(out) };
+        if !kernels.silu_mul(gate, up, out) {
+            out.iter_mut().zip(gate.iter().zip(up)).for_each(|(o, (&g, &u))| *o = silu_scalar(g) * u)
+        }
+    });
     Ok(())
 }
 

@@ -658,10 +658,14 @@ impl Attention {
                 }
                 let at = |i: usize| (&cos[i * half..(i + 1) * half], &sin[i * half..(i + 1) * half]);
                 with_float_values(&q, "attention queries", |q| {
-                    for (i, (x, y)) in q.chunks_exact(self.heads * d).zip(qr.chunks_exact_mut(self.heads * d)).enumerate() {
-                        let (c, sn) = at(i);
-                        x.chunks_exact(d).zip(y.chunks_exact_mut(d)).for_each(|(x, y)| rope_row(x, c, sn, y));
-                    }
+                    // Pieces of 64 rows over the kernel team for a prompt.
+                    let row = self.heads * d;
+                    crate::kernels::parallel_for_parts(qr.chunks_mut(64 * row).collect(), s > 64, |p, y| {
+                        for (r, (x, y)) in q[p * 64 * row..].chunks_exact(row).zip(y.chunks_exact_mut(row)).enumerate() {
+                            let (c, sn) = at(p * 64 + r);
+                            x.chunks_exact(d).zip(y.chunks_exact_mut(d)).for_each(|(x, y)| rope_row(x, c, sn, y));
+                        }
+                    });
                     Ok(())
                 })?;
                 with_float_values(&k, "attention keys", |k| {
@@ -723,8 +727,12 @@ impl Mlp {
         if !self.gelu_tanh && !differentiable && gate.dtype() == DType::F32 {
             // SwiGLU in one pass on the kernels (no libm exp, no intermediate tensor); a
             // strided gate or up (a fused gate_up's halves) is read through a copy.
-            let mut out = vec![0f32; gate.elem_count()];
-            with_float_values(&gate, "MLP gate", |g| with_float_values(&up, "MLP up", |u| crate::kernels::silu_mul(g, u, &mut out)))?;
+            let out = with_float_values(&gate, "MLP gate", |g| {
+                with_float_values(&up, "MLP up", |u| {
+                    // SAFETY: silu_mul_into writes every output on Ok.
+                    unsafe { crate::kernels::filled_vec(g.len(), |out| crate::kernels::silu_mul_into(g, u, out)) }
+                })
+            })?;
             return self.down_proj.forward(&Tensor::from_vec(out, gate.shape(), gate.device())?);
         }
         let gate = if self.gelu_tanh { gate.gelu()? } else { candle_nn::ops::silu(&gate)? };
