@@ -63,11 +63,7 @@ impl QuantizedActivations {
                         // Rare: the group holds outliers; they stay in float and leave the scale.
                         if *s > limit {
                             outlier_groups.push(g);
-                            *s = xr[g * group..]
-                                .iter()
-                                .take(group)
-                                .map(|v| v.abs())
-                                .fold(0f32, |m, a| if a <= limit && a > m { a } else { m });
+                            *s = abs_max_within(&xr[g * group..(g * group + group).min(k)], limit);
                         }
                     }
                     for (s, inv) in sr.iter_mut().zip(inv.iter_mut()) {
@@ -275,13 +271,33 @@ fn over_row_pieces(
 
 /// Sets the values of a quantized group with `|x| > limit` aside in float as `(column, value)`,
 /// their int8 slots zeroed; `first` is the group's column.
+/// Eight values at a time: a run of eight without one costs a vector compare, not eight branches.
 fn set_aside_above(limit: f32, xg: &[f32], first: usize, qg: &mut [i8], outliers: &mut Vec<(u32, f32)>) {
-    for (c, (q, &v)) in qg.iter_mut().zip(xg).enumerate() {
-        if v.abs() > limit {
-            *q = 0;
-            outliers.push(((first + c) as u32, v));
+    for (run, (qs, xs)) in qg.chunks_mut(8).zip(xg.chunks(8)).enumerate() {
+        if !xs.iter().fold(false, |hit, v| hit | (v.abs() > limit)) {
+            continue;
+        }
+        for (c, (q, &v)) in qs.iter_mut().zip(xs).enumerate() {
+            if v.abs() > limit {
+                *q = 0;
+                outliers.push(((first + 8 * run + c) as u32, v));
+            }
         }
     }
+}
+
+/// The largest `|x|` of `xg` that is not above `limit` (0 if none); `xg` finite. Eight lanes of
+/// maxima side by side (the maximum does not depend on the order).
+fn abs_max_within(xg: &[f32], limit: f32) -> f32 {
+    let (mut lanes, chunks) = ([0f32; 8], xg.chunks_exact(8));
+    let tail = chunks.remainder();
+    for c in chunks {
+        for (m, &v) in lanes.iter_mut().zip(c) {
+            let a = if v.abs() <= limit { v.abs() } else { 0.0 };
+            *m = if a > *m { a } else { *m };
+        }
+    }
+    tail.iter().map(|v| v.abs()).chain(lanes).fold(0f32, |m, a| if a <= limit && a > m { a } else { m })
 }
 
 fn check_dims(x: &[f32], m: usize, k: usize) -> Result<()> {
