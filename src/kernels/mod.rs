@@ -663,6 +663,37 @@ pub fn rms_norm(x: &[f32], n: usize, alpha: &[f32], eps: f32, out: &mut [f32]) -
 
 /// [`rms_norm`] into memory that need not hold values yet: on `Ok`, every value of `out` is written.
 pub(crate) fn rms_norm_into(x: &[f32], n: usize, alpha: &[f32], eps: f32, out: &mut [MaybeUninit<f32>]) -> Result<()> {
+    rms_norm_rows(x, None, n, alpha, eps, out)
+}
+
+/// A residual connection and the RMSNorm after it in one pass: `sum = x + h` into `sum`, and
+/// [`rms_norm`] of `sum` into `out` (each piece of rows normalised while it is in cache); on
+/// `Ok`, every value of both is written.
+pub(crate) fn add_rms_norm_into(
+    x: &[f32],
+    h: &[f32],
+    n: usize,
+    alpha: &[f32],
+    eps: f32,
+    sum: &mut [MaybeUninit<f32>],
+    out: &mut [MaybeUninit<f32>],
+) -> Result<()> {
+    if h.len() != x.len() || sum.len() != x.len() {
+        bail!("residual rms norm: {} inputs, {} residuals and {} sums differ", x.len(), h.len(), sum.len())
+    }
+    rms_norm_rows(x, Some((h, sum)), n, alpha, eps, out)
+}
+
+/// The body of [`rms_norm_into`] and [`add_rms_norm_into`]: with a residual `(h, sum)`, the rows
+/// normalised are `x + h`, written to `sum` first.
+fn rms_norm_rows(
+    x: &[f32],
+    residual: Option<(&[f32], &mut [MaybeUninit<f32>])>,
+    n: usize,
+    alpha: &[f32],
+    eps: f32,
+    out: &mut [MaybeUninit<f32>],
+) -> Result<()> {
     if n == 0 || !x.len().is_multiple_of(n) || alpha.len() != n || out.len() != x.len() {
         bail!("rms norm: {} inputs, {} outputs and {} weights are not rows of {n}", x.len(), out.len(), alpha.len())
     }
@@ -670,9 +701,22 @@ pub(crate) fn rms_norm_into(x: &[f32], n: usize, alpha: &[f32], eps: f32, out: &
     let rows = x.len() / n;
     // Pieces of whole rows, a multiple of eight each, about 64 K values.
     let per = (65_536 / n).next_multiple_of(8).max(8);
-    let parts: Vec<_> = out.chunks_mut(per * n).collect();
-    run_on_parts(parts, team_threads(rows > per), |p, out| {
+    let (h, sum) = match residual {
+        Some((h, sum)) => (h, sum),
+        None => (&[][..], &mut [][..]),
+    };
+    let mut sums = sum.chunks_mut(per * n);
+    let parts: Vec<_> = out.chunks_mut(per * n).map(|out| (out, sums.next())).collect();
+    run_on_items(parts, team_threads(rows > per), |p, (out, sum)| {
         let x = &x[p * per * n..][..out.len()];
+        let x: &[f32] = match sum {
+            Some(sum) => {
+                sum.iter_mut().zip(x).zip(&h[p * per * n..]).for_each(|((s, &a), &b)| _ = s.write(a + b));
+                // SAFETY: every value was just written.
+                unsafe { assume_filled(sum) }
+            }
+            None => x,
+        };
         let mut sums = vec![0f32; out.len() / n];
         kernels.sums_of_squares(x, n, &mut sums);
         for ((row, y), sum) in x.chunks_exact(n).zip(out.chunks_exact_mut(n)).zip(sums) {
@@ -712,4 +756,38 @@ pub fn stream_sum(buf: &[u64]) -> u64 {
         }
     }
     buf[STREAMS * part..].iter().chain(&acc).fold(0, |a, &b| a.wrapping_add(b))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The fused residual + RMSNorm writes `x + h` and the RMSNorm of it bit for bit as an add
+    /// followed by [`rms_norm`]: rows fewer and more than eight, several pieces of rows.
+    #[test]
+    fn residual_rms_norm_equals_add_then_norm() -> Result<()> {
+        let wave = |len: usize, f: f32| (0..len).map(|i| ((i as f32 * f).sin() * (1 + i % 7) as f32)).collect::<Vec<f32>>();
+        for (rows, n) in [(3, 24), (300, 576)] {
+            let (x, h, alpha) = (wave(rows * n, 0.37), wave(rows * n, 1.91), wave(n, 0.11));
+            let want_sum: Vec<f32> = x.iter().zip(&h).map(|(a, b)| a + b).collect();
+            let mut want = vec![0f32; rows * n];
+            rms_norm(&want_sum, n, &alpha, 1e-5, &mut want)?;
+            let (mut sum, mut got) = (vec![f32::NAN; rows * n], vec![f32::NAN; rows * n]);
+            add_rms_norm_into(&x, &h, n, &alpha, 1e-5, as_unfilled(&mut sum), as_unfilled(&mut got))?;
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&sum), bits(&want_sum), "{rows} rows of {n}: sums");
+            assert_eq!(bits(&got), bits(&want), "{rows} rows of {n}: norms");
+        }
+        assert!(add_rms_norm_into(
+            &[1.0; 4],
+            &[1.0; 3],
+            4,
+            &[1.0; 4],
+            1e-5,
+            &mut [MaybeUninit::uninit(); 4],
+            &mut [MaybeUninit::uninit(); 4]
+        )
+        .is_err());
+        Ok(())
+    }
 }

@@ -526,6 +526,36 @@ fn rms_norm(norm: &RmsNorm, x: &Tensor, differentiable: bool) -> Result<Tensor> 
     Tensor::from_vec(y, x.shape(), x.device())
 }
 
+/// `(x + h, RMSNorm(x + h))` — a residual connection and the norm after it: in one pass on the
+/// kernels for contiguous `f32` CPU tensors (bit for bit as candle's add and fused RMSNorm),
+/// through [`crate::nn::add`] and [`rms_norm`] otherwise.
+fn add_rms_norm(norm: &RmsNorm, x: &Tensor, h: &Tensor, differentiable: bool) -> Result<(Tensor, Tensor)> {
+    let plain = || -> Result<(Tensor, Tensor)> {
+        let sum = crate::nn::add(x, h)?;
+        let y = rms_norm(norm, &sum, differentiable)?;
+        Ok((sum, y))
+    };
+    let fast = |t: &Tensor| t.dtype() == DType::F32 && t.device().is_cpu() && t.is_contiguous() && !t.track_op();
+    if differentiable || !fast(x) || !fast(h) || x.shape() != h.shape() {
+        return plain();
+    }
+    let n = x.dim(D::Minus1)?;
+    let (sum, y) = with_float_values(x, "residual", |xs| {
+        with_float_values(h, "residual branch", |hs| {
+            with_float_values(norm.weight(), "RMSNorm weight", |w| {
+                let len = xs.len();
+                let (mut sum, mut y) = (Vec::with_capacity(len), Vec::with_capacity(len));
+                let (s, o) = (&mut sum.spare_capacity_mut()[..len], &mut y.spare_capacity_mut()[..len]);
+                crate::kernels::add_rms_norm_into(xs, hs, n, w, norm.eps() as f32, s, o)?;
+                // SAFETY: add_rms_norm_into wrote all len values of both on Ok.
+                unsafe { (sum.set_len(len), y.set_len(len)) };
+                Ok((sum, y))
+            })
+        })
+    })?;
+    Ok((Tensor::from_vec(sum, x.shape(), x.device())?, Tensor::from_vec(y, x.shape(), x.device())?))
+}
+
 /// An RMSNorm of `dim` from `vb`, its weight shifted by the variant's `norm_offset`.
 fn load_norm(cfg: &LlamaConfig, dim: usize, vb: VarBuilder) -> Result<RmsNorm> {
     let norm = candle_nn::rms_norm(dim, cfg.rms_norm_eps, vb)?;
@@ -847,18 +877,28 @@ impl Llama {
             x = (x * (self.config.hidden_size as f64).sqrt())?;
         }
         let d = self.differentiable;
-        for (block, kv) in self.layers.iter().zip(cache.layers.iter_mut()) {
+        // Each residual connection and the norm that reads it go together ([`add_rms_norm`]):
+        // `normed` is the next block's normalised input.
+        let mut normed = match self.layers.first() {
+            Some(first) => rms_norm(&first.input_layernorm, &x, d)?,
+            None => x.clone(),
+        };
+        for (i, (block, kv)) in self.layers.iter().zip(cache.layers.iter_mut()).enumerate() {
             let (cos, sin) = &ropes[block.rope.min(ropes.len() - 1)];
-            let mut h = block.attn.forward(&rms_norm(&block.input_layernorm, &x, d)?, cos, sin, kv, d)?;
+            let mut h = block.attn.forward(&normed, cos, sin, kv, d)?;
             if let Some((after_attn, _)) = &block.post_norms {
                 h = rms_norm(after_attn, &h, d)?;
             }
-            x = crate::nn::add(&x, &h)?;
-            let mut h = block.mlp.forward(&rms_norm(&block.pre_mlp_norm, &x, d)?, d)?;
+            let mlp_input;
+            (x, mlp_input) = add_rms_norm(&block.pre_mlp_norm, &x, &h, d)?;
+            let mut h = block.mlp.forward(&mlp_input, d)?;
             if let Some((_, after_mlp)) = &block.post_norms {
                 h = rms_norm(after_mlp, &h, d)?;
             }
-            x = crate::nn::add(&x, &h)?;
+            match self.layers.get(i + 1) {
+                Some(next) => (x, normed) = add_rms_norm(&next.input_layernorm, &x, &h, d)?,
+                None => x = crate::nn::add(&x, &h)?,
+            }
         }
         let x = if all_logits { x } else { x.narrow(1, s - 1, 1)? };
         let x = rms_norm(&self.norm, &x, self.differentiable)?;
