@@ -766,7 +766,7 @@ mod tests {
     /// followed by [`rms_norm`]: rows fewer and more than eight, several pieces of rows.
     #[test]
     fn residual_rms_norm_equals_add_then_norm() -> Result<()> {
-        let wave = |len: usize, f: f32| (0..len).map(|i| ((i as f32 * f).sin() * (1 + i % 7) as f32)).collect::<Vec<f32>>();
+        let wave = |len: usize, f: f32| (0..len).map(|i| (i as f32 * f).sin() * (1 + i % 7) as f32).collect::<Vec<f32>>();
         for (rows, n) in [(3, 24), (300, 576)] {
             let (x, h, alpha) = (wave(rows * n, 0.37), wave(rows * n, 1.91), wave(n, 0.11));
             let want_sum: Vec<f32> = x.iter().zip(&h).map(|(a, b)| a + b).collect();
