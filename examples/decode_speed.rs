@@ -13,6 +13,7 @@ use candle_quant::models::llama::{KvCache, Llama};
 use std::time::Instant;
 
 fn main() -> Result<()> {
+    candle_quant::keep_freed_buffers();
     let precision = std::env::args().nth(1).unwrap_or_else(|| "int8".into());
     if !matches!(precision.as_str(), "f32" | "int8") {
         bail!("precision '{precision}': expected f32 or int8")

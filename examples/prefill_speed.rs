@@ -12,6 +12,7 @@ use candle_quant::models::llama::KvCache;
 use std::time::Instant;
 
 fn main() -> Result<()> {
+    candle_quant::keep_freed_buffers();
     let arg = |i: usize, d: usize| std::env::args().nth(i).map_or(Ok(d), |s| s.parse::<usize>());
     let precision = std::env::args().nth(1).unwrap_or_else(|| "int8".into());
     if !matches!(precision.as_str(), "f32" | "int8") {

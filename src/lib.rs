@@ -45,6 +45,7 @@ pub use convert::{
     convert, ensure_quantized, float_linears, prepare, prepare_qat, quantize_dynamic, quantize_weight_only, ConversionReport, QuantConfig,
     Quantizable,
 };
+pub use kernels::memory::keep_freed_buffers;
 pub use kernels::{force_isa, Isa, WeightQuant};
 pub use lm::CausalLm;
 pub use nn::{qlinear, qlinear_b, qlinear_no_bias, ActivationQuant, QLinear, QLinearKind};

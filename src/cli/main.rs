@@ -657,6 +657,7 @@ fn set_threads(threads: Option<usize>) {
 }
 
 fn main() -> Result<()> {
+    candle_quant::keep_freed_buffers();
     let cli = Cli::parse();
     if let Command::Generate { model, .. }
     | Command::Compare { model, .. }

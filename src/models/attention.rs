@@ -73,11 +73,14 @@ pub(crate) fn attend_sequence(
         // already side by side; a block's are gathered (a short last block repeats its last
         // row, whose result is not used).
         let heads_of = |i: usize| &q[(i * heads + g * rep) * d..(i * heads + (g + 1) * rep) * d];
-        let gathered: Vec<f32>;
+        let mut gathered = Vec::new();
         let qg = if block == 1 {
             heads_of(rows_i.start)
         } else {
-            gathered = (rows_i.start..rows_i.start + block).flat_map(|i| heads_of(i.min(s - 1))).copied().collect();
+            gathered.reserve(block * rep * d);
+            for i in rows_i.start..rows_i.start + block {
+                gathered.extend_from_slice(heads_of(i.min(s - 1)));
+            }
             &gathered
         };
         if let Err(e) = kernels::attend_part(qg, &kv[g].keys[at.clone()], &kv[g].values[at], d, scale, part) {
