@@ -43,41 +43,19 @@ impl QuantizedActivations {
         let kernels = super::Kernels::of(isa).map_err(|e| e.context("activations"))?;
         let group = group.clamp(1, k.max(1));
         let groups = k.div_ceil(group);
-        let spec = QSpec::DYNAMIC_ACTIVATION;
         let stride = k.next_multiple_of(CHUNK);
         let mut data = vec![0i8; m * stride];
         let mut scales = vec![0f32; m * groups];
         let limit = outlier_threshold.unwrap_or(f32::INFINITY);
         let (outliers, outlier_start) =
             over_row_pieces(x, k, &mut data, stride, &mut scales, groups, |x, data, scales, outliers, ends| {
-                let (mut inv, mut outlier_groups) = (vec![0f32; groups], Vec::new());
-                for ((xr, qr), sr) in x.chunks(k).zip(data.chunks_mut(stride)).zip(scales.chunks_mut(groups)) {
-                    // Three passes over the row, each one kernel call: max |x| of every group, then
-                    // the scales and their reciprocals (the divisions of all groups side by side),
-                    // then the values.
-                    if !kernels.group_abs_max(xr, group, sr) {
-                        bail!("activation row contains a non-finite value (NaN or ±Inf)")
-                    }
-                    outlier_groups.clear();
-                    for (g, s) in sr.iter_mut().enumerate() {
-                        // Rare: the group holds outliers; they stay in float and leave the scale.
-                        if *s > limit {
-                            outlier_groups.push(g);
-                            *s = abs_max_within(&xr[g * group..(g * group + group).min(k)], limit);
-                        }
-                    }
-                    for (s, inv) in sr.iter_mut().zip(inv.iter_mut()) {
-                        *s = spec.scale_zero_point_unchecked(-*s, *s).0;
-                        *inv = 1.0 / *s;
-                    }
-                    kernels.quantize_groups(xr, group, &inv, qr);
-                    for &g in &outlier_groups {
-                        let run = g * group..((g + 1) * group).min(k);
-                        set_aside_above(limit, &xr[run.clone()], run.start, &mut qr[run], outliers);
-                    }
-                    ends.push(outliers.len());
+                let rows = RowPiece { x, k, group, stride, limit, data, scales, outliers, ends };
+                #[cfg(target_arch = "x86_64")]
+                if kernels.isa() != Isa::Reference {
+                    // SAFETY: every x86 path but the portable one has AVX2+FMA+F16C.
+                    return unsafe { quantize_dynamic_rows_avx2(&kernels, rows) };
                 }
-                Ok(())
+                quantize_dynamic_rows(&kernels, rows)
             })?;
         Ok(Self { m, k, stride, group, data, scales, zero_point: 0, outliers, outlier_start, tile_operands: Default::default() })
     }
@@ -230,6 +208,66 @@ type SetAside = (Vec<(u32, f32)>, Vec<usize>);
 /// `stride` bytes and `groups` scales each — on the kernel team when the input is large; each
 /// piece appends its rows' float outliers and, per row, how many it has set aside so far. The
 /// pieces' outliers are then joined in row order.
+/// A piece of rows for the dynamic quantizer and where its results go.
+struct RowPiece<'a> {
+    x: &'a [f32],
+    k: usize,
+    group: usize,
+    stride: usize,
+    /// Values with `|x|` above it are set aside in float.
+    limit: f32,
+    data: &'a mut [i8],
+    scales: &'a mut [f32],
+    outliers: &'a mut Vec<(u32, f32)>,
+    ends: &'a mut Vec<usize>,
+}
+
+/// [`quantize_dynamic_rows`] compiled for AVX2: the per-group loops between the kernel calls
+/// (scales, reciprocals, outlier groups) run eight groups per instruction.
+///
+/// # Safety
+/// AVX2+FMA+F16C available.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn quantize_dynamic_rows_avx2(kernels: &super::Kernels, rows: RowPiece) -> Result<()> {
+    quantize_dynamic_rows(kernels, rows)
+}
+
+/// Dynamic symmetric quantization of a piece of rows: three passes over each row, each one
+/// kernel call or one plain loop: max |x| of every group, then the scales and their reciprocals
+/// (the divisions of all groups side by side), then the values; groups holding values above
+/// the limit then set those aside in float.
+#[inline(always)]
+fn quantize_dynamic_rows(kernels: &super::Kernels, p: RowPiece) -> Result<()> {
+    let RowPiece { x, k, group, stride, limit, data, scales, outliers, ends } = p;
+    let groups = k.div_ceil(group);
+    let (mut inv, mut outlier_groups) = (vec![0f32; groups], Vec::new());
+    for ((xr, qr), sr) in x.chunks(k).zip(data.chunks_mut(stride)).zip(scales.chunks_mut(groups)) {
+        if !kernels.group_abs_max(xr, group, sr) {
+            bail!("activation row contains a non-finite value (NaN or ±Inf)")
+        }
+        outlier_groups.clear();
+        for (g, s) in sr.iter_mut().enumerate() {
+            // Rare: the group holds outliers; they stay in float and leave the scale.
+            if *s > limit {
+                outlier_groups.push(g);
+                *s = abs_max_within(&xr[g * group..(g * group + group).min(k)], limit);
+            }
+        }
+        for (s, inv) in sr.iter_mut().zip(inv.iter_mut()) {
+            *s = QSpec::DYNAMIC_ACTIVATION.scale_zero_point_unchecked(-*s, *s).0;
+            *inv = 1.0 / *s;
+        }
+        kernels.quantize_groups(xr, group, &inv, qr);
+        for &g in &outlier_groups {
+            let run = g * group..((g + 1) * group).min(k);
+            set_aside_above(limit, &xr[run.clone()], run.start, &mut qr[run], outliers);
+        }
+        ends.push(outliers.len());
+    }
+    Ok(())
+}
+
 fn over_row_pieces(
     x: &[f32],
     k: usize,
