@@ -162,7 +162,7 @@ fn check_linear(acts: &QuantizedActivations, weights: &PackedInt8Weights, bias: 
 }
 
 /// `out` as memory to write (every `f32` is a valid value, so writing any keeps it initialised).
-fn as_unfilled(out: &mut [f32]) -> &mut [MaybeUninit<f32>] {
+pub(crate) fn as_unfilled(out: &mut [f32]) -> &mut [MaybeUninit<f32>] {
     // SAFETY: same size and alignment; MaybeUninit<f32> only loosens what may be read, and the
     // kernels write nothing but f32 values through it.
     unsafe { &mut *(out as *mut [f32] as *mut [MaybeUninit<f32>]) }
@@ -620,12 +620,8 @@ pub(crate) fn silu_mul_into(gate: &[f32], up: &[f32], out: &mut [MaybeUninit<f32
     let kernels = Kernels::best();
     run_on_parts(out.chunks_mut(PIECE).collect(), team_threads(gate.len() > PIECE), |p, out| {
         let (gate, up) = (&gate[p * PIECE..][..out.len()], &up[p * PIECE..][..out.len()]);
-        // The piece is zeroed while in cache, then written.
-        out.fill(MaybeUninit::new(0.0));
-        // SAFETY: every value was just written.
-        let out = unsafe { assume_filled(out) };
         if !kernels.silu_mul(gate, up, out) {
-            out.iter_mut().zip(gate.iter().zip(up)).for_each(|(o, (&g, &u))| *o = silu_scalar(g) * u)
+            out.iter_mut().zip(gate.iter().zip(up)).for_each(|(o, (&g, &u))| _ = o.write(silu_scalar(g) * u))
         }
     });
     Ok(())

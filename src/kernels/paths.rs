@@ -24,7 +24,7 @@ type SegmentSums = unsafe fn(&Int8Operands, &mut [i32]);
 type WeightOnlyBlocks = unsafe fn(&[f32], usize, &PackedInt8Weights, Range<usize>, BlockOutputs);
 type AttentionScores = unsafe fn(&[f32], &[f32], usize, f32, &mut [f32]);
 type WeightedRows = unsafe fn(&[f32], &[f32], usize, &mut [f32]);
-type SiluMul = unsafe fn(&[f32], &[f32], &mut [f32]);
+type SiluMul = unsafe fn(&[f32], &[f32], &mut [std::mem::MaybeUninit<f32>]);
 type SoftmaxNumerators = unsafe fn(&mut [f32]) -> (f32, f32);
 type SumsOfSquares = unsafe fn(&[f32], usize, &mut [f32]);
 
@@ -305,7 +305,7 @@ impl Kernels {
 
     /// `out = silu(gate) · up`; `false` (nothing done) when the path has no vector version.
     /// Lengths are the caller's to match (checked by [`super::silu_mul`]).
-    pub fn silu_mul(&self, gate: &[f32], up: &[f32], out: &mut [f32]) -> bool {
+    pub fn silu_mul(&self, gate: &[f32], up: &[f32], out: &mut [std::mem::MaybeUninit<f32>]) -> bool {
         let Some(f) = self.silu_mul else { return false };
         assert!(gate.len() == up.len() && out.len() == gate.len(), "silu_mul: lengths differ");
         // SAFETY: the table's path is supported; the three slices have the same length.

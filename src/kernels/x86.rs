@@ -657,7 +657,7 @@ pub unsafe fn gelu_erf(x: &mut [f32]) {
 /// # Safety
 /// AVX2+FMA+F16C available; `gate`, `up` and `out` of the same length.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn silu_mul(gate: &[f32], up: &[f32], out: &mut [f32]) {
+pub unsafe fn silu_mul(gate: &[f32], up: &[f32], out: &mut [std::mem::MaybeUninit<f32>]) {
     let (one, sign) = (_mm256_set1_ps(1.0), _mm256_set1_ps(-0.0));
     let lanes = |x: __m256, u: __m256| {
         let e = exp_nonpositive(_mm256_or_ps(x, sign));
@@ -671,7 +671,7 @@ pub unsafe fn silu_mul(gate: &[f32], up: &[f32], out: &mut [f32]) {
         // SAFETY: i + 8 <= n <= the three lengths (equal, the caller's contract).
         unsafe {
             let y = lanes(_mm256_loadu_ps(gate.as_ptr().add(i)), _mm256_loadu_ps(up.as_ptr().add(i)));
-            _mm256_storeu_ps(out.as_mut_ptr().add(i), y);
+            _mm256_storeu_ps(out.as_mut_ptr().add(i).cast(), y);
         }
     }
     let (mut g, mut u, mut o) = ([0f32; 8], [0f32; 8], [0f32; 8]);
@@ -680,7 +680,7 @@ pub unsafe fn silu_mul(gate: &[f32], up: &[f32], out: &mut [f32]) {
     u[..rest].copy_from_slice(&up[n..]);
     // SAFETY: the three arrays hold 8 floats.
     unsafe { _mm256_storeu_ps(o.as_mut_ptr(), lanes(_mm256_loadu_ps(g.as_ptr()), _mm256_loadu_ps(u.as_ptr()))) };
-    out[n..].copy_from_slice(&o[..rest]);
+    out[n..].iter_mut().zip(o).for_each(|(y, v)| _ = y.write(v));
 }
 
 /// Horizontal sum of eight lanes.

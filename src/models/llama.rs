@@ -8,6 +8,7 @@ use crate::nn::{forward_shared, with_float_values, QLinear};
 use candle_core::{bail, DType, Device, Module, Result, Tensor, D};
 use candle_nn::{Embedding, Linear, RmsNorm, VarBuilder};
 use serde::{Deserialize, Serialize};
+use std::mem::MaybeUninit;
 
 /// The fields of a Hugging Face `config.json` this model reads.
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -238,6 +239,9 @@ impl LlamaConfig {
         if heads == 0 || kv == 0 || !heads.is_multiple_of(kv) || d == 0 {
             bail!("model config: {heads} attention heads, {kv} key/value heads and head size {d} do not split (heads must be a whole multiple of key/value heads, all non-zero)")
         }
+        if !d.is_multiple_of(2) {
+            bail!("model config: head size {d} is odd (RoPE rotates the two halves of each head)")
+        }
         Ok(())
     }
 
@@ -428,13 +432,15 @@ impl RowCache {
 
 /// `x` rotated by RoPE at one position (`rotate_half` form, as candle's `rope`): with `h = d/2`,
 /// `y_j = x_j·cos_j − x_{j+h}·sin_j` and `y_{j+h} = x_j·sin_j + x_{j+h}·cos_j` for `j < h`.
-fn rope_row(x: &[f32], cos: &[f32], sin: &[f32], y: &mut [f32]) {
+/// Writes every value of `y` (`d` even, `h` angles given: checked by [`LlamaConfig::validate`]
+/// and the caller).
+fn rope_row(x: &[f32], cos: &[f32], sin: &[f32], y: &mut [MaybeUninit<f32>]) {
     let h = x.len() / 2;
     let (x1, x2) = x.split_at(h);
     let (y1, y2) = y.split_at_mut(h);
-    for j in 0..h.min(cos.len()).min(sin.len()) {
-        y1[j] = x1[j] * cos[j] - x2[j] * sin[j];
-        y2[j] = x1[j] * sin[j] + x2[j] * cos[j];
+    for j in 0..h {
+        y1[j].write(x1[j] * cos[j] - x2[j] * sin[j]);
+        y2[j].write(x1[j] * sin[j] + x2[j] * cos[j]);
     }
 }
 
@@ -679,7 +685,7 @@ impl Attention {
         };
         cache.reserve(s);
         let (pos, cap) = (cache.len, cache.capacity);
-        let mut qr = vec![0f32; s * self.heads * d];
+        let mut qr = Vec::with_capacity(s * self.heads * d);
         with_float_values(cos, "RoPE cosines", |cos| {
             with_float_values(sin, "RoPE sines", |sin| {
                 let half = d / 2;
@@ -690,6 +696,7 @@ impl Attention {
                 with_float_values(&q, "attention queries", |q| {
                     // Pieces of 64 rows over the kernel team for a prompt.
                     let row = self.heads * d;
+                    let qr = &mut qr.spare_capacity_mut()[..s * row];
                     crate::kernels::parallel_for_parts(qr.chunks_mut(64 * row).collect(), s > 64, |p, y| {
                         for (r, (x, y)) in q[p * 64 * row..].chunks_exact(row).zip(y.chunks_exact_mut(row)).enumerate() {
                             let (c, sn) = at(p * 64 + r);
@@ -702,13 +709,15 @@ impl Attention {
                     for (i, x) in k.chunks_exact(self.kv_heads * d).enumerate() {
                         let (c, sn) = at(i);
                         for (g, x) in x.chunks_exact(d).enumerate() {
-                            rope_row(x, c, sn, &mut cache.keys[(g * cap + pos + i) * d..][..d]);
+                            rope_row(x, c, sn, crate::kernels::as_unfilled(&mut cache.keys[(g * cap + pos + i) * d..][..d]));
                         }
                     }
                     Ok(())
                 })
             })
         })?;
+        // SAFETY: the rotation above wrote all s rows of heads · d queries (it returned Ok).
+        unsafe { qr.set_len(s * self.heads * d) };
         with_float_values(&v, "attention values", |v| {
             for (i, x) in v.chunks_exact(self.kv_heads * d).enumerate() {
                 for (g, x) in x.chunks_exact(d).enumerate() {
