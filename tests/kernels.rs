@@ -292,6 +292,29 @@ fn simd_activation_quantizer_equals_the_reference() {
             }
         }
     }
+    // Rows of whole groups of 32 take the x86 one-pass quantizer (groups with outliers finished
+    // apart): the same bits, scales and outliers; NaN or ±Inf anywhere in a row is an error.
+    for (case, k) in [32, 64, 384, 576].into_iter().enumerate() {
+        let x = rng.normals(3 * k, 1.5);
+        for threshold in [None, Some(2.0), Some(0.1)] {
+            let want = QuantizedActivations::quantize_dynamic_with(Isa::Reference, &x, 3, k, 32, threshold).unwrap();
+            for isa in Isa::supported() {
+                let got = QuantizedActivations::quantize_dynamic_with(isa, &x, 3, k, 32, threshold).unwrap();
+                for i in 0..3 {
+                    assert_eq!(got.row(i), want.row(i), "k {k} {threshold:?} {isa:?} row {i}");
+                    assert_eq!(got.row_scales(i), want.row_scales(i), "k {k} {threshold:?} {isa:?} row {i}");
+                    assert_eq!(got.row_outliers(i), want.row_outliers(i), "k {k} {threshold:?} {isa:?} row {i}");
+                }
+            }
+        }
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            let mut y = x.clone();
+            y[k + 7 * case + 5] = bad;
+            for isa in Isa::supported() {
+                assert!(QuantizedActivations::quantize_dynamic_with(isa, &y, 3, k, 32, Some(2.0)).is_err(), "k {k} {bad} {isa:?}");
+            }
+        }
+    }
     // Golden: 127 sets the scale to 1; 2.5 → 2, 3.5 → 4, −0.5 → 0 (half to even).
     let q = QuantizedActivations::quantize_dynamic(&[127.0, 2.5, 3.5, -0.5], 1, 4, 4, None).unwrap();
     assert_eq!(q.row(0), &[127, 2, 4, 0]);

@@ -242,23 +242,38 @@ fn quantize_dynamic_rows(kernels: &super::Kernels, p: RowPiece) -> Result<()> {
     let RowPiece { x, k, group, stride, limit, data, scales, outliers, ends } = p;
     let groups = k.div_ceil(group);
     let (mut inv, mut outlier_groups) = (vec![0f32; groups], Vec::new());
+    let one_pass = group == 32 && k.is_multiple_of(32);
     for ((xr, qr), sr) in x.chunks(k).zip(data.chunks_mut(stride)).zip(scales.chunks_mut(groups)) {
-        if !kernels.group_abs_max(xr, group, sr) {
-            bail!("activation row contains a non-finite value (NaN or ±Inf)")
-        }
         outlier_groups.clear();
-        for (g, s) in sr.iter_mut().enumerate() {
-            // Rare: the group holds outliers; they stay in float and leave the scale.
-            if *s > limit {
-                outlier_groups.push(g);
-                *s = abs_max_within(&xr[g * group..(g * group + group).min(k)], limit);
+        let scale_of = |m: f32| QSpec::DYNAMIC_ACTIVATION.scale_zero_point_unchecked(-m, m).0;
+        let fused = if one_pass { kernels.quantize_row_groups32(xr, limit, sr, qr, &mut outlier_groups) } else { None };
+        if let Some(finite) = fused {
+            // Groups of 32 in one pass; the groups holding outliers are quantized here.
+            if !finite {
+                bail!("activation row contains a non-finite value (NaN or ±Inf)")
             }
+            for &g in &outlier_groups {
+                let run = g * group..(g + 1) * group;
+                sr[g] = scale_of(abs_max_within(&xr[run.clone()], limit));
+                kernels.quantize_groups(&xr[run.clone()], group, &[1.0 / sr[g]], &mut qr[run]);
+            }
+        } else {
+            if !kernels.group_abs_max(xr, group, sr) {
+                bail!("activation row contains a non-finite value (NaN or ±Inf)")
+            }
+            for (g, s) in sr.iter_mut().enumerate() {
+                // Rare: the group holds outliers; they stay in float and leave the scale.
+                if *s > limit {
+                    outlier_groups.push(g);
+                    *s = abs_max_within(&xr[g * group..(g * group + group).min(k)], limit);
+                }
+            }
+            for (s, inv) in sr.iter_mut().zip(inv.iter_mut()) {
+                *s = scale_of(*s);
+                *inv = 1.0 / *s;
+            }
+            kernels.quantize_groups(xr, group, &inv, qr);
         }
-        for (s, inv) in sr.iter_mut().zip(inv.iter_mut()) {
-            *s = QSpec::DYNAMIC_ACTIVATION.scale_zero_point_unchecked(-*s, *s).0;
-            *inv = 1.0 / *s;
-        }
-        kernels.quantize_groups(xr, group, &inv, qr);
         for &g in &outlier_groups {
             let run = g * group..((g + 1) * group).min(k);
             set_aside_above(limit, &xr[run.clone()], run.start, &mut qr[run], outliers);

@@ -27,6 +27,7 @@ type WeightedRows = unsafe fn(&[f32], &[f32], usize, &mut [f32]);
 type SiluMul = unsafe fn(&[f32], &[f32], &mut [std::mem::MaybeUninit<f32>]);
 type SoftmaxNumerators = unsafe fn(&mut [f32]) -> (f32, f32);
 type SumsOfSquares = unsafe fn(&[f32], usize, &mut [f32]);
+type QuantizeRowGroups32 = unsafe fn(&[f32], f32, &mut [f32], &mut [i8], &mut Vec<usize>) -> bool;
 
 /// The vector kernels of one supported path; `None` where it has none (the portable code runs).
 #[derive(Clone, Copy)]
@@ -45,6 +46,7 @@ pub(crate) struct Kernels {
     gelu_erf: Option<unsafe fn(&mut [f32])>,
     silu_mul: Option<SiluMul>,
     sums_of_squares: Option<SumsOfSquares>,
+    quantize_row_groups32: Option<QuantizeRowGroups32>,
 }
 
 /// The NEON int8 tiles without and with `sdot`, in the table's shape.
@@ -95,6 +97,7 @@ impl Kernels {
         gelu_erf: None,
         silu_mul: None,
         sums_of_squares: None,
+        quantize_row_groups32: None,
     };
 
     /// The table of `isa`; an error naming the path when this CPU cannot run it.
@@ -144,6 +147,7 @@ impl Kernels {
                     gelu_erf: Some(x86::gelu_erf),
                     silu_mul: Some(x86::silu_mul),
                     sums_of_squares: Some(x86::sums_of_squares),
+                    quantize_row_groups32: Some(x86::quantize_row_groups32),
                 }
             }
             #[cfg(target_arch = "aarch64")]
@@ -322,6 +326,20 @@ impl Kernels {
             Some(f) => unsafe { f(x, n, sums) },
             None => x.chunks_exact(n).zip(sums).for_each(|(row, s)| *s = row.iter().map(|&v| v * v).sum()),
         }
+    }
+
+    /// The dynamic quantizer's single pass over a row in groups of 32 (see
+    /// [`x86::quantize_row_groups32`]): `None` when the path has none (the caller then takes
+    /// the group maxima and the values in two passes), else whether every value is finite.
+    pub fn quantize_row_groups32(&self, x: &[f32], limit: f32, scales: &mut [f32], q: &mut [i8], above: &mut Vec<usize>) -> Option<bool> {
+        let f = self.quantize_row_groups32?;
+        assert!(
+            x.len().is_multiple_of(32) && scales.len() >= x.len() / 32 && q.len() >= x.len(),
+            "quantizer: groups of 32 over {} values",
+            x.len()
+        );
+        // SAFETY: the table's path is supported; the lengths are asserted above.
+        Some(unsafe { f(x, limit, scales, q, above) })
     }
 
     /// Exact GELU in place; `false` (nothing done) when the path has no vector version.

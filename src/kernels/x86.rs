@@ -466,6 +466,49 @@ pub unsafe fn quantize_symmetric(x: &[f32], inv: f32, q: &mut [i8]) {
     }
 }
 
+/// The dynamic quantizer's one pass over a row in groups of 32 (`x.len()` a multiple of 32):
+/// per group, `m = max |x|`; a group with `m ≤ limit` gets its symmetric scale (`max(m / 127,
+/// SCALE_EPS)`, as every dynamic quantizer computes it)
+/// and its values quantized by `1 / scales[g]` exactly as [`quantize_symmetric`] does, while it
+/// is in registers; a group above `limit` is pushed to `above` (its scale must leave the
+/// outliers out: the caller's). Returns whether every value is finite.
+///
+/// # Safety
+/// AVX2+FMA+F16C available; `scales` holds `x.len() / 32` values and `q` at least `x.len()`.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn quantize_row_groups32(x: &[f32], limit: f32, scales: &mut [f32], q: &mut [i8], above: &mut Vec<usize>) -> bool {
+    // SAFETY: every access stays within the lengths the caller vouches for.
+    unsafe {
+        let (sign, lo, hi) = (_mm256_set1_ps(-0.0), _mm256_set1_ps(-127.0), _mm256_set1_ps(127.0));
+        let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+        let mut unordered = _mm256_setzero_ps();
+        let mut finite = true;
+        for g in 0..x.len() / 32 {
+            let v: [__m256; 4] = std::array::from_fn(|j| _mm256_loadu_ps(x.as_ptr().add(32 * g + 8 * j)));
+            for vj in v {
+                unordered = _mm256_or_ps(unordered, _mm256_cmp_ps(vj, vj, _CMP_UNORD_Q));
+            }
+            let a = v.map(|vj| _mm256_andnot_ps(sign, vj));
+            let m8 = _mm256_max_ps(_mm256_max_ps(a[0], a[1]), _mm256_max_ps(a[2], a[3]));
+            let m4 = _mm_max_ps(_mm256_castps256_ps128(m8), _mm256_extractf128_ps(m8, 1));
+            let m2 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+            let m = _mm_cvtss_f32(_mm_max_ss(m2, _mm_movehdup_ps(m2)));
+            finite &= m != f32::INFINITY;
+            if m > limit {
+                above.push(g);
+                continue;
+            }
+            let scale = crate::quant::QSpec::DYNAMIC_ACTIVATION.scale_zero_point_unchecked(-m, m).0;
+            *scales.get_unchecked_mut(g) = scale;
+            let inv = _mm256_set1_ps(1.0 / scale);
+            let i = v.map(|vj| _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(_mm256_mul_ps(vj, inv), lo), hi)));
+            let bytes = _mm256_packs_epi16(_mm256_packs_epi32(i[0], i[1]), _mm256_packs_epi32(i[2], i[3]));
+            _mm256_storeu_si256(q.as_mut_ptr().add(32 * g) as *mut __m256i, _mm256_permutevar8x32_epi32(bytes, order));
+        }
+        finite && _mm256_movemask_ps(unordered) == 0
+    }
+}
+
 /// [`abs_max`] of each run of `group` values of `x` into `amax` (one per run, in order), in one
 /// call for a whole activation row; whether every value is finite.
 ///
