@@ -3,6 +3,7 @@
 use super::{Isa, CHUNK};
 use crate::quant::{quantize_value, QSpec};
 use candle_core::{bail, Result};
+use std::ops::Range;
 
 /// `M×K` int8 activations with one scale per `(row, group)` and one zero point for all. Rows
 /// are zero-padded to a whole number of [`CHUNK`]s, like the weights.
@@ -40,6 +41,26 @@ impl QuantizedActivations {
     /// same bits (tests compare them).
     pub fn quantize_dynamic_with(isa: Isa, x: &[f32], m: usize, k: usize, group: usize, outlier_threshold: Option<f32>) -> Result<Self> {
         check_dims(x, m, k)?;
+        Self::quantize_dynamic_from(isa, Source::Rows(x), m, k, group, outlier_threshold)
+    }
+
+    /// [`quantize_dynamic`](Self::quantize_dynamic) of SwiGLU's product `silu(gate) · up`
+    /// (`m × k` each), each row computed just before it is quantized — the same values and bits
+    /// as quantizing [`super::silu_mul`]'s output, without writing it out.
+    pub(crate) fn quantize_dynamic_swiglu(
+        gate: &[f32],
+        up: &[f32],
+        m: usize,
+        k: usize,
+        group: usize,
+        outlier_threshold: Option<f32>,
+    ) -> Result<Self> {
+        check_dims(gate, m, k)?;
+        check_dims(up, m, k)?;
+        Self::quantize_dynamic_from(Isa::best(), Source::SwiGlu(gate, up), m, k, group, outlier_threshold)
+    }
+
+    fn quantize_dynamic_from(isa: Isa, x: Source, m: usize, k: usize, group: usize, outlier_threshold: Option<f32>) -> Result<Self> {
         let kernels = super::Kernels::of(isa).map_err(|e| e.context("activations"))?;
         let group = group.clamp(1, k.max(1));
         let groups = k.div_ceil(group);
@@ -48,8 +69,8 @@ impl QuantizedActivations {
         let mut scales = vec![0f32; m * groups];
         let limit = outlier_threshold.unwrap_or(f32::INFINITY);
         let (outliers, outlier_start) =
-            over_row_pieces(x, k, &mut data, stride, &mut scales, groups, |x, data, scales, outliers, ends| {
-                let rows = RowPiece { x, k, group, stride, limit, data, scales, outliers, ends };
+            over_row_pieces(m, k, &mut data, stride, &mut scales, groups, |rows, data, scales, outliers, ends| {
+                let rows = RowPiece { x: x.rows(rows, k), k, group, stride, limit, data, scales, outliers, ends };
                 #[cfg(target_arch = "x86_64")]
                 if kernels.isa() != Isa::Reference {
                     // SAFETY: every x86 path but the portable one has AVX2+FMA+F16C.
@@ -86,8 +107,8 @@ impl QuantizedActivations {
         let limits: Vec<f32> = scales.iter().map(|s| 127.0 * s).collect();
         let stride = k.next_multiple_of(CHUNK);
         let mut data = vec![0i8; m * stride];
-        let (outliers, outlier_start) = over_row_pieces(x, k, &mut data, stride, &mut [], 0, |x, data, _, outliers, ends| {
-            for (xr, qr) in x.chunks(k).zip(data.chunks_mut(stride)) {
+        let (outliers, outlier_start) = over_row_pieces(m, k, &mut data, stride, &mut [], 0, |rows, data, _, outliers, ends| {
+            for (xr, qr) in x[rows.start * k..rows.end * k].chunks(k).zip(data.chunks_mut(stride)) {
                 for (g, (xg, qg)) in xr.chunks(group).zip(qr.chunks_mut(group)).enumerate() {
                     let (a, finite) = kernels.abs_max(xg);
                     if !finite {
@@ -208,9 +229,46 @@ type SetAside = (Vec<(u32, f32)>, Vec<usize>);
 /// `stride` bytes and `groups` scales each — on the kernel team when the input is large; each
 /// piece appends its rows' float outliers and, per row, how many it has set aside so far. The
 /// pieces' outliers are then joined in row order.
+/// Where the dynamic quantizer's rows come from.
+#[derive(Clone, Copy)]
+enum Source<'a> {
+    /// Rows of `k` values.
+    Rows(&'a [f32]),
+    /// SwiGLU's `silu(gate) · up`, row by row from the two.
+    SwiGlu(&'a [f32], &'a [f32]),
+}
+
+impl<'a> Source<'a> {
+    /// Rows `rows` of `k` values.
+    fn rows(self, rows: Range<usize>, k: usize) -> Source<'a> {
+        let at = rows.start * k..rows.end * k;
+        match self {
+            Source::Rows(x) => Source::Rows(&x[at]),
+            Source::SwiGlu(gate, up) => Source::SwiGlu(&gate[at.clone()], &up[at]),
+        }
+    }
+
+    /// Row `i` of `k` values: borrowed, or computed into `scratch` (`k` values).
+    fn row<'s>(self, i: usize, k: usize, kernels: &super::Kernels, scratch: &'s mut [f32]) -> &'s [f32]
+    where
+        'a: 's,
+    {
+        match self {
+            Source::Rows(x) => &x[i * k..(i + 1) * k],
+            Source::SwiGlu(gate, up) => {
+                let (g, u) = (&gate[i * k..(i + 1) * k], &up[i * k..(i + 1) * k]);
+                if !kernels.silu_mul(g, u, super::as_unfilled(scratch)) {
+                    scratch.iter_mut().zip(g.iter().zip(u)).for_each(|(o, (&g, &u))| *o = super::silu_scalar(g) * u);
+                }
+                scratch
+            }
+        }
+    }
+}
+
 /// A piece of rows for the dynamic quantizer and where its results go.
 struct RowPiece<'a> {
-    x: &'a [f32],
+    x: Source<'a>,
     k: usize,
     group: usize,
     stride: usize,
@@ -243,7 +301,12 @@ fn quantize_dynamic_rows(kernels: &super::Kernels, p: RowPiece) -> Result<()> {
     let groups = k.div_ceil(group);
     let (mut inv, mut outlier_groups) = (vec![0f32; groups], Vec::new());
     let one_pass = group == 32 && k.is_multiple_of(32);
-    for ((xr, qr), sr) in x.chunks(k).zip(data.chunks_mut(stride)).zip(scales.chunks_mut(groups)) {
+    let mut scratch = match x {
+        Source::Rows(_) => Vec::new(),
+        Source::SwiGlu(..) => vec![0f32; k],
+    };
+    for (i, (qr, sr)) in data.chunks_mut(stride).zip(scales.chunks_mut(groups)).enumerate() {
+        let xr = x.row(i, k, kernels, &mut scratch);
         outlier_groups.clear();
         let scale_of = |m: f32| QSpec::DYNAMIC_ACTIVATION.scale_zero_point_unchecked(-m, m).0;
         let fused = if one_pass { kernels.quantize_row_groups32(xr, limit, sr, qr, &mut outlier_groups) } else { None };
@@ -284,31 +347,31 @@ fn quantize_dynamic_rows(kernels: &super::Kernels, p: RowPiece) -> Result<()> {
 }
 
 fn over_row_pieces(
-    x: &[f32],
+    m: usize,
     k: usize,
     data: &mut [i8],
     stride: usize,
     scales: &mut [f32],
     groups: usize,
-    quantize: impl Fn(&[f32], &mut [i8], &mut [f32], &mut Vec<(u32, f32)>, &mut Vec<usize>) -> Result<()> + Sync,
+    quantize: impl Fn(Range<usize>, &mut [i8], &mut [f32], &mut Vec<(u32, f32)>, &mut Vec<usize>) -> Result<()> + Sync,
 ) -> Result<SetAside> {
-    let m = x.len() / k;
-    let threads = super::team_threads(x.len() >= PARALLEL_MIN_VALUES).min(m.max(1));
+    let threads = super::team_threads(m * k >= PARALLEL_MIN_VALUES).min(m.max(1));
     let rows = m.div_ceil(threads).max(1);
     let mut scale_pieces = scales.chunks_mut((rows * groups).max(1));
-    let pieces: Vec<_> = x
-        .chunks(rows * k)
-        .zip(data.chunks_mut(rows * stride))
-        .map(|(x, data)| {
-            std::sync::Mutex::new((x, data, scale_pieces.next().unwrap_or_default(), Vec::new(), Vec::with_capacity(rows), Ok(())))
+    let pieces: Vec<_> = data
+        .chunks_mut(rows * stride)
+        .enumerate()
+        .map(|(p, data)| {
+            let range = p * rows..(p * rows + data.len() / stride.max(1)).min(m);
+            std::sync::Mutex::new((range, data, scale_pieces.next().unwrap_or_default(), Vec::new(), Vec::with_capacity(rows), Ok(())))
         })
         .collect();
     super::team::run(pieces.len(), threads, &|p| {
         // Each task locks only its own piece; a panic poisons that piece alone and team::run
         // re-raises it once every task has finished.
         if let Ok(mut piece) = pieces[p].lock() {
-            let (x, data, scales, outliers, ends, result) = &mut *piece;
-            *result = quantize(x, data, scales, outliers, ends);
+            let (range, data, scales, outliers, ends, result) = &mut *piece;
+            *result = quantize(range.clone(), data, scales, outliers, ends);
         }
     });
     let (mut outliers, mut starts) = (Vec::new(), vec![0]);
@@ -358,4 +421,31 @@ fn check_dims(x: &[f32], m: usize, k: usize) -> Result<()> {
         bail!("activations: {} values do not form {m} rows of {k}", x.len())
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// SwiGLU's product quantized row by row as it is computed gives the bits, scales and float
+    /// outliers of quantizing `silu_mul`'s output: rows of whole groups of 32 and not, one piece
+    /// and many (over the kernel team), outliers above a threshold and none.
+    #[test]
+    fn swiglu_rows_quantize_like_the_written_product() -> Result<()> {
+        let wave = |len: usize, f: f32, a: f32| (0..len).map(|i| (i as f32 * f).sin() * a * (1 + i % 5) as f32).collect::<Vec<f32>>();
+        for (m, k, threshold) in [(3, 96, Some(2.0)), (70, 600, Some(3.0)), (5, 40, None)] {
+            let (gate, up) = (wave(m * k, 0.71, 2.0), wave(m * k, 0.23, 1.5));
+            let mut product = vec![0f32; m * k];
+            super::super::silu_mul(&gate, &up, &mut product)?;
+            let want = QuantizedActivations::quantize_dynamic(&product, m, k, 32, threshold)?;
+            let got = QuantizedActivations::quantize_dynamic_swiglu(&gate, &up, m, k, 32, threshold)?;
+            for i in 0..m {
+                assert_eq!(got.row(i), want.row(i), "{m}×{k} row {i}");
+                assert_eq!(got.row_scales(i), want.row_scales(i), "{m}×{k} row {i}");
+                assert_eq!(got.row_outliers(i), want.row_outliers(i), "{m}×{k} row {i}");
+            }
+        }
+        assert!(QuantizedActivations::quantize_dynamic_swiglu(&[1.0; 8], &[1.0; 7], 1, 8, 32, None).is_err());
+        Ok(())
+    }
 }

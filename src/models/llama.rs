@@ -764,6 +764,10 @@ impl Mlp {
             _ => bail!("MLP holds {} input projections", self.gate_up.len()),
         };
         if !self.gelu_tanh && !differentiable && gate.dtype() == DType::F32 {
+            // An int8 down projection quantizes the product row by row as it computes it.
+            if let Some(y) = self.down_proj.forward_swiglu(&gate, &up)? {
+                return Ok(y);
+            }
             // SwiGLU in one pass on the kernels (no libm exp, no intermediate tensor); a
             // strided gate or up (a fused gate_up's halves) is read through a copy.
             let out = with_float_values(&gate, "MLP gate", |g| {

@@ -97,6 +97,13 @@ impl DynamicLinear {
         QuantizedActivations::quantize_dynamic(x, m, k, self.act.group_size(k), self.outlier_threshold)
     }
 
+    /// `m` rows of SwiGLU's `silu(gate) · up` quantized as this layer quantizes its input, the
+    /// product computed row by row as it is quantized (never written out whole).
+    pub(crate) fn quantize_swiglu(&self, gate: &[f32], up: &[f32], m: usize) -> Result<QuantizedActivations> {
+        let k = self.weights.in_features();
+        QuantizedActivations::quantize_dynamic_swiglu(gate, up, m, k, self.act.group_size(k), self.outlier_threshold)
+    }
+
     /// The layer on inputs already quantized by [`Self::quantize_input`] (of this layer or of
     /// one that [`Self::quantizes_like`] it).
     /// Writes every value of `out` on `Ok`.

@@ -402,6 +402,28 @@ impl QLinear {
 }
 
 impl QLinear {
+    /// `forward(silu(gate) · up)` for a dynamic int8 layer on `f32` inputs: SwiGLU's product is
+    /// computed row by row inside the activation quantizer instead of written out whole (same
+    /// values, same bits). `None` for other kinds, which take the product as a tensor.
+    pub(crate) fn forward_swiglu(&self, gate: &Tensor, up: &Tensor) -> Result<Option<Tensor>> {
+        let QLinearKind::Dynamic(d) = &self.kind else { return Ok(None) };
+        if gate.dtype() != DType::F32 || up.dtype() != DType::F32 || gate.shape() != up.shape() {
+            return Ok(None);
+        }
+        check_input(gate, self.in_features, &self.name)?;
+        let m = gate.elem_count() / self.in_features.max(1);
+        let name = &self.name;
+        let out = with_float_values(gate, name, |g| {
+            with_float_values(up, name, |u| {
+                let acts = d.quantize_swiglu(g, u, m)?;
+                // SAFETY: forward_quantized writes every output on Ok.
+                unsafe { filled_vec(m * self.out_features, |out| d.forward_quantized(&acts, out)) }
+            })
+        })
+        .map_err(|e| e.context(format!("layer '{name}'")))?;
+        rows_tensor(gate, self.out_features, out).map(Some)
+    }
+
     /// [`Module::forward`] followed by `activation` applied in place to the output values, in
     /// f32 (an activation fused after the matmul): int8 kinds run it on the buffer their kernel
     /// just wrote, before any tensor exists; other kinds on a copy of their output. Not
