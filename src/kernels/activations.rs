@@ -60,6 +60,14 @@ impl QuantizedActivations {
         Self::quantize_dynamic_from(Isa::best(), Source::SwiGlu(gate, up), m, k, group, outlier_threshold)
     }
 
+    /// [`quantize_dynamic`](Self::quantize_dynamic) of `gelu_erf(x)` (`m × k`), each row's GELU
+    /// computed just before it is quantized — the same values and bits as quantizing
+    /// [`super::gelu_erf`]'s output, without writing it out.
+    pub(crate) fn quantize_dynamic_gelu(x: &[f32], m: usize, k: usize, group: usize, outlier_threshold: Option<f32>) -> Result<Self> {
+        check_dims(x, m, k)?;
+        Self::quantize_dynamic_from(Isa::best(), Source::Gelu(x), m, k, group, outlier_threshold)
+    }
+
     fn quantize_dynamic_from(isa: Isa, x: Source, m: usize, k: usize, group: usize, outlier_threshold: Option<f32>) -> Result<Self> {
         let kernels = super::Kernels::of(isa).map_err(|e| e.context("activations"))?;
         let group = group.clamp(1, k.max(1));
@@ -236,6 +244,8 @@ enum Source<'a> {
     Rows(&'a [f32]),
     /// SwiGLU's `silu(gate) · up`, row by row from the two.
     SwiGlu(&'a [f32], &'a [f32]),
+    /// Exact GELU of rows of `k` values, row by row.
+    Gelu(&'a [f32]),
 }
 
 impl<'a> Source<'a> {
@@ -245,6 +255,7 @@ impl<'a> Source<'a> {
         match self {
             Source::Rows(x) => Source::Rows(&x[at]),
             Source::SwiGlu(gate, up) => Source::SwiGlu(&gate[at.clone()], &up[at]),
+            Source::Gelu(x) => Source::Gelu(&x[at]),
         }
     }
 
@@ -259,6 +270,13 @@ impl<'a> Source<'a> {
                 let (g, u) = (&gate[i * k..(i + 1) * k], &up[i * k..(i + 1) * k]);
                 if !kernels.silu_mul(g, u, super::as_unfilled(scratch)) {
                     scratch.iter_mut().zip(g.iter().zip(u)).for_each(|(o, (&g, &u))| *o = super::silu_scalar(g) * u);
+                }
+                scratch
+            }
+            Source::Gelu(x) => {
+                scratch.copy_from_slice(&x[i * k..(i + 1) * k]);
+                if !kernels.gelu_erf(scratch) {
+                    scratch.iter_mut().for_each(|v| *v = super::gelu_erf_scalar(*v));
                 }
                 scratch
             }
@@ -303,7 +321,7 @@ fn quantize_dynamic_rows(kernels: &super::Kernels, p: RowPiece) -> Result<()> {
     let one_pass = group == 32 && k.is_multiple_of(32);
     let mut scratch = match x {
         Source::Rows(_) => Vec::new(),
-        Source::SwiGlu(..) => vec![0f32; k],
+        Source::SwiGlu(..) | Source::Gelu(_) => vec![0f32; k],
     };
     for (i, (qr, sr)) in data.chunks_mut(stride).zip(scales.chunks_mut(groups)).enumerate() {
         let xr = x.row(i, k, kernels, &mut scratch);
@@ -427,8 +445,8 @@ fn check_dims(x: &[f32], m: usize, k: usize) -> Result<()> {
 mod tests {
     use super::*;
 
-    /// SwiGLU's product quantized row by row as it is computed gives the bits, scales and float
-    /// outliers of quantizing `silu_mul`'s output: rows of whole groups of 32 and not, one piece
+    /// SwiGLU's product (and GELU) quantized row by row as it is computed gives the bits, scales
+    /// and float outliers of quantizing `silu_mul`'s (`gelu_erf`'s) output: rows of whole groups of 32 and not, one piece
     /// and many (over the kernel team), outliers above a threshold and none.
     #[test]
     fn swiglu_rows_quantize_like_the_written_product() -> Result<()> {
@@ -439,10 +457,16 @@ mod tests {
             super::super::silu_mul(&gate, &up, &mut product)?;
             let want = QuantizedActivations::quantize_dynamic(&product, m, k, 32, threshold)?;
             let got = QuantizedActivations::quantize_dynamic_swiglu(&gate, &up, m, k, 32, threshold)?;
-            for i in 0..m {
-                assert_eq!(got.row(i), want.row(i), "{m}×{k} row {i}");
-                assert_eq!(got.row_scales(i), want.row_scales(i), "{m}×{k} row {i}");
-                assert_eq!(got.row_outliers(i), want.row_outliers(i), "{m}×{k} row {i}");
+            let mut activated = gate.clone();
+            super::super::gelu_erf(&mut activated);
+            let want_gelu = QuantizedActivations::quantize_dynamic(&activated, m, k, 32, threshold)?;
+            let got_gelu = QuantizedActivations::quantize_dynamic_gelu(&gate, m, k, 32, threshold)?;
+            for (what, got, want) in [("swiglu", &got, &want), ("gelu", &got_gelu, &want_gelu)] {
+                for i in 0..m {
+                    assert_eq!(got.row(i), want.row(i), "{what} {m}×{k} row {i}");
+                    assert_eq!(got.row_scales(i), want.row_scales(i), "{what} {m}×{k} row {i}");
+                    assert_eq!(got.row_outliers(i), want.row_outliers(i), "{what} {m}×{k} row {i}");
+                }
             }
         }
         assert!(QuantizedActivations::quantize_dynamic_swiglu(&[1.0; 8], &[1.0; 7], 1, 8, 32, None).is_err());

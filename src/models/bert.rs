@@ -3,7 +3,7 @@
 
 use super::attention::{attend_sequence, HeadRows};
 use crate::convert::Quantizable;
-use crate::nn::{forward_shared, with_float_values, QLinear};
+use crate::nn::{forward_shared, with_float_values, QLinear, QLinearKind};
 use candle_core::{bail, Device, Module, Result, Tensor, D};
 use candle_nn::{Embedding, LayerNorm, VarBuilder};
 use serde::Deserialize;
@@ -173,10 +173,23 @@ impl Bert {
         for l in &self.layers {
             let a = self.attention(l, &x, &lens, bias.as_ref())?;
             x = self.norm(&l.attn_norm, &crate::nn::add(&l.attn_out.forward(&a)?, &x)?)?;
-            let h = self.intermediate_gelu(&l.intermediate, &x)?;
-            x = self.norm(&l.out_norm, &crate::nn::add(&l.output.forward(&h)?, &x)?)?;
+            let y = self.output_of_intermediate(l, &x)?;
+            x = self.norm(&l.out_norm, &crate::nn::add(&y, &x)?)?;
         }
         Ok((x, mask))
+    }
+
+    /// `output(GELU(intermediate(x)))`: an int8 output layer applies the GELU row by row inside
+    /// its activation quantizer (outside training).
+    fn output_of_intermediate(&self, l: &Layer, x: &Tensor) -> Result<Tensor> {
+        if !self.differentiable && x.dtype() == candle_core::DType::F32 {
+            if let QLinearKind::Dynamic(_) = l.output.kind() {
+                if let Some(y) = l.output.forward_gelu(&l.intermediate.forward(x)?)? {
+                    return Ok(y);
+                }
+            }
+        }
+        l.output.forward(&self.intermediate_gelu(&l.intermediate, x)?)
     }
 
     /// `GELU(intermediate(x))`, exact GELU: candle's op in differentiable mode (it has a

@@ -104,6 +104,13 @@ impl DynamicLinear {
         QuantizedActivations::quantize_dynamic_swiglu(gate, up, m, k, self.act.group_size(k), self.outlier_threshold)
     }
 
+    /// `m` rows of `gelu_erf(x)` quantized as this layer quantizes its input, each row's GELU
+    /// computed as it is quantized.
+    pub(crate) fn quantize_gelu(&self, x: &[f32], m: usize) -> Result<QuantizedActivations> {
+        let k = self.weights.in_features();
+        QuantizedActivations::quantize_dynamic_gelu(x, m, k, self.act.group_size(k), self.outlier_threshold)
+    }
+
     /// The layer on inputs already quantized by [`Self::quantize_input`] (of this layer or of
     /// one that [`Self::quantizes_like`] it).
     /// Writes every value of `out` on `Ok`.

@@ -412,16 +412,32 @@ impl QLinear {
         }
         check_input(gate, self.in_features, &self.name)?;
         let m = gate.elem_count() / self.in_features.max(1);
-        let name = &self.name;
-        let out = with_float_values(gate, name, |g| {
-            with_float_values(up, name, |u| {
-                let acts = d.quantize_swiglu(g, u, m)?;
-                // SAFETY: forward_quantized writes every output on Ok.
-                unsafe { filled_vec(m * self.out_features, |out| d.forward_quantized(&acts, out)) }
-            })
+        let out = with_float_values(gate, &self.name, |g| {
+            with_float_values(up, &self.name, |u| self.forward_acts(d, d.quantize_swiglu(g, u, m)?, m))
         })
-        .map_err(|e| e.context(format!("layer '{name}'")))?;
+        .map_err(|e| e.context(format!("layer '{}'", self.name)))?;
         rows_tensor(gate, self.out_features, out).map(Some)
+    }
+
+    /// `forward(gelu_erf(x))` for a dynamic int8 layer on an `f32` input: the exact GELU is
+    /// computed row by row inside the activation quantizer (same values, same bits). `None` for
+    /// other kinds.
+    pub(crate) fn forward_gelu(&self, x: &Tensor) -> Result<Option<Tensor>> {
+        let QLinearKind::Dynamic(d) = &self.kind else { return Ok(None) };
+        if x.dtype() != DType::F32 {
+            return Ok(None);
+        }
+        check_input(x, self.in_features, &self.name)?;
+        let m = x.elem_count() / self.in_features.max(1);
+        let out = with_float_values(x, &self.name, |xs| self.forward_acts(d, d.quantize_gelu(xs, m)?, m))
+            .map_err(|e| e.context(format!("layer '{}'", self.name)))?;
+        rows_tensor(x, self.out_features, out).map(Some)
+    }
+
+    /// The `m × out_features` outputs of dynamic layer `d` on its quantized input.
+    fn forward_acts(&self, d: &DynamicLinear, acts: crate::kernels::QuantizedActivations, m: usize) -> Result<Vec<f32>> {
+        // SAFETY: forward_quantized writes every output on Ok.
+        unsafe { filled_vec(m * self.out_features, |out| d.forward_quantized(&acts, out)) }
     }
 
     /// [`Module::forward`] followed by `activation` applied in place to the output values, in
