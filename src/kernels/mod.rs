@@ -723,6 +723,62 @@ fn rms_norm_rows(
     Ok(())
 }
 
+/// LayerNorm of every row of `n` values of `x` (plus `residual`, when given: the rows normalised
+/// are `x + residual`, summed piece by piece in cache and never written out) into `out`, bit for
+/// bit as candle's CPU kernel computes it: `Σ x` and `Σ x²` of each row added in order,
+/// `μ = Σ/n`, `σ² = Σx²/n − μ²`, `y = (x − μ) · (1/√(σ² + ε)) · α + β`. The sums of eight rows
+/// at a time run in the lanes of a register on x86; the rows are shared out over the team.
+/// On `Ok`, every value of `out` is written.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn layer_norm_into(
+    x: &[f32],
+    residual: Option<&[f32]>,
+    n: usize,
+    alpha: &[f32],
+    beta: &[f32],
+    eps: f32,
+    out: &mut [MaybeUninit<f32>],
+) -> Result<()> {
+    if n == 0
+        || !x.len().is_multiple_of(n)
+        || alpha.len() != n
+        || beta.len() != n
+        || out.len() != x.len()
+        || residual.is_some_and(|h| h.len() != x.len())
+    {
+        bail!(
+            "layer norm: {} inputs, {} outputs, {} weights and {} biases are not rows of {n}",
+            x.len(),
+            out.len(),
+            alpha.len(),
+            beta.len()
+        )
+    }
+    let kernels = Kernels::best();
+    let rows = x.len() / n;
+    let per = (65_536 / n).next_multiple_of(8).max(8);
+    run_on_parts(out.chunks_mut(per * n).collect(), team_threads(rows > per), |p, out| {
+        let x = &x[p * per * n..][..out.len()];
+        let summed: Vec<f32>;
+        let x = match residual {
+            Some(h) => {
+                summed = x.iter().zip(&h[p * per * n..]).map(|(a, b)| a + b).collect();
+                &summed[..]
+            }
+            None => x,
+        };
+        let (mut sums, mut squares) = (vec![0f32; out.len() / n], vec![0f32; out.len() / n]);
+        kernels.sums_and_squares(x, n, &mut sums, &mut squares);
+        for (((row, y), sum), sum2) in x.chunks_exact(n).zip(out.chunks_exact_mut(n)).zip(sums).zip(squares) {
+            let mean = sum / n as f32;
+            let var = sum2 / n as f32 - mean * mean;
+            let inv_std = (var + eps).sqrt().recip();
+            y.iter_mut().zip(row).zip(alpha.iter().zip(beta)).for_each(|((y, &v), (&a, &b))| _ = y.write((v - mean) * inv_std * a + b));
+        }
+    });
+    Ok(())
+}
+
 /// Runs `work(i, parts[i])` for every part on the kernels' fork-join team — as many threads as
 /// candle's CPU ops use — or on the calling thread when `parallel` is false. For other small,
 /// latency-bound steps of a decoding model that run between int8 layers (the team is awake
@@ -784,6 +840,33 @@ mod tests {
             &mut [MaybeUninit::uninit(); 4]
         )
         .is_err());
+        Ok(())
+    }
+
+    /// LayerNorm on the kernels gives candle's fused LayerNorm bit for bit, on `x` and on a
+    /// residual sum `x + h`: rows fewer and more than eight, of whole 8-value vectors and not,
+    /// several pieces of rows; lengths that do not fit are errors.
+    #[test]
+    fn layer_norm_equals_candles_bit_for_bit() -> Result<()> {
+        use candle_core::{Device, Tensor};
+        let wave = |len: usize, f: f32, c: f32| (0..len).map(|i| (i as f32 * f).sin() * (1 + i % 7) as f32 + c).collect::<Vec<f32>>();
+        for (rows, n) in [(3, 20), (13, 384), (300, 384), (9, 7)] {
+            let (x, h, alpha, beta) = (wave(rows * n, 0.37, 0.5), wave(rows * n, 1.91, -0.2), wave(n, 0.11, 1.0), wave(n, 0.05, 0.0));
+            let tensor = |v: &[f32], shape: &[usize]| Tensor::from_vec(v.to_vec(), shape, &Device::Cpu);
+            let sum: Vec<f32> = x.iter().zip(&h).map(|(a, b)| a + b).collect();
+            for residual in [None, Some(&h[..])] {
+                let normed = if residual.is_some() { &sum } else { &x };
+                let want = candle_nn::ops::layer_norm(&tensor(normed, &[rows, n])?, &tensor(&alpha, &[n])?, &tensor(&beta, &[n])?, 1e-12)?;
+                let want: Vec<u32> = want.flatten_all()?.to_vec1::<f32>()?.iter().map(|v| v.to_bits()).collect();
+                let mut got = vec![f32::NAN; rows * n];
+                layer_norm_into(&x, residual, n, &alpha, &beta, 1e-12, as_unfilled(&mut got))?;
+                let got: Vec<u32> = got.iter().map(|v| v.to_bits()).collect();
+                assert_eq!(got, want, "{rows} rows of {n}, residual {}", residual.is_some());
+            }
+        }
+        let mut out = [MaybeUninit::uninit(); 8];
+        assert!(layer_norm_into(&[1.0; 8], Some(&[1.0; 4]), 4, &[1.0; 4], &[0.0; 4], 1e-5, &mut out).is_err());
+        assert!(layer_norm_into(&[1.0; 8], None, 4, &[1.0; 4], &[0.0; 3], 1e-5, &mut out).is_err());
         Ok(())
     }
 }

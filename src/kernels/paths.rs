@@ -27,6 +27,7 @@ type WeightedRows = unsafe fn(&[f32], &[f32], usize, &mut [f32]);
 type SiluMul = unsafe fn(&[f32], &[f32], &mut [std::mem::MaybeUninit<f32>]);
 type SoftmaxNumerators = unsafe fn(&mut [f32]) -> (f32, f32);
 type SumsOfSquares = unsafe fn(&[f32], usize, &mut [f32]);
+type SumsAndSquares = unsafe fn(&[f32], usize, &mut [f32], &mut [f32]);
 type QuantizeRowGroups32 = unsafe fn(&[f32], f32, &mut [f32], &mut [i8], &mut Vec<usize>) -> bool;
 
 /// The vector kernels of one supported path; `None` where it has none (the portable code runs).
@@ -46,6 +47,7 @@ pub(crate) struct Kernels {
     gelu_erf: Option<unsafe fn(&mut [f32])>,
     silu_mul: Option<SiluMul>,
     sums_of_squares: Option<SumsOfSquares>,
+    sums_and_squares: Option<SumsAndSquares>,
     quantize_row_groups32: Option<QuantizeRowGroups32>,
 }
 
@@ -97,6 +99,7 @@ impl Kernels {
         gelu_erf: None,
         silu_mul: None,
         sums_of_squares: None,
+        sums_and_squares: None,
         quantize_row_groups32: None,
     };
 
@@ -147,6 +150,7 @@ impl Kernels {
                     gelu_erf: Some(x86::gelu_erf),
                     silu_mul: Some(x86::silu_mul),
                     sums_of_squares: Some(x86::sums_of_squares),
+                    sums_and_squares: Some(x86::sums_and_squares),
                     quantize_row_groups32: Some(x86::quantize_row_groups32),
                 }
             }
@@ -325,6 +329,31 @@ impl Kernels {
             // SAFETY: the table's path is supported; x holds sums.len() rows of n.
             Some(f) => unsafe { f(x, n, sums) },
             None => x.chunks_exact(n).zip(sums).for_each(|(row, s)| *s = row.iter().map(|&v| v * v).sum()),
+        }
+    }
+
+    /// `sums[r] = Σ_j x[r·n + j]` and `squares[r] = Σ_j x[r·n + j]²` for every row of `n`
+    /// values, each added in order as the portable loop (and candle's LayerNorm) does.
+    pub fn sums_and_squares(&self, x: &[f32], n: usize, sums: &mut [f32], squares: &mut [f32]) {
+        assert!(
+            n > 0 && x.len() == n * sums.len() && sums.len() == squares.len(),
+            "row sums: {} values are not {} rows of {n}",
+            x.len(),
+            sums.len()
+        );
+        match self.sums_and_squares {
+            // SAFETY: the table's path is supported; x holds sums.len() rows of n.
+            Some(f) => unsafe { f(x, n, sums, squares) },
+            None => {
+                for ((row, s), s2) in x.chunks_exact(n).zip(sums).zip(squares) {
+                    let (mut sum, mut sum2) = (0f32, 0f32);
+                    for &v in row {
+                        sum += v;
+                        sum2 += v * v;
+                    }
+                    (*s, *s2) = (sum, sum2);
+                }
+            }
         }
     }
 

@@ -798,15 +798,40 @@ unsafe fn scores_tile<const R: usize>(q: &[f32], keys: &[f32], d: usize, scale: 
 /// AVX2+FMA+F16C available; `x` holds `sums.len()` rows of `n > 0`.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn sums_of_squares(x: &[f32], n: usize, sums: &mut [f32]) {
-    let eights = sums.len() / 8 * 8;
+    // SAFETY: the caller's contract; no plain sums are asked for.
+    unsafe { row_sums::<false>(x, n, &mut [], sums) }
+}
+
+/// `sums[r] = Σ_j x[r·n + j]` and `squares[r] = Σ_j x[r·n + j]²`, each added in order (LayerNorm's
+/// two running sums, side by side), eight rows at a time as [`sums_of_squares`].
+///
+/// # Safety
+/// AVX2+FMA+F16C available; `x` holds `sums.len() == squares.len()` rows of `n > 0`.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn sums_and_squares(x: &[f32], n: usize, sums: &mut [f32], squares: &mut [f32]) {
+    // SAFETY: the caller's contract.
+    unsafe { row_sums::<true>(x, n, sums, squares) }
+}
+
+/// The body of [`sums_of_squares`] (`PLAIN` false, `sums` unused) and [`sums_and_squares`].
+///
+/// # Safety
+/// As [`sums_and_squares`].
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn row_sums<const PLAIN: bool>(x: &[f32], n: usize, sums: &mut [f32], squares: &mut [f32]) {
+    let eights = squares.len() / 8 * 8;
     let body = n - n % 8;
     for r0 in (0..eights).step_by(8) {
         let at = |r: usize| x.as_ptr().wrapping_add((r0 + r) * n);
-        let mut acc = _mm256_setzero_ps();
+        let (mut plain, mut acc) = (_mm256_setzero_ps(), _mm256_setzero_ps());
         for j in (0..body).step_by(8) {
             // SAFETY: rows r0..r0+8 hold n values each, j + 8 <= body <= n.
             let rows: [__m256; 8] = std::array::from_fn(|r| unsafe { _mm256_loadu_ps(at(r).add(j)) });
             for c in transpose8(rows) {
+                if PLAIN {
+                    plain = _mm256_add_ps(plain, c);
+                }
                 acc = _mm256_add_ps(acc, _mm256_mul_ps(c, c));
             }
         }
@@ -815,13 +840,29 @@ pub unsafe fn sums_of_squares(x: &[f32], n: usize, sums: &mut [f32]) {
             let c: [f32; 8] = std::array::from_fn(|r| unsafe { *at(r).add(j) });
             // SAFETY: c holds 8 floats.
             let c = unsafe { _mm256_loadu_ps(c.as_ptr()) };
+            if PLAIN {
+                plain = _mm256_add_ps(plain, c);
+            }
             acc = _mm256_add_ps(acc, _mm256_mul_ps(c, c));
         }
-        // SAFETY: sums holds at least r0 + 8 values.
-        unsafe { _mm256_storeu_ps(sums.as_mut_ptr().add(r0), acc) };
+        // SAFETY: both outputs hold at least r0 + 8 values (sums only when PLAIN).
+        unsafe {
+            _mm256_storeu_ps(squares.as_mut_ptr().add(r0), acc);
+            if PLAIN {
+                _mm256_storeu_ps(sums.as_mut_ptr().add(r0), plain);
+            }
+        }
     }
-    for (row, s) in x.chunks_exact(n).zip(sums.iter_mut()).skip(eights) {
-        *s = row.iter().map(|&v| v * v).sum();
+    for (r, row) in x.chunks_exact(n).enumerate().skip(eights).take(squares.len() - eights) {
+        let (mut sum, mut sum2) = (0f32, 0f32);
+        for &v in row {
+            sum += v;
+            sum2 += v * v;
+        }
+        squares[r] = sum2;
+        if PLAIN {
+            sums[r] = sum;
+        }
     }
 }
 

@@ -131,6 +131,32 @@ impl Bert {
         }
     }
 
+    /// `LayerNorm(x + h)` (a residual connection and its norm): in one pass on the kernels for
+    /// contiguous `f32` CPU tensors outside training (bit for bit as candle's add and fused
+    /// LayerNorm), else [`crate::nn::add`] and [`Self::norm`].
+    fn add_norm(&self, ln: &LayerNorm, x: &Tensor, h: &Tensor) -> Result<Tensor> {
+        let fast = |t: &Tensor| t.dtype() == candle_core::DType::F32 && t.device().is_cpu() && t.is_contiguous() && !t.track_op();
+        let Some(beta) = ln.bias().filter(|_| !self.differentiable && fast(x) && fast(h) && x.shape() == h.shape()) else {
+            return self.norm(ln, &crate::nn::add(x, h)?);
+        };
+        let n = x.dim(D::Minus1)?;
+        let y = with_float_values(x, "residual", |xs| {
+            with_float_values(h, "residual branch", |hs| {
+                with_float_values(ln.weight(), "LayerNorm weight", |w| {
+                    with_float_values(beta, "LayerNorm bias", |b| {
+                        // SAFETY: layer_norm_into writes every output on Ok.
+                        unsafe {
+                            crate::kernels::filled_vec(xs.len(), |out| {
+                                crate::kernels::layer_norm_into(xs, Some(hs), n, w, b, self.eps as f32, out)
+                            })
+                        }
+                    })
+                })
+            })
+        })?;
+        Tensor::from_vec(y, x.shape(), x.device())
+    }
+
     /// Most tokens one sequence may hold (position embeddings).
     pub fn max_len(&self) -> usize {
         self.max_len
@@ -172,9 +198,9 @@ impl Bert {
         let lens: Vec<usize> = batch.iter().map(|t| t.len()).collect();
         for l in &self.layers {
             let a = self.attention(l, &x, &lens, bias.as_ref())?;
-            x = self.norm(&l.attn_norm, &crate::nn::add(&l.attn_out.forward(&a)?, &x)?)?;
+            x = self.add_norm(&l.attn_norm, &l.attn_out.forward(&a)?, &x)?;
             let y = self.output_of_intermediate(l, &x)?;
-            x = self.norm(&l.out_norm, &crate::nn::add(&y, &x)?)?;
+            x = self.add_norm(&l.out_norm, &y, &x)?;
         }
         Ok((x, mask))
     }
