@@ -420,14 +420,7 @@ fn run_on_items<P: Send>(items: Vec<P>, threads: usize, work: impl Fn(usize, &mu
 /// Runs `work(i, parts[i])` for every part on `threads` threads of the kernel team, each part
 /// handed to exactly one task.
 fn run_on_parts<T: Send>(parts: Vec<&mut [T]>, threads: usize, work: impl Fn(usize, &mut [T]) + Sync) {
-    let parts: Vec<_> = parts.into_iter().map(std::sync::Mutex::new).collect();
-    team::run(parts.len(), threads, &|i| {
-        // Each task locks only its own part, so the lock is never contended; a panic in `work`
-        // poisons that part alone and team::run re-raises it once every task has finished.
-        if let Ok(mut part) = parts[i].lock() {
-            work(i, &mut part)
-        }
-    });
+    run_on_items(parts, threads, |i, part| work(i, part))
 }
 
 /// Scalar [`x86::int8_blocks`]: `Σ_g sa · sw · dot_g` per output, from the reference dot product.
@@ -695,8 +688,7 @@ fn rms_norm_rows(
     }
     let kernels = Kernels::best();
     let rows = x.len() / n;
-    // Pieces of whole rows, a multiple of eight each, about 64 K values.
-    let per = (65_536 / n).next_multiple_of(8).max(8);
+    let per = norm_piece_rows(n);
     let (h, sum) = match residual {
         Some((h, sum)) => (h, sum),
         None => (&[][..], &mut [][..]),
@@ -721,6 +713,12 @@ fn rms_norm_rows(
         }
     });
     Ok(())
+}
+
+/// Rows of `n` values per piece of a norm on the kernel team: about 64 K values (in cache while
+/// summed and normalised), a multiple of the eight rows the x86 sums take at once.
+fn norm_piece_rows(n: usize) -> usize {
+    (65_536 / n).next_multiple_of(8).max(8)
 }
 
 /// LayerNorm of every row of `n` values of `x` (plus `residual`, when given: the rows normalised
@@ -756,7 +754,7 @@ pub(crate) fn layer_norm_into(
     }
     let kernels = Kernels::best();
     let rows = x.len() / n;
-    let per = (65_536 / n).next_multiple_of(8).max(8);
+    let per = norm_piece_rows(n);
     run_on_parts(out.chunks_mut(per * n).collect(), team_threads(rows > per), |p, out| {
         let x = &x[p * per * n..][..out.len()];
         let summed: Vec<f32>;
