@@ -135,8 +135,8 @@ impl Bert {
     /// contiguous `f32` CPU tensors outside training (bit for bit as candle's add and fused
     /// LayerNorm), else [`crate::nn::add`] and [`Self::norm`].
     fn add_norm(&self, ln: &LayerNorm, x: &Tensor, h: &Tensor) -> Result<Tensor> {
-        let fast = |t: &Tensor| t.dtype() == candle_core::DType::F32 && t.device().is_cpu() && t.is_contiguous() && !t.track_op();
-        let Some(beta) = ln.bias().filter(|_| !self.differentiable && fast(x) && fast(h) && x.shape() == h.shape()) else {
+        let fast = !self.differentiable && crate::nn::kernel_ready(x) && crate::nn::kernel_ready(h) && x.shape() == h.shape();
+        let Some(beta) = ln.bias().filter(|_| fast) else {
             return self.norm(ln, &crate::nn::add(x, h)?);
         };
         let n = x.dim(D::Minus1)?;

@@ -519,7 +519,7 @@ fn rms_norm(norm: &RmsNorm, x: &Tensor, differentiable: bool) -> Result<Tensor> 
     if differentiable {
         return candle_nn::ops::rms_norm_slow(x, norm.weight(), norm.eps() as f32);
     }
-    if x.dtype() != DType::F32 || !x.device().is_cpu() || !x.is_contiguous() || x.track_op() {
+    if !crate::nn::kernel_ready(x) {
         return norm.forward(x);
     }
     let n = x.dim(D::Minus1)?;
@@ -541,8 +541,7 @@ fn add_rms_norm(norm: &RmsNorm, x: &Tensor, h: &Tensor, differentiable: bool) ->
         let y = rms_norm(norm, &sum, differentiable)?;
         Ok((sum, y))
     };
-    let fast = |t: &Tensor| t.dtype() == DType::F32 && t.device().is_cpu() && t.is_contiguous() && !t.track_op();
-    if differentiable || !fast(x) || !fast(h) || x.shape() != h.shape() {
+    if differentiable || !crate::nn::kernel_ready(x) || !crate::nn::kernel_ready(h) || x.shape() != h.shape() {
         return plain();
     }
     let n = x.dim(D::Minus1)?;

@@ -586,13 +586,18 @@ fn cpu_slice<T: candle_core::WithDType, R>(t: &Tensor, f: impl FnOnce(&[T]) -> R
     }
 }
 
+/// Whether the kernels can read `t` in place and replace candle's op on it: a contiguous `f32`
+/// CPU tensor that carries no gradient.
+pub(crate) fn kernel_ready(t: &Tensor) -> bool {
+    t.dtype() == DType::F32 && t.device().is_cpu() && t.is_contiguous() && !t.track_op()
+}
+
 /// `a + b` (a residual connection): on two contiguous `f32` CPU tensors of one shape, one plain
 /// pass on this thread — candle's element-wise ops hand work this size to a pool whose thread
 /// then spins for a while, taking a core from the kernels' threads — else candle's op (which
 /// also carries gradients).
 pub(crate) fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    if a.dtype() != DType::F32 || b.dtype() != DType::F32 || a.shape() != b.shape() || !a.device().is_cpu() || a.track_op() || b.track_op()
-    {
+    if !kernel_ready(a) || !kernel_ready(b) || a.shape() != b.shape() {
         return a + b;
     }
     let (sa, la) = a.storage_and_layout();
