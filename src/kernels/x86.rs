@@ -1,7 +1,8 @@
 //! x86_64 kernels over the block layout of [`PackedInt8Weights`]: AVX2 + FMA + F16C for
 //! everything, and the int8 tiles once more for each `vpdpbusd` this CPU may have (AVX-VNNI,
 //! AVX-512 VNNI on 256-bit registers). The tiles' maths is at [`int8_tiles`]; the float kernels
-//! (weight-only int8, activation quantizer, decoding attention) are AVX2 whatever the tiles use.
+//! (weight-only int8, activation quantizer, softmax, norms' sums) are AVX2 whatever the tiles
+//! use; attention's score and value tiles are in [`super::x86_attention`].
 
 // Register tiles are indexed by row and block on purpose: the loops mirror the tile's shape.
 #![allow(clippy::needless_range_loop)]
@@ -733,61 +734,6 @@ pub(super) fn hsum(v: __m256) -> f32 {
     let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
-}
-
-/// `p[r·t + j] = scale · q_r·keys[j]` for the 1 to 4 heads of `q` (rows of `d`)
-/// and every key row `j < t`, one key row at a time for all the heads: the scores of heads whose
-/// size is not a multiple of 8 (the register tiles of [`super::x86_attention`] take the rest).
-///
-/// # Safety
-/// AVX2+FMA+F16C available; `q` holds 1 to 4 rows of `d`, `p` as many rows of `t`, and `keys`
-/// `t` rows of `d`.
-#[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn attention_scores_by_key(q: &[f32], keys: &[f32], d: usize, scale: f32, p: &mut [f32]) {
-    // SAFETY: the operations below are those this function's `# Safety` section makes the caller answer for (features present, pointers and ranges valid).
-    unsafe {
-        match q.len() / d {
-            1 => scores_tile::<1>(q, keys, d, scale, p),
-            2 => scores_tile::<2>(q, keys, d, scale, p),
-            3 => scores_tile::<3>(q, keys, d, scale, p),
-            _ => scores_tile::<4>(q, keys, d, scale, p),
-        }
-    }
-}
-
-/// [`attention_scores`] for exactly `R` heads.
-///
-/// # Safety
-/// As [`attention_scores`], with `R` rows in `q` and `p`.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn scores_tile<const R: usize>(q: &[f32], keys: &[f32], d: usize, scale: f32, p: &mut [f32]) {
-    // SAFETY: the operations below are those this function's `# Safety` section makes the caller answer for (features present, pointers and ranges valid).
-    unsafe {
-        let t = p.len() / R;
-        let body = d - d % 8;
-        let qp = q.as_ptr();
-        for j in 0..t {
-            // SAFETY: row j < t lies within keys; every load stays below c + 8 <= body <= d in its row.
-            let k = keys.as_ptr().add(j * d);
-            let mut acc = [_mm256_setzero_ps(); R];
-            let mut c = 0;
-            while c < body {
-                let kv = _mm256_loadu_ps(k.add(c));
-                for r in 0..R {
-                    acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(qp.add(r * d + c)), kv, acc[r]);
-                }
-                c += 8;
-            }
-            for r in 0..R {
-                let mut s = hsum(acc[r]);
-                for c in body..d {
-                    s += *qp.add(r * d + c) * *k.add(c);
-                }
-                p[r * t + j] = s * scale;
-            }
-        }
-    }
 }
 
 /// `sums[r] = Σ_j x[r·n + j]²` for every row `r` of `n` values, each row's squares added in order

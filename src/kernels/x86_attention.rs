@@ -35,8 +35,9 @@ fn lane_sums(v: [__m256; 8]) -> __m256 {
     _mm256_hadd_ps(pairs(ab, cd), pairs(ef, gh))
 }
 
-/// One score at a time, for keys a tile does not cover: `p[r·t + j] = scale · q_r·keys[j]` for
-/// `j ∈ keys`, the lanes summed as [`lane_sums`] does (`d` a multiple of 8).
+/// One score at a time, for keys a tile does not cover and heads whose size is not a multiple of
+/// 8: `p[r·t + j] = scale · q_r·keys[j]` for `j ∈ keys`, the lanes summed as [`lane_sums`] does,
+/// then the channels past the last whole vector added in order.
 ///
 /// # Safety
 /// AVX2+FMA; `q` holds `RP` rows of `d`, `p` `RP` rows of `t`, `keys` rows `0..keys.end`.
@@ -53,17 +54,22 @@ unsafe fn scores_one_at_a_time<const RP: usize>(
 ) {
     // SAFETY: every access stays within the rows the caller vouches for.
     unsafe {
+        let body = d - d % 8;
         for j in keys {
             let kr = k.add(j * d);
             let mut acc = [_mm256_setzero_ps(); RP];
-            for c in (0..d).step_by(8) {
+            for c in (0..body).step_by(8) {
                 let kv = _mm256_loadu_ps(kr.add(c));
                 for r in 0..RP {
                     acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(q.add(r * d + c)), kv, acc[r]);
                 }
             }
             for r in 0..RP {
-                *p.add(r * t + j) = super::x86::hsum(acc[r]) * scale;
+                let mut s = super::x86::hsum(acc[r]);
+                for c in body..d {
+                    s += *q.add(r * d + c) * *kr.add(c);
+                }
+                *p.add(r * t + j) = s * scale;
             }
         }
     }
@@ -87,11 +93,17 @@ macro_rules! attention_tiles {
                 // SAFETY: the operations below are those this function's `# Safety` section makes the caller answer for (features present, pointers and ranges valid).
                 unsafe {
                     let heads = q.len() / d;
-                    if d % 8 != 0 {
-                        return super::super::x86::attention_scores_by_key(q, keys, d, scale, p);
-                    }
                     let t = p.len() / heads;
                     let (q, k, p) = (q.as_ptr(), keys.as_ptr(), p.as_mut_ptr());
+                    if d % 8 != 0 {
+                        // Heads not whole vectors: one key at a time, all heads together.
+                        return match heads {
+                            1 => scores_one_at_a_time::<1>(q, k, d, scale, p, t, 0..t),
+                            2 => scores_one_at_a_time::<2>(q, k, d, scale, p, t, 0..t),
+                            3 => scores_one_at_a_time::<3>(q, k, d, scale, p, t, 0..t),
+                            _ => scores_one_at_a_time::<4>(q, k, d, scale, p, t, 0..t),
+                        };
+                    }
                     // (heads, keys) per tile: RP·KP accumulators, RP query and one key register.
                     let (q2, p2) = (q.add(2 * d), p.add(2 * t));
                     match (heads, $wide) {
