@@ -96,19 +96,8 @@ pub(crate) fn attend_sequence(
     let mut out = vec![0f32; block * rep * d];
     for (task, split_parts) in parts.chunks(splits * part_len).enumerate() {
         let (ib, g) = (task / groups, task % groups);
-        let rows = ib * block..((ib + 1) * block).min(s);
-        if splits == 1 && block == 1 {
-            // One part of one row: normalised straight into place (what combine_parts computes
-            // for a single part: 0 + (1 / l) · y, l its sum).
-            let at = rows.start * heads * d + g * rep * d;
-            for (h, (yh, ph)) in y[at..at + rep * d].chunks_exact_mut(d).zip(split_parts.chunks_exact(d)).enumerate() {
-                let w = 1.0 / split_parts[rep * (d + 1) + h];
-                yh.iter_mut().zip(ph).for_each(|(y, &v)| *y = 0.0 + w * v);
-            }
-            continue;
-        }
         kernels::combine_parts(split_parts, splits, d, &mut out)?;
-        for (r, i) in rows.enumerate() {
+        for (r, i) in (ib * block..((ib + 1) * block).min(s)).enumerate() {
             y[i * heads * d + g * rep * d..i * heads * d + (g + 1) * rep * d].copy_from_slice(&out[r * rep * d..(r + 1) * rep * d]);
         }
     }
