@@ -3,7 +3,9 @@
 //! alice29.txt, each on a fresh KV cache. Threads: `RAYON_NUM_THREADS`.
 //!
 //! Run: `RAYON_NUM_THREADS=1 cargo run --release --example prefill_speed -- int8 5 512`
-//! (`f32` instead of `int8` for the float model).
+//! (`f32` instead of `int8` for the float model). Under `perf`, build it with
+//! `--profile profiling` (release plus line tables) and record
+//! `target/profiling/examples/prefill_speed`.
 
 use anyhow::{bail, Result};
 use candle_quant::convert::{quantize_dynamic, QuantConfig};

@@ -18,10 +18,12 @@ use candle_quant::{Granularity, QLinear, QParams, QSpec, WeightQuant};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-fn temp(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("candle-quant-ckpt-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    dir
+/// A folder path that does not exist yet (checkpoint writers refuse existing folders), inside a
+/// scratch folder removed when the first value is dropped.
+fn temp(name: &str) -> (common::Scratch, PathBuf) {
+    let scratch = common::Scratch::new(&format!("ckpt-{name}"));
+    let dir = scratch.join("model");
+    (scratch, dir)
 }
 
 fn smollm2_source() -> ModelSource {
@@ -64,7 +66,7 @@ fn smollm2_checkpoint_round_trip_is_bit_identical() {
     let want = logits_and_greedy(&in_memory, &prompt);
 
     // Written by the streaming quantizer, loaded back.
-    let dir = temp("smollm2");
+    let (_dir_scratch, dir) = temp("smollm2");
     let opened = io::open_llama(&source).unwrap();
     let mut seen = 0;
     let written = opened.quantize_to(&dir, &QuantConfig::default(), Int8Kind::Dynamic, &SaveOptions::default(), |_| seen += 1).unwrap();
@@ -96,7 +98,6 @@ fn smollm2_checkpoint_round_trip_is_bit_identical() {
     let gguf_dir = io::models_dir();
     let e = opened.quantize_to(&gguf_dir, &QuantConfig::default(), Int8Kind::Dynamic, &over, |_| {}).unwrap_err().to_string();
     assert!(e.contains("holds the input"), "{e}");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// A model of a user's own: two layers and a float tensor, built the candle way.
@@ -144,14 +145,13 @@ fn tiny_float(seed: u64) -> Tiny {
 fn save_load_same_outputs(mut model: Tiny, name: &str) -> QuantizationConfig {
     let x = common::Rng::new(99).tensor(&[5, 48], 1.0).unwrap();
     let want = bits(&model.forward(&x).unwrap());
-    let dir = temp(name);
+    let (_dir_scratch, dir) = temp(name);
     save_quantized(&mut model, &dir, &SaveOptions::default()).unwrap();
     let loaded = load_quantized(&dir, Tiny::load).unwrap();
     assert_eq!(bits(&loaded.forward(&x).unwrap()), want, "{name}: outputs after save and load");
     assert_eq!(loaded.fc1.kind_name(), model.fc1.kind_name());
     assert_eq!(loaded.fc2.kind_name(), model.fc2.kind_name());
     let q = QuantizedCheckpoint::open(&dir).unwrap().quantization().clone();
-    let _ = std::fs::remove_dir_all(&dir);
     q
 }
 
@@ -225,7 +225,7 @@ impl Quantizable for Forgetful {
 fn a_layer_the_model_does_not_visit_is_an_error() {
     let mut m = tiny_float(6);
     quantize_dynamic(&mut m, &QuantConfig::default()).unwrap();
-    let dir = temp("forgetful");
+    let (_dir_scratch, dir) = temp("forgetful");
     save_quantized(&mut m, &dir, &SaveOptions::default()).unwrap();
     let e = load_quantized(&dir, |vb| Tiny::load(vb).map(Forgetful)).err().unwrap().to_string();
     assert!(e.contains("fc2") && e.contains("visit_linears"), "{e}");
@@ -238,7 +238,6 @@ fn a_layer_the_model_does_not_visit_is_an_error() {
     .unwrap()
     .to_string();
     assert!(e.contains("fc1.weight") && e.contains("QLinear::load"), "{e}");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// A source whose third tensor cannot be read: the write must leave nothing behind.
@@ -262,16 +261,13 @@ impl TensorSource for Failing {
 #[test]
 fn an_interrupted_write_leaves_nothing_that_looks_complete() {
     let entries = (0..4).map(|i| Entry { name: format!("t{i}"), dtype: Dtype::F32, shape: vec![4] }).collect();
-    let dir = temp("interrupted");
+    let (_dir_scratch, dir) = temp("interrupted");
     let q = QuantizationConfig::new(candle_quant::checkpoint::LayerScheme::WeightOnly { weight_group_size: None });
     let opts = SaveOptions { max_shard_bytes: 20, ..Default::default() };
     let e = write_checkpoint(&dir, &Failing(entries), &q, &opts, |_| {}).unwrap_err().to_string();
     assert!(e.contains("t2"), "{e}");
-    assert!(!dir.exists());
-    let parent = dir.parent().unwrap();
-    let name = dir.file_name().unwrap().to_str().unwrap();
-    let leftovers: Vec<_> =
-        std::fs::read_dir(parent).unwrap().flatten().filter(|e| e.file_name().to_str().unwrap().contains(name)).collect();
+    // Nothing under its name, and no partial folder beside it (the scratch folder is empty).
+    let leftovers: Vec<_> = std::fs::read_dir(dir.parent().unwrap()).unwrap().flatten().map(|e| e.file_name()).collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
 }
 
@@ -291,7 +287,7 @@ fn bf16_llama(dir: &Path, shards: usize) {
 
 #[test]
 fn sharded_bf16_source_to_sharded_int8_checkpoint() {
-    let src = temp("bf16-src");
+    let (_src_scratch, src) = temp("bf16-src");
     bf16_llama(&src, 3);
     let source = ModelSource::Folder(src.clone());
     let prompt = [101u32, 7592, 2088, 102, 2023];
@@ -299,7 +295,7 @@ fn sharded_bf16_source_to_sharded_int8_checkpoint() {
     let cfg = QuantConfig::default().exclude("*.down_proj");
     quantize_dynamic(&mut in_memory.model, &cfg).unwrap();
     let want = logits_and_greedy(&in_memory, &prompt);
-    let out = temp("bf16-int8");
+    let (_out_scratch, out) = temp("bf16-int8");
     let opts = SaveOptions { max_shard_bytes: 1_000_000, ..Default::default() };
     let w = io::open_llama(&source).unwrap().quantize_to(&out, &cfg, Int8Kind::Dynamic, &opts, |_| {}).unwrap();
     assert!(w.files.len() > 1 && out.join("model.safetensors.index.json").is_file(), "{:?}", w.files);
@@ -310,14 +306,11 @@ fn sharded_bf16_source_to_sharded_int8_checkpoint() {
     // Float tensors keep their dtype; the float layer too.
     assert_eq!(ckpt.source().entry("model.norm.weight").unwrap().dtype, Dtype::BF16);
     assert_eq!(ckpt.source().entry("model.layers.0.mlp.down_proj.weight").unwrap().dtype, Dtype::BF16);
-    for d in [src, out] {
-        let _ = std::fs::remove_dir_all(d);
-    }
 }
 
 /// Edits `dir`'s files, expects an error on load mentioning every `needle`.
 fn corrupt(name: &str, edit: impl FnOnce(&Path), needles: &[&str]) {
-    let dir = temp(&format!("bad-{name}"));
+    let (_dir_scratch, dir) = temp(&format!("bad-{name}"));
     let mut m = tiny_float(8);
     quantize_dynamic(&mut m, &QuantConfig::default()).unwrap();
     save_quantized(&mut m, &dir, &SaveOptions { max_shard_bytes: 3000, ..Default::default() }).unwrap();
@@ -329,7 +322,6 @@ fn corrupt(name: &str, edit: impl FnOnce(&Path), needles: &[&str]) {
     for n in needles {
         assert!(e.contains(n), "{name}: '{n}' not in: {e}");
     }
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 fn edit_config(dir: &Path, f: impl FnOnce(&mut serde_json::Value)) {
@@ -459,7 +451,7 @@ fn bad_checkpoints_are_errors_naming_the_file_and_tensor() {
 fn checkpoints_open_in_the_reference_safetensors_reader() {
     let mut m = tiny_float(9);
     quantize_dynamic(&mut m, &QuantConfig::default()).unwrap();
-    let dir = temp("interop");
+    let (_dir_scratch, dir) = temp("interop");
     save_quantized(&mut m, &dir, &SaveOptions::default()).unwrap();
     let bytes = std::fs::read(dir.join("model.safetensors")).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
@@ -471,5 +463,4 @@ fn checkpoints_open_in_the_reference_safetensors_reader() {
     let s = st.tensor("fc1.weight_scale").unwrap();
     assert_eq!((s.dtype(), s.shape()), (safetensors::Dtype::F16, &[64usize, 2][..]));
     assert_eq!(st.tensor("gain").unwrap().dtype(), safetensors::Dtype::F32);
-    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -1,5 +1,7 @@
 //! The `candle-quant` binary end to end on the offline default model.
 
+mod common;
+
 use std::process::Command;
 
 fn cli(args: &[&str]) -> std::process::Output {
@@ -101,7 +103,8 @@ fn kernel_path_override() {
 
 #[test]
 fn eval_json_and_inspect() {
-    let text = std::env::temp_dir().join(format!("candle-quant-cli-{}.txt", std::process::id()));
+    let scratch = common::Scratch::new("cli-eval");
+    let text = scratch.join("text.txt");
     std::fs::write(&text, "Alice was beginning to get very tired of sitting by her sister on the bank, and of having nothing to do.")
         .unwrap();
     let out = cli(&["eval", "--text", text.to_str().unwrap(), "--window", "16", "--json"]);
@@ -120,8 +123,7 @@ fn eval_json_and_inspect() {
 /// or with a broken one, is an error naming what is missing.
 #[test]
 fn calibrate_then_static_eval() {
-    let dir = std::env::temp_dir().join(format!("candle-quant-cli-calib-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = common::Scratch::new("cli-calib");
     let (text, calib) = (dir.join("text.txt"), dir.join("calib.json"));
     std::fs::write(&text, "Alice was beginning to get very tired of sitting by her sister on the bank, and of having nothing to do: once or twice she had peeped into the book her sister was reading.").unwrap();
     let (t, c) = (text.to_str().unwrap(), calib.to_str().unwrap());
@@ -153,7 +155,6 @@ fn calibrate_then_static_eval() {
     std::fs::write(&calib, "{\"format\": \"candle-quant-calibration\"").unwrap();
     let out = cli(&["eval", "--text", t, "--mode", "static", "--calibration", c]);
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("calib.json"));
-    std::fs::remove_dir_all(&dir).ok();
 }
 
 #[test]
@@ -176,8 +177,8 @@ fn bad_arguments_fail_with_a_message() {
 /// a `--reference`; without one, `compare` says what it needs.
 #[test]
 fn quantize_then_generate_and_compare_from_the_folder() {
-    let dir = std::env::temp_dir().join(format!("candle-quant-cli-{}-int8", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
+    let scratch = common::Scratch::new("cli-int8");
+    let dir = scratch.join("int8");
     let out = cli(&["quantize", "--out", dir.to_str().unwrap(), "--max-shard-size", "60MB"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(dir.join("model.safetensors.index.json").is_file() && dir.join("tokenizer.json").is_file());
@@ -204,7 +205,6 @@ fn quantize_then_generate_and_compare_from_the_folder() {
     let m: serde_json::Value = serde_json::from_slice(&mem.stdout).unwrap();
     assert_eq!(v["int8"]["text"], m["int8"]["text"]);
     assert_eq!(v["f32"]["text"], m["f32"]["text"]);
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// A long prompt from a file (prefill measurements), cut to its first N tokens; a missing file
@@ -227,9 +227,7 @@ fn prompt_file_cut_to_n_tokens() {
 /// formed by length), and says how fast it went.
 #[test]
 fn embed_writes_one_embedding_per_line_in_order() {
-    let dir = std::env::temp_dir().join(format!("candle-quant-cli-{}-embed", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = common::Scratch::new("cli-embed");
     let file = dir.join("s.txt");
     let text = "A short one.\nA much longer sentence that takes many more tokens than the first one does.\n\nHi\nA short one.\n";
     std::fs::write(&file, text).unwrap();
@@ -251,5 +249,4 @@ fn embed_writes_one_embedding_per_line_in_order() {
     assert!(diff < 1e-5, "{diff}");
     let bad = cli(&["embed", "--file", file.to_str().unwrap(), "--out", dir.join("e.txt").to_str().unwrap()]);
     assert!(!bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains(".jsonl"));
-    let _ = std::fs::remove_dir_all(&dir);
 }

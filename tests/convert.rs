@@ -270,8 +270,7 @@ mod user_kit {
             k
         };
         assert_eq!(kinds(&mut model), ["float"; 5]);
-        let dir = std::env::temp_dir().join(format!("candle-quant-calib-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = crate::common::Scratch::new("convert-calib");
         let path = dir.join("calib.json");
         c.save(&path)?;
         // (The per-channel maxima are for smoothing in memory; the file does not keep them.)
@@ -301,7 +300,6 @@ mod user_kit {
         broken.save(&path)?;
         let e = Calibration::load(&path).unwrap_err().to_string();
         assert!(e.contains("calib.json") && e.contains("'head'"), "{e}");
-        std::fs::remove_dir_all(&dir).ok();
         // No windows, and NaN activations, are errors (the latter naming the first layer).
         let mut nan = net(VarBuilder::from_varmap(&VarMap::new(), DType::F32, &Device::Cpu))?;
         let e = calibrate(&mut nan, "t", ObserverKind::Minmax, StaticGranularity::PerTensor, &[], |_, _| {}).unwrap_err().to_string();
@@ -345,15 +343,13 @@ mod user_kit {
         })?;
         assert!(in_float > 0 && clamped == 0, "{in_float} in float, {clamped} clamped");
         // A file whose group scales do not fit a layer's width names the file and the layer.
-        let dir = std::env::temp_dir().join(format!("candle-quant-calib-groups-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = crate::common::Scratch::new("convert-calib-groups");
         let path = dir.join("groups.json");
         let mut broken = c.clone();
         broken.layers.get_mut("head").unwrap().group_scales.as_mut().unwrap().pop();
         broken.save(&path)?;
         let e = Calibration::load(&path).unwrap_err().to_string();
         assert!(e.contains("groups.json") && e.contains("'head'") && e.contains("group scales"), "{e}");
-        std::fs::remove_dir_all(&dir).ok();
         let mut fresh = net(VarBuilder::from_varmap(&VarMap::new(), DType::F32, &Device::Cpu))?;
         let all_float = StaticGranularity::PerGroup { size: 8, float_fraction: 1.0 };
         let e = calibrate(&mut fresh, "t", ObserverKind::Minmax, all_float, &windows, |_, _| {}).unwrap_err().to_string();
@@ -414,10 +410,10 @@ mod user_kit {
         ensure_quantized(&mut model, named(), &["embed"])?;
 
         // The macro's tensor list makes the saved folder complete: it loads back to the same outputs.
-        let dir = std::env::temp_dir().join(format!("candle-quant-user-kit-{}", std::process::id()));
+        let scratch = crate::common::Scratch::new("convert-user-kit");
+        let dir = scratch.join("int8");
         save_quantized(&mut model, &dir, &SaveOptions::default())?;
         let loaded = load_quantized(&dir, net)?;
-        std::fs::remove_dir_all(&dir).ok();
         let ids = Tensor::new(&[[1u32, 7, 49, 3]], &Device::Cpu)?;
         let diff = (model.forward(&ids)? - loaded.forward(&ids)?)?.abs()?.max_all()?.to_scalar::<f32>()?;
         assert_eq!(diff, 0.0);

@@ -10,13 +10,10 @@ use candle_quant::convert::{quantize_dynamic, QuantConfig};
 use candle_quant::io::{self, ModelSource};
 use candle_quant::models::llama::KvCache;
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-fn folder(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("candle-quant-family-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+fn folder(name: &str) -> common::Scratch {
+    common::Scratch::new(&format!("family-{name}"))
 }
 
 /// Random tensors of a 2-layer decoder (hidden 64, 4 heads, 2 key/value heads, MLP 96, vocab
@@ -91,7 +88,6 @@ fn qwen2_with_qkv_bias_tied_and_untied_matches_candle_transformers() {
         let diff = max_diff(&mine, &theirs);
         println!("qwen2 (tied: {tied}): max |logit difference| {diff}");
         assert!(diff < 1e-4, "qwen2 (tied: {tied}): logits differ by {diff}");
-        let _ = std::fs::remove_dir_all(&dir);
     }
 }
 
@@ -122,7 +118,6 @@ fn mistral_with_a_sliding_window_matches_candle_transformers() {
     let mut unwindowed = ct::Model::new(&global, VarBuilder::from_tensors(t, DType::F32, &Device::Cpu)).unwrap();
     let far = unwindowed.forward(&Tensor::new(&tokens[..], &Device::Cpu).unwrap().unsqueeze(0).unwrap(), 0).unwrap();
     assert!(max_diff(&mine, &far) > 1e-3, "the prompt should cross the window");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// Phi-3's fused `qkv_proj` and `gate_up_proj` stay one int8 layer each (named as in the
@@ -159,18 +154,15 @@ fn phi3_with_fused_projections_matches_candle_transformers() {
     // Quantized while loading and written as a checkpoint, the fused layers keep their names.
     let out = folder("phi3-int8");
     std::fs::remove_dir_all(&out).unwrap();
-    let opened = io::open_llama(&ModelSource::Folder(dir.clone())).unwrap();
+    let opened = io::open_llama(&ModelSource::Folder(dir.to_path_buf())).unwrap();
     let q = QuantConfig::default();
     opened.quantize_to(&out, &q, candle_quant::checkpoint::Int8Kind::Dynamic, &Default::default(), |_| {}).unwrap();
     let ckpt = candle_quant::QuantizedCheckpoint::open(&out).unwrap();
     assert!(ckpt.source().entry("model.layers.0.self_attn.qkv_proj.weight_scale").is_some());
-    let loaded = io::load_llama(&ModelSource::Folder(out.clone()), &mut |_, _, _| {}).unwrap();
-    let mut mem = io::load_llama(&ModelSource::Folder(dir.clone()), &mut |_, _, _| {}).unwrap();
+    let loaded = io::load_llama(&ModelSource::Folder(out.to_path_buf()), &mut |_, _, _| {}).unwrap();
+    let mut mem = io::load_llama(&ModelSource::Folder(dir.to_path_buf()), &mut |_, _, _| {}).unwrap();
     quantize_dynamic(&mut mem.model, &q).unwrap();
     let a = loaded.model.forward(&tokens, &mut KvCache::default(), false).unwrap();
     let b = mem.model.forward(&tokens, &mut KvCache::default(), false).unwrap();
     assert_eq!(max_diff(&a, &b), 0.0);
-    for d in [dir, out] {
-        let _ = std::fs::remove_dir_all(d);
-    }
 }

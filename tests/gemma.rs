@@ -2,6 +2,8 @@
 //! candle-transformers' Gemma 3 on the same weights, sliding-window decoding against the full
 //! forward, and the SentencePiece tokenizer rebuilt from the metadata.
 
+mod common;
+
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use candle_quant::generate::encode;
@@ -128,8 +130,8 @@ fn gemma3_tokenizer_from_gguf_metadata() {
 fn gemma3_int8_checkpoint_round_trip() {
     use candle_quant::checkpoint::{Int8Kind, SaveOptions};
     use candle_quant::convert::{quantize_dynamic, QuantConfig};
-    let dir = std::env::temp_dir().join(format!("candle-quant-gemma-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
+    let scratch = common::Scratch::new("gemma");
+    let dir = scratch.join("int8");
     let opened = io::open_llama(&ModelSource::Gguf(gemma_path())).unwrap();
     opened.quantize_to(&dir, &QuantConfig::default(), Int8Kind::Dynamic, &SaveOptions::default(), |_| {}).unwrap();
     let loaded = io::load_llama(&ModelSource::Folder(dir.clone()), &mut |_, _, _| {}).unwrap();
@@ -141,5 +143,4 @@ fn gemma3_int8_checkpoint_round_trip() {
     let a = loaded.model.forward(&tokens, &mut KvCache::default(), true).unwrap();
     let b = mem.model.forward(&tokens, &mut KvCache::default(), true).unwrap();
     assert_eq!(max_diff(&a, &b), 0.0);
-    let _ = std::fs::remove_dir_all(&dir);
 }

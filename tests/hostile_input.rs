@@ -4,6 +4,8 @@
 //! or end in an error that names the file; never a panic. An allocation above 1 GiB (the inputs are a few KB) aborts this test binary instead of
 //! exhausting the machine.
 
+mod common;
+
 #[path = "../fuzz/targets.rs"]
 #[allow(dead_code)] // the fuzzer's command-line helpers
 mod targets;
@@ -16,7 +18,7 @@ static ALLOCATOR: Guarded = Guarded(AtomicUsize::new(1 << 30));
 
 #[test]
 fn every_regression_input_loads_or_is_an_error_naming_the_file() {
-    let work = std::env::temp_dir().join(format!("candle-quant-hostile-{}", std::process::id()));
+    let work = common::Scratch::new("hostile");
     let seeds = Seeds::build(&work).unwrap();
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/regressions");
     let mut replayed = 0;
@@ -34,7 +36,6 @@ fn every_regression_input_loads_or_is_an_error_naming_the_file() {
             assert!(names.iter().any(|n| err.contains(n)), "{}: the error does not name the file: {err}", path.display());
         }
     }
-    std::fs::remove_dir_all(&work).ok();
     assert!(replayed >= 9, "only {replayed} regression inputs found under {}", root.display());
 }
 
@@ -42,11 +43,10 @@ fn every_regression_input_loads_or_is_an_error_naming_the_file() {
 /// tokenizers crate panic while deserializing; the loader turns that into an error.
 #[test]
 fn a_tokenizer_the_tokenizers_crate_panics_on_is_an_error() {
-    let work = std::env::temp_dir().join(format!("candle-quant-hostile-tok-{}", std::process::id()));
+    let work = common::Scratch::new("hostile-tok");
     let seeds = Seeds::build(&work).unwrap();
     let mut json: serde_json::Value = serde_json::from_slice(&seeds.seed(Target::Tokenizer).unwrap()).unwrap();
     json["decoder"] = serde_json::json!({"type": 5});
     let err = seeds.run(Target::Tokenizer, &serde_json::to_vec(&json).unwrap()).unwrap_err().to_string();
-    std::fs::remove_dir_all(&work).ok();
     assert!(err.contains("tokenizer.json") && err.contains("not a tokenizer"), "{err}");
 }

@@ -5,17 +5,14 @@ mod common;
 use candle_core::{DType, Device, Tensor};
 use candle_quant::io::{self, ModelSource};
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 const CONFIG: &str = r#"{"model_type": "llama", "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
  "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
  "max_position_embeddings": 128, "vocab_size": 30522, "tie_word_embeddings": false, "eos_token_id": 102}"#;
 
-fn folder(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("candle-quant-test-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+fn folder(name: &str) -> common::Scratch {
+    common::Scratch::new(&format!("io-{name}"))
 }
 
 fn logits(source: &ModelSource) -> Tensor {
@@ -33,7 +30,7 @@ fn sharded_and_single_file_folders_load_the_same_model() {
     let (single, sharded) = (folder("single"), folder("sharded"));
     common::write_model(&single, &tensors, 1, CONFIG);
     common::write_model(&sharded, &tensors, 3, CONFIG);
-    let (a, b) = (logits(&ModelSource::parse(single.to_str().unwrap()).unwrap()), logits(&ModelSource::Folder(sharded.clone())));
+    let (a, b) = (logits(&ModelSource::parse(single.to_str().unwrap()).unwrap()), logits(&ModelSource::Folder(sharded.to_path_buf())));
     assert_eq!(a.dims(), &[4, 30522]);
     assert_eq!(max_diff(&a, &b), 0.0);
     // An f16 checkpoint is widened to f32 on load: same as the f32 weights rounded through f16.
@@ -42,7 +39,10 @@ fn sharded_and_single_file_folders_load_the_same_model() {
     let (f16_dir, rounded_dir) = (folder("f16"), folder("rounded"));
     common::write_model(&f16_dir, &half, 1, CONFIG);
     common::write_model(&rounded_dir, &rounded, 2, CONFIG);
-    assert_eq!(max_diff(&logits(&ModelSource::Folder(f16_dir)), &logits(&ModelSource::Folder(rounded_dir))), 0.0);
+    assert_eq!(
+        max_diff(&logits(&ModelSource::Folder(f16_dir.to_path_buf())), &logits(&ModelSource::Folder(rounded_dir.to_path_buf()))),
+        0.0
+    );
 }
 
 #[test]
@@ -58,11 +58,11 @@ fn hub_ids_resolve_through_the_local_hub_cache() {
     common::write_model(&snap, &tensors, 2, CONFIG);
     let local = folder("hub-reference");
     common::write_model(&local, &tensors, 1, CONFIG);
-    std::env::set_var("HF_HOME", &home);
+    std::env::set_var("HF_HOME", &*home);
     std::env::set_var("HF_HUB_OFFLINE", "1");
     let source = ModelSource::parse("test-org/tiny-llama").unwrap();
     assert_eq!(source, ModelSource::Hub { id: "test-org/tiny-llama".into(), revision: "main".into() });
-    assert_eq!(max_diff(&logits(&source), &logits(&ModelSource::Folder(local))), 0.0);
+    assert_eq!(max_diff(&logits(&source), &logits(&ModelSource::Folder(local.to_path_buf()))), 0.0);
     // Offline and not cached: a clear error naming the model.
     let e = io::load_llama(&ModelSource::parse("test-org/absent").unwrap(), &mut |_, _, _| {}).err().unwrap().to_string();
     assert!(e.contains("test-org/absent") && e.contains("HF_HUB_OFFLINE"), "{e}");
@@ -136,7 +136,7 @@ fn qwen2_biases_and_llama3_rope_scaling_are_honoured() {
     let tensors = common::tiny_llama(4);
     let plain = folder("plain");
     common::write_model(&plain, &tensors, 1, CONFIG);
-    let base = logits(&ModelSource::Folder(plain));
+    let base = logits(&ModelSource::Folder(plain.to_path_buf()));
     // Qwen2: q/k/v carry biases (loaded, and they change the output).
     let mut with_bias = tensors.clone();
     let mut rng = common::Rng::new(5);
@@ -147,7 +147,7 @@ fn qwen2_biases_and_llama3_rope_scaling_are_honoured() {
     }
     let qwen = folder("qwen2");
     common::write_model(&qwen, &with_bias, 1, &CONFIG.replace("\"llama\"", "\"qwen2\""));
-    let q = logits(&ModelSource::Folder(qwen.clone()));
+    let q = logits(&ModelSource::Folder(qwen.to_path_buf()));
     assert!(max_diff(&q, &base) > 1e-3);
     // Without the bias tensors a qwen2 config is an error naming the missing tensor.
     let no_bias = folder("qwen2-missing");
@@ -160,7 +160,7 @@ fn qwen2_biases_and_llama3_rope_scaling_are_honoured() {
         "\"eos_token_id\": [102, 0], \"rope_scaling\": {\"rope_type\": \"llama3\", \"factor\": 8.0, \"low_freq_factor\": 1.0, \"high_freq_factor\": 4.0, \"original_max_position_embeddings\": 64}",
     );
     common::write_model(&scaled, &tensors, 1, &cfg);
-    let s = logits(&ModelSource::Folder(scaled));
+    let s = logits(&ModelSource::Folder(scaled.to_path_buf()));
     assert!(max_diff(&s, &base) > 1e-4 && s.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().all(|v| v.is_finite()));
     // An unsupported scaling type is refused.
     let yarn = folder("yarn");

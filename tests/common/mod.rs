@@ -1,9 +1,43 @@
-//! Test helpers: a seeded generator (candle's CPU `randn` cannot be seeded) and error metrics.
+//! Test helpers: a seeded generator (candle's CPU `randn` cannot be seeded), error metrics,
+//! tiny model files and scratch folders.
 #![allow(dead_code)]
 
 use candle_core::{Device, Result, Tensor};
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+
+/// An empty folder `candle-quant-<name>-<pid>` under the system temp folder for one test,
+/// removed with everything in it when dropped — also when the test fails — so that test runs
+/// leave nothing behind (model folders written by the tests weigh hundreds of megabytes).
+pub struct Scratch(PathBuf);
+
+impl Scratch {
+    pub fn new(name: &str) -> Scratch {
+        let dir = std::env::temp_dir().join(format!("candle-quant-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("cannot create {}: {e}", dir.display()));
+        Scratch(dir)
+    }
+}
+
+impl std::ops::Deref for Scratch {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl AsRef<Path> for Scratch {
+    fn as_ref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
 
 /// SplitMix64 + Box–Muller: deterministic normal samples for reproducible tests.
 pub struct Rng(u64);
