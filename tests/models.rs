@@ -378,7 +378,8 @@ fn chat_templates_render_as_their_text_says() {
     assert!(e.contains("chat template"), "{e}");
 }
 
-/// A padded batch gives every sentence the embedding it gets alone, in f32 and int8.
+/// A batch gives every sentence the embedding it gets alone, in f32 and int8; the packed fast
+/// path and the padded, masked differentiable one give the same hidden states.
 #[test]
 fn minilm_padded_batches_embed_as_sentences_alone() {
     let enc = minilm();
@@ -401,6 +402,17 @@ fn minilm_padded_batches_embed_as_sentences_alone() {
             assert!(diff < 1e-5, "{label}, sentence {i}: batched embedding differs by {diff}");
         }
     }
+    let (packed, mask) = enc.model.hidden_states_batch(&batch).unwrap();
+    let mut slow = enc.model.clone();
+    slow.set_differentiable(true);
+    let (padded, same_mask) = slow.hidden_states_batch(&batch).unwrap();
+    assert_eq!(mask.to_vec2::<f32>().unwrap(), same_mask.to_vec2::<f32>().unwrap());
+    // Real tokens agree (float rounding of two ways to compute); padding rows are zero.
+    let real = mask.unsqueeze(2).unwrap();
+    let diff = (&packed - &padded).unwrap().broadcast_mul(&real).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    assert!(diff < 1e-4, "packed and padded hidden states differ by {diff}");
+    let outside = packed.broadcast_mul(&(1.0 - real).unwrap()).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    assert_eq!(outside, 0.0);
 }
 
 /// SmoothQuant folds its factors so that the float model computes the same function: logits

@@ -7,6 +7,7 @@ use crate::nn::{forward_shared, with_float_values, QLinear, QLinearKind};
 use candle_core::{bail, Device, Module, Result, Tensor, D};
 use candle_nn::{Embedding, LayerNorm, VarBuilder};
 use serde::Deserialize;
+use std::ops::Range;
 
 #[derive(Debug, Clone, Deserialize)]
 /// The fields of a BERT `config.json` this model reads.
@@ -168,8 +169,11 @@ impl Bert {
     }
 
     /// Hidden states `[b, s, hidden]` of a batch padded to its longest sequence `s`, and the
-    /// `[b, s]` mask of real tokens (1.0) and padding (0.0). Padded keys are masked out of
-    /// attention, so each sequence's states are those it gets alone.
+    /// `[b, s]` mask of real tokens (1.0) and padding (0.0); each sequence's states are those it
+    /// gets alone. Outside training the sequences are packed one after another (no padding
+    /// row is computed: every layer but attention works row by row) and padded only in the
+    /// result, whose padding rows are zero; in differentiable mode the batch is padded and
+    /// padded keys are masked out of attention.
     pub fn hidden_states_batch(&self, batch: &[&[u32]]) -> Result<(Tensor, Tensor)> {
         let (b, s) = (batch.len(), batch.iter().map(|t| t.len()).max().unwrap_or(0));
         if let Some(t) = batch.iter().find(|t| t.is_empty() || t.len() > self.max_len) {
@@ -179,30 +183,68 @@ impl Bert {
             bail!("BERT needs at least one sequence")
         }
         let dev = Device::Cpu;
-        let ids: Vec<u32> = batch.iter().flat_map(|t| t.iter().copied().chain(std::iter::repeat_n(0, s - t.len()))).collect();
         let real: Vec<f32> = batch.iter().flat_map(|t| (0..s).map(|i| (i < t.len()) as u8 as f32)).collect();
+        let mask = Tensor::from_vec(real, (b, s), &dev)?;
+        if !self.differentiable && self.word.embeddings().dtype() == candle_core::DType::F32 {
+            return Ok((self.packed_hidden_states(batch, s)?, mask));
+        }
+        let ids: Vec<u32> = batch.iter().flat_map(|t| t.iter().copied().chain(std::iter::repeat_n(0, s - t.len()))).collect();
         let ids = Tensor::from_vec(ids, (b, s), &dev)?;
         let pos = Tensor::arange(0u32, s as u32, &dev)?.unsqueeze(0)?.broadcast_as((b, s))?.contiguous()?;
-        let types = Tensor::zeros((b, s), candle_core::DType::U32, &dev)?;
-        let mask = Tensor::from_vec(real, (b, s), &dev)?;
-        // Additive attention mask [b, 1, 1, s]: 0 for real keys, −∞ for padding (differentiable
-        // mode only; the fast path attends to the real keys alone).
-        let bias = if self.differentiable && batch.iter().any(|t| t.len() < s) {
+        // Additive attention mask [b, 1, 1, s]: 0 for real keys, −∞ for padding.
+        let bias = if batch.iter().any(|t| t.len() < s) {
             let bias: Vec<f32> = batch.iter().flat_map(|t| (0..s).map(|i| if i < t.len() { 0.0 } else { f32::NEG_INFINITY })).collect();
             Some(Tensor::from_vec(bias, (b, 1, 1, s), &dev)?)
         } else {
             None
         };
-        let x = (self.word.forward(&ids)? + self.position.forward(&pos)?)?;
-        let mut x = self.norm(&self.emb_norm, &(x + self.token_type.forward(&types)?)?)?;
-        let lens: Vec<usize> = batch.iter().map(|t| t.len()).collect();
+        let mut x = self.embeddings(&ids, &pos)?;
         for l in &self.layers {
-            let a = self.attention(l, &x, &lens, bias.as_ref())?;
-            x = self.add_norm(&l.attn_norm, &l.attn_out.forward(&a)?, &x)?;
-            let y = self.output_of_intermediate(l, &x)?;
-            x = self.add_norm(&l.out_norm, &y, &x)?;
+            x = self.finish_layer(l, &x, &self.masked_attention(l, &x, bias.as_ref())?)?;
         }
         Ok((x, mask))
+    }
+
+    /// The batch's sequences one after another in the rows of `[Σ len, hidden]` (sequence `i`
+    /// in rows `spans[i]`) through the encoder, returned padded to `[b, s, hidden]`.
+    fn packed_hidden_states(&self, batch: &[&[u32]], s: usize) -> Result<Tensor> {
+        let dev = Device::Cpu;
+        let mut spans = Vec::with_capacity(batch.len());
+        for t in batch {
+            let start = spans.last().map_or(0, |r: &Range<usize>| r.end);
+            spans.push(start..start + t.len());
+        }
+        let total = spans.last().map_or(0, |r| r.end);
+        let ids = Tensor::from_vec(batch.concat(), total, &dev)?;
+        let pos: Vec<u32> = batch.iter().flat_map(|t| 0..t.len() as u32).collect();
+        let mut x = self.embeddings(&ids, &Tensor::from_vec(pos, total, &dev)?)?;
+        for l in &self.layers {
+            x = self.finish_layer(l, &x, &self.packed_attention(l, &x, &spans)?)?;
+        }
+        let h = x.dim(1)?;
+        let padded = with_float_values(&x, "hidden states", |xs| {
+            let mut padded = vec![0f32; batch.len() * s * h];
+            for (i, r) in spans.iter().enumerate() {
+                padded[i * s * h..(i * s + r.len()) * h].copy_from_slice(&xs[r.start * h..r.end * h]);
+            }
+            Ok(padded)
+        })?;
+        Tensor::from_vec(padded, (batch.len(), s, h), &dev)
+    }
+
+    /// Word + position + token-type (all type 0) embeddings of `ids`, normalised.
+    fn embeddings(&self, ids: &Tensor, pos: &Tensor) -> Result<Tensor> {
+        let x = (self.word.forward(ids)? + self.position.forward(pos)?)?;
+        let types = Tensor::zeros(ids.shape(), candle_core::DType::U32, ids.device())?;
+        self.norm(&self.emb_norm, &(x + self.token_type.forward(&types)?)?)
+    }
+
+    /// The rest of an encoder layer once its self-attention gave `a`: output projection,
+    /// residual and norm, feed-forward, residual and norm.
+    fn finish_layer(&self, l: &Layer, x: &Tensor, a: &Tensor) -> Result<Tensor> {
+        let x = self.add_norm(&l.attn_norm, &l.attn_out.forward(a)?, x)?;
+        let y = self.output_of_intermediate(l, &x)?;
+        self.add_norm(&l.out_norm, &y, &x)
     }
 
     /// `output(GELU(intermediate(x)))`: an int8 output layer applies the GELU row by row inside
@@ -227,39 +269,43 @@ impl Bert {
         intermediate.forward_then(x, crate::kernels::gelu_erf)
     }
 
-    /// Self-attention of a padded batch whose sequences hold `lens` real tokens: each query
-    /// row sees the real keys of its own sequence. Outside training this runs on the kernels'
-    /// attention over just those keys; in differentiable mode, on candle ops with the additive
-    /// padding mask `bias`.
-    fn attention(&self, l: &Layer, x: &Tensor, lens: &[usize], bias: Option<&Tensor>) -> Result<Tensor> {
+    /// Self-attention of sequences packed in the rows of `x` (`[Σ len, hidden]`, sequence `i` in
+    /// rows `spans[i]`) on the kernels' attention: each query row sees its own sequence's keys.
+    fn packed_attention(&self, l: &Layer, x: &Tensor, spans: &[Range<usize>]) -> Result<Tensor> {
+        let (rows, h) = x.dims2()?;
+        let d = h / self.heads;
+        let [q, k, v] = forward_shared(x, [&l.query, &l.key, &l.value])?;
+        // Each head's keys and values as rows of their own ([heads, Σ len, d]); queries stay in
+        // their rows. Contiguous: borrowed, not copied again.
+        let by_head = |t: Tensor| t.reshape((rows, self.heads, d))?.transpose(0, 1)?.contiguous();
+        let (k, v) = (by_head(k)?, by_head(v)?);
+        let scale = (1.0 / (d as f64).sqrt()) as f32;
+        let mut y = vec![0f32; rows * h];
+        with_float_values(&q, "attention queries", |q| {
+            with_float_values(&k, "attention keys", |k| {
+                with_float_values(&v, "attention values", |v| {
+                    for r in spans {
+                        let at = |g: usize| (g * rows + r.start) * d..(g * rows + r.end) * d;
+                        let kv: Vec<_> = (0..self.heads).map(|g| HeadRows { keys: &k[at(g)], values: &v[at(g)] }).collect();
+                        let own = r.start * h..r.end * h;
+                        attend_sequence(&q[own.clone()], d, &kv, self.heads, scale, &vec![0..r.len(); r.len()], &mut y[own])?;
+                    }
+                    Ok(())
+                })
+            })
+        })?;
+        Tensor::from_vec(y, (rows, h), x.device())
+    }
+
+    /// Self-attention of a padded batch `[b, s, hidden]` on candle ops (they carry gradients),
+    /// with the additive padding mask `bias` (`[b, 1, 1, s]`, −∞ at padded keys).
+    fn masked_attention(&self, l: &Layer, x: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
         let (b, s, h) = x.dims3()?;
         let d = h / self.heads;
         let split = |t: Tensor| t.reshape((b, s, self.heads, d))?.transpose(1, 2)?.contiguous();
         let [q, k, v] = forward_shared(x, [&l.query, &l.key, &l.value])?;
-        let scale = 1.0 / (d as f64).sqrt();
-        if !self.differentiable && q.dtype() == candle_core::DType::F32 {
-            // Queries stay in their rows ([b, s, heads·d]); each head's keys and values are
-            // gathered into rows of their own. Contiguous: borrowed, not copied again.
-            let (k, v) = (split(k)?, split(v)?);
-            let seq = self.heads * s * d;
-            let mut y = vec![0f32; b * seq];
-            with_float_values(&q, "attention queries", |q| {
-                with_float_values(&k, "attention keys", |k| {
-                    with_float_values(&v, "attention values", |v| {
-                        for (i, &len) in lens.iter().enumerate() {
-                            let at = |g: usize| i * seq + g * s * d..i * seq + (g + 1) * s * d;
-                            let kv: Vec<_> = (0..self.heads).map(|g| HeadRows { keys: &k[at(g)], values: &v[at(g)] }).collect();
-                            let q = &q[i * seq..(i + 1) * seq];
-                            attend_sequence(q, d, &kv, self.heads, scale as f32, &vec![0..len; s], &mut y[i * seq..(i + 1) * seq])?;
-                        }
-                        Ok(())
-                    })
-                })
-            })?;
-            return Tensor::from_vec(y, (b, s, h), x.device());
-        }
         let (q, k, v) = (split(q)?, split(k)?, split(v)?);
-        let mut att = (q.matmul(&k.t()?.contiguous()?)? * scale)?;
+        let mut att = (q.matmul(&k.t()?.contiguous()?)? * (1.0 / (d as f64).sqrt()))?;
         if let Some(bias) = bias {
             att = att.broadcast_add(bias)?;
         }
