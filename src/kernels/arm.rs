@@ -177,6 +177,17 @@ unsafe fn tile<const R: usize, const V: usize, const SUMS: bool, const DOT: bool
                     }
                 }
             }
+            if let Some(bias) = op.bias {
+                for v in 0..V {
+                    for h in 0..2 {
+                        // SAFETY: the bias holds 8·blocks values (Int8Operands::bias).
+                        let b = vld1q_f32(bias.as_ptr().add(BLOCK_ROWS * (b0 + v) + 4 * h));
+                        for r in 0..R {
+                            y[r][v][h] = vaddq_f32(y[r][v][h], b);
+                        }
+                    }
+                }
+            }
             for r in 0..R {
                 for v in 0..V {
                     for h in 0..2 {

@@ -247,15 +247,29 @@ pub(crate) fn int8_linear_into(
     };
     let (m, n) = (acts.rows(), weights.out_features());
     let za = acts.zero_point();
+    // Without an activation zero point the tiles add the bias as they store (at large M a
+    // task's outputs outgrow the cache before a second pass could add it); padded to whole
+    // blocks.
+    let padded_bias = bias.filter(|_| za == 0).map(|b| -> std::borrow::Cow<[f32]> {
+        let width = weights.blocks() * BLOCK_ROWS;
+        if b.len() == width {
+            return b.into();
+        }
+        let mut padded = b.to_vec();
+        padded.resize(width, 0.0);
+        padded.into()
+    });
     over_blocks(m, n, m * n * acts.cols(), out, |blocks, outs| {
-        let op = operands.view(acts, weights, seg);
+        let op = operands.view(acts, weights, seg, padded_bias.as_deref());
         // SAFETY: the operands were built for this path; seg passed simd_segments and
         // check_linear; blocks and outs come from over_blocks (M rows of 8·blocks.len() this
         // task alone writes).
-        if !unsafe { kernels.int8_blocks(&op, blocks.clone(), outs) } {
+        let tiles_ran = unsafe { kernels.int8_blocks(&op, blocks.clone(), outs) };
+        if !tiles_ran {
             reference_blocks(acts, weights, seg, blocks.clone(), outs);
             add_outliers(acts, weights, blocks.clone(), outs);
         }
+        let bias = bias.filter(|_| !(tiles_ran && op.bias.is_some()));
         if za == 0 && bias.is_none() {
             return;
         }
@@ -299,8 +313,14 @@ impl TileOperands {
         }
     }
 
-    fn view<'a>(&'a self, acts: &'a QuantizedActivations, weights: &'a PackedInt8Weights, seg: usize) -> tiles::Int8Operands<'a> {
-        tiles::Int8Operands { acts, abs: &self.abs, neg_mask: &self.neg_mask, shift_terms: &self.shift_terms, weights, seg }
+    fn view<'a>(
+        &'a self,
+        acts: &'a QuantizedActivations,
+        weights: &'a PackedInt8Weights,
+        seg: usize,
+        bias: Option<&'a [f32]>,
+    ) -> tiles::Int8Operands<'a> {
+        tiles::Int8Operands { acts, abs: &self.abs, neg_mask: &self.neg_mask, shift_terms: &self.shift_terms, weights, seg, bias }
     }
 }
 
@@ -475,7 +495,7 @@ pub fn group_sums_with(isa: Isa, acts: &QuantizedActivations, weights: &PackedIn
     let segs = k.div_ceil(seg);
     if simd_segments(seg, k) {
         let operands = TileOperands::new(isa, acts, weights, seg);
-        let op = operands.view(acts, weights, seg);
+        let op = operands.view(acts, weights, seg, None);
         let n_pad = weights.blocks() * BLOCK_ROWS;
         let mut sums = vec![0i32; m * n_pad * segs];
         // SAFETY: the operands were built for this path; seg passed simd_segments; sums holds

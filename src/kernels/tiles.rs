@@ -25,6 +25,10 @@ pub struct Int8Operands<'a> {
     /// Input channels per segment: `K`, or a multiple of 4 that is the activation and/or
     /// weight group size.
     pub seg: usize,
+    /// A bias the tiles add to each output as they store it, after everything else (so the
+    /// output is the same float as adding it afterwards): `8·blocks` values, zeros past `N`.
+    /// `None`: no bias, or the caller adds it.
+    pub bias: Option<&'a [f32]>,
 }
 
 impl Int8Operands<'_> {

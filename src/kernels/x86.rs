@@ -225,6 +225,15 @@ macro_rules! int8_tiles {
                                 }
                             }
                         }
+                        if let Some(bias) = op.bias {
+                            for v in 0..V {
+                                // SAFETY: the bias holds 8·blocks values (Int8Operands::bias).
+                                let b = _mm256_loadu_ps(bias.as_ptr().add(BLOCK_ROWS * (b0 + v)));
+                                for r in 0..R {
+                                    y[r][v] = _mm256_add_ps(y[r][v], b);
+                                }
+                            }
+                        }
                         for r in 0..R {
                             for v in 0..V {
                                 // SAFETY: the caller gives R rows of 8·V floats at stride row_len.
