@@ -281,19 +281,37 @@ impl Bert {
         let (k, v) = (by_head(k)?, by_head(v)?);
         let scale = (1.0 / (d as f64).sqrt()) as f32;
         let mut y = vec![0f32; rows * h];
+        // One task per sequence over the kernel team (a sequence's attention is small: one
+        // job for the batch rather than one per sequence); a lone sequence splits its own.
+        let mut outputs = Vec::with_capacity(spans.len());
+        let mut rest = &mut y[..];
+        for r in spans {
+            let (own, tail) = rest.split_at_mut(r.len() * h);
+            outputs.push(own);
+            rest = tail;
+        }
+        let failed = std::sync::Mutex::new(None);
         with_float_values(&q, "attention queries", |q| {
             with_float_values(&k, "attention keys", |k| {
                 with_float_values(&v, "attention values", |v| {
-                    for r in spans {
+                    crate::kernels::parallel_for_parts(outputs, spans.len() > 1, |i, out| {
+                        let r = &spans[i];
                         let at = |g: usize| (g * rows + r.start) * d..(g * rows + r.end) * d;
                         let kv: Vec<_> = (0..self.heads).map(|g| HeadRows { keys: &k[at(g)], values: &v[at(g)] }).collect();
-                        let own = r.start * h..r.end * h;
-                        attend_sequence(&q[own.clone()], d, &kv, self.heads, scale, &vec![0..r.len(); r.len()], &mut y[own])?;
-                    }
+                        let q = &q[r.start * h..r.end * h];
+                        if let Err(e) = attend_sequence(q, d, &kv, self.heads, scale, &vec![0..r.len(); r.len()], out) {
+                            if let Ok(mut f) = failed.lock() {
+                                *f = Some(e);
+                            }
+                        }
+                    });
                     Ok(())
                 })
             })
         })?;
+        if let Some(e) = failed.into_inner().ok().flatten() {
+            return Err(e);
+        }
         Tensor::from_vec(y, (rows, h), x.device())
     }
 
