@@ -73,11 +73,10 @@ impl QuantizedActivations {
         let group = group.clamp(1, k.max(1));
         let groups = k.div_ceil(group);
         let stride = k.next_multiple_of(CHUNK);
-        let mut data = vec![0i8; m * stride];
         let mut scales = vec![0f32; m * groups];
         let limit = outlier_threshold.unwrap_or(f32::INFINITY);
-        let (outliers, outlier_start) =
-            over_row_pieces(m, k, &mut data, stride, &mut scales, groups, |rows, data, scales, outliers, ends| {
+        let (data, (outliers, outlier_start)) =
+            over_row_pieces(m, k, stride, &mut scales, groups, |rows, data, scales, outliers, ends| {
                 let rows = RowPiece { x: x.rows(rows, k), k, group, stride, limit, data, scales, outliers, ends };
                 #[cfg(target_arch = "x86_64")]
                 if kernels.isa() != Isa::Reference {
@@ -114,8 +113,7 @@ impl QuantizedActivations {
         // |x| ≤ 127·s rounds into [-127, 127].
         let limits: Vec<f32> = scales.iter().map(|s| 127.0 * s).collect();
         let stride = k.next_multiple_of(CHUNK);
-        let mut data = vec![0i8; m * stride];
-        let (outliers, outlier_start) = over_row_pieces(m, k, &mut data, stride, &mut [], 0, |rows, data, _, outliers, ends| {
+        let (data, (outliers, outlier_start)) = over_row_pieces(m, k, stride, &mut [], 0, |rows, data, _, outliers, ends| {
             for (xr, qr) in x[rows.start * k..rows.end * k].chunks(k).zip(data.chunks_mut(stride)) {
                 for (g, (xg, qg)) in xr.chunks(group).zip(qr.chunks_mut(group)).enumerate() {
                     let (a, finite) = kernels.abs_max(xg);
@@ -364,24 +362,29 @@ fn quantize_dynamic_rows(kernels: &super::Kernels, p: RowPiece) -> Result<()> {
     Ok(())
 }
 
+/// Quantizes `m` rows of `k` values into rows of `stride` bytes, `quantize(rows, data, scales,
+/// outliers, ends)` on pieces of whole rows, one per thread of the kernel team. Returns the
+/// data, the set-aside values of all rows in order, and where each row's begin.
 fn over_row_pieces(
     m: usize,
     k: usize,
-    data: &mut [i8],
     stride: usize,
     scales: &mut [f32],
     groups: usize,
     quantize: impl Fn(Range<usize>, &mut [i8], &mut [f32], &mut Vec<(u32, f32)>, &mut Vec<usize>) -> Result<()> + Sync,
-) -> Result<SetAside> {
+) -> Result<(Vec<i8>, SetAside)> {
     let threads = super::team_threads(m * k >= PARALLEL_MIN_VALUES).min(m.max(1));
     let rows = m.div_ceil(threads).max(1);
     let mut scale_pieces = scales.chunks_mut((rows * groups).max(1));
-    let pieces: Vec<_> = data
+    // The rows' memory is zeroed by the task that quantizes them (padding stays zero), in
+    // parallel and just before it is written, not in one serial pass beforehand.
+    let mut data = Vec::with_capacity(m * stride);
+    let pieces: Vec<_> = data.spare_capacity_mut()[..m * stride]
         .chunks_mut(rows * stride)
         .enumerate()
         .map(|(p, data)| {
             let range = p * rows..(p * rows + data.len() / stride.max(1)).min(m);
-            std::sync::Mutex::new((range, data, scale_pieces.next().unwrap_or_default(), Vec::new(), Vec::with_capacity(rows), Ok(())))
+            std::sync::Mutex::new((range, data, scale_pieces.next().unwrap_or_default(), Vec::new(), Vec::with_capacity(rows), not_run()))
         })
         .collect();
     super::team::run(pieces.len(), threads, &|p| {
@@ -389,6 +392,9 @@ fn over_row_pieces(
         // re-raises it once every task has finished.
         if let Ok(mut piece) = pieces[p].lock() {
             let (range, data, scales, outliers, ends, result) = &mut *piece;
+            data.fill(std::mem::MaybeUninit::new(0));
+            // SAFETY: every value was just initialised; MaybeUninit<i8> and i8 share their layout.
+            let data = unsafe { &mut *(std::ptr::from_mut::<[std::mem::MaybeUninit<i8>]>(*data) as *mut [i8]) };
             *result = quantize(range.clone(), data, scales, outliers, ends);
         }
     });
@@ -400,7 +406,14 @@ fn over_row_pieces(
         starts.extend(ends.iter().map(|e| outliers.len() + e));
         outliers.extend(piece_outliers);
     }
-    Ok((outliers, starts))
+    // SAFETY: the pieces cover all m·stride values, and each task zeroed its piece first: a
+    // piece whose task did not run keeps the error it started with, returned above.
+    unsafe { data.set_len(m * stride) };
+    Ok((data, (outliers, starts)))
+}
+
+fn not_run() -> Result<()> {
+    Err(candle_core::Error::Msg("activation quantizer: a piece of rows was not quantized".into()))
 }
 
 /// Sets the values of a quantized group with `|x| > limit` aside in float as `(column, value)`,

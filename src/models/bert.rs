@@ -275,10 +275,6 @@ impl Bert {
         let (rows, h) = x.dims2()?;
         let d = h / self.heads;
         let [q, k, v] = forward_shared(x, [&l.query, &l.key, &l.value])?;
-        // Each head's keys and values as rows of their own ([heads, Σ len, d]); queries stay in
-        // their rows. Contiguous: borrowed, not copied again.
-        let by_head = |t: Tensor| t.reshape((rows, self.heads, d))?.transpose(0, 1)?.contiguous();
-        let (k, v) = (by_head(k)?, by_head(v)?);
         let scale = (1.0 / (d as f64).sqrt()) as f32;
         let mut y = vec![0f32; rows * h];
         // One task per sequence over the kernel team (a sequence's attention is small: one
@@ -296,7 +292,19 @@ impl Bert {
                 with_float_values(&v, "attention values", |v| {
                     crate::kernels::parallel_for_parts(outputs, spans.len() > 1, |i, out| {
                         let r = &spans[i];
-                        let at = |g: usize| (g * rows + r.start) * d..(g * rows + r.end) * d;
+                        // The sequence's keys and values gathered per head into rows of their
+                        // own ([heads, len, d], in cache for its attention); queries stay in rows.
+                        let by_head = |x: &[f32]| {
+                            let mut rows = Vec::with_capacity(r.len() * h);
+                            for g in 0..self.heads {
+                                for t in r.clone() {
+                                    rows.extend_from_slice(&x[t * h + g * d..t * h + (g + 1) * d]);
+                                }
+                            }
+                            rows
+                        };
+                        let (k, v) = (by_head(k), by_head(v));
+                        let at = |g: usize| g * r.len() * d..(g + 1) * r.len() * d;
                         let kv: Vec<_> = (0..self.heads).map(|g| HeadRows { keys: &k[at(g)], values: &v[at(g)] }).collect();
                         let q = &q[r.start * h..r.end * h];
                         if let Err(e) = attend_sequence(q, d, &kv, self.heads, scale, &vec![0..r.len(); r.len()], out) {
