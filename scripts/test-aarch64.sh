@@ -81,6 +81,9 @@ if [ ! -x "$ROOT/usr/bin/cargo" ]; then
             chroot "$ROOT" env DEBIAN_FRONTEND=noninteractive $APT install \
                 rustc cargo gcc-aarch64-linux-gnu libc6-dev-arm64-cross libstd-rust-dev:arm64 qemu-user >/dev/null
     } || cannot_setup "installing the aarch64 toolchain in the chroot failed"
+    # The downloaded packages and package lists are not needed again (about 570 MB of disk).
+    chroot "$ROOT" apt-get clean || true
+    rm -rf "$ROOT"/var/lib/apt/lists/*
 fi
 mountpoint -q "$ROOT/proc" || mount --bind /proc "$ROOT/proc" || cannot_setup "cannot mount /proc in the chroot"
 trap 'umount "$ROOT/proc" 2>/dev/null || true' EXIT
