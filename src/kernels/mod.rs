@@ -805,6 +805,24 @@ pub fn parallel_for_parts<T: Send>(parts: Vec<&mut [T]>, parallel: bool, work: i
     run_on_parts(parts, team_threads(parallel), work)
 }
 
+/// [`parallel_for_parts`] for work that can fail: every part runs, then the first error one
+/// of them returned (if any) is returned.
+pub(crate) fn try_parallel_for_parts<T: Send>(
+    parts: Vec<&mut [T]>,
+    parallel: bool,
+    work: impl Fn(usize, &mut [T]) -> Result<()> + Sync,
+) -> Result<()> {
+    let failed = std::sync::Mutex::new(None);
+    parallel_for_parts(parts, parallel, |i, part| {
+        if let Err(e) = work(i, part) {
+            if let Ok(mut f) = failed.lock() {
+                f.get_or_insert(e);
+            }
+        }
+    });
+    failed.into_inner().ok().flatten().map_or(Ok(()), Err)
+}
+
 /// Parts the bandwidth probe reads side by side: as many as the weight blocks a decoding tile
 /// streams at once (one stream alone reads memory slower than eight side by side).
 const STREAMS: usize = 8;

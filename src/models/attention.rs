@@ -62,8 +62,7 @@ pub(crate) fn attend_sequence(
     let blocks = s.div_ceil(block);
     let part_len = kernels::part_len(block * rep, d);
     let mut parts = vec![0f32; blocks * groups * splits * part_len];
-    let failed = std::sync::Mutex::new(None);
-    kernels::parallel_for_parts(parts.chunks_mut(part_len).collect(), parallel, |task, part| {
+    kernels::try_parallel_for_parts(parts.chunks_mut(part_len).collect(), parallel, |task, part| {
         let (ib, g, split) = (task / (groups * splits), task / splits % groups, task % splits);
         let rows_i = ib * block..((ib + 1) * block).min(s);
         let keys = visible[rows_i.start].clone();
@@ -83,15 +82,8 @@ pub(crate) fn attend_sequence(
             }
             &gathered
         };
-        if let Err(e) = kernels::attend_part(qg, &kv[g].keys[at.clone()], &kv[g].values[at], d, scale, part) {
-            if let Ok(mut f) = failed.lock() {
-                *f = Some(e);
-            }
-        }
-    });
-    if let Some(e) = failed.into_inner().ok().flatten() {
-        return Err(e);
-    }
+        kernels::attend_part(qg, &kv[g].keys[at.clone()], &kv[g].values[at], d, scale, part)
+    })?;
     // Output rows hold their heads in order: group g's heads are the g-th run of rep·d values.
     let mut out = vec![0f32; block * rep * d];
     for (task, split_parts) in parts.chunks(splits * part_len).enumerate() {

@@ -286,11 +286,10 @@ impl Bert {
             outputs.push(own);
             rest = tail;
         }
-        let failed = std::sync::Mutex::new(None);
         with_float_values(&q, "attention queries", |q| {
             with_float_values(&k, "attention keys", |k| {
                 with_float_values(&v, "attention values", |v| {
-                    crate::kernels::parallel_for_parts(outputs, spans.len() > 1, |i, out| {
+                    crate::kernels::try_parallel_for_parts(outputs, spans.len() > 1, |i, out| {
                         let r = &spans[i];
                         // The sequence's keys and values gathered per head into rows of their
                         // own ([heads, len, d], in cache for its attention); queries stay in rows.
@@ -307,19 +306,11 @@ impl Bert {
                         let at = |g: usize| g * r.len() * d..(g + 1) * r.len() * d;
                         let kv: Vec<_> = (0..self.heads).map(|g| HeadRows { keys: &k[at(g)], values: &v[at(g)] }).collect();
                         let q = &q[r.start * h..r.end * h];
-                        if let Err(e) = attend_sequence(q, d, &kv, self.heads, scale, &vec![0..r.len(); r.len()], out) {
-                            if let Ok(mut f) = failed.lock() {
-                                *f = Some(e);
-                            }
-                        }
-                    });
-                    Ok(())
+                        attend_sequence(q, d, &kv, self.heads, scale, &vec![0..r.len(); r.len()], out)
+                    })
                 })
             })
         })?;
-        if let Some(e) = failed.into_inner().ok().flatten() {
-            return Err(e);
-        }
         Tensor::from_vec(y, (rows, h), x.device())
     }
 
