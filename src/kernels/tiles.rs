@@ -15,10 +15,10 @@ pub struct Int8Operands<'a> {
     /// AVX2's `vpmaddubsw` tiles flip the weights' bits with; empty for the other paths.
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     pub neg_mask: &'a [u8],
-    /// What the x86 tiles take off each segment sum, per row `i` and segment `g`
-    /// (`[M][segments]`): `128·Σ_{k∈g} a[i,k]` for the `vpdpbusd` tiles (fed `w + 128`),
-    /// `Σ_{k∈g, a<0} a[i,k]` for the `vpmaddubsw` tiles (fed `!w` where `a < 0`); empty for the
-    /// other paths.
+    /// Where the x86 tiles start each segment sum, per row `i` and segment `g`
+    /// (`[M][segments]`): `−128·Σ_{k∈g} a[i,k]` for the `vpdpbusd` tiles (fed `w + 128`),
+    /// `−Σ_{k∈g, a<0} a[i,k]` for the `vpmaddubsw` tiles (fed `!w` where `a < 0`), which their
+    /// byte products then cancel; empty for the other paths.
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     pub shift_terms: &'a [i32],
     pub weights: &'a PackedInt8Weights,

@@ -131,11 +131,12 @@ macro_rules! int8_tiles {
                     let (w, sw) = op.block_pointers::<V>(b0);
                     let mut y = [[_mm256_setzero_ps(); V]; R];
                     for g in 0..segs {
-                        // Each segment sum starts at minus the row's shift term, which the tiles'
-                        // byte products add (`Int8Operands::shift_terms`).
+                        // Each segment sum starts at minus what the byte products add beyond
+                        // Σ a·w, stored negated so that it is broadcast straight from memory
+                        // (`Int8Operands::shift_terms`).
                         let mut acc: [[__m256i; V]; R] = std::array::from_fn(|r| {
                             // SAFETY: shift_terms holds M · segs values (caller).
-                            [_mm256_set1_epi32(-*op.shift_terms.get_unchecked((i0 + r) * segs + g)); V]
+                            [_mm256_set1_epi32(*op.shift_terms.get_unchecked((i0 + r) * segs + g)); V]
                         });
                         let q_end = if SQ > 0 { (g + 1) * SQ } else { ((g + 1) * seg_quads).min(quads) };
                         for q in g * seg_quads..q_end {
