@@ -355,14 +355,14 @@ fn x86_operands(isa: Isa, acts: &QuantizedActivations, weights: &PackedInt8Weigh
     run_on_items(pieces, team_threads(m > rows), |p, (terms, abs, neg)| {
         let data = &data[p * rows * stride..][..terms.len() / segs * stride];
         if avx2 {
-            // `|a|`, the mask of `a < 0`, and `Σ_{a<0} a` per segment.
+            // `|a|`, the mask of `a < 0`, and `−Σ_{a<0} a` per segment.
             abs.iter_mut().zip(data).for_each(|(u, &v)| *u = v.unsigned_abs());
             neg.iter_mut().zip(data).for_each(|(u, &v)| *u = (v >> 7) as u8);
             let negatives: Vec<i8> = data.iter().map(|&v| v.min(0)).collect();
             // SAFETY: every x86 SIMD path has AVX2; terms holds segs values per row of data.
             unsafe { x86::segment_sums(&negatives, stride, seg, segs, -1, terms) };
         } else {
-            // `128·Σ a` per segment (the padding is zeros, which add nothing).
+            // `−128·Σ a` per segment (the padding is zeros, which add nothing).
             // SAFETY: as above.
             unsafe { x86::segment_sums(data, stride, seg, segs, -128, terms) };
         }

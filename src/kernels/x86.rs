@@ -88,7 +88,8 @@ pub fn avx512_vnni_available() -> bool {
 ///   `w + 128` (one `xor` per weight register, shared by the `R` rows), so a segment sums
 ///   `Σ a·w + 128·Σ a`, and the row's `128·Σ a` (`op.shift_terms`) is taken back.
 ///
-/// Each segment sum starts from minus its row's shift term, so no correction is left for the end.
+/// Each segment sum starts from minus its row's shift term (stored negated, one broadcast from
+/// memory), so no correction is left for the end.
 /// All integer sums are exact (wrapping `i32` arithmetic, and the true sums fit). At the end of
 /// each segment (a run of input channels sharing one activation scale and one weight scale) the
 /// lanes are converted once and scaled by `sa[m,g] · sw[n,g]` — eight outputs per instruction,
