@@ -364,7 +364,7 @@ fn quantize_dynamic_rows(kernels: &super::Kernels, p: RowPiece) -> Result<()> {
 
 /// Quantizes `m` rows of `k` values into rows of `stride` bytes, `quantize(rows, data, scales,
 /// outliers, ends)` on pieces of whole rows, one per thread of the kernel team. Returns the
-/// data, the set-aside values of all rows in order, and where each row's begin.
+/// data, the set-aside values of all rows in order, and where each row's set-aside values begin.
 fn over_row_pieces(
     m: usize,
     k: usize,
