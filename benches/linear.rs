@@ -7,7 +7,7 @@ use candle_core::quantized::GgmlDType;
 use candle_core::{Device, Module, Tensor};
 use candle_nn::Linear;
 use candle_quant::convert::{quantize_dynamic, quantize_ggml, quantize_weight_only, QuantConfig};
-use candle_quant::internals::QuantizedActivations;
+use candle_quant::kernels::QuantizedActivations;
 use candle_quant::QLinear;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 

@@ -13,7 +13,7 @@ use candle_quant::models::llama::{KvCache, Llama};
 use std::time::Instant;
 
 fn main() -> Result<()> {
-    candle_quant::keep_freed_buffers();
+    candle_quant::runtime::keep_freed_buffers();
     let precision = std::env::args().nth(1).unwrap_or_else(|| "int8".into());
     if !matches!(precision.as_str(), "f32" | "int8") {
         bail!("precision '{precision}': expected f32 or int8")
@@ -23,7 +23,7 @@ fn main() -> Result<()> {
         None => 300,
     };
     let path = io::models_dir().join(io::DEFAULT_GGUF);
-    let mut lm = io::load_llama(&ModelSource::Gguf(path), &mut |stage, done, total| eprint!("\r{stage}: {done}/{total}"))?;
+    let mut lm = io::load_decoder(&ModelSource::Gguf(path), &mut |stage, done, total| eprint!("\r{stage}: {done}/{total}"))?;
     eprintln!();
     if precision == "int8" {
         quantize_dynamic(&mut lm.model, &QuantConfig::default())?;

@@ -7,7 +7,7 @@
 use anyhow::Result;
 use candle_core::{Device, Module, Tensor};
 use candle_nn::Linear;
-use candle_quant::internals::PackedInt8Weights;
+use candle_quant::kernels::PackedInt8Weights;
 use candle_quant::nn::{ActivationQuant, DynamicLinear, QLinear, QLinearKind};
 use candle_quant::observer::{HistogramObserver, MinMaxObserver, Observer};
 use candle_quant::quant::{Granularity, QDType, QParams, QScheme, QSpec, QuantizedTensor};

@@ -14,7 +14,7 @@ use candle_quant::models::llama::KvCache;
 use std::time::Instant;
 
 fn main() -> Result<()> {
-    candle_quant::keep_freed_buffers();
+    candle_quant::runtime::keep_freed_buffers();
     let arg = |i: usize, d: usize| std::env::args().nth(i).map_or(Ok(d), |s| s.parse::<usize>());
     let precision = std::env::args().nth(1).unwrap_or_else(|| "int8".into());
     if !matches!(precision.as_str(), "f32" | "int8") {
@@ -22,7 +22,7 @@ fn main() -> Result<()> {
     }
     let (runs, tokens) = (arg(2, 5)?, arg(3, 512)?);
     let path = io::models_dir().join(io::DEFAULT_GGUF);
-    let mut lm = io::load_llama(&ModelSource::Gguf(path), &mut |_, _, _| {})?;
+    let mut lm = io::load_decoder(&ModelSource::Gguf(path), &mut |_, _, _| {})?;
     if precision == "int8" {
         quantize_dynamic(&mut lm.model, &QuantConfig::default())?;
     }

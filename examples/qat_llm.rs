@@ -34,7 +34,7 @@ fn main() -> Result<()> {
     let eval_tokens = arg("--eval-tokens", 8192usize);
     let read = |p: &str| std::fs::read_to_string(p).map_err(|e| candle_core::Error::Msg(format!("{p}: {e}")));
 
-    let lm = io::load_llama(&ModelSource::Gguf(io::models_dir().join(io::DEFAULT_GGUF)), &mut |_, _, _| {})?;
+    let lm = io::load_decoder(&ModelSource::Gguf(io::models_dir().join(io::DEFAULT_GGUF)), &mut |_, _, _| {})?;
     let train = encode_text(&lm, &read(&train_file)?)?;
     let mut test = encode_text(&lm, &read(&eval_file)?)?;
     test.truncate(eval_tokens);

@@ -10,7 +10,7 @@ use candle_core::quantized::gguf_file::{self, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Result, Tensor};
 use candle_quant::checkpoint::{Int8Kind, SaveOptions};
-use candle_quant::io::{open_llama, ModelSource};
+use candle_quant::io::{open_decoder, ModelSource};
 use candle_quant::QuantConfig;
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::path::{Path, PathBuf};
@@ -170,7 +170,7 @@ impl Seeds {
         std::fs::create_dir_all(dir)?;
         let gguf = dir.join("model.gguf");
         write_gguf(&gguf)?;
-        let opened = open_llama(&ModelSource::Gguf(gguf.clone()))?;
+        let opened = open_decoder(&ModelSource::Gguf(gguf.clone()))?;
         let float = dir.join("float");
         std::fs::create_dir_all(&float)?;
         let mut tensors = std::collections::HashMap::new();
@@ -232,7 +232,7 @@ impl Seeds {
             }
         };
         std::fs::write(&file, input)?;
-        let result = open_llama(&source).and_then(|m| m.load(&mut |_, _, _| {}));
+        let result = open_decoder(&source).and_then(|m| m.load(&mut |_, _, _| {}));
         // Put the valid file back for the next input of another target.
         if target != Target::Gguf {
             std::fs::write(&file, self.seed(target)?)?;

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs the kernel tests (tests/kernels.rs) for aarch64 under qemu-user, so that the NEON paths
+# Runs the kernel tests (tests/it/kernels.rs) for aarch64 under qemu-user, so that the NEON paths
 # (`Isa::Neon`, `Isa::NeonDot`) are checked against the scalar reference on an x86_64 machine.
 #
 # Two ways, picked automatically:
@@ -37,7 +37,7 @@ run_tests() { # $1: command prefix that runs cargo (empty or "chroot DIR"), $2: 
         log=$($prefix env -C "$src" CANDLE_QUANT_TEST_SHAPES="$shapes" \
             CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER=aarch64-linux-gnu-gcc \
             CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER="qemu-aarch64 -cpu $model -L /usr/aarch64-linux-gnu" \
-            cargo test --offline --release --target $TARGET --test kernels -- --nocapture --test-threads 2 2>&1) || {
+            cargo test --offline --release --target $TARGET --test it -- kernels:: --nocapture --test-threads 2 2>&1) || {
             echo "$log" | tail -40
             echo "aarch64 kernel tests failed under -cpu $model" >&2
             exit 1

@@ -156,7 +156,7 @@ pub struct LayerCalibration {
 }
 
 /// SmoothQuant factors folded into the float model before it was calibrated
-/// ([`crate::models::llama::Llama::smooth`]); applying the calibration folds them again first.
+/// ([`crate::smooth::smooth`]); applying the calibration folds them again first.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Smoothing {

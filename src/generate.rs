@@ -82,8 +82,7 @@ pub fn render_chat_template(
 }
 
 /// One user message in `lm`'s chat template, ready for the assistant's reply; `None` when the
-/// model has no template. The error of a template that cannot render suggests
-/// `--no-chat-template`.
+/// model has no template; an error when the template cannot render.
 pub fn apply_chat_template(lm: &LanguageModel, prompt: &str) -> Result<Option<String>> {
     let Some(template) = &lm.chat_template else { return Ok(None) };
     let token = |id: Option<u32>| id.and_then(|i| lm.tokenizer.id_to_token(i)).unwrap_or_default();
@@ -91,7 +90,7 @@ pub fn apply_chat_template(lm: &LanguageModel, prompt: &str) -> Result<Option<St
     let (bos, eos) = (token(cfg.bos_token_id), token(cfg.eos_token_id.first().copied()));
     render_chat_template(template, &[("user", prompt)], true, &bos, &eos)
         .map(Some)
-        .map_err(|e| candle_core::Error::Msg(format!("{e} (pass --no-chat-template to feed the prompt as it is)")))
+        .map_err(|e| candle_core::Error::Msg(format!("the chat template: {e} (encode the prompt without it to feed it as it is)")))
 }
 
 /// Encodes a prompt (special tokens in it are honoured), after the BOS token when the model

@@ -27,48 +27,45 @@
 //! # Ok(()) }
 //! ```
 //!
-//! Layers, from the maths up: [`quant`] → [`observer`], the int8 kernels → [`nn`] → [`convert`](mod@convert).
+//! Layers, from the maths up: [`quant`] → [`observer`] → [`kernels`] → [`nn`] →
+//! [`convert`](mod@convert) → [`checkpoint`], [`models`]; [`runtime`] holds the process-wide
+//! settings. The root re-exports what a candle user needs to quantize a model of their own.
 
 pub mod calibration;
 pub mod checkpoint;
 pub mod convert;
-#[allow(missing_docs)] // internal: reachable only through the hidden `internals` module
-mod kernels;
+pub mod eval;
+#[cfg(feature = "hub")]
+pub mod generate;
+#[cfg(feature = "hub")]
+pub mod io;
+pub mod kernels;
+pub mod lm;
+pub mod models;
 pub mod nn;
 pub mod observer;
 pub mod quant;
 pub mod sensitivity;
 pub mod smooth;
 
-pub use checkpoint::{load_quantized, save_quantized, QuantizedCheckpoint};
+pub use checkpoint::{load_quantized, save_quantized, SaveOptions};
 pub use convert::{
-    convert, ensure_quantized, float_linears, prepare, prepare_qat, quantize_dynamic, quantize_weight_only, ConversionReport, QuantConfig,
-    Quantizable,
+    convert, ensure_quantized, prepare, prepare_qat, quantize_dynamic, quantize_weight_only, ConversionReport, QuantConfig, Quantizable,
 };
-pub use kernels::memory::keep_freed_buffers;
-pub use kernels::{force_isa, Isa, WeightQuant};
 pub use lm::CausalLm;
-pub use nn::{qlinear, qlinear_b, qlinear_no_bias, ActivationQuant, QLinear, QLinearKind};
-pub use observer::{HistogramObserver, MinMaxObserver, Observer};
-pub use quant::{dequantize_value, fake_quantize, quantize_value, Granularity, QDType, QParams, QScheme, QSpec, QuantizedTensor};
-pub mod eval;
-#[cfg(feature = "hub")]
-pub mod generate;
-#[cfg(feature = "hub")]
-pub mod io;
-pub mod lm;
-pub mod models;
+pub use nn::{qlinear, qlinear_b, qlinear_no_bias, ActivationQuant, QLinear, QLinearKind, WeightQuant};
+pub use quant::{Granularity, QDType, QScheme, QSpec};
+
+/// Process-wide settings: which instruction-set path the int8 kernels run on, and how the
+/// allocator treats freed layer outputs. Each affects every layer of the process.
+pub mod runtime {
+    pub use crate::kernels::memory::keep_freed_buffers;
+    pub use crate::kernels::{force_isa, Isa};
+}
 
 /// candle-core, for the paths [`quantizable!`] expands to (whatever name the user's crate gives it).
 #[doc(hidden)]
 pub use candle_core as __candle;
-
-/// The kernels' entry points for this crate's own tests, benchmarks and CLI: not part of the API,
-/// and free to change in any release.
-#[doc(hidden)]
-pub mod internals {
-    pub use crate::kernels::*;
-}
 
 /// The README's Rust examples, compiled and run as doctests.
 #[cfg(doctest)]

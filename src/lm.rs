@@ -32,15 +32,15 @@ pub trait CausalLm {
     }
 }
 
-impl CausalLm for crate::models::llama::Llama {
-    type Cache = crate::models::llama::KvCache;
+impl CausalLm for crate::models::Decoder {
+    type Cache = crate::models::KvCache;
 
     fn new_cache(&self) -> Self::Cache {
         Self::Cache::default()
     }
 
     fn forward(&self, tokens: &[u32], cache: &mut Self::Cache, all_logits: bool) -> Result<Tensor> {
-        crate::models::llama::Llama::forward(self, tokens, cache, all_logits)
+        crate::models::Decoder::forward(self, tokens, cache, all_logits)
     }
 
     fn max_context(&self) -> usize {

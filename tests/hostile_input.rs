@@ -4,6 +4,7 @@
 //! or end in an error that names the file; never a panic. An allocation above 1 GiB (the inputs are a few KB) aborts this test binary instead of
 //! exhausting the machine.
 
+#[path = "it/common.rs"]
 mod common;
 
 #[path = "../fuzz/targets.rs"]

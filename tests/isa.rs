@@ -1,7 +1,7 @@
 //! `force_isa`: one process-wide choice of kernel path (its own test binary, since it affects
 //! every layer of the process).
 
-use candle_quant::{force_isa, Isa};
+use candle_quant::runtime::{force_isa, Isa};
 
 #[test]
 fn forcing_a_path_and_going_back() {

@@ -382,7 +382,7 @@ pub fn plan_layers(
         }
     }
     if layers.is_empty() {
-        bail!("no linear layer is selected for int8 (check --exclude / include patterns)")
+        bail!("no linear layer is selected for int8 (every one matches an exclude pattern of the QuantConfig, or none an include pattern)")
     }
     Ok((quantization, layers))
 }
@@ -583,7 +583,7 @@ pub fn write_checkpoint(
     mut progress: impl FnMut(WriteProgress),
 ) -> Result<WriteReport> {
     if dir.exists() && !options.overwrite {
-        bail!("{}: already exists (choose another output folder, or overwrite it on purpose with --force)", dir.display())
+        bail!("{}: already exists (choose another folder, or set SaveOptions::overwrite to replace it)", dir.display())
     }
     let serde_json::Value::Object(mut config) = options.config.clone() else { bail!("the model config to save must be a JSON object") };
     config.insert("quantization_config".into(), serde_json::to_value(quantization).map_err(|e| candle_core::Error::Msg(e.to_string()))?);

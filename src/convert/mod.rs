@@ -430,7 +430,7 @@ pub fn qat_vars(model: &mut (impl Quantizable + ?Sized)) -> Result<Vec<candle_co
 /// returns those step sizes' variables (log scale, one per layer) for an optimizer.
 pub fn learn_activation_ranges(
     model: &mut (impl Quantizable + ?Sized),
-    mut init: impl FnMut(&QLinear) -> Result<Option<crate::QParams>>,
+    mut init: impl FnMut(&QLinear) -> Result<Option<crate::quant::QParams>>,
 ) -> Result<Vec<candle_core::Var>> {
     let mut vars = Vec::new();
     edit_fake_quant(model, |l, f| {

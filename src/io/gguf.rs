@@ -2,7 +2,7 @@
 //! from the metadata, and a `tokenizers::Tokenizer` rebuilt from the embedded vocabulary.
 
 use crate::checkpoint::{Dtype, Entry, TensorSource};
-use crate::models::llama::{LlamaConfig, Variant};
+use crate::models::{DecoderConfig, Variant};
 use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::{bail, Device, Result, Tensor};
 use std::collections::HashMap;
@@ -20,9 +20,9 @@ use tokenizers::pre_tokenizers::sequence::Sequence;
 use tokenizers::{AddedToken, DecoderWrapper, NormalizerWrapper, PreTokenizerWrapper, Tokenizer};
 
 /// What a GGUF llama file holds, converted to the Hugging Face layout.
-pub struct GgufLlama {
+pub struct GgufDecoder {
     /// The configuration the metadata describes.
-    pub config: LlamaConfig,
+    pub config: DecoderConfig,
     /// f32 tensors named as in the HF checkpoint (`model.layers.0.self_attn.q_proj.weight`).
     pub tensors: HashMap<String, Tensor>,
     /// The tokenizer rebuilt from the metadata.
@@ -34,7 +34,7 @@ pub struct GgufLlama {
 /// A GGUF llama file opened: config and tokenizer from the metadata, tensors read on demand.
 pub struct GgufModel {
     /// The configuration the metadata describes.
-    pub config: LlamaConfig,
+    pub config: DecoderConfig,
     /// The tensor directory, read on demand.
     pub tensors: GgufSource,
     /// The tokenizer rebuilt from the metadata.
@@ -67,7 +67,7 @@ fn meta<'a>(content: &'a Content, key: &str, path: &Path) -> Result<&'a Value> {
 
 /// Reads all tensors of `path` into memory, calling `progress(done, total)` after each (for
 /// peers that want a `VarBuilder::from_tensors`; models load through [`open_gguf_llama`]).
-pub fn load_gguf_llama(path: &Path, mut progress: impl FnMut(usize, usize)) -> Result<GgufLlama> {
+pub fn load_gguf_decoder(path: &Path, mut progress: impl FnMut(usize, usize)) -> Result<GgufDecoder> {
     let g = open_gguf_llama(path)?;
     let total = g.tensors.entries.len();
     let mut tensors = HashMap::new();
@@ -75,7 +75,7 @@ pub fn load_gguf_llama(path: &Path, mut progress: impl FnMut(usize, usize)) -> R
         tensors.insert(e.name.clone(), g.tensors.read(&e.name)?);
         progress(i + 1, total);
     }
-    Ok(GgufLlama { config: g.config, tensors, tokenizer: g.tokenizer, chat_template: g.chat_template })
+    Ok(GgufDecoder { config: g.config, tensors, tokenizer: g.tokenizer, chat_template: g.chat_template })
 }
 
 /// Opens `path`: metadata, tokenizer and the tensor directory; no tensor data is read.
@@ -119,7 +119,7 @@ pub fn open_gguf_llama(path: &Path) -> Result<GgufModel> {
     } else {
         Variant::default()
     };
-    let config = LlamaConfig {
+    let config = DecoderConfig {
         hidden_size: hidden,
         intermediate_size: u("feed_forward_length")?,
         num_hidden_layers: u("block_count")?,

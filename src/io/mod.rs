@@ -10,7 +10,7 @@ use crate::checkpoint::{
 };
 use crate::convert::{ConversionReport, QuantConfig};
 use crate::models::bert::{Bert, BertConfig};
-use crate::models::llama::{Llama, LlamaConfig};
+use crate::models::{Decoder, DecoderConfig};
 use candle_core::{bail, Result};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -100,7 +100,7 @@ pub type Progress<'a> = &'a mut (dyn FnMut(&str, usize, usize) + Send);
 #[derive(Clone)]
 pub struct LanguageModel {
     /// The decoder.
-    pub model: Llama,
+    pub model: Decoder,
     /// Its tokenizer.
     pub tokenizer: Tokenizer,
     /// Its Jinja chat template, if it has one.
@@ -177,9 +177,9 @@ fn read_tokenizer(source: &ModelSource, files: &hf::HfFiles) -> Result<Tokenizer
 
 /// A Llama-family model opened but not loaded: its config, tokenizer and tensors (read one at
 /// a time when the model is built or the checkpoint written).
-pub struct OpenedLlama {
+pub struct OpenedDecoder {
     /// The model's configuration.
-    pub config: LlamaConfig,
+    pub config: DecoderConfig,
     /// The `config.json` to save with a quantized copy (built from the metadata for GGUF).
     pub config_json: serde_json::Value,
     /// Its tensors, read one at a time.
@@ -200,7 +200,7 @@ pub struct OpenedLlama {
 
 /// Opens a Llama-family model from any source: a float or quantized HF folder, a hub id, or a
 /// GGUF file.
-pub fn open_llama(source: &ModelSource) -> Result<OpenedLlama> {
+pub fn open_decoder(source: &ModelSource) -> Result<OpenedDecoder> {
     if let ModelSource::Gguf(path) = source {
         let g = gguf::open_gguf_llama(path)?;
         let terr = |e: tokenizers::Error| candle_core::Error::Msg(format!("{}: tokenizer: {e}", path.display()));
@@ -220,7 +220,7 @@ pub fn open_llama(source: &ModelSource) -> Result<OpenedLlama> {
             config_json["query_pre_attn_scalar"] = v.query_pre_attn_scalar.into();
             config_json["hidden_activation"] = "gelu_pytorch_tanh".into();
         }
-        return Ok(OpenedLlama {
+        return Ok(OpenedDecoder {
             config: g.config,
             config_json,
             tensors: Arc::new(g.tensors),
@@ -234,7 +234,7 @@ pub fn open_llama(source: &ModelSource) -> Result<OpenedLlama> {
     }
     let files = hf_files(source)?;
     let config_json = read_json(&files.config)?;
-    let config = LlamaConfig::from_json(&config_json).map_err(|e| e.context(format!("{source}")))?;
+    let config = DecoderConfig::from_json(&config_json).map_err(|e| e.context(format!("{source}")))?;
     let quantization = QuantizationConfig::from_model_config(&config_json, &files.config)?;
     let tokenizer = read_tokenizer(source, &files)?;
     let folder = files.config.parent().map(Path::to_path_buf).unwrap_or_default();
@@ -251,7 +251,7 @@ pub fn open_llama(source: &ModelSource) -> Result<OpenedLlama> {
     }
     let mut inputs = files.weights.clone();
     inputs.push(files.config.clone());
-    Ok(OpenedLlama {
+    Ok(OpenedDecoder {
         config,
         config_json,
         tensors: Arc::new(tensors),
@@ -264,7 +264,7 @@ pub fn open_llama(source: &ModelSource) -> Result<OpenedLlama> {
     })
 }
 
-impl OpenedLlama {
+impl OpenedDecoder {
     /// Whether the model's tensors are a quantized checkpoint.
     pub fn is_quantized(&self) -> bool {
         self.quantization.is_some()
@@ -275,7 +275,7 @@ impl OpenedLlama {
     pub fn load(self, progress: Progress) -> Result<LanguageModel> {
         let source = self.source.clone();
         let vb = CheckpointBackend::new(self.tensors.clone()).with_progress(|d, t| progress("loading tensors", d, t)).into_var_builder();
-        let mut model = Llama::load(&self.config, vb).map_err(|e| e.context(format!("building the model from {source}")))?;
+        let mut model = Decoder::load(&self.config, vb).map_err(|e| e.context(format!("building the model from {source}")))?;
         if let Some(q) = &self.quantization {
             q.apply(&mut model, &*self.tensors).map_err(|e| e.context(source.clone()))?;
         }
@@ -289,7 +289,7 @@ impl OpenedLlama {
         if self.is_quantized() {
             bail!("{}: already a quantized checkpoint", self.source)
         }
-        let names = Llama::linear_layer_names(&self.config);
+        let names = Decoder::linear_layer_names(&self.config);
         let (quantization, layers) = plan_layers(&names, config, kind)?;
         let mut renamed = HashMap::new();
         let tied = self.config.tie_word_embeddings && self.tensors.entry("lm_head.weight").is_none();
@@ -311,7 +311,7 @@ impl OpenedLlama {
             }
         };
         let vb = CheckpointBackend::new(view.clone()).with_progress(|d, t| progress("loading and quantizing", d, t)).into_var_builder();
-        let mut model = Llama::load(&self.config, vb).map_err(|e| e.context(format!("building the model from {source}")))?;
+        let mut model = Decoder::load(&self.config, vb).map_err(|e| e.context(format!("building the model from {source}")))?;
         let report = quantization.apply(&mut model, &*view).map_err(|e| e.context(source.clone()))?;
         Ok((LanguageModel { model, tokenizer: self.tokenizer, chat_template: self.chat_template, source }, report))
     }
@@ -355,8 +355,8 @@ impl OpenedLlama {
 
 /// Loads a Llama-family model from any source: float as stored, or int8 as saved when the
 /// source is a quantized checkpoint.
-pub fn load_llama(source: &ModelSource, progress: Progress) -> Result<LanguageModel> {
-    open_llama(source)?.load(progress)
+pub fn load_decoder(source: &ModelSource, progress: Progress) -> Result<LanguageModel> {
+    open_decoder(source)?.load(progress)
 }
 
 /// Loads a BERT sentence encoder from a Hugging Face folder or hub id.

@@ -1,6 +1,11 @@
-//! Large buffers backed by transparent huge pages where the system offers them: a 7B model's
-//! weights are gigabytes, and on 4 KB pages filling them costs a page fault (and later a TLB
-//! entry) every 4 KB, a large share of the time of loading an int8 checkpoint.
+//! Memory for the kernels: output buffers written in full without being zeroed first, large
+//! buffers backed by transparent huge pages where the system offers them (a 7B model's weights
+//! are gigabytes, and on 4 KB pages filling them costs a page fault, and later a TLB entry,
+//! every 4 KB: a large share of the time of loading an int8 checkpoint), and the allocator
+//! setting that keeps freed layer outputs in the process.
+
+use candle_core::Result;
+use std::mem::MaybeUninit;
 
 /// Size of a huge page (x86_64 and aarch64 with 4 KB base pages).
 const HUGE_PAGE: usize = 2 << 20;
@@ -46,4 +51,33 @@ pub fn keep_freed_buffers() {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
         libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
     }
+}
+
+/// `out` as memory to write (every `f32` is a valid value, so writing any keeps it initialised).
+pub(crate) fn as_unfilled(out: &mut [f32]) -> &mut [MaybeUninit<f32>] {
+    // SAFETY: same size and alignment; MaybeUninit<f32> only loosens what may be read, and the
+    // kernels write nothing but f32 values through it.
+    unsafe { &mut *(out as *mut [f32] as *mut [MaybeUninit<f32>]) }
+}
+
+/// `out` once every value has been written.
+///
+/// # Safety
+/// Every value of `out` is initialised.
+pub(crate) unsafe fn assume_filled(out: &mut [MaybeUninit<f32>]) -> &mut [f32] {
+    // SAFETY: the caller's contract; same size and alignment.
+    unsafe { &mut *(out as *mut [MaybeUninit<f32>] as *mut [f32]) }
+}
+
+/// A vector of `len` floats that `fill` writes in full, without zeroing its memory first (at a
+/// prompt's sizes, zeroing every layer's outputs is a few percent of the time).
+///
+/// # Safety
+/// When `fill` returns `Ok`, it has written every one of the `len` values.
+pub(crate) unsafe fn filled_vec(len: usize, fill: impl FnOnce(&mut [MaybeUninit<f32>]) -> Result<()>) -> Result<Vec<f32>> {
+    let mut v = Vec::with_capacity(len);
+    fill(&mut v.spare_capacity_mut()[..len])?;
+    // SAFETY: capacity is at least len, and fill wrote all of them (the caller's contract).
+    unsafe { v.set_len(len) };
+    Ok(v)
 }

@@ -214,6 +214,61 @@ fn helper(slot: &Slot) {
     }
 }
 
+/// Threads for a team job: candle's thread count (rayon's, `RAYON_NUM_THREADS`) when the work
+/// is worth splitting, else the calling thread alone.
+pub(super) fn team_threads(parallel: bool) -> usize {
+    if parallel {
+        rayon::current_num_threads()
+    } else {
+        1
+    }
+}
+
+/// Runs `work(i, &mut items[i])` for every item on `threads` threads of the kernel team, each
+/// item handed to exactly one task.
+pub(super) fn run_on_items<P: Send>(items: Vec<P>, threads: usize, work: impl Fn(usize, &mut P) + Sync) {
+    let items: Vec<_> = items.into_iter().map(std::sync::Mutex::new).collect();
+    run(items.len(), threads, &|i| {
+        // Each task locks only its own item (never contended); a panic in `work` poisons that
+        // item alone and team::run re-raises it once every task has finished.
+        if let Ok(mut item) = items[i].lock() {
+            work(i, &mut item)
+        }
+    })
+}
+
+/// Runs `work(i, parts[i])` for every part on `threads` threads of the kernel team, each part
+/// handed to exactly one task.
+pub(super) fn run_on_parts<T: Send>(parts: Vec<&mut [T]>, threads: usize, work: impl Fn(usize, &mut [T]) + Sync) {
+    run_on_items(parts, threads, |i, part| work(i, part))
+}
+
+/// Runs `work(i, parts[i])` for every part on the kernels' fork-join team — as many threads as
+/// candle's CPU ops use — or on the calling thread when `parallel` is false. For other small,
+/// latency-bound steps of a decoding model that run between int8 layers (the team is awake
+/// then).
+pub(crate) fn parallel_for_parts<T: Send>(parts: Vec<&mut [T]>, parallel: bool, work: impl Fn(usize, &mut [T]) + Sync) {
+    run_on_parts(parts, team_threads(parallel), work)
+}
+
+/// [`parallel_for_parts`] for work that can fail: every part runs, then the first error one
+/// of them returned (if any) is returned.
+pub(crate) fn try_parallel_for_parts<T: Send>(
+    parts: Vec<&mut [T]>,
+    parallel: bool,
+    work: impl Fn(usize, &mut [T]) -> candle_core::Result<()> + Sync,
+) -> candle_core::Result<()> {
+    let failed = std::sync::Mutex::new(None);
+    parallel_for_parts(parts, parallel, |i, part| {
+        if let Err(e) = work(i, part) {
+            if let Ok(mut f) = failed.lock() {
+                f.get_or_insert(e);
+            }
+        }
+    });
+    failed.into_inner().ok().flatten().map_or(Ok(()), Err)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

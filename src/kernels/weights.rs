@@ -186,10 +186,12 @@ impl PackedInt8Weights {
         ((j / BLOCK_ROWS) * groups + g) * BLOCK_ROWS + j % BLOCK_ROWS
     }
 
+    /// Output channels `N`.
     pub fn out_features(&self) -> usize {
         self.n
     }
 
+    /// Input channels `K`, without the padding.
     pub fn in_features(&self) -> usize {
         self.k
     }
@@ -250,6 +252,8 @@ impl PackedInt8Weights {
         (0..self.groups()).map(|g| self.scale(j, g)).collect()
     }
 
+    /// `Σ_k ŵ[j,k]` of output channel `j` (dequantized weights): what an activation zero point
+    /// takes off each output, times `za · sa`.
     #[inline]
     pub fn zero_point_term(&self, j: usize) -> f32 {
         self.zero_point_terms[j]
@@ -304,10 +308,12 @@ impl Int8Rows {
         Ok(Self { n, k, group, values, scales })
     }
 
+    /// Output channels `N`.
     pub fn out_features(&self) -> usize {
         self.n
     }
 
+    /// Input channels `K`, without the padding.
     pub fn in_features(&self) -> usize {
         self.k
     }
@@ -456,6 +462,14 @@ fn to_f16(s: f32) -> Result<f16> {
         bail!("int8 weight scale {s} does not fit an f16 scale (weights must stay below {})", f16::MAX.to_f32() * 127.0)
     }
     Ok(h)
+}
+
+/// [`Kernels::quantize_symmetric`] on the best path, for any input: a run holding a non-finite
+/// value goes through the scalar quantizer (weights quantized at load time use this).
+pub(crate) fn quantize_symmetric(x: &[f32], inv: f32, q: &mut [i8]) {
+    let best = super::Kernels::best();
+    let kernels = if best.abs_max(x).1 { best } else { super::Kernels::PORTABLE };
+    kernels.quantize_symmetric(x, inv, q)
 }
 
 #[cfg(test)]

@@ -583,35 +583,6 @@ pub unsafe fn segment_sums(data: &[i8], stride: usize, seg: usize, segs: usize, 
     }
 }
 
-/// Wrapping sum of `buf`, read as [`super::STREAMS`] equal parts side by side, 32 bytes of each in
-/// turn (as the decoding tile reads its eight weight blocks), compiled for AVX2 so that it runs
-/// at the speed memory can deliver (the bandwidth probe of `candle-quant bench`).
-///
-/// # Safety
-/// AVX2 available.
-#[target_feature(enable = "avx2")]
-pub unsafe fn stream_sum(buf: &[u64]) -> u64 {
-    // SAFETY: the operations below are those this function's `# Safety` section makes the caller answer for (features present, pointers and ranges valid).
-    unsafe {
-        let part = buf.len() / super::STREAMS / 4 * 4;
-        let mut acc = [_mm256_setzero_si256(); super::STREAMS];
-        for i in (0..part).step_by(4) {
-            for (s, a) in acc.iter_mut().enumerate() {
-                // SAFETY: s·part + i + 4 <= STREAMS·part <= buf.len().
-                *a = _mm256_add_epi64(*a, _mm256_loadu_si256(buf.as_ptr().add(s * part + i) as *const __m256i));
-            }
-        }
-        let mut lanes = [0u64; 4];
-        for a in acc {
-            let mut l = [0u64; 4];
-            _mm256_storeu_si256(l.as_mut_ptr() as *mut __m256i, a);
-            lanes.iter_mut().zip(l).for_each(|(x, y)| *x = x.wrapping_add(y));
-        }
-        let rest = buf[super::STREAMS * part..].iter().fold(0u64, |a, &b| a.wrapping_add(b));
-        lanes.iter().fold(rest, |a, &b| a.wrapping_add(b))
-    }
-}
-
 /// `e^x` in every lane, for `x ≤ 0` (softmax numerators): `x = n·ln2 + r` with `n` the nearest
 /// integer to `x·log2(e)` and `|r| ≤ ln2/2`, `e^r` by its Taylor polynomial to degree 6
 /// (relative error below `r⁷/7! ≈ 1.2e-7`), times `2^n` built in the exponent bits. Below
@@ -689,7 +660,7 @@ fn map_vectors(x: &mut [f32], pad: f32, mut f: impl FnMut(__m256) -> __m256) {
 /// AVX2+FMA+F16C available.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn gelu_erf(x: &mut [f32]) {
-    let [p, a1, a2, a3, a4, a5] = super::ERF_COEFFS.map(|c| _mm256_set1_ps(c));
+    let [p, a1, a2, a3, a4, a5] = super::elementwise::ERF_COEFFS.map(|c| _mm256_set1_ps(c));
     let (half, one, sign) = (_mm256_set1_ps(0.5), _mm256_set1_ps(1.0), _mm256_set1_ps(-0.0));
     let frac = _mm256_set1_ps(std::f32::consts::FRAC_1_SQRT_2);
     let lanes = |v: __m256| {

@@ -1,9 +1,10 @@
 //! BERT encoder (all-MiniLM-L6-v2 and kin) with mean pooling → sentence embeddings. Every dense
 //! layer is a [`QLinear`] named as in the checkpoint (`encoder.layer.0.attention.self.query`).
 
-use super::attention::{attend_sequence, HeadRows};
 use crate::convert::Quantizable;
-use crate::nn::{forward_shared, with_float_values, QLinear, QLinearKind};
+use crate::nn::attention::{packed_self_attention, unpack_sequences};
+use crate::nn::{forward_shared, ops, QLinear, QLinearKind};
+use crate::smooth::{SmoothGroup, Smoothable};
 use candle_core::{bail, Device, Module, Result, Tensor, D};
 use candle_nn::{Embedding, LayerNorm, VarBuilder};
 use serde::Deserialize;
@@ -132,30 +133,13 @@ impl Bert {
         }
     }
 
-    /// `LayerNorm(x + h)` (a residual connection and its norm): in one pass on the kernels for
-    /// contiguous `f32` CPU tensors outside training (bit for bit as candle's add and fused
-    /// LayerNorm), else [`crate::nn::add`] and [`Self::norm`].
+    /// `LayerNorm(x + h)` (a residual connection and its norm): [`ops::add_layer_norm`] (one pass
+    /// on the kernels) outside training, else [`ops`]' add and [`Self::norm`].
     fn add_norm(&self, ln: &LayerNorm, x: &Tensor, h: &Tensor) -> Result<Tensor> {
-        let fast = !self.differentiable && crate::nn::kernel_ready(x) && crate::nn::kernel_ready(h) && x.shape() == h.shape();
-        let Some(beta) = ln.bias().filter(|_| fast) else {
-            return self.norm(ln, &crate::nn::add(x, h)?);
-        };
-        let n = x.dim(D::Minus1)?;
-        let y = with_float_values(x, "residual", |xs| {
-            with_float_values(h, "residual branch", |hs| {
-                with_float_values(ln.weight(), "LayerNorm weight", |w| {
-                    with_float_values(beta, "LayerNorm bias", |b| {
-                        // SAFETY: layer_norm_into writes every output on Ok.
-                        unsafe {
-                            crate::kernels::filled_vec(xs.len(), |out| {
-                                crate::kernels::layer_norm_into(xs, Some(hs), n, w, b, self.eps as f32, out)
-                            })
-                        }
-                    })
-                })
-            })
-        })?;
-        Tensor::from_vec(y, x.shape(), x.device())
+        match ln.bias().filter(|_| !self.differentiable) {
+            Some(beta) => ops::add_layer_norm(x, h, ln.weight(), beta, self.eps as f32),
+            None => self.norm(ln, &ops::add(x, h)?),
+        }
     }
 
     /// Most tokens one sequence may hold (position embeddings).
@@ -221,15 +205,7 @@ impl Bert {
         for l in &self.layers {
             x = self.finish_layer(l, &x, &self.packed_attention(l, &x, &spans)?)?;
         }
-        let h = x.dim(1)?;
-        let padded = with_float_values(&x, "hidden states", |xs| {
-            let mut padded = vec![0f32; batch.len() * s * h];
-            for (i, r) in spans.iter().enumerate() {
-                padded[i * s * h..(i * s + r.len()) * h].copy_from_slice(&xs[r.start * h..r.end * h]);
-            }
-            Ok(padded)
-        })?;
-        Tensor::from_vec(padded, (batch.len(), s, h), &dev)
+        unpack_sequences(&x, &spans, s)
     }
 
     /// Word + position + token-type (all type 0) embeddings of `ids`, normalised.
@@ -272,46 +248,8 @@ impl Bert {
     /// Self-attention of sequences packed in the rows of `x` (`[Σ len, hidden]`, sequence `i` in
     /// rows `spans[i]`) on the kernels' attention: each query row sees its own sequence's keys.
     fn packed_attention(&self, l: &Layer, x: &Tensor, spans: &[Range<usize>]) -> Result<Tensor> {
-        let (rows, h) = x.dims2()?;
-        let d = h / self.heads;
         let [q, k, v] = forward_shared(x, [&l.query, &l.key, &l.value])?;
-        let scale = (1.0 / (d as f64).sqrt()) as f32;
-        let mut y = vec![0f32; rows * h];
-        // One task per sequence over the kernel team (a sequence's attention is small: one
-        // job for the batch rather than one per sequence); a lone sequence splits its own.
-        let mut outputs = Vec::with_capacity(spans.len());
-        let mut rest = &mut y[..];
-        for r in spans {
-            let (own, tail) = rest.split_at_mut(r.len() * h);
-            outputs.push(own);
-            rest = tail;
-        }
-        with_float_values(&q, "attention queries", |q| {
-            with_float_values(&k, "attention keys", |k| {
-                with_float_values(&v, "attention values", |v| {
-                    crate::kernels::try_parallel_for_parts(outputs, spans.len() > 1, |i, out| {
-                        let r = &spans[i];
-                        // The sequence's keys and values gathered per head into rows of their
-                        // own ([heads, len, d], in cache for its attention); queries stay in rows.
-                        let by_head = |x: &[f32]| {
-                            let mut rows = Vec::with_capacity(r.len() * h);
-                            for g in 0..self.heads {
-                                for t in r.clone() {
-                                    rows.extend_from_slice(&x[t * h + g * d..t * h + (g + 1) * d]);
-                                }
-                            }
-                            rows
-                        };
-                        let (k, v) = (by_head(k), by_head(v));
-                        let at = |g: usize| g * r.len() * d..(g + 1) * r.len() * d;
-                        let kv: Vec<_> = (0..self.heads).map(|g| HeadRows { keys: &k[at(g)], values: &v[at(g)] }).collect();
-                        let q = &q[r.start * h..r.end * h];
-                        attend_sequence(q, d, &kv, self.heads, scale, &vec![0..r.len(); r.len()], out)
-                    })
-                })
-            })
-        })?;
-        Tensor::from_vec(y, (rows, h), x.device())
+        packed_self_attention(&q, &k, &v, self.heads, spans)
     }
 
     /// Self-attention of a padded batch `[b, s, hidden]` on candle ops (they carry gradients),
@@ -363,5 +301,18 @@ impl Quantizable for Bert {
             }
         }
         Ok(())
+    }
+}
+
+/// BERT declares no SmoothQuant group: its blocks are post-norm, so every LayerNorm's output is
+/// both the next linear layers' input and the residual stream (dividing it would change the
+/// model), and the feed-forward output layer reads GELU's output, which no scale passes through.
+impl Smoothable for Bert {
+    fn visit_smoothing_groups(&mut self, _f: &mut dyn FnMut(SmoothGroup<'_>) -> Result<()>) -> Result<()> {
+        Ok(())
+    }
+
+    fn unsmoothed(&self) -> Vec<String> {
+        vec!["every layer: post-norm blocks (each LayerNorm's output is also the residual stream)".into()]
     }
 }

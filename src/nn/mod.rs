@@ -2,21 +2,26 @@
 //! observing, fake-quantized) is a closed enum, so a model holds one type and conversion swaps
 //! the kind in place.
 
+pub(crate) mod attention;
 mod dynamic;
 mod fake_quant;
 mod ggml;
 mod observed;
+pub mod ops;
 mod static_linear;
 mod weight_only;
 
+/// How a layer's int8 weights are scaled (per output channel, or per group of input channels).
+pub use crate::kernels::WeightQuant;
 pub use dynamic::{ActivationQuant, DynamicLinear, DEFAULT_OUTLIER_THRESHOLD};
 pub use fake_quant::FakeQuantLinear;
 pub use ggml::GgmlLinear;
 pub use observed::ObservedLinear;
+pub(crate) use ops::with_float_values;
 pub use static_linear::StaticLinear;
 pub use weight_only::WeightOnlyLinear;
 
-use crate::kernels::{filled_vec, Int8Rows, PackedInt8Weights, WeightQuant};
+use crate::kernels::{filled_vec, Int8Rows, PackedInt8Weights};
 use crate::observer::Observer;
 use crate::quant::{float_values, Granularity, QParams};
 use candle_core::{bail, DType, Module, Result, Storage, Tensor, D};
@@ -584,44 +589,6 @@ fn cpu_slice<T: candle_core::WithDType, R>(t: &Tensor, f: impl FnOnce(&[T]) -> R
         (Storage::Cpu(cpu), Some((start, end))) => Ok(f(&cpu.as_slice::<T>()?[start..end])),
         _ => bail!("expected a contiguous CPU tensor of {:?}, got {:?} {:?}", T::DTYPE, t.dtype(), t.shape()),
     }
-}
-
-/// Whether the kernels can read `t` in place and replace candle's op on it: a contiguous `f32`
-/// CPU tensor that carries no gradient.
-pub(crate) fn kernel_ready(t: &Tensor) -> bool {
-    t.dtype() == DType::F32 && t.device().is_cpu() && t.is_contiguous() && !t.track_op()
-}
-
-/// `a + b` (a residual connection): on two contiguous `f32` CPU tensors of one shape, one plain
-/// pass on this thread — candle's element-wise ops hand work this size to a pool whose thread
-/// then spins for a while, taking a core from the kernels' threads — else candle's op (which
-/// also carries gradients).
-pub(crate) fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    if !kernel_ready(a) || !kernel_ready(b) || a.shape() != b.shape() {
-        return a + b;
-    }
-    let (sa, la) = a.storage_and_layout();
-    let (sb, lb) = b.storage_and_layout();
-    let (Storage::Cpu(ca), Storage::Cpu(cb), Some((a0, a1)), Some((b0, b1))) =
-        (&*sa, &*sb, la.contiguous_offsets(), lb.contiguous_offsets())
-    else {
-        drop((sa, sb));
-        return a + b;
-    };
-    let sum: Vec<f32> = ca.as_slice::<f32>()?[a0..a1].iter().zip(&cb.as_slice::<f32>()?[b0..b1]).map(|(x, y)| x + y).collect();
-    Tensor::from_vec(sum, a.shape(), a.device())
-}
-
-/// Runs `f` on `x`'s values as `f32`: borrowed from a contiguous `f32` CPU tensor (the usual
-/// case: no copy), converted into a new buffer otherwise.
-pub(crate) fn with_float_values<T>(x: &Tensor, name: &str, f: impl FnOnce(&[f32]) -> Result<T>) -> Result<T> {
-    if x.dtype() == DType::F32 {
-        let (storage, layout) = x.storage_and_layout();
-        if let (Storage::Cpu(cpu), Some((start, end))) = (&*storage, layout.contiguous_offsets()) {
-            return f(&cpu.as_slice::<f32>()?[start..end]);
-        }
-    }
-    f(&float_values(x, name)?)
 }
 
 #[cfg(test)]

@@ -1,10 +1,55 @@
-//! Test helpers: a seeded generator (candle's CPU `randn` cannot be seeded), error metrics,
-//! tiny model files and scratch folders.
+//! Test helpers: the offline models (fetched when missing), a seeded generator (candle's CPU
+//! `randn` cannot be seeded), error metrics, tiny model files and scratch folders.
 #![allow(dead_code)]
 
 use candle_core::{Device, Result, Tensor};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+/// The files of the offline models folder the tests read (`scripts/fetch-models.sh` writes them).
+const OFFLINE_FILES: [&str; 4] =
+    ["SmolLM2-135M-Instruct.Q4_1.gguf", "all-MiniLM-L6-v2/model.safetensors", "gemma-3-270m-q4_k_m.gguf", "texts/alice29.txt"];
+
+/// The offline models folder, found as the binary finds it ([`candle_quant::io::models_dir`]) and
+/// filled by `scripts/fetch-models.sh` the first time a test asks while a file is missing: once per
+/// process, and under an exclusive lock on `<folder>.lock` so that test processes running side by
+/// side do not fetch into the same folder at once.
+pub fn models() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = candle_quant::io::models_dir();
+        let complete = |d: &Path| OFFLINE_FILES.iter().all(|f| d.join(f).is_file());
+        if complete(&dir) {
+            return dir;
+        }
+        let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        std::fs::create_dir_all(parent).unwrap_or_else(|e| panic!("cannot create {}: {e}", parent.display()));
+        let lock_path = dir.with_extension("lock");
+        let lock = std::fs::File::create(&lock_path).unwrap_or_else(|e| panic!("cannot create {}: {e}", lock_path.display()));
+        lock.lock().unwrap_or_else(|e| panic!("cannot lock {}: {e}", lock_path.display()));
+        // Another process may have fetched while this one waited for the lock.
+        if !complete(&dir) {
+            let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/fetch-models.sh");
+            eprintln!("fetching the offline models into {} (once)", dir.display());
+            let status = std::process::Command::new("bash")
+                .arg(&script)
+                .env("CANDLE_QUANT_MODELS", &dir)
+                .status()
+                .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
+            assert!(status.success(), "{} failed ({status}): the tests need the offline models", script.display());
+        }
+        drop(lock);
+        dir
+    })
+}
+
+/// A file of the offline models folder ([`models`]), e.g. `texts/alice29.txt`.
+pub fn model_file(name: &str) -> PathBuf {
+    let p = models().join(name);
+    assert!(p.exists(), "{} is missing from the offline models folder", p.display());
+    p
+}
 
 /// An empty folder `candle-quant-<name>-<pid>` under the system temp folder for one test,
 /// removed with everything in it when dropped — also when the test fails — so that test runs
@@ -132,8 +177,7 @@ pub fn tiny_llama(seed: u64) -> HashMap<String, Tensor> {
 /// Writes config, tokenizer (MiniLM's, for its vocabulary size) and weights in `shards` files.
 pub fn write_model(dir: &Path, tensors: &HashMap<String, Tensor>, shards: usize, config: &str) {
     std::fs::write(dir.join("config.json"), config).unwrap();
-    std::fs::copy(candle_quant::io::models_dir().join("all-MiniLM-L6-v2/tokenizer.json"), dir.join("tokenizer.json"))
-        .expect("run scripts/fetch-models.sh first");
+    std::fs::copy(model_file("all-MiniLM-L6-v2/tokenizer.json"), dir.join("tokenizer.json")).unwrap();
     if shards == 1 {
         candle_core::safetensors::save(tensors, dir.join("model.safetensors")).unwrap();
         return;

@@ -2,11 +2,12 @@
 //! `Linear`, and candle's `QMatMul` in Q8_0 — measured alternately in one process so that
 //! ratios are fair on a noisy machine. A benchmark, never a test.
 
+use crate::probe::stream_sum;
 use candle_core::quantized::GgmlDType;
 use candle_core::{Device, Module, Result, Tensor};
 use candle_nn::Linear;
 use candle_quant::convert::{quantize_dynamic, quantize_ggml, QuantConfig};
-use candle_quant::internals::{int8_linear, stream_sum, PackedInt8Weights, QuantizedActivations, WeightQuant};
+use candle_quant::kernels::{int8_linear, PackedInt8Weights, QuantizedActivations, WeightQuant};
 use candle_quant::QLinear;
 use std::time::Instant;
 
@@ -225,7 +226,7 @@ pub fn bench_linear(
         out_features,
         m,
         threads,
-        isa: format!("{:?}", candle_quant::Isa::best()),
+        isa: format!("{:?}", candle_quant::runtime::Isa::best()),
         int8_us,
         f32_us,
         q8_0_us,
@@ -252,7 +253,7 @@ pub fn run(m: Vec<usize>, threads: Vec<usize>, in_features: &[usize], json: bool
     let bounds = Bounds::measure(&ts)?;
     let mut records = vec![];
     if !json {
-        println!("int8 kernel path: {:?}", candle_quant::Isa::best());
+        println!("int8 kernel path: {:?}", candle_quant::runtime::Isa::best());
         let reads: Vec<String> = bounds.read_gb_s_by_threads.iter().map(|(t, gb)| format!("{gb:.1} GB/s with {t}")).collect();
         println!("memory read bound (threads streaming at once): {}", reads.join(", "));
         println!(

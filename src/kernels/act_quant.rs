@@ -169,14 +169,17 @@ impl QuantizedActivations {
         (*kept_isa == isa && *kept_seg == seg).then_some(ops)
     }
 
+    /// Rows `M` (tokens).
     pub fn rows(&self) -> usize {
         self.m
     }
 
+    /// Columns `K` (input channels), without the padding.
     pub fn cols(&self) -> usize {
         self.k
     }
 
+    /// Input channels per scale (`K` when one scale per row).
     pub fn group_size(&self) -> usize {
         self.group
     }
@@ -197,10 +200,12 @@ impl QuantizedActivations {
         self.outliers.len()
     }
 
+    /// The zero point `za` shared by every row (0 when symmetric).
     pub fn zero_point(&self) -> i32 {
         self.zero_point
     }
 
+    /// The `K` quantized values of row `i`.
     #[inline]
     pub fn row(&self, i: usize) -> &[i8] {
         &self.data[i * self.stride..i * self.stride + self.k]
@@ -217,6 +222,7 @@ impl QuantizedActivations {
         &self.data
     }
 
+    /// The scales of row `i`, one per group.
     #[inline]
     pub fn row_scales(&self, i: usize) -> &[f32] {
         let g = self.groups();
@@ -373,7 +379,7 @@ fn over_row_pieces(
     groups: usize,
     quantize: impl Fn(Range<usize>, &mut [i8], &mut [f32], &mut Vec<(u32, f32)>, &mut Vec<usize>) -> Result<()> + Sync,
 ) -> Result<(Vec<i8>, SetAside)> {
-    let threads = super::team_threads(m * k >= PARALLEL_MIN_VALUES).min(m.max(1));
+    let threads = super::team::team_threads(m * k >= PARALLEL_MIN_VALUES).min(m.max(1));
     let rows = m.div_ceil(threads).max(1);
     let mut scale_pieces = scales.chunks_mut((rows * groups).max(1));
     // The rows' memory is zeroed by the task that quantizes them (padding stays zero), in

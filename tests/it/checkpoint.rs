@@ -2,7 +2,7 @@
 //! a user's own model with static and QAT layers, sharded bf16 sources), and bad inputs that
 //! must be clear errors naming the file and tensor.
 
-mod common;
+use crate::common;
 
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::VarBuilder;
@@ -14,7 +14,8 @@ use candle_quant::convert::{convert, prepare, prepare_qat, quantize_dynamic, Qua
 use candle_quant::io::{self, LanguageModel, ModelSource};
 use candle_quant::models::llama::KvCache;
 use candle_quant::nn::ActivationQuant;
-use candle_quant::{Granularity, QLinear, QParams, QSpec, WeightQuant};
+use candle_quant::quant::QParams;
+use candle_quant::{Granularity, QLinear, QSpec, WeightQuant};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -27,8 +28,7 @@ fn temp(name: &str) -> (common::Scratch, PathBuf) {
 }
 
 fn smollm2_source() -> ModelSource {
-    let p = io::models_dir().join(io::DEFAULT_GGUF);
-    assert!(p.exists(), "{} is missing: run scripts/fetch-models.sh first", p.display());
+    let p = common::model_file(io::DEFAULT_GGUF);
     ModelSource::Gguf(p)
 }
 
@@ -58,7 +58,7 @@ impl LanguageModelExt {
 #[test]
 fn smollm2_checkpoint_round_trip_is_bit_identical() {
     let source = smollm2_source();
-    let f32_model = io::load_llama(&source, &mut |_, _, _| {}).unwrap();
+    let f32_model = io::load_decoder(&source, &mut |_, _, _| {}).unwrap();
     let prompt = candle_quant::generate::encode(&f32_model, "The capital of France is").unwrap();
     // Quantized in memory from the float model: the reference.
     let mut in_memory = f32_model.clone();
@@ -67,15 +67,15 @@ fn smollm2_checkpoint_round_trip_is_bit_identical() {
 
     // Written by the streaming quantizer, loaded back.
     let (_dir_scratch, dir) = temp("smollm2");
-    let opened = io::open_llama(&source).unwrap();
+    let opened = io::open_decoder(&source).unwrap();
     let mut seen = 0;
     let written = opened.quantize_to(&dir, &QuantConfig::default(), Int8Kind::Dynamic, &SaveOptions::default(), |_| seen += 1).unwrap();
     assert!(seen > 1, "progress was reported");
-    let loaded = io::load_llama(&ModelSource::Folder(dir.clone()), &mut |_, _, _| {}).unwrap();
+    let loaded = io::load_decoder(&ModelSource::Folder(dir.clone()), &mut |_, _, _| {}).unwrap();
     assert_eq!(logits_and_greedy(&loaded, &prompt), want, "checkpoint vs in-memory quantization");
     // Quantized while loading, without a checkpoint: the same model again.
     let (in_situ, report) =
-        io::open_llama(&source).unwrap().load_int8(&QuantConfig::default(), Int8Kind::Dynamic, &mut |_, _, _| {}).unwrap();
+        io::open_decoder(&source).unwrap().load_int8(&QuantConfig::default(), Int8Kind::Dynamic, &mut |_, _, _| {}).unwrap();
     assert_eq!(report.converted.len(), 211);
     assert_eq!(logits_and_greedy(&in_situ, &prompt), want, "quantized while loading vs in memory");
 
@@ -92,11 +92,11 @@ fn smollm2_checkpoint_round_trip_is_bit_identical() {
 
     // Writing again needs overwrite; never over the input.
     let e = opened.quantize_to(&dir, &QuantConfig::default(), Int8Kind::Dynamic, &SaveOptions::default(), |_| {}).unwrap_err().to_string();
-    assert!(e.contains("already exists") && e.contains("--force"), "{e}");
+    assert!(e.contains("already exists") && e.contains("SaveOptions::overwrite"), "{e}");
     let over = SaveOptions { overwrite: true, ..Default::default() };
     opened.quantize_to(&dir, &QuantConfig::default(), Int8Kind::Dynamic, &over, |_| {}).unwrap();
-    let gguf_dir = io::models_dir();
-    let e = opened.quantize_to(&gguf_dir, &QuantConfig::default(), Int8Kind::Dynamic, &over, |_| {}).unwrap_err().to_string();
+    let gguf_dir = common::models();
+    let e = opened.quantize_to(gguf_dir, &QuantConfig::default(), Int8Kind::Dynamic, &over, |_| {}).unwrap_err().to_string();
     assert!(e.contains("holds the input"), "{e}");
 }
 
@@ -291,15 +291,15 @@ fn sharded_bf16_source_to_sharded_int8_checkpoint() {
     bf16_llama(&src, 3);
     let source = ModelSource::Folder(src.clone());
     let prompt = [101u32, 7592, 2088, 102, 2023];
-    let mut in_memory = io::load_llama(&source, &mut |_, _, _| {}).unwrap();
+    let mut in_memory = io::load_decoder(&source, &mut |_, _, _| {}).unwrap();
     let cfg = QuantConfig::default().exclude("*.down_proj");
     quantize_dynamic(&mut in_memory.model, &cfg).unwrap();
     let want = logits_and_greedy(&in_memory, &prompt);
     let (_out_scratch, out) = temp("bf16-int8");
     let opts = SaveOptions { max_shard_bytes: 1_000_000, ..Default::default() };
-    let w = io::open_llama(&source).unwrap().quantize_to(&out, &cfg, Int8Kind::Dynamic, &opts, |_| {}).unwrap();
+    let w = io::open_decoder(&source).unwrap().quantize_to(&out, &cfg, Int8Kind::Dynamic, &opts, |_| {}).unwrap();
     assert!(w.files.len() > 1 && out.join("model.safetensors.index.json").is_file(), "{:?}", w.files);
-    let loaded = io::load_llama(&ModelSource::Folder(out.clone()), &mut |_, _, _| {}).unwrap();
+    let loaded = io::load_decoder(&ModelSource::Folder(out.clone()), &mut |_, _, _| {}).unwrap();
     assert_eq!(logits_and_greedy(&loaded, &prompt), want);
     let ckpt = QuantizedCheckpoint::open(&out).unwrap();
     assert_eq!(ckpt.quantization().excluded, ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]);

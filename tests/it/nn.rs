@@ -1,6 +1,6 @@
 //! nn/: QLinear in every kind, against float layers.
 
-mod common;
+use crate::common;
 
 use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::Linear;

@@ -1,6 +1,6 @@
 //! convert/: the workflow verbs over a model that exposes its layers through `Quantizable`.
 
-mod common;
+use crate::common;
 
 use candle_core::{Module, Result, Tensor};
 use candle_nn::Linear;
@@ -122,7 +122,8 @@ fn prepare_qat_then_convert() {
 fn learned_ranges_train_alone_and_convert() {
     use candle_nn::{AdamW, Optimizer, ParamsAdamW};
     use candle_quant::convert::{freeze_qat_weights, learn_activation_ranges, qat_vars};
-    use candle_quant::{Granularity, QParams, QSpec};
+    use candle_quant::quant::QParams;
+    use candle_quant::{Granularity, QSpec};
     let mut rng = Rng::new(17);
     let mut model = Mlp::new(&mut rng);
     let x = rng.tensor(&[16, 32], 1.0).unwrap();
@@ -162,10 +163,9 @@ mod user_kit {
     use candle_core::{DType, Device, Module, Result, Tensor};
     use candle_nn::{VarBuilder, VarMap};
     use candle_quant::checkpoint::{load_quantized, save_quantized, SaveOptions};
+    use candle_quant::convert::float_linears;
     use candle_quant::convert::Named;
-    use candle_quant::{
-        ensure_quantized, float_linears, qlinear, qlinear_b, qlinear_no_bias, quantizable, quantize_dynamic, QLinear, QuantConfig,
-    };
+    use candle_quant::{ensure_quantized, qlinear, qlinear_b, qlinear_no_bias, quantizable, quantize_dynamic, QLinear, QuantConfig};
 
     #[derive(Clone)]
     struct Attn {

@@ -1,6 +1,6 @@
 //! observer/: min/max (plain, moving average, per channel), histogram, percentile.
 
-mod common;
+use crate::common;
 
 use candle_core::{Device, Tensor};
 use candle_quant::observer::{HistogramObserver, MinMaxObserver, Observer};

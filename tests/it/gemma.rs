@@ -1,8 +1,8 @@
-//! Gemma 3 270M from its GGUF file (fetched by scripts/fetch-models.sh): the f32 model against
+//! Gemma 3 270M from its GGUF file (the offline models folder, fetched when missing): the f32 model against
 //! candle-transformers' Gemma 3 on the same weights, sliding-window decoding against the full
 //! forward, and the SentencePiece tokenizer rebuilt from the metadata.
 
-mod common;
+use crate::common;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
@@ -15,18 +15,16 @@ use std::sync::OnceLock;
 const GEMMA: &str = "gemma-3-270m-q4_k_m.gguf";
 
 fn gemma_path() -> std::path::PathBuf {
-    let p = io::models_dir().join(GEMMA);
-    assert!(p.exists(), "{} is missing: run scripts/fetch-models.sh first", p.display());
-    p
+    common::model_file(GEMMA)
 }
 
 fn gemma() -> &'static LanguageModel {
     static LM: OnceLock<LanguageModel> = OnceLock::new();
-    LM.get_or_init(|| io::load_llama(&ModelSource::Gguf(gemma_path()), &mut |_, _, _| {}).unwrap())
+    LM.get_or_init(|| io::load_decoder(&ModelSource::Gguf(gemma_path()), &mut |_, _, _| {}).unwrap())
 }
 
 fn alice() -> String {
-    std::fs::read_to_string(io::models_dir().join("texts/alice29.txt")).expect("run scripts/fetch-models.sh first")
+    std::fs::read_to_string(common::model_file("texts/alice29.txt")).unwrap()
 }
 
 fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
@@ -40,7 +38,7 @@ fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
 #[test]
 fn gemma3_matches_candle_transformers_on_the_same_weights() {
     use candle_transformers::models::gemma3 as ct;
-    let g = gguf::load_gguf_llama(&gemma_path(), |_, _| {}).unwrap();
+    let g = gguf::load_gguf_decoder(&gemma_path(), |_, _| {}).unwrap();
     let c = &g.config;
     assert_eq!((c.num_hidden_layers, c.hidden_size, c.head_dim(), c.kv_heads()), (18, 640, 256, 1));
     let ours = Llama::load(c, VarBuilder::from_tensors(g.tensors.clone(), DType::F32, &Device::Cpu)).unwrap();
@@ -132,9 +130,9 @@ fn gemma3_int8_checkpoint_round_trip() {
     use candle_quant::convert::{quantize_dynamic, QuantConfig};
     let scratch = common::Scratch::new("gemma");
     let dir = scratch.join("int8");
-    let opened = io::open_llama(&ModelSource::Gguf(gemma_path())).unwrap();
+    let opened = io::open_decoder(&ModelSource::Gguf(gemma_path())).unwrap();
     opened.quantize_to(&dir, &QuantConfig::default(), Int8Kind::Dynamic, &SaveOptions::default(), |_| {}).unwrap();
-    let loaded = io::load_llama(&ModelSource::Folder(dir.clone()), &mut |_, _, _| {}).unwrap();
+    let loaded = io::load_decoder(&ModelSource::Folder(dir.clone()), &mut |_, _, _| {}).unwrap();
     assert_eq!(loaded.model.config().model_type, "gemma3_text");
     let mut mem = gemma().clone();
     quantize_dynamic(&mut mem.model, &QuantConfig::default()).unwrap();

@@ -1,6 +1,7 @@
-//! models/ + io/ + generate + eval on the real offline models (fetched by
-//! scripts/fetch-models.sh, which CI runs before the tests).
+//! models/ + io/ + generate + eval on the real offline models (fetched when missing:
+//! [`common::models`]).
 
+use crate::common;
 use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Tensor};
 use candle_quant::convert::{quantize_dynamic, quantize_ggml, QuantConfig, Quantizable};
@@ -11,14 +12,12 @@ use candle_quant::models::bert::Bert;
 use std::sync::OnceLock;
 
 fn model_path(name: &str) -> std::path::PathBuf {
-    let p = io::models_dir().join(name);
-    assert!(p.exists(), "{} is missing: run scripts/fetch-models.sh first", p.display());
-    p
+    common::model_file(name)
 }
 
 fn smollm2() -> &'static LanguageModel {
     static LM: OnceLock<LanguageModel> = OnceLock::new();
-    LM.get_or_init(|| io::load_llama(&ModelSource::Gguf(model_path(io::DEFAULT_GGUF)), &mut |_, _, _| {}).unwrap())
+    LM.get_or_init(|| io::load_decoder(&ModelSource::Gguf(model_path(io::DEFAULT_GGUF)), &mut |_, _, _| {}).unwrap())
 }
 
 fn int8(lm: &LanguageModel) -> LanguageModel {
@@ -122,7 +121,7 @@ fn gguf_tokenizer_round_trips_and_splits_digits() {
 fn llama_matches_candle_transformers_on_the_same_weights() {
     use candle_transformers::models::llama as ct;
     let path = model_path(io::DEFAULT_GGUF);
-    let g = gguf::load_gguf_llama(&path, |_, _| {}).unwrap();
+    let g = gguf::load_gguf_decoder(&path, |_, _| {}).unwrap();
     let c = &g.config;
     let cfg = ct::Config {
         hidden_size: c.hidden_size,
@@ -430,7 +429,7 @@ fn smoothing_keeps_the_float_logits_and_helps_static_int8() {
     let before = logits(&plain);
     let c = calibrate(&mut smoothed, "smollm2", ObserverKind::Minmax, StaticGranularity::PerTensor, &windows, |_, _| {}).unwrap();
     let maxima = c.layers.iter().map(|(n, l)| (n.clone(), l.channel_absmax.clone())).collect();
-    let (factors, skipped) = smoothed.smooth(&maxima, 0.5).unwrap();
+    let (factors, skipped) = candle_quant::smooth::smooth(&mut smoothed, &maxima, 0.5).unwrap();
     assert_eq!((factors.len(), skipped.len()), (90, 31), "q/k/v, gate/up and down of 30 blocks; 30 o_proj and lm_head");
     let after = logits(&smoothed);
     let scale = before.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
@@ -439,10 +438,10 @@ fn smoothing_keeps_the_float_logits_and_helps_static_int8() {
     // Factors for another model are refused, naming the layer, before anything changes.
     let mut other = lm.model.clone();
     let bad: std::collections::BTreeMap<String, Vec<f32>> = [("model.layers.0.self_attn.q_proj".to_string(), vec![1.0; 7])].into();
-    let e = other.apply_smoothing(&bad).unwrap_err().to_string();
+    let e = candle_quant::smooth::apply_smoothing(&mut other, &bad).unwrap_err().to_string();
     assert!(e.contains("model.layers.0.self_attn.q_proj") && e.contains("7"), "{e}");
     let bad: std::collections::BTreeMap<String, Vec<f32>> = [("model.layers.0.mlp.up_proj".to_string(), vec![1.0; 576])].into();
-    assert!(other.apply_smoothing(&bad).unwrap_err().to_string().contains("up_proj"));
+    assert!(candle_quant::smooth::apply_smoothing(&mut other, &bad).unwrap_err().to_string().contains("up_proj"));
     assert_eq!(logits(&other).to_vec2::<f32>().unwrap(), before.to_vec2::<f32>().unwrap());
 
     // Static int8 (min/max per tensor) of both, calibrated on the same text, scored on it; and

@@ -2,7 +2,7 @@
 //! this crate and by candle-transformers' implementation of the same family: f32 logits agree,
 //! and the int8 model's layers are the checkpoint's linear weights.
 
-mod common;
+use crate::common;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
@@ -40,7 +40,7 @@ fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
 
 /// This crate's last-position logits for `tokens` from `dir`, and the int8 model's layer names.
 fn ours(dir: &Path, tokens: &[u32]) -> (Tensor, Vec<String>) {
-    let lm = io::load_llama(&ModelSource::Folder(dir.to_path_buf()), &mut |_, _, _| {}).unwrap();
+    let lm = io::load_decoder(&ModelSource::Folder(dir.to_path_buf()), &mut |_, _, _| {}).unwrap();
     let logits = lm.model.forward(tokens, &mut KvCache::default(), false).unwrap();
     let mut q = lm.model.clone();
     let report = quantize_dynamic(&mut q, &QuantConfig::default()).unwrap();
@@ -154,13 +154,13 @@ fn phi3_with_fused_projections_matches_candle_transformers() {
     // Quantized while loading and written as a checkpoint, the fused layers keep their names.
     let out = folder("phi3-int8");
     std::fs::remove_dir_all(&out).unwrap();
-    let opened = io::open_llama(&ModelSource::Folder(dir.to_path_buf())).unwrap();
+    let opened = io::open_decoder(&ModelSource::Folder(dir.to_path_buf())).unwrap();
     let q = QuantConfig::default();
     opened.quantize_to(&out, &q, candle_quant::checkpoint::Int8Kind::Dynamic, &Default::default(), |_| {}).unwrap();
-    let ckpt = candle_quant::QuantizedCheckpoint::open(&out).unwrap();
+    let ckpt = candle_quant::checkpoint::QuantizedCheckpoint::open(&out).unwrap();
     assert!(ckpt.source().entry("model.layers.0.self_attn.qkv_proj.weight_scale").is_some());
-    let loaded = io::load_llama(&ModelSource::Folder(out.to_path_buf()), &mut |_, _, _| {}).unwrap();
-    let mut mem = io::load_llama(&ModelSource::Folder(dir.to_path_buf()), &mut |_, _, _| {}).unwrap();
+    let loaded = io::load_decoder(&ModelSource::Folder(out.to_path_buf()), &mut |_, _, _| {}).unwrap();
+    let mut mem = io::load_decoder(&ModelSource::Folder(dir.to_path_buf()), &mut |_, _, _| {}).unwrap();
     quantize_dynamic(&mut mem.model, &q).unwrap();
     let a = loaded.model.forward(&tokens, &mut KvCache::default(), false).unwrap();
     let b = mem.model.forward(&tokens, &mut KvCache::default(), false).unwrap();

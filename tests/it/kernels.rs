@@ -1,9 +1,9 @@
 //! kernels/: the scalar reference GEMM and the fused int8 linear built on it.
 
-mod common;
+use crate::common;
 
 use candle_core::{Device, Tensor};
-use candle_quant::internals::{int8_linear, int8_linear_with, reference, Isa, PackedInt8Weights, QuantizedActivations, WeightQuant};
+use candle_quant::kernels::{int8_linear, int8_linear_with, reference, Isa, PackedInt8Weights, QuantizedActivations, WeightQuant};
 use candle_quant::quant::{Granularity, QDType, QParams, QScheme, QSpec, QuantizedTensor};
 use proptest::prelude::*;
 
@@ -150,7 +150,7 @@ fn weight_scales_are_stored_as_f16() {
 /// path's exact segment sums, which never go through the split.
 #[test]
 fn outputs_land_in_their_columns_on_every_split() {
-    use candle_quant::internals::{group_sums_with, Isa};
+    use candle_quant::kernels::{group_sums_with, Isa};
     let mut rng = common::Rng::new(99);
     let k = 576;
     for (m, n) in [(1, 512), (1, 520), (1, 1000), (3, 512), (5, 264), (2, 1001)] {
@@ -187,7 +187,7 @@ fn outputs_land_in_their_columns_on_every_split() {
 /// summation order.
 #[test]
 fn simd_paths_equal_the_reference() {
-    use candle_quant::internals::{group_sums_with, int8_linear_with, weight_only_linear_with, Isa, WeightQuant};
+    use candle_quant::kernels::{group_sums_with, int8_linear_with, weight_only_linear_with, Isa, WeightQuant};
     let paths: Vec<Isa> = Isa::supported().into_iter().filter(|&i| i != Isa::Reference).collect();
     println!("SIMD paths exercised: {paths:?}");
     let mut rng = common::Rng::new(2024);
@@ -271,7 +271,7 @@ fn simd_paths_equal_the_reference() {
 /// 2.5 → 2 and −3.5 → −4 exercise rounding half to even.
 #[test]
 fn simd_activation_quantizer_equals_the_reference() {
-    use candle_quant::internals::Isa;
+    use candle_quant::kernels::Isa;
     let mut rng = common::Rng::new(7);
     for case in 0..2_000 {
         let (m, k) = (1 + (rng.next_u64() % 4) as usize, 1 + (rng.next_u64() % 300) as usize);
@@ -423,7 +423,7 @@ fn static_group_quantizer_sets_aside_what_is_beyond_its_range() {
 /// ranges merged afterwards; bad lengths are errors.
 #[test]
 fn attention_paths_agree_with_a_direct_softmax() {
-    use candle_quant::internals::{attend_part_with, attend_with, combine_parts, part_len, Isa};
+    use candle_quant::kernels::{attend_part_with, attend_with, combine_parts, part_len, Isa};
     // Golden: two keys with equal scores weigh both values ½: y = ([1, 2] + [3, 6]) / 2 = [2, 4].
     let mut y = [0f32; 2];
     attend_with(Isa::Reference, &[1.0, 1.0], &[0.5, 0.5, 0.5, 0.5], &[1.0, 2.0, 3.0, 6.0], 2, 1.0, &mut y).unwrap();
@@ -502,22 +502,13 @@ fn attention_paths_agree_with_a_direct_softmax() {
     }
 }
 
-/// The bandwidth probe reads every value once, whatever the length: Σ_{i<n} i = n(n−1)/2.
-#[test]
-fn stream_sum_reads_every_value_once() {
-    for n in [0u64, 1, 7, 31, 32, 33, 1000, 4097] {
-        let buf: Vec<u64> = (0..n).collect();
-        assert_eq!(candle_quant::internals::stream_sum(&buf), n * n.saturating_sub(1) / 2, "n = {n}");
-    }
-}
-
 /// The vectorised exact GELU against candle's (`x/2 · (1 + erf(x/√2))` with its own erf):
 /// Abramowitz & Stegun's erf is within 1.5e-7, so the two agree to ~1e-7 · |x|; large
 /// negative inputs give 0 and large positive ones themselves; lengths with and without a whole
 /// number of vectors. Golden: GELU(0) = 0 and GELU(−x) = GELU(x) − x.
 #[test]
 fn gelu_erf_matches_candle() {
-    use candle_quant::internals::{gelu_erf, gelu_erf_scalar};
+    use candle_quant::kernels::{gelu_erf, gelu_erf_scalar};
     let mut rng = common::Rng::new(5);
     for n in [1, 7, 8, 9, 100] {
         let mut x: Vec<f32> = rng.normals(n, 3.0);
@@ -544,7 +535,7 @@ fn gelu_erf_matches_candle() {
 /// underflows; golden: silu(0) = 0, silu(x) − silu(−x) = x, NaN stays NaN.
 #[test]
 fn silu_mul_matches_a_direct_sigmoid() {
-    use candle_quant::internals::{silu_mul, silu_scalar};
+    use candle_quant::kernels::{silu_mul, silu_scalar};
     let mut rng = common::Rng::new(9);
     for n in [1, 7, 8, 9, 100, 1536] {
         let mut gate: Vec<f32> = rng.normals(n, 4.0);
@@ -575,7 +566,7 @@ fn silu_mul_matches_a_direct_sigmoid() {
 /// lengths are errors.
 #[test]
 fn rms_norm_equals_candles_bit_for_bit() {
-    use candle_quant::internals::rms_norm;
+    use candle_quant::kernels::rms_norm;
     let mut rng = common::Rng::new(5);
     for (rows, n) in [(1, 1), (3, 7), (8, 8), (13, 64), (9, 576), (300, 576), (67, 600)] {
         let x: Vec<f32> = rng.normals(rows * n, 1.0).iter().enumerate().map(|(i, v)| v * (1 + i % 5) as f32).collect();

@@ -1,11 +1,16 @@
 //! The `candle-quant` binary end to end on the offline default model.
 
-mod common;
+use crate::common;
 
 use std::process::Command;
 
 fn cli(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_candle-quant")).args(args).env("RAYON_NUM_THREADS", "2").output().unwrap()
+    Command::new(env!("CARGO_BIN_EXE_candle-quant"))
+        .args(args)
+        .env("RAYON_NUM_THREADS", "2")
+        .env("CANDLE_QUANT_MODELS", common::models())
+        .output()
+        .unwrap()
 }
 
 #[test]
@@ -61,7 +66,7 @@ fn bench_json_records() {
     let records = v.as_array().unwrap();
     let shapes: Vec<(u64, u64)> = records.iter().map(|r| (r["in"].as_u64().unwrap(), r["out"].as_u64().unwrap())).collect();
     assert_eq!(shapes, [(576, 1536), (576, 576)]);
-    let isa = format!("{:?}", candle_quant::internals::Isa::best());
+    let isa = format!("{:?}", candle_quant::kernels::Isa::best());
     for r in records {
         assert_eq!((r["m"].as_u64(), r["threads"].as_u64(), r["isa"].as_str()), (Some(1), Some(1), Some(isa.as_str())));
         let t = |k: &str| r[k].as_f64().unwrap_or_else(|| panic!("missing {k} in {r}"));
@@ -96,7 +101,7 @@ fn kernel_path_override() {
     let (paths, _) = run("reference");
     assert_eq!(paths, ["Reference", "Reference"]);
     let (paths, stderr) = run("pentium");
-    let best = format!("{:?}", candle_quant::internals::Isa::best());
+    let best = format!("{:?}", candle_quant::kernels::Isa::best());
     assert_eq!(paths, [best.as_str(), best.as_str()]);
     assert!(stderr.contains("ignoring CANDLE_QUANT_ISA=pentium"), "{stderr}");
 }
@@ -144,7 +149,7 @@ fn calibrate_then_static_eval() {
     let folder = dir.join("static-int8");
     let out = cli(&["quantize", "--mode", "static", "--calibration", c, "--out", folder.to_str().unwrap()]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let gguf = candle_quant::io::models_dir().join(candle_quant::io::DEFAULT_GGUF);
+    let gguf = common::model_file(candle_quant::io::DEFAULT_GGUF);
     let out =
         cli(&["eval", "--model", folder.to_str().unwrap(), "--reference", gguf.to_str().unwrap(), "--text", t, "--window", "16", "--json"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -191,9 +196,7 @@ fn quantize_then_generate_and_compare_from_the_folder() {
     assert!(String::from_utf8_lossy(&gen.stdout).contains("Paris"), "{}", String::from_utf8_lossy(&gen.stdout));
     let no_ref = cli(&[&["compare", "--model", dir.to_str().unwrap()][..], &args].concat());
     assert!(!no_ref.status.success() && String::from_utf8_lossy(&no_ref.stderr).contains("--reference"));
-    let models = std::env::var_os("CANDLE_QUANT_MODELS")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models"));
+    let models = common::models();
     let gguf = models.join("SmolLM2-135M-Instruct.Q4_1.gguf");
     let cmp = cli(&[&["compare", "--json", "--model", dir.to_str().unwrap(), "--reference", gguf.to_str().unwrap()][..], &args].concat());
     assert!(cmp.status.success(), "{}", String::from_utf8_lossy(&cmp.stderr));
@@ -211,9 +214,7 @@ fn quantize_then_generate_and_compare_from_the_folder() {
 /// is an error that names it.
 #[test]
 fn prompt_file_cut_to_n_tokens() {
-    let models = std::env::var_os("CANDLE_QUANT_MODELS")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models"));
+    let models = common::models();
     let text = models.join("texts/alice29.txt");
     let out = cli(&["compare", "--json", "--prompt-file", text.to_str().unwrap(), "--max-prompt-tokens", "300", "--max-new-tokens", "2"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));

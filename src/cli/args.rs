@@ -1,0 +1,207 @@
+//! The flags the commands share, and the one place a `--mode` becomes a conversion.
+
+use anyhow::{bail, Context, Result};
+use candle_core::quantized::GgmlDType;
+use candle_quant::calibration::Calibration;
+use candle_quant::checkpoint::Int8Kind;
+use candle_quant::convert::{quantize_dynamic, quantize_ggml, quantize_weight_only, ConversionReport, QuantConfig, Quantizable};
+use candle_quant::nn::ActivationQuant;
+use candle_quant::{QLinear, WeightQuant};
+use clap::{Args, ValueEnum};
+use std::path::PathBuf;
+
+/// `--mode`: which int8 layers a model gets.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Mode {
+    Dynamic,
+    WeightOnly,
+    /// Static int8: activations quantized with fixed qparams from --calibration.
+    Static,
+    /// candle's Q8_0 QMatMul (the baseline; in memory only, not for `quantize`).
+    #[value(name = "q8_0")]
+    Q8_0,
+}
+
+impl Mode {
+    /// The kind of int8 layers a float model is quantized into as it streams from its files
+    /// (`--precision int8`, `quantize`); `None` for the modes that convert a loaded float model.
+    pub fn streamed(self) -> Option<Int8Kind> {
+        match self {
+            Mode::Dynamic => Some(Int8Kind::Dynamic),
+            Mode::WeightOnly => Some(Int8Kind::WeightOnly),
+            Mode::Static | Mode::Q8_0 => None,
+        }
+    }
+
+    /// Converts the selected layers of a loaded float `model` (static: with `calibration`).
+    pub fn convert(
+        self,
+        model: &mut (impl Quantizable + ?Sized),
+        cfg: &QuantConfig,
+        calibration: Option<&Calibration>,
+    ) -> Result<ConversionReport> {
+        Ok(match (self, calibration) {
+            (Mode::Dynamic, _) => quantize_dynamic(model, cfg)?,
+            (Mode::WeightOnly, _) => quantize_weight_only(model, cfg)?,
+            (Mode::Q8_0, _) => quantize_ggml(model, cfg, GgmlDType::Q8_0)?,
+            (Mode::Static, Some(c)) => c.apply(model, cfg).context("applying the calibration")?,
+            (Mode::Static, None) => bail!("--mode static needs --calibration FILE (written by `candle-quant calibrate`)"),
+        })
+    }
+
+    /// Quantizes one layer as [`Mode::convert`] would quantize it (`sensitivity`).
+    pub fn quantize_layer(self, l: &mut QLinear, cfg: &QuantConfig, calibration: Option<&Calibration>) -> candle_core::Result<()> {
+        match (self, calibration) {
+            (Mode::Static, Some(c)) => l.quantize_static(c.qparams_for(l.name())?),
+            (Mode::Static, None) => candle_core::bail!("--mode static needs --calibration FILE"),
+            (Mode::WeightOnly, _) => l.quantize_weight_only(cfg.weight),
+            (Mode::Q8_0, _) => l.quantize_ggml(GgmlDType::Q8_0),
+            (Mode::Dynamic, _) => l.quantize_dynamic(cfg.activation_for(l.name()), cfg.weight, cfg.outlier_threshold),
+        }
+    }
+}
+
+/// `calibrate --granularity`.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum GranularityArg {
+    /// One affine scale and zero point per layer input.
+    PerTensor,
+    /// One symmetric scale per group of input channels.
+    PerGroup,
+}
+
+/// `calibrate --observer`.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ObserverArg {
+    /// Smallest and largest value seen.
+    Minmax,
+    /// Running average of each window's min and max.
+    MovingAverage,
+    /// The range with the least expected quantization error (2048-bin histogram).
+    Histogram,
+    /// 0.01th to 99.99th percentile.
+    Percentile,
+}
+
+/// `--precision`: the model as float, or quantized as `--mode` says.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Precision {
+    F32,
+    Int8,
+}
+
+#[derive(Args)]
+pub struct ModelArgs {
+    /// Hub id (org/name[@revision]), local HF folder (float, or an int8 checkpoint written by
+    /// `quantize`, which keeps the scheme it was saved with: the flags below do not apply to
+    /// it), or .gguf file. Default: SmolLM2-135M-Instruct (offline copy if present, else the
+    /// hub, else the offline copy is fetched).
+    #[arg(long)]
+    pub model: Option<String>,
+    /// Activation group size for int8 (input channels per scale); 0 = one scale per token.
+    #[arg(long, default_value_t = 32)]
+    pub act_group: usize,
+    /// Weight group size for int8 (input channels per scale); 0 = one scale per output channel.
+    #[arg(long, default_value_t = 32)]
+    pub weight_group: usize,
+    /// Multiply activations with |x| above this in float (LLM.int8()-style); 0 = off.
+    #[arg(long, default_value_t = candle_quant::convert::DEFAULT_OUTLIER_THRESHOLD)]
+    pub outlier_threshold: f32,
+    /// Keep lm_head in float.
+    #[arg(long)]
+    pub float_lm_head: bool,
+    /// int8 layer kind: dynamic (int8 weights and activations), weight-only (float activations),
+    /// or candle's q8_0 (the baseline).
+    #[arg(long, value_enum, default_value_t = Mode::Dynamic)]
+    pub mode: Mode,
+    /// Layer-name patterns to keep in float (glob, `*` = anything), repeatable.
+    #[arg(long)]
+    pub exclude: Vec<String>,
+    /// Calibration file written by `calibrate`, for --mode static.
+    #[arg(long)]
+    pub calibration: Option<PathBuf>,
+    /// Compute threads (candle's and ours); default: all cores.
+    #[arg(long)]
+    pub threads: Option<usize>,
+}
+
+#[derive(Args)]
+pub struct GenArgs {
+    /// The user's message (with the model's chat template), or the text to continue.
+    #[arg(long, default_value = "What is the capital of France?")]
+    pub prompt: String,
+    #[arg(long, default_value_t = 64)]
+    pub max_new_tokens: usize,
+    /// Feed the prompt as-is, without the model's chat template.
+    #[arg(long)]
+    pub no_chat_template: bool,
+    /// Take the prompt from this text file instead, fed as-is (a long prompt: prefill speed).
+    #[arg(long, conflicts_with = "prompt")]
+    pub prompt_file: Option<PathBuf>,
+    /// Keep at most this many prompt tokens (with --prompt-file: its first N).
+    #[arg(long)]
+    pub max_prompt_tokens: Option<usize>,
+}
+
+#[derive(Args)]
+pub struct SamplingArgs {
+    /// 0 = greedy.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f64,
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    #[arg(long)]
+    pub top_p: Option<f64>,
+    #[arg(long, default_value_t = 1.0)]
+    pub repeat_penalty: f32,
+    #[arg(long, default_value_t = 64)]
+    pub repeat_last_n: usize,
+    #[arg(long, default_value_t = 299_792_458)]
+    pub seed: u64,
+}
+
+pub fn quant_config(args: &ModelArgs) -> QuantConfig {
+    let act = if args.act_group == 0 { ActivationQuant::PerToken } else { ActivationQuant::PerGroup(args.act_group) };
+    let weight = if args.weight_group == 0 { WeightQuant::PerChannel } else { WeightQuant::PerGroup(args.weight_group) };
+    let outliers = (args.outlier_threshold > 0.0).then_some(args.outlier_threshold);
+    let mut cfg = QuantConfig::default().activation(act).weight(weight).outlier_threshold(outliers);
+    if args.float_lm_head {
+        cfg = cfg.exclude("lm_head");
+    }
+    for p in &args.exclude {
+        cfg = cfg.exclude(p.clone());
+    }
+    cfg
+}
+
+/// `2GB`, `500MB`, `64KiB`, `1.5GB` or a plain byte count.
+pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num.parse().map_err(|_| format!("'{s}' is not a size like 2GB or 500MB"))?;
+    let mult = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "kb" => 1e3,
+        "mb" => 1e6,
+        "gb" => 1e9,
+        "kib" => 1024.0,
+        "mib" => 1024.0 * 1024.0,
+        "gib" => 1024.0 * 1024.0 * 1024.0,
+        other => return Err(format!("unknown size unit '{other}' in '{s}' (use B, KB, MB, GB, KiB, MiB or GiB)")),
+    };
+    let bytes = n * mult;
+    if !(1.0..1e18).contains(&bytes) {
+        return Err(format!("size '{s}' must be at least one byte"));
+    }
+    Ok(bytes as u64)
+}
+
+/// `--budget`: a percentage, with or without `%`.
+pub fn parse_percent(s: &str) -> std::result::Result<f64, String> {
+    let v: f64 = s.trim().trim_end_matches('%').parse().map_err(|_| format!("'{s}' is not a percentage (e.g. 0.2%)"))?;
+    if !(v.is_finite() && v >= 0.0) {
+        return Err(format!("'{s}': the budget must be a non-negative percentage"));
+    }
+    Ok(v)
+}

@@ -1,0 +1,70 @@
+//! `compare`: greedy generation in f32 and int8 side by side, as a table or JSON.
+
+use crate::args::{GenArgs, ModelArgs};
+use crate::models::{model_pair, prompt_tokens};
+use anyhow::Result;
+use candle_quant::generate::{compare, Generation, Side};
+use candle_quant::io::LanguageModel;
+use std::io::Write;
+
+/// `compare`: f32 and int8 side by side ([`candle_quant::generate::compare`]), as a table or JSON.
+pub fn run(model: &ModelArgs, reference: Option<&str>, gen: &GenArgs, repeats: usize, json: bool) -> Result<()> {
+    let (lm, q, report) = model_pair(model, reference, "compare")?;
+    let (tokens, _) = prompt_tokens(&lm, gen)?;
+    let mut side = None;
+    let c = compare(&lm.model, &q.model, &lm.tokenizer, &tokens, gen.max_new_tokens, repeats, |s, piece| {
+        if json {
+            return;
+        }
+        if side != Some(s) {
+            if side.is_some() {
+                println!();
+            }
+            eprintln!("--- {} ---", if s == Side::Reference { "f32" } else { "int8" });
+            side = Some(s);
+        }
+        print!("{piece}");
+        let _ = std::io::stdout().flush();
+    })?;
+    if json {
+        let side = |g: &Generation, m: &LanguageModel| serde_json::json!({"text": g.text, "prefill_ms": g.stats.prefill_ms, "decode_tok_s": g.stats.decode_tok_s, "weight_bytes": m.model.weight_bytes()});
+        let out = serde_json::json!({
+            "model": q.source,
+            "reference": lm.source,
+            "prompt_tokens": tokens.len(),
+            "new_tokens": c.reference.tokens.len(),
+            "f32": side(&c.reference, &lm),
+            "int8": side(&c.candidate, &q),
+            "decode_speedup": c.decode_speedup,
+            "decode_speedups": c.decode_speedups,
+            "repeats": repeats,
+            "first_divergence": c.first_divergence,
+            "top1_agreement": c.top1_agreement,
+            "quantized_layers": report.converted.len(),
+            "skipped_layers": report.skipped,
+        });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(());
+    }
+    println!();
+    println!("{:<6} {:>12} {:>14} {:>14}", "", "prefill ms", "decode tok/s", "weight MB");
+    for (label, g, m) in [("f32", &c.reference, &lm), ("int8", &c.candidate, &q)] {
+        println!("{label:<6} {:>12.1} {:>14.1} {:>14.1}", g.stats.prefill_ms, g.stats.decode_tok_s, m.model.weight_bytes() as f64 / 1e6);
+    }
+    let speedup = c.decode_speedup;
+    if repeats > 1 {
+        let each: Vec<String> = c.decode_speedups.iter().map(|s| format!("{s:.2}")).collect();
+        println!("decode speedup int8/f32: {speedup:.2}x (median of {repeats} alternating runs: {})", each.join(", "));
+    } else {
+        println!("decode speedup int8/f32: {speedup:.2}x");
+    }
+    match c.first_divergence {
+        Some(p) => println!("outputs first differ at generated token {p}"),
+        None => println!("outputs are identical"),
+    }
+    if let Some(a) = c.top1_agreement {
+        println!("top-1 agreement of int8 with f32 along the f32 text: {:.1}%", a * 100.0);
+    }
+    println!("{} layers int8, {} kept float {:?}", report.converted.len(), report.skipped.len(), report.skipped);
+    Ok(())
+}

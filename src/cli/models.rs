@@ -1,0 +1,141 @@
+//! Models as the commands want them: the one `--model` names (or the default, fetched when
+//! missing), float or int8, the pair that `compare` and `eval` measure, and the prompt.
+
+use crate::args::{quant_config, GenArgs, Mode, ModelArgs};
+use crate::fetch::fetch_offline_models;
+use crate::progress::{bar, Bars};
+use anyhow::{bail, Context, Result};
+use candle_quant::calibration::Calibration;
+use candle_quant::convert::{ConversionReport, Quantizable};
+use candle_quant::generate::{apply_chat_template, encode};
+use candle_quant::io::{self, LanguageModel, ModelSource};
+
+/// Opens the model named by `--model`, or the default one (offline copy → hub → fetch).
+pub fn open_model(spec: Option<&str>) -> Result<io::OpenedDecoder> {
+    if let Some(spec) = spec {
+        let source = ModelSource::parse(spec)?;
+        return io::open_decoder(&source).with_context(|| format!("opening {source}"));
+    }
+    let local = io::models_dir().join(io::DEFAULT_GGUF);
+    if local.is_file() {
+        return io::open_decoder(&ModelSource::Gguf(local)).context("opening the offline default model");
+    }
+    let hub = ModelSource::Hub { id: io::DEFAULT_HUB_MODEL.into(), revision: "main".into() };
+    match io::open_decoder(&hub) {
+        Ok(m) => Ok(m),
+        Err(e) => {
+            eprintln!("{} is not reachable ({e})", io::DEFAULT_HUB_MODEL);
+            fetch_offline_models()?;
+            io::open_decoder(&ModelSource::Gguf(local)).context("opening the offline default model")
+        }
+    }
+}
+
+/// The model as stored: float, or int8 as saved.
+pub fn load_model(spec: Option<&str>) -> Result<LanguageModel> {
+    let opened = open_model(spec)?;
+    Bars::around(|p| opened.load(p))
+}
+
+/// A float model, for the f32 side of compare, eval and generate.
+pub fn load_float(spec: Option<&str>, what: &str) -> Result<LanguageModel> {
+    let opened = open_model(spec)?;
+    if opened.is_quantized() {
+        bail!("{}: is an int8 checkpoint; {what} needs a float model", opened.source)
+    }
+    Bars::around(|p| opened.load(p))
+}
+
+/// The int8 model: an int8 checkpoint as saved, or a float source quantized while it loads
+/// (candle's Q8_0 mode quantizes a loaded float model).
+pub fn load_int8(args: &ModelArgs) -> Result<(LanguageModel, ConversionReport)> {
+    let opened = open_model(args.model.as_deref())?;
+    match args.mode.streamed() {
+        Some(kind) => Bars::around(|p| opened.load_int8(&quant_config(args), kind, p)),
+        None if opened.is_quantized() => {
+            bail!("{}: is an int8 checkpoint; --mode q8_0 and --mode static need a float model", opened.source)
+        }
+        None => quantized(&Bars::around(|p| opened.load(p))?, args),
+    }
+}
+
+/// The f32 and int8 models compare and eval measure: from a float `--model`, its int8 copy
+/// quantized in memory; from an int8 checkpoint, the `--reference` float model beside it.
+pub fn model_pair(args: &ModelArgs, reference: Option<&str>, what: &str) -> Result<(LanguageModel, LanguageModel, ConversionReport)> {
+    let opened = open_model(args.model.as_deref())?;
+    if !opened.is_quantized() {
+        if reference.is_some() {
+            bail!("--reference is for an int8 checkpoint given as --model; {} is a float model", opened.source)
+        }
+        let lm = Bars::around(|p| opened.load(p))?;
+        let (q, report) = quantized(&lm, args)?;
+        return Ok((lm, q, report));
+    }
+    let Some(reference) = reference else {
+        bail!("{}: is an int8 checkpoint; {what} measures it against a float model: pass --reference MODEL", opened.source)
+    };
+    let mut q = Bars::around(|p| opened.load(p))?;
+    let f = load_float(Some(reference), "--reference")?;
+    let mut report = ConversionReport::default();
+    q.model.visit_linears(&mut |l| {
+        if l.is_int8() {
+            report.converted.push(l.name().to_string())
+        } else {
+            report.skipped.push(l.name().to_string())
+        }
+        Ok(())
+    })?;
+    Ok((f, q, report))
+}
+
+pub fn quantized(lm: &LanguageModel, args: &ModelArgs) -> Result<(LanguageModel, ConversionReport)> {
+    let mut q = lm.clone();
+    let pb = bar(0, "quantizing layers");
+    let shown = pb.clone();
+    let cfg = quant_config(args).progress(move |done, total| {
+        shown.set_length(total as u64);
+        shown.set_position(done as u64);
+    });
+    let calibration = if args.mode == Mode::Static { Some(smoothed_for_static(args, &mut q.model)?) } else { None };
+    let report = args.mode.convert(&mut q.model, &cfg, calibration.as_ref())?;
+    pb.finish();
+    Ok((q, report))
+}
+
+/// The `--calibration` file of `--mode static`, its SmoothQuant factors (if any) folded into the
+/// float `model` — the model it was calibrated as, computing the same function.
+pub fn smoothed_for_static(args: &ModelArgs, model: &mut candle_quant::models::Decoder) -> Result<Calibration> {
+    let Some(path) = &args.calibration else { bail!("--mode static needs --calibration FILE (written by `candle-quant calibrate`)") };
+    let c = Calibration::load(path)?;
+    if let Some(s) = &c.smoothing {
+        candle_quant::smooth::apply_smoothing(model, &s.factors)
+            .with_context(|| format!("smoothing the model as {} says", path.display()))?;
+    }
+    Ok(c)
+}
+
+/// The prompt's tokens, and whether it went through the model's chat template (the reply then
+/// answers it rather than continuing its text).
+pub fn prompt_tokens(lm: &LanguageModel, gen: &GenArgs) -> Result<(Vec<u32>, bool)> {
+    let (mut tokens, templated) = match &gen.prompt_file {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).with_context(|| format!("reading the prompt file {}", path.display()))?;
+            (encode(lm, &text)?, false)
+        }
+        None => {
+            let chat = if gen.no_chat_template {
+                None
+            } else {
+                apply_chat_template(lm, &gen.prompt).context("pass --no-chat-template to feed the prompt as it is")?
+            };
+            (encode(lm, chat.as_deref().unwrap_or(&gen.prompt))?, chat.is_some())
+        }
+    };
+    if let Some(n) = gen.max_prompt_tokens {
+        if n == 0 {
+            bail!("--max-prompt-tokens must be at least 1")
+        }
+        tokens.truncate(n);
+    }
+    Ok((tokens, templated))
+}
