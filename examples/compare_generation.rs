@@ -11,7 +11,7 @@ use candle_quant::io::{self, ModelSource};
 fn main() -> Result<()> {
     let prompt = std::env::args().nth(1).unwrap_or_else(|| "The capital of France is".into());
     let path = io::models_dir().join(io::DEFAULT_GGUF);
-    let f32_model = io::load_decoder(&ModelSource::Gguf(path), &mut |stage, done, total| eprint!("\r{stage}: {done}/{total}"))?;
+    let f32_model = io::load_decoder(&ModelSource::Gguf(path), &mut |p| eprint!("\r{}: {}/{}", p.stage, p.done, p.total))?;
     eprintln!();
     let mut int8_model = f32_model.clone();
     let report = quantize_dynamic(&mut int8_model.model, &QuantConfig::default())?;

@@ -23,7 +23,7 @@ fn main() -> Result<()> {
         None => 300,
     };
     let path = io::models_dir().join(io::DEFAULT_GGUF);
-    let mut lm = io::load_decoder(&ModelSource::Gguf(path), &mut |stage, done, total| eprint!("\r{stage}: {done}/{total}"))?;
+    let mut lm = io::load_decoder(&ModelSource::Gguf(path), &mut |p| eprint!("\r{}: {}/{}", p.stage, p.done, p.total))?;
     eprintln!();
     if precision == "int8" {
         quantize_dynamic(&mut lm.model, &QuantConfig::default())?;

@@ -13,7 +13,7 @@ mod sentences;
 use sentences::HELD_OUT;
 
 fn main() -> Result<()> {
-    let enc = io::load_bert(&ModelSource::Folder(io::models_dir().join("all-MiniLM-L6-v2")), &mut |_, _, _| {})?;
+    let enc = io::load_bert(&ModelSource::Folder(io::models_dir().join("all-MiniLM-L6-v2")), &mut |_| {})?;
     let mut int8 = enc.model.clone();
     quantize_dynamic(&mut int8, &QuantConfig::default())?;
     let sentences = HELD_OUT;

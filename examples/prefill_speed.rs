@@ -22,7 +22,7 @@ fn main() -> Result<()> {
     }
     let (runs, tokens) = (arg(2, 5)?, arg(3, 512)?);
     let path = io::models_dir().join(io::DEFAULT_GGUF);
-    let mut lm = io::load_decoder(&ModelSource::Gguf(path), &mut |_, _, _| {})?;
+    let mut lm = io::load_decoder(&ModelSource::Gguf(path), &mut |_| {})?;
     if precision == "int8" {
         quantize_dynamic(&mut lm.model, &QuantConfig::default())?;
     }

@@ -15,7 +15,7 @@ mod sentences;
 use sentences::{CALIBRATION, HELD_OUT};
 
 fn main() -> Result<()> {
-    let enc = io::load_bert(&ModelSource::Folder(io::models_dir().join("all-MiniLM-L6-v2")), &mut |_, _, _| {})?;
+    let enc = io::load_bert(&ModelSource::Folder(io::models_dir().join("all-MiniLM-L6-v2")), &mut |_| {})?;
     let ids = |s: &str| -> Result<Vec<u32>> { Ok(enc.tokenizer.encode(s, true).map_err(Error::msg)?.get_ids().to_vec()) };
     let targets: Vec<_> = CALIBRATION.iter().map(|s| enc.model.embed(&ids(s)?).map_err(Error::from)).collect::<Result<_>>()?;
 

@@ -34,7 +34,7 @@ fn main() -> Result<()> {
     let eval_tokens = arg("--eval-tokens", 8192usize);
     let read = |p: &str| std::fs::read_to_string(p).map_err(|e| candle_core::Error::Msg(format!("{p}: {e}")));
 
-    let lm = io::load_decoder(&ModelSource::Gguf(io::models_dir().join(io::DEFAULT_GGUF)), &mut |_, _, _| {})?;
+    let lm = io::load_decoder(&ModelSource::Gguf(io::models_dir().join(io::DEFAULT_GGUF)), &mut |_| {})?;
     let train = encode_text(&lm, &read(&train_file)?)?;
     let mut test = encode_text(&lm, &read(&eval_file)?)?;
     test.truncate(eval_tokens);
@@ -45,9 +45,9 @@ fn main() -> Result<()> {
 
     // Static int8 calibrated on the training text (min/max, the QAT observers' kind).
     let mut plain = lm.model.clone();
-    let c = calibrate(&mut plain, &train_file, ObserverKind::Minmax, StaticGranularity::PerTensor, &windows[..8], |_, _| {})?;
+    let c = calibrate(&mut plain, &train_file, ObserverKind::Minmax, StaticGranularity::PerTensor, &windows[..8], |_| {})?;
     c.apply(&mut plain, &QuantConfig::default())?;
-    let r_static = evaluate(&lm.model, &plain, &test, 512, |_, _| {})?;
+    let r_static = evaluate(&lm.model, &plain, &test, 512, |_| {})?;
     println!(
         "static int8 (min/max calibration): perplexity {:.3} ({:+.2}%), KL {:.4}, top-1 {:.2}%",
         r_static.candidate_ppl,
@@ -95,7 +95,7 @@ fn main() -> Result<()> {
     }
     convert(&mut qat)?;
     qat.set_differentiable(false);
-    let r_qat = evaluate(&lm.model, &qat, &test, 512, |_, _| {})?;
+    let r_qat = evaluate(&lm.model, &qat, &test, 512, |_| {})?;
     println!(
         "QAT static int8 ({steps} steps of {seq_len} tokens, weight lr {lr}, range lr {range_lr}): perplexity {:.3} ({:+.2}%), KL {:.4}, top-1 {:.2}%",
         r_qat.candidate_ppl,

@@ -24,7 +24,7 @@ fn minmax() -> Box<dyn Observer> {
 }
 
 fn main() -> Result<()> {
-    let enc = io::load_bert(&ModelSource::Folder(io::models_dir().join("all-MiniLM-L6-v2")), &mut |_, _, _| {})?;
+    let enc = io::load_bert(&ModelSource::Folder(io::models_dir().join("all-MiniLM-L6-v2")), &mut |_| {})?;
     let ids = |s: &str| -> Result<Vec<u32>> { Ok(enc.tokenizer.encode(s, true).map_err(Error::msg)?.get_ids().to_vec()) };
     let mut dynamic = enc.model.clone();
     quantize_dynamic(&mut dynamic, &QuantConfig::default())?;

@@ -9,7 +9,7 @@
 //!           32 heads / 8 key-value heads, vocab 128256, tied, llama3 RoPE), tiny (for tests)
 
 use anyhow::{bail, Context, Result};
-use candle_quant::checkpoint::{write_shards, Dtype, Entry, TensorSource};
+use candle_quant::source::{write_shards, Dtype, Entry, TensorSource};
 use rayon::prelude::*;
 use std::path::{Path, PathBuf};
 use tokenizers::models::bpe::BPE;
@@ -201,9 +201,9 @@ fn write(dir: &Path, s: &Shape, seed: u64) -> Result<()> {
     let total: u64 = source.entries.iter().map(Entry::nbytes).sum();
     let mut last = 0;
     write_shards(&tmp, &source, s.shard_bytes, &mut |p| {
-        let pct = 100 * p.bytes / p.total_bytes.max(1);
-        if pct >= last + 5 || p.tensors == p.total_tensors {
-            eprint!("\r{} / {} tensors, {:.2} / {:.2} GB", p.tensors, p.total_tensors, p.bytes as f64 / 1e9, total as f64 / 1e9);
+        let pct = 100 * p.done / p.total.max(1);
+        if pct >= last + 5 || p.done == p.total {
+            eprint!("\r{:.2} / {:.2} GB", p.done as f64 / 1e9, total as f64 / 1e9);
             last = pct;
         }
     })?;

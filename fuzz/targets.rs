@@ -232,7 +232,7 @@ impl Seeds {
             }
         };
         std::fs::write(&file, input)?;
-        let result = open_decoder(&source).and_then(|m| m.load(&mut |_, _, _| {}));
+        let result = open_decoder(&source).and_then(|m| m.load(&mut |_| {}));
         // Put the valid file back for the next input of another target.
         if target != Target::Gguf {
             std::fs::write(&file, self.seed(target)?)?;

@@ -12,6 +12,7 @@ use crate::convert::{prepare, ConversionReport, ObserverFactory, QuantConfig, Qu
 use crate::lm::CausalLm;
 use crate::nn::QLinearKind;
 use crate::observer::{HistogramObserver, MinMaxObserver, Observer};
+use crate::progress::Progress;
 use crate::quant::{Granularity, QDType, QParams, QScheme, QSpec};
 use candle_core::{bail, Result};
 use serde::{Deserialize, Serialize};
@@ -209,7 +210,7 @@ fn identity(model: &mut (impl Quantizable + ?Sized), source: &str) -> Result<Mod
 
 /// Runs every window of `windows` (token ids, each starting with the model's BOS if it wants one)
 /// through the float `model` with an `observer` on every linear layer's input (and, per group,
-/// a [`crate::observer::GroupHistogram`]), calling `progress(done, total)` after each, and returns the ranges and
+/// a [`crate::observer::GroupHistogram`]), calling `progress` after each, and returns the ranges and
 /// qparams. The model is left float, as it was. Errors: no windows, a layer that is not float,
 /// a layer that saw NaN or ±Inf (named), a layer that saw nothing.
 pub fn calibrate<M: CausalLm + Quantizable>(
@@ -218,7 +219,7 @@ pub fn calibrate<M: CausalLm + Quantizable>(
     observer: ObserverKind,
     granularity: StaticGranularity,
     windows: &[Vec<u32>],
-    mut progress: impl FnMut(usize, usize),
+    mut progress: impl FnMut(Progress),
 ) -> Result<Calibration> {
     granularity.validate()?;
     if windows.iter().all(|w| w.is_empty()) {
@@ -248,7 +249,7 @@ pub fn calibrate<M: CausalLm + Quantizable>(
     let mut run = |model: &M| -> Result<()> {
         for (i, w) in windows.iter().filter(|w| !w.is_empty()).enumerate() {
             model.forward(w, &mut model.new_cache(), false)?;
-            progress(i + 1, windows.len());
+            progress(Progress::items("calibrating windows", i + 1, windows.len()));
         }
         Ok(())
     };
@@ -333,7 +334,7 @@ impl Calibration {
         if c.format != FORMAT || c.version != VERSION {
             return Err(err(format!("format '{}' version {}, expected '{FORMAT}' version {VERSION}", c.format, c.version)));
         }
-        let spec = c.activation.spec().map_err(|e| err(e.to_string()))?;
+        let spec = c.activation.spec();
         c.granularity.validate().map_err(|e| err(e.to_string()))?;
         for (name, l) in &c.layers {
             let Some(shape) = c.model.layers.iter().find(|s| &s.name == name) else {
@@ -356,7 +357,7 @@ impl Calibration {
     /// calibrated activation qparams (weights per output channel). The model must have exactly
     /// the calibrated layers, with the same shapes; every check runs before any layer changes.
     pub fn apply(&self, model: &mut (impl Quantizable + ?Sized), config: &QuantConfig) -> Result<ConversionReport> {
-        let spec = self.activation.spec()?;
+        let spec = self.activation.spec();
         let ident = identity(model, &self.model.source)?;
         for (have, want) in ident.layers.iter().zip(&self.model.layers) {
             if have != want {
@@ -398,7 +399,7 @@ impl Calibration {
         let Some(shape) = self.model.layers.iter().find(|s| s.name == layer) else {
             bail!("layer '{layer}' is not one of the calibrated model's layers")
         };
-        c.qparams(self.activation.spec()?, self.granularity, shape.in_features).map_err(|e| e.context(format!("layer '{layer}'")))
+        c.qparams(self.activation.spec(), self.granularity, shape.in_features).map_err(|e| e.context(format!("layer '{layer}'")))
     }
 }
 

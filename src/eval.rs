@@ -3,6 +3,7 @@
 //! distributions, and top-1 agreement.
 
 use crate::lm::CausalLm;
+use crate::progress::Progress;
 use candle_core::{bail, Result, Tensor, D};
 
 /// Sums over the scored positions of one or more windows.
@@ -131,20 +132,19 @@ fn report(s: &Sums) -> EvalReport {
 /// Perplexity, KL and agreement over consecutive non-overlapping windows of `window` tokens
 /// (each window starts with an empty cache). When the reference has a
 /// [`CausalLm::bos_token`] it starts every window, before `window − 1` tokens of text,
-/// as llama.cpp's perplexity does; `tokens` is the text alone. `progress(done, total)` after
-/// each window.
+/// as llama.cpp's perplexity does; `tokens` is the text alone. `progress` after each window.
 pub fn evaluate(
     reference: &impl CausalLm,
     candidate: &impl CausalLm,
     tokens: &[u32],
     window: usize,
-    mut progress: impl FnMut(usize, usize),
+    mut progress: impl FnMut(Progress),
 ) -> Result<EvalReport> {
     let chunks = windows(reference.bos_token(), tokens, window)?;
     let mut total = Sums::default();
     for (i, chunk) in chunks.iter().enumerate() {
         total.add(&score(reference, candidate, chunk, 0)?);
-        progress(i + 1, chunks.len());
+        progress(Progress::items("evaluating windows", i + 1, chunks.len()));
     }
     Ok(report(&total))
 }

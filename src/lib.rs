@@ -44,9 +44,11 @@ pub mod lm;
 pub mod models;
 pub mod nn;
 pub mod observer;
+pub mod progress;
 pub mod quant;
 pub mod sensitivity;
 pub mod smooth;
+pub mod source;
 
 pub use checkpoint::{load_quantized, save_quantized, SaveOptions};
 pub use convert::{
@@ -54,6 +56,7 @@ pub use convert::{
 };
 pub use lm::CausalLm;
 pub use nn::{qlinear, qlinear_b, qlinear_no_bias, ActivationQuant, QLinear, QLinearKind, WeightQuant};
+pub use progress::Progress;
 pub use quant::{Granularity, QDType, QScheme, QSpec};
 
 /// Process-wide settings: which instruction-set path the int8 kernels run on, and how the

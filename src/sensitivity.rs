@@ -11,6 +11,7 @@ use crate::convert::Quantizable;
 use crate::eval::{EvalReport, ReferenceScores};
 use crate::lm::CausalLm;
 use crate::nn::QLinear;
+use crate::progress::Progress;
 use candle_core::{bail, Result};
 
 /// What quantizing one layer alone does to the model.
@@ -28,12 +29,12 @@ pub struct LayerSensitivity {
 
 /// Scores `quantize` applied to each layer of `float` alone against `reference` (the float
 /// model's predictions on the sample windows, [`ReferenceScores::new`]), calling
-/// `progress(done, total)` after each layer. Sorted, most damaging first.
+/// `progress` after each layer. Sorted, most damaging first.
 pub fn layer_sensitivity<M: CausalLm + Quantizable + Clone>(
     float: &M,
     reference: &ReferenceScores,
     quantize: impl Fn(&mut QLinear) -> Result<()>,
-    mut progress: impl FnMut(usize, usize),
+    mut progress: impl FnMut(Progress),
 ) -> Result<Vec<LayerSensitivity>> {
     let mut names = Vec::new();
     float.clone().visit_linears(&mut |l| {
@@ -55,7 +56,7 @@ pub fn layer_sensitivity<M: CausalLm + Quantizable + Clone>(
         })?;
         let r = reference.evaluate(&candidate)?;
         out.push(LayerSensitivity { name: name.clone(), kld: r.kld, ppl_delta_pct: r.ppl_delta_pct, top1_agreement: r.top1_agreement });
-        progress(i + 1, names.len());
+        progress(Progress::items("quantizing one layer at a time", i + 1, names.len()));
     }
     out.sort_by(|a, b| b.kld.total_cmp(&a.kld));
     Ok(out)

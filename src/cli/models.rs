@@ -88,13 +88,14 @@ pub fn model_pair(args: &ModelArgs, reference: Option<&str>, what: &str) -> Resu
     Ok((f, q, report))
 }
 
+/// `lm` quantized in memory as `--mode` says (static: with its calibration, smoothed first).
 pub fn quantized(lm: &LanguageModel, args: &ModelArgs) -> Result<(LanguageModel, ConversionReport)> {
     let mut q = lm.clone();
     let pb = bar(0, "quantizing layers");
     let shown = pb.clone();
-    let cfg = quant_config(args).progress(move |done, total| {
-        shown.set_length(total as u64);
-        shown.set_position(done as u64);
+    let cfg = quant_config(args).progress(move |p| {
+        shown.set_length(p.total);
+        shown.set_position(p.done);
     });
     let calibration = if args.mode == Mode::Static { Some(smoothed_for_static(args, &mut q.model)?) } else { None };
     let report = args.mode.convert(&mut q.model, &cfg, calibration.as_ref())?;

@@ -1,21 +1,28 @@
-//! Progress bars: one per long step, and one per loading stage.
+//! Progress bars drawn from the library's [`Progress`] reports: a new bar for each stage, counting
+//! things or bytes as the report says.
 
 use anyhow::Result;
 use candle_quant::io;
+use candle_quant::progress::{Progress, Unit};
 use indicatif::{ProgressBar, ProgressStyle};
 
 /// A bar of `len` steps labelled `msg`.
 pub fn bar(len: usize, msg: &str) -> ProgressBar {
-    let pb = ProgressBar::new(len as u64).with_message(msg.to_string());
-    pb.set_style(
-        ProgressStyle::with_template("{msg:>28} [{bar:30}] {pos}/{len} {elapsed}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .progress_chars("=> "),
-    );
+    styled(len as u64, msg, "{msg:>28} [{bar:30}] {pos}/{len} {elapsed}")
+}
+
+/// A bar of bytes with a rate, labelled `msg`.
+pub fn bytes_bar(msg: &str) -> ProgressBar {
+    styled(0, msg, "{msg:>28} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} {elapsed}")
+}
+
+fn styled(len: u64, msg: &str, template: &str) -> ProgressBar {
+    let pb = ProgressBar::new(len).with_message(msg.to_string());
+    pb.set_style(ProgressStyle::with_template(template).unwrap_or_else(|_| ProgressStyle::default_bar()).progress_chars("=> "));
     pb
 }
 
-/// Progress bars for loading: a new bar for each stage.
+/// Progress bars for a sequence of stages: a new bar for each stage.
 #[derive(Default)]
 pub struct Bars {
     pb: Option<ProgressBar>,
@@ -23,41 +30,36 @@ pub struct Bars {
 }
 
 impl Bars {
-    fn update(&mut self, stage: &str, done: usize, total: usize) {
-        if stage != self.stage || self.pb.is_none() {
-            if let Some(p) = self.pb.take() {
-                p.finish();
+    /// Shows `p`: on the current bar, or on a new one when the stage changed.
+    pub fn update(&mut self, p: Progress) {
+        if p.stage != self.stage || self.pb.is_none() {
+            if let Some(pb) = self.pb.take() {
+                pb.finish_and_clear();
             }
-            self.pb = Some(bar(total, stage));
-            self.stage = stage.to_string();
+            self.pb = Some(match p.unit {
+                Unit::Items => bar(0, p.stage),
+                Unit::Bytes => bytes_bar(p.stage),
+            });
+            self.stage = p.stage.to_string();
         }
-        if let Some(p) = &self.pb {
-            p.set_position(done as u64);
+        if let Some(pb) = &self.pb {
+            pb.set_length(p.total);
+            pb.set_position(p.done);
         }
     }
 
-    fn finish(self) {
-        if let Some(p) = self.pb {
-            p.finish_and_clear();
+    /// Clears the last bar.
+    pub fn finish(self) {
+        if let Some(pb) = self.pb {
+            pb.finish_and_clear();
         }
     }
 
     /// Runs `load` with a progress callback that draws these bars, then clears them.
-    pub fn around<T>(load: impl FnOnce(io::Progress) -> candle_core::Result<T>) -> Result<T> {
+    pub fn around<T>(load: impl FnOnce(io::OnProgress) -> candle_core::Result<T>) -> Result<T> {
         let mut bars = Bars::default();
-        let out = load(&mut |s, d, t| bars.update(s, d, t));
+        let out = load(&mut |p| bars.update(p));
         bars.finish();
         Ok(out?)
     }
-}
-
-/// A bar of bytes with a rate, for writing files.
-pub fn bytes_bar(msg: &str) -> ProgressBar {
-    let pb = ProgressBar::new(0).with_message(msg.to_string());
-    pb.set_style(
-        ProgressStyle::with_template("{msg:>24} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} {elapsed}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .progress_chars("=> "),
-    );
-    pb
 }

@@ -11,6 +11,7 @@ pub use pattern::matches;
 use crate::kernels::WeightQuant;
 use crate::nn::{ActivationQuant, QLinear, QLinearKind};
 use crate::observer::{MinMaxObserver, Observer};
+use crate::progress::Progress;
 use crate::quant::{QDType, QScheme, QSpec};
 use candle_core::{bail, Result, Tensor};
 use rayon::prelude::*;
@@ -112,14 +113,15 @@ pub use crate::nn::DEFAULT_OUTLIER_THRESHOLD;
 /// Observer factory used by `prepare`/`prepare_qat` for each layer's input.
 pub type ObserverFactory = fn() -> Box<dyn Observer>;
 
-/// A callback told `(layers done, layers selected)` while weights are being quantized, e.g. to
-/// drive a progress bar; called from the converting thread after each batch.
+/// A callback told how many of the selected layers' weights are quantized (a [`Progress`] of
+/// "quantizing layers"), e.g. to drive a progress bar; called from the converting thread after
+/// each batch. Kept in a [`QuantConfig`], which is cloned, so it is shared.
 #[derive(Clone)]
-pub struct Progress(pub std::sync::Arc<dyn Fn(usize, usize) + Send + Sync>);
+pub struct OnProgress(std::sync::Arc<dyn Fn(Progress) + Send + Sync>);
 
-impl std::fmt::Debug for Progress {
+impl std::fmt::Debug for OnProgress {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Progress(..)")
+        f.write_str("OnProgress(..)")
     }
 }
 
@@ -148,7 +150,7 @@ pub struct QuantConfig {
     pub observer: ObserverFactory,
     /// Told how far weight quantization (`quantize_dynamic`, `quantize_weight_only`,
     /// `quantize_ggml`) has come.
-    pub progress: Option<Progress>,
+    pub progress: Option<OnProgress>,
 }
 
 /// Per-tensor affine qint8 min/max: the default static activation observer.
@@ -214,9 +216,9 @@ impl QuantConfig {
         self
     }
 
-    /// Calls `f(done, selected)` as layers' weights are quantized.
-    pub fn progress(mut self, f: impl Fn(usize, usize) + Send + Sync + 'static) -> Self {
-        self.progress = Some(Progress(std::sync::Arc::new(f)));
+    /// Calls `f` as layers' weights are quantized (layers done of those selected).
+    pub fn progress(mut self, f: impl Fn(Progress) + Send + Sync + 'static) -> Self {
+        self.progress = Some(OnProgress(std::sync::Arc::new(f)));
         self
     }
 
@@ -273,8 +275,8 @@ pub(crate) fn convert_selected_in_parallel(
         Ok(())
     })?;
     let report = |done: usize| {
-        if let Some(Progress(f)) = &config.progress {
-            f(done.min(selected), selected)
+        if let Some(OnProgress(f)) = &config.progress {
+            f(Progress::items("quantizing layers", done.min(selected), selected))
         }
     };
     report(0);

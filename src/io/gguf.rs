@@ -1,8 +1,9 @@
 //! GGUF files (llama.cpp): tensors dequantized to f32 under Hugging Face names, the llama config
 //! from the metadata, and a `tokenizers::Tokenizer` rebuilt from the embedded vocabulary.
 
-use crate::checkpoint::{Dtype, Entry, TensorSource};
 use crate::models::{DecoderConfig, Variant};
+use crate::progress::Progress;
+use crate::source::{Dtype, Entry, TensorSource};
 use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::{bail, Device, Result, Tensor};
 use std::collections::HashMap;
@@ -65,15 +66,15 @@ fn meta<'a>(content: &'a Content, key: &str, path: &Path) -> Result<&'a Value> {
     content.metadata.get(key).ok_or_else(|| candle_core::Error::Msg(format!("{}: GGUF metadata has no '{key}'", path.display())))
 }
 
-/// Reads all tensors of `path` into memory, calling `progress(done, total)` after each (for
+/// Reads all tensors of `path` into memory, calling `progress` after each (for
 /// peers that want a `VarBuilder::from_tensors`; models load through [`open_gguf_llama`]).
-pub fn load_gguf_decoder(path: &Path, mut progress: impl FnMut(usize, usize)) -> Result<GgufDecoder> {
+pub fn load_gguf_decoder(path: &Path, mut progress: impl FnMut(Progress)) -> Result<GgufDecoder> {
     let g = open_gguf_llama(path)?;
     let total = g.tensors.entries.len();
     let mut tensors = HashMap::new();
     for (i, e) in g.tensors.entries.iter().enumerate() {
         tensors.insert(e.name.clone(), g.tensors.read(&e.name)?);
-        progress(i + 1, total);
+        progress(Progress::items("reading tensors", i + 1, total));
     }
     Ok(GgufDecoder { config: g.config, tensors, tokenizer: g.tokenizer, chat_template: g.chat_template })
 }

@@ -2,7 +2,7 @@
 //! `model.safetensors` or sharded `model-0000i-of-0000n.safetensors` with
 //! `model.safetensors.index.json`, and `tokenizer.json`.
 
-use crate::checkpoint::{shard_names, weight_files};
+use crate::source::{shard_names, weight_files};
 use candle_core::{bail, Result};
 use std::path::{Path, PathBuf};
 

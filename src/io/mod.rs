@@ -4,13 +4,12 @@
 pub mod gguf;
 pub mod hf;
 
-use crate::checkpoint::{
-    plan_layers, read_json, write_checkpoint, CheckpointBackend, Int8Kind, PlannedSource, QuantizationConfig, SafetensorsSource,
-    SaveOptions, TensorSource, WriteProgress, WriteReport,
-};
+use crate::checkpoint::{plan_layers, write_checkpoint, CheckpointScheme, Int8Kind, PlannedSource, SaveOptions};
 use crate::convert::{ConversionReport, QuantConfig};
 use crate::models::bert::{Bert, BertConfig};
 use crate::models::{Decoder, DecoderConfig};
+use crate::progress::Progress;
+use crate::source::{read_json, SafetensorsSource, SourceBackend, TensorSource, WriteReport};
 use candle_core::{bail, Result};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -93,8 +92,8 @@ pub fn models_dir() -> PathBuf {
     cache.join("candle-quant").join("models")
 }
 
-/// Loading progress: `(stage, done, total)`.
-pub type Progress<'a> = &'a mut (dyn FnMut(&str, usize, usize) + Send);
+/// A loading progress callback.
+pub type OnProgress<'a> = &'a mut (dyn FnMut(Progress) + Send);
 
 /// A causal language model with its tokenizer.
 #[derive(Clone)]
@@ -185,7 +184,7 @@ pub struct OpenedDecoder {
     /// Its tensors, read one at a time.
     pub tensors: Arc<dyn TensorSource>,
     /// Set when the source is a quantized checkpoint.
-    pub quantization: Option<QuantizationConfig>,
+    pub quantization: Option<CheckpointScheme>,
     /// Its tokenizer.
     pub tokenizer: Tokenizer,
     /// Its Jinja chat template, if it has one.
@@ -235,7 +234,7 @@ pub fn open_decoder(source: &ModelSource) -> Result<OpenedDecoder> {
     let files = hf_files(source)?;
     let config_json = read_json(&files.config)?;
     let config = DecoderConfig::from_json(&config_json).map_err(|e| e.context(format!("{source}")))?;
-    let quantization = QuantizationConfig::from_model_config(&config_json, &files.config)?;
+    let quantization = CheckpointScheme::from_model_config(&config_json, &files.config)?;
     let tokenizer = read_tokenizer(source, &files)?;
     let folder = files.config.parent().map(Path::to_path_buf).unwrap_or_default();
     let template_file = folder.join("tokenizer_config.json");
@@ -272,9 +271,9 @@ impl OpenedDecoder {
 
     /// Builds the model: float from a float source, int8 (with the saved schemes) from a
     /// quantized checkpoint.
-    pub fn load(self, progress: Progress) -> Result<LanguageModel> {
+    pub fn load(self, progress: OnProgress) -> Result<LanguageModel> {
         let source = self.source.clone();
-        let vb = CheckpointBackend::new(self.tensors.clone()).with_progress(|d, t| progress("loading tensors", d, t)).into_var_builder();
+        let vb = SourceBackend::new(self.tensors.clone()).with_progress("loading tensors", progress).into_var_builder();
         let mut model = Decoder::load(&self.config, vb).map_err(|e| e.context(format!("building the model from {source}")))?;
         if let Some(q) = &self.quantization {
             q.apply(&mut model, &*self.tensors).map_err(|e| e.context(source.clone()))?;
@@ -285,7 +284,7 @@ impl OpenedDecoder {
     /// The source as the int8 checkpoint `config` and `kind` make of it: its float linear
     /// weights quantized as they are read. A tied `lm_head` reads the embedding table, which
     /// then is not kept (its int8 rows serve as the embeddings).
-    pub fn quantized_view(&self, config: &QuantConfig, kind: Int8Kind) -> Result<(PlannedSource, QuantizationConfig)> {
+    pub fn quantized_view(&self, config: &QuantConfig, kind: Int8Kind) -> Result<(PlannedSource, CheckpointScheme)> {
         if self.is_quantized() {
             bail!("{}: already a quantized checkpoint", self.source)
         }
@@ -301,16 +300,16 @@ impl OpenedDecoder {
 
     /// Builds the int8 model straight from the source, quantizing each linear weight as it is
     /// read (no float copy of the model ever exists); a quantized checkpoint loads as saved.
-    pub fn load_int8(self, config: &QuantConfig, kind: Int8Kind, progress: Progress) -> Result<(LanguageModel, ConversionReport)> {
+    pub fn load_int8(self, config: &QuantConfig, kind: Int8Kind, progress: OnProgress) -> Result<(LanguageModel, ConversionReport)> {
         let source = self.source.clone();
-        let (view, quantization): (Arc<dyn TensorSource>, QuantizationConfig) = match &self.quantization {
+        let (view, quantization): (Arc<dyn TensorSource>, CheckpointScheme) = match &self.quantization {
             Some(q) => (self.tensors.clone(), q.clone()),
             None => {
                 let (view, q) = self.quantized_view(config, kind)?;
                 (Arc::new(view), q)
             }
         };
-        let vb = CheckpointBackend::new(view.clone()).with_progress(|d, t| progress("loading and quantizing", d, t)).into_var_builder();
+        let vb = SourceBackend::new(view.clone()).with_progress("loading and quantizing", progress).into_var_builder();
         let mut model = Decoder::load(&self.config, vb).map_err(|e| e.context(format!("building the model from {source}")))?;
         let report = quantization.apply(&mut model, &*view).map_err(|e| e.context(source.clone()))?;
         Ok((LanguageModel { model, tokenizer: self.tokenizer, chat_template: self.chat_template, source }, report))
@@ -324,7 +323,7 @@ impl OpenedDecoder {
         config: &QuantConfig,
         kind: Int8Kind,
         options: &SaveOptions,
-        progress: impl FnMut(WriteProgress),
+        progress: impl FnMut(Progress),
     ) -> Result<WriteReport> {
         let options = self.save_options_for(out, options)?;
         let (view, quantization) = self.quantized_view(config, kind)?;
@@ -355,17 +354,17 @@ impl OpenedDecoder {
 
 /// Loads a Llama-family model from any source: float as stored, or int8 as saved when the
 /// source is a quantized checkpoint.
-pub fn load_decoder(source: &ModelSource, progress: Progress) -> Result<LanguageModel> {
+pub fn load_decoder(source: &ModelSource, progress: OnProgress) -> Result<LanguageModel> {
     open_decoder(source)?.load(progress)
 }
 
 /// Loads a BERT sentence encoder from a Hugging Face folder or hub id.
-pub fn load_bert(source: &ModelSource, progress: Progress) -> Result<SentenceEncoder> {
+pub fn load_bert(source: &ModelSource, progress: OnProgress) -> Result<SentenceEncoder> {
     let files = hf_files(source)?;
     let cfg = BertConfig::from_json(&read_json(&files.config)?).map_err(|e| e.context(format!("{source}")))?;
     let tokenizer = read_tokenizer(source, &files)?;
     let tensors = Arc::new(SafetensorsSource::open(&files.weights, files.index.as_deref())?);
-    let vb = CheckpointBackend::new(tensors).with_progress(|d, t| progress("loading tensors", d, t)).into_var_builder();
+    let vb = SourceBackend::new(tensors).with_progress("loading tensors", progress).into_var_builder();
     let model = Bert::load(&cfg, vb).map_err(|e| e.context(format!("building the model from {source}")))?;
     Ok(SentenceEncoder { model, tokenizer })
 }

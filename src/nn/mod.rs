@@ -81,7 +81,7 @@ impl QLinear {
     /// From a quantized checkpoint (`vb` over [`crate::checkpoint::QuantizedCheckpoint`] or a
     /// [`crate::checkpoint::PlannedSource`]), a layer with a `weight_scale` is built straight
     /// from its int8 weights (no float copy) as a dynamic layer with the default activation
-    /// scheme; [`crate::checkpoint::QuantizationConfig::apply`] then gives it its saved scheme.
+    /// scheme; [`crate::checkpoint::CheckpointScheme::apply`] then gives it its saved scheme.
     ///
     /// ```
     /// use candle_core::{DType, Device, Module, Tensor};

@@ -10,7 +10,8 @@ pub const SCALE_EPS: f32 = f32::EPSILON;
 ///
 /// `#[non_exhaustive]`: sub-byte types (int4) will join as new variants with their own ranges.
 #[non_exhaustive]
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum QDType {
     /// Signed 8-bit, `[-128, 127]`.
     QInt8,
@@ -30,7 +31,8 @@ impl QDType {
 
 /// How a real range maps onto the integer range.
 #[non_exhaustive]
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum QScheme {
     /// `scale = (max - min) / (qmax - qmin)`, `zero_point = qmin - round(min / scale)`;
     /// the range is first widened to contain 0.0.

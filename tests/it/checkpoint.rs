@@ -7,14 +7,14 @@ use crate::common;
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 use candle_quant::checkpoint::{
-    load_quantized, save_quantized, write_checkpoint, Dtype, Entry, Int8Kind, QuantizationConfig, QuantizedCheckpoint, SaveOptions,
-    TensorSource,
+    load_quantized, save_quantized, write_checkpoint, CheckpointScheme, Int8Kind, QuantizedCheckpoint, SaveOptions,
 };
 use candle_quant::convert::{convert, prepare, prepare_qat, quantize_dynamic, QuantConfig, Quantizable};
 use candle_quant::io::{self, LanguageModel, ModelSource};
 use candle_quant::models::llama::KvCache;
 use candle_quant::nn::ActivationQuant;
 use candle_quant::quant::QParams;
+use candle_quant::source::{Dtype, Entry, TensorSource};
 use candle_quant::{Granularity, QLinear, QSpec, WeightQuant};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -58,7 +58,7 @@ impl LanguageModelExt {
 #[test]
 fn smollm2_checkpoint_round_trip_is_bit_identical() {
     let source = smollm2_source();
-    let f32_model = io::load_decoder(&source, &mut |_, _, _| {}).unwrap();
+    let f32_model = io::load_decoder(&source, &mut |_| {}).unwrap();
     let prompt = candle_quant::generate::encode(&f32_model, "The capital of France is").unwrap();
     // Quantized in memory from the float model: the reference.
     let mut in_memory = f32_model.clone();
@@ -71,11 +71,10 @@ fn smollm2_checkpoint_round_trip_is_bit_identical() {
     let mut seen = 0;
     let written = opened.quantize_to(&dir, &QuantConfig::default(), Int8Kind::Dynamic, &SaveOptions::default(), |_| seen += 1).unwrap();
     assert!(seen > 1, "progress was reported");
-    let loaded = io::load_decoder(&ModelSource::Folder(dir.clone()), &mut |_, _, _| {}).unwrap();
+    let loaded = io::load_decoder(&ModelSource::Folder(dir.clone()), &mut |_| {}).unwrap();
     assert_eq!(logits_and_greedy(&loaded, &prompt), want, "checkpoint vs in-memory quantization");
     // Quantized while loading, without a checkpoint: the same model again.
-    let (in_situ, report) =
-        io::open_decoder(&source).unwrap().load_int8(&QuantConfig::default(), Int8Kind::Dynamic, &mut |_, _, _| {}).unwrap();
+    let (in_situ, report) = io::open_decoder(&source).unwrap().load_int8(&QuantConfig::default(), Int8Kind::Dynamic, &mut |_| {}).unwrap();
     assert_eq!(report.converted.len(), 211);
     assert_eq!(logits_and_greedy(&in_situ, &prompt), want, "quantized while loading vs in memory");
 
@@ -142,7 +141,7 @@ fn tiny_float(seed: u64) -> Tiny {
     Tiny::load(VarBuilder::from_tensors(t, DType::F32, &Device::Cpu)).unwrap()
 }
 
-fn save_load_same_outputs(mut model: Tiny, name: &str) -> QuantizationConfig {
+fn save_load_same_outputs(mut model: Tiny, name: &str) -> CheckpointScheme {
     let x = common::Rng::new(99).tensor(&[5, 48], 1.0).unwrap();
     let want = bits(&model.forward(&x).unwrap());
     let (_dir_scratch, dir) = temp(name);
@@ -262,7 +261,7 @@ impl TensorSource for Failing {
 fn an_interrupted_write_leaves_nothing_that_looks_complete() {
     let entries = (0..4).map(|i| Entry { name: format!("t{i}"), dtype: Dtype::F32, shape: vec![4] }).collect();
     let (_dir_scratch, dir) = temp("interrupted");
-    let q = QuantizationConfig::new(candle_quant::checkpoint::LayerScheme::WeightOnly { weight_group_size: None });
+    let q = CheckpointScheme::new(candle_quant::checkpoint::LayerScheme::WeightOnly { weight_group_size: None });
     let opts = SaveOptions { max_shard_bytes: 20, ..Default::default() };
     let e = write_checkpoint(&dir, &Failing(entries), &q, &opts, |_| {}).unwrap_err().to_string();
     assert!(e.contains("t2"), "{e}");
@@ -291,7 +290,7 @@ fn sharded_bf16_source_to_sharded_int8_checkpoint() {
     bf16_llama(&src, 3);
     let source = ModelSource::Folder(src.clone());
     let prompt = [101u32, 7592, 2088, 102, 2023];
-    let mut in_memory = io::load_decoder(&source, &mut |_, _, _| {}).unwrap();
+    let mut in_memory = io::load_decoder(&source, &mut |_| {}).unwrap();
     let cfg = QuantConfig::default().exclude("*.down_proj");
     quantize_dynamic(&mut in_memory.model, &cfg).unwrap();
     let want = logits_and_greedy(&in_memory, &prompt);
@@ -299,7 +298,7 @@ fn sharded_bf16_source_to_sharded_int8_checkpoint() {
     let opts = SaveOptions { max_shard_bytes: 1_000_000, ..Default::default() };
     let w = io::open_decoder(&source).unwrap().quantize_to(&out, &cfg, Int8Kind::Dynamic, &opts, |_| {}).unwrap();
     assert!(w.files.len() > 1 && out.join("model.safetensors.index.json").is_file(), "{:?}", w.files);
-    let loaded = io::load_decoder(&ModelSource::Folder(out.clone()), &mut |_, _, _| {}).unwrap();
+    let loaded = io::load_decoder(&ModelSource::Folder(out.clone()), &mut |_| {}).unwrap();
     assert_eq!(logits_and_greedy(&loaded, &prompt), want);
     let ckpt = QuantizedCheckpoint::open(&out).unwrap();
     assert_eq!(ckpt.quantization().excluded, ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]);

@@ -73,7 +73,7 @@ fn quantize_dynamic_with_patterns_and_overrides() {
     let mut model = Mlp::new(&mut rng);
     let seen = std::sync::Arc::new(std::sync::Mutex::new(vec![]));
     let log = seen.clone();
-    let config = QuantConfig::default().include("*.up").progress(move |done, total| log.lock().unwrap().push((done, total)));
+    let config = QuantConfig::default().include("*.up").progress(move |p| log.lock().unwrap().push((p.done as usize, p.total as usize)));
     let report = quantize_dynamic(&mut model, &config).unwrap();
     let seen = seen.lock().unwrap().clone();
     assert_eq!((seen.first(), seen.last()), (Some(&(0, 2)), Some(&(2, 2))), "{seen:?}");
@@ -241,11 +241,11 @@ mod user_kit {
         let (float, mut int8) = (net(vb.clone())?, net(vb)?);
         quantize_dynamic(&mut int8, &QuantConfig::default())?;
         let tokens: Vec<u32> = (0..200).map(|i| (i * 7 + 3) % 50).collect();
-        let same = candle_quant::eval::evaluate(&float, &float, &tokens, 64, |_, _| {})?;
+        let same = candle_quant::eval::evaluate(&float, &float, &tokens, 64, |_| {})?;
         // 200 tokens in windows of 64: 63 + 63 + 63 + 7 scored positions.
         assert_eq!(same.tokens, 196);
         assert_eq!((same.kld.abs() < 1e-6, same.top1_agreement, same.ppl_delta_pct), (true, 1.0, 0.0));
-        let r = candle_quant::eval::evaluate(&float, &int8, &tokens, 64, |_, _| {})?;
+        let r = candle_quant::eval::evaluate(&float, &int8, &tokens, 64, |_| {})?;
         assert!(r.kld > 0.0 && r.kld < 0.01 && r.top1_agreement > 0.9, "{r:?}");
         Ok(())
     }
@@ -257,7 +257,8 @@ mod user_kit {
         let (float, mut model) = (net(vb.clone())?, net(vb)?);
         let windows: Vec<Vec<u32>> = (0..4).map(|w| (0..32).map(|i| (w * 13 + i * 7) % 50).collect()).collect();
         let mut seen = 0;
-        let c = calibrate(&mut model, "test-net", ObserverKind::Minmax, StaticGranularity::PerTensor, &windows, |d, _| seen = d)?;
+        let c =
+            calibrate(&mut model, "test-net", ObserverKind::Minmax, StaticGranularity::PerTensor, &windows, |p| seen = p.done as usize)?;
         assert_eq!((seen, c.windows, c.tokens, c.layers.len()), (4, 4, 128, 5));
         // The model is float again, and the file round-trips.
         let kinds = |m: &mut Net| -> Vec<&'static str> {
@@ -280,7 +281,7 @@ mod user_kit {
         // Applied: every layer static, outputs close to float on the calibration text.
         let report = c.apply(&mut model, &QuantConfig::default())?;
         assert_eq!((report.converted.len(), kinds(&mut model)), (5, vec!["int8-static"; 5]));
-        let r = candle_quant::eval::evaluate(&float, &model, &windows.concat(), 32, |_, _| {})?;
+        let r = candle_quant::eval::evaluate(&float, &model, &windows.concat(), 32, |_| {})?;
         assert!(r.kld < 0.05 && r.top1_agreement > 0.8, "{r:?}");
 
         // Another model (a wider head) is refused by name, before any layer changes.
@@ -302,12 +303,11 @@ mod user_kit {
         assert!(e.contains("calib.json") && e.contains("'head'"), "{e}");
         // No windows, and NaN activations, are errors (the latter naming the first layer).
         let mut nan = net(VarBuilder::from_varmap(&VarMap::new(), DType::F32, &Device::Cpu))?;
-        let e = calibrate(&mut nan, "t", ObserverKind::Minmax, StaticGranularity::PerTensor, &[], |_, _| {}).unwrap_err().to_string();
+        let e = calibrate(&mut nan, "t", ObserverKind::Minmax, StaticGranularity::PerTensor, &[], |_| {}).unwrap_err().to_string();
         assert!(e.contains("at least one window"), "{e}");
         let table = Tensor::full(f32::NAN, (50, 32), &Device::Cpu)?;
         nan.embed = Named::new("embed", candle_nn::Embedding::new(table, 32));
-        let e =
-            calibrate(&mut nan, "t", ObserverKind::Histogram, StaticGranularity::PerTensor, &windows, |_, _| {}).unwrap_err().to_string();
+        let e = calibrate(&mut nan, "t", ObserverKind::Histogram, StaticGranularity::PerTensor, &windows, |_| {}).unwrap_err().to_string();
         assert!(e.contains("layers.0.qkv") && e.contains("non-finite"), "{e}");
         Ok(())
     }
@@ -319,20 +319,20 @@ mod user_kit {
         let (float, mut tensor, mut grouped) = (net(vb.clone())?, net(vb.clone())?, net(vb)?);
         let windows: Vec<Vec<u32>> = (0..4).map(|w| (0..32).map(|i| (w * 13 + i * 7) % 50).collect()).collect();
         let per_group = StaticGranularity::PerGroup { size: 8, float_fraction: 0.01 };
-        let c = calibrate(&mut grouped, "test-net", ObserverKind::Minmax, per_group, &windows, |_, _| {})?;
+        let c = calibrate(&mut grouped, "test-net", ObserverKind::Minmax, per_group, &windows, |_| {})?;
         // One scale per 8 input channels: 32 inputs (qkv, head) → 4 groups, 96 (out) → 12.
         let groups: Vec<usize> = c.layers.values().map(|l| l.group_scales.as_ref().map_or(0, Vec::len)).collect();
         // (In name order: head, layers.0.out, layers.0.qkv, layers.1.out, layers.1.qkv.)
         assert_eq!(groups, [4, 12, 4, 12, 4]);
         c.apply(&mut grouped, &QuantConfig::default())?;
-        let pt = calibrate(&mut tensor, "test-net", ObserverKind::Minmax, StaticGranularity::PerTensor, &windows, |_, _| {})?;
+        let pt = calibrate(&mut tensor, "test-net", ObserverKind::Minmax, StaticGranularity::PerTensor, &windows, |_| {})?;
         pt.apply(&mut tensor, &QuantConfig::default())?;
         // On the calibration text about 1 % of the inputs lie beyond their group's range and go
         // through float; per-group ranges are closer to float than one range per tensor.
         let tokens = windows.concat();
         let (rg, rt) = (
-            candle_quant::eval::evaluate(&float, &grouped, &tokens, 32, |_, _| {})?,
-            candle_quant::eval::evaluate(&float, &tensor, &tokens, 32, |_, _| {})?,
+            candle_quant::eval::evaluate(&float, &grouped, &tokens, 32, |_| {})?,
+            candle_quant::eval::evaluate(&float, &tensor, &tokens, 32, |_| {})?,
         );
         assert!(rg.kld < rt.kld && rg.top1_agreement > 0.9, "per group {rg:?}, per tensor {rt:?}");
         let (mut in_float, mut clamped) = (0, 0);
@@ -352,7 +352,7 @@ mod user_kit {
         assert!(e.contains("groups.json") && e.contains("'head'") && e.contains("group scales"), "{e}");
         let mut fresh = net(VarBuilder::from_varmap(&VarMap::new(), DType::F32, &Device::Cpu))?;
         let all_float = StaticGranularity::PerGroup { size: 8, float_fraction: 1.0 };
-        let e = calibrate(&mut fresh, "t", ObserverKind::Minmax, all_float, &windows, |_, _| {}).unwrap_err().to_string();
+        let e = calibrate(&mut fresh, "t", ObserverKind::Minmax, all_float, &windows, |_| {}).unwrap_err().to_string();
         assert!(e.contains("[0, 1)"), "{e}");
         Ok(())
     }
@@ -367,7 +367,7 @@ mod user_kit {
         // Coarse weights (per channel) and activations (per token), no outliers: every layer hurts a bit.
         let q = |l: &mut QLinear| l.quantize_dynamic(candle_quant::ActivationQuant::PerToken, candle_quant::WeightQuant::PerChannel, None);
         let mut calls = 0;
-        let ranked = layer_sensitivity(&float, &reference, q, |_, _| calls += 1)?;
+        let ranked = layer_sensitivity(&float, &reference, q, |_| calls += 1)?;
         assert_eq!((calls, ranked.len()), (5, 5));
         assert!(ranked.windows(2).all(|w| w[0].kld >= w[1].kld) && ranked.iter().all(|l| l.kld > 0.0), "{ranked:?}");
         // A generous budget keeps nothing in float; a zero budget keeps everything.

@@ -40,7 +40,7 @@ fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
 
 /// This crate's last-position logits for `tokens` from `dir`, and the int8 model's layer names.
 fn ours(dir: &Path, tokens: &[u32]) -> (Tensor, Vec<String>) {
-    let lm = io::load_decoder(&ModelSource::Folder(dir.to_path_buf()), &mut |_, _, _| {}).unwrap();
+    let lm = io::load_decoder(&ModelSource::Folder(dir.to_path_buf()), &mut |_| {}).unwrap();
     let logits = lm.model.forward(tokens, &mut KvCache::default(), false).unwrap();
     let mut q = lm.model.clone();
     let report = quantize_dynamic(&mut q, &QuantConfig::default()).unwrap();
@@ -159,8 +159,8 @@ fn phi3_with_fused_projections_matches_candle_transformers() {
     opened.quantize_to(&out, &q, candle_quant::checkpoint::Int8Kind::Dynamic, &Default::default(), |_| {}).unwrap();
     let ckpt = candle_quant::checkpoint::QuantizedCheckpoint::open(&out).unwrap();
     assert!(ckpt.source().entry("model.layers.0.self_attn.qkv_proj.weight_scale").is_some());
-    let loaded = io::load_decoder(&ModelSource::Folder(out.to_path_buf()), &mut |_, _, _| {}).unwrap();
-    let mut mem = io::load_decoder(&ModelSource::Folder(dir.to_path_buf()), &mut |_, _, _| {}).unwrap();
+    let loaded = io::load_decoder(&ModelSource::Folder(out.to_path_buf()), &mut |_| {}).unwrap();
+    let mut mem = io::load_decoder(&ModelSource::Folder(dir.to_path_buf()), &mut |_| {}).unwrap();
     quantize_dynamic(&mut mem.model, &q).unwrap();
     let a = loaded.model.forward(&tokens, &mut KvCache::default(), false).unwrap();
     let b = mem.model.forward(&tokens, &mut KvCache::default(), false).unwrap();

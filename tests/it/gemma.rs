@@ -20,7 +20,7 @@ fn gemma_path() -> std::path::PathBuf {
 
 fn gemma() -> &'static LanguageModel {
     static LM: OnceLock<LanguageModel> = OnceLock::new();
-    LM.get_or_init(|| io::load_decoder(&ModelSource::Gguf(gemma_path()), &mut |_, _, _| {}).unwrap())
+    LM.get_or_init(|| io::load_decoder(&ModelSource::Gguf(gemma_path()), &mut |_| {}).unwrap())
 }
 
 fn alice() -> String {
@@ -38,7 +38,7 @@ fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
 #[test]
 fn gemma3_matches_candle_transformers_on_the_same_weights() {
     use candle_transformers::models::gemma3 as ct;
-    let g = gguf::load_gguf_decoder(&gemma_path(), |_, _| {}).unwrap();
+    let g = gguf::load_gguf_decoder(&gemma_path(), |_| {}).unwrap();
     let c = &g.config;
     assert_eq!((c.num_hidden_layers, c.hidden_size, c.head_dim(), c.kv_heads()), (18, 640, 256, 1));
     let ours = Llama::load(c, VarBuilder::from_tensors(g.tensors.clone(), DType::F32, &Device::Cpu)).unwrap();
@@ -132,7 +132,7 @@ fn gemma3_int8_checkpoint_round_trip() {
     let dir = scratch.join("int8");
     let opened = io::open_decoder(&ModelSource::Gguf(gemma_path())).unwrap();
     opened.quantize_to(&dir, &QuantConfig::default(), Int8Kind::Dynamic, &SaveOptions::default(), |_| {}).unwrap();
-    let loaded = io::load_decoder(&ModelSource::Folder(dir.clone()), &mut |_, _, _| {}).unwrap();
+    let loaded = io::load_decoder(&ModelSource::Folder(dir.clone()), &mut |_| {}).unwrap();
     assert_eq!(loaded.model.config().model_type, "gemma3_text");
     let mut mem = gemma().clone();
     quantize_dynamic(&mut mem.model, &QuantConfig::default()).unwrap();

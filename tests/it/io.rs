@@ -16,7 +16,7 @@ fn folder(name: &str) -> common::Scratch {
 }
 
 fn logits(source: &ModelSource) -> Tensor {
-    let lm = io::load_decoder(source, &mut |_, _, _| {}).unwrap();
+    let lm = io::load_decoder(source, &mut |_| {}).unwrap();
     lm.model.forward(&[101, 7592, 2088, 102], &mut Default::default(), true).unwrap()
 }
 
@@ -64,12 +64,12 @@ fn hub_ids_resolve_through_the_local_hub_cache() {
     assert_eq!(source, ModelSource::Hub { id: "test-org/tiny-llama".into(), revision: "main".into() });
     assert_eq!(max_diff(&logits(&source), &logits(&ModelSource::Folder(local.to_path_buf()))), 0.0);
     // Offline and not cached: a clear error naming the model.
-    let e = io::load_decoder(&ModelSource::parse("test-org/absent").unwrap(), &mut |_, _, _| {}).err().unwrap().to_string();
+    let e = io::load_decoder(&ModelSource::parse("test-org/absent").unwrap(), &mut |_| {}).err().unwrap().to_string();
     assert!(e.contains("test-org/absent") && e.contains("HF_HUB_OFFLINE"), "{e}");
 }
 
 fn load_err(dir: &Path) -> String {
-    format!("{:#}", io::load_decoder(&ModelSource::Folder(dir.to_path_buf()), &mut |_, _, _| {}).err().expect("loading should fail"))
+    format!("{:#}", io::load_decoder(&ModelSource::Folder(dir.to_path_buf()), &mut |_| {}).err().expect("loading should fail"))
 }
 
 #[test]
@@ -87,7 +87,7 @@ fn bad_model_inputs_give_errors_that_name_the_thing() {
     assert!(ModelSource::parse(txt.to_str().unwrap()).unwrap_err().to_string().contains(".gguf"));
     let fake = empty.join("fake.gguf");
     std::fs::write(&fake, b"definitely not gguf").unwrap();
-    let e = format!("{:#}", io::load_decoder(&ModelSource::Gguf(fake.clone()), &mut |_, _, _| {}).err().unwrap());
+    let e = format!("{:#}", io::load_decoder(&ModelSource::Gguf(fake.clone()), &mut |_| {}).err().unwrap());
     assert!(e.contains("fake.gguf"), "{e}");
 
     let tensors = common::tiny_llama(3);

@@ -17,7 +17,7 @@ fn model_path(name: &str) -> std::path::PathBuf {
 
 fn smollm2() -> &'static LanguageModel {
     static LM: OnceLock<LanguageModel> = OnceLock::new();
-    LM.get_or_init(|| io::load_decoder(&ModelSource::Gguf(model_path(io::DEFAULT_GGUF)), &mut |_, _, _| {}).unwrap())
+    LM.get_or_init(|| io::load_decoder(&ModelSource::Gguf(model_path(io::DEFAULT_GGUF)), &mut |_| {}).unwrap())
 }
 
 fn int8(lm: &LanguageModel) -> LanguageModel {
@@ -29,7 +29,7 @@ fn int8(lm: &LanguageModel) -> LanguageModel {
 
 fn minilm() -> &'static SentenceEncoder {
     static ENC: OnceLock<SentenceEncoder> = OnceLock::new();
-    ENC.get_or_init(|| io::load_bert(&ModelSource::Folder(model_path("all-MiniLM-L6-v2")), &mut |_, _, _| {}).unwrap())
+    ENC.get_or_init(|| io::load_bert(&ModelSource::Folder(model_path("all-MiniLM-L6-v2")), &mut |_| {}).unwrap())
 }
 
 #[test]
@@ -55,8 +55,8 @@ fn int8_tracks_f32_better_than_candle_q8_0() {
     let q = int8(lm);
     let mut q8 = lm.clone();
     quantize_ggml(&mut q8.model, &QuantConfig::default(), GgmlDType::Q8_0).unwrap();
-    let ours = evaluate(&lm.model, &q.model, &tokens, 512, |_, _| {}).unwrap();
-    let base = evaluate(&lm.model, &q8.model, &tokens, 512, |_, _| {}).unwrap();
+    let ours = evaluate(&lm.model, &q.model, &tokens, 512, |_| {}).unwrap();
+    let base = evaluate(&lm.model, &q8.model, &tokens, 512, |_| {}).unwrap();
     println!("int8: {ours:?}\nq8_0: {base:?}");
     assert!(ours.top1_agreement > 0.947, "top-1 agreement {}", ours.top1_agreement);
     assert!(ours.kld < base.kld, "KL int8 {} vs q8_0 {}", ours.kld, base.kld);
@@ -121,7 +121,7 @@ fn gguf_tokenizer_round_trips_and_splits_digits() {
 fn llama_matches_candle_transformers_on_the_same_weights() {
     use candle_transformers::models::llama as ct;
     let path = model_path(io::DEFAULT_GGUF);
-    let g = gguf::load_gguf_decoder(&path, |_, _| {}).unwrap();
+    let g = gguf::load_gguf_decoder(&path, |_| {}).unwrap();
     let c = &g.config;
     let cfg = ct::Config {
         hidden_size: c.hidden_size,
@@ -427,7 +427,7 @@ fn smoothing_keeps_the_float_logits_and_helps_static_int8() {
     let logits = |m: &candle_quant::models::llama::Llama| m.forward(&text, &mut Default::default(), true).unwrap();
     let (mut plain, mut smoothed) = (lm.model.clone(), lm.model.clone());
     let before = logits(&plain);
-    let c = calibrate(&mut smoothed, "smollm2", ObserverKind::Minmax, StaticGranularity::PerTensor, &windows, |_, _| {}).unwrap();
+    let c = calibrate(&mut smoothed, "smollm2", ObserverKind::Minmax, StaticGranularity::PerTensor, &windows, |_| {}).unwrap();
     let maxima = c.layers.iter().map(|(n, l)| (n.clone(), l.channel_absmax.clone())).collect();
     let (factors, skipped) = candle_quant::smooth::smooth(&mut smoothed, &maxima, 0.5).unwrap();
     assert_eq!((factors.len(), skipped.len()), (90, 31), "q/k/v, gate/up and down of 30 blocks; 30 o_proj and lm_head");
@@ -447,16 +447,16 @@ fn smoothing_keeps_the_float_logits_and_helps_static_int8() {
     // Static int8 (min/max per tensor) of both, calibrated on the same text, scored on it; and
     // the plain model with one range per 32 input channels, which beats both.
     let static_of = |m: &mut candle_quant::models::llama::Llama, granularity| {
-        let c = calibrate(m, "smollm2", ObserverKind::Minmax, granularity, &windows, |_, _| {}).unwrap();
+        let c = calibrate(m, "smollm2", ObserverKind::Minmax, granularity, &windows, |_| {}).unwrap();
         c.apply(m, &QuantConfig::default()).unwrap();
     };
     let mut grouped = lm.model.clone();
     static_of(&mut plain, StaticGranularity::PerTensor);
     static_of(&mut smoothed, StaticGranularity::PerTensor);
     static_of(&mut grouped, StaticGranularity::PerGroup { size: 32, float_fraction: 1e-3 });
-    let r_plain = evaluate(&lm.model, &plain, &text, 64, |_, _| {}).unwrap();
-    let r_smooth = evaluate(&lm.model, &smoothed, &text, 64, |_, _| {}).unwrap();
-    let r_group = evaluate(&lm.model, &grouped, &text, 64, |_, _| {}).unwrap();
+    let r_plain = evaluate(&lm.model, &plain, &text, 64, |_| {}).unwrap();
+    let r_smooth = evaluate(&lm.model, &smoothed, &text, 64, |_| {}).unwrap();
+    let r_group = evaluate(&lm.model, &grouped, &text, 64, |_| {}).unwrap();
     assert!(r_smooth.kld < r_plain.kld, "smoothed KL {} vs plain {}", r_smooth.kld, r_plain.kld);
     assert!(r_group.kld < r_smooth.kld && r_group.kld < 0.05, "per-group KL {} vs smoothed per-tensor {}", r_group.kld, r_smooth.kld);
 }

@@ -40,13 +40,13 @@ pub fn run(
     let pb = bar(windows.len(), "calibrating windows");
     let start = std::time::Instant::now();
     let source = lm.source.clone();
-    let mut c = calibration::calibrate(&mut lm.model, &source, kind, granularity, &windows, |d, _| pb.set_position(d as u64))?;
+    let mut c = calibration::calibrate(&mut lm.model, &source, kind, granularity, &windows, |p| pb.set_position(p.done))?;
     pb.finish_and_clear();
     if let Some(alpha) = smooth_alpha {
         let maxima = c.layers.iter().map(|(n, l)| (n.clone(), l.channel_absmax.clone())).collect();
         let (factors, skipped) = candle_quant::smooth::smooth(&mut lm.model, &maxima, alpha)?;
         let pb = bar(windows.len(), "calibrating the smoothed model");
-        c = calibration::calibrate(&mut lm.model, &source, kind, granularity, &windows, |d, _| pb.set_position(d as u64))?;
+        c = calibration::calibrate(&mut lm.model, &source, kind, granularity, &windows, |p| pb.set_position(p.done))?;
         pb.finish_and_clear();
         println!("SmoothQuant (alpha {alpha}): {} groups smoothed; not smoothed: {}", factors.len(), skipped.len());
         c.smoothing = Some(calibration::Smoothing { alpha, factors, skipped });

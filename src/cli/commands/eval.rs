@@ -16,9 +16,9 @@ pub fn run(model: &ModelArgs, reference: Option<&str>, text: &Path, max_tokens: 
     let mut tokens = encode_text(&lm, &body)?;
     tokens.truncate(max_tokens);
     let pb = bar(tokens.len().div_ceil(window.max(1)), "evaluating windows");
-    let r: EvalReport = evaluate(&lm.model, &q.model, &tokens, window, |d, t| {
-        pb.set_length(t as u64);
-        pb.set_position(d as u64)
+    let r: EvalReport = evaluate(&lm.model, &q.model, &tokens, window, |p| {
+        pb.set_length(p.total);
+        pb.set_position(p.done)
     })?;
     pb.finish_and_clear();
     if json {

@@ -44,9 +44,8 @@ pub fn run(model: &ModelArgs, out: &Path, max_shard_size: u64, force: bool) -> R
     let pb = bytes_bar("quantizing and writing");
     let start = std::time::Instant::now();
     let written = opened.quantize_to(out, &quant_config(model), kind, &options, |p| {
-        pb.set_length(p.total_bytes);
-        pb.set_position(p.bytes);
-        pb.set_message(format!("tensors {}/{}", p.tensors, p.total_tensors));
+        pb.set_length(p.total);
+        pb.set_position(p.done);
     });
     pb.finish_and_clear();
     let written = written?;

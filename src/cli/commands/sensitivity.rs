@@ -30,7 +30,7 @@ pub fn run(model: &ModelArgs, text: &Path, samples: usize, seq_len: usize, budge
     })?;
     let pb = bar(layers, "quantizing one layer at a time");
     let reference = candle_quant::eval::ReferenceScores::new(&lm.model, &tokens, seq_len)?;
-    let ranked = candle_quant::sensitivity::layer_sensitivity(&lm.model, &reference, quantize, |d, _| pb.set_position(d as u64))?;
+    let ranked = candle_quant::sensitivity::layer_sensitivity(&lm.model, &reference, quantize, |p| pb.set_position(p.done))?;
     pb.finish_and_clear();
     let pb = bar(0, "searching the exclusions");
     let (exclude, with) = candle_quant::sensitivity::exclusions_for_budget(&lm.model, &ranked, &reference, budget, quantize)?;

@@ -1,0 +1,151 @@
+//! A float source seen as the int8 checkpoint it quantizes to.
+
+use crate::kernels::{quantize_weight_rows_with, WeightQuant};
+use crate::source::{index_of, widen_into, Dtype, Entry, TensorSource};
+use candle_core::{bail, Result};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+/// Where a [`PlannedSource`] tensor comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Origin {
+    /// The source tensor of that name, as stored.
+    Copy(String),
+    /// The int8 values of that float source weight, quantized `how`.
+    Int8Weight { from: String, how: WeightQuant },
+    /// Their `f16` scales.
+    WeightScale { from: String, how: WeightQuant },
+}
+
+/// A float source seen as the int8 checkpoint it quantizes to: selected linear weights become
+/// `<layer>.weight` (`I8`) and `<layer>.weight_scale` (`F16`), quantized when read (both from
+/// one quantization: the last layer's result is kept until its other half is read); every other
+/// tensor passes through. Writing its entries is the `quantize` command; building a model on it
+/// is quantization while loading — the same tensors either way.
+pub struct PlannedSource {
+    source: Arc<dyn TensorSource>,
+    plan: Vec<Entry>,
+    origins: Vec<Origin>,
+    index: HashMap<String, usize>,
+    /// The last weight quantized: its source name, how, and the half not read yet.
+    last: Mutex<Option<Quantized>>,
+    /// The source bytes of the weight being quantized, reused from one weight to the next.
+    scratch: Mutex<Vec<u8>>,
+}
+
+/// One quantized weight, handed out in two reads (values, then scales, or the reverse).
+struct Quantized {
+    from: String,
+    how: WeightQuant,
+    values: Option<Vec<u8>>,
+    scales: Option<Vec<u8>>,
+}
+
+impl PlannedSource {
+    /// `layers`: linear layers to quantize, `(name, how)`, whose weights are `<name>.weight` in
+    /// `source` unless `renamed` maps the layer to another source tensor (a tied `lm_head` reads
+    /// the embedding table, which is then not passed through).
+    pub fn new(source: Arc<dyn TensorSource>, layers: &[(String, WeightQuant)], renamed: &HashMap<String, String>) -> Result<Self> {
+        let by_source: HashMap<String, (&str, WeightQuant)> = layers
+            .iter()
+            .map(|(layer, how)| (renamed.get(layer).cloned().unwrap_or_else(|| format!("{layer}.weight")), (layer.as_str(), *how)))
+            .collect();
+        let (mut plan, mut origins) = (Vec::new(), Vec::new());
+        for e in source.entries() {
+            let Some(&(layer, how)) = by_source.get(&e.name) else {
+                plan.push(e.clone());
+                origins.push(Origin::Copy(e.name.clone()));
+                continue;
+            };
+            let &[n, k] = e.shape.as_slice() else {
+                bail!("{}: a linear weight must be 2-D, found shape {:?}", source.describe(&e.name), e.shape)
+            };
+            if !e.dtype.is_float() {
+                bail!("{}: a float weight to quantize, found {}", source.describe(&e.name), e.dtype.name())
+            }
+            let group = match how {
+                WeightQuant::PerChannel => k,
+                WeightQuant::PerGroup(g) => g.clamp(1, k),
+            };
+            plan.push(Entry { name: format!("{layer}.weight"), dtype: Dtype::I8, shape: vec![n, k] });
+            origins.push(Origin::Int8Weight { from: e.name.clone(), how });
+            plan.push(Entry { name: format!("{layer}.weight_scale"), dtype: Dtype::F16, shape: vec![n, k.div_ceil(group)] });
+            origins.push(Origin::WeightScale { from: e.name.clone(), how });
+        }
+        for (from, (layer, _)) in &by_source {
+            if source.entry(from).is_none() {
+                bail!("layer '{layer}': no weight '{from}' in the model's tensors")
+            }
+        }
+        let index = index_of(&plan);
+        Ok(Self { source, plan, origins, index, last: Mutex::new(None), scratch: Mutex::new(Vec::new()) })
+    }
+
+    /// The int8 values (`scales = false`) or `f16` scales of source weight `from`, as bytes:
+    /// quantized on the first of the two reads, the other half kept for the second.
+    fn quantized(&self, from: &str, how: WeightQuant, scales: bool) -> Result<Vec<u8>> {
+        let lock_err = || candle_core::Error::Msg("a quantizing reader panicked".into());
+        let mut last = self.last.lock().map_err(|_| lock_err())?;
+        if let Some(q) = last.as_mut().filter(|q| q.from == from && q.how == how) {
+            if let Some(part) = if scales { q.scales.take() } else { q.values.take() } {
+                return Ok(part);
+            }
+        }
+        let Some(e) = self.source.entry(from) else { bail!("{}: no such tensor", self.source.describe(from)) };
+        let (n, k, dtype) = (e.shape[0], e.shape[1], e.dtype);
+        let mut bytes = self.scratch.lock().map_err(|_| lock_err())?;
+        self.source.read_into(from, &mut bytes)?;
+        if bytes.len() != n * k * dtype.size() {
+            bail!("{}: read {} bytes for a {n}×{k} {} weight", self.source.describe(from), bytes.len(), dtype.name())
+        }
+        let row_bytes = k * dtype.size();
+        let rows = quantize_weight_rows_with(n, k, how, |j, row| widen_into(dtype, &bytes[j * row_bytes..(j + 1) * row_bytes], row))
+            .map_err(|err| err.context(self.source.describe(from)))?;
+        let (values, scale_values) = rows.into_parts();
+        let values = int8_bytes(values);
+        let scale_bytes: Vec<u8> = scale_values.iter().flat_map(|s| s.to_le_bytes()).collect();
+        let (wanted, kept) = if scales { (scale_bytes, values) } else { (values, scale_bytes) };
+        let (values, scales) = if scales { (Some(kept), None) } else { (None, Some(kept)) };
+        *last = Some(Quantized { from: from.to_string(), how, values, scales });
+        Ok(wanted)
+    }
+}
+
+/// `i8` values as the same bytes, without a copy.
+fn int8_bytes(values: Vec<i8>) -> Vec<u8> {
+    let mut values = std::mem::ManuallyDrop::new(values);
+    let (ptr, len, cap) = (values.as_mut_ptr(), values.len(), values.capacity());
+    // SAFETY: `i8` and `u8` have the same size and alignment, and every bit pattern is valid
+    // for both; the allocation is handed over whole (pointer, length, capacity) and the
+    // original vector is never dropped.
+    unsafe { Vec::from_raw_parts(ptr.cast::<u8>(), len, cap) }
+}
+
+impl TensorSource for PlannedSource {
+    fn entries(&self) -> &[Entry] {
+        &self.plan
+    }
+
+    fn read_bytes(&self, name: &str) -> Result<Vec<u8>> {
+        let Some(&i) = self.index.get(name) else { bail!("no tensor '{name}' in the quantized model") };
+        match &self.origins[i] {
+            Origin::Copy(from) => self.source.read_bytes(from),
+            Origin::Int8Weight { from, how } => self.quantized(from, *how, false),
+            Origin::WeightScale { from, how } => self.quantized(from, *how, true),
+        }
+    }
+
+    fn describe(&self, name: &str) -> String {
+        match self.index.get(name).map(|&i| &self.origins[i]) {
+            Some(Origin::Copy(from)) => self.source.describe(from),
+            Some(Origin::Int8Weight { from, .. } | Origin::WeightScale { from, .. }) => {
+                format!("tensor '{name}' quantized from {}", self.source.describe(from))
+            }
+            None => format!("tensor '{name}' (not in the quantized model)"),
+        }
+    }
+
+    fn entry(&self, name: &str) -> Option<&Entry> {
+        self.index.get(name).map(|&i| &self.plan[i])
+    }
+}

@@ -1,0 +1,317 @@
+//! The `quantization_config` of an int8 folder: how each int8 layer computes
+//! ([`LayerScheme`]), and which layers a [`QuantConfig`](crate::QuantConfig) makes int8.
+
+use crate::convert::{ConversionReport, Quantizable};
+use crate::kernels::WeightQuant;
+use crate::nn::{ActivationQuant, QLinear, QLinearKind};
+use crate::quant::{Granularity, QDType, QParams, QScheme, QSpec};
+use crate::source::{read_tensor, Dtype, TensorSource};
+use candle_core::{bail, Result};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+/// `quantization_config.quant_method` of this format.
+pub const QUANT_METHOD: &str = "candle-quant";
+/// `quantization_config.format_version` written, and the only one read.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// The `quantization_config` object of a checkpoint's `config.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointScheme {
+    /// Always [`QUANT_METHOD`].
+    pub quant_method: String,
+    /// Always [`FORMAT_VERSION`].
+    pub format_version: u32,
+    /// How int8 layers not listed in `layers` work.
+    pub default: LayerScheme,
+    /// Int8 layers whose scheme differs from `default`, by layer name.
+    #[serde(default)]
+    pub layers: BTreeMap<String, LayerScheme>,
+    /// Linear layers kept in float (informative: they have no `weight_scale`).
+    #[serde(default)]
+    pub excluded: Vec<String>,
+}
+
+/// How one int8 layer computes. Group sizes count input channels per scale; `None` means one
+/// scale per output channel (weights) or per token (activations).
+#[non_exhaustive]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum LayerScheme {
+    /// Activations quantized on every call, symmetric int8 per token or per group; inputs with
+    /// `|x|` above `outlier_threshold` multiplied in float.
+    Dynamic {
+        /// Input channels per weight scale (`None`: one per output channel).
+        weight_group_size: Option<usize>,
+        /// Input channels per activation scale (`None`: one per token).
+        activation_group_size: Option<usize>,
+        /// Inputs with `|x|` above it are multiplied in float (`None`: off).
+        outlier_threshold: Option<f32>,
+    },
+    /// Float activations times int8 weights.
+    WeightOnly {
+        /// Input channels per weight scale (`None`: one per output channel).
+        weight_group_size: Option<usize>,
+    },
+    /// Activations quantized with the calibrated `input_scale` / `input_zero_point` tensors,
+    /// under `activation`'s integer range: one pair per tensor, or one per group of input
+    /// channels (symmetric; inputs beyond a group's range multiplied in float).
+    Static {
+        /// Input channels per weight scale (`None`: one per output channel).
+        weight_group_size: Option<usize>,
+        /// The activations' integer range.
+        activation: ActivationSpec,
+        /// Input channels per activation scale (`None`: one for the whole input).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        activation_group_size: Option<usize>,
+    },
+}
+
+/// The integer range of static activations: a [`QSpec`] as it is written in files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ActivationSpec {
+    /// `qint8` or `quint8`.
+    pub dtype: QDType,
+    /// `affine` or `symmetric`.
+    pub scheme: QScheme,
+    /// One bit less of range (PyTorch's `reduce_range`).
+    pub reduce_range: bool,
+    /// `[-127, 127]` instead of `[-128, 127]` (qint8).
+    pub narrow_range: bool,
+}
+
+impl ActivationSpec {
+    /// `spec` as written.
+    pub fn of(spec: &QSpec) -> Self {
+        Self { dtype: spec.dtype, scheme: spec.scheme, reduce_range: spec.reduce_range, narrow_range: spec.narrow_range }
+    }
+
+    /// The [`QSpec`] it describes.
+    pub fn spec(&self) -> QSpec {
+        QSpec::new(self.dtype, self.scheme).with_reduce_range(self.reduce_range).with_narrow_range(self.narrow_range)
+    }
+}
+
+fn group_or_none(group: usize, k: usize) -> Option<usize> {
+    (group < k).then_some(group)
+}
+
+impl LayerScheme {
+    /// The scheme of an int8 layer; `None` for float, observing, fake-quant and ggml kinds.
+    pub fn of(layer: &QLinear) -> Option<Self> {
+        let k = layer.in_features();
+        let (w, _) = layer.int8_parts()?;
+        let weight_group_size = group_or_none(w.group_size(), k);
+        Some(match layer.kind() {
+            QLinearKind::Dynamic(d) => LayerScheme::Dynamic {
+                weight_group_size,
+                activation_group_size: group_or_none(d.activation_quant().group_size(k), k),
+                outlier_threshold: d.outlier_threshold(),
+            },
+            QLinearKind::Static(s) => LayerScheme::Static {
+                weight_group_size,
+                activation: ActivationSpec::of(&s.activation_qparams().spec),
+                activation_group_size: s.activation_group_size(),
+            },
+            _ => LayerScheme::WeightOnly { weight_group_size },
+        })
+    }
+
+    /// The dynamic scheme of `config`'s weights and outlier threshold with activations `act`.
+    pub fn dynamic(config: &crate::QuantConfig, act: ActivationQuant) -> Self {
+        LayerScheme::Dynamic {
+            weight_group_size: weight_group(config.weight),
+            activation_group_size: match act {
+                ActivationQuant::PerToken => None,
+                ActivationQuant::PerGroup(g) => Some(g),
+            },
+            outlier_threshold: config.outlier_threshold,
+        }
+    }
+
+    fn weight_group_size(&self) -> Option<usize> {
+        match *self {
+            LayerScheme::Dynamic { weight_group_size, .. }
+            | LayerScheme::WeightOnly { weight_group_size }
+            | LayerScheme::Static { weight_group_size, .. } => weight_group_size,
+        }
+    }
+
+    /// How the weights of a layer with this scheme are quantized.
+    pub fn weight_quant(&self) -> WeightQuant {
+        self.weight_group_size().map_or(WeightQuant::PerChannel, WeightQuant::PerGroup)
+    }
+
+    /// Gives `layer`, already holding its int8 weights, this scheme; static activation
+    /// qparams come from `source`.
+    fn apply(&self, layer: &mut QLinear, source: &dyn TensorSource) -> Result<()> {
+        let name = layer.name().to_string();
+        let Some((w, _)) = layer.int8_parts() else { bail!("layer '{name}' holds no int8 weights to apply {self:?} to") };
+        let k = layer.in_features();
+        let want = self.weight_group_size().map_or(k, |g| g.clamp(1, k));
+        if w.group_size() != want {
+            // The scales' shape fixes the number of groups, not their size when `in` is not a
+            // multiple of it (48 channels in 2 groups: of 32, or of 24): the config decides.
+            if w.groups() != k.div_ceil(want) {
+                bail!(
+                    "layer '{name}': weight_scale has {} groups per row, quantization_config's weight_group_size {want} needs {}",
+                    w.groups(),
+                    k.div_ceil(want)
+                )
+            }
+            layer.regroup_int8_weights(want)?;
+        }
+        match *self {
+            LayerScheme::Dynamic { activation_group_size, outlier_threshold, .. } => {
+                let act = activation_group_size.map_or(ActivationQuant::PerToken, ActivationQuant::PerGroup);
+                layer.quantize_dynamic(act, self.weight_quant(), outlier_threshold)
+            }
+            LayerScheme::WeightOnly { .. } => layer.quantize_weight_only(self.weight_quant()),
+            LayerScheme::Static { activation, activation_group_size, .. } => {
+                let spec = activation.spec();
+                let (granularity, slots) = match activation_group_size {
+                    Some(size) if size > 0 => (Granularity::PerGroup { size }, k.div_ceil(size)),
+                    Some(_) => bail!("layer '{name}': activation_group_size must be at least 1"),
+                    None => (Granularity::PerTensor, 1),
+                };
+                let scales = read_values::<f32>(source, &format!("{name}.input_scale"), Dtype::F32, slots)?;
+                let zero_points = read_values::<i32>(source, &format!("{name}.input_zero_point"), Dtype::I32, slots)?;
+                let params = QParams::new(spec, granularity, scales, zero_points)
+                    .map_err(|e| e.context(source.describe(&format!("{name}.input_scale"))))?;
+                layer.quantize_static(params)
+            }
+        }
+    }
+}
+
+fn weight_group(how: WeightQuant) -> Option<usize> {
+    match how {
+        WeightQuant::PerChannel => None,
+        WeightQuant::PerGroup(g) => Some(g),
+    }
+}
+
+/// A tensor of `count` values of `dtype`.
+fn read_values<T: candle_core::WithDType>(source: &dyn TensorSource, name: &str, dtype: Dtype, count: usize) -> Result<Vec<T>> {
+    match source.entry(name) {
+        None => bail!("{}: missing (a static layer needs it)", source.describe(name)),
+        Some(e) if e.dtype != dtype || e.shape.iter().product::<usize>() != count => {
+            bail!("{}: expected {count} {} value(s), found {} of shape {:?}", source.describe(name), dtype.name(), e.dtype.name(), e.shape)
+        }
+        Some(_) => read_tensor(source, name)?.flatten_all()?.to_vec1::<T>(),
+    }
+}
+
+impl CheckpointScheme {
+    /// A config whose default is `default`, listing exceptions and float layers.
+    pub fn new(default: LayerScheme) -> Self {
+        Self { quant_method: QUANT_METHOD.into(), format_version: FORMAT_VERSION, default, layers: BTreeMap::new(), excluded: vec![] }
+    }
+
+    /// The scheme of the int8 layer called `name`.
+    pub fn scheme_for(&self, name: &str) -> &LayerScheme {
+        self.layers.get(name).unwrap_or(&self.default)
+    }
+
+    /// Records `name`'s scheme (listed only when it differs from the default).
+    pub fn set(&mut self, name: &str, scheme: LayerScheme) {
+        if scheme != self.default {
+            self.layers.insert(name.to_string(), scheme);
+        }
+    }
+
+    /// Reads `quantization_config` from a parsed `config.json`; `None` when there is none.
+    /// An object of another method, another version or an unknown kind is an error naming `file`.
+    pub fn from_model_config(config: &serde_json::Value, file: &Path) -> Result<Option<Self>> {
+        let Some(q) = config.get("quantization_config") else { return Ok(None) };
+        let method = q.get("quant_method").and_then(|m| m.as_str()).unwrap_or("(none)");
+        if method != QUANT_METHOD {
+            bail!("{}: quantization_config.quant_method is '{method}': only '{QUANT_METHOD}' checkpoints can be read", file.display())
+        }
+        let version = q.get("format_version").and_then(|v| v.as_u64());
+        if version != Some(FORMAT_VERSION as u64) {
+            bail!(
+                "{}: quantization_config.format_version {} is not supported (this build reads version {FORMAT_VERSION})",
+                file.display(),
+                version.map_or("(missing)".to_string(), |v| v.to_string())
+            )
+        }
+        let parsed: Self = serde_json::from_value(q.clone())
+            .map_err(|e| candle_core::Error::Msg(format!("{}: quantization_config: {e}", file.display())))?;
+        Ok(Some(parsed))
+    }
+
+    /// Gives every int8 layer of `model` (built on `source` with [`QLinear::load`]) its scheme.
+    /// Errors when a layer the checkpoint holds as int8 was not visited, is float in the
+    /// model, or when the config names a layer that is not int8 in the checkpoint.
+    pub fn apply(&self, model: &mut (impl Quantizable + ?Sized), source: &dyn TensorSource) -> Result<ConversionReport> {
+        let int8: BTreeSet<String> =
+            source.entries().iter().filter_map(|e| e.name.strip_suffix(".weight_scale")).map(str::to_string).collect();
+        if let Some(name) = self.layers.keys().find(|n| !int8.contains(*n)) {
+            bail!("quantization_config lists layer '{name}', which has no int8 weights in the checkpoint")
+        }
+        let mut report = ConversionReport::default();
+        model.visit_linears(&mut |layer| {
+            let name = layer.name().to_string();
+            if !int8.contains(&name) {
+                report.skipped.push(name);
+                return Ok(());
+            }
+            if !layer.is_int8() {
+                bail!(
+                    "layer '{name}' is int8 in the checkpoint but {} in the model: build int8 layers with QLinear::load",
+                    layer.kind_name()
+                )
+            }
+            self.scheme_for(&name).apply(layer, source).map_err(|e| e.context(format!("layer '{name}'")))?;
+            report.converted.push(name);
+            Ok(())
+        })?;
+        let visited: BTreeSet<&String> = report.converted.iter().collect();
+        if let Some(missed) = int8.iter().find(|n| !visited.contains(n)) {
+            bail!("the checkpoint's int8 layer '{missed}' was not visited by the model's Quantizable::visit_linears: it would be unused")
+        }
+        Ok(report)
+    }
+}
+
+/// How the selected layers of a model get int8 weights.
+#[non_exhaustive]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Int8Kind {
+    /// [`LayerScheme::Dynamic`]: int8 weights and activations.
+    Dynamic,
+    /// [`LayerScheme::WeightOnly`]: int8 weights, float activations.
+    WeightOnly,
+}
+
+/// For a model whose linear layers are `names`: the layers `config` selects with how their
+/// weights are quantized, and the `quantization_config` describing the result.
+pub fn plan_layers(
+    names: &[String],
+    config: &crate::QuantConfig,
+    kind: Int8Kind,
+) -> Result<(CheckpointScheme, Vec<(String, WeightQuant)>)> {
+    // The default is the scheme of a layer no per-layer override matches.
+    let scheme = |act: ActivationQuant| match kind {
+        Int8Kind::Dynamic => LayerScheme::dynamic(config, act),
+        Int8Kind::WeightOnly => LayerScheme::WeightOnly { weight_group_size: weight_group(config.weight) },
+    };
+    let mut quantization = CheckpointScheme::new(scheme(config.activation));
+    let mut layers = vec![];
+    for name in names {
+        if config.selects(name) {
+            quantization.set(name, scheme(config.activation_for(name)));
+            layers.push((name.clone(), config.weight));
+        } else {
+            quantization.excluded.push(name.clone());
+        }
+    }
+    if layers.is_empty() {
+        bail!("no linear layer is selected for int8 (every one matches an exclude pattern of the QuantConfig, or none an include pattern)")
+    }
+    Ok((quantization, layers))
+}
