@@ -290,6 +290,7 @@ pub enum Int8Kind {
 
 /// For a model whose linear layers are `names`: the layers `config` selects with how their
 /// weights are quantized, and the `quantization_config` describing the result.
+#[cfg_attr(not(feature = "hub"), allow(dead_code))]
 pub fn plan_layers(
     names: &[String],
     config: &crate::QuantConfig,

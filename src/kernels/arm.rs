@@ -35,13 +35,12 @@ pub fn dotprod_available() -> bool {
 #[inline]
 #[target_feature(enable = "neon,dotprod")]
 unsafe fn sdot(mut acc: int32x4_t, a: int8x16_t, b: int8x16_t) -> int32x4_t {
-    // SAFETY: the operations below are those this function's `# Safety` section makes the caller answer for (features present, pointers and ranges valid).
+    // SAFETY: register-only instruction; dotprod is enabled for this function.
     unsafe {
-        // SAFETY: register-only instruction; dotprod is enabled for this function.
         asm!("sdot {acc:v}.4s, {a:v}.16b, {b:v}.16b", acc = inout(vreg) acc, a = in(vreg) a, b = in(vreg) b,
-             options(pure, nomem, nostack, preserves_flags));
-        acc
-    }
+         options(pure, nomem, nostack, preserves_flags))
+    };
+    acc
 }
 
 /// Eight output lanes of one (row, block) pair being summed: `DOT` uses `lanes[0..2]` (channels
@@ -55,17 +54,19 @@ type Lanes = [int32x4_t; 4];
 /// NEON; with `DOT`, the dot-product extension.
 #[inline(always)]
 unsafe fn multiply_add<const DOT: bool>(acc: &mut Lanes, w: [int8x16_t; 2], a: int8x16_t) {
-    // SAFETY: the operations below are those this function's `# Safety` section makes the caller answer for (features present, pointers and ranges valid).
-    unsafe {
-        if DOT {
-            acc[0] = sdot(acc[0], w[0], a);
-            acc[1] = sdot(acc[1], w[1], a);
-        } else {
-            let a8 = vget_low_s8(a);
-            for h in 0..2 {
-                acc[2 * h] = vpadalq_s16(acc[2 * h], vmull_s8(vget_low_s8(w[h]), a8));
-                acc[2 * h + 1] = vpadalq_s16(acc[2 * h + 1], vmull_high_s8(w[h], a));
-            }
+    if DOT {
+        // SAFETY: `sdot` needs the dot-product extension, which DOT promises (the contract).
+        acc[0] = unsafe { sdot(acc[0], w[0], a) };
+        // SAFETY: as above.
+        acc[1] = unsafe { sdot(acc[1], w[1], a) };
+    } else {
+        // SAFETY: NEON register arithmetic only; NEON is part of every aarch64 target.
+        let a8 = unsafe { vget_low_s8(a) };
+        for h in 0..2 {
+            // SAFETY: NEON register arithmetic only; NEON is part of every aarch64 target.
+            acc[2 * h] = unsafe { vpadalq_s16(acc[2 * h], vmull_s8(vget_low_s8(w[h]), a8)) };
+            // SAFETY: NEON register arithmetic only; NEON is part of every aarch64 target.
+            acc[2 * h + 1] = unsafe { vpadalq_s16(acc[2 * h + 1], vmull_high_s8(w[h], a)) };
         }
     }
 }
@@ -73,13 +74,11 @@ unsafe fn multiply_add<const DOT: bool>(acc: &mut Lanes, w: [int8x16_t; 2], a: i
 /// The eight channels' sums, channels 0–3 and 4–7.
 #[inline(always)]
 unsafe fn channel_sums<const DOT: bool>(acc: &Lanes) -> [int32x4_t; 2] {
-    // SAFETY: the operations below are those this function's `# Safety` section makes the caller answer for (features present, pointers and ranges valid).
-    unsafe {
-        if DOT {
-            [acc[0], acc[1]]
-        } else {
-            [vpaddq_s32(acc[0], acc[1]), vpaddq_s32(acc[2], acc[3])]
-        }
+    if DOT {
+        [acc[0], acc[1]]
+    } else {
+        // SAFETY: NEON register arithmetic only; NEON is part of every aarch64 target.
+        [unsafe { vpaddq_s32(acc[0], acc[1]) }, unsafe { vpaddq_s32(acc[2], acc[3]) }]
     }
 }
 
@@ -90,15 +89,12 @@ unsafe fn channel_sums<const DOT: bool>(acc: &Lanes) -> [int32x4_t; 2] {
 /// `p` points at four readable scales.
 #[inline(always)]
 unsafe fn load_scales(p: *const f16) -> float32x4_t {
-    // SAFETY: the operations below are those this function's `# Safety` section makes the caller answer for (features present, pointers and ranges valid).
-    unsafe {
-        // SAFETY: four f16 are 8 readable bytes (caller).
-        let h = vld1_u16(p as *const u16);
-        let out: float32x4_t;
-        // SAFETY: register-only instruction of the base instruction set.
-        asm!("fcvtl {out:v}.4s, {h:v}.4h", out = out(vreg) out, h = in(vreg) h, options(pure, nomem, nostack, preserves_flags));
-        out
-    }
+    // SAFETY: four f16 are 8 readable bytes (caller).
+    let h = unsafe { vld1_u16(p as *const u16) };
+    let out: float32x4_t;
+    // SAFETY: register-only instruction of the base instruction set.
+    unsafe { asm!("fcvtl {out:v}.4s, {h:v}.4h", out = out(vreg) out, h = in(vreg) h, options(pure, nomem, nostack, preserves_flags)) };
+    out
 }
 
 /// One `R × V` tile at activation row `i0` and weight block `b0`.
@@ -110,90 +106,99 @@ unsafe fn load_scales(p: *const f16) -> float32x4_t {
 /// `M · N_pad · segments` values.
 #[inline(always)]
 unsafe fn tile<const R: usize, const V: usize, const SUMS: bool, const DOT: bool>(op: &Int8Operands, i0: usize, b0: usize, sink: Sink) {
-    // SAFETY: the operations below are those this function's `# Safety` section makes the caller answer for (features present, pointers and ranges valid).
-    unsafe {
-        let quads = op.weights.padded_in_features() / 4;
-        let (segs, seg_quads) = op.segments();
-        let (a_step, w_step) = op.scale_steps();
-        let (a, sa) = op.row_pointers::<R>(i0);
-        let (w, sw) = op.block_pointers::<V>(b0);
-        let zero = vdupq_n_s32(0);
-        let mut y = [[[vdupq_n_f32(0.0); 2]; V]; R];
-        for g in 0..segs {
-            let mut acc = [[[zero; 4]; V]; R];
-            for q in g * seg_quads..((g + 1) * seg_quads).min(quads) {
-                let mut wv = [[vdupq_n_s8(0); 2]; V];
-                for v in 0..V {
-                    // SAFETY: a block holds 8·stride = 32·quads bytes.
-                    wv[v] = [vld1q_s8(w[v].add(32 * q)), vld1q_s8(w[v].add(32 * q + 16))];
-                }
-                for r in 0..R {
-                    // SAFETY: a padded row holds stride = 4·quads bytes.
-                    let word = (a[r].add(4 * q) as *const i32).read_unaligned();
-                    let act = vreinterpretq_s8_s32(vdupq_n_s32(word));
-                    for v in 0..V {
-                        multiply_add::<DOT>(&mut acc[r][v], wv[v], act);
-                    }
-                }
+    let quads = op.weights.padded_in_features() / 4;
+    let (segs, seg_quads) = op.segments();
+    let (a_step, w_step) = op.scale_steps();
+    let (a, sa) = op.row_pointers::<R>(i0);
+    let (w, sw) = op.block_pointers::<V>(b0);
+    // SAFETY: NEON register arithmetic only; NEON is part of every aarch64 target.
+    let zero = unsafe { vdupq_n_s32(0) };
+    // SAFETY: NEON register arithmetic only; NEON is part of every aarch64 target.
+    let mut y = [[[unsafe { vdupq_n_f32(0.0) }; 2]; V]; R];
+    for g in 0..segs {
+        let mut acc = [[[zero; 4]; V]; R];
+        for q in g * seg_quads..((g + 1) * seg_quads).min(quads) {
+            // SAFETY: NEON register arithmetic only; NEON is part of every aarch64 target.
+            let mut wv = [[unsafe { vdupq_n_s8(0) }; 2]; V];
+            for v in 0..V {
+                // SAFETY: a block holds 8·stride = 32·quads bytes.
+                wv[v] = [unsafe { vld1q_s8(w[v].add(32 * q)) }, unsafe { vld1q_s8(w[v].add(32 * q + 16)) }];
             }
             for r in 0..R {
+                // SAFETY: a padded row holds stride = 4·quads bytes.
+                let word = unsafe { (a[r].add(4 * q) as *const i32).read_unaligned() };
+                // SAFETY: NEON register arithmetic only; NEON is part of every aarch64 target.
+                let act = unsafe { vreinterpretq_s8_s32(vdupq_n_s32(word)) };
                 for v in 0..V {
-                    let sums = channel_sums::<DOT>(&acc[r][v]);
-                    if SUMS {
-                        let mut lanes = [0i32; BLOCK_ROWS];
-                        vst1q_s32(lanes.as_mut_ptr(), sums[0]);
-                        vst1q_s32(lanes.as_mut_ptr().add(4), sums[1]);
-                        // SAFETY: the sums buffer holds M·N_pad·segs values (caller).
-                        sink.put_sums(op, i0 + r, b0 + v, g, &lanes);
-                    } else {
-                        // SAFETY: one activation scale per row or per segment; a block has 8
-                        // scales per weight group (one group when w_step is 0).
-                        let s = *sa[r].add(g * a_step);
-                        let scales = sw[v].add(BLOCK_ROWS * g * w_step);
-                        for h in 0..2 {
-                            let scale = vmulq_n_f32(load_scales(scales.add(4 * h)), s);
-                            y[r][v][h] = vfmaq_f32(y[r][v][h], vcvtq_f32_s32(sums[h]), scale);
-                        }
+                    // SAFETY: with DOT the caller vouches for the dot-product extension.
+                    unsafe { multiply_add::<DOT>(&mut acc[r][v], wv[v], act) };
+                }
+            }
+        }
+        for r in 0..R {
+            for v in 0..V {
+                // SAFETY: NEON register arithmetic only (channel_sums has no other requirement).
+                let sums = unsafe { channel_sums::<DOT>(&acc[r][v]) };
+                if SUMS {
+                    let mut lanes = [0i32; BLOCK_ROWS];
+                    // SAFETY: `lanes` holds 8 i32: the two stores write lanes 0–3 and 4–7.
+                    unsafe { (vst1q_s32(lanes.as_mut_ptr(), sums[0]), vst1q_s32(lanes.as_mut_ptr().add(4), sums[1])) };
+                    // SAFETY: the sums buffer holds M·N_pad·segs values (caller).
+                    unsafe { sink.put_sums(op, i0 + r, b0 + v, g, &lanes) };
+                } else {
+                    // SAFETY: one activation scale per row or per segment; a block has 8
+                    // scales per weight group (one group when w_step is 0).
+                    let (s, scales) = unsafe { (*sa[r].add(g * a_step), sw[v].add(BLOCK_ROWS * g * w_step)) };
+                    for h in 0..2 {
+                        // SAFETY: scales h·4..h·4 + 4 of the block's 8 for this group.
+                        let scale = unsafe { vmulq_n_f32(load_scales(scales.add(4 * h)), s) };
+                        // SAFETY: NEON register arithmetic only; NEON is part of every aarch64 target.
+                        y[r][v][h] = unsafe { vfmaq_f32(y[r][v][h], vcvtq_f32_s32(sums[h]), scale) };
                     }
                 }
             }
         }
-        if !SUMS {
-            // Float outliers (LLM.int8()-style): y += x · q[n,c] · sw[n,c/group]. Byte c%4 of each
-            // 32-bit lane is shifted to the top and arithmetic-shifted back down.
-            for r in 0..R {
-                for &(c, x) in op.acts.row_outliers(i0 + r) {
-                    let c = c as usize;
-                    let to_top = vdupq_n_s32(24 - 8 * (c % 4) as i32);
-                    let g = c / op.weights.group_size();
-                    for v in 0..V {
-                        for h in 0..2 {
-                            // SAFETY: c < K, so quad c/4 and group g exist in every block.
-                            let quad = vreinterpretq_s32_s8(vld1q_s8(w[v].add(32 * (c / 4) + 16 * h)));
-                            let q = vshrq_n_s32::<24>(vshlq_s32(quad, to_top));
-                            let wf = vmulq_f32(vcvtq_f32_s32(q), load_scales(sw[v].add(BLOCK_ROWS * g + 4 * h)));
-                            y[r][v][h] = vfmaq_n_f32(y[r][v][h], wf, x);
-                        }
+    }
+    if !SUMS {
+        // Float outliers (LLM.int8()-style): y += x · q[n,c] · sw[n,c/group]. Byte c%4 of each
+        // 32-bit lane is shifted to the top and arithmetic-shifted back down.
+        for r in 0..R {
+            for &(c, x) in op.acts.row_outliers(i0 + r) {
+                let c = c as usize;
+                // SAFETY: NEON register arithmetic only; NEON is part of every aarch64 target.
+                let to_top = unsafe { vdupq_n_s32(24 - 8 * (c % 4) as i32) };
+                let g = c / op.weights.group_size();
+                for v in 0..V {
+                    for h in 0..2 {
+                        // SAFETY: c < K, so quad c/4 and group g exist in every block.
+                        let quad = unsafe { vreinterpretq_s32_s8(vld1q_s8(w[v].add(32 * (c / 4) + 16 * h))) };
+                        // SAFETY: NEON register arithmetic only; NEON is part of every aarch64 target.
+                        let q = unsafe { vshrq_n_s32::<24>(vshlq_s32(quad, to_top)) };
+                        // SAFETY: group g's 8 scales exist in every block (c < K); half h of them.
+                        let wf = unsafe { vmulq_f32(vcvtq_f32_s32(q), load_scales(sw[v].add(BLOCK_ROWS * g + 4 * h))) };
+                        // SAFETY: NEON register arithmetic only; NEON is part of every aarch64 target.
+                        y[r][v][h] = unsafe { vfmaq_n_f32(y[r][v][h], wf, x) };
                     }
                 }
             }
-            if let Some(bias) = op.bias {
-                for v in 0..V {
-                    for h in 0..2 {
-                        // SAFETY: the bias holds 8·blocks values (Int8Operands::bias).
-                        let b = vld1q_f32(bias.as_ptr().add(BLOCK_ROWS * (b0 + v) + 4 * h));
-                        for r in 0..R {
-                            y[r][v][h] = vaddq_f32(y[r][v][h], b);
-                        }
+        }
+        if let Some(bias) = op.bias {
+            for v in 0..V {
+                for h in 0..2 {
+                    // SAFETY: the bias holds 8·blocks values (Int8Operands::bias).
+                    let b = unsafe { vld1q_f32(bias.as_ptr().add(BLOCK_ROWS * (b0 + v) + 4 * h)) };
+                    for r in 0..R {
+                        // SAFETY: NEON register arithmetic only; NEON is part of every aarch64 target.
+                        y[r][v][h] = unsafe { vaddq_f32(y[r][v][h], b) };
                     }
                 }
             }
-            for r in 0..R {
-                for v in 0..V {
-                    for h in 0..2 {
-                        // SAFETY: the caller gives R rows of 8·V floats at stride row_len.
-                        vst1q_f32(sink.out.add(r * sink.row_len + BLOCK_ROWS * v + 4 * h), y[r][v][h]);
-                    }
+        }
+        for r in 0..R {
+            for v in 0..V {
+                for h in 0..2 {
+                    // SAFETY: the caller gives R rows of 8·V floats at stride row_len.
+                    unsafe { vst1q_f32(sink.out.add(r * sink.row_len + BLOCK_ROWS * v + 4 * h), y[r][v][h]) };
                 }
             }
         }
@@ -209,22 +214,24 @@ unsafe fn tile<const R: usize, const V: usize, const SUMS: bool, const DOT: bool
 /// `M × 8·blocks.len()` and points at its start.
 #[inline(always)]
 unsafe fn run_tiles<const SUMS: bool, const DOT: bool>(op: &Int8Operands, blocks: Range<usize>, sink: Sink) {
-    // SAFETY: the operations below are those this function's `# Safety` section makes the caller answer for (features present, pointers and ranges valid).
-    unsafe {
-        let m = op.acts.rows();
-        let (panel, rows) = match (DOT, m) {
-            (true, 1) => (4, 1),
-            (true, _) => (1, 4),
-            (false, 1) => (2, 1),
-            (false, _) => (1, 2),
-        };
-        let mut b = blocks.start;
-        while b < blocks.end {
-            let v = [4, 2, 1].into_iter().find(|&v| v <= panel && v <= blocks.end - b).unwrap_or(1);
-            let mut i = 0;
-            while i < m {
-                let r = (m - i).min(rows);
-                let at = sink.at(i, b - blocks.start);
+    let m = op.acts.rows();
+    let (panel, rows) = match (DOT, m) {
+        (true, 1) => (4, 1),
+        (true, _) => (1, 4),
+        (false, 1) => (2, 1),
+        (false, _) => (1, 2),
+    };
+    let mut b = blocks.start;
+    while b < blocks.end {
+        let v = [4, 2, 1].into_iter().find(|&v| v <= panel && v <= blocks.end - b).unwrap_or(1);
+        let mut i = 0;
+        while i < m {
+            let r = (m - i).min(rows);
+            let at = sink.at(i, b - blocks.start);
+            // SAFETY: rows i..i+r < M and blocks b..b+v ≤ blocks.end exist, `at` is row i, block b
+            // of the sink; operands, segments and (with DOT) the extension are this function's
+            // contract, which is tile's.
+            unsafe {
                 match (r, v) {
                     (1, 4) => tile::<1, 4, SUMS, DOT>(op, i, b, at),
                     (1, 2) => tile::<1, 2, SUMS, DOT>(op, i, b, at),
@@ -233,10 +240,10 @@ unsafe fn run_tiles<const SUMS: bool, const DOT: bool>(op: &Int8Operands, blocks
                     (3, _) => tile::<3, 1, SUMS, DOT>(op, i, b, at),
                     _ => tile::<4, 1, SUMS, DOT>(op, i, b, at),
                 }
-                i += r;
             }
-            b += v;
+            i += r;
         }
+        b += v;
     }
 }
 
@@ -246,7 +253,8 @@ unsafe fn run_tiles<const SUMS: bool, const DOT: bool>(op: &Int8Operands, blocks
 /// As [`run_tiles`]; the CPU has the dot-product extension.
 #[target_feature(enable = "neon,dotprod")]
 unsafe fn run_tiles_dot<const SUMS: bool>(op: &Int8Operands, blocks: Range<usize>, sink: Sink) {
-    // SAFETY: the operations below are those this function's `# Safety` section makes the caller answer for (features present, pointers and ranges valid).
+    // SAFETY: run_tiles' contract is this function's, passed on; the dot-product extension it
+    // then needs is enabled here (and present: the caller's contract).
     unsafe { run_tiles::<SUMS, true>(op, blocks, sink) }
 }
 
@@ -259,9 +267,10 @@ unsafe fn run_tiles_dot<const SUMS: bool>(op: &Int8Operands, blocks: Range<usize
 /// `K` or a multiple of 4 matching the grouped side(s); `blocks` lies within the weights'
 /// blocks; `out` has `M` writable rows of `8·blocks.len()` floats.
 pub unsafe fn int8_blocks(op: &Int8Operands, dot: bool, blocks: Range<usize>, out: BlockOutputs) {
-    // SAFETY: the operations below are those this function's `# Safety` section makes the caller answer for (features present, pointers and ranges valid).
+    let sink = Sink::outputs(out);
+    // SAFETY: run_tiles' contract is this function's (its `out` as the sink); `dot` only where the
+    // extension is present.
     unsafe {
-        let sink = Sink::outputs(out);
         if dot {
             run_tiles_dot::<false>(op, blocks, sink)
         } else {
@@ -276,9 +285,10 @@ pub unsafe fn int8_blocks(op: &Int8Operands, dot: bool, blocks: Range<usize>, ou
 /// # Safety
 /// As [`int8_blocks`] over all blocks; `sums` holds `M · 8·blocks · segments` values.
 pub unsafe fn int8_segment_sums(op: &Int8Operands, dot: bool, sums: &mut [i32]) {
-    // SAFETY: the operations below are those this function's `# Safety` section makes the caller answer for (features present, pointers and ranges valid).
+    let (blocks, sink) = (0..op.weights.blocks(), Sink::sums(sums));
+    // SAFETY: run_tiles' contract over all blocks, `sums` sized for them (caller); `dot` only
+    // where the extension is present.
     unsafe {
-        let (blocks, sink) = (0..op.weights.blocks(), Sink::sums(sums));
         if dot {
             run_tiles_dot::<true>(op, blocks, sink)
         } else {
@@ -295,22 +305,26 @@ pub unsafe fn int8_segment_sums(op: &Int8Operands, dot: bool, sums: &mut [i32]) 
 /// `packed` points at 32 readable bytes.
 #[inline(always)]
 unsafe fn widen_quad(packed: *const i8) -> [[float32x4_t; 2]; 4] {
-    // SAFETY: the operations below are those this function's `# Safety` section makes the caller answer for (features present, pointers and ranges valid).
-    unsafe {
-        const TRANSPOSE: [u8; 16] = [0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15];
-        let index = vld1q_u8(TRANSPOSE.as_ptr());
-        let mut out = [[vdupq_n_f32(0.0); 2]; 4];
-        for h in 0..2 {
-            // SAFETY: the caller points at 32 readable bytes.
-            let v = vqtbl1q_s8(vld1q_s8(packed.add(16 * h)), index);
-            let (lo, hi) = (vmovl_s8(vget_low_s8(v)), vmovl_high_s8(v));
-            out[0][h] = vcvtq_f32_s32(vmovl_s16(vget_low_s16(lo)));
-            out[1][h] = vcvtq_f32_s32(vmovl_high_s16(lo));
-            out[2][h] = vcvtq_f32_s32(vmovl_s16(vget_low_s16(hi)));
-            out[3][h] = vcvtq_f32_s32(vmovl_high_s16(hi));
-        }
-        out
+    const TRANSPOSE: [u8; 16] = [0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15];
+    // SAFETY: TRANSPOSE is 16 bytes, the one register loaded.
+    let index = unsafe { vld1q_u8(TRANSPOSE.as_ptr()) };
+    // SAFETY: NEON register arithmetic only; NEON is part of every aarch64 target.
+    let mut out = [[unsafe { vdupq_n_f32(0.0) }; 2]; 4];
+    for h in 0..2 {
+        // SAFETY: the caller points at 32 readable bytes.
+        let v = unsafe { vqtbl1q_s8(vld1q_s8(packed.add(16 * h)), index) };
+        // SAFETY: NEON register arithmetic only; NEON is part of every aarch64 target.
+        let (lo, hi) = (unsafe { vmovl_s8(vget_low_s8(v)) }, unsafe { vmovl_high_s8(v) });
+        // SAFETY: NEON register arithmetic only; NEON is part of every aarch64 target.
+        out[0][h] = unsafe { vcvtq_f32_s32(vmovl_s16(vget_low_s16(lo))) };
+        // SAFETY: NEON register arithmetic only; NEON is part of every aarch64 target.
+        out[1][h] = unsafe { vcvtq_f32_s32(vmovl_high_s16(lo)) };
+        // SAFETY: NEON register arithmetic only; NEON is part of every aarch64 target.
+        out[2][h] = unsafe { vcvtq_f32_s32(vmovl_s16(vget_low_s16(hi))) };
+        // SAFETY: NEON register arithmetic only; NEON is part of every aarch64 target.
+        out[3][h] = unsafe { vcvtq_f32_s32(vmovl_high_s16(hi)) };
     }
+    out
 }
 
 /// `R` float rows against one weight block, weights widened once per quad for all rows.
@@ -320,42 +334,47 @@ unsafe fn widen_quad(packed: *const i8) -> [[float32x4_t; 2]; 4] {
 /// stride `row_len`; the weight group size is `K` or a multiple of 4.
 #[inline(always)]
 unsafe fn weight_only_tile<const R: usize>(x: &[f32], i0: usize, weights: &PackedInt8Weights, b: usize, out: *mut f32, row_len: usize) {
-    // SAFETY: the operations below are those this function's `# Safety` section makes the caller answer for (features present, pointers and ranges valid).
-    unsafe {
-        let (k, stride) = (weights.in_features(), weights.padded_in_features());
-        let quads = stride / 4;
-        let (segs, seg_quads) = segments(k, stride, weights.group_size());
-        let (w, sw) = (weights.block(b).as_ptr(), weights.block_scales(b).as_ptr());
-        let zero = vdupq_n_f32(0.0);
-        let mut y = [[zero; 2]; R];
-        for g in 0..segs {
-            let mut acc = [[zero; 2]; R];
-            for q in g * seg_quads..((g + 1) * seg_quads).min(quads) {
-                // SAFETY: a block holds 32·quads bytes; each x row holds 4·quads floats.
-                let wq = widen_quad(w.add(32 * q));
-                for r in 0..R {
-                    let xq = vld1q_f32(x.as_ptr().add((i0 + r) * stride + 4 * q));
-                    for h in 0..2 {
-                        acc[r][h] = vfmaq_laneq_f32::<0>(acc[r][h], wq[0][h], xq);
-                        acc[r][h] = vfmaq_laneq_f32::<1>(acc[r][h], wq[1][h], xq);
-                        acc[r][h] = vfmaq_laneq_f32::<2>(acc[r][h], wq[2][h], xq);
-                        acc[r][h] = vfmaq_laneq_f32::<3>(acc[r][h], wq[3][h], xq);
-                    }
-                }
-            }
-            for h in 0..2 {
-                // SAFETY: 8 scales per group (a single group when per channel).
-                let s = load_scales(sw.add(BLOCK_ROWS * g * (segs > 1) as usize + 4 * h));
-                for r in 0..R {
-                    y[r][h] = vfmaq_f32(y[r][h], acc[r][h], s);
+    let (k, stride) = (weights.in_features(), weights.padded_in_features());
+    let quads = stride / 4;
+    let (segs, seg_quads) = segments(k, stride, weights.group_size());
+    let (w, sw) = (weights.block(b).as_ptr(), weights.block_scales(b).as_ptr());
+    // SAFETY: NEON register arithmetic only; NEON is part of every aarch64 target.
+    let zero = unsafe { vdupq_n_f32(0.0) };
+    let mut y = [[zero; 2]; R];
+    for g in 0..segs {
+        let mut acc = [[zero; 2]; R];
+        for q in g * seg_quads..((g + 1) * seg_quads).min(quads) {
+            // SAFETY: a block holds 32·quads bytes; each x row holds 4·quads floats.
+            let wq = unsafe { widen_quad(w.add(32 * q)) };
+            for r in 0..R {
+                // SAFETY: rows i0..i0+R of x exist, each of stride = 4·quads floats (caller), so
+                // quad q's four values are inside row i0 + r.
+                let xq = unsafe { vld1q_f32(x.as_ptr().add((i0 + r) * stride + 4 * q)) };
+                for h in 0..2 {
+                    // SAFETY: NEON register arithmetic only; NEON is part of every aarch64 target.
+                    acc[r][h] = unsafe { vfmaq_laneq_f32::<0>(acc[r][h], wq[0][h], xq) };
+                    // SAFETY: NEON register arithmetic only; NEON is part of every aarch64 target.
+                    acc[r][h] = unsafe { vfmaq_laneq_f32::<1>(acc[r][h], wq[1][h], xq) };
+                    // SAFETY: NEON register arithmetic only; NEON is part of every aarch64 target.
+                    acc[r][h] = unsafe { vfmaq_laneq_f32::<2>(acc[r][h], wq[2][h], xq) };
+                    // SAFETY: NEON register arithmetic only; NEON is part of every aarch64 target.
+                    acc[r][h] = unsafe { vfmaq_laneq_f32::<3>(acc[r][h], wq[3][h], xq) };
                 }
             }
         }
-        for r in 0..R {
-            for h in 0..2 {
-                // SAFETY: R rows of 8 floats at stride row_len (caller).
-                vst1q_f32(out.add(r * row_len + 4 * h), y[r][h]);
+        for h in 0..2 {
+            // SAFETY: 8 scales per group (a single group when per channel).
+            let s = unsafe { load_scales(sw.add(BLOCK_ROWS * g * (segs > 1) as usize + 4 * h)) };
+            for r in 0..R {
+                // SAFETY: NEON register arithmetic only; NEON is part of every aarch64 target.
+                y[r][h] = unsafe { vfmaq_f32(y[r][h], acc[r][h], s) };
             }
+        }
+    }
+    for r in 0..R {
+        for h in 0..2 {
+            // SAFETY: R rows of 8 floats at stride row_len (caller).
+            unsafe { vst1q_f32(out.add(r * row_len + 4 * h), y[r][h]) };
         }
     }
 }
@@ -367,15 +386,15 @@ unsafe fn weight_only_tile<const R: usize>(x: &[f32], i0: usize, weights: &Packe
 /// `x` holds `M · padded_in_features()` floats; the weight group size is `K` or a multiple of 4;
 /// `blocks` within the weights; `out` has `M` writable rows of `8·blocks.len()` floats.
 pub unsafe fn weight_only_blocks(x: &[f32], m: usize, weights: &PackedInt8Weights, blocks: Range<usize>, out: BlockOutputs) {
-    // SAFETY: the operations below are those this function's `# Safety` section makes the caller answer for (features present, pointers and ranges valid).
-    unsafe {
-        let row_len = out.row_len();
-        weight_only_tiles(m, blocks, out, |rows, i, b, at| match rows {
-            // SAFETY: the caller's contract; weight_only_tiles keeps rows, blocks and `at` in range.
+    let row_len = out.row_len();
+    // SAFETY: the caller's contract (x, the group size); weight_only_tiles keeps rows, blocks
+    // and `at` in range.
+    weight_only_tiles(m, blocks, out, |rows, i, b, at| unsafe {
+        match rows {
             4 => weight_only_tile::<4>(x, i, weights, b, at, row_len),
             _ => weight_only_tile::<1>(x, i, weights, b, at, row_len),
-        })
-    }
+        }
+    })
 }
 
 /// `(max |x|, whether every value is finite)`.
@@ -406,24 +425,26 @@ pub fn abs_max(x: &[f32]) -> (f32, bool) {
 /// # Safety
 /// `x` finite; `q.len() >= x.len()`.
 pub unsafe fn quantize_symmetric(x: &[f32], inv: f32, q: &mut [i8]) {
-    // SAFETY: the operations below are those this function's `# Safety` section makes the caller answer for (features present, pointers and ranges valid).
-    unsafe {
-        let (lo, hi) = (vdupq_n_f32(-127.0), vdupq_n_f32(127.0));
-        let mut i = 0;
-        while i + 16 <= x.len() {
-            let mut v = [vdupq_n_s32(0); 4];
-            for (j, vj) in v.iter_mut().enumerate() {
-                // SAFETY: i + 16 <= x.len().
-                let r = vmulq_n_f32(vld1q_f32(x.as_ptr().add(i + 4 * j)), inv);
-                *vj = vcvtnq_s32_f32(vminq_f32(vmaxq_f32(r, lo), hi));
-            }
-            let halves = [vcombine_s16(vqmovn_s32(v[0]), vqmovn_s32(v[1])), vcombine_s16(vqmovn_s32(v[2]), vqmovn_s32(v[3]))];
-            // SAFETY: q has as many bytes as x has floats.
-            vst1q_s8(q.as_mut_ptr().add(i), vcombine_s8(vqmovn_s16(halves[0]), vqmovn_s16(halves[1])));
-            i += 16;
+    // SAFETY: NEON register arithmetic only; NEON is part of every aarch64 target.
+    let (lo, hi) = (unsafe { vdupq_n_f32(-127.0) }, unsafe { vdupq_n_f32(127.0) });
+    let mut i = 0;
+    while i + 16 <= x.len() {
+        // SAFETY: NEON register arithmetic only; NEON is part of every aarch64 target.
+        let mut v = [unsafe { vdupq_n_s32(0) }; 4];
+        for (j, vj) in v.iter_mut().enumerate() {
+            // SAFETY: i + 16 <= x.len().
+            let r = unsafe { vmulq_n_f32(vld1q_f32(x.as_ptr().add(i + 4 * j)), inv) };
+            // SAFETY: NEON register arithmetic only; NEON is part of every aarch64 target.
+            *vj = unsafe { vcvtnq_s32_f32(vminq_f32(vmaxq_f32(r, lo), hi)) };
         }
-        for (qv, &xv) in q[i..].iter_mut().zip(&x[i..]) {
-            *qv = crate::quant::quantize_value(xv, inv, 0, -127, 127) as i8;
-        }
+        let halves =
+            // SAFETY: NEON register arithmetic only; NEON is part of every aarch64 target.
+            [unsafe { vcombine_s16(vqmovn_s32(v[0]), vqmovn_s32(v[1])) }, unsafe { vcombine_s16(vqmovn_s32(v[2]), vqmovn_s32(v[3])) }];
+        // SAFETY: q has as many bytes as x has floats.
+        unsafe { vst1q_s8(q.as_mut_ptr().add(i), vcombine_s8(vqmovn_s16(halves[0]), vqmovn_s16(halves[1]))) };
+        i += 16;
+    }
+    for (qv, &xv) in q[i..].iter_mut().zip(&x[i..]) {
+        *qv = crate::quant::quantize_value(xv, inv, 0, -127, 127) as i8;
     }
 }

@@ -26,11 +26,8 @@ pub fn available() -> bool {
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn load_scales(p: *const f16) -> __m256 {
-    // SAFETY: the operations below are those this function's `# Safety` section makes the caller answer for (features present, pointers and ranges valid).
-    unsafe {
-        // SAFETY: eight f16 are 16 readable bytes (caller).
-        _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
-    }
+    // SAFETY: eight f16 are 16 readable bytes (caller).
+    _mm256_cvtph_ps(unsafe { _mm_loadu_si128(p as *const __m128i) })
 }
 
 /// `acc + Σ₄ u·w` per 32-bit lane — `vpdpbusd` (unsigned bytes of `u` times the signed bytes of
@@ -116,131 +113,142 @@ macro_rules! int8_tiles {
                 b0: usize,
                 sink: Sink,
             ) {
-                // SAFETY: the operations below are those this function's `# Safety` section makes the caller answer for (features present, pointers and ranges valid).
-                unsafe {
-                    let stride = op.weights.padded_in_features();
-                    let quads = stride / 4;
-                    let (segs, seg_quads) = op.segments();
-                    // SQ > 0: every segment is exactly SQ quads (the caller checked), a loop the
-                    // compiler unrolls.
-                    let seg_quads = if SQ > 0 { SQ } else { seg_quads };
-                    let (a_step, w_step) = op.scale_steps();
-                    let (ones, shift) = (_mm256_set1_epi16(1), _mm256_set1_epi8(-128));
-                    let (a, sa) = op.row_pointers::<R>(i0);
-                    let ua: [*const u8; R] = std::array::from_fn(|r| op.abs.as_ptr().wrapping_add((i0 + r) * stride));
-                    let na: [*const u8; R] = std::array::from_fn(|r| op.neg_mask.as_ptr().wrapping_add((i0 + r) * stride));
-                    let (w, sw) = op.block_pointers::<V>(b0);
-                    let mut y = [[_mm256_setzero_ps(); V]; R];
-                    for g in 0..segs {
-                        // Each segment sum starts at minus what the byte products add beyond
-                        // Σ a·w, stored negated so that it is broadcast straight from memory
-                        // (`Int8Operands::shift_terms`).
-                        let mut acc: [[__m256i; V]; R] = std::array::from_fn(|r| {
-                            // SAFETY: shift_terms holds M · segs values (caller).
-                            [_mm256_set1_epi32(*op.shift_terms.get_unchecked((i0 + r) * segs + g)); V]
-                        });
-                        let q_end = if SQ > 0 { (g + 1) * SQ } else { ((g + 1) * seg_quads).min(quads) };
-                        for q in g * seg_quads..q_end {
-                            let mut wv = [_mm256_setzero_si256(); V];
-                            for v in 0..V {
-                                // SAFETY: a block holds 8·stride = 32·quads bytes.
-                                wv[v] = _mm256_loadu_si256(w[v].add(32 * q) as *const __m256i);
-                                if $vnni {
-                                    // xor 0x80 turns each signed byte w into the unsigned w + 128.
-                                    wv[v] = _mm256_xor_si256(wv[v], shift);
-                                }
-                            }
-                            for r in 0..R {
-                                // The row's four activations (or their magnitudes and sign mask) in
-                                // every lane. SAFETY: a padded row (and its |a| and mask) holds
-                                // stride = 4·quads bytes.
-                                if $vnni {
-                                    let act = _mm256_set1_epi32((a[r].add(4 * q) as *const i32).read_unaligned());
-                                    for v in 0..V {
-                                        acc[r][v] = $dot(acc[r][v], wv[v], act);
-                                    }
-                                } else {
-                                    let mag = _mm256_set1_epi32((ua[r].add(4 * q) as *const i32).read_unaligned());
-                                    let neg = _mm256_set1_epi32((na[r].add(4 * q) as *const i32).read_unaligned());
-                                    for v in 0..V {
-                                        let pairs = _mm256_maddubs_epi16(mag, _mm256_xor_si256(wv[v], neg));
-                                        acc[r][v] = _mm256_add_epi32(acc[r][v], _mm256_madd_epi16(pairs, ones));
-                                    }
-                                }
-                            }
-                        }
-                        if SUMS {
-                            for r in 0..R {
-                                for v in 0..V {
-                                    let mut lanes = [0i32; BLOCK_ROWS];
-                                    _mm256_storeu_si256(lanes.as_mut_ptr() as *mut __m256i, acc[r][v]);
-                                    // SAFETY: the sums buffer holds M·N_pad·segs values (caller).
-                                    sink.put_sums(op, i0 + r, b0 + v, g, &lanes);
-                                }
-                            }
-                        } else if w_step == 0 {
-                            // One weight scale per channel: it multiplies the sum of all segments once,
-                            // after the last one.
-                            for r in 0..R {
-                                // SAFETY: each row has one scale, or one per segment when a_step is 1.
-                                let s = _mm256_set1_ps(*sa[r].add(g * a_step));
-                                for v in 0..V {
-                                    y[r][v] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r][v]), s, y[r][v]);
-                                }
-                            }
-                        } else {
-                            for r in 0..R {
-                                // SAFETY: each row has one scale, or one per segment when a_step is 1.
-                                let s = _mm256_set1_ps(*sa[r].add(g * a_step));
-                                for v in 0..V {
-                                    // SAFETY: a block has 8 scales per weight group.
-                                    let scale = _mm256_mul_ps(load_scales(sw[v].add(BLOCK_ROWS * g)), s);
-                                    y[r][v] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r][v]), scale, y[r][v]);
-                                }
-                            }
-                        }
-                    }
-                    if !SUMS && w_step == 0 {
+                let stride = op.weights.padded_in_features();
+                let quads = stride / 4;
+                let (segs, seg_quads) = op.segments();
+                // SQ > 0: every segment is exactly SQ quads (the caller checked), a loop the
+                // compiler unrolls.
+                let seg_quads = if SQ > 0 { SQ } else { seg_quads };
+                let (a_step, w_step) = op.scale_steps();
+                let (ones, shift) = (_mm256_set1_epi16(1), _mm256_set1_epi8(-128));
+                let (a, sa) = op.row_pointers::<R>(i0);
+                let ua: [*const u8; R] = std::array::from_fn(|r| op.abs.as_ptr().wrapping_add((i0 + r) * stride));
+                let na: [*const u8; R] = std::array::from_fn(|r| op.neg_mask.as_ptr().wrapping_add((i0 + r) * stride));
+                let (w, sw) = op.block_pointers::<V>(b0);
+                let mut y = [[_mm256_setzero_ps(); V]; R];
+                for g in 0..segs {
+                    // Each segment sum starts at minus what the byte products add beyond
+                    // Σ a·w, stored negated so that it is broadcast straight from memory
+                    // (`Int8Operands::shift_terms`).
+                    let mut acc: [[__m256i; V]; R] = std::array::from_fn(|r| {
+                        // SAFETY: shift_terms holds M · segs values (caller).
+                        [_mm256_set1_epi32(*unsafe { op.shift_terms.get_unchecked((i0 + r) * segs + g) }); V]
+                    });
+                    let q_end = if SQ > 0 { (g + 1) * SQ } else { ((g + 1) * seg_quads).min(quads) };
+                    for q in g * seg_quads..q_end {
+                        let mut wv = [_mm256_setzero_si256(); V];
                         for v in 0..V {
-                            // SAFETY: a block has 8 scales (one group).
-                            let scale = load_scales(sw[v]);
-                            for r in 0..R {
-                                y[r][v] = _mm256_mul_ps(y[r][v], scale);
+                            // SAFETY: a block holds 8·stride = 32·quads bytes.
+                            wv[v] = unsafe { _mm256_loadu_si256(w[v].add(32 * q) as *const __m256i) };
+                            if $vnni {
+                                // xor 0x80 turns each signed byte w into the unsigned w + 128.
+                                wv[v] = _mm256_xor_si256(wv[v], shift);
+                            }
+                        }
+                        for r in 0..R {
+                            // The row's four activations (or their magnitudes and sign mask) in
+                            // every lane.
+                            if $vnni {
+                                // SAFETY: a padded row holds stride = 4·quads bytes, so quad q's
+                                // four bytes are inside it (read unaligned).
+                                let act = _mm256_set1_epi32(unsafe { (a[r].add(4 * q) as *const i32).read_unaligned() });
+                                for v in 0..V {
+                                    // SAFETY: $dot needs only the family's features, which this
+                                    // function enables (and the caller vouches for).
+                                    acc[r][v] = unsafe { $dot(acc[r][v], wv[v], act) };
+                                }
+                            } else {
+                                // SAFETY: |a| and the sign mask hold stride = 4·quads bytes per
+                                // row (op.abs, op.neg_mask: the caller's contract), so quad q's four
+                                // bytes are inside each (read unaligned).
+                                let (mag, neg) = unsafe {
+                                    (
+                                        _mm256_set1_epi32((ua[r].add(4 * q) as *const i32).read_unaligned()),
+                                        _mm256_set1_epi32((na[r].add(4 * q) as *const i32).read_unaligned()),
+                                    )
+                                };
+                                for v in 0..V {
+                                    let pairs = _mm256_maddubs_epi16(mag, _mm256_xor_si256(wv[v], neg));
+                                    acc[r][v] = _mm256_add_epi32(acc[r][v], _mm256_madd_epi16(pairs, ones));
+                                }
                             }
                         }
                     }
-                    if !SUMS {
-                        // Float outliers (LLM.int8()-style): y += x · q[n,c] · sw[n,c/group], with the
-                        // weight quad still in cache. Byte c%4 of each 32-bit lane is shifted to the top
-                        // and arithmetic-shifted back down, sign-extending the eight outputs' weights at once.
-                        for r in 0..R {
-                            for &(c, x) in op.acts.row_outliers(i0 + r) {
-                                let c = c as usize;
-                                let to_top = _mm_cvtsi32_si128(24 - 8 * (c % 4) as i32);
-                                let (xs, g) = (_mm256_set1_ps(x), c / op.weights.group_size());
-                                for v in 0..V {
-                                    // SAFETY: c < K, so quad c/4 and group g exist in every block.
-                                    let quad = _mm256_loadu_si256(w[v].add(32 * (c / 4)) as *const __m256i);
-                                    let q = _mm256_srai_epi32(_mm256_sll_epi32(quad, to_top), 24);
-                                    let wf = _mm256_mul_ps(_mm256_cvtepi32_ps(q), load_scales(sw[v].add(BLOCK_ROWS * g)));
-                                    y[r][v] = _mm256_fmadd_ps(wf, xs, y[r][v]);
-                                }
-                            }
-                        }
-                        if let Some(bias) = op.bias {
-                            for v in 0..V {
-                                // SAFETY: the bias holds 8·blocks values (Int8Operands::bias).
-                                let b = _mm256_loadu_ps(bias.as_ptr().add(BLOCK_ROWS * (b0 + v)));
-                                for r in 0..R {
-                                    y[r][v] = _mm256_add_ps(y[r][v], b);
-                                }
-                            }
-                        }
+                    if SUMS {
                         for r in 0..R {
                             for v in 0..V {
-                                // SAFETY: the caller gives R rows of 8·V floats at stride row_len.
-                                _mm256_storeu_ps(sink.out.add(r * sink.row_len + BLOCK_ROWS * v), y[r][v]);
+                                let mut lanes = [0i32; BLOCK_ROWS];
+                                // SAFETY: `lanes` is 8 i32, the 32 bytes stored.
+                                unsafe { _mm256_storeu_si256(lanes.as_mut_ptr() as *mut __m256i, acc[r][v]) };
+                                // SAFETY: the sums buffer holds M·N_pad·segs values (caller).
+                                unsafe { sink.put_sums(op, i0 + r, b0 + v, g, &lanes) };
                             }
+                        }
+                    } else if w_step == 0 {
+                        // One weight scale per channel: it multiplies the sum of all segments once,
+                        // after the last one.
+                        for r in 0..R {
+                            // SAFETY: each row has one scale, or one per segment when a_step is 1.
+                            let s = _mm256_set1_ps(unsafe { *sa[r].add(g * a_step) });
+                            for v in 0..V {
+                                y[r][v] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r][v]), s, y[r][v]);
+                            }
+                        }
+                    } else {
+                        for r in 0..R {
+                            // SAFETY: each row has one scale, or one per segment when a_step is 1.
+                            let s = _mm256_set1_ps(unsafe { *sa[r].add(g * a_step) });
+                            for v in 0..V {
+                                // SAFETY: a block has 8 scales per weight group.
+                                let scale = _mm256_mul_ps(unsafe { load_scales(sw[v].add(BLOCK_ROWS * g)) }, s);
+                                y[r][v] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r][v]), scale, y[r][v]);
+                            }
+                        }
+                    }
+                }
+                if !SUMS && w_step == 0 {
+                    for v in 0..V {
+                        // SAFETY: a block has 8 scales (one group).
+                        let scale = unsafe { load_scales(sw[v]) };
+                        for r in 0..R {
+                            y[r][v] = _mm256_mul_ps(y[r][v], scale);
+                        }
+                    }
+                }
+                if !SUMS {
+                    // Float outliers (LLM.int8()-style): y += x · q[n,c] · sw[n,c/group], with the
+                    // weight quad still in cache. Byte c%4 of each 32-bit lane is shifted to the top
+                    // and arithmetic-shifted back down, sign-extending the eight outputs' weights at once.
+                    for r in 0..R {
+                        for &(c, x) in op.acts.row_outliers(i0 + r) {
+                            let c = c as usize;
+                            let to_top = _mm_cvtsi32_si128(24 - 8 * (c % 4) as i32);
+                            let (xs, g) = (_mm256_set1_ps(x), c / op.weights.group_size());
+                            for v in 0..V {
+                                // SAFETY: c < K, so quad c/4 and group g exist in every block: 32
+                                // weight bytes and 8 scales.
+                                let (quad, scales) = unsafe {
+                                    (_mm256_loadu_si256(w[v].add(32 * (c / 4)) as *const __m256i), load_scales(sw[v].add(BLOCK_ROWS * g)))
+                                };
+                                let q = _mm256_srai_epi32(_mm256_sll_epi32(quad, to_top), 24);
+                                let wf = _mm256_mul_ps(_mm256_cvtepi32_ps(q), scales);
+                                y[r][v] = _mm256_fmadd_ps(wf, xs, y[r][v]);
+                            }
+                        }
+                    }
+                    if let Some(bias) = op.bias {
+                        for v in 0..V {
+                            // SAFETY: the bias holds 8·blocks values (Int8Operands::bias).
+                            let b = unsafe { _mm256_loadu_ps(bias.as_ptr().add(BLOCK_ROWS * (b0 + v))) };
+                            for r in 0..R {
+                                y[r][v] = _mm256_add_ps(y[r][v], b);
+                            }
+                        }
+                    }
+                    for r in 0..R {
+                        for v in 0..V {
+                            // SAFETY: the caller gives R rows of 8·V floats at stride row_len.
+                            unsafe { _mm256_storeu_ps(sink.out.add(r * sink.row_len + BLOCK_ROWS * v), y[r][v]) };
                         }
                     }
                 }
@@ -257,20 +265,23 @@ macro_rules! int8_tiles {
             /// `M × 8·blocks.len()` and points at its start.
             #[target_feature(enable = $features)]
             unsafe fn run_tiles<const SUMS: bool>(op: &Int8Operands, blocks: Range<usize>, sink: Sink) {
-                // SAFETY: the operations below are those this function's `# Safety` section makes the caller answer for (features present, pointers and ranges valid).
-                unsafe {
-                    let m = op.acts.rows();
-                    let panel = if m == 1 { 8 } else { $panel };
-                    // Groups of 32 channels (the default on both sides): segments of 8 whole quads.
-                    let eight_quad_segments = matches!(op.segments(), (segs, 8) if segs > 1);
-                    let mut b = blocks.start;
-                    while b < blocks.end {
-                        // The widest panel that fits what is left: 8, 4, 3, 2 or 1 blocks.
-                        let v = [8, 4, 3, 2, 1].into_iter().find(|&v| v <= panel && v <= blocks.end - b).unwrap_or(1);
-                        let mut i = 0;
-                        while i < m {
-                            let r = (m - i).min(4);
-                            let at = sink.at(i, b - blocks.start);
+                let m = op.acts.rows();
+                let panel = if m == 1 { 8 } else { $panel };
+                // Groups of 32 channels (the default on both sides): segments of 8 whole quads.
+                let eight_quad_segments = matches!(op.segments(), (segs, 8) if segs > 1);
+                let mut b = blocks.start;
+                while b < blocks.end {
+                    // The widest panel that fits what is left: 8, 4, 3, 2 or 1 blocks.
+                    let v = [8, 4, 3, 2, 1].into_iter().find(|&v| v <= panel && v <= blocks.end - b).unwrap_or(1);
+                    let mut i = 0;
+                    while i < m {
+                        let r = (m - i).min(4);
+                        let at = sink.at(i, b - blocks.start);
+                        // SAFETY: rows i..i+r < M and blocks b..b+v ≤ blocks.end exist; `at` is
+                        // row i, block b of the sink; the operands and the features are this
+                        // function's own contract, which is tile's; 8-quad segments (SQ = 8)
+                        // only where every segment is 8 quads.
+                        unsafe {
                             match (r, v, eight_quad_segments) {
                                 (1, 8, _) => tile::<1, 8, SUMS, 0>(op, i, b, at),
                                 (1, 4, _) => tile::<1, 4, SUMS, 0>(op, i, b, at),
@@ -288,11 +299,11 @@ macro_rules! int8_tiles {
                                 (_, 2, true) => tile::<4, 2, SUMS, 8>(op, i, b, at),
                                 (_, 2, false) => tile::<4, 2, SUMS, 0>(op, i, b, at),
                                 _ => tile::<4, 1, SUMS, 0>(op, i, b, at),
-                            }
-                            i += r;
+    }
                         }
-                        b += v;
+                        i += r;
                     }
+                    b += v;
                 }
             }
 
@@ -305,10 +316,8 @@ macro_rules! int8_tiles {
             /// says; `op.seg` is `K` or a multiple of 4 matching the grouped side(s); `blocks`
             /// lies within the weights' blocks; `out` has `M` writable rows of `8·blocks.len()` floats.
             pub unsafe fn int8_blocks(op: &Int8Operands, blocks: Range<usize>, out: BlockOutputs) {
-                // SAFETY: the operations below are those this function's `# Safety` section makes the caller answer for (features present, pointers and ranges valid).
-                unsafe {
-                    run_tiles::<false>(op, blocks, Sink::outputs(out))
-                }
+                // SAFETY: run_tiles' contract is this function's (its `out` as the sink).
+                unsafe { run_tiles::<false>(op, blocks, Sink::outputs(out)) }
             }
 
             /// The exact `i32` sum of every segment, `sums[((i·N_pad) + n)·segments + g]` — the
@@ -317,10 +326,8 @@ macro_rules! int8_tiles {
             /// # Safety
             /// As [`int8_blocks`] over all blocks; `sums` holds `M · 8·blocks · segments` values.
             pub unsafe fn int8_segment_sums(op: &Int8Operands, sums: &mut [i32]) {
-                // SAFETY: the operations below are those this function's `# Safety` section makes the caller answer for (features present, pointers and ranges valid).
-                unsafe {
-                    run_tiles::<true>(op, 0..op.weights.blocks(), Sink::sums(sums))
-                }
+                // SAFETY: run_tiles' contract over all blocks, `sums` sized for them (caller).
+                unsafe { run_tiles::<true>(op, 0..op.weights.blocks(), Sink::sums(sums)) }
             }
         }
     };
@@ -342,17 +349,14 @@ int8_tiles!(avx512_vnni, "avx2,fma,f16c,avx512f,avx512vl,avx512vnni", true, dpbu
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn widen_quad(packed: *const i8) -> [__m256; 4] {
-    // SAFETY: the operations below are those this function's `# Safety` section makes the caller answer for (features present, pointers and ranges valid).
-    unsafe {
-        let transpose =
-            _mm256_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15, 0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
-        // SAFETY: the caller points at 32 readable bytes.
-        let v = _mm256_shuffle_epi8(_mm256_loadu_si256(packed as *const __m256i), transpose);
-        let v = _mm256_permutevar8x32_epi32(v, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
-        let (lo, hi) = (_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-        let f = |x: __m128i| _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(x));
-        [f(lo), f(_mm_unpackhi_epi64(lo, lo)), f(hi), f(_mm_unpackhi_epi64(hi, hi))]
-    }
+    let transpose =
+        _mm256_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15, 0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+    // SAFETY: the caller points at 32 readable bytes.
+    let v = _mm256_shuffle_epi8(unsafe { _mm256_loadu_si256(packed as *const __m256i) }, transpose);
+    let v = _mm256_permutevar8x32_epi32(v, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    let (lo, hi) = (_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    let f = |x: __m128i| _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(x));
+    [f(lo), f(_mm_unpackhi_epi64(lo, lo)), f(hi), f(_mm_unpackhi_epi64(hi, hi))]
 }
 
 /// `R` float rows against one weight block, weights widened once per quad for all rows.
@@ -363,35 +367,34 @@ unsafe fn widen_quad(packed: *const i8) -> [__m256; 4] {
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn weight_only_tile<const R: usize>(x: &[f32], i0: usize, weights: &PackedInt8Weights, b: usize, out: *mut f32, row_len: usize) {
-    // SAFETY: the operations below are those this function's `# Safety` section makes the caller answer for (features present, pointers and ranges valid).
-    unsafe {
-        let (k, stride) = (weights.in_features(), weights.padded_in_features());
-        let quads = stride / 4;
-        let (segs, seg_quads) = segments(k, stride, weights.group_size());
-        let (w, sw) = (weights.block(b).as_ptr(), weights.block_scales(b).as_ptr());
-        let mut y = [_mm256_setzero_ps(); R];
-        for g in 0..segs {
-            let mut acc = [_mm256_setzero_ps(); R];
-            for q in g * seg_quads..((g + 1) * seg_quads).min(quads) {
-                // SAFETY: a block holds 32·quads bytes; each x row holds 4·quads floats.
-                let wq = widen_quad(w.add(32 * q));
-                for r in 0..R {
-                    let xr = x.as_ptr().add((i0 + r) * stride + 4 * q);
-                    for (t, wt) in wq.iter().enumerate() {
-                        acc[r] = _mm256_fmadd_ps(*wt, _mm256_set1_ps(*xr.add(t)), acc[r]);
-                    }
+    let (k, stride) = (weights.in_features(), weights.padded_in_features());
+    let quads = stride / 4;
+    let (segs, seg_quads) = segments(k, stride, weights.group_size());
+    let (w, sw) = (weights.block(b).as_ptr(), weights.block_scales(b).as_ptr());
+    let mut y = [_mm256_setzero_ps(); R];
+    for g in 0..segs {
+        let mut acc = [_mm256_setzero_ps(); R];
+        for q in g * seg_quads..((g + 1) * seg_quads).min(quads) {
+            // SAFETY: a block holds 32·quads bytes, so quad q's 32 are inside it.
+            let wq = unsafe { widen_quad(w.add(32 * q)) };
+            for r in 0..R {
+                // SAFETY: rows i0..i0+R of x exist and each holds stride = 4·quads floats (the
+                // caller's contract), so quad q's four values are inside row i0 + r.
+                let xq: [f32; 4] = unsafe { x.as_ptr().add((i0 + r) * stride + 4 * q).cast::<[f32; 4]>().read_unaligned() };
+                for (wt, &xt) in wq.iter().zip(&xq) {
+                    acc[r] = _mm256_fmadd_ps(*wt, _mm256_set1_ps(xt), acc[r]);
                 }
             }
-            // SAFETY: 8 scales per group (a single group when per channel).
-            let s = load_scales(sw.add(BLOCK_ROWS * g * (segs > 1) as usize));
-            for r in 0..R {
-                y[r] = _mm256_fmadd_ps(acc[r], s, y[r]);
-            }
         }
+        // SAFETY: 8 scales per group (a single group when per channel).
+        let s = unsafe { load_scales(sw.add(BLOCK_ROWS * g * (segs > 1) as usize)) };
         for r in 0..R {
-            // SAFETY: R rows of 8 floats at stride row_len (caller).
-            _mm256_storeu_ps(out.add(r * row_len), y[r]);
+            y[r] = _mm256_fmadd_ps(acc[r], s, y[r]);
         }
+    }
+    for r in 0..R {
+        // SAFETY: R rows of 8 floats at stride row_len (caller).
+        unsafe { _mm256_storeu_ps(out.add(r * row_len), y[r]) };
     }
 }
 
@@ -402,15 +405,15 @@ unsafe fn weight_only_tile<const R: usize>(x: &[f32], i0: usize, weights: &Packe
 /// AVX2+FMA+F16C available; `x` holds `M · padded_in_features()` floats; the weight group size is
 /// `K` or a multiple of 4; `blocks` within the weights; `out` has `M` writable rows of `8·blocks.len()` floats.
 pub unsafe fn weight_only_blocks(x: &[f32], m: usize, weights: &PackedInt8Weights, blocks: Range<usize>, out: BlockOutputs) {
-    // SAFETY: the operations below are those this function's `# Safety` section makes the caller answer for (features present, pointers and ranges valid).
-    unsafe {
-        let row_len = out.row_len();
-        weight_only_tiles(m, blocks, out, |rows, i, b, at| match rows {
-            // SAFETY: the caller's contract; weight_only_tiles keeps rows, blocks and `at` in range.
+    let row_len = out.row_len();
+    // SAFETY: the caller's contract (x, the group size, the features); weight_only_tiles keeps
+    // rows, blocks and `at` in range.
+    weight_only_tiles(m, blocks, out, |rows, i, b, at| unsafe {
+        match rows {
             4 => weight_only_tile::<4>(x, i, weights, b, at, row_len),
             _ => weight_only_tile::<1>(x, i, weights, b, at, row_len),
-        })
-    }
+        }
+    })
 }
 
 /// `(max |x|, whether every value is finite)`.
@@ -420,30 +423,27 @@ pub unsafe fn weight_only_blocks(x: &[f32], m: usize, weights: &PackedInt8Weight
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn abs_max(x: &[f32]) -> (f32, bool) {
-    // SAFETY: the operations below are those this function's `# Safety` section makes the caller answer for (features present, pointers and ranges valid).
-    unsafe {
-        let (sign, zero) = (_mm256_set1_ps(-0.0), _mm256_setzero_ps());
-        let (mut amax, mut probe) = (zero, zero);
-        let chunks = x.chunks_exact(8);
-        let tail = chunks.remainder();
-        for c in chunks {
-            // SAFETY: chunks_exact gives 8 floats.
-            let v = _mm256_loadu_ps(c.as_ptr());
-            amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v));
-            // x·0 is 0 for finite x and NaN for NaN or ±Inf.
-            probe = _mm256_add_ps(probe, _mm256_mul_ps(v, zero));
-        }
-        // Fold the eight lanes in registers: halves, then pairs, then neighbours.
-        let m = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
-        let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-        let mut m = _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
-        let mut finite = _mm256_movemask_ps(_mm256_cmp_ps(probe, probe, _CMP_UNORD_Q)) == 0;
-        for &v in tail {
-            m = m.max(v.abs());
-            finite &= v * 0.0 == 0.0;
-        }
-        (m, finite)
+    let (sign, zero) = (_mm256_set1_ps(-0.0), _mm256_setzero_ps());
+    let (mut amax, mut probe) = (zero, zero);
+    let chunks = x.chunks_exact(8);
+    let tail = chunks.remainder();
+    for c in chunks {
+        // SAFETY: chunks_exact gives 8 floats.
+        let v = unsafe { _mm256_loadu_ps(c.as_ptr()) };
+        amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v));
+        // x·0 is 0 for finite x and NaN for NaN or ±Inf.
+        probe = _mm256_add_ps(probe, _mm256_mul_ps(v, zero));
     }
+    // Fold the eight lanes in registers: halves, then pairs, then neighbours.
+    let m = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+    let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    let mut m = _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+    let mut finite = _mm256_movemask_ps(_mm256_cmp_ps(probe, probe, _CMP_UNORD_Q)) == 0;
+    for &v in tail {
+        m = m.max(v.abs());
+        finite &= v * 0.0 == 0.0;
+    }
+    (m, finite)
 }
 
 /// `q[i] = round_half_even(clamp(x[i] · inv, −127, 127))`, bit for bit what
@@ -454,27 +454,24 @@ pub unsafe fn abs_max(x: &[f32]) -> (f32, bool) {
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn quantize_symmetric(x: &[f32], inv: f32, q: &mut [i8]) {
-    // SAFETY: the operations below are those this function's `# Safety` section makes the caller answer for (features present, pointers and ranges valid).
-    unsafe {
-        let (inv, lo, hi) = (_mm256_set1_ps(inv), _mm256_set1_ps(-127.0), _mm256_set1_ps(127.0));
-        let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
-        let mut i = 0;
-        while i + 32 <= x.len() {
-            let mut v = [_mm256_setzero_si256(); 4];
-            for (j, vj) in v.iter_mut().enumerate() {
-                // SAFETY: i + 32 <= x.len().
-                let r = _mm256_mul_ps(_mm256_loadu_ps(x.as_ptr().add(i + 8 * j)), inv);
-                *vj = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(r, lo), hi));
-            }
-            // Packing works per 128-bit half; the permute puts the 32 bytes back in order.
-            let bytes = _mm256_packs_epi16(_mm256_packs_epi32(v[0], v[1]), _mm256_packs_epi32(v[2], v[3]));
-            // SAFETY: q has as many bytes as x has floats.
-            _mm256_storeu_si256(q.as_mut_ptr().add(i) as *mut __m256i, _mm256_permutevar8x32_epi32(bytes, order));
-            i += 32;
+    let (inv, lo, hi) = (_mm256_set1_ps(inv), _mm256_set1_ps(-127.0), _mm256_set1_ps(127.0));
+    let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    let mut i = 0;
+    while i + 32 <= x.len() {
+        let mut v = [_mm256_setzero_si256(); 4];
+        for (j, vj) in v.iter_mut().enumerate() {
+            // SAFETY: i + 32 <= x.len().
+            let r = _mm256_mul_ps(unsafe { _mm256_loadu_ps(x.as_ptr().add(i + 8 * j)) }, inv);
+            *vj = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(r, lo), hi));
         }
-        for (qv, &xv) in q[i..].iter_mut().zip(&x[i..]) {
-            *qv = crate::quant::quantize_value(xv, _mm256_cvtss_f32(inv), 0, -127, 127) as i8;
-        }
+        // Packing works per 128-bit half; the permute puts the 32 bytes back in order.
+        let bytes = _mm256_packs_epi16(_mm256_packs_epi32(v[0], v[1]), _mm256_packs_epi32(v[2], v[3]));
+        // SAFETY: q has as many bytes as x has floats.
+        unsafe { _mm256_storeu_si256(q.as_mut_ptr().add(i) as *mut __m256i, _mm256_permutevar8x32_epi32(bytes, order)) };
+        i += 32;
+    }
+    for (qv, &xv) in q[i..].iter_mut().zip(&x[i..]) {
+        *qv = crate::quant::quantize_value(xv, _mm256_cvtss_f32(inv), 0, -127, 127) as i8;
     }
 }
 

@@ -90,22 +90,30 @@ macro_rules! attention_tiles {
             /// `t`, and `keys` `t` rows of `d`.
             #[target_feature(enable = $features)]
             pub unsafe fn attention_scores(q: &[f32], keys: &[f32], d: usize, scale: f32, p: &mut [f32]) {
-                // SAFETY: the operations below are those this function's `# Safety` section makes the caller answer for (features present, pointers and ranges valid).
-                unsafe {
-                    let heads = q.len() / d;
-                    let t = p.len() / heads;
-                    let (q, k, p) = (q.as_ptr(), keys.as_ptr(), p.as_mut_ptr());
-                    if d % 8 != 0 {
-                        // Heads not whole vectors: one key at a time, all heads together.
-                        return match heads {
+                let heads = q.len() / d;
+                let t = p.len() / heads;
+                let (q, k, p) = (q.as_ptr(), keys.as_ptr(), p.as_mut_ptr());
+                if d % 8 != 0 {
+                    // Heads not whole vectors: one key at a time, all heads together.
+                    // SAFETY: q holds `heads` (1 to 4) rows of d, keys t rows of d, p `heads`
+                    // rows of t (this function's contract); the features are enabled here.
+                    return unsafe {
+                        match heads {
                             1 => scores_one_at_a_time::<1>(q, k, d, scale, p, t, 0..t),
                             2 => scores_one_at_a_time::<2>(q, k, d, scale, p, t, 0..t),
                             3 => scores_one_at_a_time::<3>(q, k, d, scale, p, t, 0..t),
                             _ => scores_one_at_a_time::<4>(q, k, d, scale, p, t, 0..t),
-                        };
-                    }
-                    // (heads, keys) per tile: RP·KP accumulators, RP query and one key register.
-                    let (q2, p2) = (q.add(2 * d), p.add(2 * t));
+                        }
+                    };
+                }
+                // (heads, keys) per tile: RP·KP accumulators, RP query and one key register.
+                // Heads 3 and 4 split into tiles of 2 + 1 or 2 + 2: the second starts at head 2
+                // of q and p (`wrapping_add`: only dereferenced when those heads exist).
+                let (q2, p2) = (q.wrapping_add(2 * d), p.wrapping_add(2 * t));
+                // SAFETY: q holds `heads` (1 to 4) rows of d, keys t rows of d, p `heads` rows of
+                // t (this function's contract): each tile reads and writes only its own heads'
+                // rows; the features are enabled here.
+                unsafe {
                     match (heads, $wide) {
                         (1, _) => scores::<1, 8>(q, k, d, scale, p, t),
                         (2, true) => scores::<2, 8>(q, k, d, scale, p, t),
@@ -172,7 +180,8 @@ macro_rules! attention_tiles {
             /// `t`, and `values` `t` rows of `d`.
             #[target_feature(enable = $features)]
             pub unsafe fn weighted_rows(w: &[f32], values: &[f32], d: usize, y: &mut [f32]) {
-                // SAFETY: the operations below are those this function's `# Safety` section makes the caller answer for (features present, pointers and ranges valid).
+                // SAFETY: y holds 1 to 4 rows of d, w as many rows of t, values t rows of d (this
+                // function's contract); the features are enabled here.
                 unsafe {
                     match y.len() / d {
                         1 => weighted::<1>(w, values, d, y),

@@ -12,7 +12,9 @@ pub(crate) mod memory;
 pub mod safetensors;
 mod shards;
 
-pub(crate) use folder::{read_json, shard_names};
+pub(crate) use folder::read_json;
+#[cfg(feature = "hub")]
+pub(crate) use folder::shard_names;
 pub use folder::{weight_files, SafetensorsSource};
 pub use safetensors::{Dtype, Entry};
 pub use shards::{write_shards, WriteReport};

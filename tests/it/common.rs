@@ -27,7 +27,11 @@ pub fn models() -> &'static Path {
         std::fs::create_dir_all(parent).unwrap_or_else(|e| panic!("cannot create {}: {e}", parent.display()));
         let lock_path = dir.with_extension("lock");
         let lock = std::fs::File::create(&lock_path).unwrap_or_else(|e| panic!("cannot create {}: {e}", lock_path.display()));
-        lock.lock().unwrap_or_else(|e| panic!("cannot lock {}: {e}", lock_path.display()));
+        // flock, not File::lock: the aarch64 test chroot builds with Debian's older rustc.
+        use std::os::fd::AsRawFd;
+        // SAFETY: flock on a file descriptor this File owns for the whole call.
+        let locked = unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) };
+        assert_eq!(locked, 0, "cannot lock {}: {}", lock_path.display(), std::io::Error::last_os_error());
         // Another process may have fetched while this one waited for the lock.
         if !complete(&dir) {
             let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/fetch-models.sh");
