@@ -14,7 +14,7 @@ use crate::nn::QLinearKind;
 use crate::observer::{HistogramObserver, MinMaxObserver, Observer};
 use crate::progress::Progress;
 use crate::quant::{Granularity, QDType, QParams, QScheme, QSpec};
-use candle_core::{bail, Result};
+use candle_core::{bail, Module, Result, Tensor};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -221,10 +221,85 @@ pub fn calibrate<M: CausalLm + Quantizable>(
     windows: &[Vec<u32>],
     mut progress: impl FnMut(Progress),
 ) -> Result<Calibration> {
-    granularity.validate()?;
     if windows.iter().all(|w| w.is_empty()) {
         bail!("calibration needs at least one window of text; none was given")
     }
+    let run = |model: &M| -> Result<()> {
+        for (i, w) in windows.iter().filter(|w| !w.is_empty()).enumerate() {
+            model.forward(w, &mut model.new_cache(), false)?;
+            progress(Progress::items("calibrating windows", i + 1, windows.len()));
+        }
+        Ok(())
+    };
+    let (batches, tokens) = (windows.iter().filter(|w| !w.is_empty()).count(), windows.iter().map(Vec::len).sum());
+    calibrate_with(model, source, observer, granularity, (batches, tokens), run)
+}
+
+/// [`calibrate`] for any model of yours: every input of `inputs` (`[…, in_features]` tensors,
+/// e.g. batches of a calibration set) through `model.forward` with the observers attached, then
+/// the ranges and qparams; [`Calibration::apply`] makes the layers static int8 (per group with
+/// [`StaticGranularity::PerGroup`]). The model is left float. `source` names the model in the
+/// file; `tokens` counts the inputs' rows.
+///
+/// ```
+/// use candle_core::{DType, Device, Module, Result, Tensor};
+/// use candle_nn::{VarBuilder, VarMap};
+/// use candle_quant::calibration::{calibrate_inputs, ObserverKind, StaticGranularity};
+/// use candle_quant::{qlinear, quantizable, QLinear, QuantConfig};
+///
+/// struct Mlp { up: QLinear, down: QLinear }
+/// quantizable!(Mlp { up, down });
+/// impl Module for Mlp {
+///     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+///         self.down.forward(&self.up.forward(x)?.gelu()?)
+///     }
+/// }
+///
+/// # fn main() -> Result<()> {
+/// let vars = VarMap::new();
+/// let vb = VarBuilder::from_varmap(&vars, DType::F32, &Device::Cpu);
+/// let mut mlp = Mlp { up: qlinear(64, 128, vb.pp("up"))?, down: qlinear(128, 64, vb.pp("down"))? };
+/// let batches: Vec<Tensor> = (0..4).map(|_| Tensor::randn(0f32, 1.0, (8, 64), &Device::Cpu)).collect::<Result<_>>()?;
+/// let groups = StaticGranularity::PerGroup { size: 32, float_fraction: 3e-3 };
+/// let calibration = calibrate_inputs(&mut mlp, "mlp", ObserverKind::Minmax, groups, &batches, |_| {})?;
+/// calibration.apply(&mut mlp, &QuantConfig::default())?;
+/// assert_eq!(mlp.up.kind_name(), "int8-static");
+/// # Ok(()) }
+/// ```
+pub fn calibrate_inputs<M: Module + Quantizable>(
+    model: &mut M,
+    source: &str,
+    observer: ObserverKind,
+    granularity: StaticGranularity,
+    inputs: &[Tensor],
+    mut progress: impl FnMut(Progress),
+) -> Result<Calibration> {
+    if inputs.is_empty() {
+        bail!("calibration needs at least one input; none was given")
+    }
+    let rows = |t: &Tensor| t.elem_count() / t.dims().last().copied().unwrap_or(1).max(1);
+    let run = |model: &M| -> Result<()> {
+        for (i, x) in inputs.iter().enumerate() {
+            model.forward(x).map_err(|e| e.context(format!("calibration input {i} of shape {:?}", x.dims())))?;
+            progress(Progress::items("calibrating inputs", i + 1, inputs.len()));
+        }
+        Ok(())
+    };
+    calibrate_with(model, source, observer, granularity, (inputs.len(), inputs.iter().map(rows).sum()), run)
+}
+
+/// The body of [`calibrate`] and [`calibrate_inputs`]: observers on every linear layer's input
+/// while `run` runs `batches` batches of `tokens` rows through the float model, then the ranges
+/// and qparams; every layer back to float, also when `run` fails.
+fn calibrate_with<M: Quantizable + ?Sized>(
+    model: &mut M,
+    source: &str,
+    observer: ObserverKind,
+    granularity: StaticGranularity,
+    (batches, tokens): (usize, usize),
+    run: impl FnOnce(&M) -> Result<()>,
+) -> Result<Calibration> {
+    granularity.validate()?;
     let ident = identity(model, source)?;
     let mut not_float = None;
     model.visit_linears(&mut |l| {
@@ -246,13 +321,6 @@ pub fn calibrate<M: CausalLm + Quantizable>(
             _ => Ok(()),
         })?;
     }
-    let mut run = |model: &M| -> Result<()> {
-        for (i, w) in windows.iter().filter(|w| !w.is_empty()).enumerate() {
-            model.forward(w, &mut model.new_cache(), false)?;
-            progress(Progress::items("calibrating windows", i + 1, windows.len()));
-        }
-        Ok(())
-    };
     let ran = run(model);
     // Collect, then put every layer back to float (also when a window failed).
     let mut layers = BTreeMap::new();
@@ -294,14 +362,13 @@ pub fn calibrate<M: CausalLm + Quantizable>(
     if let Some(e) = failure {
         return Err(e);
     }
-    let tokens = windows.iter().map(Vec::len).sum();
     Ok(Calibration {
         format: FORMAT.into(),
         version: VERSION,
         toolkit_version: env!("CARGO_PKG_VERSION").into(),
         model: ident,
         observer,
-        windows: windows.iter().filter(|w| !w.is_empty()).count(),
+        windows: batches,
         tokens,
         activation: ActivationSpec::of(&ACTIVATION),
         granularity,

@@ -7,7 +7,8 @@
 //!
 //! ```
 //! use candle_core::{Device, Tensor};
-//! use candle_quant::{HistogramObserver, MinMaxObserver, Observer, QDType, QScheme, QSpec};
+//! use candle_quant::observer::{HistogramObserver, MinMaxObserver, Observer};
+//! use candle_quant::{QDType, QScheme, QSpec};
 //!
 //! # fn main() -> candle_core::Result<()> {
 //! let spec = QSpec::new(QDType::QUInt8, QScheme::Affine);
