@@ -40,7 +40,7 @@ pub mod generate;
 #[cfg(feature = "hub")]
 pub mod io;
 pub mod kernels;
-pub mod lm;
+mod lm;
 pub mod models;
 pub mod nn;
 pub mod observer;

@@ -82,7 +82,13 @@ impl QuantizedCheckpoint {
     /// Reads the config and the safetensors headers, and checks that every int8 weight has its
     /// scales (and the reverse) with matching shapes and dtypes.
     pub fn open(dir: &Path) -> Result<Self> {
+        if !dir.is_dir() {
+            bail!("no checkpoint at {}: not a folder", dir.display())
+        }
         let path = dir.join("config.json");
+        if !path.is_file() {
+            bail!("no checkpoint at {}: it has no config.json", dir.display())
+        }
         let config = read_json(&path)?;
         let Some(quantization) = CheckpointScheme::from_model_config(&config, &path)? else {
             bail!("{}: no quantization_config: not a quantized checkpoint", path.display())

@@ -5,6 +5,7 @@
 pub(crate) mod attention;
 mod dynamic;
 mod fake_quant;
+mod forward;
 mod ggml;
 mod observed;
 pub mod ops;
@@ -15,18 +16,17 @@ mod weight_only;
 pub use crate::kernels::WeightQuant;
 pub use dynamic::{ActivationQuant, DynamicLinear, DEFAULT_OUTLIER_THRESHOLD};
 pub use fake_quant::FakeQuantLinear;
+pub(crate) use forward::forward_shared;
 pub use ggml::GgmlLinear;
 pub use observed::ObservedLinear;
-pub(crate) use ops::with_float_values;
 pub use static_linear::StaticLinear;
 pub use weight_only::WeightOnlyLinear;
 
-use crate::kernels::{filled_vec, Int8Rows, PackedInt8Weights};
+use crate::kernels::{Int8Rows, PackedInt8Weights};
 use crate::observer::Observer;
 use crate::quant::{float_values, Granularity, QParams};
-use candle_core::{bail, DType, Module, Result, Storage, Tensor, D};
+use candle_core::{bail, DType, Result, Storage, Tensor};
 use candle_nn::{Linear, VarBuilder};
-use std::mem::MaybeUninit;
 
 /// A linear layer `in_features → out_features` with a bias, loaded from `vb` (its path becomes the
 /// layer's name): the drop-in for `candle_nn::linear`. Float until a conversion verb quantizes it;
@@ -98,8 +98,8 @@ impl QLinear {
     pub fn load(in_features: usize, out_features: usize, bias: bool, vb: VarBuilder) -> Result<Self> {
         let name = vb.prefix();
         if vb.contains_tensor("weight_scale") {
-            let kind =
-                Self::load_int8(in_features, out_features, bias, &vb).map_err(|e| e.context(format!("loading int8 layer '{name}'")))?;
+            let kind = Self::load_int8(&name, in_features, out_features, bias, &vb)
+                .map_err(|e| e.context(format!("loading int8 layer '{name}'")))?;
             return Ok(Self { name, in_features, out_features, kind });
         }
         let linear =
@@ -109,11 +109,22 @@ impl QLinear {
 
     /// Int8 weights (`weight` as `I8`, read as bytes) and their `f16` scales `[out, groups]`,
     /// packed straight from the tensors the checkpoint gave (no other copy).
-    fn load_int8(k: usize, n: usize, bias: bool, vb: &VarBuilder) -> Result<QLinearKind> {
+    fn load_int8(name: &str, k: usize, n: usize, bias: bool, vb: &VarBuilder) -> Result<QLinearKind> {
         let scales = vb.get_unchecked_dtype("weight_scale", DType::F16)?;
-        let &[sn, groups] = scales.dims() else { bail!("weight_scale must be 2-D [out, groups], got shape {:?}", scales.shape()) };
-        if sn != n || groups == 0 || groups > k {
-            bail!("weight_scale has shape {:?}, expected [{n}, G] with 1 ≤ G ≤ {k}", scales.shape())
+        let &[sn, groups] = scales.dims() else {
+            bail!("'{name}.weight_scale' must be 2-D [out, groups], the checkpoint has shape {:?}", scales.shape())
+        };
+        if sn != n {
+            bail!(
+                "'{name}.weight' has {sn} output channels in the checkpoint ('{name}.weight_scale' is {:?}), but the model builds '{name}' as {k} → {n}: [{sn}, …] against [{n}, {k}]",
+                scales.dims()
+            )
+        }
+        if groups == 0 || groups > k {
+            bail!(
+                "'{name}.weight_scale' has shape {:?}: {groups} scale groups do not fit the {k} input channels of '{name}'",
+                scales.dims()
+            )
         }
         // The group size the scales imply; a checkpoint's config settles it when `k` is not a
         // multiple of it (see `checkpoint::LayerScheme`).
@@ -406,182 +417,6 @@ impl QLinear {
     }
 }
 
-impl QLinear {
-    /// `forward(silu(gate) · up)` for a dynamic int8 layer on `f32` inputs: SwiGLU's product is
-    /// computed row by row inside the activation quantizer instead of written out whole (same
-    /// values, same bits). `None` for other kinds, which take the product as a tensor.
-    pub(crate) fn forward_swiglu(&self, gate: &Tensor, up: &Tensor) -> Result<Option<Tensor>> {
-        let QLinearKind::Dynamic(d) = &self.kind else { return Ok(None) };
-        if gate.dtype() != DType::F32 || up.dtype() != DType::F32 || gate.shape() != up.shape() {
-            return Ok(None);
-        }
-        check_input(gate, self.in_features, &self.name)?;
-        let m = gate.elem_count() / self.in_features.max(1);
-        let out = with_float_values(gate, &self.name, |g| {
-            with_float_values(up, &self.name, |u| self.forward_acts(d, d.quantize_swiglu(g, u, m)?, m))
-        })
-        .map_err(|e| e.context(format!("layer '{}'", self.name)))?;
-        rows_tensor(gate, self.out_features, out).map(Some)
-    }
-
-    /// `forward(gelu_erf(x))` for a dynamic int8 layer on an `f32` input: the exact GELU is
-    /// computed row by row inside the activation quantizer (same values, same bits). `None` for
-    /// other kinds.
-    pub(crate) fn forward_gelu(&self, x: &Tensor) -> Result<Option<Tensor>> {
-        let QLinearKind::Dynamic(d) = &self.kind else { return Ok(None) };
-        if x.dtype() != DType::F32 {
-            return Ok(None);
-        }
-        check_input(x, self.in_features, &self.name)?;
-        let m = x.elem_count() / self.in_features.max(1);
-        let out = with_float_values(x, &self.name, |xs| self.forward_acts(d, d.quantize_gelu(xs, m)?, m))
-            .map_err(|e| e.context(format!("layer '{}'", self.name)))?;
-        rows_tensor(x, self.out_features, out).map(Some)
-    }
-
-    /// The `m × out_features` outputs of dynamic layer `d` on its quantized input.
-    fn forward_acts(&self, d: &DynamicLinear, acts: crate::kernels::QuantizedActivations, m: usize) -> Result<Vec<f32>> {
-        // SAFETY: forward_quantized writes every output on Ok.
-        unsafe { filled_vec(m * self.out_features, |out| d.forward_quantized(&acts, out)) }
-    }
-
-    /// [`Module::forward`] followed by `activation` applied in place to the output values, in
-    /// f32 (an activation fused after the matmul): int8 kinds run it on the buffer their kernel
-    /// just wrote, before any tensor exists; other kinds on a copy of their output. Not
-    /// differentiable.
-    pub(crate) fn forward_then(&self, x: &Tensor, activation: impl Fn(&mut [f32])) -> Result<Tensor> {
-        check_input(x, self.in_features, &self.name)?;
-        let (n, name) = (self.out_features, &self.name);
-        match &self.kind {
-            // SAFETY: forward_rows writes every output on Ok.
-            QLinearKind::Dynamic(d) => unsafe { rows_forward_then(x, n, name, |xs, m, out| d.forward_rows(xs, m, out), activation) },
-            // SAFETY: forward_rows writes every output on Ok.
-            QLinearKind::Static(s) => unsafe { rows_forward_then(x, n, name, |xs, m, out| s.forward_rows(xs, m, out), activation) },
-            // SAFETY: forward_rows writes every output on Ok.
-            QLinearKind::WeightOnly(w) => unsafe { rows_forward_then(x, n, name, |xs, m, out| w.forward_rows(xs, m, out), activation) },
-            _ => {
-                let y = self.forward(x)?;
-                let mut v = float_values(&y, name)?;
-                activation(&mut v);
-                Tensor::from_vec(v, y.shape(), y.device())?.to_dtype(y.dtype())
-            }
-        }
-    }
-}
-
-/// `layers[i].forward(x)` for every layer reading the same input `x` (q/k/v projections,
-/// gate/up): when all are dynamic int8 layers that quantize inputs alike, `x` is quantized once
-/// for all of them (same values as separate calls).
-pub(crate) fn forward_shared<const N: usize>(x: &Tensor, layers: [&QLinear; N]) -> Result<[Tensor; N]> {
-    let dynamic: Option<Vec<&DynamicLinear>> = layers
-        .iter()
-        .map(|l| match &l.kind {
-            QLinearKind::Dynamic(d) => Some(d),
-            _ => None,
-        })
-        .collect();
-    let outputs: Vec<Tensor> = match dynamic.filter(|d| d.len() > 1 && d.iter().all(|o| o.quantizes_like(d[0]))) {
-        None => layers.iter().map(|l| l.forward(x)).collect::<Result<_>>()?,
-        Some(dynamic) => {
-            for l in layers {
-                check_input(x, l.in_features, &l.name)?;
-            }
-            let name = &layers[0].name;
-            let k = x.dim(D::Minus1)?;
-            let m = x.elem_count().checked_div(k).unwrap_or(0);
-            let acts =
-                with_float_values(x, name, |xs| dynamic[0].quantize_input(xs, m)).map_err(|e| e.context(format!("layer '{name}'")))?;
-            layers
-                .iter()
-                .zip(dynamic)
-                .map(|(l, d)| {
-                    // SAFETY: forward_quantized writes every output on Ok.
-                    let out = unsafe { filled_vec(m * l.out_features, |out| d.forward_quantized(&acts, out)) }
-                        .map_err(|e| e.context(format!("layer '{}'", l.name)))?;
-                    rows_tensor(x, l.out_features, out)
-                })
-                .collect::<Result<_>>()?
-        }
-    };
-    outputs.try_into().map_err(|_| candle_core::Error::Msg("forward_shared: one output per layer".into()))
-}
-
-impl Module for QLinear {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        check_input(x, self.in_features, &self.name)?;
-        let (n, name) = (self.out_features, &self.name);
-        match &self.kind {
-            QLinearKind::Float(l) => l.forward(x),
-            QLinearKind::Observed(o) => o.forward(x),
-            QLinearKind::FakeQuant(f) => f.forward(x),
-            QLinearKind::Ggml(g) => g.forward(x),
-            // SAFETY: forward_rows writes every output on Ok.
-            QLinearKind::Dynamic(d) => unsafe { rows_forward(x, n, name, |xs, m, out| d.forward_rows(xs, m, out)) },
-            // SAFETY: forward_rows writes every output on Ok.
-            QLinearKind::Static(s) => unsafe { rows_forward(x, n, name, |xs, m, out| s.forward_rows(xs, m, out)) },
-            // SAFETY: forward_rows writes every output on Ok.
-            QLinearKind::WeightOnly(w) => unsafe { rows_forward(x, n, name, |xs, m, out| w.forward_rows(xs, m, out)) },
-        }
-    }
-}
-
-fn check_input(x: &Tensor, in_features: usize, name: &str) -> Result<()> {
-    match x.dims().last() {
-        Some(&k) if k == in_features && x.rank() >= 1 => Ok(()),
-        _ => bail!("layer '{name}': expected an input whose last dimension is {in_features}, got shape {:?}", x.shape()),
-    }
-}
-
-/// Runs an int8 kernel over `x` viewed as `M×K` rows of f32 and reshapes the `M×N` result
-/// back to `x`'s leading dims, in `x`'s dtype. The output buffer is not zeroed first.
-///
-/// # Safety
-/// `kernel` writes every value of its output on `Ok`.
-unsafe fn rows_forward(
-    x: &Tensor,
-    out_features: usize,
-    name: &str,
-    kernel: impl FnOnce(&[f32], usize, &mut [MaybeUninit<f32>]) -> Result<()>,
-) -> Result<Tensor> {
-    // SAFETY: the caller's contract.
-    unsafe { rows_forward_then(x, out_features, name, kernel, |_| {}) }
-}
-
-/// [`rows_forward`] with `then` applied to the outputs in place before they become a tensor.
-///
-/// # Safety
-/// As [`rows_forward`].
-unsafe fn rows_forward_then(
-    x: &Tensor,
-    out_features: usize,
-    name: &str,
-    kernel: impl FnOnce(&[f32], usize, &mut [MaybeUninit<f32>]) -> Result<()>,
-    then: impl FnOnce(&mut [f32]),
-) -> Result<Tensor> {
-    let k = x.dim(D::Minus1)?;
-    let m = x.elem_count().checked_div(k).unwrap_or(0);
-    // SAFETY: the kernel writes every output on Ok (the caller's contract).
-    let mut out = with_float_values(x, name, |xs| unsafe { filled_vec(m * out_features, |out| kernel(xs, m, out)) })
-        .map_err(|e| e.context(format!("layer '{name}'")))?;
-    then(&mut out);
-    rows_tensor(x, out_features, out)
-}
-
-/// `M×N` outputs `out` of a layer as a tensor shaped like its input `x` but for the last
-/// dimension, in `x`'s dtype.
-fn rows_tensor(x: &Tensor, out_features: usize, out: Vec<f32>) -> Result<Tensor> {
-    let mut dims = x.dims().to_vec();
-    if let Some(last) = dims.last_mut() {
-        *last = out_features;
-    }
-    let y = Tensor::from_vec(out, dims, x.device())?;
-    if x.dtype() == DType::F32 {
-        Ok(y)
-    } else {
-        y.to_dtype(x.dtype())
-    }
-}
-
 /// Runs `f` on the values of a contiguous CPU tensor of element type `T`, borrowed.
 fn cpu_slice<T: candle_core::WithDType, R>(t: &Tensor, f: impl FnOnce(&[T]) -> R) -> Result<R> {
     let (storage, layout) = t.storage_and_layout();
@@ -595,6 +430,7 @@ fn cpu_slice<T: candle_core::WithDType, R>(t: &Tensor, f: impl FnOnce(&[T]) -> R
 mod tests {
     use super::*;
     use candle_core::Device;
+    use candle_core::Module;
 
     fn layer(seed: f64, out: usize, k: usize, outliers: Option<f32>) -> Result<QLinear> {
         let w = (Tensor::arange(0f32, (out * k) as f32, &Device::Cpu)?.reshape((out, k))? * seed)?.sin()?;
