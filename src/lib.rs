@@ -62,8 +62,8 @@ pub use quant::{Granularity, QDType, QScheme, QSpec};
 /// Process-wide settings: which instruction-set path the int8 kernels run on, and how the
 /// allocator treats freed layer outputs. Each affects every layer of the process.
 pub mod runtime {
+    pub use crate::kernels::isa::{force_isa, Isa};
     pub use crate::kernels::memory::keep_freed_buffers;
-    pub use crate::kernels::{force_isa, Isa};
 }
 
 /// candle-core, for the paths [`quantizable!`] expands to (whatever name the user's crate gives it).

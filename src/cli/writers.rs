@@ -17,7 +17,7 @@ pub fn write_embeddings(out: &Path, rows: &[Vec<f32>]) -> Result<()> {
             std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
         }
         Some("safetensors") => {
-            use candle_quant::source::{safetensors::write_file, Dtype, Entry};
+            use candle_quant::source::{write_file, Dtype, Entry};
             let entry = Entry { name: "embeddings".into(), dtype: Dtype::F32, shape: vec![rows.len(), hidden] };
             write_file(&tmp, &[entry], |_, buf| {
                 *buf = rows.iter().flatten().flat_map(|v| v.to_le_bytes()).collect();

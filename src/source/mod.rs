@@ -9,18 +9,17 @@
 
 mod folder;
 pub(crate) mod memory;
-pub mod safetensors;
+pub(crate) mod safetensors;
 mod shards;
 
 pub(crate) use folder::read_json;
 #[cfg(feature = "hub")]
 pub(crate) use folder::shard_names;
 pub use folder::{weight_files, SafetensorsSource};
-pub use safetensors::{Dtype, Entry};
+pub use safetensors::{write_file, Dtype, Entry};
 pub use shards::{write_shards, WriteReport};
 
 use candle_core::{bail, DType, Device, Result, Shape, Tensor};
-use rayon::prelude::*;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
@@ -57,7 +56,7 @@ pub(crate) fn index_of(entries: &[Entry]) -> HashMap<String, usize> {
 }
 
 /// `name` as a CPU tensor in its stored dtype (`I8` as `U8`: the same bytes).
-pub fn read_tensor(source: &dyn TensorSource, name: &str) -> Result<Tensor> {
+pub(crate) fn read_tensor(source: &dyn TensorSource, name: &str) -> Result<Tensor> {
     let Some(e) = source.entry(name) else { bail!("{}: no such tensor", source.describe(name)) };
     let bytes = source.read_bytes(name)?;
     let t = match e.dtype {
@@ -68,22 +67,9 @@ pub fn read_tensor(source: &dyn TensorSource, name: &str) -> Result<Tensor> {
     t.map_err(|err| err.context(source.describe(name)))
 }
 
-/// A float tensor widened to `f32` values, row-major, converted straight from its bytes.
-pub fn read_f32(source: &dyn TensorSource, name: &str) -> Result<Vec<f32>> {
-    let Some(e) = source.entry(name) else { bail!("{}: no such tensor", source.describe(name)) };
-    let dtype = e.dtype;
-    if !dtype.is_float() {
-        bail!("{}: expected a float tensor, found {}", source.describe(name), dtype.name())
-    }
-    let bytes = source.read_bytes(name)?;
-    let mut out = crate::kernels::memory::zeroed::<f32>(bytes.len() / dtype.size());
-    out.par_chunks_mut(1 << 16).zip(bytes.par_chunks(dtype.size() << 16)).for_each(|(out, bytes)| widen_into(dtype, bytes, out));
-    Ok(out)
-}
-
 /// Float values of `dtype` (little-endian bytes) widened into `out`, one loop per dtype so that
 /// each vectorizes; `out` is as long as the values (non-float dtypes leave it untouched).
-pub fn widen_into(dtype: Dtype, bytes: &[u8], out: &mut [f32]) {
+pub(crate) fn widen_into(dtype: Dtype, bytes: &[u8], out: &mut [f32]) {
     fn each<const N: usize>(bytes: &[u8], out: &mut [f32], f: impl Fn([u8; N]) -> f32) {
         for (o, b) in out.iter_mut().zip(bytes.chunks_exact(N)) {
             *o = f(b.try_into().unwrap_or([0; N]));

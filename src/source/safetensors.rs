@@ -110,18 +110,6 @@ pub struct TensorInfo {
     len: u64,
 }
 
-impl TensorInfo {
-    /// Bytes of data.
-    pub fn nbytes(&self) -> u64 {
-        self.len
-    }
-
-    /// Number of elements.
-    pub fn elem_count(&self) -> usize {
-        self.shape.iter().product()
-    }
-}
-
 /// One safetensors file, its header parsed and checked; data read on demand with `pread`, so
 /// nothing of it stays resident after a tensor has been used.
 #[derive(Debug)]
@@ -170,11 +158,6 @@ impl SafetensorsFile {
     /// The file.
     pub fn path(&self) -> &Path {
         &self.path
-    }
-
-    /// Every tensor's header entry, by name.
-    pub fn tensors(&self) -> &BTreeMap<String, TensorInfo> {
-        &self.tensors
     }
 
     /// Tensor names in the order their data lies in the file.

@@ -66,7 +66,7 @@ fn bench_json_records() {
     let records = v.as_array().unwrap();
     let shapes: Vec<(u64, u64)> = records.iter().map(|r| (r["in"].as_u64().unwrap(), r["out"].as_u64().unwrap())).collect();
     assert_eq!(shapes, [(576, 1536), (576, 576)]);
-    let isa = format!("{:?}", candle_quant::kernels::Isa::best());
+    let isa = format!("{:?}", candle_quant::runtime::Isa::best());
     for r in records {
         assert_eq!((r["m"].as_u64(), r["threads"].as_u64(), r["isa"].as_str()), (Some(1), Some(1), Some(isa.as_str())));
         let t = |k: &str| r[k].as_f64().unwrap_or_else(|| panic!("missing {k} in {r}"));
@@ -101,7 +101,7 @@ fn kernel_path_override() {
     let (paths, _) = run("reference");
     assert_eq!(paths, ["Reference", "Reference"]);
     let (paths, stderr) = run("pentium");
-    let best = format!("{:?}", candle_quant::kernels::Isa::best());
+    let best = format!("{:?}", candle_quant::runtime::Isa::best());
     assert_eq!(paths, [best.as_str(), best.as_str()]);
     assert!(stderr.contains("ignoring CANDLE_QUANT_ISA=pentium"), "{stderr}");
 }

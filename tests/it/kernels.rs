@@ -3,8 +3,9 @@
 use crate::common;
 
 use candle_core::{Device, Tensor};
-use candle_quant::kernels::{int8_linear, int8_linear_with, reference, Isa, PackedInt8Weights, QuantizedActivations, WeightQuant};
+use candle_quant::kernels::{int8_linear, int8_linear_with, reference, PackedInt8Weights, QuantizedActivations, WeightQuant};
 use candle_quant::quant::{Granularity, QDType, QParams, QScheme, QSpec, QuantizedTensor};
+use candle_quant::runtime::Isa;
 use proptest::prelude::*;
 
 #[test]
@@ -150,7 +151,7 @@ fn weight_scales_are_stored_as_f16() {
 /// path's exact segment sums, which never go through the split.
 #[test]
 fn outputs_land_in_their_columns_on_every_split() {
-    use candle_quant::kernels::{group_sums_with, Isa};
+    use candle_quant::kernels::group_sums_with;
     let mut rng = common::Rng::new(99);
     let k = 576;
     for (m, n) in [(1, 512), (1, 520), (1, 1000), (3, 512), (5, 264), (2, 1001)] {
@@ -187,7 +188,7 @@ fn outputs_land_in_their_columns_on_every_split() {
 /// summation order.
 #[test]
 fn simd_paths_equal_the_reference() {
-    use candle_quant::kernels::{group_sums_with, int8_linear_with, weight_only_linear_with, Isa, WeightQuant};
+    use candle_quant::kernels::{group_sums_with, int8_linear_with, weight_only_linear_with, WeightQuant};
     let paths: Vec<Isa> = Isa::supported().into_iter().filter(|&i| i != Isa::Reference).collect();
     println!("SIMD paths exercised: {paths:?}");
     let mut rng = common::Rng::new(2024);
@@ -271,7 +272,6 @@ fn simd_paths_equal_the_reference() {
 /// 2.5 → 2 and −3.5 → −4 exercise rounding half to even.
 #[test]
 fn simd_activation_quantizer_equals_the_reference() {
-    use candle_quant::kernels::Isa;
     let mut rng = common::Rng::new(7);
     for case in 0..2_000 {
         let (m, k) = (1 + (rng.next_u64() % 4) as usize, 1 + (rng.next_u64() % 300) as usize);
@@ -423,7 +423,7 @@ fn static_group_quantizer_sets_aside_what_is_beyond_its_range() {
 /// ranges merged afterwards; bad lengths are errors.
 #[test]
 fn attention_paths_agree_with_a_direct_softmax() {
-    use candle_quant::kernels::{attend_part_with, attend_with, combine_parts, part_len, Isa};
+    use candle_quant::kernels::{attend_part_with, attend_with, combine_parts, part_len};
     // Golden: two keys with equal scores weigh both values ½: y = ([1, 2] + [3, 6]) / 2 = [2, 4].
     let mut y = [0f32; 2];
     attend_with(Isa::Reference, &[1.0, 1.0], &[0.5, 0.5, 0.5, 0.5], &[1.0, 2.0, 3.0, 6.0], 2, 1.0, &mut y).unwrap();
