@@ -103,6 +103,43 @@ fn prepare_calibrate_convert() {
     assert!(convert(&mut model).is_err());
 }
 
+/// Static int8 per group on a model of one's own (`calibrate_inputs`, any `Module +
+/// Quantizable`): every layer becomes static int8, closer to float than one range per tensor on
+/// inputs with an outlier channel; the file counts the batches and rows; no input, or an input of
+/// the wrong width, is an error that says so.
+#[test]
+fn calibrate_inputs_makes_any_model_static_per_group() {
+    use candle_quant::calibration::{calibrate_inputs, ObserverKind, StaticGranularity};
+    let mut rng = Rng::new(31);
+    let float = Mlp::new(&mut rng);
+    let batch = |rng: &mut Rng| {
+        // Channel 5 is an outlier channel (×20), as in real activations.
+        let x = rng.tensor(&[16, 32], 1.0).unwrap();
+        let scale: Vec<f32> = (0..32).map(|c| if c == 5 { 20.0 } else { 1.0 }).collect();
+        x.broadcast_mul(&Tensor::new(scale.as_slice(), &candle_core::Device::Cpu).unwrap()).unwrap()
+    };
+    let batches: Vec<Tensor> = (0..4).map(|_| batch(&mut rng)).collect();
+    let copy = |m: &Mlp| Mlp { blocks: m.blocks.clone(), head: m.head.clone() };
+    let (mut grouped, mut tensor) = (copy(&float), copy(&float));
+    let per_group = StaticGranularity::PerGroup { size: 8, float_fraction: 0.01 };
+    let c = calibrate_inputs(&mut grouped, "mlp", ObserverKind::Minmax, per_group, &batches, |_| {}).unwrap();
+    // 4 batches of 16 rows.
+    assert_eq!((c.windows, c.tokens, c.layers.len()), (4, 64, 5));
+    c.apply(&mut grouped, &QuantConfig::default()).unwrap();
+    let pt = calibrate_inputs(&mut tensor, "mlp", ObserverKind::Minmax, StaticGranularity::PerTensor, &batches, |_| {}).unwrap();
+    pt.apply(&mut tensor, &QuantConfig::default()).unwrap();
+    assert!(kinds(&mut grouped).iter().all(|(_, k)| *k == "int8-static"), "{:?}", kinds(&mut grouped));
+    let x = batch(&mut rng);
+    let want = float.forward(&x).unwrap();
+    let (eg, et) = (rel_error(&grouped.forward(&x).unwrap(), &want).unwrap(), rel_error(&tensor.forward(&x).unwrap(), &want).unwrap());
+    assert!(eg < 0.03 && eg < et, "per group {eg}, per tensor {et}");
+    let e = calibrate_inputs(&mut copy(&float), "mlp", ObserverKind::Minmax, per_group, &[], |_| {}).unwrap_err().to_string();
+    assert!(e.contains("at least one input"), "{e}");
+    let narrow = [Tensor::zeros((2, 31), candle_core::DType::F32, &candle_core::Device::Cpu).unwrap()];
+    let e = calibrate_inputs(&mut copy(&float), "mlp", ObserverKind::Minmax, per_group, &narrow, |_| {}).unwrap_err().to_string();
+    assert!(e.contains("calibration input 0") && e.contains("31"), "{e}");
+}
+
 #[test]
 fn prepare_qat_then_convert() {
     let mut rng = Rng::new(13);
