@@ -120,7 +120,7 @@ impl QuantizedCheckpoint {
     }
 
     /// A `VarBuilder` over the checkpoint (f32, CPU): float tensors widened as they are read,
-    /// int8 layers read by [`QLinear::load`].
+    /// int8 layers read by [`crate::QLinear::load`].
     pub fn var_builder(&self) -> VarBuilder<'static> {
         SourceBackend::new(self.source.clone()).into_var_builder()
     }

@@ -2,7 +2,7 @@
 //! weight-only int8 linear over packed weights, the activation quantizer, decoding attention,
 //! exact GELU and SwiGLU, RMSNorm and LayerNorm. Each operation has one entry point that runs on
 //! the best instruction-set path this CPU has ([`Isa`], chosen once at run time) and a `_with`
-//! form that names the path: a scalar reference (the ground truth, [`reference`], never
+//! form that names the path: a scalar reference (the ground truth, [`reference`](mod@reference), never
 //! deleted), AVX2 / AVX-VNNI / AVX-512 VNNI on x86_64 and NEON with or without `sdot` on
 //! aarch64, all over the same packed weights. Layers are built on these in [`crate::nn`];
 //! use them directly to build int8 operations of your own.

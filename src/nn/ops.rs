@@ -4,7 +4,7 @@
 //! ops compute them.
 //!
 //! Each function takes the kernels' path for contiguous `f32` CPU tensors that carry no
-//! gradient ([`kernel_ready`]) and candle's ops otherwise, so a model calls one function and
+//! gradient and candle's ops otherwise, so a model calls one function and
 //! stays differentiable where it must be. The kernels' ops have no backward pass.
 
 use crate::kernels;
@@ -115,7 +115,7 @@ impl CustomOp3 for AddRmsNormOp {
 }
 
 /// A residual connection and the RMSNorm after it, `(s, rms_norm(s))` with `s = x + h`: in one
-/// pass on the kernels for contiguous `f32` CPU tensors of one shape (bit for bit as [`add`]
+/// pass on the kernels for contiguous `f32` CPU tensors of one shape (bit for bit as an add
 /// then [`rms_norm`]), through those two otherwise.
 pub fn add_rms_norm(x: &Tensor, h: &Tensor, alpha: &Tensor, eps: f32) -> Result<(Tensor, Tensor)> {
     if !kernel_ready(x) || !kernel_ready(h) || x.shape() != h.shape() {
@@ -159,7 +159,7 @@ impl CustomOp3 for AddLayerNormOp {
 
 /// `LayerNorm(x + h)` over the last dimension, `y = (s − μ) / √(σ² + ε) · α + β` with
 /// `s = x + h` (a residual connection and its norm; the sum is never written out): in one pass
-/// on the kernels for contiguous `f32` CPU tensors of one shape, bit for bit as [`add`] then
+/// on the kernels for contiguous `f32` CPU tensors of one shape, bit for bit as an add then
 /// candle's fused `candle_nn::ops::layer_norm`; through those two otherwise.
 pub fn add_layer_norm(x: &Tensor, h: &Tensor, alpha: &Tensor, beta: &Tensor, eps: f32) -> Result<Tensor> {
     if !kernel_ready(x) || !kernel_ready(h) || x.shape() != h.shape() {

@@ -1,6 +1,6 @@
 //! Where a model's tensors come from, one tensor at a time, below both the checkpoint format
 //! and the model loaders: the [`TensorSource`] trait; safetensors files read and written a
-//! tensor at a time ([`safetensors`]); a Hugging Face folder's weight files, single or sharded
+//! tensor at a time; a Hugging Face folder's weight files, single or sharded
 //! ([`SafetensorsSource`], [`weight_files`]); tensors in memory; streamed shards
 //! ([`write_shards`]); and [`SourceBackend`], which serves any source to candle's `VarBuilder`
 //! so a model is built tensor by tensor and never held twice. The GGUF source lives with the
