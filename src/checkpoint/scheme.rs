@@ -49,6 +49,9 @@ pub enum LayerScheme {
         activation_group_size: Option<usize>,
         /// Inputs with `|x|` above it are multiplied in float (`None`: off).
         outlier_threshold: Option<f32>,
+        /// `affine` (a scale and an offset per group) or `symmetric`; absent means symmetric.
+        #[serde(default = "symmetric", skip_serializing_if = "is_symmetric")]
+        activation_scheme: QScheme,
     },
     /// Float activations times int8 weights.
     WeightOnly {
@@ -110,6 +113,7 @@ impl LayerScheme {
                 weight_group_size,
                 activation_group_size: group_or_none(d.activation_quant().group_size(k), k),
                 outlier_threshold: d.outlier_threshold(),
+                activation_scheme: scheme_of(d.activation_quant()),
             },
             QLinearKind::Static(s) => LayerScheme::Static {
                 weight_group_size,
@@ -124,11 +128,9 @@ impl LayerScheme {
     pub fn dynamic(config: &crate::QuantConfig, act: ActivationQuant) -> Self {
         LayerScheme::Dynamic {
             weight_group_size: weight_group(config.weight),
-            activation_group_size: match act {
-                ActivationQuant::PerToken => None,
-                ActivationQuant::PerGroup(g) => Some(g),
-            },
+            activation_group_size: act.group(),
             outlier_threshold: config.outlier_threshold,
+            activation_scheme: scheme_of(act),
         }
     }
 
@@ -165,8 +167,8 @@ impl LayerScheme {
             layer.regroup_int8_weights(want)?;
         }
         match *self {
-            LayerScheme::Dynamic { activation_group_size, outlier_threshold, .. } => {
-                let act = activation_group_size.map_or(ActivationQuant::PerToken, ActivationQuant::PerGroup);
+            LayerScheme::Dynamic { activation_group_size, outlier_threshold, activation_scheme, .. } => {
+                let act = ActivationQuant::with_group(activation_scheme == QScheme::Affine, activation_group_size);
                 layer.quantize_dynamic(act, self.weight_quant(), outlier_threshold)
             }
             LayerScheme::WeightOnly { .. } => layer.quantize_weight_only(self.weight_quant()),
@@ -184,6 +186,22 @@ impl LayerScheme {
                 layer.quantize_static(params)
             }
         }
+    }
+}
+
+fn symmetric() -> QScheme {
+    QScheme::Symmetric
+}
+
+fn is_symmetric(scheme: &QScheme) -> bool {
+    *scheme == QScheme::Symmetric
+}
+
+fn scheme_of(act: ActivationQuant) -> QScheme {
+    if act.is_affine() {
+        QScheme::Affine
+    } else {
+        QScheme::Symmetric
     }
 }
 

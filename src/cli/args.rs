@@ -101,6 +101,10 @@ pub struct ModelArgs {
     /// Activation group size for int8 (input channels per scale); 0 = one scale per token.
     #[arg(long, default_value_t = 32)]
     pub act_group: usize,
+    /// Dynamic activations: affine (each group's own range, a scale and an offset) or
+    /// symmetric (max |x| / 127 per group).
+    #[arg(long, value_enum, default_value_t = ActScheme::Affine)]
+    pub act_scheme: ActScheme,
     /// Weight group size for int8 (input channels per scale); 0 = one scale per output channel.
     #[arg(long, default_value_t = 32)]
     pub weight_group: usize,
@@ -160,8 +164,17 @@ pub struct SamplingArgs {
     pub seed: u64,
 }
 
+/// How dynamic activations are quantized (`--act-scheme`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ActScheme {
+    /// A scale and an offset per group: 256 steps over the group's own range.
+    Affine,
+    /// One scale per group, max |x| / 127.
+    Symmetric,
+}
+
 pub fn quant_config(args: &ModelArgs) -> QuantConfig {
-    let act = if args.act_group == 0 { ActivationQuant::PerToken } else { ActivationQuant::PerGroup(args.act_group) };
+    let act = ActivationQuant::with_group(args.act_scheme == ActScheme::Affine, (args.act_group > 0).then_some(args.act_group));
     let weight = if args.weight_group == 0 { WeightQuant::PerChannel } else { WeightQuant::PerGroup(args.weight_group) };
     let outliers = (args.outlier_threshold > 0.0).then_some(args.outlier_threshold);
     let mut cfg = QuantConfig::default().activation(act).weight(weight).outlier_threshold(outliers);

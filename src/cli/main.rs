@@ -8,7 +8,7 @@ mod progress;
 mod writers;
 
 use anyhow::Result;
-use args::{parse_percent, parse_size, GenArgs, GranularityArg, ModelArgs, ObserverArg, Precision, SamplingArgs};
+use args::{parse_percent, ActScheme, parse_size, GenArgs, GranularityArg, ModelArgs, ObserverArg, Precision, SamplingArgs};
 use candle_quant::calibration::StaticGranularity;
 use clap::{Parser, Subcommand};
 use commands::*;
@@ -66,6 +66,11 @@ enum Command {
         /// medians (speeds on a busy machine vary from run to run).
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
         repeats: u32,
+        /// A prompt set instead of one prompt: a text file with one chat message per line
+        /// (blank lines and lines starting with `#` skipped); reports on how many of them int8's
+        /// greedy text equals f32's.
+        #[arg(long, conflicts_with_all = ["prompt", "prompt_file"])]
+        prompts: Option<PathBuf>,
         /// Print one JSON object instead of text.
         #[arg(long)]
         json: bool,
@@ -104,6 +109,9 @@ enum Command {
         /// Only shapes whose input size is one of these (repeatable).
         #[arg(long = "in")]
         in_features: Vec<usize>,
+        /// How the int8 layers quantize their inputs.
+        #[arg(long, value_enum, default_value_t = ActScheme::Affine)]
+        act_scheme: ActScheme,
         #[arg(long)]
         json: bool,
     },
@@ -251,13 +259,16 @@ fn main() -> Result<()> {
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Generate { model, precision, gen, sampling } => generate::run(&model, precision, &gen, &sampling),
-        Command::Compare { model, reference, gen, repeats, json } => {
+        Command::Compare { model, reference, gen, repeats, prompts: Some(prompts), json } => {
+            compare::run_prompt_set(&model, reference.as_deref(), &prompts, gen.max_new_tokens, repeats as usize, json)
+        }
+        Command::Compare { model, reference, gen, repeats, prompts: None, json } => {
             compare::run(&model, reference.as_deref(), &gen, repeats as usize, json)
         }
         Command::Eval { model, reference, text, max_tokens, window, json } => {
             eval::run(&model, reference.as_deref(), &text, max_tokens, window, json)
         }
-        Command::Bench { m, threads, in_features, json } => bench::run(m, threads, &in_features, json),
+        Command::Bench { m, threads, in_features, act_scheme, json } => bench::run(m, threads, &in_features, act_scheme, json),
         Command::Quantize { model, out, max_shard_size, force } => quantize::run(&model, &out, max_shard_size, force),
         Command::Calibrate { model, text, samples, seq_len, observer, granularity, group_size, float_fraction, smooth_alpha, out } => {
             let granularity = match granularity {

@@ -5,8 +5,9 @@ use crate::quant::{quantize_value, QSpec};
 use candle_core::{bail, Result};
 use std::ops::Range;
 
-/// `M×K` int8 activations with one scale per `(row, group)` and one zero point for all. Rows
-/// are zero-padded to a whole number of [`CHUNK`]s, like the weights.
+/// `M×K` int8 activations with one scale per `(row, group)` and one zero point for all, or —
+/// affine — one scale and one float offset per `(row, group)`: `x ≈ sa·q + o`. Rows are
+/// zero-padded to a whole number of [`CHUNK`]s, like the weights.
 #[derive(Debug, Clone)]
 pub struct QuantizedActivations {
     m: usize,
@@ -15,9 +16,14 @@ pub struct QuantizedActivations {
     group: usize,
     data: Vec<i8>,
     scales: Vec<f32>,
+    /// Affine activations: `o[i,g]`, laid out like the scales (`x ≈ sa·q + o`); empty when
+    /// symmetric.
+    offsets: Vec<f32>,
     zero_point: i32,
-    /// Values kept in float (LLM.int8()-style decomposition), row by row: `(column, value)`;
-    /// their int8 slots hold 0. Row `i`'s are `outliers[outlier_start[i]..outlier_start[i + 1]]`.
+    /// Values kept in float (LLM.int8()-style decomposition), row by row: `(column, value)`,
+    /// the value being what the int8 slot misses — `x` itself when symmetric (the slot holds 0),
+    /// `x − (sa·(−128) + o)` when affine (the slot holds −128). Row `i`'s are
+    /// `outliers[outlier_start[i]..outlier_start[i + 1]]`.
     outliers: Vec<(u32, f32)>,
     outlier_start: Vec<usize>,
     /// What the int8 tiles of one path take besides the rows, for one segment length: built by
@@ -37,16 +43,37 @@ impl QuantizedActivations {
         Self::quantize_dynamic_with(Isa::best(), x, m, k, group, outlier_threshold)
     }
 
+    /// Dynamic affine quantization: each run of `group` values in a row spans its own range
+    /// `[lo, hi]` with 256 steps, `sa = (hi − lo) / 255`, `q = round((x − lo) / sa) − 128` in
+    /// `[-128, 127]` and the offset `o = lo + 128·sa`, so that `x ≈ sa·q + o`. Against the
+    /// symmetric `max|x| / 127`, the step shrinks by the group's skew, and never grows.
+    /// `group >= k` means one scale and offset per row. The kernels add `o · Σ_{k∈g} ŵ[n,k]`
+    /// per group, from sums kept with the weights.
+    ///
+    /// With `outlier_threshold = Some(t)`, values with `|x| > t` leave the range and are
+    /// multiplied in float: their int8 slot holds `-128` (the value `sa·(-128) + o`) and what
+    /// it misses, `x − (sa·(-128) + o)`, is set aside.
+    pub fn quantize_dynamic_affine(x: &[f32], m: usize, k: usize, group: usize, outlier_threshold: Option<f32>) -> Result<Self> {
+        Self::quantize_dynamic_affine_with(Isa::best(), x, m, k, group, outlier_threshold)
+    }
+
+    /// [`quantize_dynamic_affine`](Self::quantize_dynamic_affine) on a chosen path; every path
+    /// gives the same bits.
+    pub fn quantize_dynamic_affine_with(isa: Isa, x: &[f32], m: usize, k: usize, group: usize, outlier_threshold: Option<f32>) -> Result<Self> {
+        check_dims(x, m, k)?;
+        Self::quantize_dynamic_from(isa, Source::Rows(x), m, k, group, outlier_threshold, true)
+    }
+
     /// [`quantize_dynamic`](Self::quantize_dynamic) on a chosen path; every path gives the
     /// same bits (tests compare them).
     pub fn quantize_dynamic_with(isa: Isa, x: &[f32], m: usize, k: usize, group: usize, outlier_threshold: Option<f32>) -> Result<Self> {
         check_dims(x, m, k)?;
-        Self::quantize_dynamic_from(isa, Source::Rows(x), m, k, group, outlier_threshold)
+        Self::quantize_dynamic_from(isa, Source::Rows(x), m, k, group, outlier_threshold, false)
     }
 
     /// [`quantize_dynamic`](Self::quantize_dynamic) of SwiGLU's product `silu(gate) · up`
     /// (`m × k` each), each row computed just before it is quantized — the same values and bits
-    /// as quantizing [`super::silu_mul`]'s output, without writing it out.
+    /// as quantizing [`super::silu_mul`]'s output, without writing it out (affine or not).
     pub(crate) fn quantize_dynamic_swiglu(
         gate: &[f32],
         up: &[f32],
@@ -54,38 +81,56 @@ impl QuantizedActivations {
         k: usize,
         group: usize,
         outlier_threshold: Option<f32>,
+        affine: bool,
     ) -> Result<Self> {
         check_dims(gate, m, k)?;
         check_dims(up, m, k)?;
-        Self::quantize_dynamic_from(Isa::best(), Source::SwiGlu(gate, up), m, k, group, outlier_threshold)
+        Self::quantize_dynamic_from(Isa::best(), Source::SwiGlu(gate, up), m, k, group, outlier_threshold, affine)
     }
 
     /// [`quantize_dynamic`](Self::quantize_dynamic) of `gelu_erf(x)` (`m × k`), each row's GELU
     /// computed just before it is quantized — the same values and bits as quantizing
     /// [`super::gelu_erf`]'s output, without writing it out.
-    pub(crate) fn quantize_dynamic_gelu(x: &[f32], m: usize, k: usize, group: usize, outlier_threshold: Option<f32>) -> Result<Self> {
+    pub(crate) fn quantize_dynamic_gelu(x: &[f32], m: usize, k: usize, group: usize, outlier_threshold: Option<f32>, affine: bool) -> Result<Self> {
         check_dims(x, m, k)?;
-        Self::quantize_dynamic_from(Isa::best(), Source::Gelu(x), m, k, group, outlier_threshold)
+        Self::quantize_dynamic_from(Isa::best(), Source::Gelu(x), m, k, group, outlier_threshold, affine)
     }
 
-    fn quantize_dynamic_from(isa: Isa, x: Source, m: usize, k: usize, group: usize, outlier_threshold: Option<f32>) -> Result<Self> {
+    fn quantize_dynamic_from(isa: Isa, x: Source, m: usize, k: usize, group: usize, outlier_threshold: Option<f32>, affine: bool) -> Result<Self> {
         let kernels = super::Kernels::of(isa).map_err(|e| e.context("activations"))?;
         let group = group.clamp(1, k.max(1));
         let groups = k.div_ceil(group);
         let stride = k.next_multiple_of(CHUNK);
-        let mut scales = vec![0f32; m * groups];
+        // Affine rows keep an offset beside each scale: `[scale, offset]` pairs while quantizing.
+        let per_group = if affine { 2 } else { 1 };
+        let mut scales = vec![0f32; m * groups * per_group];
         let limit = outlier_threshold.unwrap_or(f32::INFINITY);
         let (data, (outliers, outlier_start)) =
-            over_row_pieces(m, k, stride, &mut scales, groups, |rows, data, scales, outliers, ends| {
+            over_row_pieces(m, k, stride, &mut scales, groups * per_group, |rows, data, scales, outliers, ends| {
                 let rows = RowPiece { x: x.rows(rows, k), k, group, stride, limit, data, scales, outliers, ends };
                 #[cfg(target_arch = "x86_64")]
                 if kernels.isa() != Isa::Reference {
                     // SAFETY: every x86 path but the portable one has AVX2+FMA+F16C.
-                    return unsafe { quantize_dynamic_rows_avx2(&kernels, rows) };
+                    return unsafe {
+                        if affine {
+                            quantize_affine_rows_avx2(&kernels, rows)
+                        } else {
+                            quantize_dynamic_rows_avx2(&kernels, rows)
+                        }
+                    };
                 }
-                quantize_dynamic_rows(&kernels, rows)
+                if affine {
+                    quantize_affine_rows(&kernels, rows)
+                } else {
+                    quantize_dynamic_rows(&kernels, rows)
+                }
             })?;
-        Ok(Self { m, k, stride, group, data, scales, zero_point: 0, outliers, outlier_start, tile_operands: Default::default() })
+        let (scales, offsets) = if affine {
+            (scales.iter().step_by(2).copied().collect(), scales.iter().skip(1).step_by(2).copied().collect())
+        } else {
+            (scales, Vec::new())
+        };
+        Ok(Self { m, k, stride, group, data, scales, offsets, zero_point: 0, outliers, outlier_start, tile_operands: Default::default() })
     }
 
     /// Static symmetric quantization with fixed scales, one per run of `group` input channels
@@ -130,7 +175,7 @@ impl QuantizedActivations {
             Ok(())
         })?;
         let scales = scales.repeat(m);
-        Ok(Self { m, k, stride, group, data, scales, zero_point: 0, outliers, outlier_start, tile_operands: Default::default() })
+        Ok(Self { m, k, stride, group, data, scales, offsets: Vec::new(), zero_point: 0, outliers, outlier_start, tile_operands: Default::default() })
     }
 
     /// Static quantization with fixed per-tensor `scale` and `zero_point` under `spec`
@@ -154,6 +199,7 @@ impl QuantizedActivations {
             group: k.max(1),
             data,
             scales: vec![scale; m],
+            offsets: Vec::new(),
             zero_point: zero_point - shift,
             outliers: vec![],
             outlier_start: vec![0; m + 1],
@@ -189,7 +235,7 @@ impl QuantizedActivations {
         self.k.div_ceil(self.group)
     }
 
-    /// Values of row `i` set aside in float: `(column, value)`.
+    /// Values of row `i` set aside in float: `(column, what its int8 slot misses)`.
     #[inline]
     pub fn row_outliers(&self, i: usize) -> &[(u32, f32)] {
         &self.outliers[self.outlier_start[i]..self.outlier_start[i + 1]]
@@ -203,6 +249,18 @@ impl QuantizedActivations {
     /// The zero point `za` shared by every row (0 when symmetric).
     pub fn zero_point(&self) -> i32 {
         self.zero_point
+    }
+
+    /// Whether the rows carry offsets (affine: `x ≈ sa·q + o`).
+    pub fn is_affine(&self) -> bool {
+        !self.offsets.is_empty()
+    }
+
+    /// The offsets of row `i`, one per group (empty when symmetric).
+    #[inline]
+    pub fn row_offsets(&self, i: usize) -> &[f32] {
+        let g = self.groups();
+        self.offsets.get(i * g..(i + 1) * g).unwrap_or_default()
     }
 
     /// The `K` quantized values of row `i`.
@@ -368,6 +426,131 @@ fn quantize_dynamic_rows(kernels: &super::Kernels, p: RowPiece) -> Result<()> {
     Ok(())
 }
 
+/// [`quantize_affine_rows`] compiled for AVX2.
+///
+/// # Safety
+/// AVX2+FMA+F16C available.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn quantize_affine_rows_avx2(kernels: &super::Kernels, rows: RowPiece) -> Result<()> {
+    quantize_affine_rows(kernels, rows)
+}
+
+/// Dynamic affine quantization of a piece of rows ([`QuantizedActivations::quantize_dynamic_affine`]):
+/// per group, the range of the values within the limit, then `q = round((x − lo)·inv) − 128`;
+/// `scales` takes `[sa, o]` per group. Vectorised on x86 (`x86::affine_range`,
+/// `x86::quantize_affine`), the same bits on every path.
+#[inline(always)]
+fn quantize_affine_rows(kernels: &super::Kernels, p: RowPiece) -> Result<()> {
+    let RowPiece { x, k, group, stride, limit, data, scales, outliers, ends } = p;
+    let groups = k.div_ceil(group);
+    let mut scratch = match x {
+        Source::Rows(_) => Vec::new(),
+        Source::SwiGlu(..) | Source::Gelu(_) => vec![0f32; k],
+    };
+    #[cfg(target_arch = "x86_64")]
+    let simd = kernels.isa() != Isa::Reference;
+    #[cfg(not(target_arch = "x86_64"))]
+    let simd = false;
+    let mut beyond = Vec::new();
+    for (i, (qr, sr)) in data.chunks_mut(stride).zip(scales.chunks_mut(2 * groups)).enumerate() {
+        let xr = x.row(i, k, kernels, &mut scratch);
+        beyond.clear();
+        if simd && group == 32 && k.is_multiple_of(32) {
+            // SAFETY: every x86 path but the portable one has AVX2+FMA+F16C; sr holds 2 values
+            // per group and qr a padded row.
+            #[cfg(target_arch = "x86_64")]
+            if !unsafe { super::x86::quantize_row_affine32(xr, limit, sr, qr, &mut beyond) } {
+                bail!("activation row contains a non-finite value (NaN or ±Inf)")
+            }
+        } else {
+            for (g, ((xg, qg), so)) in xr.chunks(group).zip(qr.chunks_mut(group)).zip(sr.chunks_mut(2)).enumerate() {
+                #[cfg(target_arch = "x86_64")]
+                let vector = simd && xg.len().is_multiple_of(8);
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: AVX2+FMA+F16C as above; the length is a multiple of 8.
+                let (lo, hi, finite, out_of_range) = if vector { unsafe { super::x86::affine_range(xg, limit) } } else { range_within(xg, limit) };
+                #[cfg(not(target_arch = "x86_64"))]
+                let (lo, hi, finite, out_of_range) = range_within(xg, limit);
+                if !finite {
+                    bail!("activation row contains a non-finite value (NaN or ±Inf)")
+                }
+                let (lo, sa, inv, offset) = affine_params(lo, hi);
+                #[cfg(target_arch = "x86_64")]
+                if vector {
+                    // SAFETY: as above; the values are finite and qg is as long as xg.
+                    unsafe { super::x86::quantize_affine(xg, lo, inv, qg) };
+                } else {
+                    qg.iter_mut().zip(xg).for_each(|(q, &v)| *q = affine_value(v, lo, inv));
+                }
+                #[cfg(not(target_arch = "x86_64"))]
+                qg.iter_mut().zip(xg).for_each(|(q, &v)| *q = affine_value(v, lo, inv));
+                (so[0], so[1]) = (sa, offset);
+                if out_of_range {
+                    beyond.push(g);
+                }
+            }
+        }
+        for &g in &beyond {
+            // What the slot (-128, the value sa·(-128) + o) misses is multiplied in float.
+            let run = g * group..((g + 1) * group).min(k);
+            let slot = sr[2 * g] * -128.0 + sr[2 * g + 1];
+            for (c, (q, &v)) in qr[run.clone()].iter_mut().zip(&xr[run.clone()]).enumerate() {
+                if v.abs() > limit {
+                    *q = -128;
+                    outliers.push(((run.start + c) as u32, v - slot));
+                }
+            }
+        }
+        ends.push(outliers.len());
+    }
+    Ok(())
+}
+
+/// `(lo, sa, inv, o)` of a group whose values within the limit span `[lo, hi]` (`lo > hi`: none,
+/// taken as `[0, 0]`): `sa = (hi − lo) / 255`, `inv = 1 / sa` (0 when `sa` is), `o = lo + 128·sa`.
+#[inline(always)]
+pub(super) fn affine_params(lo: f32, hi: f32) -> (f32, f32, f32, f32) {
+    let (lo, hi) = if lo <= hi { (lo, hi) } else { (0.0, 0.0) };
+    let sa = (hi - lo) / 255.0;
+    let inv = if sa > 0.0 { 1.0 / sa } else { 0.0 };
+    (lo, sa, inv, lo + 128.0 * sa)
+}
+
+/// One affine value: `round_half_even(clamp((x − lo) · inv, 0, 255)) − 128`.
+#[inline(always)]
+pub(super) fn affine_value(x: f32, lo: f32, inv: f32) -> i8 {
+    (((x - lo) * inv).round_ties_even().clamp(0.0, 255.0) as i32 - 128) as i8
+}
+
+/// `(lo, hi, finite, beyond)` of a run: the least and greatest of its values with `|x| ≤ limit`
+/// (`lo > hi` when there is none), whether every value is finite, and whether any is beyond
+/// the limit. Eight lanes side by side (minima and maxima do not depend on the order).
+#[inline(always)]
+fn range_within(xg: &[f32], limit: f32) -> (f32, f32, bool, bool) {
+    let (mut lo, mut hi, mut bad, mut beyond) = ([f32::INFINITY; 8], [f32::NEG_INFINITY; 8], [false; 8], [false; 8]);
+    let chunks = xg.chunks_exact(8);
+    let tail = chunks.remainder();
+    let mut lane = |l: usize, v: f32| {
+        let within = v.abs() <= limit;
+        bad[l] |= !v.is_finite();
+        beyond[l] |= !within;
+        lo[l] = if within && v < lo[l] { v } else { lo[l] };
+        hi[l] = if within && v > hi[l] { v } else { hi[l] };
+    };
+    for c in chunks {
+        for (l, &v) in c.iter().enumerate() {
+            lane(l, v);
+        }
+    }
+    for (l, &v) in tail.iter().enumerate() {
+        lane(l, v);
+    }
+    let lo = lo.into_iter().fold(f32::INFINITY, |m, v| if v < m { v } else { m });
+    let hi = hi.into_iter().fold(f32::NEG_INFINITY, |m, v| if v > m { v } else { m });
+    (lo, hi, !bad.contains(&true), beyond.contains(&true))
+}
+
 /// Quantizes `m` rows of `k` values into rows of `stride` bytes, `quantize(rows, data, scales,
 /// outliers, ends)` on pieces of whole rows, one per thread of the kernel team. Returns the
 /// data, the set-aside values of all rows in order, and where each row's set-aside values begin.
@@ -470,25 +653,33 @@ mod tests {
     #[test]
     fn swiglu_rows_quantize_like_the_written_product() -> Result<()> {
         let wave = |len: usize, f: f32, a: f32| (0..len).map(|i| (i as f32 * f).sin() * a * (1 + i % 5) as f32).collect::<Vec<f32>>();
-        for (m, k, threshold) in [(3, 96, Some(2.0)), (70, 600, Some(3.0)), (5, 40, None)] {
+        let quantize = |x: &[f32], m, k, threshold, affine: bool| {
+            if affine {
+                QuantizedActivations::quantize_dynamic_affine(x, m, k, 32, threshold)
+            } else {
+                QuantizedActivations::quantize_dynamic(x, m, k, 32, threshold)
+            }
+        };
+        for ((m, k, threshold), affine) in [(3, 96, Some(2.0)), (70, 600, Some(3.0)), (5, 40, None)].into_iter().flat_map(|c| [(c, false), (c, true)]) {
             let (gate, up) = (wave(m * k, 0.71, 2.0), wave(m * k, 0.23, 1.5));
             let mut product = vec![0f32; m * k];
             super::super::silu_mul(&gate, &up, &mut product)?;
-            let want = QuantizedActivations::quantize_dynamic(&product, m, k, 32, threshold)?;
-            let got = QuantizedActivations::quantize_dynamic_swiglu(&gate, &up, m, k, 32, threshold)?;
+            let want = quantize(&product, m, k, threshold, affine)?;
+            let got = QuantizedActivations::quantize_dynamic_swiglu(&gate, &up, m, k, 32, threshold, affine)?;
             let mut activated = gate.clone();
             super::super::gelu_erf(&mut activated);
-            let want_gelu = QuantizedActivations::quantize_dynamic(&activated, m, k, 32, threshold)?;
-            let got_gelu = QuantizedActivations::quantize_dynamic_gelu(&gate, m, k, 32, threshold)?;
+            let want_gelu = quantize(&activated, m, k, threshold, affine)?;
+            let got_gelu = QuantizedActivations::quantize_dynamic_gelu(&gate, m, k, 32, threshold, affine)?;
             for (what, got, want) in [("swiglu", &got, &want), ("gelu", &got_gelu, &want_gelu)] {
                 for i in 0..m {
-                    assert_eq!(got.row(i), want.row(i), "{what} {m}×{k} row {i}");
-                    assert_eq!(got.row_scales(i), want.row_scales(i), "{what} {m}×{k} row {i}");
-                    assert_eq!(got.row_outliers(i), want.row_outliers(i), "{what} {m}×{k} row {i}");
+                    assert_eq!(got.row(i), want.row(i), "{what} {m}×{k} affine {affine} row {i}");
+                    assert_eq!(got.row_scales(i), want.row_scales(i), "{what} {m}×{k} affine {affine} row {i}");
+                    assert_eq!(got.row_offsets(i), want.row_offsets(i), "{what} {m}×{k} affine {affine} row {i}");
+                    assert_eq!(got.row_outliers(i), want.row_outliers(i), "{what} {m}×{k} affine {affine} row {i}");
                 }
             }
         }
-        assert!(QuantizedActivations::quantize_dynamic_swiglu(&[1.0; 8], &[1.0; 7], 1, 8, 32, None).is_err());
+        assert!(QuantizedActivations::quantize_dynamic_swiglu(&[1.0; 8], &[1.0; 7], 1, 8, 32, None, true).is_err());
         Ok(())
     }
 }

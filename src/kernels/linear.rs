@@ -29,7 +29,24 @@ fn check_linear(acts: &QuantizedActivations, weights: &PackedInt8Weights, bias: 
     if acts.zero_point() != 0 && acts.groups() != 1 {
         bail!("int8 linear: a non-zero activation zero point needs one group per row")
     }
+    if acts.is_affine() && acts.groups() > 1 && !(weights.has_group_sums() && weights.groups() > 1 && weights.group_size() == acts.group_size()) {
+        bail!(
+            "int8 linear: affine activations in groups of {} need int8 weights in groups of the same size (at most {}), got groups of {}",
+            acts.group_size(),
+            super::MAX_SUMMED_GROUP,
+            weights.group_size()
+        )
+    }
     segment(acts, weights).map(|_| ())
+}
+
+/// Whether the tiles add the affine activations' offsets themselves, segment by segment:
+/// `o[i,g] · sw[n,g] · S[n,g]` needs the weight sums of each segment, which the weights keep
+/// when their groups are the segments (or one group spans the row and so does the segment).
+/// Other affine activations have one offset per row, added after the tiles as
+/// `o[i] · Σ_k ŵ[n,k]`.
+pub(super) fn offsets_in_tiles(acts: &QuantizedActivations, weights: &PackedInt8Weights) -> bool {
+    acts.is_affine() && weights.has_group_sums() && (weights.groups() > 1 || acts.groups() == 1)
 }
 
 /// Length of the runs of input channels that share one activation scale and one weight scale.
@@ -89,10 +106,13 @@ pub(crate) fn int8_linear_into(
     };
     let (m, n) = (acts.rows(), weights.out_features());
     let za = acts.zero_point();
-    // Without an activation zero point the tiles add the bias as they store (at large M a
-    // task's outputs outgrow the cache before a second pass could add it); padded to whole
+    // One offset per row, added after the tiles (`offsets_in_tiles`).
+    let row_offsets = acts.is_affine() && !offsets_in_tiles(acts, weights);
+    let after_tiles = za != 0 || row_offsets;
+    // Unless something is added after them, the tiles add the bias as they store (at large M
+    // a task's outputs outgrow the cache before a second pass could add it); padded to whole
     // blocks.
-    let padded_bias = bias.filter(|_| za == 0).map(|b| -> std::borrow::Cow<[f32]> {
+    let padded_bias = bias.filter(|_| !after_tiles).map(|b| -> std::borrow::Cow<[f32]> {
         let width = weights.blocks() * BLOCK_ROWS;
         if b.len() == width {
             return b.into();
@@ -102,7 +122,7 @@ pub(crate) fn int8_linear_into(
         padded.into()
     });
     over_blocks(m, n, m * n * acts.cols(), out, |blocks, outs| {
-        let op = operands.view(acts, weights, seg, padded_bias.as_deref());
+        let op = operands.view(acts, weights, seg, padded_bias.as_deref(), offsets_in_tiles(acts, weights));
         // SAFETY: the operands were built for this path; seg passed simd_segments and
         // check_linear; blocks and outs come from over_blocks (M rows of 8·blocks.len() this
         // task alone writes).
@@ -112,11 +132,12 @@ pub(crate) fn int8_linear_into(
             add_outliers(acts, weights, blocks.clone(), outs);
         }
         let bias = bias.filter(|_| !(tiles_ran && op.bias.is_some()));
-        if za == 0 && bias.is_none() {
+        if !after_tiles && bias.is_none() {
             return;
         }
-        // The bias, and for an activation zero point `Σ_k (a − za)·w = Σ_k a·w − za·Σ_k w`,
-        // on this task's columns while they are in cache.
+        // The bias, and for an activation zero point `Σ_k (a − za)·w = Σ_k a·w − za·Σ_k w`
+        // (a row offset: `Σ_k (sa·a + o)·w = sa·Σ_k a·w + o·Σ_k w`), on this task's columns
+        // while they are in cache.
         let columns = blocks.start * BLOCK_ROWS..(blocks.end * BLOCK_ROWS).min(n);
         for i in 0..m {
             // SAFETY: row i's outputs of these blocks are this task's (over_blocks).
@@ -124,6 +145,10 @@ pub(crate) fn int8_linear_into(
             if za != 0 {
                 let shift = acts.row_scales(i)[0] * za as f32;
                 row.iter_mut().zip(columns.clone()).for_each(|(y, j)| *y -= shift * weights.zero_point_term(j));
+            }
+            if row_offsets {
+                let o = acts.row_offsets(i)[0];
+                row.iter_mut().zip(columns.clone()).for_each(|(y, j)| *y += o * weights.zero_point_term(j));
             }
             if let Some(b) = bias {
                 row.iter_mut().zip(&b[columns.clone()]).for_each(|(y, b)| *y += b);
@@ -177,7 +202,8 @@ fn over_blocks(m: usize, n: usize, macs: usize, out: &mut [MaybeUninit<f32>], f:
     }
 }
 
-/// Scalar [`x86::int8_blocks`]: `Σ_g sa · sw · dot_g` per output, from the reference dot product.
+/// Scalar [`x86::int8_blocks`]: `Σ_g sa · sw · dot_g` per output (plus `o · sw · S_g` for
+/// offsets the tiles would add), from the reference dot product.
 fn reference_blocks(
     acts: &QuantizedActivations,
     weights: &PackedInt8Weights,
@@ -187,14 +213,18 @@ fn reference_blocks(
 ) {
     let (k, n) = (acts.cols(), weights.out_features());
     let (a_step, w_step) = ((acts.groups() > 1) as usize, (weights.groups() > 1) as usize);
+    let offsets = offsets_in_tiles(acts, weights);
     for i in 0..acts.rows() {
-        let (row, sa) = (acts.row(i), acts.row_scales(i));
+        let (row, sa, o) = (acts.row(i), acts.row_scales(i), acts.row_offsets(i));
         for (j, col) in block_columns(&blocks, n) {
             let (w, sw) = (weights.row(j), weights.row_scales(j));
             let mut acc = 0f32;
             for g in 0..k.div_ceil(seg) {
                 let r = g * seg..((g + 1) * seg).min(k);
                 acc += sa[g * a_step] * sw[g * w_step] * reference::dot_i8(&row[r.clone()], &w[r]) as f32;
+                if offsets {
+                    acc += o[g * a_step] * weights.group_term(j, g * w_step);
+                }
             }
             // SAFETY: row i's outputs of these blocks are the caller's task's alone.
             unsafe { outs.write(i, col, acc) };
@@ -229,7 +259,7 @@ pub fn group_sums_with(isa: Isa, acts: &QuantizedActivations, weights: &PackedIn
     let segs = k.div_ceil(seg);
     if simd_segments(seg, k) {
         let operands = TileOperands::new(isa, acts, weights, seg);
-        let op = operands.view(acts, weights, seg, None);
+        let op = operands.view(acts, weights, seg, None, false);
         let n_pad = weights.blocks() * BLOCK_ROWS;
         let mut sums = vec![0i32; m * n_pad * segs];
         // SAFETY: the operands were built for this path; seg passed simd_segments; sums holds

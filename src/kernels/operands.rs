@@ -36,8 +36,9 @@ impl TileOperands {
         weights: &'a PackedInt8Weights,
         seg: usize,
         bias: Option<&'a [f32]>,
+        offsets: bool,
     ) -> tiles::Int8Operands<'a> {
-        tiles::Int8Operands { acts, abs: &self.abs, neg_mask: &self.neg_mask, shift_terms: &self.shift_terms, weights, seg, bias }
+        tiles::Int8Operands { acts, abs: &self.abs, neg_mask: &self.neg_mask, shift_terms: &self.shift_terms, weights, seg, bias, offsets }
     }
 }
 

@@ -29,6 +29,9 @@ pub struct Int8Operands<'a> {
     /// output is the same float as adding it afterwards): `8·blocks` values, zeros past `N`.
     /// `None`: no bias, or the caller adds it.
     pub bias: Option<&'a [f32]>,
+    /// Affine activations whose offsets the tiles add, per segment:
+    /// `y += o[i,g] · sw[n,g] · S[n,g]` ([`super::linear::offsets_in_tiles`]).
+    pub offsets: bool,
 }
 
 impl Int8Operands<'_> {
@@ -41,6 +44,18 @@ impl Int8Operands<'_> {
     #[inline]
     pub(super) fn row_pointers<const R: usize>(&self, i0: usize) -> ([*const i8; R], [*const f32; R]) {
         (std::array::from_fn(|r| self.acts.padded_row(i0 + r).as_ptr()), std::array::from_fn(|r| self.acts.row_scales(i0 + r).as_ptr()))
+    }
+
+    /// Rows `i0..i0+R`: their offsets (dangling when symmetric: read only with `offsets`).
+    #[inline]
+    pub(super) fn offset_pointers<const R: usize>(&self, i0: usize) -> [*const f32; R] {
+        std::array::from_fn(|r| self.acts.row_offsets(i0 + r).as_ptr())
+    }
+
+    /// Blocks `b0..b0+V`: their weight sums per group (dangling unless `offsets`).
+    #[inline]
+    pub(super) fn sum_pointers<const V: usize>(&self, b0: usize) -> [*const i16; V] {
+        std::array::from_fn(|v| self.weights.block_group_sums(b0 + v).as_ptr())
     }
 
     /// Blocks `b0..b0+V`: their packed weights and their scales.

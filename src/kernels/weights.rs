@@ -63,7 +63,16 @@ pub struct PackedInt8Weights {
     scales: Arc<Vec<f16>>,
     /// `Σ_g sw[n,g] · Σ_{k∈g} qw[n,k]`: what an activation zero point of 1 would add to row `n`.
     zero_point_terms: Arc<Vec<f32>>,
+    /// `S[n,g] = Σ_{k∈g} qw[n,k]` in block order like the scales (`[(b·groups + g)·8 + r]`), for
+    /// activations with a per-group offset (`|S| ≤ 127·group` fits `i16` for groups of at most
+    /// [`MAX_SUMMED_GROUP`]): made from the packed bytes the first time a layer asks
+    /// ([`Self::prepare_group_sums`]), so weight-only, static and symmetric layers do not hold them.
+    group_sums: Arc<std::sync::OnceLock<Vec<i16>>>,
 }
+
+/// Largest weight group whose per-group sums are kept ([`PackedInt8Weights::block_group_sums`]):
+/// `127 · 256 < 2¹⁵`.
+pub const MAX_SUMMED_GROUP: usize = 256;
 
 impl PackedInt8Weights {
     /// Quantizes a float `[out, in]` weight (both cores: rows in parallel, see
@@ -154,7 +163,7 @@ impl PackedInt8Weights {
             .zip(scales.par_chunks(groups))
             .map(|(row, s)| row.chunks(group).zip(s).map(|(g, &sw)| sw.to_f32() * g.iter().map(|&v| v as i32).sum::<i32>() as f32).sum())
             .collect();
-        Self { n, k, group, stride, data: Arc::new(data), scales: Arc::new(packed_scales), zero_point_terms: Arc::new(zero_point_terms) }
+        Self { n, k, group, stride, data: Arc::new(data), scales: Arc::new(packed_scales), zero_point_terms: Arc::new(zero_point_terms), group_sums: Default::default() }
     }
 
     /// The weights unpacked to row-major order, as a checkpoint stores them.
@@ -230,6 +239,55 @@ impl PackedInt8Weights {
         &self.scales[b * len..(b + 1) * len]
     }
 
+    /// Makes the per-group weight sums that affine activations need (once; clones share them):
+    /// false when the groups are larger than [`MAX_SUMMED_GROUP`].
+    pub fn prepare_group_sums(&self) -> bool {
+        self.has_group_sums() && !self.group_sums().is_empty()
+    }
+
+    /// The sums, made from the packed bytes on first use: block `b`'s quads hold
+    /// `w[8b + r, 4q + t]` at byte `32q + 4r + t`.
+    fn group_sums(&self) -> &[i16] {
+        if !self.has_group_sums() {
+            return &[];
+        }
+        self.group_sums.get_or_init(|| {
+            use rayon::prelude::*;
+            let (groups, group, k) = (self.groups(), self.group, self.k);
+            let mut sums = vec![0i16; self.blocks() * BLOCK_ROWS * groups];
+            sums.par_chunks_mut(BLOCK_ROWS * groups).enumerate().for_each(|(b, dst)| {
+                let bytes = self.block(b);
+                for g in 0..groups {
+                    for r in 0..BLOCK_ROWS {
+                        // |Σ| ≤ 127·256 < 2¹⁵; padding rows and columns are zeros.
+                        dst[g * BLOCK_ROWS + r] = (g * group..((g + 1) * group).min(k)).map(|c| bytes[32 * (c / 4) + 4 * r + c % 4] as i16).sum();
+                    }
+                }
+            });
+            sums
+        })
+    }
+
+    /// The weight sums of block `b`, `groups()` runs of eight (`S[8b + r, g]` at `8g + r`);
+    /// empty when the groups are larger than [`MAX_SUMMED_GROUP`].
+    #[inline]
+    pub fn block_group_sums(&self, b: usize) -> &[i16] {
+        let len = BLOCK_ROWS * self.groups();
+        self.group_sums().get(b * len..(b + 1) * len).unwrap_or_default()
+    }
+
+    /// Whether per-group weight sums can be kept (groups of at most [`MAX_SUMMED_GROUP`]).
+    pub fn has_group_sums(&self) -> bool {
+        self.group <= MAX_SUMMED_GROUP
+    }
+
+    /// `Σ_{k∈g} ŵ[j,k] = sw[j,g] · S[j,g]`: what an activation offset of 1 over group `g` adds to
+    /// output `j` (needs [`Self::has_group_sums`]; 0 otherwise).
+    #[inline]
+    pub fn group_term(&self, j: usize, g: usize) -> f32 {
+        self.group_sums().get(Self::scale_offset(self.groups(), j, g)).map_or(0.0, |&s| self.scale(j, g) * s as f32)
+    }
+
     /// The quantized weight `w[j, c]`.
     #[inline]
     pub fn value(&self, j: usize, c: usize) -> i8 {
@@ -283,9 +341,9 @@ impl PackedInt8Weights {
         Ok(())
     }
 
-    /// Bytes held: packed integer weights plus scales, padding included.
+    /// Bytes held: packed integer weights plus scales (and group sums once made), padding included.
     pub fn nbytes(&self) -> usize {
-        self.data.len() + self.scales.len() * std::mem::size_of::<f16>()
+        self.data.len() + self.scales.len() * std::mem::size_of::<f16>() + self.group_sums.get().map_or(0, |s| s.len() * std::mem::size_of::<i16>())
     }
 }
 

@@ -30,6 +30,18 @@ unsafe fn load_scales(p: *const f16) -> __m256 {
     _mm256_cvtph_ps(unsafe { _mm_loadu_si128(p as *const __m128i) })
 }
 
+/// Eight weight-group sums `S` (`i16`) times eight scales: `sw · S`, what an activation offset
+/// of 1 adds to each of eight outputs over one group.
+///
+/// # Safety
+/// AVX2+F16C available; `sums` and `scales` point at eight readable values each.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn group_terms(scales: *const f16, sums: *const i16) -> __m256 {
+    // SAFETY: eight i16 are 16 readable bytes; the scales are the caller's too.
+    unsafe { _mm256_mul_ps(load_scales(scales), _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm_loadu_si128(sums as *const __m128i)))) }
+}
+
 /// `acc + Σ₄ u·w` per 32-bit lane — `vpdpbusd` (unsigned bytes of `u` times the signed bytes of
 /// `w` in the same lane, four products summed into `i32`, wrapping) — done exactly with AVX2:
 /// even and odd bytes widened to 16 bits in place, two `vpmaddwd`. Slower than the `vpmaddubsw`
@@ -125,6 +137,7 @@ macro_rules! int8_tiles {
                 let ua: [*const u8; R] = std::array::from_fn(|r| op.abs.as_ptr().wrapping_add((i0 + r) * stride));
                 let na: [*const u8; R] = std::array::from_fn(|r| op.neg_mask.as_ptr().wrapping_add((i0 + r) * stride));
                 let (w, sw) = op.block_pointers::<V>(b0);
+                let (ao, ws) = (op.offset_pointers::<R>(i0), op.sum_pointers::<V>(b0));
                 let mut y = [[_mm256_setzero_ps(); V]; R];
                 for g in 0..segs {
                     // Each segment sum starts at minus what the byte products add beyond
@@ -204,6 +217,18 @@ macro_rules! int8_tiles {
                                 y[r][v] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r][v]), scale, y[r][v]);
                             }
                         }
+                        if op.offsets {
+                            // Affine activations: y += o[i,g] · sw[n,g] · S[n,g].
+                            for v in 0..V {
+                                // SAFETY: with offsets a block has 8 scales and 8 sums per group.
+                                let terms = unsafe { group_terms(sw[v].add(BLOCK_ROWS * g), ws[v].add(BLOCK_ROWS * g)) };
+                                for r in 0..R {
+                                    // SAFETY: with offsets each row has one offset, or one per segment when a_step is 1.
+                                    let o = _mm256_set1_ps(unsafe { *ao[r].add(g * a_step) });
+                                    y[r][v] = _mm256_fmadd_ps(o, terms, y[r][v]);
+                                }
+                            }
+                        }
                     }
                 }
                 if !SUMS && w_step == 0 {
@@ -212,6 +237,15 @@ macro_rules! int8_tiles {
                         let scale = unsafe { load_scales(sw[v]) };
                         for r in 0..R {
                             y[r][v] = _mm256_mul_ps(y[r][v], scale);
+                        }
+                        if op.offsets {
+                            // One group and one segment: y += o[i] · sw[n] · S[n].
+                            // SAFETY: with offsets a block has 8 scales and 8 sums.
+                            let terms = unsafe { group_terms(sw[v], ws[v]) };
+                            for r in 0..R {
+                                // SAFETY: with offsets each row has an offset.
+                                y[r][v] = _mm256_fmadd_ps(_mm256_set1_ps(unsafe { *ao[r] }), terms, y[r][v]);
+                            }
                         }
                     }
                 }
@@ -515,6 +549,120 @@ pub unsafe fn quantize_row_groups32(x: &[f32], limit: f32, scales: &mut [f32], q
             _mm256_storeu_si256(q.as_mut_ptr().add(32 * g) as *mut __m256i, _mm256_permutevar8x32_epi32(bytes, order));
         }
         finite && _mm256_movemask_ps(unordered) == 0
+    }
+}
+
+/// The affine quantizer's one pass over a row in groups of 32 (`x.len()` a multiple of 32): per
+/// group, the range of its values within `limit` ([`affine_range`]'s), its `[sa, o]` into
+/// `params` (`affine_params`) and its values quantized as [`quantize_affine`] does, while the
+/// group is in registers; groups holding values beyond `limit` are pushed to `beyond` (their
+/// slots are the caller's to set aside). Returns whether every value is finite.
+///
+/// # Safety
+/// AVX2+FMA+F16C available; `params` holds `2 · x.len() / 32` values and `q` at least `x.len()`.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn quantize_row_affine32(x: &[f32], limit: f32, params: &mut [f32], q: &mut [i8], beyond: &mut Vec<usize>) -> bool {
+    // SAFETY: every access stays within the lengths the caller vouches for.
+    unsafe {
+        let (sign, lim, inf, ninf) = (_mm256_set1_ps(-0.0), _mm256_set1_ps(limit), _mm256_set1_ps(f32::INFINITY), _mm256_set1_ps(f32::NEG_INFINITY));
+        let (zero, top, half) = (_mm256_setzero_ps(), _mm256_set1_ps(255.0), _mm256_set1_epi32(128));
+        let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+        let mut bad = _mm256_setzero_ps();
+        for g in 0..x.len() / 32 {
+            let v: [__m256; 4] = std::array::from_fn(|j| _mm256_loadu_ps(x.as_ptr().add(32 * g + 8 * j)));
+            let a = v.map(|vj| _mm256_andnot_ps(sign, vj));
+            let within = a.map(|aj| _mm256_cmp_ps(aj, lim, _CMP_LE_OQ));
+            for aj in a {
+                bad = _mm256_or_ps(bad, _mm256_cmp_ps(aj, inf, _CMP_NLT_UQ));
+            }
+            let lows: [__m256; 4] = std::array::from_fn(|j| _mm256_blendv_ps(inf, v[j], within[j]));
+            let highs: [__m256; 4] = std::array::from_fn(|j| _mm256_blendv_ps(ninf, v[j], within[j]));
+            let lo8 = _mm256_min_ps(_mm256_min_ps(lows[0], lows[1]), _mm256_min_ps(lows[2], lows[3]));
+            let hi8 = _mm256_max_ps(_mm256_max_ps(highs[0], highs[1]), _mm256_max_ps(highs[2], highs[3]));
+            let l = _mm_min_ps(_mm256_castps256_ps128(lo8), _mm256_extractf128_ps(lo8, 1));
+            let l = _mm_min_ps(l, _mm_movehl_ps(l, l));
+            let h = _mm_max_ps(_mm256_castps256_ps128(hi8), _mm256_extractf128_ps(hi8, 1));
+            let h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+            let (lo, hi) = (_mm_cvtss_f32(_mm_min_ss(l, _mm_movehdup_ps(l))), _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h))));
+            let all = _mm256_and_ps(_mm256_and_ps(within[0], within[1]), _mm256_and_ps(within[2], within[3]));
+            if _mm256_movemask_ps(all) != 0xff {
+                beyond.push(g);
+            }
+            let (lo, sa, inv, offset) = super::act_quant::affine_params(lo, hi);
+            (*params.get_unchecked_mut(2 * g), *params.get_unchecked_mut(2 * g + 1)) = (sa, offset);
+            let (lov, invv) = (_mm256_set1_ps(lo), _mm256_set1_ps(inv));
+            let i = v.map(|vj| {
+                let r = _mm256_mul_ps(_mm256_sub_ps(vj, lov), invv);
+                _mm256_sub_epi32(_mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(r, zero), top)), half)
+            });
+            let bytes = _mm256_packs_epi16(_mm256_packs_epi32(i[0], i[1]), _mm256_packs_epi32(i[2], i[3]));
+            _mm256_storeu_si256(q.as_mut_ptr().add(32 * g) as *mut __m256i, _mm256_permutevar8x32_epi32(bytes, order));
+        }
+        _mm256_movemask_ps(bad) == 0
+    }
+}
+
+/// `(lo, hi, finite, beyond)` of a run whose length is a multiple of 8, as
+/// [`super::act_quant`]'s portable `range_within` gives them: the least and greatest value with
+/// `|x| ≤ limit` (`lo > hi` when none), whether all are finite, and whether any is beyond `limit`.
+///
+/// # Safety
+/// AVX2+FMA+F16C available; `x.len()` a multiple of 8.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn affine_range(x: &[f32], limit: f32) -> (f32, f32, bool, bool) {
+    let (sign, limit, inf, ninf) = (_mm256_set1_ps(-0.0), _mm256_set1_ps(limit), _mm256_set1_ps(f32::INFINITY), _mm256_set1_ps(f32::NEG_INFINITY));
+    let (mut lo, mut hi, mut bad, mut all_within) = (inf, ninf, _mm256_setzero_ps(), _mm256_castsi256_ps(_mm256_set1_epi32(-1)));
+    for c in x.chunks_exact(8) {
+        // SAFETY: chunks_exact gives 8 floats.
+        let v = unsafe { _mm256_loadu_ps(c.as_ptr()) };
+        let a = _mm256_andnot_ps(sign, v);
+        // NaN compares false: never within, and "not below ∞" marks it (and ±∞) as not finite.
+        let within = _mm256_cmp_ps(a, limit, _CMP_LE_OQ);
+        bad = _mm256_or_ps(bad, _mm256_cmp_ps(a, inf, _CMP_NLT_UQ));
+        all_within = _mm256_and_ps(all_within, within);
+        lo = _mm256_min_ps(lo, _mm256_blendv_ps(inf, v, within));
+        hi = _mm256_max_ps(hi, _mm256_blendv_ps(ninf, v, within));
+    }
+    let l = _mm_min_ps(_mm256_castps256_ps128(lo), _mm256_extractf128_ps(lo, 1));
+    let l = _mm_min_ps(l, _mm_movehl_ps(l, l));
+    let h = _mm_max_ps(_mm256_castps256_ps128(hi), _mm256_extractf128_ps(hi, 1));
+    let h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    (
+        _mm_cvtss_f32(_mm_min_ss(l, _mm_movehdup_ps(l))),
+        _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h))),
+        _mm256_movemask_ps(bad) == 0,
+        _mm256_movemask_ps(all_within) != 0xff,
+    )
+}
+
+/// `q[i] = round_half_even(clamp((x[i] − lo) · inv, 0, 255)) − 128`, bit for bit the portable
+/// affine quantizer (clamping to whole bounds before or after rounding gives the same integer;
+/// `vcvtps2dq` rounds half to even).
+///
+/// # Safety
+/// AVX2+FMA+F16C available; `x` finite; `q.len() >= x.len()`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn quantize_affine(x: &[f32], lo: f32, inv: f32, q: &mut [i8]) {
+    let (lov, invv, zero, top, half) = (_mm256_set1_ps(lo), _mm256_set1_ps(inv), _mm256_setzero_ps(), _mm256_set1_ps(255.0), _mm256_set1_epi32(128));
+    let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    let mut i = 0;
+    while i + 32 <= x.len() {
+        let mut v = [_mm256_setzero_si256(); 4];
+        for (j, vj) in v.iter_mut().enumerate() {
+            // SAFETY: i + 32 <= x.len().
+            let r = _mm256_mul_ps(_mm256_sub_ps(unsafe { _mm256_loadu_ps(x.as_ptr().add(i + 8 * j)) }, lov), invv);
+            *vj = _mm256_sub_epi32(_mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(r, zero), top)), half);
+        }
+        // Packing works per 128-bit half; the permute puts the 32 bytes back in order.
+        let bytes = _mm256_packs_epi16(_mm256_packs_epi32(v[0], v[1]), _mm256_packs_epi32(v[2], v[3]));
+        // SAFETY: q has as many bytes as x has floats.
+        unsafe { _mm256_storeu_si256(q.as_mut_ptr().add(i) as *mut __m256i, _mm256_permutevar8x32_epi32(bytes, order)) };
+        i += 32;
+    }
+    for (qv, &xv) in q[i..].iter_mut().zip(&x[i..]) {
+        *qv = super::act_quant::affine_value(xv, lo, inv);
     }
 }
 

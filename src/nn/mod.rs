@@ -137,7 +137,10 @@ impl QLinear {
             cpu_slice::<half::f16, _>(&scales, |s| PackedInt8Weights::pack(n, k, group, values, s))?
         })??;
         let bias = if bias || vb.contains_tensor("bias") { Some(float_values(&vb.get(n, "bias")?, "bias")?) } else { None };
-        let dynamic = DynamicLinear::new(packed, bias, ActivationQuant::default()).with_outlier_threshold(Some(DEFAULT_OUTLIER_THRESHOLD));
+        // Affine activations in the weights' groups where the weights keep group sums, else one
+        // affine scale and offset per token.
+        let act = if group < k && packed.has_group_sums() { ActivationQuant::AffinePerGroup(group) } else { ActivationQuant::AffinePerToken };
+        let dynamic = DynamicLinear::new(packed, bias, act).with_outlier_threshold(Some(DEFAULT_OUTLIER_THRESHOLD));
         Ok(QLinearKind::Dynamic(dynamic))
     }
 
@@ -343,10 +346,26 @@ impl QLinear {
     /// per `act` on every call. When both are per group, the group sizes must match.
     pub fn quantize_dynamic(&mut self, act: ActivationQuant, weights: WeightQuant, outlier_threshold: Option<f32>) -> Result<()> {
         act.validate()?;
-        if let (ActivationQuant::PerGroup(a), WeightQuant::PerGroup(w)) = (act, weights) {
-            if a != w && a < self.in_features && w < self.in_features {
+        let k = self.in_features;
+        match (act.group().filter(|&a| a < k), weights) {
+            (Some(a), WeightQuant::PerGroup(w)) if a != w && w < k => {
                 bail!("layer '{}': activation groups of {a} and weight groups of {w} must be equal", self.name)
             }
+            (Some(a), _) if act.is_affine() => {
+                let w = match weights {
+                    WeightQuant::PerGroup(w) if w < k => w,
+                    _ => k,
+                };
+                if w != a || a > crate::kernels::MAX_SUMMED_GROUP {
+                    bail!(
+                        "layer '{}': affine activations in groups of {a} need int8 weights in groups of the same size (at most {}), got {}",
+                        self.name,
+                        crate::kernels::MAX_SUMMED_GROUP,
+                        if w == k { "one scale per output channel".to_string() } else { format!("groups of {w}") }
+                    )
+                }
+            }
+            _ => {}
         }
         let (w, b) = self.int8_weights(weights)?;
         self.kind = QLinearKind::Dynamic(DynamicLinear::new(w, b, act).with_outlier_threshold(outlier_threshold));

@@ -167,6 +167,28 @@ fn a_users_model_saves_and_loads_in_every_int8_kind() {
     // One layer each: the first scheme is the default, the other an exception.
     assert_eq!(q.layers.keys().collect::<Vec<_>>(), ["fc2"]);
 
+    // Dynamic affine (the default scheme) with an affine per-token exception: the scheme is
+    // written, and a file without it (as older folders are) reads as symmetric.
+    let mut m = tiny_float(6);
+    let cfg = QuantConfig::default().override_activation("fc2", ActivationQuant::AffinePerToken);
+    quantize_dynamic(&mut m, &cfg).unwrap();
+    let q = save_load_same_outputs(m, "dynamic affine");
+    let json = serde_json::to_value(&q).unwrap();
+    assert_eq!(json["default"]["activation_scheme"], "affine", "{json}");
+    assert_eq!(json["layers"]["fc2"]["activation_scheme"], "affine", "{json}");
+    assert_eq!(json["layers"]["fc2"]["activation_group_size"], serde_json::Value::Null, "{json}");
+    let mut old = json.clone();
+    old["default"].as_object_mut().unwrap().remove("activation_scheme");
+    let old: CheckpointScheme = serde_json::from_value(old).unwrap();
+    match old.default {
+        candle_quant::checkpoint::LayerScheme::Dynamic { activation_scheme, .. } => {
+            assert_eq!(activation_scheme, candle_quant::quant::QScheme::Symmetric)
+        }
+        other => panic!("{other:?}"),
+    }
+    // Symmetric is the default of the field, so it is not written.
+    assert!(serde_json::to_value(&old).unwrap()["default"].get("activation_scheme").is_none());
+
     // Weight-only, fc2 kept float.
     let mut m = tiny_float(2);
     candle_quant::convert::quantize_weight_only(&mut m, &QuantConfig::default().exclude("fc2")).unwrap();

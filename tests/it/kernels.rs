@@ -100,6 +100,102 @@ proptest! {
     }
 }
 
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+    /// Affine activations on every path this CPU has: the output equals
+    /// `Σ_g sw[n,g]·(sa[i,g]·Σ_{k∈g} q·qw + o[i,g]·Σ_{k∈g} qw) + bias`, each group's integer sums
+    /// from the reference GEMM; groups shared by both sides, or one scale and offset per token
+    /// over grouped or per-channel weights.
+    #[test]
+    fn affine_int8_linear_matches_reference(seed in any::<u64>(), m in 1usize..6, k in 1usize..80, n in 1usize..19, group in 1usize..40, per_token in any::<bool>(), per_channel in any::<bool>()) {
+        let mut rng = common::Rng::new(seed);
+        let x: Vec<f32> = rng.normals(m * k, 2.0).into_iter().map(|v| v.abs() - 0.3).collect();
+        let weight = if per_token && per_channel { WeightQuant::PerChannel } else { WeightQuant::PerGroup(group) };
+        let w = PackedInt8Weights::quantize(&rng.tensor(&[n, k], 1.0).unwrap(), weight).unwrap();
+        let act_group = if per_token { k } else { group };
+        let threshold = (seed % 3 == 0).then_some(3.0);
+        let acts = QuantizedActivations::quantize_dynamic_affine(&x, m, k, act_group, threshold).unwrap();
+        prop_assert!(acts.is_affine());
+        let bias: Vec<f32> = rng.normals(n, 1.0);
+        let (ga, gw) = (acts.group_size(), w.group_size());
+        for isa in Isa::supported() {
+            let mut got = vec![0f32; m * n];
+            int8_linear_with(isa, &acts, &w, Some(&bias), &mut got).unwrap();
+            for i in 0..m {
+                for j in 0..n {
+                    let (qa, qw) = (acts.row(i), w.row(j));
+                    let (mut want, mut abs_terms) = (bias[j] as f64, bias[j].abs() as f64);
+                    for c in 0..k {
+                        // x̂ = sa·q + o of c's activation group, ŵ = qw · sw of c's weight group.
+                        let (sa, o) = (acts.row_scales(i)[c / ga] as f64, acts.row_offsets(i)[c / ga] as f64);
+                        let wv = qw[c] as f64 * w.scale(j, c / gw) as f64;
+                        want += (sa * qa[c] as f64 + o) * wv;
+                        abs_terms += (sa * qa[c] as f64).abs() * wv.abs() + o.abs() * wv.abs();
+                    }
+                    for &(c, r) in acts.row_outliers(i) {
+                        let wv = qw[c as usize] as f64 * w.scale(j, c as usize / gw) as f64;
+                        want += r as f64 * wv;
+                        abs_terms += (r as f64 * wv).abs();
+                    }
+                    let adds = 5 * k.div_ceil(ga.min(gw)) + 2 * acts.row_outliers(i).len() + 4;
+                    prop_assert!(common::within_sum_rounding(got[i * n + j], want, abs_terms, adds), "{isa:?} ({i},{j}) {} vs {want}", got[i * n + j]);
+                }
+            }
+        }
+    }
+
+    /// Affine quantization keeps every value within half a step of `sa·q + o`; a value beyond
+    /// the threshold sits in slot -128 and its set-aside remainder restores it; a constant group
+    /// is exact.
+    #[test]
+    fn affine_activations_stay_within_half_a_step(seed in any::<u64>(), m in 1usize..4, k in 1usize..100, group in 1usize..50) {
+        let mut rng = common::Rng::new(seed);
+        let mut x: Vec<f32> = rng.normals(m * k, 1.0).into_iter().map(|v| v * 3.0 + 1.0).collect();
+        if seed % 4 == 0 {
+            x.iter_mut().take(group.min(k)).for_each(|v| *v = 0.75);
+        }
+        let threshold = (seed % 2 == 0).then_some(4.0);
+        let acts = QuantizedActivations::quantize_dynamic_affine(&x, m, k, group, threshold).unwrap();
+        let g = acts.group_size();
+        for i in 0..m {
+            let outliers = acts.row_outliers(i);
+            for c in 0..k {
+                let (sa, o, q) = (acts.row_scales(i)[c / g], acts.row_offsets(i)[c / g], acts.row(i)[c]);
+                let v = x[i * k + c];
+                let back = sa * q as f32 + o;
+                match outliers.iter().find(|&&(oc, _)| oc as usize == c) {
+                    Some(&(_, r)) => {
+                        prop_assert!(v.abs() > 4.0 && q == -128, "({i},{c}) {v} set aside in slot {q}");
+                        prop_assert!((back + r - v).abs() <= 1e-5 * v.abs(), "({i},{c}) {back} + {r} != {v}");
+                    }
+                    None => prop_assert!((back - v).abs() <= 0.5 * sa + 1e-5 * (v.abs() + o.abs()), "({i},{c}) {v} -> {q}: {back}, step {sa}"),
+                }
+            }
+        }
+    }
+}
+
+/// Golden affine groups: `[0, 1, 2, 255]` spans 255 with 255 steps of 1, so `q = x − 128` and
+/// `o = 0 + 128·1 = 128`; `[-1, -1]` is constant: step 0, `q = -128`, `o = -1`.
+#[test]
+fn affine_activations_golden() {
+    let q = QuantizedActivations::quantize_dynamic_affine(&[0.0, 1.0, 2.0, 255.0, -1.0, -1.0], 1, 6, 4, None).unwrap();
+    assert_eq!(q.row(0), &[-128, -127, -126, 127, -128, -128]);
+    assert_eq!(q.row_scales(0), &[1.0, 0.0]);
+    assert_eq!(q.row_offsets(0), &[128.0, -1.0]);
+    // Against weights [1, 1, 1, 1 | 2, 2] (one scale of 1, groups of 4): y = 0 + 1 + 2 + 255 + 2·(-1) + 2·(-1) = 254.
+    let w = PackedInt8Weights::pack(1, 6, 4, &[1, 1, 1, 1, 2, 2], &[half::f16::ONE, half::f16::ONE]).unwrap();
+    for isa in Isa::supported() {
+        let mut y = [0f32];
+        int8_linear_with(isa, &q, &w, None, &mut y).unwrap();
+        assert_eq!(y[0], 254.0, "{isa:?}");
+    }
+    // Groups that are not the weights' are refused, naming both.
+    let per_channel = PackedInt8Weights::pack(1, 6, 6, &[1, 1, 1, 1, 2, 2], &[half::f16::ONE]).unwrap();
+    let e = int8_linear(&q, &per_channel, None, &mut [0f32]).unwrap_err().to_string();
+    assert!(e.contains("affine activations in groups of 4") && e.contains("groups of 6"), "{e}");
+}
+
 #[test]
 fn kernel_shape_errors() {
     let w = weights_from(&[1, 2, 3, 4, 5, 6], 2, 3, vec![1.0, 1.0]);
@@ -128,6 +224,12 @@ fn weight_scales_are_stored_as_f16() {
     assert_eq!(w.zero_point_term(0), 0.199_951_17);
     // 2 bytes of scale per output channel (one block of 8 rows, padded K = CHUNK bytes each).
     assert_eq!(w.nbytes(), 8 * w.padded_in_features() + 8 * 2);
+    // Group sum S = 1 − 2 + 3 = 2, and an offset of 1 adds scale · S; once made, the sums
+    // hold 2 bytes per output channel and group.
+    assert!(w.prepare_group_sums());
+    assert_eq!(w.block_group_sums(0)[0], 2);
+    assert_eq!(w.group_term(0, 0), 0.199_951_17);
+    assert_eq!(w.nbytes(), 8 * w.padded_in_features() + 8 * 2 + 8 * 2);
 
     // Quantizing floats rounds the scales first, so q·scale reproduces every weight within half
     // a step of the scale actually stored: [0.3, -1.1, 0.77] → scale f16(1.1/127).
@@ -214,8 +316,16 @@ fn simd_paths_equal_the_reference() {
         let outliers = rng.next_u64().is_multiple_of(3).then_some(2.5);
         let w = rng.tensor(&[n, k], 1.0).unwrap();
         let w = PackedInt8Weights::quantize(&w, weight).unwrap();
-        let x = rng.normals(m * k, 1.0);
-        let acts = QuantizedActivations::quantize_dynamic(&x, m, k, act_group, outliers).unwrap();
+        // Skewed rows, so that affine offsets matter.
+        let x: Vec<f32> = rng.normals(m * k, 1.0).into_iter().map(|v| v + 0.5).collect();
+        // Affine where its groups are the weights' (or one per token): offsets added by the
+        // tiles per segment, or after them per row.
+        let affine = act_group != 64 && rng.next_u64().is_multiple_of(2);
+        let acts = if affine {
+            QuantizedActivations::quantize_dynamic_affine(&x, m, k, act_group, outliers).unwrap()
+        } else {
+            QuantizedActivations::quantize_dynamic(&x, m, k, act_group, outliers).unwrap()
+        };
         let bias = rng.normals(n, 1.0);
         let mut want = vec![0f32; m * n];
         int8_linear_with(Isa::Reference, &acts, &w, Some(&bias), &mut want).unwrap();
@@ -233,7 +343,9 @@ fn simd_paths_equal_the_reference() {
             let x = &x[i * k..(i + 1) * k];
             let x_norm = x.iter().map(|&v| (v as f64).powi(2)).sum::<f64>().sqrt();
             let x_max = x.iter().fold(0f64, |a, &v| a.max(v.abs() as f64));
-            x_norm * w_rows[j].0 + x_max / 127.0 * w_rows[j].1 + bias[j].abs() as f64
+            // Affine: each group's two terms, sa·Σq·ŵ and o·Σŵ, are at most 2·max|x|·‖ŵ‖₁ each.
+            let offsets = if affine { 4.0 * x_max * w_rows[j].1 } else { 0.0 };
+            x_norm * w_rows[j].0 + x_max / 127.0 * w_rows[j].1 + bias[j].abs() as f64 + offsets
         };
         let segments = k.div_ceil(act_group.min(w.group_size()));
         for &isa in &paths {
@@ -241,11 +353,12 @@ fn simd_paths_equal_the_reference() {
             int8_linear_with(isa, &acts, &w, Some(&bias), &mut got).unwrap();
             for (o, (g, e)) in got.iter().zip(&want).enumerate() {
                 let (i, j) = (o / n, o % n);
-                // Per segment: two scale products and an add; per outlier a product and an add.
-                let adds = 3 * segments + 2 * acts.row_outliers(i).len() + 2;
+                // Per segment: two scale products and an add (and an offset term's product
+                // and add); per outlier a product and an add.
+                let adds = 5 * segments + 2 * acts.row_outliers(i).len() + 2;
                 assert!(
                     common::within_sum_rounding(*g, *e as f64, abs_terms(i, j), adds),
-                    "shape {shape} ({m}x{k}x{n}) {isa:?}: {g} vs {e}"
+                    "shape {shape} ({m}x{k}x{n}) {isa:?} affine {affine}: {g} vs {e}"
                 );
             }
             assert_eq!(
@@ -283,12 +396,17 @@ fn simd_activation_quantizer_equals_the_reference() {
             (0..m * k).map(|i| if i % 7 == 0 { 127.0 } else { (rng.next_u64() % 255) as f32 - 127.0 + 0.5 }).collect()
         };
         let want = QuantizedActivations::quantize_dynamic_with(Isa::Reference, &x, m, k, group, threshold).unwrap();
+        let want_affine = QuantizedActivations::quantize_dynamic_affine_with(Isa::Reference, &x, m, k, group, threshold).unwrap();
         for isa in Isa::supported() {
             let got = QuantizedActivations::quantize_dynamic_with(isa, &x, m, k, group, threshold).unwrap();
+            let got_affine = QuantizedActivations::quantize_dynamic_affine_with(isa, &x, m, k, group, threshold).unwrap();
             for i in 0..m {
-                assert_eq!(got.row(i), want.row(i), "case {case} {isa:?} row {i}");
-                assert_eq!(got.row_scales(i), want.row_scales(i), "case {case} {isa:?} row {i}");
-                assert_eq!(got.row_outliers(i), want.row_outliers(i), "case {case} {isa:?} row {i}");
+                for (what, got, want) in [("symmetric", &got, &want), ("affine", &got_affine, &want_affine)] {
+                    assert_eq!(got.row(i), want.row(i), "case {case} {what} {isa:?} row {i}");
+                    assert_eq!(got.row_scales(i), want.row_scales(i), "case {case} {what} {isa:?} row {i}");
+                    assert_eq!(got.row_offsets(i), want.row_offsets(i), "case {case} {what} {isa:?} row {i}");
+                    assert_eq!(got.row_outliers(i), want.row_outliers(i), "case {case} {what} {isa:?} row {i}");
+                }
             }
         }
     }

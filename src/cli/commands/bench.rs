@@ -6,7 +6,9 @@ use crate::probe::stream_sum;
 use candle_core::quantized::GgmlDType;
 use candle_core::{Device, Module, Result, Tensor};
 use candle_nn::Linear;
+use crate::args::ActScheme;
 use candle_quant::convert::{quantize_dynamic, quantize_ggml, QuantConfig};
+use candle_quant::nn::ActivationQuant;
 use candle_quant::kernels::{int8_linear, PackedInt8Weights, QuantizedActivations, WeightQuant};
 use candle_quant::QLinear;
 use std::time::Instant;
@@ -243,13 +245,13 @@ pub fn bench_linear(
 
 /// The `bench` command: every shape of [`SHAPES`] (or those with the given input sizes) at each M
 /// and thread count, as a table or JSON records.
-pub fn run(m: Vec<usize>, threads: Vec<usize>, in_features: &[usize], json: bool) -> anyhow::Result<()> {
+pub fn run(m: Vec<usize>, threads: Vec<usize>, in_features: &[usize], act_scheme: ActScheme, json: bool) -> anyhow::Result<()> {
     let ms = if m.is_empty() { vec![1, 16, 128] } else { m };
     let ts = if threads.is_empty() { vec![1, 2] } else { threads };
     if let Some(bad) = ms.iter().chain(&ts).find(|&&v| v == 0) {
         anyhow::bail!("bench: --m and --threads must be at least 1, got {bad}")
     }
-    let config = QuantConfig::default();
+    let config = QuantConfig::default().activation(ActivationQuant::with_group(act_scheme == ActScheme::Affine, Some(32)));
     let bounds = Bounds::measure(&ts)?;
     let mut records = vec![];
     if !json {

@@ -2,10 +2,11 @@
 
 use crate::args::{GenArgs, ModelArgs};
 use crate::models::{model_pair, prompt_tokens};
-use anyhow::Result;
+use anyhow::{Context, Result};
 use candle_quant::generate::{compare, Generation, Side};
 use candle_quant::io::LanguageModel;
 use std::io::Write;
+use std::path::Path;
 
 /// `compare`: f32 and int8 side by side ([`candle_quant::generate::compare`]), as a table or JSON.
 pub fn run(model: &ModelArgs, reference: Option<&str>, gen: &GenArgs, repeats: usize, json: bool) -> Result<()> {
@@ -66,5 +67,46 @@ pub fn run(model: &ModelArgs, reference: Option<&str>, gen: &GenArgs, repeats: u
         println!("top-1 agreement of int8 with f32 along the f32 text: {:.1}%", a * 100.0);
     }
     println!("{} layers int8, {} kept float {:?}", report.converted.len(), report.skipped.len(), report.skipped);
+    Ok(())
+}
+
+/// `compare --prompts FILE`: greedy f32 and int8 on every chat message of a prompt set; counts
+/// the prompts whose int8 text equals f32's, with where each first differs.
+pub fn run_prompt_set(model: &ModelArgs, reference: Option<&str>, path: &Path, max_new_tokens: usize, repeats: usize, json: bool) -> Result<()> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading the prompt set {}", path.display()))?;
+    let prompts: Vec<&str> = text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).collect();
+    if prompts.is_empty() {
+        anyhow::bail!("the prompt set {} holds no prompt (one per line; # starts a comment)", path.display())
+    }
+    let (lm, q, _) = model_pair(model, reference, "compare")?;
+    let mut rows = Vec::with_capacity(prompts.len());
+    for (p, prompt) in prompts.iter().enumerate() {
+        let gen = GenArgs { prompt: prompt.to_string(), max_new_tokens, no_chat_template: false, prompt_file: None, max_prompt_tokens: None };
+        let (tokens, _) = prompt_tokens(&lm, &gen)?;
+        let c = compare(&lm.model, &q.model, &lm.tokenizer, &tokens, max_new_tokens, repeats, |_, _| {})?;
+        eprintln!("prompt {}/{}: {}", p + 1, prompts.len(), c.first_divergence.map_or("identical".to_string(), |d| format!("differs at token {d}")));
+        rows.push((prompt, c));
+    }
+    let same = rows.iter().filter(|(_, c)| c.first_divergence.is_none()).count();
+    let agreements: Vec<f64> = rows.iter().filter_map(|(_, c)| c.top1_agreement).collect();
+    let mean_agreement = agreements.iter().sum::<f64>() / agreements.len().max(1) as f64;
+    if json {
+        let each: Vec<_> = rows
+            .iter()
+            .map(|(prompt, c)| {
+                serde_json::json!({"prompt": prompt, "first_divergence": c.first_divergence, "top1_agreement": c.top1_agreement,
+                    "f32": c.reference.text, "int8": c.candidate.text})
+            })
+            .collect();
+        let out = serde_json::json!({"model": q.source, "reference": lm.source, "prompts": rows.len(), "identical": same,
+            "mean_top1_agreement": mean_agreement, "max_new_tokens": max_new_tokens, "each": each});
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(());
+    }
+    for (prompt, c) in &rows {
+        let at = c.first_divergence.map_or("same".to_string(), |d| format!("token {d}"));
+        println!("{at:>10}  {prompt}");
+    }
+    println!("int8 greedy text equal to f32's on {same} of {} prompts ({max_new_tokens} new tokens each); mean top-1 agreement along f32's text {:.1}%", rows.len(), mean_agreement * 100.0);
     Ok(())
 }
