@@ -358,7 +358,7 @@ impl QLinear {
                 };
                 if w != a || a > crate::kernels::MAX_SUMMED_GROUP {
                     bail!(
-                        "layer '{}': affine activations in groups of {a} need int8 weights in groups of the same size (at most {}), got {}",
+                        "layer '{}': affine activations in groups of {a} need int8 weights in groups of the same size (at most {}), got {} (symmetric activations take any weights)",
                         self.name,
                         crate::kernels::MAX_SUMMED_GROUP,
                         if w == k { "one scale per output channel".to_string() } else { format!("groups of {w}") }

@@ -106,6 +106,23 @@ fn per_group_beats_per_token_with_outlier_channels() {
     assert!(grp < tok / 2.0, "per-group {grp} vs per-token {tok}");
 }
 
+/// Affine activation groups need weights in the same groups (for the offset term); per-channel
+/// weights are an error naming the layer, and take symmetric groups or affine per token.
+#[test]
+fn affine_groups_need_the_weights_groups() {
+    let mut rng = Rng::new(5);
+    let float = layer(&mut rng, 96, 12, true);
+    let mut q = QLinear::from_linear(&float, "blocks.3.fc").unwrap();
+    let e = q.quantize_dynamic(ActivationQuant::AffinePerGroup(32), WeightQuant::PerChannel, None).unwrap_err().to_string();
+    assert!(e.contains("'blocks.3.fc'") && e.contains("groups of 32") && e.contains("one scale per output channel"), "{e}");
+    let x = rng.tensor(&[3, 96], 1.0).unwrap();
+    let y = float.forward(&x).unwrap();
+    for act in [ActivationQuant::PerGroup(32), ActivationQuant::AffinePerToken] {
+        q.quantize_dynamic(act, WeightQuant::PerChannel, None).unwrap();
+        assert!(rel_error(&q.forward(&x).unwrap(), &y).unwrap() < 0.02, "{act:?}");
+    }
+}
+
 #[test]
 fn weight_only_equals_dequantized_float() {
     let mut rng = Rng::new(4);
