@@ -93,6 +93,10 @@ pub(crate) fn int8_linear_into(
     out: &mut [MaybeUninit<f32>],
 ) -> Result<()> {
     check_linear(acts, weights, bias, out)?;
+    if offsets_in_tiles(acts, weights) {
+        // Made here, before the tasks that read them.
+        weights.prepare_group_sums();
+    }
     let kernels = Kernels::of(isa).map_err(|e| e.context("int8 linear"))?;
     let seg = segment(acts, weights)?;
     let kernels = if simd_segments(seg, acts.cols()) { kernels } else { Kernels::PORTABLE };

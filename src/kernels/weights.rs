@@ -251,11 +251,12 @@ impl PackedInt8Weights {
         if !self.has_group_sums() {
             return &[];
         }
+        // One plain pass (no parallel tasks inside the initialisation: a worker waiting on them
+        // could otherwise be handed another task that asks for these same sums).
         self.group_sums.get_or_init(|| {
-            use rayon::prelude::*;
             let (groups, group, k) = (self.groups(), self.group, self.k);
             let mut sums = vec![0i16; self.blocks() * BLOCK_ROWS * groups];
-            sums.par_chunks_mut(BLOCK_ROWS * groups).enumerate().for_each(|(b, dst)| {
+            for (b, dst) in sums.chunks_mut(BLOCK_ROWS * groups).enumerate() {
                 let bytes = self.block(b);
                 for g in 0..groups {
                     for r in 0..BLOCK_ROWS {
@@ -263,7 +264,7 @@ impl PackedInt8Weights {
                         dst[g * BLOCK_ROWS + r] = (g * group..((g + 1) * group).min(k)).map(|c| bytes[32 * (c / 4) + 4 * r + c % 4] as i16).sum();
                     }
                 }
-            });
+            }
             sums
         })
     }
