@@ -8,7 +8,7 @@ mod progress;
 mod writers;
 
 use anyhow::Result;
-use args::{parse_percent, ActScheme, parse_size, GenArgs, GranularityArg, ModelArgs, ObserverArg, Precision, SamplingArgs};
+use args::{parse_percent, parse_size, ActScheme, GenArgs, GranularityArg, ModelArgs, ObserverArg, Precision, SamplingArgs};
 use candle_quant::calibration::StaticGranularity;
 use clap::{Parser, Subcommand};
 use commands::*;

@@ -59,7 +59,14 @@ impl QuantizedActivations {
 
     /// [`quantize_dynamic_affine`](Self::quantize_dynamic_affine) on a chosen path; every path
     /// gives the same bits.
-    pub fn quantize_dynamic_affine_with(isa: Isa, x: &[f32], m: usize, k: usize, group: usize, outlier_threshold: Option<f32>) -> Result<Self> {
+    pub fn quantize_dynamic_affine_with(
+        isa: Isa,
+        x: &[f32],
+        m: usize,
+        k: usize,
+        group: usize,
+        outlier_threshold: Option<f32>,
+    ) -> Result<Self> {
         check_dims(x, m, k)?;
         Self::quantize_dynamic_from(isa, Source::Rows(x), m, k, group, outlier_threshold, true)
     }
@@ -91,12 +98,27 @@ impl QuantizedActivations {
     /// [`quantize_dynamic`](Self::quantize_dynamic) of `gelu_erf(x)` (`m × k`), each row's GELU
     /// computed just before it is quantized — the same values and bits as quantizing
     /// [`super::gelu_erf`]'s output, without writing it out.
-    pub(crate) fn quantize_dynamic_gelu(x: &[f32], m: usize, k: usize, group: usize, outlier_threshold: Option<f32>, affine: bool) -> Result<Self> {
+    pub(crate) fn quantize_dynamic_gelu(
+        x: &[f32],
+        m: usize,
+        k: usize,
+        group: usize,
+        outlier_threshold: Option<f32>,
+        affine: bool,
+    ) -> Result<Self> {
         check_dims(x, m, k)?;
         Self::quantize_dynamic_from(Isa::best(), Source::Gelu(x), m, k, group, outlier_threshold, affine)
     }
 
-    fn quantize_dynamic_from(isa: Isa, x: Source, m: usize, k: usize, group: usize, outlier_threshold: Option<f32>, affine: bool) -> Result<Self> {
+    fn quantize_dynamic_from(
+        isa: Isa,
+        x: Source,
+        m: usize,
+        k: usize,
+        group: usize,
+        outlier_threshold: Option<f32>,
+        affine: bool,
+    ) -> Result<Self> {
         let kernels = super::Kernels::of(isa).map_err(|e| e.context("activations"))?;
         let group = group.clamp(1, k.max(1));
         let groups = k.div_ceil(group);
@@ -175,7 +197,19 @@ impl QuantizedActivations {
             Ok(())
         })?;
         let scales = scales.repeat(m);
-        Ok(Self { m, k, stride, group, data, scales, offsets: Vec::new(), zero_point: 0, outliers, outlier_start, tile_operands: Default::default() })
+        Ok(Self {
+            m,
+            k,
+            stride,
+            group,
+            data,
+            scales,
+            offsets: Vec::new(),
+            zero_point: 0,
+            outliers,
+            outlier_start,
+            tile_operands: Default::default(),
+        })
     }
 
     /// Static quantization with fixed per-tensor `scale` and `zero_point` under `spec`
@@ -465,26 +499,13 @@ fn quantize_affine_rows(kernels: &super::Kernels, p: RowPiece) -> Result<()> {
             }
         } else {
             for (g, ((xg, qg), so)) in xr.chunks(group).zip(qr.chunks_mut(group)).zip(sr.chunks_mut(2)).enumerate() {
-                #[cfg(target_arch = "x86_64")]
                 let vector = simd && xg.len().is_multiple_of(8);
-                #[cfg(target_arch = "x86_64")]
-                // SAFETY: AVX2+FMA+F16C as above; the length is a multiple of 8.
-                let (lo, hi, finite, out_of_range) = if vector { unsafe { super::x86::affine_range(xg, limit) } } else { range_within(xg, limit) };
-                #[cfg(not(target_arch = "x86_64"))]
-                let (lo, hi, finite, out_of_range) = range_within(xg, limit);
+                let (lo, hi, finite, out_of_range) = affine_range(vector, xg, limit);
                 if !finite {
                     bail!("activation row contains a non-finite value (NaN or ±Inf)")
                 }
                 let (lo, sa, inv, offset) = affine_params(lo, hi);
-                #[cfg(target_arch = "x86_64")]
-                if vector {
-                    // SAFETY: as above; the values are finite and qg is as long as xg.
-                    unsafe { super::x86::quantize_affine(xg, lo, inv, qg) };
-                } else {
-                    qg.iter_mut().zip(xg).for_each(|(q, &v)| *q = affine_value(v, lo, inv));
-                }
-                #[cfg(not(target_arch = "x86_64"))]
-                qg.iter_mut().zip(xg).for_each(|(q, &v)| *q = affine_value(v, lo, inv));
+                quantize_affine(vector, xg, lo, inv, qg);
                 (so[0], so[1]) = (sa, offset);
                 if out_of_range {
                     beyond.push(g);
@@ -505,6 +526,31 @@ fn quantize_affine_rows(kernels: &super::Kernels, p: RowPiece) -> Result<()> {
         ends.push(outliers.len());
     }
     Ok(())
+}
+
+/// [`range_within`], vectorised where `vector` (x86 paths with AVX2, runs of whole 8s).
+#[inline(always)]
+fn affine_range(vector: bool, xg: &[f32], limit: f32) -> (f32, f32, bool, bool) {
+    #[cfg(target_arch = "x86_64")]
+    if vector {
+        // SAFETY: `vector` only on x86 paths with AVX2+FMA+F16C; the length is a multiple of 8.
+        return unsafe { super::x86::affine_range(xg, limit) };
+    }
+    let _ = vector;
+    range_within(xg, limit)
+}
+
+/// [`affine_value`] of every value of `xg` into `qg`, vectorised where `vector` (as above; the
+/// values finite).
+#[inline(always)]
+fn quantize_affine(vector: bool, xg: &[f32], lo: f32, inv: f32, qg: &mut [i8]) {
+    #[cfg(target_arch = "x86_64")]
+    if vector {
+        // SAFETY: as in affine_range; qg is as long as xg and the values are finite.
+        return unsafe { super::x86::quantize_affine(xg, lo, inv, qg) };
+    }
+    let _ = vector;
+    qg.iter_mut().zip(xg).for_each(|(q, &v)| *q = affine_value(v, lo, inv));
 }
 
 /// `(lo, sa, inv, o)` of a group whose values within the limit span `[lo, hi]` (`lo > hi`: none,
@@ -660,7 +706,9 @@ mod tests {
                 QuantizedActivations::quantize_dynamic(x, m, k, 32, threshold)
             }
         };
-        for ((m, k, threshold), affine) in [(3, 96, Some(2.0)), (70, 600, Some(3.0)), (5, 40, None)].into_iter().flat_map(|c| [(c, false), (c, true)]) {
+        for ((m, k, threshold), affine) in
+            [(3, 96, Some(2.0)), (70, 600, Some(3.0)), (5, 40, None)].into_iter().flat_map(|c| [(c, false), (c, true)])
+        {
             let (gate, up) = (wave(m * k, 0.71, 2.0), wave(m * k, 0.23, 1.5));
             let mut product = vec![0f32; m * k];
             super::super::silu_mul(&gate, &up, &mut product)?;

@@ -111,7 +111,7 @@ unsafe fn tile<const R: usize, const V: usize, const SUMS: bool, const DOT: bool
     let (a_step, w_step) = op.scale_steps();
     let (a, sa) = op.row_pointers::<R>(i0);
     let (w, sw) = op.block_pointers::<V>(b0);
-    let (ao, ws) = (op.offset_pointers::<R>(i0), op.sum_pointers::<V>(b0));
+    let (ao, ws) = op.offset_pointers::<R, V>(i0, b0);
     // SAFETY: NEON register arithmetic only; NEON is part of every aarch64 target.
     let zero = unsafe { vdupq_n_s32(0) };
     // SAFETY: NEON register arithmetic only; NEON is part of every aarch64 target.
@@ -164,7 +164,9 @@ unsafe fn tile<const R: usize, const V: usize, const SUMS: bool, const DOT: bool
                         let (o, group_sums) = unsafe { (*ao[r].add(g * a_step), ws[v].add(BLOCK_ROWS * g * w_step)) };
                         for h in 0..2 {
                             // SAFETY: sums and scales h·4..h·4 + 4 of the group's 8.
-                            let terms = unsafe { vmulq_f32(load_scales(scales.add(4 * h)), vcvtq_f32_s32(vmovl_s16(vld1_s16(group_sums.add(4 * h))))) };
+                            let terms = unsafe {
+                                vmulq_f32(load_scales(scales.add(4 * h)), vcvtq_f32_s32(vmovl_s16(vld1_s16(group_sums.add(4 * h)))))
+                            };
                             // SAFETY: NEON register arithmetic only; NEON is part of every aarch64 target.
                             y[r][v][h] = unsafe { vfmaq_n_f32(y[r][v][h], terms, o) };
                         }

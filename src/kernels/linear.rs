@@ -29,7 +29,10 @@ fn check_linear(acts: &QuantizedActivations, weights: &PackedInt8Weights, bias: 
     if acts.zero_point() != 0 && acts.groups() != 1 {
         bail!("int8 linear: a non-zero activation zero point needs one group per row")
     }
-    if acts.is_affine() && acts.groups() > 1 && !(weights.has_group_sums() && weights.groups() > 1 && weights.group_size() == acts.group_size()) {
+    if acts.is_affine()
+        && acts.groups() > 1
+        && !(weights.has_group_sums() && weights.groups() > 1 && weights.group_size() == acts.group_size())
+    {
         bail!(
             "int8 linear: affine activations in groups of {} need int8 weights in groups of the same size (at most {}), got groups of {}",
             acts.group_size(),

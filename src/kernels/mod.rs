@@ -57,7 +57,10 @@ pub(crate) use operands::TileOperands;
 pub(crate) use paths::Kernels;
 pub(crate) use team::{parallel_for_parts, try_parallel_for_parts};
 pub(crate) use weights::quantize_symmetric;
-pub use weights::{quantize_weight_rows, quantize_weight_rows_with, Int8Rows, PackedInt8Weights, WeightQuant, BLOCK_ROWS, MAX_IN_FEATURES, MAX_SUMMED_GROUP};
+pub use weights::{
+    quantize_weight_rows, quantize_weight_rows_with, Int8Rows, PackedInt8Weights, WeightQuant, BLOCK_ROWS, MAX_IN_FEATURES,
+    MAX_SUMMED_GROUP,
+};
 
 /// Rows of weights and activations are zero-padded to a multiple of this many bytes.
 pub const CHUNK: usize = 32;

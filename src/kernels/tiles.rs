@@ -46,16 +46,17 @@ impl Int8Operands<'_> {
         (std::array::from_fn(|r| self.acts.padded_row(i0 + r).as_ptr()), std::array::from_fn(|r| self.acts.row_scales(i0 + r).as_ptr()))
     }
 
-    /// Rows `i0..i0+R`: their offsets (dangling when symmetric: read only with `offsets`).
+    /// With `offsets`, rows `i0..i0+R`'s offsets and blocks `b0..b0+V`'s weight sums per group;
+    /// null otherwise (never read then, and symmetric layers never make the sums).
     #[inline]
-    pub(super) fn offset_pointers<const R: usize>(&self, i0: usize) -> [*const f32; R] {
-        std::array::from_fn(|r| self.acts.row_offsets(i0 + r).as_ptr())
-    }
-
-    /// Blocks `b0..b0+V`: their weight sums per group (dangling unless `offsets`).
-    #[inline]
-    pub(super) fn sum_pointers<const V: usize>(&self, b0: usize) -> [*const i16; V] {
-        std::array::from_fn(|v| self.weights.block_group_sums(b0 + v).as_ptr())
+    pub(super) fn offset_pointers<const R: usize, const V: usize>(&self, i0: usize, b0: usize) -> ([*const f32; R], [*const i16; V]) {
+        if !self.offsets {
+            return ([std::ptr::null(); R], [std::ptr::null(); V]);
+        }
+        (
+            std::array::from_fn(|r| self.acts.row_offsets(i0 + r).as_ptr()),
+            std::array::from_fn(|v| self.weights.block_group_sums(b0 + v).as_ptr()),
+        )
     }
 
     /// Blocks `b0..b0+V`: their packed weights and their scales.

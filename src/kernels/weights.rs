@@ -163,7 +163,16 @@ impl PackedInt8Weights {
             .zip(scales.par_chunks(groups))
             .map(|(row, s)| row.chunks(group).zip(s).map(|(g, &sw)| sw.to_f32() * g.iter().map(|&v| v as i32).sum::<i32>() as f32).sum())
             .collect();
-        Self { n, k, group, stride, data: Arc::new(data), scales: Arc::new(packed_scales), zero_point_terms: Arc::new(zero_point_terms), group_sums: Default::default() }
+        Self {
+            n,
+            k,
+            group,
+            stride,
+            data: Arc::new(data),
+            scales: Arc::new(packed_scales),
+            zero_point_terms: Arc::new(zero_point_terms),
+            group_sums: Default::default(),
+        }
     }
 
     /// The weights unpacked to row-major order, as a checkpoint stores them.
@@ -261,7 +270,8 @@ impl PackedInt8Weights {
                 for g in 0..groups {
                     for r in 0..BLOCK_ROWS {
                         // |Σ| ≤ 127·256 < 2¹⁵; padding rows and columns are zeros.
-                        dst[g * BLOCK_ROWS + r] = (g * group..((g + 1) * group).min(k)).map(|c| bytes[32 * (c / 4) + 4 * r + c % 4] as i16).sum();
+                        dst[g * BLOCK_ROWS + r] =
+                            (g * group..((g + 1) * group).min(k)).map(|c| bytes[32 * (c / 4) + 4 * r + c % 4] as i16).sum();
                     }
                 }
             }
@@ -344,7 +354,9 @@ impl PackedInt8Weights {
 
     /// Bytes held: packed integer weights plus scales (and group sums once made), padding included.
     pub fn nbytes(&self) -> usize {
-        self.data.len() + self.scales.len() * std::mem::size_of::<f16>() + self.group_sums.get().map_or(0, |s| s.len() * std::mem::size_of::<i16>())
+        self.data.len()
+            + self.scales.len() * std::mem::size_of::<f16>()
+            + self.group_sums.get().map_or(0, |s| s.len() * std::mem::size_of::<i16>())
     }
 }
 

@@ -137,7 +137,7 @@ macro_rules! int8_tiles {
                 let ua: [*const u8; R] = std::array::from_fn(|r| op.abs.as_ptr().wrapping_add((i0 + r) * stride));
                 let na: [*const u8; R] = std::array::from_fn(|r| op.neg_mask.as_ptr().wrapping_add((i0 + r) * stride));
                 let (w, sw) = op.block_pointers::<V>(b0);
-                let (ao, ws) = (op.offset_pointers::<R>(i0), op.sum_pointers::<V>(b0));
+                let (ao, ws) = op.offset_pointers::<R, V>(i0, b0);
                 let mut y = [[_mm256_setzero_ps(); V]; R];
                 for g in 0..segs {
                     // Each segment sum starts at minus what the byte products add beyond
@@ -564,7 +564,8 @@ pub unsafe fn quantize_row_groups32(x: &[f32], limit: f32, scales: &mut [f32], q
 pub unsafe fn quantize_row_affine32(x: &[f32], limit: f32, params: &mut [f32], q: &mut [i8], beyond: &mut Vec<usize>) -> bool {
     // SAFETY: every access stays within the lengths the caller vouches for.
     unsafe {
-        let (sign, lim, inf, ninf) = (_mm256_set1_ps(-0.0), _mm256_set1_ps(limit), _mm256_set1_ps(f32::INFINITY), _mm256_set1_ps(f32::NEG_INFINITY));
+        let (sign, lim, inf, ninf) =
+            (_mm256_set1_ps(-0.0), _mm256_set1_ps(limit), _mm256_set1_ps(f32::INFINITY), _mm256_set1_ps(f32::NEG_INFINITY));
         let (zero, top, half) = (_mm256_setzero_ps(), _mm256_set1_ps(255.0), _mm256_set1_epi32(128));
         let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
         let mut bad = _mm256_setzero_ps();
@@ -611,7 +612,8 @@ pub unsafe fn quantize_row_affine32(x: &[f32], limit: f32, params: &mut [f32], q
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn affine_range(x: &[f32], limit: f32) -> (f32, f32, bool, bool) {
-    let (sign, limit, inf, ninf) = (_mm256_set1_ps(-0.0), _mm256_set1_ps(limit), _mm256_set1_ps(f32::INFINITY), _mm256_set1_ps(f32::NEG_INFINITY));
+    let (sign, limit, inf, ninf) =
+        (_mm256_set1_ps(-0.0), _mm256_set1_ps(limit), _mm256_set1_ps(f32::INFINITY), _mm256_set1_ps(f32::NEG_INFINITY));
     let (mut lo, mut hi, mut bad, mut all_within) = (inf, ninf, _mm256_setzero_ps(), _mm256_castsi256_ps(_mm256_set1_epi32(-1)));
     for c in x.chunks_exact(8) {
         // SAFETY: chunks_exact gives 8 floats.
@@ -645,7 +647,8 @@ pub unsafe fn affine_range(x: &[f32], limit: f32) -> (f32, f32, bool, bool) {
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn quantize_affine(x: &[f32], lo: f32, inv: f32, q: &mut [i8]) {
-    let (lov, invv, zero, top, half) = (_mm256_set1_ps(lo), _mm256_set1_ps(inv), _mm256_setzero_ps(), _mm256_set1_ps(255.0), _mm256_set1_epi32(128));
+    let (lov, invv, zero, top, half) =
+        (_mm256_set1_ps(lo), _mm256_set1_ps(inv), _mm256_setzero_ps(), _mm256_set1_ps(255.0), _mm256_set1_epi32(128));
     let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
     let mut i = 0;
     while i + 32 <= x.len() {

@@ -139,7 +139,8 @@ impl QLinear {
         let bias = if bias || vb.contains_tensor("bias") { Some(float_values(&vb.get(n, "bias")?, "bias")?) } else { None };
         // Affine activations in the weights' groups where the weights keep group sums, else one
         // affine scale and offset per token.
-        let act = if group < k && packed.has_group_sums() { ActivationQuant::AffinePerGroup(group) } else { ActivationQuant::AffinePerToken };
+        let act =
+            if group < k && packed.has_group_sums() { ActivationQuant::AffinePerGroup(group) } else { ActivationQuant::AffinePerToken };
         let dynamic = DynamicLinear::new(packed, bias, act).with_outlier_threshold(Some(DEFAULT_OUTLIER_THRESHOLD));
         Ok(QLinearKind::Dynamic(dynamic))
     }

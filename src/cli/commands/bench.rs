@@ -2,14 +2,14 @@
 //! `Linear`, and candle's `QMatMul` in Q8_0 — measured alternately in one process so that
 //! ratios are fair on a noisy machine. A benchmark, never a test.
 
+use crate::args::ActScheme;
 use crate::probe::stream_sum;
 use candle_core::quantized::GgmlDType;
 use candle_core::{Device, Module, Result, Tensor};
 use candle_nn::Linear;
-use crate::args::ActScheme;
 use candle_quant::convert::{quantize_dynamic, quantize_ggml, QuantConfig};
-use candle_quant::nn::ActivationQuant;
 use candle_quant::kernels::{int8_linear, PackedInt8Weights, QuantizedActivations, WeightQuant};
+use candle_quant::nn::ActivationQuant;
 use candle_quant::QLinear;
 use std::time::Instant;
 

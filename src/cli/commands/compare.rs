@@ -72,7 +72,14 @@ pub fn run(model: &ModelArgs, reference: Option<&str>, gen: &GenArgs, repeats: u
 
 /// `compare --prompts FILE`: greedy f32 and int8 on every chat message of a prompt set; counts
 /// the prompts whose int8 text equals f32's, with where each first differs.
-pub fn run_prompt_set(model: &ModelArgs, reference: Option<&str>, path: &Path, max_new_tokens: usize, repeats: usize, json: bool) -> Result<()> {
+pub fn run_prompt_set(
+    model: &ModelArgs,
+    reference: Option<&str>,
+    path: &Path,
+    max_new_tokens: usize,
+    repeats: usize,
+    json: bool,
+) -> Result<()> {
     let text = std::fs::read_to_string(path).with_context(|| format!("reading the prompt set {}", path.display()))?;
     let prompts: Vec<&str> = text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).collect();
     if prompts.is_empty() {
@@ -81,10 +88,16 @@ pub fn run_prompt_set(model: &ModelArgs, reference: Option<&str>, path: &Path, m
     let (lm, q, _) = model_pair(model, reference, "compare")?;
     let mut rows = Vec::with_capacity(prompts.len());
     for (p, prompt) in prompts.iter().enumerate() {
-        let gen = GenArgs { prompt: prompt.to_string(), max_new_tokens, no_chat_template: false, prompt_file: None, max_prompt_tokens: None };
+        let gen =
+            GenArgs { prompt: prompt.to_string(), max_new_tokens, no_chat_template: false, prompt_file: None, max_prompt_tokens: None };
         let (tokens, _) = prompt_tokens(&lm, &gen)?;
         let c = compare(&lm.model, &q.model, &lm.tokenizer, &tokens, max_new_tokens, repeats, |_, _| {})?;
-        eprintln!("prompt {}/{}: {}", p + 1, prompts.len(), c.first_divergence.map_or("identical".to_string(), |d| format!("differs at token {d}")));
+        eprintln!(
+            "prompt {}/{}: {}",
+            p + 1,
+            prompts.len(),
+            c.first_divergence.map_or("identical".to_string(), |d| format!("differs at token {d}"))
+        );
         rows.push((prompt, c));
     }
     let same = rows.iter().filter(|(_, c)| c.first_divergence.is_none()).count();
