@@ -63,10 +63,7 @@ impl PlannedSource {
             if !e.dtype.is_float() {
                 bail!("{}: a float weight to quantize, found {}", source.describe(&e.name), e.dtype.name())
             }
-            let group = match how {
-                WeightQuant::PerChannel => k,
-                WeightQuant::PerGroup(g) => g.clamp(1, k),
-            };
+            let group = how.group_in(k).max(1);
             plan.push(Entry { name: format!("{layer}.weight"), dtype: Dtype::I8, shape: vec![n, k] });
             origins.push(Origin::Int8Weight { from: e.name.clone(), how });
             plan.push(Entry { name: format!("{layer}.weight_scale"), dtype: Dtype::F16, shape: vec![n, k.div_ceil(group)] });

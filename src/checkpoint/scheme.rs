@@ -208,7 +208,7 @@ fn scheme_of(act: ActivationQuant) -> QScheme {
 fn weight_group(how: WeightQuant) -> Option<usize> {
     match how {
         WeightQuant::PerChannel => None,
-        WeightQuant::PerGroup(g) => Some(g),
+        WeightQuant::PerGroup(g) | WeightQuant::Int4 { group: g, .. } => Some(g),
     }
 }
 

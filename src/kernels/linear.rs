@@ -70,9 +70,10 @@ pub fn int8_linear(acts: &QuantizedActivations, weights: &PackedInt8Weights, bia
     int8_linear_with(Isa::best(), acts, weights, bias, out)
 }
 
-/// Whether the SIMD tiles can walk these segments: whole rows, or whole quads of 4 channels.
-fn simd_segments(seg: usize, k: usize) -> bool {
-    seg >= k || seg.is_multiple_of(4)
+/// Whether the SIMD tiles can walk these segments: whole rows, or whole quads of 4 channels
+/// (int4: whole pairs of quads, which one load unpacks).
+fn simd_segments(seg: usize, k: usize, weights: &PackedInt8Weights) -> bool {
+    seg >= k || seg.is_multiple_of(if weights.bits() == 4 { 8 } else { 4 })
 }
 
 /// [`int8_linear`] on a chosen path (errors if this CPU lacks it).
@@ -102,7 +103,7 @@ pub(crate) fn int8_linear_into(
     }
     let kernels = Kernels::of(isa).map_err(|e| e.context("int8 linear"))?;
     let seg = segment(acts, weights)?;
-    let kernels = if simd_segments(seg, acts.cols()) { kernels } else { Kernels::PORTABLE };
+    let kernels = if simd_segments(seg, acts.cols(), weights) { kernels } else { Kernels::PORTABLE };
     let fresh;
     let operands = match acts.tile_operands(kernels.isa(), seg, || TileOperands::new(kernels.isa(), acts, weights, seg)) {
         Some(cached) => cached,
@@ -264,7 +265,7 @@ pub fn group_sums_with(isa: Isa, acts: &QuantizedActivations, weights: &PackedIn
     }
     let (seg, k, m, n) = (segment(acts, weights)?, acts.cols(), acts.rows(), weights.out_features());
     let segs = k.div_ceil(seg);
-    if simd_segments(seg, k) {
+    if simd_segments(seg, k, weights) {
         let operands = TileOperands::new(isa, acts, weights, seg);
         let op = operands.view(acts, weights, seg, None, false);
         let n_pad = weights.blocks() * BLOCK_ROWS;
@@ -331,7 +332,7 @@ pub(crate) fn weight_only_linear_into(
         }
     }
     let kernels = Kernels::of(isa).map_err(|e| e.context("weight-only linear"))?;
-    let kernels = if simd_segments(weights.group_size(), k) { kernels } else { Kernels::PORTABLE };
+    let kernels = if simd_segments(weights.group_size(), k, weights) { kernels } else { Kernels::PORTABLE };
     let stride = weights.padded_in_features();
     let padded: Vec<f32> = if kernels.isa() == Isa::Reference {
         Vec::new()

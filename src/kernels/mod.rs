@@ -28,6 +28,7 @@ mod act_quant;
 mod arm;
 mod attention;
 mod elementwise;
+mod int4;
 pub(crate) mod isa;
 mod linear;
 pub(crate) mod memory;

@@ -49,6 +49,9 @@ pub(crate) struct Kernels {
     sums_of_squares: Option<SumsOfSquares>,
     sums_and_squares: Option<SumsAndSquares>,
     quantize_row_groups32: Option<QuantizeRowGroups32>,
+    /// Whether the int8 and weight-only tiles also read int4 weights (x86); the others leave
+    /// int4 layers to the portable code.
+    int4_tiles: bool,
 }
 
 /// The NEON int8 tiles without and with `sdot`, in the table's shape.
@@ -101,6 +104,7 @@ impl Kernels {
         sums_of_squares: None,
         sums_and_squares: None,
         quantize_row_groups32: None,
+        int4_tiles: false,
     };
 
     /// The table of `isa`; an error naming the path when this CPU cannot run it.
@@ -152,6 +156,7 @@ impl Kernels {
                     sums_of_squares: Some(x86::sums_of_squares),
                     sums_and_squares: Some(x86::sums_and_squares),
                     quantize_row_groups32: Some(x86::quantize_row_groups32),
+                    int4_tiles: true,
                 }
             }
             #[cfg(target_arch = "aarch64")]
@@ -169,6 +174,11 @@ impl Kernels {
             }
             _ => Kernels { isa, ..Self::PORTABLE },
         }
+    }
+
+    /// Whether this path's tiles read these weights' bits.
+    fn reads(&self, weights: &PackedInt8Weights) -> bool {
+        weights.bits() == 8 || self.int4_tiles
     }
 
     /// The path this table is for.
@@ -236,7 +246,7 @@ impl Kernels {
     /// `K` or a multiple of 4 matching the grouped side(s), `blocks` within the weights' blocks,
     /// `out` with `M` writable rows of `8·blocks.len()` floats that nothing else accesses meanwhile.
     pub unsafe fn int8_blocks(&self, op: &Int8Operands, blocks: Range<usize>, out: BlockOutputs) -> bool {
-        let Some(f) = self.int8_blocks else { return false };
+        let Some(f) = self.int8_blocks.filter(|_| self.reads(op.weights)) else { return false };
         // SAFETY: the path is supported; the rest is the caller's contract.
         unsafe { f(op, blocks, out) };
         true
@@ -247,7 +257,7 @@ impl Kernels {
     /// # Safety
     /// As [`Self::int8_blocks`] over all blocks; `sums` holds `M · N_pad · segments` values.
     pub unsafe fn int8_segment_sums(&self, op: &Int8Operands, sums: &mut [i32]) -> bool {
-        let Some(f) = self.int8_segment_sums else { return false };
+        let Some(f) = self.int8_segment_sums.filter(|_| self.reads(op.weights)) else { return false };
         // SAFETY: the path is supported; the rest is the caller's contract.
         unsafe { f(op, sums) };
         true
@@ -267,7 +277,7 @@ impl Kernels {
         blocks: Range<usize>,
         out: BlockOutputs,
     ) -> bool {
-        let Some(f) = self.weight_only_blocks else { return false };
+        let Some(f) = self.weight_only_blocks.filter(|_| self.reads(weights)) else { return false };
         // SAFETY: the path is supported; the rest is the caller's contract.
         unsafe { f(x, m, weights, blocks, out) };
         true

@@ -9,15 +9,49 @@ use std::sync::Arc;
 /// Largest `K` for which an `i32` dot product of int8 values cannot overflow (`K·128·128 < 2³¹`).
 pub const MAX_IN_FEATURES: usize = 1 << 17;
 
-/// How int8 weights are scaled.
+/// How weights are quantized: int8 per output channel or per group, or int4 per group.
 #[non_exhaustive]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WeightQuant {
-    /// One scale per output channel.
+    /// Int8, one scale per output channel.
     PerChannel,
-    /// One scale per run of `n` input channels within each output channel (like candle's Q8_0
-    /// blocks of 32).
+    /// Int8, one scale per run of `n` input channels within each output channel (like candle's
+    /// Q8_0 blocks of 32).
     PerGroup(usize),
+    /// Int4, one `f16` scale per run of `group` input channels (a multiple of 8, or at least
+    /// `K` for one group per row). Symmetric: `w ≈ sw · q`, `q ∈ [−8, 7]` (4.5 bits per weight
+    /// with groups of 32); with `zero_point`, each group also has an integer zero point
+    /// `z ∈ [0, 15]`: `w ≈ sw · (u − z)`, `u ∈ [0, 15]` (4.75 bits per weight at 32).
+    Int4 {
+        /// Input channels per scale.
+        group: usize,
+        /// Whether each group has its own integer zero point (else symmetric).
+        zero_point: bool,
+    },
+}
+
+impl WeightQuant {
+    /// Bits per stored weight value: 8 or 4.
+    pub fn bits(self) -> u32 {
+        match self {
+            WeightQuant::Int4 { .. } => 4,
+            _ => 8,
+        }
+    }
+
+    /// Input channels per scale for a `K`-wide weight (`K` when per channel; a group of 0 stays
+    /// 0, which the quantizers refuse).
+    pub fn group_in(self, k: usize) -> usize {
+        match self {
+            WeightQuant::PerChannel => k,
+            WeightQuant::PerGroup(g) | WeightQuant::Int4 { group: g, .. } => g.min(k),
+        }
+    }
+
+    /// The group size when the weights have more than one group per row of `K`.
+    pub fn group_below(self, k: usize) -> Option<usize> {
+        Some(self.group_in(k)).filter(|&g| g < k)
+    }
 }
 
 impl Default for WeightQuant {
@@ -51,12 +85,24 @@ pub const BLOCK_ROWS: usize = 8;
 /// (`stream_slot`) so that a decoding tile's eight streams run on across panels. Scales stay
 /// in block order, eight per block and group: `scales[(b·groups + g)·8 + r] = sw[8b + r, g]`,
 /// one vector load per block and group.
+///
+/// Int4 weights ([`WeightQuant::Int4`]) keep the same blocks at half the bytes: byte
+/// `32·p + 4·r + t` of a block holds `w[8b + r, 8p + t]` in its low nibble and
+/// `w[8b + r, 8p + 4 + t]` in its high one, each as the unsigned `u = q + z` (`z` = 8 when
+/// symmetric, else the group's zero point, kept in block order like the scales). One 32-byte
+/// load then gives two quads: `u & 15` and `(u >> 4) & 15`, minus `z`, are the signed bytes the
+/// int8 tiles multiply.
 #[derive(Debug, Clone)]
 pub struct PackedInt8Weights {
     n: usize,
     k: usize,
     group: usize,
     stride: usize,
+    /// 8, or 4 for nibbles.
+    bits: u32,
+    /// Int4 zero points `z[n,g] ∈ [0, 15]` in block order like the scales; `None`: 8 for
+    /// symmetric int4 (and 0 for int8).
+    zero_points: Option<Arc<Vec<u8>>>,
     /// Shared: the packed weights never change, so clones (a model copied to compare it with
     /// its float self, a layer given another kind) cost nothing.
     data: Arc<Vec<i8>>,
@@ -90,6 +136,7 @@ impl PackedInt8Weights {
         let granularity = match how {
             WeightQuant::PerChannel => Granularity::PerChannel { axis: 0 },
             WeightQuant::PerGroup(size) => Granularity::PerGroup { size },
+            WeightQuant::Int4 { .. } => bail!("int4 weights have no int8 qparams: fake quantization simulates int8 weights"),
         };
         let mut params = QParams::from_tensor(QSpec::WEIGHT, granularity, weight)?;
         for s in params.scales.iter_mut() {
@@ -118,9 +165,61 @@ impl PackedInt8Weights {
         Self::from_rows(&Int8Rows::new(n, k, group, q.storage().to_vec(), scales)?)
     }
 
-    /// Packs row-major int8 weights (as quantized, or as read from a checkpoint).
+    /// Packs row-major int8 or int4 weights (as quantized, or as read from a checkpoint).
     pub fn from_rows(rows: &Int8Rows) -> Result<Self> {
+        if rows.bits == 4 {
+            return Ok(Self::pack_int4(rows));
+        }
         Ok(Self::pack_checked(rows.n, rows.k, rows.group, &rows.values, &rows.scales))
+    }
+
+    /// Int4 rows into nibble blocks (see the type's docs): `u = q + z`, padding `u = z` (a zero).
+    fn pack_int4(rows: &Int8Rows) -> Self {
+        use rayon::prelude::*;
+        let mut packed = Self::pack_checked(rows.n, rows.k, rows.group, &[], &rows.scales);
+        let (n, k, group, stride) = (rows.n, rows.k, rows.group, packed.stride);
+        let (groups, blocks) = (k.div_ceil(group), n.div_ceil(BLOCK_ROWS));
+        let zero = |j: usize, g: usize| rows.zero_points.get(j * groups + g).copied().unwrap_or(8);
+        let mut data = super::memory::zeroed::<i8>(blocks * BLOCK_ROWS * stride / 2);
+        let mut block_of_slot = vec![0usize; blocks];
+        for b in 0..blocks {
+            block_of_slot[stream_slot(b, blocks)] = b;
+        }
+        data.par_chunks_mut(BLOCK_ROWS * stride / 2).zip(&block_of_slot).for_each(|(dst, &b)| {
+            for r in 0..BLOCK_ROWS {
+                let j = b * BLOCK_ROWS + r;
+                for c in 0..stride {
+                    let g = (c / group).min(groups - 1);
+                    let u = match j < n {
+                        true if c < k => (rows.values[j * k + c] as i32 + zero(j, g) as i32) as u8,
+                        true => zero(j, g),
+                        false => 8,
+                    };
+                    dst[32 * (c / 8) + 4 * r + c % 4] |= (u << (4 * ((c / 4) % 2))) as i8;
+                }
+            }
+        });
+        if !rows.zero_points.is_empty() {
+            let mut zp = vec![8u8; blocks * BLOCK_ROWS * groups];
+            for j in 0..n {
+                for g in 0..groups {
+                    zp[Self::scale_offset(groups, j, g)] = zero(j, g);
+                }
+            }
+            packed.zero_points = Some(Arc::new(zp));
+        }
+        packed.zero_point_terms = Arc::new(
+            rows.values
+                .par_chunks(k)
+                .zip(rows.scales.par_chunks(groups))
+                .map(|(row, s)| {
+                    row.chunks(group).zip(s).map(|(g, &sw)| sw.to_f32() * g.iter().map(|&v| v as i32).sum::<i32>() as f32).sum()
+                })
+                .collect(),
+        );
+        packed.bits = 4;
+        packed.data = Arc::new(data);
+        packed
     }
 
     /// Checks and packs row-major int8 weights held elsewhere (e.g. a checkpoint's bytes), with
@@ -130,7 +229,8 @@ impl PackedInt8Weights {
         Ok(Self::pack_checked(n, k, group, values, scales))
     }
 
-    /// Packs weights that passed [`check_rows`], blocks of eight rows in parallel.
+    /// Packs int8 weights that passed [`check_rows`], blocks of eight rows in parallel (no
+    /// values: scales only, for [`Self::pack_int4`] to fill in).
     fn pack_checked(n: usize, k: usize, group: usize, values: &[i8], scales: &[f16]) -> Self {
         use rayon::prelude::*;
         let stride = k.next_multiple_of(CHUNK);
@@ -141,7 +241,7 @@ impl PackedInt8Weights {
             block_of_slot[stream_slot(b, blocks)] = b;
         }
         let rows_of = |b: usize| (b * BLOCK_ROWS..((b + 1) * BLOCK_ROWS).min(n)).enumerate();
-        let mut data = super::memory::zeroed::<i8>(blocks * BLOCK_ROWS * stride);
+        let mut data = super::memory::zeroed::<i8>(if values.is_empty() { 0 } else { blocks * BLOCK_ROWS * stride });
         data.par_chunks_mut(BLOCK_ROWS * stride).zip(&block_of_slot).for_each(|(dst, &b)| {
             // Byte 32·q + 4·r + t of the block is w[8b + r, 4q + t].
             for (r, j) in rows_of(b) {
@@ -168,6 +268,8 @@ impl PackedInt8Weights {
             k,
             group,
             stride,
+            bits: 8,
+            zero_points: None,
             data: Arc::new(data),
             scales: Arc::new(packed_scales),
             zero_point_terms: Arc::new(zero_point_terms),
@@ -181,22 +283,55 @@ impl PackedInt8Weights {
         let mut values = vec![0i8; self.n * k];
         let mut scales = vec![f16::ZERO; self.n * groups];
         for (j, (row, sw)) in values.chunks_mut(k).zip(scales.chunks_mut(groups)).enumerate() {
-            let block = &self.data[Self::offset(self.stride, self.blocks(), j, 0)..];
-            for (qi, quad) in row.chunks_mut(4).enumerate() {
-                let len = quad.len();
-                quad.copy_from_slice(&block[32 * qi..32 * qi + len]);
-            }
+            row.iter_mut().enumerate().for_each(|(c, v)| *v = self.value(j, c));
             for (g, s) in sw.iter_mut().enumerate() {
                 *s = self.scales[Self::scale_offset(groups, j, g)];
             }
         }
-        Int8Rows { n: self.n, k, group: self.group, values, scales }
+        let zero_points = match &self.zero_points {
+            Some(_) => (0..self.n).flat_map(|j| (0..groups).map(move |g| self.zero_point(j, g))).collect(),
+            None => Vec::new(),
+        };
+        Int8Rows { n: self.n, k, group: self.group, bits: self.bits, values, scales, zero_points }
     }
 
-    /// Where `w[j, c]` lies in the packed data (of `blocks` blocks).
+    /// Where the byte holding `w[j, c]` lies in the packed data (of `blocks` blocks).
     #[inline]
-    fn offset(stride: usize, blocks: usize, j: usize, c: usize) -> usize {
-        stream_slot(j / BLOCK_ROWS, blocks) * BLOCK_ROWS * stride + (c / 4) * 32 + (j % BLOCK_ROWS) * 4 + c % 4
+    fn offset(&self, j: usize, c: usize) -> usize {
+        let slot = stream_slot(j / BLOCK_ROWS, self.blocks());
+        if self.bits == 4 {
+            return slot * BLOCK_ROWS * self.stride / 2 + (c / 8) * 32 + (j % BLOCK_ROWS) * 4 + c % 4;
+        }
+        slot * BLOCK_ROWS * self.stride + (c / 4) * 32 + (j % BLOCK_ROWS) * 4 + c % 4
+    }
+
+    /// Bits per stored value: 8, or 4 for int4 weights.
+    pub fn bits(&self) -> u32 {
+        self.bits
+    }
+
+    /// Whether int4 weights carry their own zero points (else 8, symmetric).
+    pub fn has_zero_points(&self) -> bool {
+        self.zero_points.is_some()
+    }
+
+    /// The integer zero point of output channel `j`, group `g`: the group's own for asymmetric
+    /// int4, 8 for symmetric int4, 0 for int8.
+    #[inline]
+    pub fn zero_point(&self, j: usize, g: usize) -> u8 {
+        match (&self.zero_points, self.bits) {
+            (Some(z), _) => z[Self::scale_offset(self.groups(), j, g)],
+            (None, 4) => 8,
+            _ => 0,
+        }
+    }
+
+    /// The int4 zero points of block `b`, `groups()` runs of eight (like its scales); empty
+    /// when there are none (int8 or symmetric int4).
+    #[inline]
+    pub fn block_zero_points(&self, b: usize) -> &[u8] {
+        let len = BLOCK_ROWS * self.groups();
+        self.zero_points.as_deref().map_or(&[], |z| &z[b * len..(b + 1) * len])
     }
 
     #[inline]
@@ -234,10 +369,10 @@ impl PackedInt8Weights {
         self.stride
     }
 
-    /// The packed bytes of block `b` (`8 · padded_in_features()` of them).
+    /// The packed bytes of block `b` (`8 · padded_in_features()` of them, half that for int4).
     #[inline]
     pub fn block(&self, b: usize) -> &[i8] {
-        let (len, at) = (BLOCK_ROWS * self.stride, stream_slot(b, self.blocks()));
+        let (len, at) = (BLOCK_ROWS * self.stride * self.bits as usize / 8, stream_slot(b, self.blocks()));
         &self.data[at * len..(at + 1) * len]
     }
 
@@ -266,12 +401,11 @@ impl PackedInt8Weights {
             let (groups, group, k) = (self.groups(), self.group, self.k);
             let mut sums = vec![0i16; self.blocks() * BLOCK_ROWS * groups];
             for (b, dst) in sums.chunks_mut(BLOCK_ROWS * groups).enumerate() {
-                let bytes = self.block(b);
                 for g in 0..groups {
-                    for r in 0..BLOCK_ROWS {
-                        // |Σ| ≤ 127·256 < 2¹⁵; padding rows and columns are zeros.
-                        dst[g * BLOCK_ROWS + r] =
-                            (g * group..((g + 1) * group).min(k)).map(|c| bytes[32 * (c / 4) + 4 * r + c % 4] as i16).sum();
+                    // |Σ| ≤ 127·256 < 2¹⁵; padding rows are zeros.
+                    for r in 0..BLOCK_ROWS.min(self.n - b * BLOCK_ROWS) {
+                        let j = b * BLOCK_ROWS + r;
+                        dst[g * BLOCK_ROWS + r] = (g * group..((g + 1) * group).min(k)).map(|c| self.value(j, c) as i16).sum();
                     }
                 }
             }
@@ -299,10 +433,15 @@ impl PackedInt8Weights {
         self.group_sums().get(Self::scale_offset(self.groups(), j, g)).map_or(0.0, |&s| self.scale(j, g) * s as f32)
     }
 
-    /// The quantized weight `w[j, c]`.
+    /// The quantized weight `w[j, c]` (for int4, `u − z`).
     #[inline]
     pub fn value(&self, j: usize, c: usize) -> i8 {
-        self.data[Self::offset(self.stride, self.blocks(), j, c)]
+        let byte = self.data[self.offset(j, c)];
+        if self.bits == 4 {
+            let u = (byte as u8 >> (4 * ((c / 4) % 2))) & 15;
+            return u as i8 - self.zero_point(j, c / self.group) as i8;
+        }
+        byte
     }
 
     /// The scale of output channel `j` for input group `g`.
@@ -341,7 +480,7 @@ impl PackedInt8Weights {
     /// — e.g. a token's embedding when these are the weights of a tied `lm_head`.
     pub fn dequantize_row(&self, j: usize, out: &mut [f32]) -> Result<()> {
         if j >= self.n || out.len() != self.k {
-            bail!("int8 weights {}×{}: cannot write row {j} into {} values", self.n, self.k, out.len())
+            bail!("int{} weights {}×{}: cannot write row {j} into {} values", self.bits, self.n, self.k, out.len())
         }
         for (g, part) in out.chunks_mut(self.group).enumerate() {
             let scale = self.scale(j, g);
@@ -356,27 +495,101 @@ impl PackedInt8Weights {
     pub fn nbytes(&self) -> usize {
         self.data.len()
             + self.scales.len() * std::mem::size_of::<f16>()
+            + self.zero_points.as_ref().map_or(0, |z| z.len())
             + self.group_sums.get().map_or(0, |s| s.len() * std::mem::size_of::<i16>())
     }
 }
 
-/// `N×K` int8 weights in row-major order with their `f16` scales, checked: what a checkpoint
-/// stores and what [`PackedInt8Weights`] is packed from. `values[j·K + c] = qw[j, c]` in
-/// `[-127, 127]`; `scales[j·G + g] = sw[j, g]` finite and positive, `G = ⌈K / group⌉`.
+/// `N×K` int8 (or int4) weights in row-major order with their `f16` scales, checked: what a
+/// checkpoint stores and what [`PackedInt8Weights`] is packed from. `values[j·K + c] = qw[j, c]`
+/// in `[-127, 127]`; `scales[j·G + g] = sw[j, g]` finite and positive, `G = ⌈K / group⌉`.
+/// Int4 values are `q = u − z` with `u ∈ [0, 15]` and `z` = 8 (symmetric, no zero points
+/// kept) or the group's own zero point `zero_points[j·G + g] ∈ [0, 15]`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Int8Rows {
     n: usize,
     k: usize,
     group: usize,
+    bits: u32,
     values: Vec<i8>,
     scales: Vec<f16>,
+    zero_points: Vec<u8>,
 }
 
 impl Int8Rows {
     /// Checks shapes, the value range and the scales; every error says which rule broke.
     pub fn new(n: usize, k: usize, group: usize, values: Vec<i8>, scales: Vec<f16>) -> Result<Self> {
         let group = check_rows(n, k, group, &values, &scales)?;
-        Ok(Self { n, k, group, values, scales })
+        Ok(Self { n, k, group, bits: 8, values, scales, zero_points: Vec::new() })
+    }
+
+    /// Int4 rows: `values` are `q = u − z` (`u ∈ [0, 15]`), with `zero_points` `[N, G]` for
+    /// asymmetric weights or `None` for symmetric ones (`z = 8`, `q ∈ [−8, 7]`). The group
+    /// must be a multiple of 8 or span the row (the tiles unpack two quads per load).
+    pub fn new_int4(n: usize, k: usize, group: usize, values: Vec<i8>, scales: Vec<f16>, zero_points: Option<Vec<u8>>) -> Result<Self> {
+        let group = check_int4_group(k, group)?;
+        check_shapes(n, k, group, &values, &scales, true)?;
+        let groups = k.div_ceil(group);
+        let zero_points = zero_points.unwrap_or_default();
+        if !zero_points.is_empty() && zero_points.len() != n * groups {
+            bail!("int4 weights {n}×{k} in groups of {group}: expected {n}×{groups} zero points, got {}", zero_points.len())
+        }
+        if let Some(i) = zero_points.iter().position(|&z| z > 15) {
+            bail!("int4 zero point at row {}, group {} is {}: zero points lie in [0, 15]", i / groups, i % groups, zero_points[i])
+        }
+        for (i, &q) in values.iter().enumerate() {
+            let (j, c) = (i / k, i % k);
+            let z = zero_points.get(j * groups + c / group).copied().unwrap_or(8) as i32;
+            if !(0..=15).contains(&(q as i32 + z)) {
+                bail!("int4 weight at row {j}, column {c} is {q}: with zero point {z} it must lie in [{}, {}]", -z, 15 - z)
+            }
+        }
+        Ok(Self { n, k, group, bits: 4, values, scales, zero_points })
+    }
+
+    /// Bits per value: 8, or 4.
+    pub fn bits(&self) -> u32 {
+        self.bits
+    }
+
+    /// Asymmetric int4 zero points, `groups()` per row; `None` for int8 and symmetric int4.
+    pub fn zero_points(&self) -> Option<&[u8]> {
+        Some(self.zero_points.as_slice()).filter(|z| !z.is_empty())
+    }
+
+    /// Int4 values as a checkpoint stores them: `⌈K / 2⌉` bytes per row, column `c` in the low
+    /// nibble of byte `c / 2` when `c` is even and in the high nibble when odd, as `u = q + z`
+    /// (an odd `K` leaves the last high nibble 0).
+    pub fn int4_bytes(&self) -> Vec<u8> {
+        let (k, groups) = (self.k, self.groups());
+        let mut bytes = vec![0u8; self.n * k.div_ceil(2)];
+        for (j, (row, dst)) in self.values.chunks(k).zip(bytes.chunks_mut(k.div_ceil(2))).enumerate() {
+            for (c, &q) in row.iter().enumerate() {
+                let z = self.zero_points.get(j * groups + c / self.group).copied().unwrap_or(8);
+                dst[c / 2] |= ((q as i32 + z as i32) as u8) << (4 * (c % 2));
+            }
+        }
+        bytes
+    }
+
+    /// Int4 rows from a checkpoint's bytes ([`Self::int4_bytes`]' layout), checked as
+    /// [`Self::new_int4`] does.
+    pub fn from_int4_bytes(n: usize, k: usize, group: usize, bytes: &[u8], scales: Vec<f16>, zero_points: Option<Vec<u8>>) -> Result<Self> {
+        let row_bytes = k.div_ceil(2);
+        if n.checked_mul(row_bytes) != Some(bytes.len()) {
+            bail!("int4 weights {n}×{k}: expected {n}×{row_bytes} bytes (two values a byte), got {}", bytes.len())
+        }
+        let group = check_int4_group(k, group)?;
+        let groups = k.div_ceil(group);
+        let zero = |j: usize, c: usize| zero_points.as_ref().map_or(8, |z| z.get(j * groups + c / group).copied().unwrap_or(8)) as i32;
+        let values = (0..n * k)
+            .map(|i| {
+                let (j, c) = (i / k, i % k);
+                let u = (bytes[j * row_bytes + c / 2] >> (4 * (c % 2))) & 15;
+                (u as i32 - zero(j, c)) as i8
+            })
+            .collect();
+        Self::new_int4(n, k, group, values, scales, zero_points)
     }
 
     /// Output channels `N`.
@@ -415,8 +628,28 @@ impl Int8Rows {
     }
 }
 
+/// The int4 group rule: a multiple of 8 below `K` (the tiles unpack two quads of four per
+/// load, so segments start on whole pairs), or one group per row; returns it, at most `k`.
+fn check_int4_group(k: usize, group: usize) -> Result<usize> {
+    if group == 0 || (group < k && !group.is_multiple_of(8)) {
+        bail!("int4 weight groups must be a multiple of 8 input channels (32, 64, 128) or span the row of {k}; got {group}")
+    }
+    Ok(group.min(k))
+}
+
 /// The rules of [`Int8Rows`]; returns the group size, at most `k`.
 fn check_rows(n: usize, k: usize, group: usize, values: &[i8], scales: &[f16]) -> Result<usize> {
+    let group = check_shapes(n, k, group, values, scales, false)?;
+    if values.contains(&-128) {
+        let i = values.iter().position(|&v| v == -128).unwrap_or(0);
+        bail!("int8 weights must lie in [-127, 127] (narrow range); -128 found at row {}, column {}", i / k, i % k)
+    }
+    Ok(group)
+}
+
+/// Shapes and scales, whatever the bits (int4 scales may be negative: the sign lets a group's
+/// extreme take the level −8); returns the group size, at most `k`.
+fn check_shapes(n: usize, k: usize, group: usize, values: &[i8], scales: &[f16], signed: bool) -> Result<usize> {
     if n == 0 || k == 0 || group == 0 {
         bail!("int8 weights must not be empty: {n}×{k} with groups of {group}")
     }
@@ -431,13 +664,12 @@ fn check_rows(n: usize, k: usize, group: usize, values: &[i8], scales: &[f16]) -
     if n * groups != scales.len() {
         bail!("int8 weights {n}×{k} in groups of {group}: expected {n}×{groups} scales, got {}", scales.len())
     }
-    if values.contains(&-128) {
-        let i = values.iter().position(|&v| v == -128).unwrap_or(0);
-        bail!("int8 weights must lie in [-127, 127] (narrow range); -128 found at row {}, column {}", i / k, i % k)
-    }
-    // f16 bits: positive and finite means sign 0, exponent not all ones, not +0.
-    if let Some(i) = scales.iter().position(|s| !(1..0x7c00).contains(&s.to_bits())) {
-        bail!("int8 weight scale at row {}, group {} is {}: scales must be finite and positive", i / groups, i % groups, scales[i])
+    // f16 bits: positive and finite means sign 0, exponent not all ones, not +0 (int4: the
+    // magnitude bits alone).
+    let magnitude = |s: &f16| if signed { s.to_bits() & 0x7fff } else { s.to_bits() };
+    if let Some(i) = scales.iter().position(|s| !(1..0x7c00).contains(&magnitude(s))) {
+        let rule = if signed { "finite and non-zero" } else { "finite and positive" };
+        bail!("weight scale at row {}, group {} is {}: scales must be {rule}", i / groups, i % groups, scales[i])
     }
     Ok(group)
 }
@@ -462,6 +694,7 @@ pub fn quantize_weight_rows_with(n: usize, k: usize, how: WeightQuant, row: impl
         WeightQuant::PerChannel => k,
         WeightQuant::PerGroup(0) => bail!("weight group size must be at least 1"),
         WeightQuant::PerGroup(size) => size.min(k),
+        WeightQuant::Int4 { group, zero_point } => return super::int4::quantize_int4_rows_with(n, k, group, zero_point, row),
     };
     if n == 0 || k == 0 || k > MAX_IN_FEATURES {
         bail!("cannot quantize an {n}×{k} weight (1 to {MAX_IN_FEATURES} input features)")
@@ -494,7 +727,7 @@ pub fn quantize_weight_rows_with(n: usize, k: usize, how: WeightQuant, row: impl
         },
     )?;
     // In range by construction: symmetric narrow-range quantization, scales from `to_f16`.
-    Ok(Int8Rows { n, k, group, values: q, scales })
+    Ok(Int8Rows { n, k, group, bits: 8, values: q, scales, zero_points: Vec::new() })
 }
 
 /// Blocks a decoding tile reads side by side, one stream each (`x86.rs`, `arm.rs`: panels of

@@ -71,6 +71,37 @@ unsafe fn dpbusd_avx512_vnni(acc: __m256i, u: __m256i, w: __m256i) -> __m256i {
     _mm256_dpbusd_epi32(acc, u, w)
 }
 
+/// The zero points of eight int4 output channels for one group, each repeated in the four
+/// bytes of its 32-bit lane (`z` = 8 for symmetric weights: `zeros` null).
+///
+/// # Safety
+/// AVX2 available; `zeros`, unless null, points at eight readable bytes.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn int4_zero_bytes(zeros: *const u8) -> __m256i {
+    if zeros.is_null() {
+        return _mm256_set1_epi8(8);
+    }
+    // SAFETY: eight readable bytes (caller).
+    let z = _mm256_cvtepu8_epi32(unsafe { _mm_loadl_epi64(zeros as *const __m128i) });
+    _mm256_mullo_epi32(z, _mm256_set1_epi32(0x0101_0101))
+}
+
+/// Quad `q` of an int4 block as signed bytes `u − z` (byte `4r + t` of the register is
+/// `w[8b + r, 4q + t]`): the pair of quads `⌊q/2⌋` is one 32-byte load, quad `q` its low
+/// nibbles when `q` is even, its high ones when odd.
+///
+/// # Safety
+/// AVX2 available; `block` points at an int4 block holding quad `q`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn int4_quad(block: *const i8, q: usize, zero: __m256i) -> __m256i {
+    // SAFETY: pair q/2 is the 32 bytes at 32·(q/2) = 16·(q − q%2) (caller).
+    let raw = unsafe { _mm256_loadu_si256(block.add(16 * (q - q % 2)) as *const __m256i) };
+    let nibbles = _mm256_and_si256(_mm256_srl_epi16(raw, _mm_cvtsi32_si128(4 * (q % 2) as i32)), _mm256_set1_epi8(15));
+    _mm256_sub_epi8(nibbles, zero)
+}
+
 /// Whether this CPU has `vpdpbusd` in the VEX encoding.
 pub fn avx_vnni_available() -> bool {
     available() && is_x86_feature_detected!("avxvnni")
@@ -108,6 +139,34 @@ macro_rules! int8_tiles {
         pub mod $family {
             use super::*;
 
+            /// `acc` plus the products of one weight register `wq` (signed bytes, or for
+            /// `vpdpbusd` the unsigned `w + 128`) with the four activations of quad `q` of one
+            /// row: `a` itself for `vpdpbusd`, else `|a|` (`ua`) and the sign mask (`na`), which
+            /// flips the weight's bits where `a < 0`.
+            ///
+            /// # Safety
+            /// The family's features available; the row (and for `vpmaddubsw` its `|a|` and mask
+            /// copies) holds quad `q`'s four bytes.
+            #[inline]
+            #[target_feature(enable = $features)]
+            unsafe fn quad_products(acc: __m256i, wq: __m256i, a: *const i8, ua: *const u8, na: *const u8, q: usize) -> __m256i {
+                if $vnni {
+                    // SAFETY: quad q's four bytes are readable (caller), read unaligned; $dot
+                    // needs only the family's features.
+                    unsafe { $dot(acc, wq, _mm256_set1_epi32((a.add(4 * q) as *const i32).read_unaligned())) }
+                } else {
+                    // SAFETY: as above, in the |a| and mask copies.
+                    let (mag, neg) = unsafe {
+                        (
+                            _mm256_set1_epi32((ua.add(4 * q) as *const i32).read_unaligned()),
+                            _mm256_set1_epi32((na.add(4 * q) as *const i32).read_unaligned()),
+                        )
+                    };
+                    let pairs = _mm256_maddubs_epi16(mag, _mm256_xor_si256(wq, neg));
+                    _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)))
+                }
+            }
+
             /// One `R × V` tile at activation row `i0` and weight block `b0`.
             ///
             /// # Safety
@@ -119,7 +178,7 @@ macro_rules! int8_tiles {
             /// `M · N_pad · segments` values.
             #[inline]
             #[target_feature(enable = $features)]
-            unsafe fn tile<const R: usize, const V: usize, const SUMS: bool, const SQ: usize>(
+            unsafe fn tile<const R: usize, const V: usize, const SUMS: bool, const SQ: usize, const W4: bool>(
                 op: &Int8Operands,
                 i0: usize,
                 b0: usize,
@@ -132,13 +191,18 @@ macro_rules! int8_tiles {
                 // compiler unrolls.
                 let seg_quads = if SQ > 0 { SQ } else { seg_quads };
                 let (a_step, w_step) = op.scale_steps();
-                let (ones, shift) = (_mm256_set1_epi16(1), _mm256_set1_epi8(-128));
+                let shift = _mm256_set1_epi8(-128);
                 let (a, sa) = op.row_pointers::<R>(i0);
                 let ua: [*const u8; R] = std::array::from_fn(|r| op.abs.as_ptr().wrapping_add((i0 + r) * stride));
                 let na: [*const u8; R] = std::array::from_fn(|r| op.neg_mask.as_ptr().wrapping_add((i0 + r) * stride));
                 let (w, sw) = op.block_pointers::<V>(b0);
                 let (ao, ws) = op.offset_pointers::<R, V>(i0, b0);
                 let mut y = [[_mm256_setzero_ps(); V]; R];
+                // Int4: each block's zero points (null when symmetric).
+                let zp: [*const u8; V] = std::array::from_fn(|v| {
+                    let z = op.weights.block_zero_points(b0 + v);
+                    if z.is_empty() { std::ptr::null() } else { z.as_ptr() }
+                });
                 for g in 0..segs {
                     // Each segment sum starts at minus what the byte products add beyond
                     // Σ a·w, stored negated so that it is broadcast straight from memory
@@ -148,41 +212,49 @@ macro_rules! int8_tiles {
                         [_mm256_set1_epi32(*unsafe { op.shift_terms.get_unchecked((i0 + r) * segs + g) }); V]
                     });
                     let q_end = if SQ > 0 { (g + 1) * SQ } else { ((g + 1) * seg_quads).min(quads) };
-                    for q in g * seg_quads..q_end {
-                        let mut wv = [_mm256_setzero_si256(); V];
-                        for v in 0..V {
-                            // SAFETY: a block holds 8·stride = 32·quads bytes.
-                            wv[v] = unsafe { _mm256_loadu_si256(w[v].add(32 * q) as *const __m256i) };
-                            if $vnni {
-                                // xor 0x80 turns each signed byte w into the unsigned w + 128.
-                                wv[v] = _mm256_xor_si256(wv[v], shift);
+                    if W4 {
+                        // Int4: what each nibble adds to make the byte the multiply takes —
+                        // `−z` (signed `u − z`), or `128 − z` for `vpdpbusd` (unsigned `u − z + 128`).
+                        let wz: [__m256i; V] = std::array::from_fn(|v| {
+                            // SAFETY: with zero points a block has 8 per group.
+                            let z = unsafe { int4_zero_bytes(if zp[v].is_null() { zp[v] } else { zp[v].add(BLOCK_ROWS * g * w_step) }) };
+                            _mm256_sub_epi8(if $vnni { shift } else { _mm256_setzero_si256() }, z)
+                        });
+                        let low = _mm256_set1_epi8(15);
+                        // Segments are whole pairs of quads (the int4 group rule), so each
+                        // 32-byte load feeds quads q and q + 1.
+                        for q in (g * seg_quads..q_end).step_by(2) {
+                            for v in 0..V {
+                                // SAFETY: an int4 block holds 16·quads bytes, pair q/2 at 16·q.
+                                let raw = unsafe { _mm256_loadu_si256(w[v].add(16 * q) as *const __m256i) };
+                                let pair = [
+                                    _mm256_add_epi8(_mm256_and_si256(raw, low), wz[v]),
+                                    _mm256_add_epi8(_mm256_and_si256(_mm256_srli_epi16::<4>(raw), low), wz[v]),
+                                ];
+                                for r in 0..R {
+                                    for (h, wq) in pair.into_iter().enumerate() {
+                                        // SAFETY: quads q and q + 1 lie inside every padded row (rows
+                                        // and the |a| / sign-mask copies hold stride = 4·quads bytes).
+                                        acc[r][v] = unsafe { quad_products(acc[r][v], wq, a[r], ua[r], na[r], q + h) };
+                                    }
+                                }
                             }
                         }
-                        for r in 0..R {
-                            // The row's four activations (or their magnitudes and sign mask) in
-                            // every lane.
-                            if $vnni {
-                                // SAFETY: a padded row holds stride = 4·quads bytes, so quad q's
-                                // four bytes are inside it (read unaligned).
-                                let act = _mm256_set1_epi32(unsafe { (a[r].add(4 * q) as *const i32).read_unaligned() });
-                                for v in 0..V {
-                                    // SAFETY: $dot needs only the family's features, which this
-                                    // function enables (and the caller vouches for).
-                                    acc[r][v] = unsafe { $dot(acc[r][v], wv[v], act) };
+                    } else {
+                        for q in g * seg_quads..q_end {
+                            let mut wv = [_mm256_setzero_si256(); V];
+                            for v in 0..V {
+                                // SAFETY: a block holds 8·stride = 32·quads bytes.
+                                wv[v] = unsafe { _mm256_loadu_si256(w[v].add(32 * q) as *const __m256i) };
+                                if $vnni {
+                                    // xor 0x80 turns each signed byte w into the unsigned w + 128.
+                                    wv[v] = _mm256_xor_si256(wv[v], shift);
                                 }
-                            } else {
-                                // SAFETY: |a| and the sign mask hold stride = 4·quads bytes per
-                                // row (op.abs, op.neg_mask: the caller's contract), so quad q's four
-                                // bytes are inside each (read unaligned).
-                                let (mag, neg) = unsafe {
-                                    (
-                                        _mm256_set1_epi32((ua[r].add(4 * q) as *const i32).read_unaligned()),
-                                        _mm256_set1_epi32((na[r].add(4 * q) as *const i32).read_unaligned()),
-                                    )
-                                };
+                            }
+                            for r in 0..R {
                                 for v in 0..V {
-                                    let pairs = _mm256_maddubs_epi16(mag, _mm256_xor_si256(wv[v], neg));
-                                    acc[r][v] = _mm256_add_epi32(acc[r][v], _mm256_madd_epi16(pairs, ones));
+                                    // SAFETY: quad q lies inside every padded row (as above).
+                                    acc[r][v] = unsafe { quad_products(acc[r][v], wv[v], a[r], ua[r], na[r], q) };
                                 }
                             }
                         }
@@ -262,7 +334,13 @@ macro_rules! int8_tiles {
                                 // SAFETY: c < K, so quad c/4 and group g exist in every block: 32
                                 // weight bytes and 8 scales.
                                 let (quad, scales) = unsafe {
-                                    (_mm256_loadu_si256(w[v].add(32 * (c / 4)) as *const __m256i), load_scales(sw[v].add(BLOCK_ROWS * g)))
+                                    let quad = if W4 {
+                                        let z = if zp[v].is_null() { zp[v] } else { zp[v].add(BLOCK_ROWS * g) };
+                                        int4_quad(w[v], c / 4, int4_zero_bytes(z))
+                                    } else {
+                                        _mm256_loadu_si256(w[v].add(32 * (c / 4)) as *const __m256i)
+                                    };
+                                    (quad, load_scales(sw[v].add(BLOCK_ROWS * g)))
                                 };
                                 let q = _mm256_srai_epi32(_mm256_sll_epi32(quad, to_top), 24);
                                 let wf = _mm256_mul_ps(_mm256_cvtepi32_ps(q), scales);
@@ -298,7 +376,7 @@ macro_rules! int8_tiles {
             /// As [`tile`], for every row and every block in `blocks`; `sink.out` (if used) is
             /// `M × 8·blocks.len()` and points at its start.
             #[target_feature(enable = $features)]
-            unsafe fn run_tiles<const SUMS: bool>(op: &Int8Operands, blocks: Range<usize>, sink: Sink) {
+            unsafe fn run_tiles<const SUMS: bool, const W4: bool>(op: &Int8Operands, blocks: Range<usize>, sink: Sink) {
                 let m = op.acts.rows();
                 let panel = if m == 1 { 8 } else { $panel };
                 // Groups of 32 channels (the default on both sides): segments of 8 whole quads.
@@ -317,22 +395,22 @@ macro_rules! int8_tiles {
                         // only where every segment is 8 quads.
                         unsafe {
                             match (r, v, eight_quad_segments) {
-                                (1, 8, _) => tile::<1, 8, SUMS, 0>(op, i, b, at),
-                                (1, 4, _) => tile::<1, 4, SUMS, 0>(op, i, b, at),
-                                (1, 3, _) => tile::<1, 3, SUMS, 0>(op, i, b, at),
-                                (1, 2, _) => tile::<1, 2, SUMS, 0>(op, i, b, at),
-                                (1, _, _) => tile::<1, 1, SUMS, 0>(op, i, b, at),
-                                (2, 3, _) => tile::<2, 3, SUMS, 0>(op, i, b, at),
-                                (2, 2, _) => tile::<2, 2, SUMS, 0>(op, i, b, at),
-                                (2, _, _) => tile::<2, 1, SUMS, 0>(op, i, b, at),
-                                (3, 3, _) => tile::<3, 3, SUMS, 0>(op, i, b, at),
-                                (3, 2, _) => tile::<3, 2, SUMS, 0>(op, i, b, at),
-                                (3, _, _) => tile::<3, 1, SUMS, 0>(op, i, b, at),
-                                (_, 3, true) => tile::<4, 3, SUMS, 8>(op, i, b, at),
-                                (_, 3, false) => tile::<4, 3, SUMS, 0>(op, i, b, at),
-                                (_, 2, true) => tile::<4, 2, SUMS, 8>(op, i, b, at),
-                                (_, 2, false) => tile::<4, 2, SUMS, 0>(op, i, b, at),
-                                _ => tile::<4, 1, SUMS, 0>(op, i, b, at),
+                                (1, 8, _) => tile::<1, 8, SUMS, 0, W4>(op, i, b, at),
+                                (1, 4, _) => tile::<1, 4, SUMS, 0, W4>(op, i, b, at),
+                                (1, 3, _) => tile::<1, 3, SUMS, 0, W4>(op, i, b, at),
+                                (1, 2, _) => tile::<1, 2, SUMS, 0, W4>(op, i, b, at),
+                                (1, _, _) => tile::<1, 1, SUMS, 0, W4>(op, i, b, at),
+                                (2, 3, _) => tile::<2, 3, SUMS, 0, W4>(op, i, b, at),
+                                (2, 2, _) => tile::<2, 2, SUMS, 0, W4>(op, i, b, at),
+                                (2, _, _) => tile::<2, 1, SUMS, 0, W4>(op, i, b, at),
+                                (3, 3, _) => tile::<3, 3, SUMS, 0, W4>(op, i, b, at),
+                                (3, 2, _) => tile::<3, 2, SUMS, 0, W4>(op, i, b, at),
+                                (3, _, _) => tile::<3, 1, SUMS, 0, W4>(op, i, b, at),
+                                (_, 3, true) => tile::<4, 3, SUMS, 8, W4>(op, i, b, at),
+                                (_, 3, false) => tile::<4, 3, SUMS, 0, W4>(op, i, b, at),
+                                (_, 2, true) => tile::<4, 2, SUMS, 8, W4>(op, i, b, at),
+                                (_, 2, false) => tile::<4, 2, SUMS, 0, W4>(op, i, b, at),
+                                _ => tile::<4, 1, SUMS, 0, W4>(op, i, b, at),
     }
                         }
                         i += r;
@@ -351,7 +429,12 @@ macro_rules! int8_tiles {
             /// lies within the weights' blocks; `out` has `M` writable rows of `8·blocks.len()` floats.
             pub unsafe fn int8_blocks(op: &Int8Operands, blocks: Range<usize>, out: BlockOutputs) {
                 // SAFETY: run_tiles' contract is this function's (its `out` as the sink).
-                unsafe { run_tiles::<false>(op, blocks, Sink::outputs(out)) }
+                unsafe {
+                    match op.weights.bits() {
+                        4 => run_tiles::<false, true>(op, blocks, Sink::outputs(out)),
+                        _ => run_tiles::<false, false>(op, blocks, Sink::outputs(out)),
+                    }
+                }
             }
 
             /// The exact `i32` sum of every segment, `sums[((i·N_pad) + n)·segments + g]` — the
@@ -361,7 +444,12 @@ macro_rules! int8_tiles {
             /// As [`int8_blocks`] over all blocks; `sums` holds `M · 8·blocks · segments` values.
             pub unsafe fn int8_segment_sums(op: &Int8Operands, sums: &mut [i32]) {
                 // SAFETY: run_tiles' contract over all blocks, `sums` sized for them (caller).
-                unsafe { run_tiles::<true>(op, 0..op.weights.blocks(), Sink::sums(sums)) }
+                unsafe {
+                    match op.weights.bits() {
+                        4 => run_tiles::<true, true>(op, 0..op.weights.blocks(), Sink::sums(sums)),
+                        _ => run_tiles::<true, false>(op, 0..op.weights.blocks(), Sink::sums(sums)),
+                    }
+                }
             }
         }
     };
@@ -377,16 +465,15 @@ int8_tiles!(vnni_on_avx2, "avx2,fma,f16c", true, dpbusd_on_avx2, 3);
 int8_tiles!(avx_vnni, "avx2,fma,f16c,avxvnni", true, dpbusd_avx_vnni, 2);
 int8_tiles!(avx512_vnni, "avx2,fma,f16c,avx512f,avx512vl,avx512vnni", true, dpbusd_avx512_vnni, 3);
 
-/// Eight `f32` registers' worth of one weight quad, widened: entry `t` holds `w[8b + l, 4q + t]`
+/// Eight `f32` registers' worth of one weight quad (its 32 signed bytes), widened: entry `t` holds `w[8b + l, 4q + t]`
 /// in lane `l`. A byte shuffle turns each 128-bit half's 4×4 (channel × input) bytes around,
 /// a dword permute pairs the halves, and each 8-byte run is sign-extended and converted.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn widen_quad(packed: *const i8) -> [__m256; 4] {
+unsafe fn widen_bytes(quad: __m256i) -> [__m256; 4] {
     let transpose =
         _mm256_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15, 0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
-    // SAFETY: the caller points at 32 readable bytes.
-    let v = _mm256_shuffle_epi8(unsafe { _mm256_loadu_si256(packed as *const __m256i) }, transpose);
+    let v = _mm256_shuffle_epi8(quad, transpose);
     let v = _mm256_permutevar8x32_epi32(v, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
     let (lo, hi) = (_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
     let f = |x: __m128i| _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(x));
@@ -400,17 +487,34 @@ unsafe fn widen_quad(packed: *const i8) -> [__m256; 4] {
 /// floats at stride `row_len`; `seg` is `K` or a multiple of 4.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn weight_only_tile<const R: usize>(x: &[f32], i0: usize, weights: &PackedInt8Weights, b: usize, out: *mut f32, row_len: usize) {
+unsafe fn weight_only_tile<const R: usize, const W4: bool>(
+    x: &[f32],
+    i0: usize,
+    weights: &PackedInt8Weights,
+    b: usize,
+    out: *mut f32,
+    row_len: usize,
+) {
     let (k, stride) = (weights.in_features(), weights.padded_in_features());
     let quads = stride / 4;
     let (segs, seg_quads) = segments(k, stride, weights.group_size());
     let (w, sw) = (weights.block(b).as_ptr(), weights.block_scales(b).as_ptr());
     let mut y = [_mm256_setzero_ps(); R];
+    let zeros = weights.block_zero_points(b);
     for g in 0..segs {
         let mut acc = [_mm256_setzero_ps(); R];
+        // SAFETY: int4 zero points, when kept, are 8 per block and group.
+        let zeros = if zeros.is_empty() { std::ptr::null() } else { zeros[BLOCK_ROWS * g * (segs > 1) as usize..].as_ptr() };
+        let zero = if W4 { unsafe { int4_zero_bytes(zeros) } } else { _mm256_setzero_si256() };
         for q in g * seg_quads..((g + 1) * seg_quads).min(quads) {
-            // SAFETY: a block holds 32·quads bytes, so quad q's 32 are inside it.
-            let wq = unsafe { widen_quad(w.add(32 * q)) };
+            // SAFETY: a block holds 32·quads bytes (16·quads for int4), so quad q is inside it.
+            let wq = unsafe {
+                if W4 {
+                    widen_bytes(int4_quad(w, q, zero))
+                } else {
+                    widen_bytes(_mm256_loadu_si256(w.add(32 * q) as *const __m256i))
+                }
+            };
             for r in 0..R {
                 // SAFETY: rows i0..i0+R of x exist and each holds stride = 4·quads floats (the
                 // caller's contract), so quad q's four values are inside row i0 + r.
@@ -443,9 +547,11 @@ pub unsafe fn weight_only_blocks(x: &[f32], m: usize, weights: &PackedInt8Weight
     // SAFETY: the caller's contract (x, the group size, the features); weight_only_tiles keeps
     // rows, blocks and `at` in range.
     weight_only_tiles(m, blocks, out, |rows, i, b, at| unsafe {
-        match rows {
-            4 => weight_only_tile::<4>(x, i, weights, b, at, row_len),
-            _ => weight_only_tile::<1>(x, i, weights, b, at, row_len),
+        match (rows, weights.bits()) {
+            (4, 4) => weight_only_tile::<4, true>(x, i, weights, b, at, row_len),
+            (_, 4) => weight_only_tile::<1, true>(x, i, weights, b, at, row_len),
+            (4, _) => weight_only_tile::<4, false>(x, i, weights, b, at, row_len),
+            _ => weight_only_tile::<1, false>(x, i, weights, b, at, row_len),
         }
     })
 }

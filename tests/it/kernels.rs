@@ -2,7 +2,7 @@
 
 use crate::common;
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use candle_quant::kernels::{int8_linear, int8_linear_with, reference, PackedInt8Weights, QuantizedActivations, WeightQuant};
 use candle_quant::quant::{Granularity, QDType, QParams, QScheme, QSpec, QuantizedTensor};
 use candle_quant::runtime::Isa;
@@ -196,6 +196,83 @@ fn affine_activations_golden() {
     assert!(e.contains("affine activations in groups of 4") && e.contains("groups of 6"), "{e}");
 }
 
+/// Int4 packing, golden: one row `q = [−8, −1, 0, 1, 2, 3, 7, −3]` with scale 0.5 (symmetric,
+/// `u = q + 8 = [0, 7, 8, 9, 10, 11, 15, 5]`) is stored two to a byte, low nibble first:
+/// `[0x70, 0x98, 0xBA, 0x5F]`; every path multiplies it exactly: against eight ones the
+/// weight-only output is `0.5 · Σq = 0.5 · 1 = 0.5`, and eight ones quantized per token
+/// (scale 1/127, every value 127) give the integer sum `Σ 127·q = 127`.
+#[test]
+fn int4_weights_golden() {
+    use candle_quant::kernels::{group_sums_with, weight_only_linear_with, Int8Rows};
+    let q = vec![-8i8, -1, 0, 1, 2, 3, 7, -3];
+    let rows = Int8Rows::new_int4(1, 8, 8, q.clone(), vec![half::f16::from_f32(0.5)], None).unwrap();
+    assert_eq!(rows.int4_bytes(), [0x70, 0x98, 0xBA, 0x5F]);
+    let back = Int8Rows::from_int4_bytes(1, 8, 8, &rows.int4_bytes(), rows.scales().to_vec(), None).unwrap();
+    assert_eq!(back, rows);
+    let w = PackedInt8Weights::from_rows(&rows).unwrap();
+    assert_eq!((w.bits(), w.row(0)), (4, q.clone()));
+    assert_eq!(w.to_rows(), rows);
+    let acts = QuantizedActivations::quantize_dynamic(&[1.0; 8], 1, 8, 8, None).unwrap();
+    for isa in Isa::supported() {
+        let mut y = [0f32];
+        weight_only_linear_with(isa, &[1.0; 8], 1, &w, None, &mut y).unwrap();
+        assert_eq!(y, [0.5], "{isa:?}");
+        assert_eq!(group_sums_with(isa, &acts, &w).unwrap(), [127], "{isa:?}");
+    }
+    // With a zero point of 3: u = q + 3 must lie in [0, 15].
+    let asym = Int8Rows::new_int4(1, 8, 8, vec![-3, 12, 0, 0, 0, 0, 0, 0], vec![half::f16::ONE], Some(vec![3])).unwrap();
+    assert_eq!(asym.int4_bytes()[0], 0xF0);
+    let err = |r: candle_core::Result<Int8Rows>| r.unwrap_err().to_string();
+    assert!(
+        err(Int8Rows::new_int4(1, 8, 8, vec![-4, 0, 0, 0, 0, 0, 0, 0], vec![half::f16::ONE], Some(vec![3]))).contains("row 0, column 0")
+    );
+    assert!(err(Int8Rows::new_int4(1, 8, 8, vec![0; 8], vec![half::f16::ONE], Some(vec![16]))).contains("[0, 15]"));
+    assert!(err(Int8Rows::new_int4(1, 24, 12, vec![0; 24], vec![half::f16::ONE; 2], None)).contains("multiple of 8"));
+    assert!(err(Int8Rows::from_int4_bytes(2, 8, 8, &[0; 7], vec![half::f16::ONE; 2], None)).contains("2×4 bytes"));
+    assert!(PackedInt8Weights::quantize(
+        &Tensor::ones((2, 24), DType::F32, &Device::Cpu).unwrap(),
+        WeightQuant::Int4 { group: 12, zero_point: false }
+    )
+    .unwrap_err()
+    .to_string()
+    .contains("multiple of 8"));
+}
+
+/// Int4 round to nearest on the searched grid: every value within half a step of its weight
+/// (or clipped at the grid's end), and the bytes half those of int8.
+#[test]
+fn int4_quantization_stays_within_half_a_step() {
+    let mut rng = common::Rng::new(7);
+    for zero_point in [false, true] {
+        let (n, k) = (24, 200);
+        let t = rng.tensor(&[n, k], 1.0).unwrap();
+        let w = PackedInt8Weights::quantize(&t, WeightQuant::Int4 { group: 32, zero_point }).unwrap();
+        let int8 = PackedInt8Weights::quantize(&t, WeightQuant::PerGroup(32)).unwrap();
+        assert!(w.nbytes() * 10 < int8.nbytes() * 6, "{} vs {}", w.nbytes(), int8.nbytes());
+        let f = t.to_vec2::<f32>().unwrap();
+        let mut err2 = 0f64;
+        let mut norm2 = 0f64;
+        for j in 0..n {
+            let mut row = vec![0f32; k];
+            w.dequantize_row(j, &mut row).unwrap();
+            for (c, (&d, &x)) in row.iter().zip(&f[j]).enumerate() {
+                let s = w.scale(j, c / 32).abs();
+                let level = w.value(j, c) as i32 + w.zero_point(j, c / 32) as i32;
+                assert!((0..=15).contains(&level));
+                // Inside the grid a value rounds to its nearest level; at either end it may clip.
+                if level > 0 && level < 15 {
+                    assert!((d - x).abs() <= 0.5 * s * 1.0001, "row {j} col {c}: {x} -> {d} (step {s})");
+                }
+                err2 += ((d - x) as f64).powi(2);
+                norm2 += (x as f64).powi(2);
+            }
+        }
+        // Normal weights in groups of 32 on 16 levels: relative RMS error about 0.1.
+        let rel = (err2 / norm2).sqrt();
+        assert!(rel < 0.13, "zero point {zero_point}: relative error {rel}");
+    }
+}
+
 #[test]
 fn kernel_shape_errors() {
     let w = weights_from(&[1, 2, 3, 4, 5, 6], 2, 3, vec![1.0, 1.0]);
@@ -307,11 +384,15 @@ fn simd_paths_equal_the_reference() {
         let k = ks[(rng.next_u64() % ks.len() as u64) as usize];
         // Odd, from one partial block of 8 outputs to two eight-block panels and a remainder.
         let n = 1 + 2 * (rng.next_u64() % 65) as usize;
-        let (act_group, weight) = match rng.next_u64() % 4 {
+        let (act_group, weight) = match rng.next_u64() % 7 {
             0 => (k, WeightQuant::PerChannel),
             1 => (32, WeightQuant::PerGroup(32)),
             2 => (64, WeightQuant::PerChannel),
-            _ => (k, WeightQuant::PerGroup(128)),
+            3 => (k, WeightQuant::PerGroup(128)),
+            // Int4: nibbles unpacked in the tiles, symmetric or with zero points.
+            4 => (32, WeightQuant::Int4 { group: 32, zero_point: false }),
+            5 => (k, WeightQuant::Int4 { group: 64, zero_point: true }),
+            _ => (128, WeightQuant::Int4 { group: 128, zero_point: true }),
         };
         let outliers = rng.next_u64().is_multiple_of(3).then_some(2.5);
         let w = rng.tensor(&[n, k], 1.0).unwrap();
@@ -358,13 +439,13 @@ fn simd_paths_equal_the_reference() {
                 let adds = 5 * segments + 2 * acts.row_outliers(i).len() + 2;
                 assert!(
                     common::within_sum_rounding(*g, *e as f64, abs_terms(i, j), adds),
-                    "shape {shape} ({m}x{k}x{n}) {isa:?} affine {affine}: {g} vs {e}"
+                    "shape {shape} ({m}x{k}x{n}, {weight:?}) {isa:?} affine {affine}: {g} vs {e}"
                 );
             }
             assert_eq!(
                 group_sums_with(isa, &acts, &w).unwrap(),
                 group_sums_with(Isa::Reference, &acts, &w).unwrap(),
-                "shape {shape} ({m}x{k}x{n}) {isa:?}: integer segment sums"
+                "shape {shape} ({m}x{k}x{n}, {weight:?}) {isa:?}: integer segment sums"
             );
             let mut want_wo = vec![0f32; m * n];
             weight_only_linear_with(Isa::Reference, &x, m, &w, Some(&bias), &mut want_wo).unwrap();
@@ -373,7 +454,7 @@ fn simd_paths_equal_the_reference() {
                 // K products and K adds in the longest chain (the reference is sequential).
                 assert!(
                     common::within_sum_rounding(*g, *e as f64, abs_terms(o / n, o % n), 2 * k + 2),
-                    "shape {shape} ({m}x{k}x{n}) {isa:?} weight-only: {g} vs {e}"
+                    "shape {shape} ({m}x{k}x{n}, {weight:?}) {isa:?} weight-only: {g} vs {e}"
                 );
             }
         }

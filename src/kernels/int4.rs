@@ -1,0 +1,160 @@
+//! Int4 weight quantization: round to nearest on a grid searched per group for the least
+//! squared error (the grid that `max |w|` alone gives wastes a level or clips too little; this
+//! search is what llama.cpp's and AWQ's int4 quantizers do in their own ways).
+//!
+//! Per group of `g` weights, with `f16` scales rounded before the values are chosen:
+//! - symmetric: `q = clamp(round(w / s), −8, 7)`, `w ≈ s·q`, for `s = ±max|w| / d` over
+//!   `d ∈ [7, 8.5]` — the sign lets the group's extreme take the level −8 (as in GGUF's Q4_0);
+//! - asymmetric: `u = clamp(round(w / s) + z, 0, 15)`, `w ≈ s·(u − z)`, for
+//!   `s = (max − min) / 15 · t` over `t ∈ [0.75, 1]` with `z` anchored at either end;
+//!
+//! then the least-squares scale for the chosen levels (`s = Σ w·q / Σ q²`), kept where it does
+//! better.
+
+use super::weights::{Int8Rows, MAX_IN_FEATURES};
+use crate::quant::SCALE_EPS;
+use candle_core::{bail, Result};
+use half::f16;
+
+/// Candidate scales tried per group and sign (or anchor).
+const STEPS: usize = 12;
+
+/// `Σ (w − s·(q − z))²` for the levels `round(w / s) + z` clamped to `[lo, hi]`, written to `q`
+/// as `level − z`.
+fn levels(w: &[f32], s: f32, z: i32, (lo, hi): (i32, i32), q: &mut [i8]) -> f32 {
+    let inv = 1.0 / s;
+    let mut err = 0.0;
+    for (qv, &x) in q.iter_mut().zip(w) {
+        let level = ((x * inv).round_ties_even() as i32 + z).clamp(lo, hi);
+        *qv = (level - z) as i8;
+        let d = x - s * (level - z) as f32;
+        err += d * d;
+    }
+    err
+}
+
+/// The best `(scale, zero point)` of one group and its values `q` (signed, `q = u − z`):
+/// symmetric (`z` = 8 implied, returned as 8) or with a zero point.
+pub(super) fn quantize_group(w: &[f32], zero_point: bool, q: &mut [i8]) -> Result<(f16, u8)> {
+    let mut best = Best { err: f32::INFINITY, scale: f16::ONE, zero: 8, trial: vec![0i8; w.len()] };
+    let (lo, hi) = w.iter().fold((0f32, 0f32), |(lo, hi), &v| (lo.min(v), hi.max(v)));
+    if !(lo.is_finite() && hi.is_finite()) {
+        bail!("int4 weights must be finite")
+    }
+    let amax = (-lo).max(hi);
+    if amax < SCALE_EPS {
+        q.fill(0);
+        return Ok((f16::from_f32(SCALE_EPS), 8));
+    }
+    if zero_point {
+        let range = (hi - lo).max(SCALE_EPS);
+        for i in 0..STEPS {
+            let s = range / 15.0 * (1.0 - 0.25 * i as f32 / STEPS as f32);
+            for z in [(-lo / s).round(), 15.0 - (hi / s).round()] {
+                best.consider(w, s, (z as i32).clamp(0, 15), q)?;
+            }
+        }
+    } else {
+        for i in 0..STEPS {
+            let d = 7.0 + 1.5 * i as f32 / (STEPS - 1) as f32;
+            for sign in [1.0, -1.0] {
+                best.consider(w, sign * amax / d, 8, q)?;
+            }
+        }
+    }
+    // Least squares for the chosen levels: s = Σ w·q / Σ q².
+    let (wq, qq) = q.iter().zip(w).fold((0f32, 0f32), |(a, b), (&qv, &x)| (a + x * qv as f32, b + (qv as f32) * (qv as f32)));
+    if qq > 0.0 {
+        best.consider(w, wq / qq, best.zero as i32, q)?;
+    }
+    Ok((best.scale, best.zero))
+}
+
+/// The best grid of a group so far.
+struct Best {
+    err: f32,
+    scale: f16,
+    zero: u8,
+    trial: Vec<i8>,
+}
+
+impl Best {
+    /// Tries scale `s` (rounded to `f16` first) with zero point `z`; the values go to `q` when
+    /// it does better than the best so far.
+    fn consider(&mut self, w: &[f32], s: f32, z: i32, q: &mut [i8]) -> Result<()> {
+        let h = f16::from_f32(s);
+        if !h.is_finite() {
+            bail!("int4 weight scale {s} does not fit an f16 (weights must stay below {})", f16::MAX.to_f32() * 7.0)
+        }
+        if h.to_f32() == 0.0 {
+            return Ok(());
+        }
+        let err = levels(w, h.to_f32(), z, (0, 15), &mut self.trial);
+        if err < self.err {
+            (self.err, self.scale, self.zero) = (err, h, z as u8);
+            q.copy_from_slice(&self.trial);
+        }
+        Ok(())
+    }
+}
+
+/// [`super::quantize_weight_rows_with`] for [`super::WeightQuant::Int4`]: rows in parallel,
+/// each `K`-long row written by `row(j, buf)`.
+pub(super) fn quantize_int4_rows_with(
+    n: usize,
+    k: usize,
+    group: usize,
+    zero_point: bool,
+    row: impl Fn(usize, &mut [f32]) + Sync,
+) -> Result<Int8Rows> {
+    use rayon::prelude::*;
+    if n == 0 || k == 0 || k > MAX_IN_FEATURES {
+        bail!("cannot quantize an {n}×{k} weight (1 to {MAX_IN_FEATURES} input features)")
+    }
+    if group == 0 || (group < k && !group.is_multiple_of(8)) {
+        bail!("int4 weight groups must be a multiple of 8 input channels (32, 64, 128) or span the row of {k}; got {group}")
+    }
+    let group = group.min(k);
+    let groups = k.div_ceil(group);
+    let mut q = vec![0i8; n * k];
+    let mut scales = vec![f16::ZERO; n * groups];
+    let mut zeros = vec![8u8; if zero_point { n * groups } else { 0 }];
+    let mut zero_rows: Vec<&mut [u8]> = if zero_point { zeros.chunks_mut(groups).collect() } else { (0..n).map(|_| &mut [][..]).collect() };
+    q.par_chunks_mut(k).zip(scales.par_chunks_mut(groups)).zip(zero_rows.par_iter_mut()).enumerate().with_min_len(8).try_for_each_init(
+        || vec![0f32; k],
+        |buf, (j, ((qrow, srow), zrow))| -> Result<()> {
+            row(j, buf);
+            for (g, (w, qw)) in buf.chunks(group).zip(qrow.chunks_mut(group)).enumerate() {
+                let (s, z) = quantize_group(w, zero_point, qw).map_err(|e| e.context(format!("row {j}, group {g}")))?;
+                srow[g] = s;
+                if let Some(zv) = zrow.get_mut(g) {
+                    *zv = z;
+                }
+            }
+            Ok(())
+        },
+    )?;
+    Int8Rows::new_int4(n, k, group, q, scales, zero_point.then_some(zeros))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The symmetric search finds the grid a group was built on: `w = 0.5·q` for `q` over
+    /// `[−8, 7]` is reproduced exactly (scale 0.5, error 0); the extreme −4.0 takes level −8.
+    #[test]
+    fn a_group_on_a_grid_is_reproduced() -> Result<()> {
+        let w: Vec<f32> = (-8..8).chain(-8..8).map(|q| 0.5 * q as f32).collect();
+        let mut q = vec![0i8; w.len()];
+        let (s, z) = quantize_group(&w, false, &mut q)?;
+        assert_eq!((s.to_f32(), z), (0.5, 8));
+        assert!(q.iter().zip(&w).all(|(&q, &x)| 0.5 * q as f32 == x));
+        // Asymmetric: w = 0.25·(u − 3) for u in 0..=15 → scale 0.25, zero point 3.
+        let w: Vec<f32> = (0..16).chain(0..16).map(|u| 0.25 * (u - 3) as f32).collect();
+        let (s, z) = quantize_group(&w, true, &mut q)?;
+        assert_eq!((s.to_f32(), z), (0.25, 3));
+        assert!(q.iter().zip(&w).all(|(&q, &x)| 0.25 * q as f32 == x));
+        Ok(())
+    }
+}
