@@ -132,15 +132,40 @@ impl QuantizedCheckpoint {
 }
 
 /// Every `X.weight` of dtype `I8` has an `X.weight_scale` of `F16` `[out, groups]`, and every
-/// `X.weight_scale` an `I8` weight.
+/// `X.weight_scale` an `I8` weight, or an int4 `U8` one `[out, ⌈in/2⌉]`; an
+/// `X.weight_zero_point` (`U8`, shaped like the scales) belongs to an int4 weight.
 pub(crate) fn check_int8_tensors(source: &dyn TensorSource) -> Result<()> {
     for e in source.entries() {
         if let Some(layer) = e.name.strip_suffix(".weight_scale") {
             let w = format!("{layer}.weight");
             match source.entry(&w) {
-                Some(we) if we.dtype == Dtype::I8 => {}
-                Some(we) => bail!("{}: has a weight_scale, so it must be I8, found {}", source.describe(&w), we.dtype.name()),
+                Some(we) if matches!(we.dtype, Dtype::I8 | Dtype::U8) => {}
+                Some(we) => {
+                    bail!("{}: has a weight_scale, so it must be I8 (int8) or U8 (int4), found {}", source.describe(&w), we.dtype.name())
+                }
                 None => bail!("{}: a weight_scale without its int8 weight '{w}'", source.describe(&e.name)),
+            }
+        }
+        if let Some(layer) = e.name.strip_suffix(".weight_zero_point") {
+            let (w, s) = (format!("{layer}.weight"), format!("{layer}.weight_scale"));
+            match (source.entry(&w), source.entry(&s)) {
+                (Some(we), Some(se)) if we.dtype == Dtype::U8 && e.dtype == Dtype::U8 && e.shape == se.shape => {}
+                _ => bail!("{}: zero points must be U8 shaped like '{s}', beside an int4 (U8) weight '{w}'", source.describe(&e.name)),
+            }
+        }
+        if e.dtype == Dtype::U8 {
+            if let Some(layer) = e.name.strip_suffix(".weight") {
+                let s = format!("{layer}.weight_scale");
+                match (e.shape.as_slice(), source.entry(&s).map(|se| (se.dtype, se.shape.as_slice()))) {
+                    (_, None) => {}
+                    (&[n, bytes], Some((Dtype::F16, &[sn, groups]))) if sn == n && groups >= 1 && groups <= 2 * bytes => {}
+                    _ => bail!(
+                        "{}: an int4 weight [out, ⌈in/2⌉] needs F16 scales [out, groups] with at most in groups, found {:?} beside {:?}",
+                        source.describe(&s),
+                        source.entry(&s).map(|se| se.shape.clone()),
+                        e.shape
+                    ),
+                }
             }
         }
         if e.dtype != Dtype::I8 {

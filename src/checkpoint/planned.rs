@@ -1,6 +1,6 @@
 //! A float source seen as the int8 checkpoint it quantizes to.
 
-use crate::kernels::{quantize_weight_rows_with, WeightQuant};
+use crate::kernels::{quantize_weight_rows_with, Int8Rows, WeightQuant};
 use crate::source::{index_of, widen_into, Dtype, Entry, TensorSource};
 use candle_core::{bail, Result};
 use std::collections::HashMap;
@@ -11,15 +11,25 @@ use std::sync::{Arc, Mutex};
 enum Origin {
     /// The source tensor of that name, as stored.
     Copy(String),
-    /// The int8 values of that float source weight, quantized `how`.
-    Int8Weight { from: String, how: WeightQuant },
-    /// Their `f16` scales.
-    WeightScale { from: String, how: WeightQuant },
+    /// One part of that float source weight, quantized `how`.
+    Quantized { from: String, how: WeightQuant, part: Part },
+}
+
+/// The tensors a quantized weight is stored as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Part {
+    /// `L.weight`: int8 values (`I8`), or int4 two to a byte (`U8`, [`Int8Rows::int4_bytes`]).
+    Values,
+    /// `L.weight_scale`: `f16` scales.
+    Scales,
+    /// `L.weight_zero_point`: asymmetric int4 zero points (`U8`).
+    ZeroPoints,
 }
 
 /// A float source seen as the int8 checkpoint it quantizes to: selected linear weights become
-/// `<layer>.weight` (`I8`) and `<layer>.weight_scale` (`F16`), quantized when read (both from
-/// one quantization: the last layer's result is kept until its other half is read); every other
+/// `<layer>.weight` (`I8`; int4: `U8` `[out, ⌈in/2⌉]`), `<layer>.weight_scale` (`F16`) and for
+/// asymmetric int4 `<layer>.weight_zero_point` (`U8`), quantized when read (all from one
+/// quantization: the last layer's result is kept until its other parts are read); every other
 /// tensor passes through. Writing its entries is the `quantize` command; building a model on it
 /// is quantization while loading — the same tensors either way.
 pub struct PlannedSource {
@@ -33,12 +43,12 @@ pub struct PlannedSource {
     scratch: Mutex<Vec<u8>>,
 }
 
-/// One quantized weight, handed out in two reads (values, then scales, or the reverse).
+/// One quantized weight, handed out one part a read, in any order.
 struct Quantized {
     from: String,
     how: WeightQuant,
-    values: Option<Vec<u8>>,
-    scales: Option<Vec<u8>>,
+    /// Values, scales, zero points ([`Part`] order); taken as read.
+    parts: [Option<Vec<u8>>; 3],
 }
 
 impl PlannedSource {
@@ -63,11 +73,23 @@ impl PlannedSource {
             if !e.dtype.is_float() {
                 bail!("{}: a float weight to quantize, found {}", source.describe(&e.name), e.dtype.name())
             }
-            let group = how.group_in(k).max(1);
-            plan.push(Entry { name: format!("{layer}.weight"), dtype: Dtype::I8, shape: vec![n, k] });
-            origins.push(Origin::Int8Weight { from: e.name.clone(), how });
-            plan.push(Entry { name: format!("{layer}.weight_scale"), dtype: Dtype::F16, shape: vec![n, k.div_ceil(group)] });
-            origins.push(Origin::WeightScale { from: e.name.clone(), how });
+            let groups = k.div_ceil(how.group_in(k).max(1));
+            let mut part = |suffix: &str, dtype, shape, part| {
+                plan.push(Entry { name: format!("{layer}.{suffix}"), dtype, shape });
+                origins.push(Origin::Quantized { from: e.name.clone(), how, part });
+            };
+            if let WeightQuant::Int4 { zero_point, .. } = how {
+                if k < 2 {
+                    bail!("{}: int4 weights need at least 2 input channels, found {k}", source.describe(&e.name))
+                }
+                part("weight", Dtype::U8, vec![n, k.div_ceil(2)], Part::Values);
+                if zero_point {
+                    part("weight_zero_point", Dtype::U8, vec![n, groups], Part::ZeroPoints);
+                }
+            } else {
+                part("weight", Dtype::I8, vec![n, k], Part::Values);
+            }
+            part("weight_scale", Dtype::F16, vec![n, groups], Part::Scales);
         }
         for (from, (layer, _)) in &by_source {
             if source.entry(from).is_none() {
@@ -78,14 +100,14 @@ impl PlannedSource {
         Ok(Self { source, plan, origins, index, last: Mutex::new(None), scratch: Mutex::new(Vec::new()) })
     }
 
-    /// The int8 values (`scales = false`) or `f16` scales of source weight `from`, as bytes:
-    /// quantized on the first of the two reads, the other half kept for the second.
-    fn quantized(&self, from: &str, how: WeightQuant, scales: bool) -> Result<Vec<u8>> {
+    /// One part of source weight `from` quantized, as bytes: quantized on the first read of
+    /// its parts, the others kept for theirs.
+    fn quantized(&self, from: &str, how: WeightQuant, part: Part) -> Result<Vec<u8>> {
         let lock_err = || candle_core::Error::Msg("a quantizing reader panicked".into());
         let mut last = self.last.lock().map_err(|_| lock_err())?;
         if let Some(q) = last.as_mut().filter(|q| q.from == from && q.how == how) {
-            if let Some(part) = if scales { q.scales.take() } else { q.values.take() } {
-                return Ok(part);
+            if let Some(bytes) = q.parts[part as usize].take() {
+                return Ok(bytes);
             }
         }
         let Some(e) = self.source.entry(from) else { bail!("{}: no such tensor", self.source.describe(from)) };
@@ -98,14 +120,19 @@ impl PlannedSource {
         let row_bytes = k * dtype.size();
         let rows = quantize_weight_rows_with(n, k, how, |j, row| widen_into(dtype, &bytes[j * row_bytes..(j + 1) * row_bytes], row))
             .map_err(|err| err.context(self.source.describe(from)))?;
-        let (values, scale_values) = rows.into_parts();
-        let values = int8_bytes(values);
-        let scale_bytes: Vec<u8> = scale_values.iter().flat_map(|s| s.to_le_bytes()).collect();
-        let (wanted, kept) = if scales { (scale_bytes, values) } else { (values, scale_bytes) };
-        let (values, scales) = if scales { (Some(kept), None) } else { (None, Some(kept)) };
-        *last = Some(Quantized { from: from.to_string(), how, values, scales });
+        let mut parts = stored_parts(rows).map(Some);
+        let wanted = parts[part as usize].take().unwrap_or_default();
+        *last = Some(Quantized { from: from.to_string(), how, parts });
         Ok(wanted)
     }
+}
+
+/// Quantized rows as the tensors a checkpoint stores, in [`Part`] order (no zero points: empty).
+pub(super) fn stored_parts(rows: Int8Rows) -> [Vec<u8>; 3] {
+    let zero_points = rows.zero_points().map(<[u8]>::to_vec).unwrap_or_default();
+    let scales: Vec<u8> = rows.scales().iter().flat_map(|s| s.to_le_bytes()).collect();
+    let values = if rows.bits() == 4 { rows.int4_bytes() } else { int8_bytes(rows.into_parts().0) };
+    [values, scales, zero_points]
 }
 
 /// `i8` values as the same bytes, without a copy.
@@ -127,15 +154,14 @@ impl TensorSource for PlannedSource {
         let Some(&i) = self.index.get(name) else { bail!("no tensor '{name}' in the quantized model") };
         match &self.origins[i] {
             Origin::Copy(from) => self.source.read_bytes(from),
-            Origin::Int8Weight { from, how } => self.quantized(from, *how, false),
-            Origin::WeightScale { from, how } => self.quantized(from, *how, true),
+            Origin::Quantized { from, how, part } => self.quantized(from, *how, *part),
         }
     }
 
     fn describe(&self, name: &str) -> String {
         match self.index.get(name).map(|&i| &self.origins[i]) {
             Some(Origin::Copy(from)) => self.source.describe(from),
-            Some(Origin::Int8Weight { from, .. } | Origin::WeightScale { from, .. }) => {
+            Some(Origin::Quantized { from, .. }) => {
                 format!("tensor '{name}' quantized from {}", self.source.describe(from))
             }
             None => format!("tensor '{name}' (not in the quantized model)"),

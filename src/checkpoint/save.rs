@@ -105,14 +105,16 @@ pub fn save_quantized(model: &mut (impl Quantizable + ?Sized), dir: &Path, optio
             (Some(scheme), kind) => {
                 let (w, _) = layer.int8_parts().ok_or_else(|| candle_core::Error::Msg(format!("layer '{name}' lost its weights")))?;
                 let rows = w.to_rows();
-                let (n, k, g) = (rows.out_features(), rows.in_features(), rows.groups());
-                mem.push(format!("{name}.weight"), Dtype::I8, vec![n, k], rows.values().iter().map(|&v| v as u8).collect())?;
-                mem.push(
-                    format!("{name}.weight_scale"),
-                    Dtype::F16,
-                    vec![n, g],
-                    rows.scales().iter().flat_map(|s| s.to_le_bytes()).collect(),
-                )?;
+                let (n, k, g, bits) = (rows.out_features(), rows.in_features(), rows.groups(), rows.bits());
+                let [values, scales, zero_points] = super::planned::stored_parts(rows);
+                match bits {
+                    4 => mem.push(format!("{name}.weight"), Dtype::U8, vec![n, k.div_ceil(2)], values)?,
+                    _ => mem.push(format!("{name}.weight"), Dtype::I8, vec![n, k], values)?,
+                }
+                mem.push(format!("{name}.weight_scale"), Dtype::F16, vec![n, g], scales)?;
+                if !zero_points.is_empty() {
+                    mem.push(format!("{name}.weight_zero_point"), Dtype::U8, vec![n, g], zero_points)?;
+                }
                 if let QLinearKind::Static(s) = kind {
                     let p = s.activation_qparams();
                     let (scales, zero_points) = (&p.scales, &p.zero_points);

@@ -13,8 +13,10 @@ use std::path::Path;
 
 /// `quantization_config.quant_method` of this format.
 pub const QUANT_METHOD: &str = "candle-quant";
-/// `quantization_config.format_version` written, and the only one read.
-pub const FORMAT_VERSION: u32 = 1;
+/// The newest `quantization_config.format_version`: 2 adds int4 weights (`weight_bits: 4`).
+/// A folder without int4 layers is still written as version 1, which older builds read;
+/// versions 1 and 2 are read.
+pub const FORMAT_VERSION: u32 = 2;
 
 /// The `quantization_config` object of a checkpoint's `config.json`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -22,7 +24,7 @@ pub const FORMAT_VERSION: u32 = 1;
 pub struct CheckpointScheme {
     /// Always [`QUANT_METHOD`].
     pub quant_method: String,
-    /// Always [`FORMAT_VERSION`].
+    /// 1, or 2 ([`FORMAT_VERSION`]) when some layer has int4 weights.
     pub format_version: u32,
     /// How int8 layers not listed in `layers` work.
     pub default: LayerScheme,
@@ -52,11 +54,23 @@ pub enum LayerScheme {
         /// `affine` (a scale and an offset per group) or `symmetric`; absent means symmetric.
         #[serde(default = "symmetric", skip_serializing_if = "is_symmetric")]
         activation_scheme: QScheme,
+        /// 8, or 4 for int4 weights (version 2); absent means 8.
+        #[serde(default = "eight", skip_serializing_if = "is_eight")]
+        weight_bits: u32,
+        /// Int4 weights with a zero point per group (`L.weight_zero_point`); absent means none.
+        #[serde(default, skip_serializing_if = "is_false")]
+        weight_zero_point: bool,
     },
-    /// Float activations times int8 weights.
+    /// Float activations times int8 (or int4) weights.
     WeightOnly {
         /// Input channels per weight scale (`None`: one per output channel).
         weight_group_size: Option<usize>,
+        /// 8, or 4 for int4 weights (version 2); absent means 8.
+        #[serde(default = "eight", skip_serializing_if = "is_eight")]
+        weight_bits: u32,
+        /// Int4 weights with a zero point per group; absent means none.
+        #[serde(default, skip_serializing_if = "is_false")]
+        weight_zero_point: bool,
     },
     /// Activations quantized with the calibrated `input_scale` / `input_zero_point` tensors,
     /// under `activation`'s integer range: one pair per tensor, or one per group of input
@@ -108,19 +122,22 @@ impl LayerScheme {
         let k = layer.in_features();
         let (w, _) = layer.int8_parts()?;
         let weight_group_size = group_or_none(w.group_size(), k);
+        let (weight_bits, weight_zero_point) = (w.bits(), w.has_zero_points());
         Some(match layer.kind() {
             QLinearKind::Dynamic(d) => LayerScheme::Dynamic {
                 weight_group_size,
                 activation_group_size: group_or_none(d.activation_quant().group_size(k), k),
                 outlier_threshold: d.outlier_threshold(),
                 activation_scheme: scheme_of(d.activation_quant()),
+                weight_bits,
+                weight_zero_point,
             },
             QLinearKind::Static(s) => LayerScheme::Static {
                 weight_group_size,
                 activation: ActivationSpec::of(&s.activation_qparams().spec),
                 activation_group_size: s.activation_group_size(),
             },
-            _ => LayerScheme::WeightOnly { weight_group_size },
+            _ => LayerScheme::WeightOnly { weight_group_size, weight_bits, weight_zero_point },
         })
     }
 
@@ -131,20 +148,53 @@ impl LayerScheme {
             activation_group_size: act.group(),
             outlier_threshold: config.outlier_threshold,
             activation_scheme: scheme_of(act),
+            weight_bits: config.weight.bits(),
+            weight_zero_point: has_zero_point(config.weight),
+        }
+    }
+
+    /// The weight-only scheme of `config`'s weights.
+    pub fn weight_only(config: &crate::QuantConfig) -> Self {
+        LayerScheme::WeightOnly {
+            weight_group_size: weight_group(config.weight),
+            weight_bits: config.weight.bits(),
+            weight_zero_point: has_zero_point(config.weight),
         }
     }
 
     fn weight_group_size(&self) -> Option<usize> {
         match *self {
             LayerScheme::Dynamic { weight_group_size, .. }
-            | LayerScheme::WeightOnly { weight_group_size }
+            | LayerScheme::WeightOnly { weight_group_size, .. }
             | LayerScheme::Static { weight_group_size, .. } => weight_group_size,
+        }
+    }
+
+    /// `(bits, zero point)` of the weights.
+    fn weight_bits(&self) -> (u32, bool) {
+        match *self {
+            LayerScheme::Dynamic { weight_bits, weight_zero_point, .. }
+            | LayerScheme::WeightOnly { weight_bits, weight_zero_point, .. } => (weight_bits, weight_zero_point),
+            LayerScheme::Static { .. } => (8, false),
         }
     }
 
     /// How the weights of a layer with this scheme are quantized.
     pub fn weight_quant(&self) -> WeightQuant {
-        self.weight_group_size().map_or(WeightQuant::PerChannel, WeightQuant::PerGroup)
+        match self.weight_bits() {
+            // Int4 in one group per row: a group at least as wide as any row.
+            (4, zero_point) => WeightQuant::Int4 { group: self.weight_group_size().unwrap_or(usize::MAX), zero_point },
+            _ => self.weight_group_size().map_or(WeightQuant::PerChannel, WeightQuant::PerGroup),
+        }
+    }
+
+    /// The format version a layer with this scheme needs: 2 for int4 weights.
+    fn version(&self) -> u32 {
+        if self.weight_bits().0 == 4 {
+            2
+        } else {
+            1
+        }
     }
 
     /// Gives `layer`, already holding its int8 weights, this scheme; static activation
@@ -153,6 +203,18 @@ impl LayerScheme {
         let name = layer.name().to_string();
         let Some((w, _)) = layer.int8_parts() else { bail!("layer '{name}' holds no int8 weights to apply {self:?} to") };
         let k = layer.in_features();
+        let (bits, zero_point) = self.weight_bits();
+        if !matches!(bits, 4 | 8) {
+            bail!("layer '{name}': weight_bits {bits} is not supported (4 or 8)")
+        }
+        if (w.bits(), w.has_zero_points()) != (bits, zero_point) {
+            bail!(
+                "layer '{name}': quantization_config says int{bits} weights{}, the checkpoint's tensors hold int{}{}",
+                if zero_point { " with zero points" } else { "" },
+                w.bits(),
+                if w.has_zero_points() { " with zero points" } else { "" }
+            )
+        }
         let want = self.weight_group_size().map_or(k, |g| g.clamp(1, k));
         if w.group_size() != want {
             // The scales' shape fixes the number of groups, not their size when `in` is not a
@@ -193,6 +255,22 @@ fn symmetric() -> QScheme {
     QScheme::Symmetric
 }
 
+fn eight() -> u32 {
+    8
+}
+
+fn is_eight(bits: &u32) -> bool {
+    *bits == 8
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+fn has_zero_point(how: WeightQuant) -> bool {
+    matches!(how, WeightQuant::Int4 { zero_point: true, .. })
+}
+
 fn is_symmetric(scheme: &QScheme) -> bool {
     *scheme == QScheme::Symmetric
 }
@@ -226,7 +304,8 @@ fn read_values<T: candle_core::WithDType>(source: &dyn TensorSource, name: &str,
 impl CheckpointScheme {
     /// A config whose default is `default`, listing exceptions and float layers.
     pub fn new(default: LayerScheme) -> Self {
-        Self { quant_method: QUANT_METHOD.into(), format_version: FORMAT_VERSION, default, layers: BTreeMap::new(), excluded: vec![] }
+        let format_version = default.version();
+        Self { quant_method: QUANT_METHOD.into(), format_version, default, layers: BTreeMap::new(), excluded: vec![] }
     }
 
     /// The scheme of the int8 layer called `name`.
@@ -237,6 +316,7 @@ impl CheckpointScheme {
     /// Records `name`'s scheme (listed only when it differs from the default).
     pub fn set(&mut self, name: &str, scheme: LayerScheme) {
         if scheme != self.default {
+            self.format_version = self.format_version.max(scheme.version());
             self.layers.insert(name.to_string(), scheme);
         }
     }
@@ -250,9 +330,9 @@ impl CheckpointScheme {
             bail!("{}: quantization_config.quant_method is '{method}': only '{QUANT_METHOD}' checkpoints can be read", file.display())
         }
         let version = q.get("format_version").and_then(|v| v.as_u64());
-        if version != Some(FORMAT_VERSION as u64) {
+        if !version.is_some_and(|v| (1..=FORMAT_VERSION as u64).contains(&v)) {
             bail!(
-                "{}: quantization_config.format_version {} is not supported (this build reads version {FORMAT_VERSION})",
+                "{}: quantization_config.format_version {} is not supported (this build reads versions 1 to {FORMAT_VERSION})",
                 file.display(),
                 version.map_or("(missing)".to_string(), |v| v.to_string())
             )
@@ -317,7 +397,7 @@ pub fn plan_layers(
     // The default is the scheme of a layer no per-layer override matches.
     let scheme = |act: ActivationQuant| match kind {
         Int8Kind::Dynamic => LayerScheme::dynamic(config, act),
-        Int8Kind::WeightOnly => LayerScheme::WeightOnly { weight_group_size: weight_group(config.weight) },
+        Int8Kind::WeightOnly => LayerScheme::weight_only(config),
     };
     let mut quantization = CheckpointScheme::new(scheme(config.activation));
     let mut layers = vec![];

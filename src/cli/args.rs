@@ -20,6 +20,13 @@ pub enum Mode {
     /// candle's Q8_0 QMatMul (the baseline; in memory only, not for `quantize`).
     #[value(name = "q8_0")]
     Q8_0,
+    /// candle's Q4_0 QMatMul (the 4-bit baseline of the same grid family; in memory only).
+    #[value(name = "q4_0")]
+    Q4_0,
+    /// candle's Q4_K QMatMul (in memory only); layers whose input width is not a multiple of
+    /// 256 take Q5_0 instead, as llama.cpp's Q4_K_M does.
+    #[value(name = "q4k")]
+    Q4K,
 }
 
 impl Mode {
@@ -29,7 +36,7 @@ impl Mode {
         match self {
             Mode::Dynamic => Some(Int8Kind::Dynamic),
             Mode::WeightOnly => Some(Int8Kind::WeightOnly),
-            Mode::Static | Mode::Q8_0 => None,
+            Mode::Static | Mode::Q8_0 | Mode::Q4_0 | Mode::Q4K => None,
         }
     }
 
@@ -44,6 +51,8 @@ impl Mode {
             (Mode::Dynamic, _) => quantize_dynamic(model, cfg)?,
             (Mode::WeightOnly, _) => quantize_weight_only(model, cfg)?,
             (Mode::Q8_0, _) => quantize_ggml(model, cfg, GgmlDType::Q8_0)?,
+            (Mode::Q4_0, _) => quantize_ggml(model, cfg, GgmlDType::Q4_0)?,
+            (Mode::Q4K, _) => quantize_ggml(model, cfg, GgmlDType::Q4K)?,
             (Mode::Static, Some(c)) => c.apply(model, cfg).context("applying the calibration")?,
             (Mode::Static, None) => bail!("--mode static needs --calibration FILE (written by `candle-quant calibrate`)"),
         })
@@ -56,6 +65,8 @@ impl Mode {
             (Mode::Static, None) => candle_core::bail!("--mode static needs --calibration FILE"),
             (Mode::WeightOnly, _) => l.quantize_weight_only(cfg.weight),
             (Mode::Q8_0, _) => l.quantize_ggml(GgmlDType::Q8_0),
+            (Mode::Q4_0, _) => l.quantize_ggml(GgmlDType::Q4_0),
+            (Mode::Q4K, _) => l.quantize_ggml(GgmlDType::Q4K),
             (Mode::Dynamic, _) => l.quantize_dynamic(cfg.activation_for(l.name()), cfg.weight, cfg.outlier_threshold),
         }
     }
@@ -105,9 +116,16 @@ pub struct ModelArgs {
     /// symmetric (max |x| / 127 per group).
     #[arg(long, value_enum, default_value_t = ActScheme::Affine)]
     pub act_scheme: ActScheme,
-    /// Weight group size for int8 (input channels per scale); 0 = one scale per output channel.
+    /// Weight group size (input channels per scale); 0 = one scale per output channel (int8 only).
     #[arg(long, default_value_t = 32)]
     pub weight_group: usize,
+    /// Bits per weight for --mode dynamic and weight-only: 8, or 4 (int4 in groups of
+    /// --weight-group, a multiple of 8: 32, 64 or 128).
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(4..=8))]
+    pub bits: u32,
+    /// Int4 weights with an integer zero point per group (asymmetric) instead of symmetric.
+    #[arg(long)]
+    pub weight_zero_point: bool,
     /// Multiply activations with |x| above this in float (LLM.int8()-style); 0 = off.
     #[arg(long, default_value_t = candle_quant::convert::DEFAULT_OUTLIER_THRESHOLD)]
     pub outlier_threshold: f32,
@@ -127,6 +145,19 @@ pub struct ModelArgs {
     /// Compute threads (candle's and ours); default: all cores.
     #[arg(long)]
     pub threads: Option<usize>,
+}
+
+impl ModelArgs {
+    /// What the quantized side is called in reports: int8, int4, or candle's format.
+    pub fn label(&self) -> &'static str {
+        match (self.mode, self.bits) {
+            (Mode::Q8_0, _) => "q8_0",
+            (Mode::Q4_0, _) => "q4_0",
+            (Mode::Q4K, _) => "q4k",
+            (_, 4) => "int4",
+            _ => "int8",
+        }
+    }
 }
 
 #[derive(Args)]
@@ -173,9 +204,24 @@ pub enum ActScheme {
     Symmetric,
 }
 
-pub fn quant_config(args: &ModelArgs) -> QuantConfig {
+pub fn quant_config(args: &ModelArgs) -> Result<QuantConfig> {
     let act = ActivationQuant::with_group(args.act_scheme == ActScheme::Affine, (args.act_group > 0).then_some(args.act_group));
-    let weight = if args.weight_group == 0 { WeightQuant::PerChannel } else { WeightQuant::PerGroup(args.weight_group) };
+    if !matches!(args.bits, 4 | 8) {
+        bail!("--bits {}: weights are int8 (8) or int4 (4)", args.bits)
+    }
+    let weight = match (args.bits, args.weight_group) {
+        (4, 0) => bail!("--bits 4 needs --weight-group N (a multiple of 8: 32, 64 or 128)"),
+        (4, g) if g % 8 != 0 => bail!("--weight-group {g} does not fit int4 weights: use a multiple of 8 (32, 64 or 128)"),
+        (4, group) => WeightQuant::Int4 { group, zero_point: args.weight_zero_point },
+        (_, 0) => WeightQuant::PerChannel,
+        (_, g) => WeightQuant::PerGroup(g),
+    };
+    if args.weight_zero_point && args.bits != 4 {
+        bail!("--weight-zero-point is for --bits 4 (int8 weights are symmetric)")
+    }
+    if args.bits == 4 && !matches!(args.mode, Mode::Dynamic | Mode::WeightOnly) {
+        bail!("--bits 4 works with --mode dynamic or weight-only (candle's own 4-bit baselines are --mode q4_0 and q4k)")
+    }
     let outliers = (args.outlier_threshold > 0.0).then_some(args.outlier_threshold);
     let mut cfg = QuantConfig::default().activation(act).weight(weight).outlier_threshold(outliers);
     if args.float_lm_head {
@@ -184,7 +230,7 @@ pub fn quant_config(args: &ModelArgs) -> QuantConfig {
     for p in &args.exclude {
         cfg = cfg.exclude(p.clone());
     }
-    cfg
+    Ok(cfg)
 }
 
 /// `2GB`, `500MB`, `64KiB`, `1.5GB` or a plain byte count.

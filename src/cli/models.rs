@@ -51,9 +51,12 @@ pub fn load_float(spec: Option<&str>, what: &str) -> Result<LanguageModel> {
 pub fn load_int8(args: &ModelArgs) -> Result<(LanguageModel, ConversionReport)> {
     let opened = open_model(args.model.as_deref())?;
     match args.mode.streamed() {
-        Some(kind) => Bars::around(|p| opened.load_int8(&quant_config(args), kind, p)),
+        Some(kind) => {
+            let cfg = quant_config(args)?;
+            Bars::around(|p| opened.load_int8(&cfg, kind, p))
+        }
         None if opened.is_quantized() => {
-            bail!("{}: is an int8 checkpoint; --mode q8_0 and --mode static need a float model", opened.source)
+            bail!("{}: is an int8 checkpoint; --mode static, q8_0, q4_0 and q4k need a float model", opened.source)
         }
         None => quantized(&Bars::around(|p| opened.load(p))?, args),
     }
@@ -93,7 +96,7 @@ pub fn quantized(lm: &LanguageModel, args: &ModelArgs) -> Result<(LanguageModel,
     let mut q = lm.clone();
     let pb = bar(0, "quantizing layers");
     let shown = pb.clone();
-    let cfg = quant_config(args).progress(move |p| {
+    let cfg = quant_config(args)?.progress(move |p| {
         shown.set_length(p.total);
         shown.set_position(p.done);
     });

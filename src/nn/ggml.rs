@@ -16,8 +16,17 @@ pub struct GgmlLinear {
 
 impl GgmlLinear {
     /// Quantizes a float `[out, in]` weight to `dtype` (the input size must be a multiple of the
-    /// type's block size).
+    /// type's block size). A k-quant (blocks of 256) over an input width it does not divide
+    /// takes the 32-block type llama.cpp falls back to for it: Q4_K → Q5_0, Q5_K → Q5_1,
+    /// Q6_K → Q8_0 ([`Self::dtype`] tells which was used).
     pub fn new(weight: &Tensor, bias: Option<Tensor>, dtype: GgmlDType) -> Result<Self> {
+        let k = weight.dims().last().copied().unwrap_or(0);
+        let dtype = match dtype {
+            GgmlDType::Q4K if k % dtype.block_size() != 0 => GgmlDType::Q5_0,
+            GgmlDType::Q5K if k % dtype.block_size() != 0 => GgmlDType::Q5_1,
+            GgmlDType::Q6K if k % dtype.block_size() != 0 => GgmlDType::Q8_0,
+            d => d,
+        };
         let q = QTensor::quantize(weight, dtype)?;
         let weight_bytes = q.storage_size_in_bytes();
         Ok(Self { matmul: QMatMul::from_qtensor(q)?, bias, dtype, weight_bytes })

@@ -129,13 +129,26 @@ impl QLinear {
         // The group size the scales imply; a checkpoint's config settles it when `k` is not a
         // multiple of it (see `checkpoint::LayerScheme`).
         let group = k.div_ceil(groups);
-        let values = vb.get_with_hints_dtype((n, k), "weight", candle_nn::Init::Const(0.0), DType::U8)?;
-        let packed = cpu_slice::<u8, _>(&values, |bytes| {
-            // SAFETY: `u8` and `i8` have the same size and alignment and every bit pattern is
-            // valid for both; the slice borrows the tensor's storage for this call only.
-            let values = unsafe { std::slice::from_raw_parts(bytes.as_ptr().cast::<i8>(), bytes.len()) };
-            cpu_slice::<half::f16, _>(&scales, |s| PackedInt8Weights::pack(n, k, group, values, s))?
-        })??;
+        let values = vb.get_unchecked_dtype("weight", DType::U8)?;
+        let packed = if values.dims() == [n, k] {
+            Self::pack_int8(&values, &scales, (n, k, group))?
+        } else if k >= 2 && values.dims() == [n, k.div_ceil(2)] {
+            // Int4: two values a byte, with zero points when the checkpoint has them.
+            let zero_points = match vb.contains_tensor("weight_zero_point") {
+                true => Some(vb.get_with_hints_dtype((n, groups), "weight_zero_point", candle_nn::Init::Const(0.0), DType::U8)?),
+                false => None,
+            };
+            let zero_points = zero_points.map(|z| cpu_slice::<u8, _>(&z, <[u8]>::to_vec)).transpose()?;
+            let scales = cpu_slice::<half::f16, _>(&scales, <[half::f16]>::to_vec)?;
+            let rows = cpu_slice::<u8, _>(&values, |bytes| Int8Rows::from_int4_bytes(n, k, group, bytes, scales, zero_points))??;
+            PackedInt8Weights::from_rows(&rows)?
+        } else {
+            bail!(
+                "'{name}.weight' has shape {:?} in the checkpoint, but the model builds '{name}' as {k} → {n}: [{n}, {k}] for int8 or [{n}, {}] for int4",
+                values.dims(),
+                k.div_ceil(2)
+            )
+        };
         let bias = if bias || vb.contains_tensor("bias") { Some(float_values(&vb.get(n, "bias")?, "bias")?) } else { None };
         // Affine activations in the weights' groups where the weights keep group sums, else one
         // affine scale and offset per token.
@@ -143,6 +156,16 @@ impl QLinear {
             if group < k && packed.has_group_sums() { ActivationQuant::AffinePerGroup(group) } else { ActivationQuant::AffinePerToken };
         let dynamic = DynamicLinear::new(packed, bias, act).with_outlier_threshold(Some(DEFAULT_OUTLIER_THRESHOLD));
         Ok(QLinearKind::Dynamic(dynamic))
+    }
+
+    /// Int8 values `[n, k]` (stored `I8`, read as bytes) packed with their scales, no other copy.
+    fn pack_int8(values: &Tensor, scales: &Tensor, (n, k, group): (usize, usize, usize)) -> Result<PackedInt8Weights> {
+        cpu_slice::<u8, _>(values, |bytes| {
+            // SAFETY: `u8` and `i8` have the same size and alignment and every bit pattern is
+            // valid for both; the slice borrows the tensor's storage for this call only.
+            let values = unsafe { std::slice::from_raw_parts(bytes.as_ptr().cast::<i8>(), bytes.len()) };
+            cpu_slice::<half::f16, _>(scales, |s| PackedInt8Weights::pack(n, k, group, values, s))?
+        })?
     }
 
     /// Wraps an existing float layer under `name`.
@@ -337,7 +360,11 @@ impl QLinear {
     pub(crate) fn regroup_int8_weights(&mut self, group: usize) -> Result<()> {
         let Some((w, b)) = self.int8_parts() else { bail!("layer '{}' has no int8 weights", self.name) };
         let rows = w.to_rows();
-        let rows = Int8Rows::new(rows.out_features(), rows.in_features(), group, rows.values().to_vec(), rows.scales().to_vec())?;
+        let (n, k, zero_points) = (rows.out_features(), rows.in_features(), rows.zero_points().map(<[u8]>::to_vec));
+        let rows = match rows.bits() {
+            4 => Int8Rows::new_int4(n, k, group, rows.values().to_vec(), rows.scales().to_vec(), zero_points)?,
+            _ => Int8Rows::new(n, k, group, rows.values().to_vec(), rows.scales().to_vec())?,
+        };
         let b = b.map(<[f32]>::to_vec);
         self.kind = QLinearKind::WeightOnly(WeightOnlyLinear::new(PackedInt8Weights::from_rows(&rows)?, b));
         Ok(())
@@ -348,15 +375,12 @@ impl QLinear {
     pub fn quantize_dynamic(&mut self, act: ActivationQuant, weights: WeightQuant, outlier_threshold: Option<f32>) -> Result<()> {
         act.validate()?;
         let k = self.in_features;
-        match (act.group().filter(|&a| a < k), weights) {
-            (Some(a), WeightQuant::PerGroup(w)) if a != w && w < k => {
+        match (act.group().filter(|&a| a < k), weights.group_below(k)) {
+            (Some(a), Some(w)) if a != w => {
                 bail!("layer '{}': activation groups of {a} and weight groups of {w} must be equal", self.name)
             }
-            (Some(a), _) if act.is_affine() => {
-                let w = match weights {
-                    WeightQuant::PerGroup(w) if w < k => w,
-                    _ => k,
-                };
+            (Some(a), w) if act.is_affine() => {
+                let w = w.unwrap_or(k);
                 if w != a || a > crate::kernels::MAX_SUMMED_GROUP {
                     bail!(
                         "layer '{}': affine activations in groups of {a} need int8 weights in groups of the same size (at most {}), got {} (symmetric activations take any weights)",

@@ -55,6 +55,31 @@ impl LanguageModelExt {
     }
 }
 
+/// Int4 with zero points, streamed into a folder: the same logits as quantizing in memory, the
+/// tied lm_head stored as nibbles (`U8` `[49152, 288]`) beside its scales and zero points, and the
+/// folder under a sixth of the float model.
+#[test]
+fn smollm2_int4_checkpoint_matches_in_memory() {
+    let source = smollm2_source();
+    let f32_model = io::load_decoder(&source, &mut |_| {}).unwrap();
+    let prompt = candle_quant::generate::encode(&f32_model, "The capital of France is").unwrap();
+    let cfg = QuantConfig::default().weight(WeightQuant::Int4 { group: 32, zero_point: true });
+    let mut in_memory = f32_model.clone();
+    quantize_dynamic(&mut in_memory.model, &cfg).unwrap();
+    let want = logits_and_greedy(&in_memory, &prompt);
+    let (_dir_scratch, dir) = temp("smollm2-int4");
+    let written = io::open_decoder(&source).unwrap().quantize_to(&dir, &cfg, Int8Kind::Dynamic, &SaveOptions::default(), |_| {}).unwrap();
+    let loaded = io::load_decoder(&ModelSource::Folder(dir.clone()), &mut |_| {}).unwrap();
+    assert_eq!(logits_and_greedy(&loaded, &prompt), want, "int4 checkpoint vs in-memory quantization");
+    let ckpt = QuantizedCheckpoint::open(&dir).unwrap();
+    let entry = |name: &str| ckpt.source().entry(name).map(|e| (e.dtype, e.shape.clone()));
+    assert_eq!(entry("lm_head.weight"), Some((Dtype::U8, vec![49152, 288])));
+    assert_eq!(entry("lm_head.weight_zero_point"), Some((Dtype::U8, vec![49152, 18])));
+    assert_eq!(ckpt.quantization().format_version, 2);
+    let f32_bytes = f32_model.model.weight_bytes() as f64;
+    assert!((written.tensor_bytes as f64) < f32_bytes / 6.0, "{} of {f32_bytes}", written.tensor_bytes);
+}
+
 #[test]
 fn smollm2_checkpoint_round_trip_is_bit_identical() {
     let source = smollm2_source();
@@ -189,6 +214,21 @@ fn a_users_model_saves_and_loads_in_every_int8_kind() {
     // Symmetric is the default of the field, so it is not written.
     assert!(serde_json::to_value(&old).unwrap()["default"].get("activation_scheme").is_none());
 
+    // Int4: dynamic with zero points in groups of 16 (affine activations in the same groups),
+    // and weight-only symmetric; version 2 and the bits are written, int8 folders stay version 1.
+    assert_eq!(q.format_version, 1);
+    let mut m = tiny_float(8);
+    let int4 = QuantConfig::default().activation(ActivationQuant::AffinePerGroup(16));
+    quantize_dynamic(&mut m, &int4.clone().weight(WeightQuant::Int4 { group: 16, zero_point: true })).unwrap();
+    let q = save_load_same_outputs(m, "dynamic int4");
+    let json = serde_json::to_value(&q).unwrap();
+    assert_eq!((json["format_version"].as_u64(), json["default"]["weight_bits"].as_u64()), (Some(2), Some(4)), "{json}");
+    assert_eq!(json["default"]["weight_zero_point"], true, "{json}");
+    let mut m = tiny_float(9);
+    candle_quant::convert::quantize_weight_only(&mut m, &int4.weight(WeightQuant::Int4 { group: 16, zero_point: false })).unwrap();
+    let q = save_load_same_outputs(m, "weight-only int4");
+    assert!(serde_json::to_value(&q).unwrap()["default"].get("weight_zero_point").is_none());
+
     // Weight-only, fc2 kept float.
     let mut m = tiny_float(2);
     candle_quant::convert::quantize_weight_only(&mut m, &QuantConfig::default().exclude("fc2")).unwrap();
@@ -283,7 +323,11 @@ impl TensorSource for Failing {
 fn an_interrupted_write_leaves_nothing_that_looks_complete() {
     let entries = (0..4).map(|i| Entry { name: format!("t{i}"), dtype: Dtype::F32, shape: vec![4] }).collect();
     let (_dir_scratch, dir) = temp("interrupted");
-    let q = CheckpointScheme::new(candle_quant::checkpoint::LayerScheme::WeightOnly { weight_group_size: None });
+    let q = CheckpointScheme::new(candle_quant::checkpoint::LayerScheme::WeightOnly {
+        weight_group_size: None,
+        weight_bits: 8,
+        weight_zero_point: false,
+    });
     let opts = SaveOptions { max_shard_bytes: 20, ..Default::default() };
     let e = write_checkpoint(&dir, &Failing(entries), &q, &opts, |_| {}).unwrap_err().to_string();
     assert!(e.contains("t2"), "{e}");

@@ -12,6 +12,7 @@ use std::path::Path;
 pub fn run(model: &ModelArgs, reference: Option<&str>, gen: &GenArgs, repeats: usize, json: bool) -> Result<()> {
     let (lm, q, report) = model_pair(model, reference, "compare")?;
     let (tokens, _) = prompt_tokens(&lm, gen)?;
+    let label = model.label();
     let mut side = None;
     let c = compare(&lm.model, &q.model, &lm.tokenizer, &tokens, gen.max_new_tokens, repeats, |s, piece| {
         if json {
@@ -21,7 +22,7 @@ pub fn run(model: &ModelArgs, reference: Option<&str>, gen: &GenArgs, repeats: u
             if side.is_some() {
                 println!();
             }
-            eprintln!("--- {} ---", if s == Side::Reference { "f32" } else { "int8" });
+            eprintln!("--- {} ---", if s == Side::Reference { "f32" } else { label });
             side = Some(s);
         }
         print!("{piece}");
@@ -49,24 +50,24 @@ pub fn run(model: &ModelArgs, reference: Option<&str>, gen: &GenArgs, repeats: u
     }
     println!();
     println!("{:<6} {:>12} {:>14} {:>14}", "", "prefill ms", "decode tok/s", "weight MB");
-    for (label, g, m) in [("f32", &c.reference, &lm), ("int8", &c.candidate, &q)] {
+    for (label, g, m) in [("f32", &c.reference, &lm), (label, &c.candidate, &q)] {
         println!("{label:<6} {:>12.1} {:>14.1} {:>14.1}", g.stats.prefill_ms, g.stats.decode_tok_s, m.model.weight_bytes() as f64 / 1e6);
     }
     let speedup = c.decode_speedup;
     if repeats > 1 {
         let each: Vec<String> = c.decode_speedups.iter().map(|s| format!("{s:.2}")).collect();
-        println!("decode speedup int8/f32: {speedup:.2}x (median of {repeats} alternating runs: {})", each.join(", "));
+        println!("decode speedup {label}/f32: {speedup:.2}x (median of {repeats} alternating runs: {})", each.join(", "));
     } else {
-        println!("decode speedup int8/f32: {speedup:.2}x");
+        println!("decode speedup {label}/f32: {speedup:.2}x");
     }
     match c.first_divergence {
         Some(p) => println!("outputs first differ at generated token {p}"),
         None => println!("outputs are identical"),
     }
     if let Some(a) = c.top1_agreement {
-        println!("top-1 agreement of int8 with f32 along the f32 text: {:.1}%", a * 100.0);
+        println!("top-1 agreement of {label} with f32 along the f32 text: {:.1}%", a * 100.0);
     }
-    println!("{} layers int8, {} kept float {:?}", report.converted.len(), report.skipped.len(), report.skipped);
+    println!("{} layers {label}, {} kept float {:?}", report.converted.len(), report.skipped.len(), report.skipped);
     Ok(())
 }
 

@@ -26,7 +26,7 @@ pub fn run(args: &ModelArgs, file: &Path, batch: usize, precision: Precision, ou
     };
     let mut enc = Bars::around(|p| io::load_bert(&source, p)).with_context(|| format!("loading {source}"))?;
     if precision == Precision::Int8 {
-        let cfg = quant_config(args);
+        let cfg = quant_config(args)?;
         if args.mode == Mode::Static {
             bail!("embed: --mode static is for language models (calibrate runs text through a decoder)")
         }

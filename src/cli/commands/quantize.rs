@@ -43,7 +43,7 @@ pub fn run(model: &ModelArgs, out: &Path, max_shard_size: u64, force: bool) -> R
     };
     let pb = bytes_bar("quantizing and writing");
     let start = std::time::Instant::now();
-    let written = opened.quantize_to(out, &quant_config(model), kind, &options, |p| {
+    let written = opened.quantize_to(out, &quant_config(model)?, kind, &options, |p| {
         pb.set_length(p.total);
         pb.set_position(p.done);
     });

@@ -19,7 +19,7 @@ pub fn run(model: &ModelArgs, text: &Path, samples: usize, seq_len: usize, budge
     let body = std::fs::read_to_string(text).with_context(|| format!("reading {}", text.display()))?;
     let mut tokens = encode_text(&lm, &body)?;
     tokens.truncate(samples * (seq_len - candle_quant::CausalLm::bos_token(&lm.model).is_some() as usize));
-    let cfg = quant_config(model);
+    let cfg = quant_config(model)?;
     // A smoothed calibration measures the smoothed model (the same float function).
     let calibration = if model.mode == Mode::Static { Some(smoothed_for_static(model, &mut lm.model)?) } else { None };
     let quantize = |l: &mut candle_quant::QLinear| model.mode.quantize_layer(l, &cfg, calibration.as_ref());
