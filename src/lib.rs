@@ -37,6 +37,7 @@ pub mod convert;
 pub mod eval;
 #[cfg(feature = "hub")]
 pub mod generate;
+pub mod gptq;
 #[cfg(feature = "hub")]
 pub mod io;
 pub mod kernels;

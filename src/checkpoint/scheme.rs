@@ -141,24 +141,25 @@ impl LayerScheme {
         })
     }
 
-    /// The dynamic scheme of `config`'s weights and outlier threshold with activations `act`.
-    pub fn dynamic(config: &crate::QuantConfig, act: ActivationQuant) -> Self {
+    /// The dynamic scheme of weights `weight` and activations `act`, with `config`'s outlier
+    /// threshold.
+    pub fn dynamic(config: &crate::QuantConfig, act: ActivationQuant, weight: WeightQuant) -> Self {
         LayerScheme::Dynamic {
-            weight_group_size: weight_group(config.weight),
+            weight_group_size: weight_group(weight),
             activation_group_size: act.group(),
             outlier_threshold: config.outlier_threshold,
             activation_scheme: scheme_of(act),
-            weight_bits: config.weight.bits(),
-            weight_zero_point: has_zero_point(config.weight),
+            weight_bits: weight.bits(),
+            weight_zero_point: has_zero_point(weight),
         }
     }
 
-    /// The weight-only scheme of `config`'s weights.
-    pub fn weight_only(config: &crate::QuantConfig) -> Self {
+    /// The weight-only scheme of weights `weight`.
+    pub fn weight_only(weight: WeightQuant) -> Self {
         LayerScheme::WeightOnly {
-            weight_group_size: weight_group(config.weight),
-            weight_bits: config.weight.bits(),
-            weight_zero_point: has_zero_point(config.weight),
+            weight_group_size: weight_group(weight),
+            weight_bits: weight.bits(),
+            weight_zero_point: has_zero_point(weight),
         }
     }
 
@@ -395,16 +396,16 @@ pub fn plan_layers(
     kind: Int8Kind,
 ) -> Result<(CheckpointScheme, Vec<(String, WeightQuant)>)> {
     // The default is the scheme of a layer no per-layer override matches.
-    let scheme = |act: ActivationQuant| match kind {
-        Int8Kind::Dynamic => LayerScheme::dynamic(config, act),
-        Int8Kind::WeightOnly => LayerScheme::weight_only(config),
+    let scheme = |act: ActivationQuant, weight: WeightQuant| match kind {
+        Int8Kind::Dynamic => LayerScheme::dynamic(config, act, weight),
+        Int8Kind::WeightOnly => LayerScheme::weight_only(weight),
     };
-    let mut quantization = CheckpointScheme::new(scheme(config.activation));
+    let mut quantization = CheckpointScheme::new(scheme(config.activation, config.weight));
     let mut layers = vec![];
     for name in names {
         if config.selects(name) {
-            quantization.set(name, scheme(config.activation_for(name)));
-            layers.push((name.clone(), config.weight));
+            quantization.set(name, scheme(config.activation_for(name), config.weight_for(name)));
+            layers.push((name.clone(), config.weight_for(name)));
         } else {
             quantization.excluded.push(name.clone());
         }

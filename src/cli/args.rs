@@ -63,11 +63,11 @@ impl Mode {
         match (self, calibration) {
             (Mode::Static, Some(c)) => l.quantize_static(c.qparams_for(l.name())?),
             (Mode::Static, None) => candle_core::bail!("--mode static needs --calibration FILE"),
-            (Mode::WeightOnly, _) => l.quantize_weight_only(cfg.weight),
+            (Mode::WeightOnly, _) => l.quantize_weight_only(cfg.weight_for(l.name())),
             (Mode::Q8_0, _) => l.quantize_ggml(GgmlDType::Q8_0),
             (Mode::Q4_0, _) => l.quantize_ggml(GgmlDType::Q4_0),
             (Mode::Q4K, _) => l.quantize_ggml(GgmlDType::Q4K),
-            (Mode::Dynamic, _) => l.quantize_dynamic(cfg.activation_for(l.name()), cfg.weight, cfg.outlier_threshold),
+            (Mode::Dynamic, _) => l.quantize_dynamic(cfg.activation_for(l.name()), cfg.weight_for(l.name()), cfg.outlier_threshold),
         }
     }
 }
@@ -126,6 +126,21 @@ pub struct ModelArgs {
     /// Int4 weights with an integer zero point per group (asymmetric) instead of symmetric.
     #[arg(long)]
     pub weight_zero_point: bool,
+    /// With --bits 4: layer-name patterns that keep int8 weights (glob, repeatable; mixed
+    /// precision). Default: lm_head (also the tied embedding), as llama.cpp's 4-bit files keep
+    /// their output layer at 6 bits or more; `none` makes every layer int4.
+    #[arg(long)]
+    pub int8_layers: Vec<String>,
+    /// How int4 weights are rounded: rtn (round to nearest on a per-group searched grid, no
+    /// data) or gptq (error-compensating rounding from a calibration run over --calibration-text).
+    #[arg(long, value_enum, default_value_t = Method::Rtn)]
+    pub method: Method,
+    /// Text whose windows calibrate --method gptq (use another text than the one you evaluate on).
+    #[arg(long)]
+    pub calibration_text: Option<PathBuf>,
+    /// Windows of 512 tokens of --calibration-text that --method gptq runs.
+    #[arg(long, default_value_t = 16)]
+    pub calibration_windows: usize,
     /// Multiply activations with |x| above this in float (LLM.int8()-style); 0 = off.
     #[arg(long, default_value_t = candle_quant::convert::DEFAULT_OUTLIER_THRESHOLD)]
     pub outlier_threshold: f32,
@@ -195,6 +210,16 @@ pub struct SamplingArgs {
     pub seed: u64,
 }
 
+/// How weights are rounded (`--method`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Method {
+    /// Round to nearest, each group's grid searched for the least squared error.
+    Rtn,
+    /// GPTQ: each column's rounding error spread over the columns not yet rounded, weighted by
+    /// the layer's calibration inputs.
+    Gptq,
+}
+
 /// How dynamic activations are quantized (`--act-scheme`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum ActScheme {
@@ -219,6 +244,9 @@ pub fn quant_config(args: &ModelArgs) -> Result<QuantConfig> {
     if args.weight_zero_point && args.bits != 4 {
         bail!("--weight-zero-point is for --bits 4 (int8 weights are symmetric)")
     }
+    if args.method == Method::Gptq && args.bits != 4 {
+        bail!("--method gptq rounds int4 weights: add --bits 4")
+    }
     if args.bits == 4 && !matches!(args.mode, Mode::Dynamic | Mode::WeightOnly) {
         bail!("--bits 4 works with --mode dynamic or weight-only (candle's own 4-bit baselines are --mode q4_0 and q4k)")
     }
@@ -229,6 +257,20 @@ pub fn quant_config(args: &ModelArgs) -> Result<QuantConfig> {
     }
     for p in &args.exclude {
         cfg = cfg.exclude(p.clone());
+    }
+    if args.bits == 4 {
+        let int8 = WeightQuant::PerGroup(args.weight_group);
+        match args.int8_layers.as_slice() {
+            [] => cfg = cfg.override_weight("lm_head", int8),
+            [none] if none == "none" => {}
+            patterns => {
+                for p in patterns {
+                    cfg = cfg.override_weight(p.clone(), int8);
+                }
+            }
+        }
+    } else if !args.int8_layers.is_empty() {
+        bail!("--int8-layers is for --bits 4 (every layer is int8 already)")
     }
     Ok(cfg)
 }

@@ -1,7 +1,7 @@
 //! Models as the commands want them: the one `--model` names (or the default, fetched when
 //! missing), float or int8, the pair that `compare` and `eval` measure, and the prompt.
 
-use crate::args::{quant_config, GenArgs, Mode, ModelArgs};
+use crate::args::{quant_config, GenArgs, Method, Mode, ModelArgs};
 use crate::fetch::fetch_offline_models;
 use crate::progress::{bar, Bars};
 use anyhow::{bail, Context, Result};
@@ -50,7 +50,8 @@ pub fn load_float(spec: Option<&str>, what: &str) -> Result<LanguageModel> {
 /// (candle's Q8_0 mode quantizes a loaded float model).
 pub fn load_int8(args: &ModelArgs) -> Result<(LanguageModel, ConversionReport)> {
     let opened = open_model(args.model.as_deref())?;
-    match args.mode.streamed() {
+    // GPTQ needs the float model in memory for its calibration run.
+    match args.mode.streamed().filter(|_| args.method == Method::Rtn) {
         Some(kind) => {
             let cfg = quant_config(args)?;
             Bars::around(|p| opened.load_int8(&cfg, kind, p))
@@ -101,9 +102,58 @@ pub fn quantized(lm: &LanguageModel, args: &ModelArgs) -> Result<(LanguageModel,
         shown.set_position(p.done);
     });
     let calibration = if args.mode == Mode::Static { Some(smoothed_for_static(args, &mut q.model)?) } else { None };
+    if args.method == Method::Gptq {
+        gptq_weights(&mut q, args, &cfg)?;
+    }
     let report = args.mode.convert(&mut q.model, &cfg, calibration.as_ref())?;
     pb.finish();
     Ok((q, report))
+}
+
+/// `--method gptq`: the float `lm`'s layers that `cfg` makes int4 get GPTQ-rounded weights from
+/// windows of `--calibration-text` (the conversion that follows keeps them).
+fn gptq_weights(lm: &mut LanguageModel, args: &ModelArgs, cfg: &candle_quant::QuantConfig) -> Result<()> {
+    let Some(path) = &args.calibration_text else {
+        bail!("--method gptq needs --calibration-text FILE (a text unlike the one you evaluate on)")
+    };
+    let body = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let tokens = candle_quant::generate::encode_text(lm, &body)?;
+    let bos = candle_quant::CausalLm::bos_token(&lm.model);
+    let per_window = 512 - bos.is_some() as usize;
+    let windows: Vec<Vec<u32>> = tokens
+        .chunks(per_window)
+        .filter(|c| c.len() >= 2)
+        .take(args.calibration_windows.max(1))
+        .map(|c| bos.iter().chain(c).copied().collect())
+        .collect();
+    if windows.is_empty() {
+        bail!("{}: holds {} tokens, too few for one calibration window", path.display(), tokens.len())
+    }
+    let started = std::time::Instant::now();
+    let pb = bar(windows.len(), "GPTQ: calibration windows");
+    let hessians = candle_quant::gptq::collect_hessians(&mut lm.model, cfg, |model| {
+        for (i, w) in windows.iter().enumerate() {
+            candle_quant::CausalLm::forward(model, w, &mut candle_quant::CausalLm::new_cache(model), false)?;
+            pb.set_position(i as u64 + 1);
+        }
+        Ok(())
+    })?;
+    pb.finish();
+    let collected = started.elapsed().as_secs_f64();
+    let pb = bar(0, "GPTQ: rounding layers");
+    let report = candle_quant::gptq::quantize_gptq(&mut lm.model, cfg, &hessians, |done, total| {
+        pb.set_length(total as u64);
+        pb.set_position(done as u64);
+    })?;
+    pb.finish();
+    eprintln!(
+        "GPTQ: {} layers from {} windows of {} in {collected:.1} s + {:.1} s",
+        report.converted.len(),
+        windows.len(),
+        path.display(),
+        started.elapsed().as_secs_f64() - collected
+    );
+    Ok(())
 }
 
 /// The `--calibration` file of `--mode static`, its SmoothQuant factors (if any) folded into the

@@ -146,6 +146,9 @@ pub struct QuantConfig {
     pub outlier_threshold: Option<f32>,
     /// Per-layer activation schemes: the first matching pattern wins.
     pub overrides: Vec<(String, ActivationQuant)>,
+    /// Per-layer weight schemes (mixed precision, e.g. an int8 `lm_head` in an int4 model): the
+    /// first matching pattern wins.
+    pub weight_overrides: Vec<(String, WeightQuant)>,
     /// Observer for static calibration and QAT inputs.
     pub observer: ObserverFactory,
     /// Told how far weight quantization (`quantize_dynamic`, `quantize_weight_only`,
@@ -167,6 +170,7 @@ impl Default for QuantConfig {
             weight: WeightQuant::default(),
             outlier_threshold: Some(DEFAULT_OUTLIER_THRESHOLD),
             overrides: vec![],
+            weight_overrides: vec![],
             observer: default_static_observer,
             progress: None,
         }
@@ -210,6 +214,12 @@ impl QuantConfig {
         self
     }
 
+    /// Gives the layers matching `pattern` their own weight scheme (mixed precision).
+    pub fn override_weight(mut self, pattern: impl Into<String>, how: WeightQuant) -> Self {
+        self.weight_overrides.push((pattern.into(), how));
+        self
+    }
+
     /// Sets the observer `prepare` and `prepare_qat` attach to each layer's input.
     pub fn observer(mut self, factory: ObserverFactory) -> Self {
         self.observer = factory;
@@ -225,6 +235,11 @@ impl QuantConfig {
     /// Whether the layer called `name` is selected.
     pub fn selects(&self, name: &str) -> bool {
         (self.include.is_empty() || self.include.iter().any(|p| matches(p, name))) && !self.exclude.iter().any(|p| matches(p, name))
+    }
+
+    /// How the weights of the layer called `name` are quantized.
+    pub fn weight_for(&self, name: &str) -> WeightQuant {
+        self.weight_overrides.iter().find(|(p, _)| matches(p, name)).map_or(self.weight, |(_, w)| *w)
     }
 
     /// Activation quantization for the layer called `name`.
@@ -340,13 +355,13 @@ pub(crate) fn convert_selected_in_parallel(
 pub fn quantize_dynamic(model: &mut (impl Quantizable + ?Sized), config: &QuantConfig) -> Result<ConversionReport> {
     convert_selected_in_parallel(model, config, |layer| {
         let act = config.activation_for(layer.name());
-        layer.quantize_dynamic(act, config.weight, config.outlier_threshold)
+        layer.quantize_dynamic(act, config.weight_for(layer.name()), config.outlier_threshold)
     })
 }
 
 /// Swaps every selected layer for a weight-only int8 one (in parallel).
 pub fn quantize_weight_only(model: &mut (impl Quantizable + ?Sized), config: &QuantConfig) -> Result<ConversionReport> {
-    convert_selected_in_parallel(model, config, |layer| layer.quantize_weight_only(config.weight))
+    convert_selected_in_parallel(model, config, |layer| layer.quantize_weight_only(config.weight_for(layer.name())))
 }
 
 /// Swaps every selected layer for candle's block-quantized `QMatMul` in `dtype` (the

@@ -35,7 +35,7 @@ fn levels(w: &[f32], s: f32, z: i32, (lo, hi): (i32, i32), q: &mut [i8]) -> f32 
 
 /// The best `(scale, zero point)` of one group and its values `q` (signed, `q = u − z`):
 /// symmetric (`z` = 8 implied, returned as 8) or with a zero point.
-pub(super) fn quantize_group(w: &[f32], zero_point: bool, q: &mut [i8]) -> Result<(f16, u8)> {
+pub(crate) fn quantize_group(w: &[f32], zero_point: bool, q: &mut [i8]) -> Result<(f16, u8)> {
     let mut best = Best { err: f32::INFINITY, scale: f16::ONE, zero: 8, trial: vec![0i8; w.len()] };
     let (lo, hi) = w.iter().fold((0f32, 0f32), |(lo, hi), &v| (lo.min(v), hi.max(v)));
     if !(lo.is_finite() && hi.is_finite()) {

@@ -370,6 +370,24 @@ impl QLinear {
         Ok(())
     }
 
+    /// Becomes [`QLinearKind::WeightOnly`] over `weights` quantized elsewhere (e.g. by GPTQ),
+    /// keeping its bias; a conversion verb then keeps these weights whatever scheme it gives.
+    pub fn set_weights(&mut self, weights: PackedInt8Weights) -> Result<()> {
+        if (weights.out_features(), weights.in_features()) != (self.out_features, self.in_features) {
+            bail!(
+                "layer '{}' is {} → {}, the weights given are {} → {}",
+                self.name,
+                self.in_features,
+                self.out_features,
+                weights.in_features(),
+                weights.out_features()
+            )
+        }
+        let bias = self.bias_values()?;
+        self.kind = QLinearKind::WeightOnly(WeightOnlyLinear::new(weights, bias));
+        Ok(())
+    }
+
     /// Becomes [`QLinearKind::Dynamic`]: int8 weights scaled per `weights`, activations quantized
     /// per `act` on every call. When both are per group, the group sizes must match.
     pub fn quantize_dynamic(&mut self, act: ActivationQuant, weights: WeightQuant, outlier_threshold: Option<f32>) -> Result<()> {

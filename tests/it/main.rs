@@ -13,6 +13,7 @@ mod cli;
 mod convert;
 mod families;
 mod gemma;
+mod gptq;
 mod io;
 mod kernels;
 mod models;
