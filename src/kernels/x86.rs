@@ -139,30 +139,39 @@ macro_rules! int8_tiles {
         pub mod $family {
             use super::*;
 
-            /// `acc` plus the products of one weight register `wq` (signed bytes, or for
-            /// `vpdpbusd` the unsigned `w + 128`) with the four activations of quad `q` of one
-            /// row: `a` itself for `vpdpbusd`, else `|a|` (`ua`) and the sign mask (`na`), which
-            /// flips the weight's bits where `a < 0`.
+            /// The four activations of quad `q` of one row in every lane, as the multiply takes
+            /// them: `a` itself for `vpdpbusd` (the second value unused), else `|a|` (from `ua`)
+            /// and the mask of `a < 0` (from `na`), which flips the weight's bits where `a < 0`.
             ///
             /// # Safety
             /// The family's features available; the row (and for `vpmaddubsw` its `|a|` and mask
             /// copies) holds quad `q`'s four bytes.
             #[inline]
             #[target_feature(enable = $features)]
-            unsafe fn quad_products(acc: __m256i, wq: __m256i, a: *const i8, ua: *const u8, na: *const u8, q: usize) -> __m256i {
-                if $vnni {
-                    // SAFETY: quad q's four bytes are readable (caller), read unaligned; $dot
-                    // needs only the family's features.
-                    unsafe { $dot(acc, wq, _mm256_set1_epi32((a.add(4 * q) as *const i32).read_unaligned())) }
-                } else {
-                    // SAFETY: as above, in the |a| and mask copies.
-                    let (mag, neg) = unsafe {
+            unsafe fn act_quad(a: *const i8, ua: *const u8, na: *const u8, q: usize) -> (__m256i, __m256i) {
+                // SAFETY: quad q's four bytes are readable (caller), read unaligned.
+                unsafe {
+                    if $vnni {
+                        (_mm256_set1_epi32((a.add(4 * q) as *const i32).read_unaligned()), _mm256_setzero_si256())
+                    } else {
                         (
                             _mm256_set1_epi32((ua.add(4 * q) as *const i32).read_unaligned()),
                             _mm256_set1_epi32((na.add(4 * q) as *const i32).read_unaligned()),
                         )
-                    };
-                    let pairs = _mm256_maddubs_epi16(mag, _mm256_xor_si256(wq, neg));
+                    }
+                }
+            }
+
+            /// `acc` plus the four-product sums of one weight register `wq` (signed bytes, or for
+            /// `vpdpbusd` the unsigned `w + 128`) with one quad of activations ([`act_quad`]).
+            #[inline]
+            #[target_feature(enable = $features)]
+            unsafe fn mul_quad(acc: __m256i, wq: __m256i, (act, neg): (__m256i, __m256i)) -> __m256i {
+                if $vnni {
+                    // SAFETY: $dot needs only the family's features, which this function enables.
+                    unsafe { $dot(acc, wq, act) }
+                } else {
+                    let pairs = _mm256_maddubs_epi16(act, _mm256_xor_si256(wq, neg));
                     _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)))
                 }
             }
@@ -224,19 +233,18 @@ macro_rules! int8_tiles {
                         // Segments are whole pairs of quads (the int4 group rule), so each
                         // 32-byte load feeds quads q and q + 1.
                         for q in (g * seg_quads..q_end).step_by(2) {
+                            // SAFETY: quads q and q + 1 lie inside every padded row (rows and the
+                            // |a| / sign-mask copies hold stride = 4·quads bytes).
+                            let acts: [[(__m256i, __m256i); 2]; R] =
+                                std::array::from_fn(|r| unsafe { [act_quad(a[r], ua[r], na[r], q), act_quad(a[r], ua[r], na[r], q + 1)] });
                             for v in 0..V {
                                 // SAFETY: an int4 block holds 16·quads bytes, pair q/2 at 16·q.
                                 let raw = unsafe { _mm256_loadu_si256(w[v].add(16 * q) as *const __m256i) };
-                                let pair = [
-                                    _mm256_add_epi8(_mm256_and_si256(raw, low), wz[v]),
-                                    _mm256_add_epi8(_mm256_and_si256(_mm256_srli_epi16::<4>(raw), low), wz[v]),
-                                ];
+                                let lo = _mm256_add_epi8(_mm256_and_si256(raw, low), wz[v]);
+                                let hi = _mm256_add_epi8(_mm256_and_si256(_mm256_srli_epi16::<4>(raw), low), wz[v]);
                                 for r in 0..R {
-                                    for (h, wq) in pair.into_iter().enumerate() {
-                                        // SAFETY: quads q and q + 1 lie inside every padded row (rows
-                                        // and the |a| / sign-mask copies hold stride = 4·quads bytes).
-                                        acc[r][v] = unsafe { quad_products(acc[r][v], wq, a[r], ua[r], na[r], q + h) };
-                                    }
+                                    // SAFETY: mul_quad needs only the family's features.
+                                    acc[r][v] = unsafe { mul_quad(mul_quad(acc[r][v], lo, acts[r][0]), hi, acts[r][1]) };
                                 }
                             }
                         }
@@ -252,9 +260,11 @@ macro_rules! int8_tiles {
                                 }
                             }
                             for r in 0..R {
+                                // SAFETY: quad q lies inside every padded row (as above).
+                                let act = unsafe { act_quad(a[r], ua[r], na[r], q) };
                                 for v in 0..V {
-                                    // SAFETY: quad q lies inside every padded row (as above).
-                                    acc[r][v] = unsafe { quad_products(acc[r][v], wv[v], a[r], ua[r], na[r], q) };
+                                    // SAFETY: mul_quad needs only the family's features.
+                                    acc[r][v] = unsafe { mul_quad(acc[r][v], wv[v], act) };
                                 }
                             }
                         }
