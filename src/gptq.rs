@@ -122,68 +122,38 @@ pub fn inverse_cholesky(h: &[f64], k: usize) -> Result<Vec<f64>> {
         }
         a[i * k + i] += DAMPING * mean.max(f64::MIN_POSITIVE);
     }
-    // H = L·Lᵀ (lower, in place).
-    cholesky_lower(&mut a, k)?;
-    // L⁻¹ (lower) by forward substitution, row by row:
-    // L⁻¹[i, ..] = (e_i − Σ_{j<i} L[i,j]·L⁻¹[j, ..]) / L[i,i].
-    let mut inv = vec![0f64; k * k];
-    for i in 0..k {
-        let (done, row) = inv.split_at_mut(i * k);
-        let row = &mut row[..k];
-        row[i] = 1.0;
-        for j in 0..i {
-            let f = a[i * k + j];
-            row[..=j].iter_mut().zip(&done[j * k..j * k + j + 1]).for_each(|(x, &y)| *x -= f * y);
-        }
-        let d = a[i * k + i];
-        row[..=i].iter_mut().for_each(|x| *x /= d);
-    }
-    // H⁻¹ = L⁻ᵀ·L⁻¹ = Σ_t L⁻¹[t, ..]ᵀ·L⁻¹[t, ..] (the lower triangle, then mirrored).
-    let mut hinv = vec![0f64; k * k];
-    for t in 0..k {
-        let row = &inv[t * k..t * k + t + 1];
-        for (r, &f) in row.iter().enumerate() {
-            hinv[r * k..r * k + r + 1].iter_mut().zip(row).for_each(|(x, &y)| *x += f * y);
-        }
-    }
-    for r in 0..k {
-        for c in 0..r {
-            hinv[c * k + r] = hinv[r * k + c];
-        }
-    }
-    // H⁻¹ = Uᵀ·U with U upper: U = Lᵀ of the lower factor.
-    cholesky_lower(&mut hinv, k)?;
-    let mut u = vec![0f64; k * k];
-    for r in 0..k {
-        for c in r..k {
-            u[r * k + c] = hinv[c * k + r];
-        }
-    }
-    Ok(u)
-}
-
-/// In-place lower Cholesky factor of a symmetric positive definite `K × K` matrix (the upper
-/// triangle is left as it was and never read).
-fn cholesky_lower(a: &mut [f64], k: usize) -> Result<()> {
-    for j in 0..k {
-        let mut d = a[j * k + j];
-        for t in 0..j {
-            d -= a[j * k + t] * a[j * k + t];
-        }
+    // H = R·Rᵀ with R upper (a Cholesky factorisation from the last column back); then
+    // H⁻¹ = R⁻ᵀ·R⁻¹, so U = R⁻¹ is the upper factor wanted.
+    let mut r = vec![0f64; k * k];
+    let dot = |x: &[f64], y: &[f64]| -> f64 { x.iter().zip(y).map(|(a, b)| a * b).sum() };
+    for j in (0..k).rev() {
+        let rj = j * k;
+        let d = a[rj + j] - dot(&r[rj + j + 1..rj + k], &r[rj + j + 1..rj + k]);
         if d <= 0.0 || !d.is_finite() {
             bail!("GPTQ: the input second moment is not positive definite at column {j} (pivot {d})")
         }
         let d = d.sqrt();
-        a[j * k + j] = d;
-        for i in j + 1..k {
-            let mut s = a[i * k + j];
-            for t in 0..j {
-                s -= a[i * k + t] * a[j * k + t];
-            }
-            a[i * k + j] = s / d;
+        r[rj + j] = d;
+        for i in 0..j {
+            let ri = i * k;
+            let v = (a[ri + j] - dot(&r[ri + j + 1..ri + k], &r[rj + j + 1..rj + k])) / d;
+            r[ri + j] = v;
         }
     }
-    Ok(())
+    // U = R⁻¹ (upper), rows from the last: U[i, ..] = (e_i − Σ_{t>i} R[i,t]·U[t, ..]) / R[i,i].
+    let mut u = vec![0f64; k * k];
+    for i in (0..k).rev() {
+        let (row, below) = u.split_at_mut((i + 1) * k);
+        let row = &mut row[i * k..];
+        row[i] = 1.0;
+        for t in i + 1..k {
+            let f = r[i * k + t];
+            row[t..].iter_mut().zip(&below[(t - i - 1) * k + t..(t - i) * k]).for_each(|(x, &y)| *x -= f * y);
+        }
+        let d = r[i * k + i];
+        row[i..].iter_mut().for_each(|x| *x /= d);
+    }
+    Ok(u)
 }
 
 /// GPTQ-rounds a row-major `N × K` float weight with the upper factor `u` of its damped inverse

@@ -112,6 +112,10 @@ enum Command {
         /// How the int8 layers quantize their inputs.
         #[arg(long, value_enum, default_value_t = ActScheme::Affine)]
         act_scheme: ActScheme,
+        /// Weights of the crate's layer: 8 (int8, against candle's Q8_0) or 4 (int4 in groups of
+        /// 32, against candle's Q4_0).
+        #[arg(long, default_value_t = 8)]
+        bits: u32,
         #[arg(long)]
         json: bool,
     },
@@ -268,7 +272,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Eval { model, reference, text, max_tokens, window, json } => {
             eval::run(&model, reference.as_deref(), &text, max_tokens, window, json)
         }
-        Command::Bench { m, threads, in_features, act_scheme, json } => bench::run(m, threads, &in_features, act_scheme, json),
+        Command::Bench { m, threads, in_features, act_scheme, bits, json } => bench::run(m, threads, &in_features, act_scheme, bits, json),
         Command::Quantize { model, out, max_shard_size, force } => quantize::run(&model, &out, max_shard_size, force),
         Command::Calibrate { model, text, samples, seq_len, observer, granularity, group_size, float_fraction, smooth_alpha, out } => {
             let granularity = match granularity {

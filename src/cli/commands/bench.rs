@@ -24,6 +24,11 @@ pub struct BenchRecord {
     pub threads: usize,
     /// The int8 kernel path that ran (`Isa::best()`: "Avx2", "NeonDot", …).
     pub isa: String,
+    /// Bits per weight of the crate's layer (8, or 4: int4 in groups of 32); the `int8_*`
+    /// fields are that layer's.
+    pub bits: u32,
+    /// candle's `QMatMul` format it is compared with (`q8_0_*` fields): Q8_0, or Q4_0 for int4.
+    pub baseline: String,
     pub int8_us: f64,
     pub f32_us: f64,
     pub q8_0_us: f64,
@@ -173,6 +178,7 @@ pub fn bench_linear(
     m: usize,
     threads: usize,
     config: &QuantConfig,
+    baseline: GgmlDType,
     bounds: &Bounds,
 ) -> Result<BenchRecord> {
     let dev = Device::Cpu;
@@ -181,7 +187,7 @@ pub fn bench_linear(
     let mut int8 = QLinear::from_linear(&float, "bench")?;
     quantize_dynamic(&mut int8, config)?;
     let mut q8 = QLinear::from_linear(&float, "bench")?;
-    quantize_ggml(&mut q8, config, GgmlDType::Q8_0)?;
+    quantize_ggml(&mut q8, config, baseline)?;
     let x = Tensor::randn(0f32, 1.0, (m, in_features), &dev)?;
     let pool =
         rayon::ThreadPoolBuilder::new().num_threads(threads).build().map_err(|e| candle_core::Error::Msg(format!("thread pool: {e}")))?;
@@ -229,6 +235,8 @@ pub fn bench_linear(
         m,
         threads,
         isa: format!("{:?}", candle_quant::runtime::Isa::best()),
+        bits: config.weight.bits(),
+        baseline: format!("{baseline:?}"),
         int8_us,
         f32_us,
         q8_0_us,
@@ -245,17 +253,26 @@ pub fn bench_linear(
 
 /// The `bench` command: every shape of [`SHAPES`] (or those with the given input sizes) at each M
 /// and thread count, as a table or JSON records.
-pub fn run(m: Vec<usize>, threads: Vec<usize>, in_features: &[usize], act_scheme: ActScheme, json: bool) -> anyhow::Result<()> {
+pub fn run(m: Vec<usize>, threads: Vec<usize>, in_features: &[usize], act_scheme: ActScheme, bits: u32, json: bool) -> anyhow::Result<()> {
     let ms = if m.is_empty() { vec![1, 16, 128] } else { m };
     let ts = if threads.is_empty() { vec![1, 2] } else { threads };
     if let Some(bad) = ms.iter().chain(&ts).find(|&&v| v == 0) {
         anyhow::bail!("bench: --m and --threads must be at least 1, got {bad}")
     }
-    let config = QuantConfig::default().activation(ActivationQuant::with_group(act_scheme == ActScheme::Affine, Some(32)));
+    let mut config = QuantConfig::default().activation(ActivationQuant::with_group(act_scheme == ActScheme::Affine, Some(32)));
+    let (label, baseline) = match bits {
+        8 => ("int8", GgmlDType::Q8_0),
+        4 => {
+            config = config.weight(WeightQuant::Int4 { group: 32, zero_point: false });
+            ("int4", GgmlDType::Q4_0)
+        }
+        b => anyhow::bail!("bench: --bits {b}: weights are int8 (8) or int4 (4)"),
+    };
+    let base = format!("{baseline:?}").to_lowercase();
     let bounds = Bounds::measure(&ts)?;
     let mut records = vec![];
     if !json {
-        println!("int8 kernel path: {:?}", candle_quant::runtime::Isa::best());
+        println!("{label} kernel path: {:?}", candle_quant::runtime::Isa::best());
         let reads: Vec<String> = bounds.read_gb_s_by_threads.iter().map(|(t, gb)| format!("{gb:.1} GB/s with {t}")).collect();
         println!("memory read bound (threads streaming at once): {}", reads.join(", "));
         println!(
@@ -266,18 +283,28 @@ pub fn run(m: Vec<usize>, threads: Vec<usize>, in_features: &[usize], act_scheme
             bounds.int8_peak_gmac_s
         );
         println!(
-            "%bw: int8 weight bytes per second / memory read bound at that thread count (over 100: served from cache); \
-             %peak: GMAC/s / in-cache peak × threads"
+            "%bw: {label} weight bytes per second / memory read bound at that thread count (over 100: served from cache); \
+             %peak: GMAC/s / int8 in-cache peak × threads"
         );
         println!(
             "{:>5} {:>5} {:>4} {:>3} {:>10} {:>10} {:>10} {:>9} {:>10} {:>7} {:>6}",
-            "in", "out", "m", "thr", "int8 µs", "f32 µs", "q8_0 µs", "int8/f32", "int8/q8_0", "%bw", "%peak"
+            "in",
+            "out",
+            "m",
+            "thr",
+            format!("{label} µs"),
+            "f32 µs",
+            format!("{base} µs"),
+            format!("{label}/f32"),
+            format!("{label}/{base}"),
+            "%bw",
+            "%peak"
         );
     }
     for &(i, o) in SHAPES.iter().filter(|(i, _)| in_features.is_empty() || in_features.contains(i)) {
         for &mm in &ms {
             for &t in &ts {
-                let r = bench_linear(i, o, mm, t, &config, &bounds)?;
+                let r = bench_linear(i, o, mm, t, &config, baseline, &bounds)?;
                 if !json {
                     println!(
                         "{:>5} {:>5} {:>4} {:>3} {:>10.1} {:>10.1} {:>10.1} {:>9.3} {:>10.3} {:>7.1} {:>6.1}",

@@ -35,8 +35,9 @@ pub fn run(model: &ModelArgs, reference: Option<&str>, text: &Path, max_tokens: 
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         println!("{} tokens of {} in windows of {window}", r.tokens, text.display());
-        println!("perplexity f32 {:.3}, int8 {:.3} ({:+.2}%)", r.reference_ppl, r.candidate_ppl, r.ppl_delta_pct);
-        println!("mean KL(f32 || int8) {:.5} nats, top-1 agreement {:.2}%", r.kld, r.top1_agreement * 100.0);
+        let label = model.label();
+        println!("perplexity f32 {:.3}, {label} {:.3} ({:+.2}%)", r.reference_ppl, r.candidate_ppl, r.ppl_delta_pct);
+        println!("mean KL(f32 || {label}) {:.5} nats, top-1 agreement {:.2}%", r.kld, r.top1_agreement * 100.0);
     }
     Ok(())
 }
