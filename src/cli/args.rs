@@ -51,8 +51,20 @@ impl Mode {
             (Mode::Dynamic, _) => quantize_dynamic(model, cfg)?,
             (Mode::WeightOnly, _) => quantize_weight_only(model, cfg)?,
             (Mode::Q8_0, _) => quantize_ggml(model, cfg, GgmlDType::Q8_0)?,
-            (Mode::Q4_0, _) => quantize_ggml(model, cfg, GgmlDType::Q4_0)?,
-            (Mode::Q4K, _) => quantize_ggml(model, cfg, GgmlDType::Q4K)?,
+            (Mode::Q4_0 | Mode::Q4K, _) => {
+                let mut report = ConversionReport::default();
+                model.visit_linears(&mut |l| {
+                    let name = l.name().to_string();
+                    if cfg.selects(&name) {
+                        self.quantize_layer(l, cfg, None)?;
+                        report.converted.push(name);
+                    } else {
+                        report.skipped.push(name);
+                    }
+                    Ok(())
+                })?;
+                report
+            }
             (Mode::Static, Some(c)) => c.apply(model, cfg).context("applying the calibration")?,
             (Mode::Static, None) => bail!("--mode static needs --calibration FILE (written by `candle-quant calibrate`)"),
         })
@@ -65,6 +77,8 @@ impl Mode {
             (Mode::Static, None) => candle_core::bail!("--mode static needs --calibration FILE"),
             (Mode::WeightOnly, _) => l.quantize_weight_only(cfg.weight_for(l.name())),
             (Mode::Q8_0, _) => l.quantize_ggml(GgmlDType::Q8_0),
+            // candle's 4-bit formats, with Q8_0 for the layers kept at 8 bits (--int8-layers).
+            (Mode::Q4_0 | Mode::Q4K, _) if cfg.weight_for(l.name()).bits() == 8 => l.quantize_ggml(GgmlDType::Q8_0),
             (Mode::Q4_0, _) => l.quantize_ggml(GgmlDType::Q4_0),
             (Mode::Q4K, _) => l.quantize_ggml(GgmlDType::Q4K),
             (Mode::Dynamic, _) => l.quantize_dynamic(cfg.activation_for(l.name()), cfg.weight_for(l.name()), cfg.outlier_threshold),
@@ -126,9 +140,10 @@ pub struct ModelArgs {
     /// Int4 weights with an integer zero point per group (asymmetric) instead of symmetric.
     #[arg(long)]
     pub weight_zero_point: bool,
-    /// With --bits 4: layer-name patterns that keep int8 weights (glob, repeatable; mixed
-    /// precision). Default: lm_head (also the tied embedding), as llama.cpp's 4-bit files keep
-    /// their output layer at 6 bits or more; `none` makes every layer int4.
+    /// With --bits 4 (or --mode q4_0 / q4k): layer-name patterns that keep 8-bit weights (int8,
+    /// or Q8_0; glob, repeatable; mixed precision). Default: lm_head (also the tied embedding),
+    /// as llama.cpp's 4-bit files keep their output layer at 6 bits or more; `none` makes every
+    /// layer 4-bit.
     #[arg(long)]
     pub int8_layers: Vec<String>,
     /// How int4 weights are rounded: rtn (round to nearest on a per-group searched grid, no
@@ -258,8 +273,13 @@ pub fn quant_config(args: &ModelArgs) -> Result<QuantConfig> {
     for p in &args.exclude {
         cfg = cfg.exclude(p.clone());
     }
-    if args.bits == 4 {
-        let int8 = WeightQuant::PerGroup(args.weight_group);
+    let four_bit_baseline = matches!(args.mode, Mode::Q4_0 | Mode::Q4K);
+    if four_bit_baseline {
+        // Nominal: these layers get candle's 4-bit format, the overrides below Q8_0.
+        cfg = cfg.weight(WeightQuant::Int4 { group: 32, zero_point: false });
+    }
+    if args.bits == 4 || four_bit_baseline {
+        let int8 = WeightQuant::PerGroup(args.weight_group.max(1));
         match args.int8_layers.as_slice() {
             [] => cfg = cfg.override_weight("lm_head", int8),
             [none] if none == "none" => {}
@@ -270,7 +290,7 @@ pub fn quant_config(args: &ModelArgs) -> Result<QuantConfig> {
             }
         }
     } else if !args.int8_layers.is_empty() {
-        bail!("--int8-layers is for --bits 4 (every layer is int8 already)")
+        bail!("--int8-layers is for --bits 4, --mode q4_0 and q4k (every layer is int8 already)")
     }
     Ok(cfg)
 }
