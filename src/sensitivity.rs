@@ -74,10 +74,24 @@ pub fn exclusions_for_budget<M: CausalLm + Quantizable + Clone>(
     budget_pct: f64,
     quantize: impl Fn(&mut QLinear) -> Result<()>,
 ) -> Result<(Vec<String>, EvalReport)> {
+    kept_for_budget(float, ranked, reference, budget_pct, quantize, |_| Ok(()))
+}
+
+/// [`exclusions_for_budget`] with the kept layers given `keep` instead of left float — e.g.
+/// int8 in a model `quantize` makes int4 (mixed precision). When even keeping every layer
+/// misses the budget, every layer is returned.
+pub fn kept_for_budget<M: CausalLm + Quantizable + Clone>(
+    float: &M,
+    ranked: &[LayerSensitivity],
+    reference: &ReferenceScores,
+    budget_pct: f64,
+    quantize: impl Fn(&mut QLinear) -> Result<()>,
+    keep: impl Fn(&mut QLinear) -> Result<()>,
+) -> Result<(Vec<String>, EvalReport)> {
     let score = |kept: usize| -> Result<EvalReport> {
-        let keep: Vec<&str> = ranked[..kept].iter().map(|l| l.name.as_str()).collect();
+        let kept: Vec<&str> = ranked[..kept].iter().map(|l| l.name.as_str()).collect();
         let mut candidate = float.clone();
-        candidate.visit_linears(&mut |l| if keep.contains(&l.name()) { Ok(()) } else { quantize(l) })?;
+        candidate.visit_linears(&mut |l| if kept.contains(&l.name()) { keep(l) } else { quantize(l) })?;
         reference.evaluate(&candidate)
     };
     let within = |r: &EvalReport| r.ppl_delta_pct.abs() <= budget_pct;
@@ -86,8 +100,12 @@ pub fn exclusions_for_budget<M: CausalLm + Quantizable + Clone>(
     if within(&best) {
         return Ok((Vec::new(), best));
     }
-    // Invariant: keeping `lo` misses the budget; keeping `hi` meets it (all float: Δ = 0).
+    // Invariant: keeping `lo` misses the budget; keeping `hi` meets it (all float: Δ = 0; kept
+    // at another precision it may not, and then every layer is the answer).
     best = score(hi)?;
+    if !within(&best) {
+        return Ok((ranked.iter().map(|l| l.name.clone()).collect(), best));
+    }
     while hi - lo > 1 {
         let mid = (lo + hi) / 2;
         let r = score(mid)?;

@@ -22,7 +22,17 @@ pub fn run(model: &ModelArgs, text: &Path, samples: usize, seq_len: usize, budge
     let cfg = quant_config(model)?;
     // A smoothed calibration measures the smoothed model (the same float function).
     let calibration = if model.mode == Mode::Static { Some(smoothed_for_static(model, &mut lm.model)?) } else { None };
-    let quantize = |l: &mut candle_quant::QLinear| model.mode.quantize_layer(l, &cfg, calibration.as_ref());
+    let int4 = model.bits == 4;
+    // Int4: every layer ranked at int4 (the --int8-layers default does not apply), the kept
+    // ones int8 in the same mode.
+    let quantize = |l: &mut candle_quant::QLinear| match int4 {
+        true => quantize_as(l, &cfg, cfg.weight, model.mode == Mode::WeightOnly),
+        false => model.mode.quantize_layer(l, &cfg, calibration.as_ref()),
+    };
+    let keep = |l: &mut candle_quant::QLinear| match int4 {
+        true => quantize_as(l, &cfg, candle_quant::WeightQuant::PerGroup(model.weight_group), model.mode == Mode::WeightOnly),
+        false => Ok(()),
+    };
     let mut layers = 0;
     lm.model.clone().visit_linears(&mut |_| {
         layers += 1;
@@ -33,7 +43,7 @@ pub fn run(model: &ModelArgs, text: &Path, samples: usize, seq_len: usize, budge
     let ranked = candle_quant::sensitivity::layer_sensitivity(&lm.model, &reference, quantize, |p| pb.set_position(p.done))?;
     pb.finish_and_clear();
     let pb = bar(0, "searching the exclusions");
-    let (exclude, with) = candle_quant::sensitivity::exclusions_for_budget(&lm.model, &ranked, &reference, budget, quantize)?;
+    let (exclude, with) = candle_quant::sensitivity::kept_for_budget(&lm.model, &ranked, &reference, budget, quantize, keep)?;
     pb.finish_and_clear();
     if json {
         let out = serde_json::json!({"model": lm.source, "text": text.display().to_string(), "tokens": tokens.len(), "window": seq_len,
@@ -55,8 +65,9 @@ pub fn run(model: &ModelArgs, text: &Path, samples: usize, seq_len: usize, budge
             with.ppl_delta_pct
         );
     } else {
-        println!("To stay within {budget}% perplexity, keep these {} layers in float:", exclude.len());
-        let flags: Vec<String> = exclude.iter().map(|n| format!("--exclude '{n}'")).collect();
+        let (at, flag) = if int4 { ("int8", "--int8-layers") } else { ("float", "--exclude") };
+        println!("To stay within {budget}% perplexity, keep these {} layers {at}:", exclude.len());
+        let flags: Vec<String> = exclude.iter().map(|n| format!("{flag} '{n}'")).collect();
         println!("  {}", flags.join(" "));
         println!(
             "(every other layer quantized: perplexity {:+.2}%, KL {:.5}, same top {:.1}% on the same tokens)",
@@ -66,4 +77,17 @@ pub fn run(model: &ModelArgs, text: &Path, samples: usize, seq_len: usize, budge
         );
     }
     Ok(())
+}
+
+/// `l` dynamic (or weight-only) with weights `weight` and `cfg`'s activation scheme.
+fn quantize_as(
+    l: &mut candle_quant::QLinear,
+    cfg: &candle_quant::QuantConfig,
+    weight: candle_quant::WeightQuant,
+    weight_only: bool,
+) -> candle_core::Result<()> {
+    match weight_only {
+        true => l.quantize_weight_only(weight),
+        false => l.quantize_dynamic(cfg.activation_for(l.name()), weight, cfg.outlier_threshold),
+    }
 }
