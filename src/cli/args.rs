@@ -124,8 +124,9 @@ pub struct ModelArgs {
     #[arg(long)]
     pub model: Option<String>,
     /// Activation group size for int8 (input channels per scale); 0 = one scale per token.
-    #[arg(long, default_value_t = 32)]
-    pub act_group: usize,
+    /// Default: the weight group (--weight-group), or 32 with per-channel weights.
+    #[arg(long)]
+    pub act_group: Option<usize>,
     /// Dynamic activations: affine (each group's own range, a scale and an offset) or
     /// symmetric (max |x| / 127 per group).
     #[arg(long, value_enum, default_value_t = ActScheme::Affine)]
@@ -245,7 +246,8 @@ pub enum ActScheme {
 }
 
 pub fn quant_config(args: &ModelArgs) -> Result<QuantConfig> {
-    let act = ActivationQuant::with_group(args.act_scheme == ActScheme::Affine, (args.act_group > 0).then_some(args.act_group));
+    let act_group = args.act_group.unwrap_or(if args.weight_group > 0 { args.weight_group } else { 32 });
+    let act = ActivationQuant::with_group(args.act_scheme == ActScheme::Affine, (act_group > 0).then_some(act_group));
     if !matches!(args.bits, 4 | 8) {
         bail!("--bits {}: weights are int8 (8) or int4 (4)", args.bits)
     }

@@ -26,9 +26,10 @@ pub struct QuantizedActivations {
     /// `outliers[outlier_start[i]..outlier_start[i + 1]]`.
     outliers: Vec<(u32, f32)>,
     outlier_start: Vec<usize>,
-    /// What the int8 tiles of one path take besides the rows, for one segment length: built by
-    /// the first layer that multiplies these activations, reused by the others.
-    tile_operands: std::sync::OnceLock<(Isa, usize, super::TileOperands)>,
+    /// What the int8 tiles of one path take besides the rows, for one segment length and weight
+    /// width (8 or 4 bits): built by the first layer that multiplies these activations, reused
+    /// by the others.
+    tile_operands: std::sync::OnceLock<((Isa, usize, u32), super::TileOperands)>,
 }
 
 impl QuantizedActivations {
@@ -241,12 +242,19 @@ impl QuantizedActivations {
         })
     }
 
-    /// The tile operands of path `isa` for segments of `seg`: the ones kept with these
-    /// activations, built by `build` if none are kept yet; `None` when other ones are kept (for
-    /// another path or segment length), which the caller then builds for itself.
-    pub(super) fn tile_operands(&self, isa: Isa, seg: usize, build: impl FnOnce() -> super::TileOperands) -> Option<&super::TileOperands> {
-        let (kept_isa, kept_seg, ops) = self.tile_operands.get_or_init(|| (isa, seg, build()));
-        (*kept_isa == isa && *kept_seg == seg).then_some(ops)
+    /// The tile operands of path `isa` for segments of `seg` and weights of `bits`: the ones
+    /// kept with these activations, built by `build` if none are kept yet; `None` when other ones
+    /// are kept (another path, segment length or weight width), which the caller then builds for
+    /// itself.
+    pub(super) fn tile_operands(
+        &self,
+        isa: Isa,
+        seg: usize,
+        bits: u32,
+        build: impl FnOnce() -> super::TileOperands,
+    ) -> Option<&super::TileOperands> {
+        let (kept, ops) = self.tile_operands.get_or_init(|| ((isa, seg, bits), build()));
+        (*kept == (isa, seg, bits)).then_some(ops)
     }
 
     /// Rows `M` (tokens).

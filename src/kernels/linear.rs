@@ -105,7 +105,7 @@ pub(crate) fn int8_linear_into(
     let seg = segment(acts, weights)?;
     let kernels = if simd_segments(seg, acts.cols(), weights) { kernels } else { Kernels::PORTABLE };
     let fresh;
-    let operands = match acts.tile_operands(kernels.isa(), seg, || TileOperands::new(kernels.isa(), acts, weights, seg)) {
+    let operands = match acts.tile_operands(kernels.isa(), seg, weights.bits(), || TileOperands::new(kernels.isa(), acts, weights, seg)) {
         Some(cached) => cached,
         None => {
             fresh = TileOperands::new(kernels.isa(), acts, weights, seg);

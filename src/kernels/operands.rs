@@ -48,17 +48,21 @@ impl TileOperands {
 ///   `|a|·!w = |a|·(−w − 1) = a·w − |a|` there, so a segment sums `Σ a·w + Σ_{a<0} a`, and the
 ///   second term comes off at its end (`!w` lies in `[−128, 126]`, so a pair of products stays
 ///   within `±2·127·128`, below `vpmaddubsw`'s saturation);
-/// - `vpdpbusd` gets `w + 128` as its unsigned side, so a segment sums `Σ a·w + 128·Σ a`.
+/// - `vpdpbusd` gets `w + 128` as its unsigned side, so a segment sums `Σ a·w + 128·Σ a`;
+/// - int4 weights go in as their unsigned nibbles `u = w + z` on both, against `a` itself
+///   (`|u·a|` ≤ 15·128, far from saturating), so a segment sums `Σ a·w + z·Σ a`: the tiles take
+///   back `z` (per output channel) times `Σ a`, stored here negated.
 #[cfg(target_arch = "x86_64")]
 fn x86_operands(isa: Isa, acts: &QuantizedActivations, weights: &PackedInt8Weights, seg: usize) -> TileOperands {
     let (m, k, stride) = (acts.rows(), acts.cols(), weights.padded_in_features());
     let (segs, _) = tiles::segments(k, stride, seg);
     let seg = seg.min(stride);
     let avx2 = match isa {
-        Isa::Avx2 => true,
+        Isa::Avx2 => weights.bits() == 8,
         Isa::VnniOnAvx2 | Isa::AvxVnni | Isa::Avx512Vnni => false,
         _ => return TileOperands::default(),
     };
+    let factor = if weights.bits() == 4 { -1 } else { -128 };
     let bytes = if avx2 { m * stride } else { 0 };
     let mut ops = TileOperands { abs: vec![0; bytes], neg_mask: vec![0; bytes], shift_terms: vec![0; m * segs] };
     // Pieces of whole rows, about 32 KB of activations each, over the kernel team.
@@ -80,9 +84,10 @@ fn x86_operands(isa: Isa, acts: &QuantizedActivations, weights: &PackedInt8Weigh
             // SAFETY: every x86 SIMD path has AVX2; terms holds segs values per row of data.
             unsafe { x86::segment_sums(&negatives, stride, seg, segs, -1, terms) };
         } else {
-            // `−128·Σ a` per segment (the padding is zeros, which add nothing).
+            // `−128·Σ a` (int8 on `vpdpbusd`) or `−Σ a` (int4) per segment (the padding is
+            // zeros, which add nothing).
             // SAFETY: as above.
-            unsafe { x86::segment_sums(data, stride, seg, segs, -128, terms) };
+            unsafe { x86::segment_sums(data, stride, seg, segs, factor, terms) };
         }
     });
     ops

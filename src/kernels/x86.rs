@@ -79,12 +79,23 @@ unsafe fn dpbusd_avx512_vnni(acc: __m256i, u: __m256i, w: __m256i) -> __m256i {
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn int4_zero_bytes(zeros: *const u8) -> __m256i {
+    // SAFETY: as this function's contract.
+    _mm256_mullo_epi32(unsafe { int4_zero_lanes(zeros) }, _mm256_set1_epi32(0x0101_0101))
+}
+
+/// The zero points of eight int4 output channels for one group as `i32` lanes (8 when `zeros`
+/// is null: symmetric weights).
+///
+/// # Safety
+/// AVX2 available; `zeros`, unless null, points at eight readable bytes.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn int4_zero_lanes(zeros: *const u8) -> __m256i {
     if zeros.is_null() {
-        return _mm256_set1_epi8(8);
+        return _mm256_set1_epi32(8);
     }
     // SAFETY: eight readable bytes (caller).
-    let z = _mm256_cvtepu8_epi32(unsafe { _mm_loadl_epi64(zeros as *const __m128i) });
-    _mm256_mullo_epi32(z, _mm256_set1_epi32(0x0101_0101))
+    _mm256_cvtepu8_epi32(unsafe { _mm_loadl_epi64(zeros as *const __m128i) })
 }
 
 /// Quad `q` of an int4 block as signed bytes `u − z` (byte `4r + t` of the register is
@@ -101,6 +112,10 @@ unsafe fn int4_quad(block: *const i8, q: usize, zero: __m256i) -> __m256i {
     let nibbles = _mm256_and_si256(_mm256_srl_epi16(raw, _mm_cvtsi32_si128(4 * (q % 2) as i32)), _mm256_set1_epi8(15));
     _mm256_sub_epi8(nibbles, zero)
 }
+
+/// Int4 quads whose `vpmaddubsw` products an `i16` running sum holds exactly (eight pair sums
+/// of at most 3840 each).
+const NIBBLE_CHUNK: usize = 8;
 
 /// Whether this CPU has `vpdpbusd` in the VEX encoding.
 pub fn avx_vnni_available() -> bool {
@@ -176,6 +191,30 @@ macro_rules! int8_tiles {
                 }
             }
 
+            /// Quads `q` and `q + 1` of int4 weights, two registers of unsigned nibbles `u`,
+            /// times the signed activations of those quads, added to a running sum `s`: with
+            /// VNNI `s` is `i32` lanes (`Σ₄ u·a` each); without, `vpmaddubsw` takes `u` as its
+            /// unsigned side and `a` as its signed one directly and `s` is `i16` lanes, each a
+            /// sum of pair products of at most `2·15·128 = 3840` in size, so up to eight of
+            /// them ([`NIBBLE_CHUNK`] quads) add without overflow before [`add_nibble_sums`].
+            #[inline]
+            #[target_feature(enable = $features)]
+            unsafe fn mul_nibble_pair(s: __m256i, lo: __m256i, hi: __m256i, [a0, a1]: [__m256i; 2]) -> __m256i {
+                if $vnni {
+                    // SAFETY: $dot needs only the family's features, which this function enables.
+                    unsafe { $dot($dot(s, lo, a0), hi, a1) }
+                } else {
+                    _mm256_add_epi16(s, _mm256_add_epi16(_mm256_maddubs_epi16(lo, a0), _mm256_maddubs_epi16(hi, a1)))
+                }
+            }
+
+            /// `acc` plus a running sum of [`mul_nibble_pair`], widened to `i32` lanes.
+            #[inline]
+            #[target_feature(enable = $features)]
+            unsafe fn add_nibble_sums(acc: __m256i, s: __m256i) -> __m256i {
+                _mm256_add_epi32(acc, if $vnni { s } else { _mm256_madd_epi16(s, _mm256_set1_epi16(1)) })
+            }
+
             /// One `R × V` tile at activation row `i0` and weight block `b0`.
             ///
             /// # Safety
@@ -215,40 +254,58 @@ macro_rules! int8_tiles {
                 for g in 0..segs {
                     // Each segment sum starts at minus what the byte products add beyond
                     // Σ a·w, stored negated so that it is broadcast straight from memory
-                    // (`Int8Operands::shift_terms`).
-                    let mut acc: [[__m256i; V]; R] = std::array::from_fn(|r| {
-                        // SAFETY: shift_terms holds M · segs values (caller).
-                        [_mm256_set1_epi32(*unsafe { op.shift_terms.get_unchecked((i0 + r) * segs + g) }); V]
-                    });
+                    // (`Int8Operands::shift_terms`); for int4, `−Σ a` times each channel's zero
+                    // point.
+                    // SAFETY: shift_terms holds M · segs values (caller).
+                    let term = |r: usize| _mm256_set1_epi32(*unsafe { op.shift_terms.get_unchecked((i0 + r) * segs + g) });
                     let q_end = if SQ > 0 { (g + 1) * SQ } else { ((g + 1) * seg_quads).min(quads) };
+                    let mut acc: [[__m256i; V]; R];
                     if W4 {
-                        // Int4: what each nibble adds to make the byte the multiply takes —
-                        // `−z` (signed `u − z`), or `128 − z` for `vpdpbusd` (unsigned `u − z + 128`).
-                        let wz: [__m256i; V] = std::array::from_fn(|v| {
+                        let z: [__m256i; V] = std::array::from_fn(|v| {
                             // SAFETY: with zero points a block has 8 per group.
-                            let z = unsafe { int4_zero_bytes(if zp[v].is_null() { zp[v] } else { zp[v].add(BLOCK_ROWS * g * w_step) }) };
-                            _mm256_sub_epi8(if $vnni { shift } else { _mm256_setzero_si256() }, z)
+                            unsafe { int4_zero_lanes(if zp[v].is_null() { zp[v] } else { zp[v].add(BLOCK_ROWS * g * w_step) }) }
+                        });
+                        acc = std::array::from_fn(|r| {
+                            let t = term(r);
+                            std::array::from_fn(|v| _mm256_mullo_epi32(z[v], t))
                         });
                         let low = _mm256_set1_epi8(15);
                         // Segments are whole pairs of quads (the int4 group rule), so each
-                        // 32-byte load feeds quads q and q + 1.
-                        for q in (g * seg_quads..q_end).step_by(2) {
-                            // SAFETY: quads q and q + 1 lie inside every padded row (rows and the
-                            // |a| / sign-mask copies hold stride = 4·quads bytes).
-                            let acts: [[(__m256i, __m256i); 2]; R] =
-                                std::array::from_fn(|r| unsafe { [act_quad(a[r], ua[r], na[r], q), act_quad(a[r], ua[r], na[r], q + 1)] });
-                            for v in 0..V {
-                                // SAFETY: an int4 block holds 16·quads bytes, pair q/2 at 16·q.
-                                let raw = unsafe { _mm256_loadu_si256(w[v].add(16 * q) as *const __m256i) };
-                                let lo = _mm256_add_epi8(_mm256_and_si256(raw, low), wz[v]);
-                                let hi = _mm256_add_epi8(_mm256_and_si256(_mm256_srli_epi16::<4>(raw), low), wz[v]);
-                                for r in 0..R {
-                                    // SAFETY: mul_quad needs only the family's features.
-                                    acc[r][v] = unsafe { mul_quad(mul_quad(acc[r][v], lo, acts[r][0]), hi, acts[r][1]) };
+                        // 32-byte load feeds quads q and q + 1: its low and high nibbles. The
+                        // products gather in short running sums, NIBBLE_CHUNK quads at a time.
+                        let mut chunk = g * seg_quads;
+                        while chunk < q_end {
+                            let chunk_end = (chunk + NIBBLE_CHUNK).min(q_end);
+                            let mut sums = [[_mm256_setzero_si256(); V]; R];
+                            for q in (chunk..chunk_end).step_by(2) {
+                                // SAFETY: quads q and q + 1 lie inside every padded row.
+                                let acts: [[__m256i; 2]; R] = std::array::from_fn(|r| unsafe {
+                                    [
+                                        _mm256_set1_epi32((a[r].add(4 * q) as *const i32).read_unaligned()),
+                                        _mm256_set1_epi32((a[r].add(4 * q + 4) as *const i32).read_unaligned()),
+                                    ]
+                                });
+                                for v in 0..V {
+                                    // SAFETY: an int4 block holds 16·quads bytes, pair q/2 at 16·q.
+                                    let raw = unsafe { _mm256_loadu_si256(w[v].add(16 * q) as *const __m256i) };
+                                    let lo = _mm256_and_si256(raw, low);
+                                    let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(raw), low);
+                                    for r in 0..R {
+                                        // SAFETY: mul_nibble_pair needs only the family's features.
+                                        sums[r][v] = unsafe { mul_nibble_pair(sums[r][v], lo, hi, acts[r]) };
+                                    }
                                 }
                             }
+                            for r in 0..R {
+                                for v in 0..V {
+                                    // SAFETY: add_nibble_sums needs only the family's features.
+                                    acc[r][v] = unsafe { add_nibble_sums(acc[r][v], sums[r][v]) };
+                                }
+                            }
+                            chunk = chunk_end;
                         }
                     } else {
+                        acc = std::array::from_fn(|r| [term(r); V]);
                         for q in g * seg_quads..q_end {
                             let mut wv = [_mm256_setzero_si256(); V];
                             for v in 0..V {
