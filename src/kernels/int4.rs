@@ -19,28 +19,30 @@ use half::f16;
 /// Candidate scales tried per group and sign (or anchor).
 const STEPS: usize = 12;
 
-/// `Σ (w − s·(q − z))²` for the levels `round(w / s) + z` clamped to `[lo, hi]`, written to `q`
-/// as `level − z`. Eight running sums, so that the loop runs eight lanes wide.
-fn levels(w: &[f32], s: f32, z: i32, (lo, hi): (i32, i32), q: &mut [i8]) -> f32 {
+/// `Σ h·(w − s·(q − z))²` for the levels `round(w / s) + z` clamped to `[lo, hi]`, written to
+/// `q` as `level − z`; `h` is the importance of each weight (`WEIGHTED`), else 1. Eight running
+/// sums, so that the loop runs eight lanes wide.
+fn levels<const WEIGHTED: bool>(w: &[f32], h: &[f32], s: f32, z: i32, (lo, hi): (i32, i32), q: &mut [i8]) -> f32 {
     let (inv, lo, hi) = (1.0 / s, (lo - z) as f32, (hi - z) as f32);
     // `clamp(round(x / s) + z, lo, hi) − z = clamp(round(x / s), lo − z, hi − z)`, in float
     // (exact: small integers).
     let level = |x: f32| round_even(x * inv).clamp(lo, hi);
+    let weight = |c: usize| if WEIGHTED { h[c] } else { 1.0 };
     let mut sums = [0f32; 8];
     let whole = w.len() / 8 * 8;
-    for (qc, wc) in q[..whole].chunks_exact_mut(8).zip(w[..whole].chunks_exact(8)) {
+    for (c0, (qc, wc)) in q[..whole].chunks_exact_mut(8).zip(w[..whole].chunks_exact(8)).enumerate() {
         for i in 0..8 {
             let l = level(wc[i]);
             qc[i] = l as i8;
             let d = wc[i] - s * l;
-            sums[i] += d * d;
+            sums[i] += weight(8 * c0 + i) * d * d;
         }
     }
-    for (qv, &x) in q[whole..].iter_mut().zip(&w[whole..]) {
+    for (c, (qv, &x)) in q.iter_mut().zip(w).enumerate().skip(whole) {
         let l = level(x);
         *qv = l as i8;
         let d = x - s * l;
-        sums[0] += d * d;
+        sums[0] += weight(c) * d * d;
     }
     sums.iter().sum()
 }
@@ -57,8 +59,21 @@ fn round_even(v: f32) -> f32 {
 }
 
 /// The best `(scale, zero point)` of one group and its values `q` (signed, `q = u − z`):
-/// symmetric (`z` = 8 implied, returned as 8) or with a zero point.
+/// symmetric (`z` = 8 implied, returned as 8) or with a zero point; the least squared error.
 pub(crate) fn quantize_group(w: &[f32], zero_point: bool, q: &mut [i8]) -> Result<(f16, u8)> {
+    search_group::<false>(w, &[], zero_point, q)
+}
+
+/// [`quantize_group`] for the least error weighted by `importance` (one non-negative value per
+/// weight: what an error there costs, e.g. GPTQ's `1 / [H⁻¹]_cc`).
+pub(crate) fn quantize_group_weighted(w: &[f32], importance: &[f32], zero_point: bool, q: &mut [i8]) -> Result<(f16, u8)> {
+    if importance.len() != w.len() {
+        bail!("int4 group of {} weights given {} importances", w.len(), importance.len())
+    }
+    search_group::<true>(w, importance, zero_point, q)
+}
+
+fn search_group<const WEIGHTED: bool>(w: &[f32], h: &[f32], zero_point: bool, q: &mut [i8]) -> Result<(f16, u8)> {
     let mut best = Best { err: f32::INFINITY, scale: f16::ONE, zero: 8, trial: vec![0i8; w.len()] };
     let (lo, hi) = w.iter().fold((0f32, 0f32), |(lo, hi), &v| (lo.min(v), hi.max(v)));
     if !(lo.is_finite() && hi.is_finite()) {
@@ -74,21 +89,25 @@ pub(crate) fn quantize_group(w: &[f32], zero_point: bool, q: &mut [i8]) -> Resul
         for i in 0..STEPS {
             let s = range / 15.0 * (1.0 - 0.25 * i as f32 / STEPS as f32);
             for z in [(-lo / s).round(), 15.0 - (hi / s).round()] {
-                best.consider(w, s, (z as i32).clamp(0, 15), q)?;
+                best.consider::<WEIGHTED>(w, h, s, (z as i32).clamp(0, 15), q)?;
             }
         }
     } else {
         for i in 0..STEPS {
             let d = 7.0 + 1.5 * i as f32 / (STEPS - 1) as f32;
             for sign in [1.0, -1.0] {
-                best.consider(w, sign * amax / d, 8, q)?;
+                best.consider::<WEIGHTED>(w, h, sign * amax / d, 8, q)?;
             }
         }
     }
-    // Least squares for the chosen levels: s = Σ w·q / Σ q².
-    let (wq, qq) = q.iter().zip(w).fold((0f32, 0f32), |(a, b), (&qv, &x)| (a + x * qv as f32, b + (qv as f32) * (qv as f32)));
+    // Least squares for the chosen levels: s = Σ h·w·q / Σ h·q².
+    let imp = |c: usize| if WEIGHTED { h[c] } else { 1.0 };
+    let (wq, qq) = q.iter().zip(w).enumerate().fold((0f32, 0f32), |(a, b), (c, (&qv, &x))| {
+        let qf = qv as f32;
+        (a + imp(c) * x * qf, b + imp(c) * qf * qf)
+    });
     if qq > 0.0 {
-        best.consider(w, wq / qq, best.zero as i32, q)?;
+        best.consider::<WEIGHTED>(w, h, wq / qq, best.zero as i32, q)?;
     }
     Ok((best.scale, best.zero))
 }
@@ -104,17 +123,17 @@ struct Best {
 impl Best {
     /// Tries scale `s` (rounded to `f16` first) with zero point `z`; the values go to `q` when
     /// it does better than the best so far.
-    fn consider(&mut self, w: &[f32], s: f32, z: i32, q: &mut [i8]) -> Result<()> {
-        let h = f16::from_f32(s);
-        if !h.is_finite() {
+    fn consider<const WEIGHTED: bool>(&mut self, w: &[f32], h: &[f32], s: f32, z: i32, q: &mut [i8]) -> Result<()> {
+        let scale = f16::from_f32(s);
+        if !scale.is_finite() {
             bail!("int4 weight scale {s} does not fit an f16 (weights must stay below {})", f16::MAX.to_f32() * 7.0)
         }
-        if h.to_f32() == 0.0 {
+        if scale.to_f32() == 0.0 {
             return Ok(());
         }
-        let err = levels(w, h.to_f32(), z, (0, 15), &mut self.trial);
+        let err = levels::<WEIGHTED>(w, h, scale.to_f32(), z, (0, 15), &mut self.trial);
         if err < self.err {
-            (self.err, self.scale, self.zero) = (err, h, z as u8);
+            (self.err, self.scale, self.zero) = (err, scale, z as u8);
             q.copy_from_slice(&self.trial);
         }
         Ok(())
@@ -177,6 +196,26 @@ mod tests {
             x = (x * 1.37 + 0.71) % 40.0 - 20.0;
             assert_eq!(round_even(x), x.round_ties_even(), "{x}");
         }
+    }
+
+    /// Importance steers the grid: sixteen weights on the grid `0.5·q` (`q` over `[−8, 7]`) with
+    /// importance 1 and sixteen off it (`0.37·(t − 7.5)`, t over 0..16) with importance 0 come out
+    /// with scale 0.5 and the sixteen exact (weighted error 0, reached by the least-squares step
+    /// over the important ones); unweighted, the sixteen others pull the scale off 0.5.
+    #[test]
+    fn importance_weighted_grid_fits_the_weights_that_matter() -> Result<()> {
+        let on_grid = (-8..8).map(|q| 0.5 * q as f32);
+        let off_grid = (0..16).map(|t| 0.37 * (t as f32 - 7.5));
+        let w: Vec<f32> = on_grid.zip(off_grid).flat_map(|(a, b)| [a, b]).collect();
+        let h: Vec<f32> = (0..32).map(|c| if c % 2 == 0 { 1.0 } else { 0.0 }).collect();
+        let mut q = vec![0i8; 32];
+        let (s, z) = quantize_group_weighted(&w, &h, false, &mut q)?;
+        assert_eq!((s.to_f32(), z), (0.5, 8));
+        assert!((0..32).step_by(2).all(|c| 0.5 * q[c] as f32 == w[c]));
+        let (s, _) = quantize_group(&w, false, &mut q)?;
+        assert_ne!(s.to_f32(), 0.5);
+        assert!(quantize_group_weighted(&w, &h[..31], false, &mut q).is_err());
+        Ok(())
     }
 
     #[test]

@@ -48,7 +48,7 @@ pub use act_quant::QuantizedActivations;
 pub use attention::{attend, attend_part, attend_part_with, attend_with, combine_parts, part_len, MAX_TILE_HEADS};
 pub(crate) use elementwise::silu_mul_into;
 pub use elementwise::{gelu_erf, gelu_erf_scalar, silu_mul, silu_scalar};
-pub(crate) use int4::quantize_group as int4_group_grid;
+pub(crate) use int4::quantize_group_weighted as int4_group_grid_weighted;
 pub(crate) use isa::Isa;
 pub use linear::{group_sums_with, int8_linear, int8_linear_with, weight_only_linear, weight_only_linear_with};
 pub(crate) use linear::{int8_linear_into, weight_only_linear_into};

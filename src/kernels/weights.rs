@@ -4,6 +4,7 @@ use super::CHUNK;
 use crate::quant::{float_values, Granularity, QDType, QParams, QSpec, QuantizedTensor};
 use candle_core::{bail, Device, Result, Tensor};
 use half::f16;
+use rayon::prelude::*;
 use std::sync::Arc;
 
 /// Largest `K` for which an `i32` dot product of int8 values cannot overflow (`K·128·128 < 2³¹`).
@@ -175,7 +176,6 @@ impl PackedInt8Weights {
 
     /// Int4 rows into nibble blocks (see the type's docs): `u = q + z`, padding `u = z` (a zero).
     fn pack_int4(rows: &Int8Rows) -> Self {
-        use rayon::prelude::*;
         let mut packed = Self::pack_checked(rows.n, rows.k, rows.group, &[], &rows.scales);
         let (n, k, group, stride) = (rows.n, rows.k, rows.group, packed.stride);
         let (groups, blocks) = (k.div_ceil(group), n.div_ceil(BLOCK_ROWS));
@@ -188,15 +188,20 @@ impl PackedInt8Weights {
         data.par_chunks_mut(BLOCK_ROWS * stride / 2).zip(&block_of_slot).for_each(|(dst, &b)| {
             for r in 0..BLOCK_ROWS {
                 let j = b * BLOCK_ROWS + r;
-                for c in 0..stride {
-                    let g = (c / group).min(groups - 1);
-                    let u = match j < n {
-                        true if c < k => (rows.values[j * k + c] as i32 + zero(j, g) as i32) as u8,
-                        true => zero(j, g),
-                        false => 8,
-                    };
-                    dst[32 * (c / 8) + 4 * r + c % 4] |= (u << (4 * ((c / 4) % 2))) as i8;
+                // Column c's nibble: pair c/8, quad c/4 (low nibbles when even), lane r, byte c%4.
+                let mut put = |c: usize, u: u8| dst[32 * (c / 8) + 4 * r + c % 4] |= (u << (4 * ((c / 4) % 2))) as i8;
+                if j >= n {
+                    (0..stride).for_each(|c| put(c, 8));
+                    continue;
                 }
+                for (g, run) in rows.values[j * k..(j + 1) * k].chunks(group).enumerate() {
+                    let z = zero(j, g) as i32;
+                    for (c, &q) in (g * group..).zip(run) {
+                        put(c, (q as i32 + z) as u8);
+                    }
+                }
+                // Padding: the last group's zero point, a zero weight.
+                (k..stride).for_each(|c| put(c, zero(j, groups - 1)));
             }
         });
         if !rows.zero_points.is_empty() {
@@ -232,7 +237,6 @@ impl PackedInt8Weights {
     /// Packs int8 weights that passed [`check_rows`], blocks of eight rows in parallel (no
     /// values: scales only, for [`Self::pack_int4`] to fill in).
     fn pack_checked(n: usize, k: usize, group: usize, values: &[i8], scales: &[f16]) -> Self {
-        use rayon::prelude::*;
         let stride = k.next_multiple_of(CHUNK);
         let groups = k.div_ceil(group);
         let blocks = n.div_ceil(BLOCK_ROWS);
@@ -537,12 +541,15 @@ impl Int8Rows {
         if let Some(i) = zero_points.iter().position(|&z| z > 15) {
             bail!("int4 zero point at row {}, group {} is {}: zero points lie in [0, 15]", i / groups, i % groups, zero_points[i])
         }
-        for (i, &q) in values.iter().enumerate() {
-            let (j, c) = (i / k, i % k);
-            let z = zero_points.get(j * groups + c / group).copied().unwrap_or(8) as i32;
-            if !(0..=15).contains(&(q as i32 + z)) {
-                bail!("int4 weight at row {j}, column {c} is {q}: with zero point {z} it must lie in [{}, {}]", -z, 15 - z)
-            }
+        // Rows in parallel, a group at a time (one zero point each).
+        let outside = values.par_chunks(k).enumerate().find_map_first(|(j, row)| {
+            row.chunks(group).enumerate().find_map(|(g, run)| {
+                let z = zero_points.get(j * groups + g).copied().unwrap_or(8) as i32;
+                run.iter().position(|&q| !(0..=15).contains(&(q as i32 + z))).map(|t| (j, g * group + t, run[t], z))
+            })
+        });
+        if let Some((j, c, q, z)) = outside {
+            bail!("int4 weight at row {j}, column {c} is {q}: with zero point {z} it must lie in [{}, {}]", -z, 15 - z)
         }
         Ok(Self { n, k, group, bits: 4, values, scales, zero_points })
     }
@@ -563,12 +570,14 @@ impl Int8Rows {
     pub fn int4_bytes(&self) -> Vec<u8> {
         let (k, groups) = (self.k, self.groups());
         let mut bytes = vec![0u8; self.n * k.div_ceil(2)];
-        for (j, (row, dst)) in self.values.chunks(k).zip(bytes.chunks_mut(k.div_ceil(2))).enumerate() {
-            for (c, &q) in row.iter().enumerate() {
-                let z = self.zero_points.get(j * groups + c / self.group).copied().unwrap_or(8);
-                dst[c / 2] |= ((q as i32 + z as i32) as u8) << (4 * (c % 2));
+        bytes.par_chunks_mut(k.div_ceil(2)).zip(self.values.par_chunks(k)).enumerate().for_each(|(j, (dst, row))| {
+            for (g, run) in row.chunks(self.group).enumerate() {
+                let z = self.zero_points.get(j * groups + g).copied().unwrap_or(8) as i32;
+                for (c, &q) in (g * self.group..).zip(run) {
+                    dst[c / 2] |= ((q as i32 + z) as u8) << (4 * (c % 2));
+                }
             }
-        }
+        });
         bytes
     }
 
@@ -581,14 +590,16 @@ impl Int8Rows {
         }
         let group = check_int4_group(k, group)?;
         let groups = k.div_ceil(group);
-        let zero = |j: usize, c: usize| zero_points.as_ref().map_or(8, |z| z.get(j * groups + c / group).copied().unwrap_or(8)) as i32;
-        let values = (0..n * k)
-            .map(|i| {
-                let (j, c) = (i / k, i % k);
-                let u = (bytes[j * row_bytes + c / 2] >> (4 * (c % 2))) & 15;
-                (u as i32 - zero(j, c)) as i8
-            })
-            .collect();
+        let zero = |j: usize, g: usize| zero_points.as_ref().map_or(8, |z| z.get(j * groups + g).copied().unwrap_or(8)) as i32;
+        let mut values = vec![0i8; n * k];
+        values.par_chunks_mut(k).zip(bytes.par_chunks(row_bytes)).enumerate().for_each(|(j, (row, src))| {
+            for (g, run) in row.chunks_mut(group).enumerate() {
+                let z = zero(j, g);
+                for (c, v) in (g * group..).zip(run) {
+                    *v = (((src[c / 2] >> (4 * (c % 2))) & 15) as i32 - z) as i8;
+                }
+            }
+        });
         Self::new_int4(n, k, group, values, scales, zero_points)
     }
 
@@ -689,7 +700,6 @@ pub fn quantize_weight_rows(values: &[f32], n: usize, k: usize, how: WeightQuant
 /// [`quantize_weight_rows`] with row `j` written into a `K`-long buffer by `row(j, buf)` — e.g.
 /// widened from a checkpoint's bf16 bytes — so no float copy of the whole weight is made.
 pub fn quantize_weight_rows_with(n: usize, k: usize, how: WeightQuant, row: impl Fn(usize, &mut [f32]) + Sync) -> Result<Int8Rows> {
-    use rayon::prelude::*;
     let group = match how {
         WeightQuant::PerChannel => k,
         WeightQuant::PerGroup(0) => bail!("weight group size must be at least 1"),
