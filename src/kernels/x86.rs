@@ -570,8 +570,8 @@ unsafe fn weight_only_tile<const R: usize, const W4: bool>(
     let zeros = weights.block_zero_points(b);
     for g in 0..segs {
         let mut acc = [_mm256_setzero_ps(); R];
-        // SAFETY: int4 zero points, when kept, are 8 per block and group.
         let zeros = if zeros.is_empty() { std::ptr::null() } else { zeros[BLOCK_ROWS * g * (segs > 1) as usize..].as_ptr() };
+        // SAFETY: int4 zero points, when kept, are 8 per block and group (the slice above).
         let zero = if W4 { unsafe { int4_zero_bytes(zeros) } } else { _mm256_setzero_si256() };
         for q in g * seg_quads..((g + 1) * seg_quads).min(quads) {
             // SAFETY: a block holds 32·quads bytes (16·quads for int4), so quad q is inside it.

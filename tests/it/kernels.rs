@@ -252,10 +252,10 @@ fn int4_quantization_stays_within_half_a_step() {
         let f = t.to_vec2::<f32>().unwrap();
         let mut err2 = 0f64;
         let mut norm2 = 0f64;
-        for j in 0..n {
+        for (j, floats) in f.iter().enumerate() {
             let mut row = vec![0f32; k];
             w.dequantize_row(j, &mut row).unwrap();
-            for (c, (&d, &x)) in row.iter().zip(&f[j]).enumerate() {
+            for (c, (&d, &x)) in row.iter().zip(floats).enumerate() {
                 let s = w.scale(j, c / 32).abs();
                 let level = w.value(j, c) as i32 + w.zero_point(j, c / 32) as i32;
                 assert!((0..=15).contains(&level));
