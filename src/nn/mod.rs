@@ -220,12 +220,14 @@ impl QLinear {
     }
 
     /// Short label of the kind: `float`, `int8-dynamic`, `int8-static`, `int8-weight-only`,
-    /// `observed`, `fake-quant`.
+    /// `int4-dynamic` (W4A8), `int4-weight-only`, `observed`, `fake-quant`, `ggml`.
     pub fn kind_name(&self) -> &'static str {
-        match self.kind {
+        match &self.kind {
             QLinearKind::Float(_) => "float",
+            QLinearKind::Dynamic(l) if l.weights().bits() == 4 => "int4-dynamic",
             QLinearKind::Dynamic(_) => "int8-dynamic",
             QLinearKind::Static(_) => "int8-static",
+            QLinearKind::WeightOnly(l) if l.weights().bits() == 4 => "int4-weight-only",
             QLinearKind::WeightOnly(_) => "int8-weight-only",
             QLinearKind::Observed(_) => "observed",
             QLinearKind::FakeQuant(_) => "fake-quant",

@@ -220,12 +220,14 @@ fn a_users_model_saves_and_loads_in_every_int8_kind() {
     let mut m = tiny_float(8);
     let int4 = QuantConfig::default().activation(ActivationQuant::AffinePerGroup(16));
     quantize_dynamic(&mut m, &int4.clone().weight(WeightQuant::Int4 { group: 16, zero_point: true })).unwrap();
+    assert_eq!(m.fc1.kind_name(), "int4-dynamic");
     let q = save_load_same_outputs(m, "dynamic int4");
     let json = serde_json::to_value(&q).unwrap();
     assert_eq!((json["format_version"].as_u64(), json["default"]["weight_bits"].as_u64()), (Some(2), Some(4)), "{json}");
     assert_eq!(json["default"]["weight_zero_point"], true, "{json}");
     let mut m = tiny_float(9);
     candle_quant::convert::quantize_weight_only(&mut m, &int4.weight(WeightQuant::Int4 { group: 16, zero_point: false })).unwrap();
+    assert_eq!(m.fc1.kind_name(), "int4-weight-only");
     let q = save_load_same_outputs(m, "weight-only int4");
     assert!(serde_json::to_value(&q).unwrap()["default"].get("weight_zero_point").is_none());
 

@@ -3,6 +3,7 @@
 use crate::args::{GenArgs, ModelArgs};
 use crate::models::{model_pair, prompt_tokens};
 use anyhow::{Context, Result};
+use candle_quant::convert::Quantizable;
 use candle_quant::generate::{compare, Generation, Side};
 use candle_quant::io::LanguageModel;
 use std::io::Write;
@@ -10,7 +11,7 @@ use std::path::Path;
 
 /// `compare`: f32 and int8 side by side ([`candle_quant::generate::compare`]), as a table or JSON.
 pub fn run(model: &ModelArgs, reference: Option<&str>, gen: &GenArgs, repeats: usize, json: bool) -> Result<()> {
-    let (lm, q, report) = model_pair(model, reference, "compare")?;
+    let (lm, mut q, report) = model_pair(model, reference, "compare")?;
     let (tokens, _) = prompt_tokens(&lm, gen)?;
     let label = model.label();
     let mut side = None;
@@ -67,8 +68,21 @@ pub fn run(model: &ModelArgs, reference: Option<&str>, gen: &GenArgs, repeats: u
     if let Some(a) = c.top1_agreement {
         println!("top-1 agreement of {label} with f32 along the f32 text: {:.1}%", a * 100.0);
     }
-    println!("{} layers {label}, {} kept float {:?}", report.converted.len(), report.skipped.len(), report.skipped);
+    println!("layers: {}; {} kept float {:?}", layer_kinds(&mut q)?, report.skipped.len(), report.skipped);
     Ok(())
+}
+
+/// How many linear layers of each kind `m` has, e.g. `210 int4-dynamic, 1 int8-dynamic`.
+fn layer_kinds(m: &mut LanguageModel) -> Result<String> {
+    let mut kinds: Vec<(&'static str, usize)> = Vec::new();
+    m.model.visit_linears(&mut |l| {
+        match kinds.iter_mut().find(|(k, _)| *k == l.kind_name()) {
+            Some((_, n)) => *n += 1,
+            None => kinds.push((l.kind_name(), 1)),
+        }
+        Ok(())
+    })?;
+    Ok(kinds.iter().map(|(k, n)| format!("{n} {k}")).collect::<Vec<_>>().join(", "))
 }
 
 /// `compare --prompts FILE`: greedy f32 and int8 on every chat message of a prompt set; counts

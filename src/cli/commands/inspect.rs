@@ -8,7 +8,7 @@ use candle_quant::convert::Quantizable;
 /// `inspect`: every linear layer with its shape, kind and bytes.
 pub fn run(model: &ModelArgs, precision: Precision) -> Result<()> {
     let mut m = if precision == Precision::Int8 { load_int8(model)?.0 } else { load_model(model.model.as_deref())? };
-    let (mut n, mut int8) = (0usize, 0usize);
+    let (mut n, mut int8, mut int4) = (0usize, 0usize, 0usize);
     println!("{:<44} {:>12} {:<18} {:>12}", "layer", "in x out", "kind", "bytes");
     m.model.visit_linears(&mut |l| {
         println!(
@@ -19,9 +19,12 @@ pub fn run(model: &ModelArgs, precision: Precision) -> Result<()> {
             l.weight_bytes()
         );
         n += 1;
-        int8 += l.is_int8() as usize;
+        let four_bit = l.kind_name().starts_with("int4");
+        int4 += four_bit as usize;
+        int8 += (l.is_int8() && !four_bit) as usize;
         Ok(())
     })?;
-    println!("{n} linear layers, {int8} int8; all weights {:.1} MB", m.model.weight_bytes() as f64 / 1e6);
+    let int4 = if int4 > 0 { format!(", {int4} int4") } else { String::new() };
+    println!("{n} linear layers, {int8} int8{int4}; all weights {:.1} MB", m.model.weight_bytes() as f64 / 1e6);
     Ok(())
 }
