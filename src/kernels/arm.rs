@@ -12,6 +12,11 @@
 //! Tiles are `R` activation rows × `V` blocks (eight outputs each); per segment the lanes are
 //! converted once and scaled by `sa[m,g] · sw[n,g]`, as on x86 (`x86.rs`), and float outliers
 //! are added inside the tile with the weight quad sign-extended lane-wise.
+//!
+//! Int4 blocks hold a pair of quads in the same 32 bytes, quad `2p` in the low nibbles and
+//! `2p + 1` in the high ones: masking (`and 15`) or shifting (`ushr 4`) and taking the zero
+//! point off gives each quad as the two signed-byte registers an int8 quad is, and the same
+//! multiply follows (`|u − z| ≤ 15`).
 
 // Register tiles are indexed by row and block on purpose: the loops mirror the tile's shape.
 #![allow(clippy::needless_range_loop)]
@@ -97,6 +102,45 @@ unsafe fn load_scales(p: *const f16) -> float32x4_t {
     out
 }
 
+/// The zero points of one int4 block for one group as the bytes of two registers (channels
+/// 0–3 and 4–7, each channel's in the four bytes of its lane); 8 everywhere when `zeros` is
+/// null (symmetric weights).
+///
+/// # Safety
+/// `zeros`, unless null, points at eight readable bytes.
+#[inline(always)]
+unsafe fn int4_zero_bytes(zeros: *const u8) -> [int8x16_t; 2] {
+    if zeros.is_null() {
+        // SAFETY: NEON register arithmetic only; NEON is part of every aarch64 target.
+        return [unsafe { vdupq_n_s8(8) }; 2];
+    }
+    std::array::from_fn(|h| {
+        // SAFETY: bytes 4h..4h + 4 of the eight (caller).
+        let lanes: [u8; 16] = std::array::from_fn(|i| unsafe { *zeros.add(4 * h + i / 4) });
+        // SAFETY: `lanes` is 16 readable bytes.
+        unsafe { vreinterpretq_s8_u8(vld1q_u8(lanes.as_ptr())) }
+    })
+}
+
+/// Quads `q` and `q + 1` (`q` even) of an int4 block as signed bytes `u − z`, each in the two
+/// registers an int8 quad takes: the 32 bytes of pair `q/2`, low nibbles (quad `q`) and high
+/// nibbles (quad `q + 1`).
+///
+/// # Safety
+/// `block` points at an int4 block that holds quads `q` and `q + 1`.
+#[inline(always)]
+unsafe fn int4_quad_pair(block: *const i8, q: usize, z: [int8x16_t; 2]) -> [[int8x16_t; 2]; 2] {
+    // SAFETY: pair q/2 is the 32 bytes at 16·q (caller); NEON register arithmetic otherwise.
+    unsafe {
+        let raw = [vld1q_u8(block.add(16 * q) as *const u8), vld1q_u8(block.add(16 * q + 16) as *const u8)];
+        let low = vdupq_n_u8(15);
+        [
+            [0, 1].map(|h| vsubq_s8(vreinterpretq_s8_u8(vandq_u8(raw[h], low)), z[h])),
+            [0, 1].map(|h| vsubq_s8(vreinterpretq_s8_u8(vshrq_n_u8::<4>(raw[h])), z[h])),
+        ]
+    }
+}
+
 /// One `R × V` tile at activation row `i0` and weight block `b0`.
 ///
 /// # Safety
@@ -105,7 +149,12 @@ unsafe fn load_scales(p: *const f16) -> float32x4_t {
 /// rows of `8·V` writable floats at stride `row_len`; with `SUMS` true, `sink.sums` holds
 /// `M · N_pad · segments` values.
 #[inline(always)]
-unsafe fn tile<const R: usize, const V: usize, const SUMS: bool, const DOT: bool>(op: &Int8Operands, i0: usize, b0: usize, sink: Sink) {
+unsafe fn tile<const R: usize, const V: usize, const SUMS: bool, const DOT: bool, const W4: bool>(
+    op: &Int8Operands,
+    i0: usize,
+    b0: usize,
+    sink: Sink,
+) {
     let quads = op.weights.padded_in_features() / 4;
     let (segs, seg_quads) = op.segments();
     let (a_step, w_step) = op.scale_steps();
@@ -116,23 +165,56 @@ unsafe fn tile<const R: usize, const V: usize, const SUMS: bool, const DOT: bool
     let zero = unsafe { vdupq_n_s32(0) };
     // SAFETY: NEON register arithmetic only; NEON is part of every aarch64 target.
     let mut y = [[[unsafe { vdupq_n_f32(0.0) }; 2]; V]; R];
+    // Int4: each block's zero points (null when symmetric).
+    let zp: [*const u8; V] = std::array::from_fn(|v| {
+        let z = op.weights.block_zero_points(b0 + v);
+        if z.is_empty() {
+            std::ptr::null()
+        } else {
+            z.as_ptr()
+        }
+    });
+    // SAFETY: with zero points a block has 8 per group (group g's at 8·g when grouped).
+    let zeros_of = |v: usize, g: usize| unsafe { int4_zero_bytes(if zp[v].is_null() { zp[v] } else { zp[v].add(BLOCK_ROWS * g) }) };
     for g in 0..segs {
         let mut acc = [[[zero; 4]; V]; R];
-        for q in g * seg_quads..((g + 1) * seg_quads).min(quads) {
-            // SAFETY: NEON register arithmetic only; NEON is part of every aarch64 target.
-            let mut wv = [[unsafe { vdupq_n_s8(0) }; 2]; V];
-            for v in 0..V {
-                // SAFETY: a block holds 8·stride = 32·quads bytes.
-                wv[v] = [unsafe { vld1q_s8(w[v].add(32 * q)) }, unsafe { vld1q_s8(w[v].add(32 * q + 16)) }];
+        let q_end = ((g + 1) * seg_quads).min(quads);
+        if W4 {
+            let z: [[int8x16_t; 2]; V] = std::array::from_fn(|v| zeros_of(v, g * w_step));
+            // Segments are whole pairs of quads (the int4 group rule).
+            for q in (g * seg_quads..q_end).step_by(2) {
+                // SAFETY: an int4 block holds 16·quads bytes, pair q/2 at 16·q.
+                let wv: [[[int8x16_t; 2]; 2]; V] = std::array::from_fn(|v| unsafe { int4_quad_pair(w[v], q, z[v]) });
+                for r in 0..R {
+                    for (half, quad) in [q, q + 1].into_iter().enumerate() {
+                        // SAFETY: a padded row holds stride = 4·quads bytes.
+                        let word = unsafe { (a[r].add(4 * quad) as *const i32).read_unaligned() };
+                        // SAFETY: NEON register arithmetic only; NEON is part of every aarch64 target.
+                        let act = unsafe { vreinterpretq_s8_s32(vdupq_n_s32(word)) };
+                        for v in 0..V {
+                            // SAFETY: with DOT the caller vouches for the dot-product extension.
+                            unsafe { multiply_add::<DOT>(&mut acc[r][v], wv[v][half], act) };
+                        }
+                    }
+                }
             }
-            for r in 0..R {
-                // SAFETY: a padded row holds stride = 4·quads bytes.
-                let word = unsafe { (a[r].add(4 * q) as *const i32).read_unaligned() };
+        } else {
+            for q in g * seg_quads..q_end {
                 // SAFETY: NEON register arithmetic only; NEON is part of every aarch64 target.
-                let act = unsafe { vreinterpretq_s8_s32(vdupq_n_s32(word)) };
+                let mut wv = [[unsafe { vdupq_n_s8(0) }; 2]; V];
                 for v in 0..V {
-                    // SAFETY: with DOT the caller vouches for the dot-product extension.
-                    unsafe { multiply_add::<DOT>(&mut acc[r][v], wv[v], act) };
+                    // SAFETY: a block holds 8·stride = 32·quads bytes.
+                    wv[v] = [unsafe { vld1q_s8(w[v].add(32 * q)) }, unsafe { vld1q_s8(w[v].add(32 * q + 16)) }];
+                }
+                for r in 0..R {
+                    // SAFETY: a padded row holds stride = 4·quads bytes.
+                    let word = unsafe { (a[r].add(4 * q) as *const i32).read_unaligned() };
+                    // SAFETY: NEON register arithmetic only; NEON is part of every aarch64 target.
+                    let act = unsafe { vreinterpretq_s8_s32(vdupq_n_s32(word)) };
+                    for v in 0..V {
+                        // SAFETY: with DOT the caller vouches for the dot-product extension.
+                        unsafe { multiply_add::<DOT>(&mut acc[r][v], wv[v], act) };
+                    }
                 }
             }
         }
@@ -185,9 +267,16 @@ unsafe fn tile<const R: usize, const V: usize, const SUMS: bool, const DOT: bool
                 let to_top = unsafe { vdupq_n_s32(24 - 8 * (c % 4) as i32) };
                 let g = c / op.weights.group_size();
                 for v in 0..V {
+                    // SAFETY: c < K, so quad c/4 (and its pair) and group g exist in every block.
+                    let int4 = W4.then(|| unsafe { int4_quad_pair(w[v], c / 8 * 2, zeros_of(v, g)) });
                     for h in 0..2 {
                         // SAFETY: c < K, so quad c/4 and group g exist in every block.
-                        let quad = unsafe { vreinterpretq_s32_s8(vld1q_s8(w[v].add(32 * (c / 4) + 16 * h))) };
+                        let quad = unsafe {
+                            vreinterpretq_s32_s8(match int4 {
+                                Some(pair) => pair[(c / 4) % 2][h],
+                                None => vld1q_s8(w[v].add(32 * (c / 4) + 16 * h)),
+                            })
+                        };
                         // SAFETY: NEON register arithmetic only; NEON is part of every aarch64 target.
                         let q = unsafe { vshrq_n_s32::<24>(vshlq_s32(quad, to_top)) };
                         // SAFETY: group g's 8 scales exist in every block (c < K); half h of them.
@@ -230,6 +319,21 @@ unsafe fn tile<const R: usize, const V: usize, const SUMS: bool, const DOT: bool
 /// `M × 8·blocks.len()` and points at its start.
 #[inline(always)]
 unsafe fn run_tiles<const SUMS: bool, const DOT: bool>(op: &Int8Operands, blocks: Range<usize>, sink: Sink) {
+    if op.weights.bits() == 4 {
+        // SAFETY: this function's contract, passed on.
+        unsafe { run_tiles_of::<SUMS, DOT, true>(op, blocks, sink) }
+    } else {
+        // SAFETY: as above.
+        unsafe { run_tiles_of::<SUMS, DOT, false>(op, blocks, sink) }
+    }
+}
+
+/// [`run_tiles`] for int8 weights or (`W4`) int4 ones.
+///
+/// # Safety
+/// As [`run_tiles`].
+#[inline(always)]
+unsafe fn run_tiles_of<const SUMS: bool, const DOT: bool, const W4: bool>(op: &Int8Operands, blocks: Range<usize>, sink: Sink) {
     let m = op.acts.rows();
     let (panel, rows) = match (DOT, m) {
         (true, 1) => (4, 1),
@@ -249,12 +353,12 @@ unsafe fn run_tiles<const SUMS: bool, const DOT: bool>(op: &Int8Operands, blocks
             // contract, which is tile's.
             unsafe {
                 match (r, v) {
-                    (1, 4) => tile::<1, 4, SUMS, DOT>(op, i, b, at),
-                    (1, 2) => tile::<1, 2, SUMS, DOT>(op, i, b, at),
-                    (1, _) => tile::<1, 1, SUMS, DOT>(op, i, b, at),
-                    (2, _) => tile::<2, 1, SUMS, DOT>(op, i, b, at),
-                    (3, _) => tile::<3, 1, SUMS, DOT>(op, i, b, at),
-                    _ => tile::<4, 1, SUMS, DOT>(op, i, b, at),
+                    (1, 4) => tile::<1, 4, SUMS, DOT, W4>(op, i, b, at),
+                    (1, 2) => tile::<1, 2, SUMS, DOT, W4>(op, i, b, at),
+                    (1, _) => tile::<1, 1, SUMS, DOT, W4>(op, i, b, at),
+                    (2, _) => tile::<2, 1, SUMS, DOT, W4>(op, i, b, at),
+                    (3, _) => tile::<3, 1, SUMS, DOT, W4>(op, i, b, at),
+                    _ => tile::<4, 1, SUMS, DOT, W4>(op, i, b, at),
                 }
             }
             i += r;

@@ -49,9 +49,11 @@ pub(crate) struct Kernels {
     sums_of_squares: Option<SumsOfSquares>,
     sums_and_squares: Option<SumsAndSquares>,
     quantize_row_groups32: Option<QuantizeRowGroups32>,
-    /// Whether the int8 and weight-only tiles also read int4 weights (x86); the others leave
-    /// int4 layers to the portable code.
+    /// Whether the int8 tiles also read int4 weights (x86, NEON); the others leave int4 layers
+    /// to the portable code.
     int4_tiles: bool,
+    /// Whether the weight-only tiles also read int4 weights (x86).
+    int4_weight_only: bool,
 }
 
 /// The NEON int8 tiles without and with `sdot`, in the table's shape.
@@ -105,6 +107,7 @@ impl Kernels {
         sums_and_squares: None,
         quantize_row_groups32: None,
         int4_tiles: false,
+        int4_weight_only: false,
     };
 
     /// The table of `isa`; an error naming the path when this CPU cannot run it.
@@ -157,6 +160,7 @@ impl Kernels {
                     sums_and_squares: Some(x86::sums_and_squares),
                     quantize_row_groups32: Some(x86::quantize_row_groups32),
                     int4_tiles: true,
+                    int4_weight_only: true,
                 }
             }
             #[cfg(target_arch = "aarch64")]
@@ -169,6 +173,7 @@ impl Kernels {
                     int8_blocks: Some(if dot { neon::int8_blocks_dot } else { neon::int8_blocks }),
                     int8_segment_sums: Some(if dot { neon::int8_segment_sums_dot } else { neon::int8_segment_sums }),
                     weight_only_blocks: Some(arm::weight_only_blocks),
+                    int4_tiles: true,
                     ..Self::PORTABLE
                 }
             }
@@ -176,9 +181,10 @@ impl Kernels {
         }
     }
 
-    /// Whether this path's tiles read these weights' bits.
-    fn reads(&self, weights: &PackedInt8Weights) -> bool {
-        weights.bits() == 8 || self.int4_tiles
+    /// Whether this path's int8 tiles (or with `weight_only` its weight-only tiles) read these
+    /// weights' bits.
+    fn reads(&self, weights: &PackedInt8Weights, weight_only: bool) -> bool {
+        weights.bits() == 8 || if weight_only { self.int4_weight_only } else { self.int4_tiles }
     }
 
     /// The path this table is for.
@@ -246,7 +252,7 @@ impl Kernels {
     /// `K` or a multiple of 4 matching the grouped side(s), `blocks` within the weights' blocks,
     /// `out` with `M` writable rows of `8·blocks.len()` floats that nothing else accesses meanwhile.
     pub unsafe fn int8_blocks(&self, op: &Int8Operands, blocks: Range<usize>, out: BlockOutputs) -> bool {
-        let Some(f) = self.int8_blocks.filter(|_| self.reads(op.weights)) else { return false };
+        let Some(f) = self.int8_blocks.filter(|_| self.reads(op.weights, false)) else { return false };
         // SAFETY: the path is supported; the rest is the caller's contract.
         unsafe { f(op, blocks, out) };
         true
@@ -257,7 +263,7 @@ impl Kernels {
     /// # Safety
     /// As [`Self::int8_blocks`] over all blocks; `sums` holds `M · N_pad · segments` values.
     pub unsafe fn int8_segment_sums(&self, op: &Int8Operands, sums: &mut [i32]) -> bool {
-        let Some(f) = self.int8_segment_sums.filter(|_| self.reads(op.weights)) else { return false };
+        let Some(f) = self.int8_segment_sums.filter(|_| self.reads(op.weights, false)) else { return false };
         // SAFETY: the path is supported; the rest is the caller's contract.
         unsafe { f(op, sums) };
         true
@@ -277,7 +283,7 @@ impl Kernels {
         blocks: Range<usize>,
         out: BlockOutputs,
     ) -> bool {
-        let Some(f) = self.weight_only_blocks.filter(|_| self.reads(weights)) else { return false };
+        let Some(f) = self.weight_only_blocks.filter(|_| self.reads(weights, true)) else { return false };
         // SAFETY: the path is supported; the rest is the caller's contract.
         unsafe { f(x, m, weights, blocks, out) };
         true
