@@ -167,6 +167,9 @@ pub fn gptq_rows(weight: &[f32], n: usize, k: usize, u: &[f64], how: WeightQuant
     let group = group.min(k);
     let groups = k.div_ceil(group);
     let u32: Vec<f32> = u.iter().map(|&v| v as f32).collect();
+    // What an error in column c costs once the columns before it are fixed: (w − ŵ)² / [H⁻¹]_cc,
+    // with [H⁻¹]_cc = U_cc²; each group's grid is the one least wrong by this measure.
+    let importance: Vec<f32> = (0..k).map(|c| 1.0 / (u32[c * k + c] * u32[c * k + c])).collect();
     let mut q = vec![0i8; n * k];
     let mut scales = vec![half::f16::ZERO; n * groups];
     let mut zeros = vec![8u8; n * groups];
@@ -179,11 +182,8 @@ pub fn gptq_rows(weight: &[f32], n: usize, k: usize, u: &[f64], how: WeightQuant
                 if i % group == 0 {
                     let g = i / group;
                     let end = (i + group).min(k);
-                    // The grid least wrong where GPTQ counts errors dearest: column c's error
-                    // costs (w − ŵ)² / [H⁻¹]_cc, and [H⁻¹]_cc = U_cc² once the columns before
-                    // it are fixed.
-                    let importance: Vec<f32> = (i..end).map(|c| 1.0 / (u32[c * k + c] * u32[c * k + c])).collect();
-                    let (sh, zh) = crate::kernels::int4_group_grid_weighted(&w[i..end], &importance, zero_point, &mut scratch[..end - i])?;
+                    let (sh, zh) =
+                        crate::kernels::int4_group_grid_weighted(&w[i..end], &importance[i..end], zero_point, &mut scratch[..end - i])?;
                     (srow[g], zrow[g]) = (sh, zh);
                     (s, z) = (sh.to_f32(), zh as i32);
                 }

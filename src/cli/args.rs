@@ -281,7 +281,7 @@ pub fn quant_config(args: &ModelArgs) -> Result<QuantConfig> {
         cfg = cfg.weight(WeightQuant::Int4 { group: 32, zero_point: false });
     }
     if args.bits == 4 || four_bit_baseline {
-        let int8 = WeightQuant::PerGroup(args.weight_group.max(1));
+        let int8 = int8_layer_weights(args);
         match args.int8_layers.as_slice() {
             [] => cfg = cfg.override_weight("lm_head", int8),
             [none] if none == "none" => {}
@@ -295,6 +295,12 @@ pub fn quant_config(args: &ModelArgs) -> Result<QuantConfig> {
         bail!("--int8-layers is for --bits 4, --mode q4_0 and q4k (every layer is int8 already)")
     }
     Ok(cfg)
+}
+
+/// The weights of the layers `--int8-layers` keeps at 8 bits beside 4-bit ones: int8 in the
+/// same groups.
+pub fn int8_layer_weights(args: &ModelArgs) -> WeightQuant {
+    WeightQuant::PerGroup(args.weight_group.max(1))
 }
 
 /// `2GB`, `500MB`, `64KiB`, `1.5GB` or a plain byte count.

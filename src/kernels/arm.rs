@@ -76,6 +76,29 @@ unsafe fn multiply_add<const DOT: bool>(acc: &mut Lanes, w: [int8x16_t; 2], a: i
     }
 }
 
+/// Adds quad `q` of rows `a` times each block's weight registers `wv` to the tile's lanes.
+///
+/// # Safety
+/// NEON (and the dot-product extension with `DOT`); every row holds quad `q`'s four bytes.
+#[inline(always)]
+unsafe fn add_quad<const R: usize, const V: usize, const DOT: bool>(
+    acc: &mut [[Lanes; V]; R],
+    a: &[*const i8; R],
+    q: usize,
+    wv: &[[int8x16_t; 2]; V],
+) {
+    for r in 0..R {
+        // SAFETY: the row holds quad q (caller).
+        let word = unsafe { (a[r].add(4 * q) as *const i32).read_unaligned() };
+        // SAFETY: NEON register arithmetic only; NEON is part of every aarch64 target.
+        let act = unsafe { vreinterpretq_s8_s32(vdupq_n_s32(word)) };
+        for v in 0..V {
+            // SAFETY: with DOT the caller vouches for the dot-product extension.
+            unsafe { multiply_add::<DOT>(&mut acc[r][v], wv[v], act) };
+        }
+    }
+}
+
 /// The eight channels' sums, channels 0–3 and 4–7.
 #[inline(always)]
 unsafe fn channel_sums<const DOT: bool>(acc: &Lanes) -> [int32x4_t; 2] {
@@ -184,18 +207,11 @@ unsafe fn tile<const R: usize, const V: usize, const SUMS: bool, const DOT: bool
             // Segments are whole pairs of quads (the int4 group rule).
             for q in (g * seg_quads..q_end).step_by(2) {
                 // SAFETY: an int4 block holds 16·quads bytes, pair q/2 at 16·q.
-                let wv: [[[int8x16_t; 2]; 2]; V] = std::array::from_fn(|v| unsafe { int4_quad_pair(w[v], q, z[v]) });
-                for r in 0..R {
-                    for (half, quad) in [q, q + 1].into_iter().enumerate() {
-                        // SAFETY: a padded row holds stride = 4·quads bytes.
-                        let word = unsafe { (a[r].add(4 * quad) as *const i32).read_unaligned() };
-                        // SAFETY: NEON register arithmetic only; NEON is part of every aarch64 target.
-                        let act = unsafe { vreinterpretq_s8_s32(vdupq_n_s32(word)) };
-                        for v in 0..V {
-                            // SAFETY: with DOT the caller vouches for the dot-product extension.
-                            unsafe { multiply_add::<DOT>(&mut acc[r][v], wv[v][half], act) };
-                        }
-                    }
+                let pairs: [[[int8x16_t; 2]; 2]; V] = std::array::from_fn(|v| unsafe { int4_quad_pair(w[v], q, z[v]) });
+                for half in 0..2 {
+                    // SAFETY: a padded row holds stride = 4·quads bytes (quads q and q + 1); DOT
+                    // as the caller vouches.
+                    unsafe { add_quad::<R, V, DOT>(&mut acc, &a, q + half, &std::array::from_fn(|v| pairs[v][half])) };
                 }
             }
         } else {
@@ -206,16 +222,8 @@ unsafe fn tile<const R: usize, const V: usize, const SUMS: bool, const DOT: bool
                     // SAFETY: a block holds 8·stride = 32·quads bytes.
                     wv[v] = [unsafe { vld1q_s8(w[v].add(32 * q)) }, unsafe { vld1q_s8(w[v].add(32 * q + 16)) }];
                 }
-                for r in 0..R {
-                    // SAFETY: a padded row holds stride = 4·quads bytes.
-                    let word = unsafe { (a[r].add(4 * q) as *const i32).read_unaligned() };
-                    // SAFETY: NEON register arithmetic only; NEON is part of every aarch64 target.
-                    let act = unsafe { vreinterpretq_s8_s32(vdupq_n_s32(word)) };
-                    for v in 0..V {
-                        // SAFETY: with DOT the caller vouches for the dot-product extension.
-                        unsafe { multiply_add::<DOT>(&mut acc[r][v], wv[v], act) };
-                    }
-                }
+                // SAFETY: a padded row holds stride = 4·quads bytes; DOT as the caller vouches.
+                unsafe { add_quad::<R, V, DOT>(&mut acc, &a, q, &wv) };
             }
         }
         for r in 0..R {

@@ -183,8 +183,6 @@ pub(super) fn quantize_int4_rows_with(
 mod tests {
     use super::*;
 
-    /// The symmetric search finds the grid a group was built on: `w = 0.5·q` for `q` over
-    /// `[−8, 7]` is reproduced exactly (scale 0.5, error 0); the extreme −4.0 takes level −8.
     /// The inline rounding equals the library's on ties, near ties and far values.
     #[test]
     fn round_even_matches_round_ties_even() {
@@ -218,6 +216,8 @@ mod tests {
         Ok(())
     }
 
+    /// The symmetric search finds the grid a group was built on: `w = 0.5·q` for `q` over
+    /// `[−8, 7]` is reproduced exactly (scale 0.5, error 0); the extreme −4.0 takes level −8.
     #[test]
     fn a_group_on_a_grid_is_reproduced() -> Result<()> {
         let w: Vec<f32> = (-8..8).chain(-8..8).map(|q| 0.5 * q as f32).collect();

@@ -113,6 +113,17 @@ unsafe fn int4_quad(block: *const i8, q: usize, zero: __m256i) -> __m256i {
     _mm256_sub_epi8(nibbles, zero)
 }
 
+/// The four bytes of quad `q` of a row in every 32-bit lane.
+///
+/// # Safety
+/// AVX2 available; the row holds quad `q`'s four bytes.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn broadcast_quad(row: *const u8, q: usize) -> __m256i {
+    // SAFETY: quad q's four bytes are readable (caller), read unaligned.
+    _mm256_set1_epi32(unsafe { (row.add(4 * q) as *const i32).read_unaligned() })
+}
+
 /// Int4 quads whose `vpmaddubsw` products an `i16` running sum holds exactly (eight pair sums
 /// of at most 3840 each).
 const NIBBLE_CHUNK: usize = 8;
@@ -164,15 +175,12 @@ macro_rules! int8_tiles {
             #[inline]
             #[target_feature(enable = $features)]
             unsafe fn act_quad(a: *const i8, ua: *const u8, na: *const u8, q: usize) -> (__m256i, __m256i) {
-                // SAFETY: quad q's four bytes are readable (caller), read unaligned.
+                // SAFETY: quad q's four bytes are readable (caller).
                 unsafe {
                     if $vnni {
-                        (_mm256_set1_epi32((a.add(4 * q) as *const i32).read_unaligned()), _mm256_setzero_si256())
+                        (broadcast_quad(a as *const u8, q), _mm256_setzero_si256())
                     } else {
-                        (
-                            _mm256_set1_epi32((ua.add(4 * q) as *const i32).read_unaligned()),
-                            _mm256_set1_epi32((na.add(4 * q) as *const i32).read_unaligned()),
-                        )
+                        (broadcast_quad(ua, q), broadcast_quad(na, q))
                     }
                 }
             }
@@ -278,12 +286,9 @@ macro_rules! int8_tiles {
                             let chunk_end = (chunk + NIBBLE_CHUNK).min(q_end);
                             let mut sums = [[_mm256_setzero_si256(); V]; R];
                             for q in (chunk..chunk_end).step_by(2) {
-                                // SAFETY: quads q and q + 1 lie inside every padded row.
-                                let acts: [[__m256i; 2]; R] = std::array::from_fn(|r| unsafe {
-                                    [
-                                        _mm256_set1_epi32((a[r].add(4 * q) as *const i32).read_unaligned()),
-                                        _mm256_set1_epi32((a[r].add(4 * q + 4) as *const i32).read_unaligned()),
-                                    ]
+                                let acts: [[__m256i; 2]; R] = std::array::from_fn(|r| {
+                                    // SAFETY: quads q and q + 1 lie inside every padded row.
+                                    [q, q + 1].map(|quad| unsafe { broadcast_quad(a[r] as *const u8, quad) })
                                 });
                                 for v in 0..V {
                                     // SAFETY: an int4 block holds 16·quads bytes, pair q/2 at 16·q.

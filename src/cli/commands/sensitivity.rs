@@ -1,7 +1,7 @@
 //! `sensitivity`: each linear layer quantized alone and scored against the float model, worst
 //! first, and the fewest layers to keep in float for a perplexity budget.
 
-use crate::args::{quant_config, Mode, ModelArgs};
+use crate::args::{int8_layer_weights, quant_config, Mode, ModelArgs};
 use crate::models::{load_float, smoothed_for_static};
 use crate::progress::bar;
 use anyhow::{bail, Context, Result};
@@ -30,7 +30,7 @@ pub fn run(model: &ModelArgs, text: &Path, samples: usize, seq_len: usize, budge
         false => model.mode.quantize_layer(l, &cfg, calibration.as_ref()),
     };
     let keep = |l: &mut candle_quant::QLinear| match int4 {
-        true => quantize_as(l, &cfg, candle_quant::WeightQuant::PerGroup(model.weight_group), model.mode == Mode::WeightOnly),
+        true => quantize_as(l, &cfg, int8_layer_weights(model), model.mode == Mode::WeightOnly),
         false => Ok(()),
     };
     let mut layers = 0;
