@@ -58,7 +58,7 @@ mod save;
 mod scheme;
 
 pub use planned::PlannedSource;
-pub use save::{save_quantized, write_checkpoint, SaveOptions};
+pub use save::{quantized_tensors, save_quantized, write_checkpoint, SaveOptions};
 #[cfg(feature = "hub")]
 pub(crate) use scheme::plan_layers;
 pub use scheme::{ActivationSpec, CheckpointScheme, Int8Kind, LayerScheme, FORMAT_VERSION, QUANT_METHOD};

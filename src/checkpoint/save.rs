@@ -92,6 +92,13 @@ fn write_into(
 /// writing (the model's size again in memory); large float models go through the `quantize`
 /// command, which streams.
 pub fn save_quantized(model: &mut (impl Quantizable + ?Sized), dir: &Path, options: &SaveOptions) -> Result<WriteReport> {
+    let (mem, quantization) = quantized_tensors(model)?;
+    write_checkpoint(dir, &*mem, &quantization, options, |_| {})
+}
+
+/// The tensors a checkpoint of `model` holds (in memory, the model's size again) and its
+/// `quantization_config`: what [`save_quantized`] writes, for writers of other formats.
+pub fn quantized_tensors(model: &mut (impl Quantizable + ?Sized)) -> Result<(Box<dyn TensorSource>, CheckpointScheme)> {
     let mut mem = MemorySource::new();
     let mut schemes: Vec<(String, LayerScheme)> = vec![];
     let mut excluded = vec![];
@@ -140,7 +147,7 @@ pub fn save_quantized(model: &mut (impl Quantizable + ?Sized), dir: &Path, optio
         quantization.set(&name, scheme);
     }
     quantization.excluded = excluded;
-    write_checkpoint(dir, &mem, &quantization, options, |_| {})
+    Ok((Box::new(mem), quantization))
 }
 
 fn most_common<'a>(schemes: impl Iterator<Item = &'a LayerScheme>) -> Option<LayerScheme> {

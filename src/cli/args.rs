@@ -108,6 +108,16 @@ pub enum ObserverArg {
     Percentile,
 }
 
+/// `quantize --format`: what the quantized model is written as.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    /// This toolkit's folder: config.json with its quantization_config, safetensors, tokenizer.
+    Folder,
+    /// One GGUF file for llama.cpp, ollama and candle's quantized models (int8 as Q8_0, int4 as
+    /// Q4_0/Q4_1).
+    Gguf,
+}
+
 /// `--precision`: the model as float, or quantized as `--mode` says.
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Precision {

@@ -8,7 +8,7 @@ mod progress;
 mod writers;
 
 use anyhow::Result;
-use args::{parse_percent, parse_size, ActScheme, GenArgs, GranularityArg, ModelArgs, ObserverArg, Precision, SamplingArgs};
+use args::{parse_percent, parse_size, ActScheme, Format, GenArgs, GranularityArg, ModelArgs, ObserverArg, Precision, SamplingArgs};
 use candle_quant::calibration::StaticGranularity;
 use clap::{Parser, Subcommand};
 use commands::*;
@@ -183,17 +183,23 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Quantize a model once and save it as an int8 checkpoint folder that --model accepts.
-    /// Streams: one tensor in memory at a time.
+    /// Quantize a model once and save it as an int8 checkpoint folder that --model accepts, or as
+    /// a GGUF file that llama.cpp runs. Streams: one tensor in memory at a time. An already
+    /// quantized model (an int8 folder, a Q8_0/Q4_0 GGUF) is re-packed in the other format as
+    /// stored, without rounding again.
     #[command(
-        after_help = "Examples:\n  candle-quant quantize --model HuggingFaceTB/SmolLM2-135M-Instruct --out smollm2-int8\n  candle-quant quantize --model model.gguf --mode static --calibration calib.json --out model-static\n\n--mode q8_0 (candle's own Q8_0) runs in memory only: quantize refuses it."
+        after_help = "Examples:\n  candle-quant quantize --model HuggingFaceTB/SmolLM2-135M-Instruct --out smollm2-int8\n  candle-quant quantize --model model.gguf --format gguf --out model-q8_0.gguf\n  candle-quant quantize --model smollm2-int8 --format gguf --out smollm2-q8_0.gguf\n  candle-quant quantize --model model.gguf --mode static --calibration calib.json --out model-static\n\n--mode q8_0 (candle's own Q8_0) runs in memory only: quantize refuses it."
     )]
     Quantize {
         #[command(flatten)]
         model: ModelArgs,
-        /// Output folder (written under a temporary name, renamed when complete).
+        /// Output folder, or file for --format gguf (written under a temporary name, renamed when
+        /// complete).
         #[arg(long)]
         out: PathBuf,
+        /// What to write: this toolkit's folder, or a GGUF file.
+        #[arg(long, value_enum, default_value = "folder")]
+        format: Format,
         /// Largest safetensors file, e.g. 2GB, 500MB, or a byte count.
         #[arg(long, default_value = "2GB", value_parser = parse_size)]
         max_shard_size: u64,
@@ -273,7 +279,7 @@ fn run(cli: Cli) -> Result<()> {
             eval::run(&model, reference.as_deref(), &text, max_tokens, window, json)
         }
         Command::Bench { m, threads, in_features, act_scheme, bits, json } => bench::run(m, threads, &in_features, act_scheme, bits, json),
-        Command::Quantize { model, out, max_shard_size, force } => quantize::run(&model, &out, max_shard_size, force),
+        Command::Quantize { model, out, format, max_shard_size, force } => quantize::run(&model, &out, format, max_shard_size, force),
         Command::Calibrate { model, text, samples, seq_len, observer, granularity, group_size, float_fraction, smooth_alpha, out } => {
             let granularity = match granularity {
                 GranularityArg::PerTensor => StaticGranularity::PerTensor,

@@ -183,8 +183,10 @@ pub struct OpenedDecoder {
     pub config_json: serde_json::Value,
     /// Its tensors, read one at a time.
     pub tensors: Arc<dyn TensorSource>,
-    /// Set when the source is a quantized checkpoint.
+    /// Set when the source is a quantized checkpoint (or a GGUF file read as its blocks).
     pub quantization: Option<CheckpointScheme>,
+    /// A GGUF source's metadata (tokenizer, hyperparameters), which a GGUF copy carries over.
+    pub gguf_metadata: Option<HashMap<String, candle_core::quantized::gguf_file::Value>>,
     /// Its tokenizer.
     pub tokenizer: Tokenizer,
     /// Its Jinja chat template, if it has one.
@@ -222,8 +224,9 @@ pub fn open_decoder(source: &ModelSource) -> Result<OpenedDecoder> {
         return Ok(OpenedDecoder {
             config: g.config,
             config_json,
+            gguf_metadata: Some(g.tensors.metadata().clone()),
             tensors: Arc::new(g.tensors),
-            quantization: None,
+            quantization: g.quantization,
             tokenizer: g.tokenizer,
             chat_template: g.chat_template,
             extra_files,
@@ -255,6 +258,7 @@ pub fn open_decoder(source: &ModelSource) -> Result<OpenedDecoder> {
         config_json,
         tensors: Arc::new(tensors),
         quantization,
+        gguf_metadata: None,
         tokenizer,
         chat_template,
         extra_files,
@@ -330,17 +334,35 @@ impl OpenedDecoder {
         write_checkpoint(out, &view, &quantization, &options, progress)
     }
 
-    /// `options` completed with this model's `config.json` and tokenizer files, after checking
-    /// that `out` does not hold one of the files the model is read from.
-    pub fn save_options_for(&self, out: &Path, options: &SaveOptions) -> Result<SaveOptions> {
+    /// The GGUF metadata a GGUF copy of this model carries: a GGUF source's own, or built from a
+    /// Llama config and its byte-level BPE tokenizer.
+    pub fn gguf_metadata(&self) -> Result<Vec<(String, gguf::Value)>> {
+        if let Some(m) = &self.gguf_metadata {
+            return Ok(gguf::write::metadata_from_gguf(m));
+        }
+        let tokenizer = self.tokenizer.to_string(false).map_err(|e| candle_core::Error::Msg(format!("{}: tokenizer: {e}", self.source)))?;
+        let name = Path::new(&self.source).file_name().and_then(|n| n.to_str()).unwrap_or(&self.source);
+        gguf::write::metadata_for_llama(&self.config, &tokenizer, self.chat_template.as_deref(), name)
+            .map_err(|e| e.context(self.source.clone()))
+    }
+
+    /// Checks that `out` is not (and does not hold) one of the files the model is read from.
+    pub fn check_output(&self, out: &Path) -> Result<()> {
         let out_abs = std::path::absolute(out).map_err(|e| candle_core::Error::Msg(format!("{}: {e}", out.display())))?;
         let out_real = out_abs.canonicalize().unwrap_or(out_abs.clone());
         for input in &self.inputs {
             let input = input.canonicalize().unwrap_or(input.clone());
             if input.starts_with(&out_real) || input.starts_with(&out_abs) {
-                bail!("{}: the output folder holds the input {}; write the quantized model elsewhere", out.display(), input.display())
+                bail!("{}: the output is or holds the input {}; write the quantized model elsewhere", out.display(), input.display())
             }
         }
+        Ok(())
+    }
+
+    /// `options` completed with this model's `config.json` and tokenizer files, after checking
+    /// that `out` does not hold one of the files the model is read from.
+    pub fn save_options_for(&self, out: &Path, options: &SaveOptions) -> Result<SaveOptions> {
+        self.check_output(out)?;
         let mut options = options.clone();
         if options.config.as_object().is_none_or(|o| o.is_empty()) {
             options.config = self.config_json.clone();

@@ -1,14 +1,19 @@
-//! `quantize`: a float model streamed into an int8 folder (static: loaded, converted, saved).
+//! `quantize`: a float model streamed into an int8 folder or a GGUF file (static and GPTQ:
+//! loaded, converted, saved); a quantized model re-packed in the other format as stored.
 
-use crate::args::{quant_config, Mode, ModelArgs};
+use crate::args::{quant_config, Format, Method, Mode, ModelArgs};
 use crate::models::{open_model, quantized};
 use crate::progress::{bytes_bar, Bars};
 use anyhow::{bail, Result};
-use candle_quant::checkpoint::SaveOptions;
+use candle_quant::checkpoint::{quantized_tensors, write_checkpoint, CheckpointScheme, SaveOptions};
+use candle_quant::io::gguf::write::{write_gguf, GgufExport, GgufReport};
+use candle_quant::io::OpenedDecoder;
+use candle_quant::source::TensorSource;
 use std::path::Path;
 
-/// `quantize`: a float model streamed into an int8 folder, with a progress bar of bytes.
-pub fn run(model: &ModelArgs, out: &Path, max_shard_size: u64, force: bool) -> Result<()> {
+/// `quantize`: the model named by `--model` quantized as `--mode`/`--bits` say and written as
+/// `format`, with a progress bar of bytes.
+pub fn run(model: &ModelArgs, out: &Path, format: Format, max_shard_size: u64, force: bool) -> Result<()> {
     if out.exists() && !force {
         bail!("{}: already exists (choose another --out, or replace it on purpose with --force)", out.display())
     }
@@ -16,46 +21,106 @@ pub fn run(model: &ModelArgs, out: &Path, max_shard_size: u64, force: bool) -> R
         eprintln!("quantize: no --model given: quantizing the default model, {}", candle_quant::io::DEFAULT_HUB_MODEL);
     }
     let opened = open_model(model.model.as_deref())?;
-    if opened.is_quantized() {
-        bail!("{}: is already an int8 checkpoint", opened.source)
-    }
+    opened.check_output(out)?;
     let options = SaveOptions { max_shard_bytes: max_shard_size, overwrite: force, ..Default::default() };
-    let kind = match model.mode.streamed() {
-        Some(kind) => kind,
-        None if model.mode == Mode::Q8_0 => {
-            bail!("quantize writes this toolkit's int8 format: --mode dynamic, weight-only or static (q8_0 runs in memory only)")
+    if let Some(stored) = opened.quantization.clone() {
+        return repack(&opened, stored, out, format, &options);
+    }
+    if model.mode == Mode::Q8_0 || model.mode == Mode::Q4_0 || model.mode == Mode::Q4K {
+        bail!("quantize writes this toolkit's int8/int4 layers: --mode dynamic, weight-only or static (candle's ggml modes run in memory only)")
+    }
+    let start = std::time::Instant::now();
+    match model.mode.streamed().filter(|_| model.method == Method::Rtn) {
+        Some(kind) => {
+            let (view, quantization) = opened.quantized_view(&quant_config(model)?, kind)?;
+            write(&opened, &view, &quantization, out, format, &options)?;
         }
         None => {
-            // Static layers need the whole float model (smoothing, calibration): loaded, then saved.
-            let options = opened.save_options_for(out, &options)?;
-            let (mut q, report) = quantized(&Bars::around(|p| opened.load(p))?, model)?;
-            let start = std::time::Instant::now();
-            let written = candle_quant::checkpoint::save_quantized(&mut q.model, out, &options)?;
-            println!(
-                "wrote {} ({} static int8 layers, {:.1} MB of tensors) in {:.1} s",
-                out.display(),
-                report.converted.len(),
-                written.tensor_bytes as f64 / 1e6,
-                start.elapsed().as_secs_f64()
-            );
-            return Ok(());
+            // Static layers and GPTQ need the whole float model (calibration runs): loaded,
+            // converted, then written from memory.
+            let metadata = if format == Format::Gguf { Some(opened.gguf_metadata()?) } else { None };
+            let (config, options) = (opened.config.clone(), opened.save_options_for(out, &options)?);
+            let (mut q, _) = quantized(&Bars::around(|p| opened.load(p))?, model)?;
+            let (tensors, quantization) = quantized_tensors(&mut q.model)?;
+            match metadata {
+                Some(metadata) => {
+                    let export = GgufExport { config: &config, tensors: &*tensors, quantization: &quantization, metadata };
+                    print_gguf(&gguf_with_bar(out, &export, force)?);
+                }
+                None => {
+                    write_checkpoint(out, &*tensors, &quantization, &options, |_| {})?;
+                }
+            }
         }
-    };
-    let pb = bytes_bar("quantizing and writing");
+    }
+    println!("wrote {} in {:.1} s", out.display(), start.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// A quantized source written in another format as stored: no value is rounded again.
+fn repack(opened: &OpenedDecoder, stored: CheckpointScheme, out: &Path, format: Format, options: &SaveOptions) -> Result<()> {
+    let from_gguf = opened.gguf_metadata.is_some();
+    if format == Format::Folder && !from_gguf {
+        bail!("{}: is already an int8 checkpoint folder (to write it as GGUF, add --format gguf)", opened.source)
+    }
+    eprintln!("{}: already quantized; written as stored (--mode, --bits and the like do not apply)", opened.source);
     let start = std::time::Instant::now();
-    let written = opened.quantize_to(out, &quant_config(model)?, kind, &options, |p| {
+    write(opened, &*opened.tensors, &stored, out, format, options)?;
+    println!("wrote {} in {:.1} s", out.display(), start.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// `tensors` (a checkpoint's, with `quantization`) written to `out` as `format`.
+fn write(
+    opened: &OpenedDecoder,
+    tensors: &dyn TensorSource,
+    quantization: &CheckpointScheme,
+    out: &Path,
+    format: Format,
+    options: &SaveOptions,
+) -> Result<()> {
+    match format {
+        Format::Folder => {
+            let options = opened.save_options_for(out, options)?;
+            let pb = bytes_bar("quantizing and writing");
+            let written = write_checkpoint(out, tensors, quantization, &options, |p| {
+                pb.set_length(p.total);
+                pb.set_position(p.done);
+            });
+            pb.finish_and_clear();
+            let written = written?;
+            println!(
+                "{} safetensors file{}, {:.1} MB of tensors",
+                written.files.len(),
+                if written.files.len() == 1 { "" } else { "s" },
+                written.tensor_bytes as f64 / 1e6
+            );
+        }
+        Format::Gguf => {
+            let export = GgufExport { config: &opened.config, tensors, quantization, metadata: opened.gguf_metadata()? };
+            print_gguf(&gguf_with_bar(out, &export, options.overwrite)?);
+        }
+    }
+    Ok(())
+}
+
+fn gguf_with_bar(out: &Path, export: &GgufExport, overwrite: bool) -> Result<GgufReport> {
+    let pb = bytes_bar("quantizing and writing GGUF");
+    let report = write_gguf(out, export, overwrite, |p| {
         pb.set_length(p.total);
         pb.set_position(p.done);
     });
     pb.finish_and_clear();
-    let written = written?;
-    println!(
-        "wrote {} ({} safetensors file{}, {:.1} MB of tensors) in {:.1} s",
-        out.display(),
-        written.files.len(),
-        if written.files.len() == 1 { "" } else { "s" },
-        written.tensor_bytes as f64 / 1e6,
-        start.elapsed().as_secs_f64()
-    );
-    Ok(())
+    Ok(report?)
+}
+
+/// What a GGUF file holds, and every layer it could not hold exactly.
+fn print_gguf(r: &GgufReport) {
+    println!("GGUF: {} tensors, {:.1} MB; {} layers block for block as quantized", r.tensors, r.bytes as f64 / 1e6, r.exact_layers);
+    for loss in &r.lossy {
+        println!("  {} as {:?}: {} (relative weight error {:.2e})", loss.layer, loss.written_as, loss.reason, loss.relative_error);
+    }
+    for dropped in &r.dropped {
+        println!("  not stored: {dropped}");
+    }
 }

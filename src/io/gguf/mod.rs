@@ -1,10 +1,21 @@
-//! GGUF files (llama.cpp): tensors dequantized to f32 under Hugging Face names, the llama config
+//! GGUF files (llama.cpp), read and written: tensors under Hugging Face names, the llama config
 //! from the metadata, and a `tokenizers::Tokenizer` rebuilt from the embedded vocabulary.
+//!
+//! A file whose linear weights are all `Q8_0`, `Q4_0` or float is read as this toolkit's int8
+//! and int4 layers, block for block ([`blocks`]); any other file is dequantized to f32 and
+//! quantized like a float model. [`write`] writes int8/int4 checkpoints as GGUF.
 
+pub mod blocks;
+pub mod write;
+
+use crate::checkpoint::{CheckpointScheme, LayerScheme};
+use crate::kernels::WeightQuant;
 use crate::models::{DecoderConfig, Variant};
 use crate::progress::Progress;
 use crate::source::{Dtype, Entry, TensorSource};
-use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::quantized::gguf_file::Content;
+pub use candle_core::quantized::gguf_file::Value;
+use candle_core::quantized::GgmlDType;
 use candle_core::{bail, Device, Result, Tensor};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -42,6 +53,20 @@ pub struct GgufModel {
     pub tokenizer: Tokenizer,
     /// `tokenizer.chat_template`, if present.
     pub chat_template: Option<String>,
+    /// The int8/int4 layers' schemes when the file's linear weights are read as stored
+    /// (`Q8_0`/`Q4_0` blocks); `None` when everything is dequantized.
+    pub quantization: Option<CheckpointScheme>,
+}
+
+/// How a [`GgufSource`] entry is read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Part {
+    /// Dequantized to f32.
+    Float,
+    /// The int8 values (`Q8_0`) or int4 nibbles (`Q4_0`) of a block-quantized weight.
+    Values,
+    /// Its `f16` scales.
+    Scales,
 }
 
 /// The tensors of a GGUF llama file under Hugging Face names, each dequantized to f32 (q/k rows
@@ -51,8 +76,8 @@ pub struct GgufSource {
     content: Content,
     file: Mutex<std::fs::File>,
     entries: Vec<Entry>,
-    /// HF name → (GGUF name, entry).
-    names: HashMap<String, (String, usize)>,
+    /// HF name → (GGUF name, entry, what of the GGUF tensor it is).
+    names: HashMap<String, (String, usize, Part)>,
     heads: usize,
     kv_heads: usize,
     head_dim: usize,
@@ -69,7 +94,7 @@ fn meta<'a>(content: &'a Content, key: &str, path: &Path) -> Result<&'a Value> {
 /// Reads all tensors of `path` into memory, calling `progress` after each (for
 /// peers that want a `VarBuilder::from_tensors`; models load through [`open_gguf_llama`]).
 pub fn load_gguf_decoder(path: &Path, mut progress: impl FnMut(Progress)) -> Result<GgufDecoder> {
-    let g = open_gguf_llama(path)?;
+    let g = open_gguf(path, false)?;
     let total = g.tensors.entries.len();
     let mut tensors = HashMap::new();
     for (i, e) in g.tensors.entries.iter().enumerate() {
@@ -79,8 +104,23 @@ pub fn load_gguf_decoder(path: &Path, mut progress: impl FnMut(Progress)) -> Res
     Ok(GgufDecoder { config: g.config, tensors, tokenizer: g.tokenizer, chat_template: g.chat_template })
 }
 
-/// Opens `path`: metadata, tokenizer and the tensor directory; no tensor data is read.
+/// Opens `path`: metadata, tokenizer and the tensor directory; no tensor data is read. A file
+/// whose linear weights are all `Q8_0`, `Q4_0` or float keeps its blocks as int8/int4 layers.
 pub fn open_gguf_llama(path: &Path) -> Result<GgufModel> {
+    open_gguf(path, true)
+}
+
+/// Ggml types whose blocks are this toolkit's layers, and float types.
+fn block_kind(dtype: GgmlDType) -> Option<Option<WeightQuant>> {
+    match dtype {
+        GgmlDType::Q8_0 => Some(Some(WeightQuant::PerGroup(blocks::QK))),
+        GgmlDType::Q4_0 => Some(Some(WeightQuant::Int4 { group: blocks::QK, zero_point: false })),
+        GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => Some(None),
+        _ => None,
+    }
+}
+
+fn open_gguf(path: &Path, keep_blocks: bool) -> Result<GgufModel> {
     let ctx = |e: candle_core::Error| e.context(format!("reading GGUF file {}", path.display()));
     let mut file = std::fs::File::open(path).map_err(|e| candle_core::Error::Msg(format!("cannot open {}: {e}", path.display())))?;
     let file_len = file.metadata().map_err(|e| candle_core::Error::Msg(format!("{}: {e}", path.display())))?.len();
@@ -146,6 +186,21 @@ pub fn open_gguf_llama(path: &Path) -> Result<GgufModel> {
     // Tensors in file order, so that reading them all reads the file front to back.
     let mut infos: Vec<(&String, u64)> = content.tensor_infos.iter().map(|(n, i)| (n, i.offset)).collect();
     infos.sort_by_key(|&(_, at)| at);
+    // The linear weights, under their layers' names (a tied output layer reads the embeddings),
+    // are kept as blocks when every one is Q8_0, Q4_0 or float and some are not float.
+    let layer_of = |gguf: &str| -> Option<String> {
+        let hf = hf_name(gguf, gemma3)?;
+        match hf.as_str() {
+            "lm_head.weight" => Some("lm_head".into()),
+            "model.embed_tokens.weight" if !has_output => Some("lm_head".into()),
+            _ => hf.strip_suffix(".weight").filter(|l| l.ends_with("_proj")).map(str::to_string),
+        }
+    };
+    let linear: Vec<(&String, GgmlDType)> =
+        infos.iter().filter(|(n, _)| layer_of(n).is_some()).map(|&(n, _)| (n, content.tensor_infos[n].ggml_dtype)).collect();
+    let kinds: Option<Vec<Option<WeightQuant>>> = linear.iter().map(|&(_, t)| block_kind(t)).collect();
+    let stored = keep_blocks && kinds.as_ref().is_some_and(|k| k.iter().any(Option::is_some));
+    let mut quantization: Option<CheckpointScheme> = None;
     let (mut entries, mut names) = (Vec::new(), HashMap::new());
     for (name, _) in infos {
         let Some(hf) = hf_name(name, gemma3) else { bail!("{}: unexpected tensor '{name}' in a {arch} GGUF file", path.display()) };
@@ -163,8 +218,31 @@ pub fn open_gguf_llama(path: &Path) -> Result<GgufModel> {
                 info.ggml_dtype
             )
         }
-        names.insert(hf.clone(), (name.clone(), entries.len()));
-        entries.push(Entry { name: hf, dtype: Dtype::F32, shape });
+        let layer = layer_of(name).filter(|_| stored);
+        let kind = block_kind(info.ggml_dtype).flatten();
+        let (Some(layer), Some(how), &[n, k]) = (layer, kind, shape.as_slice()) else {
+            names.insert(hf.clone(), (name.clone(), entries.len(), Part::Float));
+            entries.push(Entry { name: hf, dtype: Dtype::F32, shape });
+            continue;
+        };
+        let config = crate::QuantConfig::default();
+        let scheme = LayerScheme::dynamic(&config, config.activation, how);
+        match &mut quantization {
+            None => quantization = Some(CheckpointScheme::new(scheme)),
+            Some(q) => q.set(&layer, scheme),
+        }
+        let values = match how {
+            WeightQuant::Int4 { .. } => Entry { name: format!("{layer}.weight"), dtype: Dtype::U8, shape: vec![n, k / 2] },
+            _ => Entry { name: format!("{layer}.weight"), dtype: Dtype::I8, shape: vec![n, k] },
+        };
+        let scales = Entry { name: format!("{layer}.weight_scale"), dtype: Dtype::F16, shape: vec![n, k / blocks::QK] };
+        for (e, part) in [(values, Part::Values), (scales, Part::Scales)] {
+            names.insert(e.name.clone(), (name.clone(), entries.len(), part));
+            entries.push(e);
+        }
+    }
+    if let Some(q) = &mut quantization {
+        q.excluded = linear.iter().filter(|&&(_, t)| block_kind(t).flatten().is_none()).filter_map(|(n, _)| layer_of(n)).collect();
     }
     let chat_template = meta(&content, "tokenizer.chat_template", path).and_then(|v| v.to_string().cloned()).ok();
     // llama.cpp permutes Llama's q/k rows for its RoPE; Gemma's are stored as they are.
@@ -182,14 +260,14 @@ pub fn open_gguf_llama(path: &Path) -> Result<GgufModel> {
         permuted,
         norm_plus_one: gemma3,
     };
-    Ok(GgufModel { config, tensors, tokenizer, chat_template })
+    Ok(GgufModel { config, tensors, tokenizer, chat_template, quantization })
 }
 
 impl GgufSource {
     /// The tensor under its HF name, dequantized to f32.
     pub fn read(&self, hf: &str) -> Result<Tensor> {
         let ctx = |e: candle_core::Error| e.context(format!("reading GGUF file {}", self.path.display()));
-        let Some((name, _)) = self.names.get(hf) else { bail!("{}: no tensor '{hf}'", self.path.display()) };
+        let Some((name, _, _)) = self.names.get(hf) else { bail!("{}: no tensor '{hf}'", self.path.display()) };
         let device = Device::Cpu;
         let q = {
             let mut file = self.file.lock().map_err(|_| candle_core::Error::Msg("a GGUF reader panicked".into()))?;
@@ -200,12 +278,71 @@ impl GgufSource {
             return t - 1.0;
         }
         // llama.cpp stores q/k rows interleaved for its rope; put them back in HF order.
-        match name.rsplit('.').nth(1) {
-            Some("attn_q") if self.permuted => unpermute_rows(&t, self.heads, self.head_dim),
-            Some("attn_k") if self.permuted => unpermute_rows(&t, self.kv_heads, self.head_dim),
-            _ => Ok(t),
+        match self.rope_heads(name) {
+            Some(heads) => unpermute_rows(&t, heads, self.head_dim),
+            None => Ok(t),
         }
     }
+
+    /// The metadata, as read.
+    pub fn metadata(&self) -> &HashMap<String, Value> {
+        &self.content.metadata
+    }
+
+    /// Heads of a q/k weight whose rows llama.cpp stored in its RoPE order; `None` otherwise.
+    fn rope_heads(&self, gguf: &str) -> Option<usize> {
+        match gguf.rsplit('.').nth(1) {
+            Some("attn_q") if self.permuted => Some(self.heads),
+            Some("attn_k") if self.permuted => Some(self.kv_heads),
+            _ => None,
+        }
+    }
+
+    /// One part of a `Q8_0`/`Q4_0` weight as this toolkit stores it, rows in HF order.
+    fn read_blocks(&self, gguf: &str, part: Part) -> Result<Vec<u8>> {
+        let what = || format!("{}: tensor '{gguf}'", self.path.display());
+        let Some(info) = self.content.tensor_infos.get(gguf) else { bail!("{}: not in the file", what()) };
+        let &[n, k] = info.shape.dims() else { bail!("{}: a linear weight must be 2-D, found {:?}", what(), info.shape) };
+        let mut raw = vec![0u8; n * (k / info.ggml_dtype.block_size()) * info.ggml_dtype.type_size()];
+        {
+            use std::io::{Read, Seek, SeekFrom};
+            let mut file = self.file.lock().map_err(|_| candle_core::Error::Msg("a GGUF reader panicked".into()))?;
+            let at = self.content.tensor_data_offset + info.offset;
+            file.seek(SeekFrom::Start(at))
+                .and_then(|_| file.read_exact(&mut raw))
+                .map_err(|e| candle_core::Error::Msg(format!("{}: {e}", what())))?;
+        }
+        let order = match self.rope_heads(gguf) {
+            Some(heads) => rope_row_order(n, heads, self.head_dim, false)?,
+            None => (0..n).collect(),
+        };
+        let (values, scales) = match info.ggml_dtype {
+            GgmlDType::Q8_0 => blocks::int8_from_q8_0(&raw, n, k, &order, &what)?,
+            GgmlDType::Q4_0 => blocks::int4_from_q4_0(&raw, n, k, &order, &what)?,
+            other => bail!("{}: {other:?} blocks are not read as int8/int4 layers", what()),
+        };
+        Ok(if part == Part::Scales { scales } else { values })
+    }
+}
+
+/// Row order between Hugging Face's q/k rows and llama.cpp's RoPE order: within each head of
+/// `d` rows, GGUF row `2j + t` is HF row `t·(d/2) + j`. `to_gguf`: entry `r` is the HF row that
+/// GGUF row `r` holds; else the GGUF row that HF row `r` comes from.
+fn rope_row_order(rows: usize, heads: usize, head_dim: usize, to_gguf: bool) -> Result<Vec<usize>> {
+    let d = head_dim;
+    if rows != heads * d || !d.is_multiple_of(2) {
+        bail!("cannot reorder {rows} rows as {heads} RoPE heads of {d}")
+    }
+    Ok((0..rows)
+        .map(|r| {
+            let (h, i) = (r / d, r % d);
+            if to_gguf {
+                h * d + (i % 2) * (d / 2) + i / 2
+            } else {
+                h * d + 2 * (i % (d / 2)) + i / (d / 2)
+            }
+        })
+        .collect())
 }
 
 impl TensorSource for GgufSource {
@@ -214,52 +351,70 @@ impl TensorSource for GgufSource {
     }
 
     fn read_bytes(&self, name: &str) -> Result<Vec<u8>> {
-        let t = self.read(name)?.flatten_all()?.to_dtype(candle_core::DType::F32)?;
-        Ok(t.to_vec1::<f32>()?.iter().flat_map(|v| v.to_le_bytes()).collect())
+        match self.names.get(name) {
+            Some((gguf, _, part)) if *part != Part::Float => self.read_blocks(gguf, *part),
+            _ => {
+                let t = self.read(name)?.flatten_all()?.to_dtype(candle_core::DType::F32)?;
+                Ok(t.to_vec1::<f32>()?.iter().flat_map(|v| v.to_le_bytes()).collect())
+            }
+        }
     }
 
     fn describe(&self, name: &str) -> String {
         match self.names.get(name) {
-            Some((gguf, _)) => format!("{}: tensor '{gguf}' ({name})", self.path.display()),
+            Some((gguf, _, _)) => format!("{}: tensor '{gguf}' ({name})", self.path.display()),
             None => format!("{}: tensor '{name}'", self.path.display()),
         }
     }
 
     fn entry(&self, name: &str) -> Option<&Entry> {
-        self.names.get(name).map(|&(_, i)| &self.entries[i])
+        self.names.get(name).map(|&(_, i, _)| &self.entries[i])
     }
 }
 
+/// Per-layer tensor names, llama.cpp's beside Hugging Face's; `Some(true)`: Gemma 3 only,
+/// `Some(false)`: Llama only (the same GGUF name means another norm in each).
+const LAYER_NAMES: &[(&str, &str, Option<bool>)] = &[
+    ("attn_q", "self_attn.q_proj", None),
+    ("attn_k", "self_attn.k_proj", None),
+    ("attn_v", "self_attn.v_proj", None),
+    ("attn_output", "self_attn.o_proj", None),
+    ("ffn_gate", "mlp.gate_proj", None),
+    ("ffn_up", "mlp.up_proj", None),
+    ("ffn_down", "mlp.down_proj", None),
+    ("attn_norm", "input_layernorm", None),
+    ("ffn_norm", "pre_feedforward_layernorm", Some(true)),
+    ("ffn_norm", "post_attention_layernorm", Some(false)),
+    ("post_attention_norm", "post_attention_layernorm", Some(true)),
+    ("post_ffw_norm", "post_feedforward_layernorm", Some(true)),
+    ("attn_q_norm", "self_attn.q_norm", Some(true)),
+    ("attn_k_norm", "self_attn.k_norm", Some(true)),
+];
+
+/// Whole-model tensor names, llama.cpp's beside Hugging Face's.
+const MODEL_NAMES: &[(&str, &str)] =
+    &[("token_embd.weight", "model.embed_tokens.weight"), ("output_norm.weight", "model.norm.weight"), ("output.weight", "lm_head.weight")];
+
 /// llama.cpp tensor name → Hugging Face name (Gemma 3's norms have names of their own).
 fn hf_name(gguf: &str, gemma3: bool) -> Option<String> {
-    Some(match gguf {
-        "token_embd.weight" => "model.embed_tokens.weight".into(),
-        "output_norm.weight" => "model.norm.weight".into(),
-        "output.weight" => "lm_head.weight".into(),
-        _ => {
-            let rest = gguf.strip_prefix("blk.")?;
-            let (layer, rest) = rest.split_once('.')?;
-            let (part, suffix) = rest.rsplit_once('.')?;
-            let hf = match part {
-                "attn_q" => "self_attn.q_proj",
-                "attn_k" => "self_attn.k_proj",
-                "attn_v" => "self_attn.v_proj",
-                "attn_output" => "self_attn.o_proj",
-                "ffn_gate" => "mlp.gate_proj",
-                "ffn_up" => "mlp.up_proj",
-                "ffn_down" => "mlp.down_proj",
-                "attn_norm" => "input_layernorm",
-                "ffn_norm" if gemma3 => "pre_feedforward_layernorm",
-                "ffn_norm" => "post_attention_layernorm",
-                "post_attention_norm" if gemma3 => "post_attention_layernorm",
-                "post_ffw_norm" if gemma3 => "post_feedforward_layernorm",
-                "attn_q_norm" if gemma3 => "self_attn.q_norm",
-                "attn_k_norm" if gemma3 => "self_attn.k_norm",
-                _ => return None,
-            };
-            format!("model.layers.{layer}.{hf}.{suffix}")
-        }
-    })
+    if let Some(&(_, hf)) = MODEL_NAMES.iter().find(|(g, _)| *g == gguf) {
+        return Some(hf.into());
+    }
+    let (layer, rest) = gguf.strip_prefix("blk.")?.split_once('.')?;
+    let (part, suffix) = rest.rsplit_once('.')?;
+    let &(_, hf, _) = LAYER_NAMES.iter().find(|&&(g, _, only)| g == part && only.is_none_or(|o| o == gemma3))?;
+    Some(format!("model.layers.{layer}.{hf}.{suffix}"))
+}
+
+/// Hugging Face name → llama.cpp tensor name: the inverse of [`hf_name`].
+fn gguf_name(hf: &str, gemma3: bool) -> Option<String> {
+    if let Some(&(g, _)) = MODEL_NAMES.iter().find(|(_, h)| *h == hf) {
+        return Some(g.into());
+    }
+    let (layer, rest) = hf.strip_prefix("model.layers.")?.split_once('.')?;
+    let (part, suffix) = rest.rsplit_once('.')?;
+    let &(g, _, _) = LAYER_NAMES.iter().find(|&&(_, h, only)| h == part && only.is_none_or(|o| o == gemma3))?;
+    Some(format!("blk.{layer}.{g}.{suffix}"))
 }
 
 /// Inverse of llama.cpp's conversion permute: within each head, GGUF row `2j + t` is HF row
