@@ -14,6 +14,7 @@ mod convert;
 mod families;
 mod gemma;
 mod gptq;
+mod interop;
 mod io;
 mod kernels;
 mod models;

@@ -139,22 +139,20 @@ pub fn q8_0_from_floats(row: &[f32], out: &mut Vec<u8>) {
     }
 }
 
-/// A block's scale as an int8/int4 scale must be (finite, positive). A zero scale (an all-zero
-/// block) becomes the smallest positive `f16`, its values zeroed by the caller, so the weights
-/// stay exactly zero; anything else that is not positive and finite is refused.
+/// A block's scale, `None` when zero (an all-zero block: it becomes the smallest positive `f16`
+/// with its values zeroed, so the weights stay exactly zero); a scale that is not finite is
+/// refused.
 fn block_scale(bytes: [u8; 2], what: &dyn Fn() -> String) -> Result<Option<f16>> {
     let d = f16::from_le_bytes(bytes);
-    if d.to_f32() == 0.0 {
-        return Ok(None);
+    if !d.is_finite() {
+        bail!("{}: scale {d} is not finite", what())
     }
-    if !(d.is_finite() && d.to_f32() > 0.0) {
-        bail!("{}: scale {d} is not positive and finite", what())
-    }
-    Ok(Some(d))
+    Ok(Some(d).filter(|d| d.to_f32() != 0.0))
 }
 
 /// `Q8_0` blocks of `n × k` weights, rows in `order` (output row `r` is stored row `order[r]`),
-/// as int8 values `[n, k]` and `f16` scale bytes `[n, k/32]`. Values must lie in `[−127, 127]`.
+/// as int8 values `[n, k]` and `f16` scale bytes `[n, k/32]`. Values must lie in `[−127, 127]`;
+/// a negative scale (llama.cpp never writes one) turns positive with its values negated.
 /// `what(row)` names the tensor in errors.
 pub fn int8_from_q8_0(bytes: &[u8], n: usize, k: usize, order: &[usize], what: &dyn Fn() -> String) -> Result<(Vec<u8>, Vec<u8>)> {
     let blocks = k / QK;
@@ -171,8 +169,9 @@ pub fn int8_from_q8_0(bytes: &[u8], n: usize, k: usize, order: &[usize], what: &
                     if let Some(i) = qs.iter().position(|&q| q as i8 == i8::MIN) {
                         bail!("{}, row {j}, column {}: value −128 (int8 weights lie in [−127, 127])", what(), b * QK + i)
                     }
-                    scales.extend_from_slice(&d.to_le_bytes());
-                    values.extend_from_slice(qs);
+                    let sign = if d.is_sign_negative() { -1 } else { 1 };
+                    scales.extend_from_slice(&(d * f16::from_f32(sign as f32)).to_le_bytes());
+                    values.extend(qs.iter().map(|&q| (sign * q as i8) as u8));
                 }
                 None => {
                     scales.extend_from_slice(&f16::from_bits(1).to_le_bytes());
@@ -185,7 +184,7 @@ pub fn int8_from_q8_0(bytes: &[u8], n: usize, k: usize, order: &[usize], what: &
 }
 
 /// `Q4_0` blocks of `n × k` weights, rows in `order`, as symmetric int4 nibbles `[n, k/2]`
-/// (this toolkit's layout) and `f16` scale bytes `[n, k/32]`.
+/// (this toolkit's layout) and `f16` scale bytes `[n, k/32]` (of either sign, as int4 scales).
 pub fn int4_from_q4_0(bytes: &[u8], n: usize, k: usize, order: &[usize], what: &dyn Fn() -> String) -> Result<(Vec<u8>, Vec<u8>)> {
     let blocks = k / QK;
     if !k.is_multiple_of(QK) || bytes.len() != n * blocks * Q4_0_BYTES || order.len() != n {

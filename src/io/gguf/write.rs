@@ -579,7 +579,7 @@ pub fn metadata_for_llama(
         ("llama.attention.head_count".into(), u32v(config.num_attention_heads)),
         ("llama.attention.head_count_kv".into(), u32v(config.num_key_value_heads.unwrap_or(config.num_attention_heads))),
         ("llama.attention.layer_norm_rms_epsilon".into(), Value::F32(config.rms_norm_eps as f32)),
-        ("llama.rope.freq_base".into(), Value::F32(config.rope_theta as f32)),
+        ("llama.rope.freq_base".into(), Value::F32(config.rope_theta)),
         ("llama.rope.dimension_count".into(), u32v(head_dim)),
         ("llama.attention.key_length".into(), u32v(head_dim)),
         ("llama.attention.value_length".into(), u32v(head_dim)),
