@@ -41,20 +41,32 @@ pub fn write_checkpoint(
     source: &dyn TensorSource,
     quantization: &CheckpointScheme,
     options: &SaveOptions,
+    progress: impl FnMut(Progress),
+) -> Result<WriteReport> {
+    let serde_json::Value::Object(mut config) = options.config.clone() else { bail!("the model config to save must be a JSON object") };
+    config.insert("quantization_config".into(), serde_json::to_value(quantization).map_err(|e| candle_core::Error::Msg(e.to_string()))?);
+    write_folder(dir, source, &serde_json::Value::Object(config), options, progress)
+}
+
+/// Writes every tensor of `source` and `config` (the whole `config.json`) to `dir`, under a
+/// hidden sibling name renamed when complete (see [`write_checkpoint`]).
+pub(crate) fn write_folder(
+    dir: &Path,
+    source: &dyn TensorSource,
+    config: &serde_json::Value,
+    options: &SaveOptions,
     mut progress: impl FnMut(Progress),
 ) -> Result<WriteReport> {
     if dir.exists() && !options.overwrite {
         bail!("{}: already exists (choose another folder, or set SaveOptions::overwrite to replace it)", dir.display())
     }
-    let serde_json::Value::Object(mut config) = options.config.clone() else { bail!("the model config to save must be a JSON object") };
-    config.insert("quantization_config".into(), serde_json::to_value(quantization).map_err(|e| candle_core::Error::Msg(e.to_string()))?);
     let name =
         dir.file_name().and_then(|n| n.to_str()).ok_or_else(|| candle_core::Error::Msg(format!("{}: not a folder name", dir.display())))?;
     let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let tmp = parent.join(format!(".{name}.partial-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).map_err(|e| candle_core::Error::Msg(format!("{}: cannot create: {e}", tmp.display())))?;
-    let written = write_into(&tmp, source, &serde_json::Value::Object(config), options, &mut progress).and_then(|report| {
+    let written = write_into(&tmp, source, config, options, &mut progress).and_then(|report| {
         if dir.exists() {
             std::fs::remove_dir_all(dir).map_err(|e| candle_core::Error::Msg(format!("{}: cannot replace: {e}", dir.display())))?;
         }

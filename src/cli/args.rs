@@ -116,6 +116,9 @@ pub enum Format {
     /// One GGUF file for llama.cpp, ollama and candle's quantized models (int8 as Q8_0, int4 as
     /// Q4_0/Q4_1).
     Gguf,
+    /// A Hugging Face compressed-tensors folder for vLLM, SGLang and transformers
+    /// (int-quantized, naive-quantized or pack-quantized).
+    CompressedTensors,
 }
 
 /// `--precision`: the model as float, or quantized as `--mode` says.

@@ -1,6 +1,7 @@
 //! Where models come from: a Hugging Face hub id (through hf-hub and its cache), a local HF
 //! folder, or a GGUF file; loaders that turn each into a model with its tokenizer.
 
+pub mod compressed_tensors;
 pub mod gguf;
 pub mod hf;
 
@@ -237,7 +238,15 @@ pub fn open_decoder(source: &ModelSource) -> Result<OpenedDecoder> {
     let files = hf_files(source)?;
     let config_json = read_json(&files.config)?;
     let config = DecoderConfig::from_json(&config_json).map_err(|e| e.context(format!("{source}")))?;
-    let quantization = CheckpointScheme::from_model_config(&config_json, &files.config)?;
+    let tensors = SafetensorsSource::open(&files.weights, files.index.as_deref())?;
+    let (tensors, quantization): (Arc<dyn TensorSource>, _) =
+        if config_json["quantization_config"]["quant_method"].as_str() == Some(compressed_tensors::QUANT_METHOD) {
+            let (view, scheme) = compressed_tensors::CompressedTensorsSource::new(Arc::new(tensors), &config_json)
+                .map_err(|e| e.context(format!("{}: a compressed-tensors checkpoint", files.config.display())))?;
+            (Arc::new(view), Some(scheme))
+        } else {
+            (Arc::new(tensors), CheckpointScheme::from_model_config(&config_json, &files.config)?)
+        };
     let tokenizer = read_tokenizer(source, &files)?;
     let folder = files.config.parent().map(Path::to_path_buf).unwrap_or_default();
     let template_file = folder.join("tokenizer_config.json");
@@ -247,16 +256,15 @@ pub fn open_decoder(source: &ModelSource) -> Result<OpenedDecoder> {
         let bytes = std::fs::read(&f).map_err(|e| candle_core::Error::Msg(format!("{}: {e}", f.display())))?;
         extra_files.push((f.file_name().and_then(|n| n.to_str()).unwrap_or("tokenizer.json").to_string(), bytes));
     }
-    let tensors = SafetensorsSource::open(&files.weights, files.index.as_deref())?;
     if quantization.is_some() {
-        crate::checkpoint::check_int8_tensors(&tensors)?;
+        crate::checkpoint::check_int8_tensors(&*tensors)?;
     }
     let mut inputs = files.weights.clone();
     inputs.push(files.config.clone());
     Ok(OpenedDecoder {
         config,
         config_json,
-        tensors: Arc::new(tensors),
+        tensors,
         quantization,
         gguf_metadata: None,
         tokenizer,

@@ -7,7 +7,7 @@ use crate::progress::{bytes_bar, Bars};
 use anyhow::{bail, Result};
 use candle_quant::checkpoint::{quantized_tensors, write_checkpoint, CheckpointScheme, SaveOptions};
 use candle_quant::io::gguf::write::{write_gguf, GgufExport, GgufReport};
-use candle_quant::io::OpenedDecoder;
+use candle_quant::io::{compressed_tensors, OpenedDecoder};
 use candle_quant::source::TensorSource;
 use std::path::Path;
 
@@ -42,12 +42,18 @@ pub fn run(model: &ModelArgs, out: &Path, format: Format, max_shard_size: u64, f
             let (config, options) = (opened.config.clone(), opened.save_options_for(out, &options)?);
             let (mut q, _) = quantized(&Bars::around(|p| opened.load(p))?, model)?;
             let (tensors, quantization) = quantized_tensors(&mut q.model)?;
-            match metadata {
-                Some(metadata) => {
+            match (format, metadata) {
+                (_, Some(metadata)) => {
                     let export = GgufExport { config: &config, tensors: &*tensors, quantization: &quantization, metadata };
                     print_gguf(&gguf_with_bar(out, &export, force)?);
                 }
-                None => {
+                (Format::CompressedTensors, None) => {
+                    let report = compressed_tensors::write_compressed_tensors(out, &*tensors, &quantization, &options, |_| {})?;
+                    for dropped in &report.dropped {
+                        println!("  not stored: {dropped}");
+                    }
+                }
+                _ => {
                     write_checkpoint(out, &*tensors, &quantization, &options, |_| {})?;
                 }
             }
@@ -59,9 +65,15 @@ pub fn run(model: &ModelArgs, out: &Path, format: Format, max_shard_size: u64, f
 
 /// A quantized source written in another format as stored: no value is rounded again.
 fn repack(opened: &OpenedDecoder, stored: CheckpointScheme, out: &Path, format: Format, options: &SaveOptions) -> Result<()> {
-    let from_gguf = opened.gguf_metadata.is_some();
-    if format == Format::Folder && !from_gguf {
-        bail!("{}: is already an int8 checkpoint folder (to write it as GGUF, add --format gguf)", opened.source)
+    let source_format = if opened.gguf_metadata.is_some() {
+        Format::Gguf
+    } else if opened.config_json["quantization_config"]["quant_method"] == compressed_tensors::QUANT_METHOD {
+        Format::CompressedTensors
+    } else {
+        Format::Folder
+    };
+    if format == source_format {
+        bail!("{}: is already quantized in this format (--format folder, gguf or compressed-tensors writes another)", opened.source)
     }
     eprintln!("{}: already quantized; written as stored (--mode, --bits and the like do not apply)", opened.source);
     let start = std::time::Instant::now();
@@ -99,6 +111,20 @@ fn write(
         Format::Gguf => {
             let export = GgufExport { config: &opened.config, tensors, quantization, metadata: opened.gguf_metadata()? };
             print_gguf(&gguf_with_bar(out, &export, options.overwrite)?);
+        }
+        Format::CompressedTensors => {
+            let options = opened.save_options_for(out, options)?;
+            let pb = bytes_bar("quantizing and writing");
+            let report = compressed_tensors::write_compressed_tensors(out, tensors, quantization, &options, |p| {
+                pb.set_length(p.total);
+                pb.set_position(p.done);
+            });
+            pb.finish_and_clear();
+            let report = report?;
+            println!("compressed-tensors: {:.1} MB of tensors", report.written.tensor_bytes as f64 / 1e6);
+            for dropped in &report.dropped {
+                println!("  not stored: {dropped}");
+            }
         }
     }
     Ok(())
