@@ -427,7 +427,8 @@ fn layer_scheme(group: &Value) -> Result<LayerScheme> {
     } else {
         weight_group_size.map_or(crate::kernels::WeightQuant::PerChannel, crate::kernels::WeightQuant::PerGroup)
     };
-    let config = crate::QuantConfig::default().outlier_threshold(None);
+    // The format has no outlier threshold: this toolkit's default applies, as to a GGUF file.
+    let config = crate::QuantConfig::default();
     let act = crate::nn::ActivationQuant::with_group(activation_scheme == QScheme::Affine, activation_group_size);
     Ok(LayerScheme::dynamic(&config, act, weight))
 }
