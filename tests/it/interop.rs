@@ -394,7 +394,8 @@ fn compressed_tensors_schemes_that_do_not_map_are_named() {
     let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/compressed-tensors-w8a8");
     let scratch = common::Scratch::new("ct-bad");
     let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixture.join("config.json")).unwrap()).unwrap();
-    let cases: [(&str, fn(&mut serde_json::Value), &[&str]); 3] = [
+    type Change = fn(&mut serde_json::Value);
+    let cases: [(&str, Change, &[&str]); 3] = [
         (
             "float weights",
             |c| c["quantization_config"]["config_groups"]["group_0"]["weights"]["type"] = "float".into(),
