@@ -10,8 +10,9 @@ use candle_core::quantized::gguf_file::{self, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Result, Tensor};
 use candle_quant::checkpoint::{Int8Kind, SaveOptions};
+use candle_quant::io::compressed_tensors::write_compressed_tensors;
 use candle_quant::io::{open_decoder, ModelSource};
-use candle_quant::QuantConfig;
+use candle_quant::{QuantConfig, WeightQuant};
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -59,10 +60,26 @@ pub enum Target {
     Int8,
     /// `config.json` of an int8 folder, with its `quantization_config`.
     Int8Config,
+    /// A whole GGUF file whose linear weights are read as blocks (`Q8_0` beside float).
+    GgufBlocks,
+    /// `model.safetensors` of a compressed-tensors folder (int8, and packed int4 with zero points).
+    CompressedTensors,
+    /// `config.json` of a compressed-tensors folder, with its `quantization_config`.
+    CompressedTensorsConfig,
 }
 
 impl Target {
-    pub const ALL: [Target; 6] = [Target::Gguf, Target::Safetensors, Target::Config, Target::Tokenizer, Target::Int8, Target::Int8Config];
+    pub const ALL: [Target; 9] = [
+        Target::Gguf,
+        Target::Safetensors,
+        Target::Config,
+        Target::Tokenizer,
+        Target::Int8,
+        Target::Int8Config,
+        Target::GgufBlocks,
+        Target::CompressedTensors,
+        Target::CompressedTensorsConfig,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -72,6 +89,9 @@ impl Target {
             Target::Tokenizer => "tokenizer",
             Target::Int8 => "int8",
             Target::Int8Config => "int8-config",
+            Target::GgufBlocks => "gguf-blocks",
+            Target::CompressedTensors => "ct",
+            Target::CompressedTensorsConfig => "ct-config",
         }
     }
 
@@ -81,7 +101,7 @@ impl Target {
 
     /// Whether inputs are JSON text (the fuzzer mutates those structurally too).
     pub fn is_json(self) -> bool {
-        matches!(self, Target::Config | Target::Tokenizer | Target::Int8Config)
+        matches!(self, Target::Config | Target::Tokenizer | Target::Int8Config | Target::CompressedTensorsConfig)
     }
 }
 
@@ -112,8 +132,9 @@ fn tensor(dims: &[usize], seed: usize) -> Result<Tensor> {
     Tensor::from_vec(v, dims, &Device::Cpu)
 }
 
-/// A valid GGUF Llama: 1 layer, hidden 16, 2 heads, 1 key/value head, vocabulary 40.
-fn write_gguf(path: &Path) -> Result<()> {
+/// A valid GGUF Llama: 1 layer, hidden 16, 2 heads, 1 key/value head, vocabulary 40; with
+/// `blocks`, its one linear weight 32 wide (`ffn_down`) as `Q8_0`.
+fn write_gguf(path: &Path, blocks: bool) -> Result<()> {
     let (toks, types, merges) = tokens();
     let (ffn, kv) = (32usize, HIDDEN / 2);
     let shapes: Vec<(&str, Vec<usize>)> = vec![
@@ -132,7 +153,10 @@ fn write_gguf(path: &Path) -> Result<()> {
     let tensors: Vec<(&str, QTensor)> = shapes
         .iter()
         .enumerate()
-        .map(|(i, (name, dims))| Ok((*name, QTensor::quantize(&tensor(dims, i)?, GgmlDType::F32)?)))
+        .map(|(i, (name, dims))| {
+            let ty = if blocks && *name == "blk.0.ffn_down.weight" { GgmlDType::Q8_0 } else { GgmlDType::F32 };
+            Ok((*name, QTensor::quantize(&tensor(dims, i)?, ty)?))
+        })
         .collect::<Result<_>>()?;
     let strings = |v: &[String]| Value::Array(v.iter().map(|s| Value::String(s.clone())).collect());
     let metadata: Vec<(&str, Value)> = vec![
@@ -169,7 +193,8 @@ impl Seeds {
     pub fn build(dir: &Path) -> Result<Self> {
         std::fs::create_dir_all(dir)?;
         let gguf = dir.join("model.gguf");
-        write_gguf(&gguf)?;
+        write_gguf(&gguf, false)?;
+        write_gguf(&dir.join("blocks.gguf"), true)?;
         let opened = open_decoder(&ModelSource::Gguf(gguf.clone()))?;
         let float = dir.join("float");
         std::fs::create_dir_all(&float)?;
@@ -187,7 +212,19 @@ impl Seeds {
         if !int8.is_dir() {
             opened.quantize_to(&int8, &QuantConfig::default(), Int8Kind::Dynamic, &SaveOptions::default(), |_| {})?;
         }
-        for (from, to) in [("float", "float-input"), ("int8", "int8-input")] {
+        let ct = dir.join("ct");
+        if !ct.is_dir() {
+            // Int8 attention, int4 MLP with zero points: every tensor kind of the format.
+            let config = QuantConfig::default().override_weight("*.mlp.*", WeightQuant::Int4 { group: 16, zero_point: true });
+            let mixed = dir.join("int8-int4");
+            let _ = std::fs::remove_dir_all(&mixed);
+            opened.quantize_to(&mixed, &config, Int8Kind::Dynamic, &SaveOptions::default(), |_| {})?;
+            let stored = open_decoder(&ModelSource::Folder(mixed.clone()))?;
+            let options = stored.save_options_for(&ct, &SaveOptions::default())?;
+            let q = stored.quantization.clone().ok_or_else(|| candle_core::Error::Msg("the int8 seed has no scheme".into()))?;
+            write_compressed_tensors(&ct, &*stored.tensors, &q, &options, |_| {})?;
+        }
+        for (from, to) in [("float", "float-input"), ("int8", "int8-input"), ("ct", "ct-input")] {
             let to = dir.join(to);
             std::fs::create_dir_all(&to)?;
             for entry in std::fs::read_dir(dir.join(from))? {
@@ -211,6 +248,9 @@ impl Seeds {
             Target::Tokenizer => "float/tokenizer.json",
             Target::Int8 => "int8/model.safetensors",
             Target::Int8Config => "int8/config.json",
+            Target::GgufBlocks => "blocks.gguf",
+            Target::CompressedTensors => "ct/model.safetensors",
+            Target::CompressedTensorsConfig => "ct/config.json",
         }
     }
 
@@ -218,9 +258,13 @@ impl Seeds {
     /// panic.
     pub fn run(&self, target: Target, input: &[u8]) -> Result<()> {
         let (source, file) = match target {
-            Target::Gguf => {
+            Target::Gguf | Target::GgufBlocks => {
                 let file = self.dir.join("input.gguf");
                 (ModelSource::Gguf(file.clone()), file)
+            }
+            Target::CompressedTensors | Target::CompressedTensorsConfig => {
+                let name = Path::new(self.relative(target)).file_name().unwrap_or_default();
+                (ModelSource::Folder(self.dir.join("ct-input")), self.dir.join("ct-input").join(name))
             }
             Target::Int8 | Target::Int8Config => {
                 let name = Path::new(self.relative(target)).file_name().unwrap_or_default();
@@ -234,7 +278,7 @@ impl Seeds {
         std::fs::write(&file, input)?;
         let result = open_decoder(&source).and_then(|m| m.load(&mut |_| {}));
         // Put the valid file back for the next input of another target.
-        if target != Target::Gguf {
+        if !matches!(target, Target::Gguf | Target::GgufBlocks) {
             std::fs::write(&file, self.seed(target)?)?;
         }
         let lm = result?;

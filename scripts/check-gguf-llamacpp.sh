@@ -55,7 +55,12 @@ for spec in smollm2:models/SmolLM2-135M-Instruct.Q4_1.gguf gemma3:models/gemma-3
     # Greedy text: the same prompt and token count in both engines.
     llama_text=$("$bin/llama-simple" -m "$out" -n 24 "$prompt" 2>/dev/null | tr '\n' ' ')
     candle_text=$(target/release/examples/gguf_perplexity --model "$out" --engine candle --generate "$prompt" --tokens 24 2>/dev/null | tr '\n' ' ')
-    same=$([[ ${llama_text% } == "$prompt${candle_text% }" ]] && echo same || echo differs)
+    # How many leading words the two texts share.
+    read -ra a <<<"$llama_text"
+    read -ra b <<<"$prompt$candle_text"
+    n=0
+    while ((n < ${#a[@]} && n < ${#b[@]})) && [[ ${a[n]} == "${b[n]}" ]]; do n=$((n + 1)); done
+    same="$n of ${#a[@]} words the same"
     ratio=$(awk -v a="$llama" -v b="$candle" 'BEGIN { printf "%.5f", a / b }')
     printf '%-10s %-14s %-14s %-14s %-9s %s\n' "$name" "$llama" "$candle" "$ours" "$ratio" "$same"
     echo "    llama.cpp: ${llama_text}" && echo "    candle:    $prompt${candle_text}"

@@ -11,7 +11,7 @@ seed=${2:-1}
 out=fuzz/crashes
 cargo build --release --example fuzz_loaders
 status=0
-for target in gguf safetensors config tokenizer int8 int8-config; do
+for target in gguf safetensors config tokenizer int8 int8-config gguf-blocks ct ct-config; do
     if target/release/examples/fuzz_loaders --target "$target" --execs "$execs" --seed "$seed" --out "$out" 2> "$out.$target.log"; then
         rm -f "$out.$target.log"
     else

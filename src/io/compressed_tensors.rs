@@ -66,6 +66,9 @@ impl<'a> CompressedTensorsView<'a> {
                 let &[n, stored_k] = e.shape.as_slice() else { bail!("{}: a quantized weight must be 2-D", source.describe(name)) };
                 let bits = if e.dtype == Dtype::U8 { 4 } else { 8 };
                 let k = if bits == 4 { 2 * stored_k } else { stored_k };
+                if k == 0 {
+                    bail!("{}: a quantized weight with no input channels", source.describe(name))
+                }
                 if tied && layer == "lm_head" {
                     let group = quantization.scheme_for(layer).weight_quant().group_in(k);
                     let embed = Entry { name: "model.embed_tokens.weight".into(), dtype: Dtype::F32, shape: vec![n, k] };
@@ -121,7 +124,8 @@ impl TensorSource for CompressedTensorsView<'_> {
             Origin::Embeddings { layer, bits, k, group } => {
                 let values = self.source.read_bytes(&format!("{layer}.weight"))?;
                 let scales = self.source.read_bytes(&format!("{layer}.weight_scale"))?;
-                let zero_points = self.source.read_bytes(&format!("{layer}.weight_zero_point")).unwrap_or_default();
+                let zp = format!("{layer}.weight_zero_point");
+                let zero_points = if self.source.entry(&zp).is_some() { self.source.read_bytes(&zp)? } else { vec![] };
                 let rows = crate::io::gguf::blocks::StoredRows {
                     bits: *bits,
                     n: values.len() / if *bits == 4 { k / 2 } else { *k },
