@@ -58,6 +58,7 @@ mod save;
 mod scheme;
 
 pub use planned::PlannedSource;
+#[cfg(feature = "hub")]
 pub(crate) use save::write_folder;
 pub use save::{quantized_tensors, save_quantized, write_checkpoint, SaveOptions};
 #[cfg(feature = "hub")]

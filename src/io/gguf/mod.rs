@@ -532,3 +532,35 @@ fn byte_level_bpe(content: &Content, path: &Path, tokens: Vec<String>, types: &[
     tokenizer.add_special_tokens(specials).map_err(terr)?;
     Ok(tokenizer)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One head of 6 rows: GGUF row `2j + t` holds HF row `t·3 + j`, so GGUF rows 0..6 hold HF
+    /// rows [0, 3, 1, 4, 2, 5], and HF rows 0..6 come from GGUF rows [0, 2, 4, 1, 3, 5] (the
+    /// inverse permutation).
+    #[test]
+    fn rope_row_orders_are_inverse() {
+        assert_eq!(rope_row_order(6, 1, 6, true).unwrap(), [0, 3, 1, 4, 2, 5]);
+        assert_eq!(rope_row_order(6, 1, 6, false).unwrap(), [0, 2, 4, 1, 3, 5]);
+        let (to, from) = (rope_row_order(32, 4, 8, true).unwrap(), rope_row_order(32, 4, 8, false).unwrap());
+        assert!((0..32).all(|r| from[to[r]] == r));
+        assert!(rope_row_order(30, 4, 8, true).is_err());
+    }
+
+    /// Every per-layer name maps both ways, per architecture.
+    #[test]
+    fn tensor_names_map_both_ways() {
+        for gemma3 in [false, true] {
+            for &(g, h, _) in LAYER_NAMES.iter().filter(|(_, _, o)| o.is_none_or(|o| o == gemma3)) {
+                let gguf = format!("blk.3.{g}.weight");
+                let hf = format!("model.layers.3.{h}.weight");
+                assert_eq!(hf_name(&gguf, gemma3).as_deref(), Some(hf.as_str()));
+                assert_eq!(gguf_name(&hf, gemma3).as_deref(), Some(gguf.as_str()));
+            }
+        }
+        assert_eq!(gguf_name("model.layers.0.post_attention_layernorm.weight", false).as_deref(), Some("blk.0.ffn_norm.weight"));
+        assert_eq!(gguf_name("model.layers.0.post_attention_layernorm.weight", true).as_deref(), Some("blk.0.post_attention_norm.weight"));
+    }
+}
