@@ -143,8 +143,20 @@ fn gguf_with_bar(out: &Path, export: &GgufExport, overwrite: bool) -> Result<Ggu
 /// What a GGUF file holds, and every layer it could not hold exactly.
 fn print_gguf(r: &GgufReport) {
     println!("GGUF: {} tensors, {:.1} MB; {} layers block for block as quantized", r.tensors, r.bytes as f64 / 1e6, r.exact_layers);
+    // Lossy layers grouped by what they went out as and why, with the range of their errors.
+    let mut kinds: Vec<(String, Vec<&candle_quant::io::gguf::write::GgufLoss>)> = vec![];
     for loss in &r.lossy {
-        println!("  {} as {:?}: {} (relative weight error {:.2e})", loss.layer, loss.written_as, loss.reason, loss.relative_error);
+        let key = format!("as {:?}: {}", loss.written_as, loss.reason);
+        match kinds.iter_mut().find(|(k, _)| *k == key) {
+            Some((_, v)) => v.push(loss),
+            None => kinds.push((key, vec![loss])),
+        }
+    }
+    for (key, losses) in kinds {
+        let (lo, hi) = losses.iter().fold((f64::MAX, 0f64), |(lo, hi), l| (lo.min(l.relative_error), hi.max(l.relative_error)));
+        let names: Vec<&str> = losses.iter().take(3).map(|l| l.layer.as_str()).collect();
+        let more = if losses.len() > 3 { format!(" and {} more", losses.len() - 3) } else { String::new() };
+        println!("  {} layer(s) {key}; relative weight error {lo:.2e} to {hi:.2e} ({}{more})", losses.len(), names.join(", "));
     }
     for dropped in &r.dropped {
         println!("  not stored: {dropped}");
