@@ -251,3 +251,34 @@ fn embed_writes_one_embedding_per_line_in_order() {
     let bad = cli(&["embed", "--file", file.to_str().unwrap(), "--out", dir.join("e.txt").to_str().unwrap()]);
     assert!(!bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains(".jsonl"));
 }
+
+/// `quantize --format gguf` writes a Q8_0 file that `generate` runs from its blocks; that file
+/// re-packs as a compressed-tensors folder (as stored, not re-rounded) which `inspect` reads as
+/// 211 int8 layers; writing a model in the format it already has is refused.
+#[test]
+fn quantize_to_gguf_and_compressed_tensors_and_back() {
+    let scratch = common::Scratch::new("cli-formats");
+    let gguf = scratch.join("smollm2-q8_0.gguf");
+    let out = cli(&["quantize", "--format", "gguf", "--out", gguf.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("211 layers block for block"), "{}", String::from_utf8_lossy(&out.stdout));
+    let args = ["--prompt", "The capital of France is", "--no-chat-template", "--max-new-tokens", "6"];
+    let gen = cli(&[&["generate", "--model", gguf.to_str().unwrap()][..], &args].concat());
+    assert!(gen.status.success(), "{}", String::from_utf8_lossy(&gen.stderr));
+    assert!(String::from_utf8_lossy(&gen.stdout).contains("Paris"), "{}", String::from_utf8_lossy(&gen.stdout));
+    let ct = scratch.join("smollm2-ct");
+    let out = cli(&["quantize", "--model", gguf.to_str().unwrap(), "--format", "compressed-tensors", "--out", ct.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("written as stored"));
+    let inspect = cli(&["inspect", "--model", ct.to_str().unwrap()]);
+    assert!(inspect.status.success(), "{}", String::from_utf8_lossy(&inspect.stderr));
+    assert!(
+        String::from_utf8_lossy(&inspect.stdout).contains("211 linear layers, 211 int8"),
+        "{}",
+        String::from_utf8_lossy(&inspect.stdout)
+    );
+    let again =
+        cli(&["quantize", "--model", gguf.to_str().unwrap(), "--format", "gguf", "--out", scratch.join("again.gguf").to_str().unwrap()]);
+    assert!(!again.status.success() && String::from_utf8_lossy(&again.stderr).contains("already quantized in this format"));
+    assert!(!scratch.join("again.gguf").exists());
+}
