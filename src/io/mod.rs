@@ -307,6 +307,15 @@ impl OpenedDecoder {
         if tied && layers.iter().any(|(n, _)| n == "lm_head") {
             renamed.insert("lm_head".to_string(), "model.embed_tokens.weight".to_string());
         }
+        // Groups that cannot work together are refused before anything is written.
+        if kind == Int8Kind::Dynamic {
+            for (name, how) in &layers {
+                let from = renamed.get(name).cloned().unwrap_or_else(|| format!("{name}.weight"));
+                if let Some(&k) = self.tensors.entry(&from).and_then(|e| e.shape.get(1)) {
+                    crate::nn::check_dynamic_groups(name, config.activation_for(name), *how, k)?;
+                }
+            }
+        }
         Ok((PlannedSource::new(self.tensors.clone(), &layers, &renamed)?, quantization))
     }
 

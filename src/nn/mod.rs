@@ -393,25 +393,7 @@ impl QLinear {
     /// Becomes [`QLinearKind::Dynamic`]: int8 weights scaled per `weights`, activations quantized
     /// per `act` on every call. When both are per group, the group sizes must match.
     pub fn quantize_dynamic(&mut self, act: ActivationQuant, weights: WeightQuant, outlier_threshold: Option<f32>) -> Result<()> {
-        act.validate()?;
-        let k = self.in_features;
-        match (act.group().filter(|&a| a < k), weights.group_below(k)) {
-            (Some(a), Some(w)) if a != w => {
-                bail!("layer '{}': activation groups of {a} and weight groups of {w} must be equal", self.name)
-            }
-            (Some(a), w) if act.is_affine() => {
-                let w = w.unwrap_or(k);
-                if w != a || a > crate::kernels::MAX_SUMMED_GROUP {
-                    bail!(
-                        "layer '{}': affine activations in groups of {a} need int8 weights in groups of the same size (at most {}), got {} (symmetric activations take any weights)",
-                        self.name,
-                        crate::kernels::MAX_SUMMED_GROUP,
-                        if w == k { "one scale per output channel".to_string() } else { format!("groups of {w}") }
-                    )
-                }
-            }
-            _ => {}
-        }
+        check_dynamic_groups(&self.name, act, weights, self.in_features)?;
         let (w, b) = self.int8_weights(weights)?;
         self.kind = QLinearKind::Dynamic(DynamicLinear::new(w, b, act).with_outlier_threshold(outlier_threshold));
         Ok(())
@@ -488,6 +470,31 @@ fn cpu_slice<T: candle_core::WithDType, R>(t: &Tensor, f: impl FnOnce(&[T]) -> R
         (Storage::Cpu(cpu), Some((start, end))) => Ok(f(&cpu.as_slice::<T>()?[start..end])),
         _ => bail!("expected a contiguous CPU tensor of {:?}, got {:?} {:?}", T::DTYPE, t.dtype(), t.shape()),
     }
+}
+
+/// Whether a dynamic layer `name` of `k` inputs can quantize activations per `act` over weights
+/// scaled per `weights`: per-group activations and weights need the same groups, and affine
+/// activation groups need weights in the same groups (at most
+/// [`crate::kernels::MAX_SUMMED_GROUP`] wide). The error names the layer and both groupings.
+pub(crate) fn check_dynamic_groups(name: &str, act: ActivationQuant, weights: WeightQuant, k: usize) -> Result<()> {
+    act.validate()?;
+    match (act.group().filter(|&a| a < k), weights.group_below(k)) {
+        (Some(a), Some(w)) if a != w => {
+            bail!("layer '{name}': activation groups of {a} and weight groups of {w} must be equal")
+        }
+        (Some(a), w) if act.is_affine() => {
+            let w = w.unwrap_or(k);
+            if w != a || a > crate::kernels::MAX_SUMMED_GROUP {
+                bail!(
+                    "layer '{name}': affine activations in groups of {a} need int8 weights in groups of the same size (at most {}), got {} (symmetric activations take any weights)",
+                    crate::kernels::MAX_SUMMED_GROUP,
+                    if w == k { "one scale per output channel".to_string() } else { format!("groups of {w}") }
+                )
+            }
+        }
+        _ => {}
+    }
+    Ok(())
 }
 
 #[cfg(test)]

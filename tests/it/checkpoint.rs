@@ -531,3 +531,24 @@ fn checkpoints_open_in_the_reference_safetensors_reader() {
     assert_eq!((s.dtype(), s.shape()), (safetensors::Dtype::F16, &[64usize, 2][..]));
     assert_eq!(st.tensor("gain").unwrap().dtype(), safetensors::Dtype::F32);
 }
+
+/// Per-channel weights with affine activations in groups of 32 cannot compute together: the
+/// streamed writer refuses the plan, naming the layer and both groupings, before it writes
+/// anything.
+#[test]
+fn quantize_to_refuses_groups_that_cannot_work_together() {
+    let (scratch, dir) = temp("mismatched-groups");
+    let float = scratch.join("float");
+    std::fs::create_dir_all(&float).unwrap();
+    common::write_model(
+        &float,
+        &common::tiny_llama(3),
+        1,
+        CONFIG.replace("\"tie_word_embeddings\": true", "\"tie_word_embeddings\": false").as_str(),
+    );
+    let opened = io::open_decoder(&ModelSource::Folder(float)).unwrap();
+    let config = QuantConfig::default().weight(WeightQuant::PerChannel).activation(ActivationQuant::AffinePerGroup(32));
+    let err = opened.quantize_to(&dir, &config, Int8Kind::Dynamic, &SaveOptions::default(), |_| {}).unwrap_err().to_string();
+    assert!(err.contains("model.layers.0.self_attn.q_proj") && err.contains("one scale per output channel"), "{err}");
+    assert!(!dir.exists());
+}

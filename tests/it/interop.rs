@@ -151,7 +151,8 @@ fn candles_gguf_reader_sees_our_weights() {
     let scratch = common::Scratch::new("gguf-candle-reads");
     let config = exact_kinds()
         .override_weight("*.self_attn.o_proj", WeightQuant::Int4 { group: 32, zero_point: true })
-        .override_weight("*.mlp.gate_proj", WeightQuant::PerGroup(16));
+        .override_weight("*.mlp.gate_proj", WeightQuant::PerGroup(16))
+        .override_activation("*.mlp.gate_proj", ActivationQuant::AffinePerGroup(16));
     let ours = quantized_folder(&scratch, &config);
     let file = scratch.join("model.gguf");
     let report = write_gguf(&file, &export(&ours), false, |_| {}).unwrap();
