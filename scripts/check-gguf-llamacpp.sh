@@ -54,6 +54,7 @@ for spec in smollm2:models/SmolLM2-135M-Instruct.Q4_1.gguf gemma3:models/gemma-3
     fi
     # Greedy text: the same prompt and token count in both engines.
     llama_text=$("$bin/llama-simple" -m "$out" -n 24 "$prompt" 2>/dev/null | tr '\n' ' ')
+    llama_text=${llama_text#<bos>}
     candle_text=$(target/release/examples/gguf_perplexity --model "$out" --engine candle --generate "$prompt" --tokens 24 2>/dev/null | tr '\n' ' ')
     # How many leading words the two texts share.
     read -ra a <<<"$llama_text"
