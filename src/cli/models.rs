@@ -193,3 +193,18 @@ pub fn prompt_tokens(lm: &LanguageModel, gen: &GenArgs) -> Result<(Vec<u32>, boo
     }
     Ok((tokens, templated))
 }
+
+/// What the quantized side is, for display: candle's ggml modes by name, else `int4` when any
+/// layer holds int4 weights (a `--bits 4` run, or an int4 checkpoint or GGUF file as stored),
+/// else `int8`.
+pub fn candidate_label(args: &ModelArgs, q: &mut LanguageModel) -> Result<&'static str> {
+    if matches!(args.mode, Mode::Q8_0 | Mode::Q4_0 | Mode::Q4K) {
+        return Ok(args.label());
+    }
+    let mut int4 = false;
+    q.model.visit_linears(&mut |l| {
+        int4 |= l.int8_parts().is_some_and(|(w, _)| w.bits() == 4);
+        Ok(())
+    })?;
+    Ok(if int4 { "int4" } else { "int8" })
+}

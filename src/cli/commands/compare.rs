@@ -1,7 +1,7 @@
 //! `compare`: greedy generation in f32 and int8 side by side, as a table or JSON.
 
 use crate::args::{GenArgs, ModelArgs};
-use crate::models::{model_pair, prompt_tokens};
+use crate::models::{candidate_label, model_pair, prompt_tokens};
 use anyhow::{Context, Result};
 use candle_quant::convert::Quantizable;
 use candle_quant::generate::{compare, Generation, Side};
@@ -13,7 +13,7 @@ use std::path::Path;
 pub fn run(model: &ModelArgs, reference: Option<&str>, gen: &GenArgs, repeats: usize, json: bool) -> Result<()> {
     let (lm, mut q, report) = model_pair(model, reference, "compare")?;
     let (tokens, _) = prompt_tokens(&lm, gen)?;
-    let label = model.label();
+    let label = candidate_label(model, &mut q)?;
     let mut side = None;
     let c = compare(&lm.model, &q.model, &lm.tokenizer, &tokens, gen.max_new_tokens, repeats, |s, piece| {
         if json {

@@ -1,7 +1,7 @@
 //! `eval`: perplexity, KL and top-1 agreement of int8 against f32 on a text.
 
 use crate::args::ModelArgs;
-use crate::models::model_pair;
+use crate::models::{candidate_label, model_pair};
 use crate::progress::bar;
 use anyhow::{Context, Result};
 use candle_quant::convert::Quantizable;
@@ -35,7 +35,7 @@ pub fn run(model: &ModelArgs, reference: Option<&str>, text: &Path, max_tokens: 
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         println!("{} tokens of {} in windows of {window}", r.tokens, text.display());
-        let label = model.label();
+        let label = candidate_label(model, &mut q)?;
         println!("perplexity f32 {:.3}, {label} {:.3} ({:+.2}%)", r.reference_ppl, r.candidate_ppl, r.ppl_delta_pct);
         println!("mean KL(f32 || {label}) {:.5} nats, top-1 agreement {:.2}%", r.kld, r.top1_agreement * 100.0);
     }
