@@ -35,7 +35,7 @@ enum Origin {
     /// Asymmetric int4 zero points `[out, groups]` packed down the output channels.
     ZeroPoints { from: String, n: usize, groups: usize },
     /// A tied model's embeddings: its int8 `lm_head` rows dequantized.
-    Embeddings { layer: String, bits: u32, k: usize, group: usize },
+    Embeddings { layer: String, bits: u32, n: usize, k: usize, group: usize },
 }
 
 /// A checkpoint's tensors (this toolkit's names and layouts) as a `compressed-tensors` folder
@@ -72,7 +72,7 @@ impl<'a> CompressedTensorsView<'a> {
                 if tied && layer == "lm_head" {
                     let group = quantization.scheme_for(layer).weight_quant().group_in(k);
                     let embed = Entry { name: "model.embed_tokens.weight".into(), dtype: Dtype::F32, shape: vec![n, k] };
-                    push(embed, Origin::Embeddings { layer: layer.into(), bits, k, group });
+                    push(embed, Origin::Embeddings { layer: layer.into(), bits, n, k, group });
                 }
                 if bits == 8 {
                     push(e.clone(), Origin::Copy(e.name.clone()));
@@ -115,26 +115,27 @@ impl TensorSource for CompressedTensorsView<'_> {
                 let z = self.source.read_bytes(from)?;
                 // Column g of the packed words holds zero points of rows 8w..8w+8 of group g.
                 let mut words = vec![0u32; n.div_ceil(8) * groups];
-                for (i, &zp) in z.iter().enumerate() {
+                for (i, &zp) in z.iter().enumerate().take(n * groups) {
                     let (j, g) = (i / groups, i % groups);
                     words[(j / 8) * groups + g] |= ((zp & 15) as u32) << (4 * (j % 8));
                 }
                 Ok(words.iter().flat_map(|w| w.to_le_bytes()).collect())
             }
-            Origin::Embeddings { layer, bits, k, group } => {
+            Origin::Embeddings { layer, bits, n, k, group } => {
                 let values = self.source.read_bytes(&format!("{layer}.weight"))?;
                 let scales = self.source.read_bytes(&format!("{layer}.weight_scale"))?;
                 let zp = format!("{layer}.weight_zero_point");
                 let zero_points = if self.source.entry(&zp).is_some() { self.source.read_bytes(&zp)? } else { vec![] };
                 let rows = crate::io::gguf::blocks::StoredRows {
                     bits: *bits,
-                    n: values.len() / if *bits == 4 { k / 2 } else { *k },
+                    n: *n,
                     k: *k,
                     group: *group,
                     values: &values,
                     scales: &scales,
                     zero_points: &zero_points,
                 };
+                rows.check().map_err(|e| e.context(self.source.describe(&format!("{layer}.weight"))))?;
                 let mut out = Vec::with_capacity(rows.n * k * 4);
                 let mut row = vec![0f32; *k];
                 for j in 0..rows.n {

@@ -58,6 +58,28 @@ impl StoredRows<'_> {
         (self.values[j * self.k.div_ceil(2) + c / 2] >> (4 * (c % 2))) & 15
     }
 
+    /// Checks that the bytes hold `n × k` values in groups of `group` (scales, and zero points
+    /// when there are any), so that nothing below indexes past them.
+    pub fn check(&self) -> Result<()> {
+        let (n, k, group) = (self.n, self.k, self.group);
+        let row = if self.bits == 4 { k.div_ceil(2) } else { k };
+        let groups = if group == 0 { 0 } else { k.div_ceil(group) };
+        if group == 0
+            || self.values.len() != n * row
+            || self.scales.len() != 2 * n * groups
+            || !(self.zero_points.is_empty() || self.zero_points.len() == n * groups)
+        {
+            bail!(
+                "{} value bytes, {} scale bytes and {} zero points do not fit {n}×{k} int{} weights in groups of {group}",
+                self.values.len(),
+                self.scales.len(),
+                self.zero_points.len(),
+                self.bits
+            )
+        }
+        Ok(())
+    }
+
     /// Row `j` dequantized into `out` (`k` values): `s·q` for int8, `s·(u − z)` for int4 (`z` = 8
     /// when symmetric).
     pub fn dequantize_row(&self, j: usize, out: &mut [f32]) {
@@ -72,10 +94,16 @@ impl StoredRows<'_> {
         }
     }
 
-    /// Whether every block of 32 lies inside one group, so one scale covers it.
+    /// Whether every block of 32 lies inside one group ([`blocks_align`]).
     pub fn blocks_align(&self) -> bool {
-        self.k.is_multiple_of(QK) && (self.group >= self.k || self.group.is_multiple_of(QK))
+        blocks_align(self.k, self.group)
     }
+}
+
+/// Whether every block of 32 of a row of `k` values lies inside one group of `group`, so one
+/// scale covers it: `k` a multiple of 32, and groups spanning the row or a multiple of 32.
+pub fn blocks_align(k: usize, group: usize) -> bool {
+    k.is_multiple_of(QK) && (group >= k || group.is_multiple_of(QK))
 }
 
 /// `rows` (int8, groups aligned to blocks) as `Q8_0` blocks, in `order`.

@@ -69,6 +69,9 @@ enum Part {
     Scales,
 }
 
+/// A block-quantized weight converted: its GGUF name, and its values and scales until read.
+type ConvertedBlocks = (String, [Option<Vec<u8>>; 2]);
+
 /// The tensors of a GGUF llama file under Hugging Face names, each dequantized to f32 (q/k rows
 /// put back in HF order) when read.
 pub struct GgufSource {
@@ -85,6 +88,9 @@ pub struct GgufSource {
     permuted: bool,
     /// Norm weights stored as `1 + w` (Gemma), read as `w`.
     norm_plus_one: bool,
+    /// The last block-quantized weight converted: its GGUF name and the part not read yet
+    /// (values, scales), so each weight is read from the file once.
+    last_blocks: Mutex<Option<ConvertedBlocks>>,
 }
 
 fn meta<'a>(content: &'a Content, key: &str, path: &Path) -> Result<&'a Value> {
@@ -201,6 +207,7 @@ fn open_gguf(path: &Path, keep_blocks: bool) -> Result<GgufModel> {
     let kinds: Option<Vec<Option<WeightQuant>>> = linear.iter().map(|&(_, t)| block_kind(t)).collect();
     let stored = keep_blocks && kinds.as_ref().is_some_and(|k| k.iter().any(Option::is_some));
     let mut quantization: Option<CheckpointScheme> = None;
+    let defaults = crate::QuantConfig::default();
     let (mut entries, mut names) = (Vec::new(), HashMap::new());
     for (name, _) in infos {
         let Some(hf) = hf_name(name, gemma3) else { bail!("{}: unexpected tensor '{name}' in a {arch} GGUF file", path.display()) };
@@ -225,8 +232,7 @@ fn open_gguf(path: &Path, keep_blocks: bool) -> Result<GgufModel> {
             entries.push(Entry { name: hf, dtype: Dtype::F32, shape });
             continue;
         };
-        let config = crate::QuantConfig::default();
-        let scheme = LayerScheme::dynamic(&config, config.activation, how);
+        let scheme = LayerScheme::dynamic(&defaults, defaults.activation, how);
         match &mut quantization {
             None => quantization = Some(CheckpointScheme::new(scheme)),
             Some(q) => q.set(&layer, scheme),
@@ -259,6 +265,7 @@ fn open_gguf(path: &Path, keep_blocks: bool) -> Result<GgufModel> {
         head_dim,
         permuted,
         norm_plus_one: gemma3,
+        last_blocks: Mutex::new(None),
     };
     Ok(GgufModel { config, tensors, tokenizer, chat_template, quantization })
 }
@@ -279,7 +286,11 @@ impl GgufSource {
         }
         // llama.cpp stores q/k rows interleaved for its rope; put them back in HF order.
         match self.rope_heads(name) {
-            Some(heads) => unpermute_rows(&t, heads, self.head_dim),
+            Some(heads) => {
+                let order: Vec<u32> =
+                    rope_row_order(t.dim(0)?, heads, self.head_dim, false).map_err(ctx)?.into_iter().map(|r| r as u32).collect();
+                t.index_select(&Tensor::new(order, &device)?, 0)
+            }
             None => Ok(t),
         }
     }
@@ -298,8 +309,24 @@ impl GgufSource {
         }
     }
 
-    /// One part of a `Q8_0`/`Q4_0` weight as this toolkit stores it, rows in HF order.
+    /// One part of a `Q8_0`/`Q4_0` weight as this toolkit stores it, rows in HF order: both
+    /// parts converted on the first read, the other kept for its own.
     fn read_blocks(&self, gguf: &str, part: Part) -> Result<Vec<u8>> {
+        let slot = usize::from(part == Part::Scales);
+        let mut last = self.last_blocks.lock().map_err(|_| candle_core::Error::Msg("a GGUF reader panicked".into()))?;
+        if let Some((_, parts)) = last.as_mut().filter(|(name, _)| name == gguf) {
+            if let Some(bytes) = parts[slot].take() {
+                return Ok(bytes);
+            }
+        }
+        let mut parts = self.convert_blocks(gguf).map(|(values, scales)| [Some(values), Some(scales)])?;
+        let wanted = parts[slot].take().unwrap_or_default();
+        *last = Some((gguf.to_string(), parts));
+        Ok(wanted)
+    }
+
+    /// A `Q8_0`/`Q4_0` weight read from the file as (values, scales), rows in HF order.
+    fn convert_blocks(&self, gguf: &str) -> Result<(Vec<u8>, Vec<u8>)> {
         let what = || format!("{}: tensor '{gguf}'", self.path.display());
         let Some(info) = self.content.tensor_infos.get(gguf) else { bail!("{}: not in the file", what()) };
         let &[n, k] = info.shape.dims() else { bail!("{}: a linear weight must be 2-D, found {:?}", what(), info.shape) };
@@ -316,12 +343,11 @@ impl GgufSource {
             Some(heads) => rope_row_order(n, heads, self.head_dim, false)?,
             None => (0..n).collect(),
         };
-        let (values, scales) = match info.ggml_dtype {
-            GgmlDType::Q8_0 => blocks::int8_from_q8_0(&raw, n, k, &order, &what)?,
-            GgmlDType::Q4_0 => blocks::int4_from_q4_0(&raw, n, k, &order, &what)?,
+        match info.ggml_dtype {
+            GgmlDType::Q8_0 => blocks::int8_from_q8_0(&raw, n, k, &order, &what),
+            GgmlDType::Q4_0 => blocks::int4_from_q4_0(&raw, n, k, &order, &what),
             other => bail!("{}: {other:?} blocks are not read as int8/int4 layers", what()),
-        };
-        Ok(if part == Part::Scales { scales } else { values })
+        }
     }
 }
 
@@ -415,17 +441,6 @@ fn gguf_name(hf: &str, gemma3: bool) -> Option<String> {
     let (part, suffix) = rest.rsplit_once('.')?;
     let &(g, _, _) = LAYER_NAMES.iter().find(|&&(_, h, only)| h == part && only.is_none_or(|o| o == gemma3))?;
     Some(format!("blk.{layer}.{g}.{suffix}"))
-}
-
-/// Inverse of llama.cpp's conversion permute: within each head, GGUF row `2j + t` is HF row
-/// `t·(d/2) + j`. Works for weights `[heads·d, in]` and biases `[heads·d]`.
-fn unpermute_rows(t: &Tensor, heads: usize, head_dim: usize) -> Result<Tensor> {
-    let dims = t.dims().to_vec();
-    if dims[0] != heads * head_dim || !head_dim.is_multiple_of(2) {
-        bail!("cannot un-permute a tensor of shape {dims:?} for {heads} heads of {head_dim}")
-    }
-    let rest: usize = dims[1..].iter().product();
-    t.reshape((heads, head_dim / 2, 2, rest))?.transpose(1, 2)?.contiguous()?.reshape(dims)
 }
 
 /// The tokenizer in `tokenizer.ggml.*` metadata: byte-level BPE (`gpt2`: Llama 3, SmolLM2) or

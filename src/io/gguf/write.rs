@@ -120,7 +120,10 @@ struct Planned {
     ty: GgmlType,
     shape: Vec<usize>,
     from: String,
-    layer: Option<(StoredLayout, Option<usize>)>,
+    /// How a quantized layer is stored; `None` for a float tensor.
+    stored: Option<StoredLayout>,
+    /// Heads of a Llama q/k tensor, whose rows go out in llama.cpp's RoPE order.
+    rope_heads: Option<usize>,
 }
 
 /// A quantized layer's stored form: bits, group, zero points.
@@ -172,7 +175,7 @@ pub fn write_gguf(out: &Path, export: &GgufExport, overwrite: bool, mut progress
 /// The quantized type most layers go out as (F32 when none is quantized).
 fn most_common_type(plan: &[Planned]) -> GgmlType {
     let mut counts: Vec<(GgmlType, usize)> = vec![];
-    for p in plan.iter().filter(|p| p.layer.is_some()) {
+    for p in plan.iter().filter(|p| p.stored.is_some()) {
         match counts.iter_mut().find(|(t, _)| *t == p.ty) {
             Some((_, n)) => *n += 1,
             None => counts.push((p.ty, 1)),
@@ -217,13 +220,7 @@ fn plan(export: &GgufExport) -> Result<(Vec<Planned>, GgufReport)> {
             if !e.dtype.is_float() {
                 bail!("{}: a {} tensor has no GGUF type here", source.describe(name), e.dtype.name())
             }
-            plan.push(Planned {
-                name: gguf,
-                ty,
-                shape: e.shape.clone(),
-                from: name.into(),
-                layer: rope_heads.map(|h| (float_layout(), Some(h))),
-            });
+            plan.push(Planned { name: gguf, ty, shape: e.shape.clone(), from: name.into(), stored: None, rope_heads });
             continue;
         };
         let scheme = export.quantization.scheme_for(layer);
@@ -238,8 +235,7 @@ fn plan(export: &GgufExport) -> Result<(Vec<Planned>, GgufReport)> {
         if !k.is_multiple_of(QK) {
             bail!("{}: {k} input channels: GGUF blocks need a multiple of {QK}", source.describe(name))
         }
-        let aligned = group >= k || group.is_multiple_of(QK);
-        let ty = match (bits, zero_points, aligned) {
+        let ty = match (bits, zero_points, blocks::blocks_align(k, group)) {
             (8, _, true) => GgmlType::Q8_0,
             (4, false, true) => GgmlType::Q4_0,
             (4, true, true) => GgmlType::Q4_1,
@@ -251,14 +247,9 @@ fn plan(export: &GgufExport) -> Result<(Vec<Planned>, GgufReport)> {
                 .push(format!("layer '{layer}': its calibrated activation ranges (GGUF engines quantize activations themselves)"));
         }
         let layout = StoredLayout { bits, group, zero_points };
-        plan.push(Planned { name: gguf, ty, shape: vec![n, k], from: layer.into(), layer: Some((layout, rope_heads)) });
+        plan.push(Planned { name: gguf, ty, shape: vec![n, k], from: layer.into(), stored: Some(layout), rope_heads });
     }
     Ok((plan, report))
-}
-
-/// The layout a float tensor is planned with (only its RoPE heads matter).
-fn float_layout() -> StoredLayout {
-    StoredLayout { bits: 0, group: 0, zero_points: false }
 }
 
 fn write_file(
@@ -316,14 +307,13 @@ fn write_file(
 /// One tensor's bytes as the file stores them.
 fn tensor_bytes(export: &GgufExport, p: &Planned, report: &mut GgufReport) -> Result<Vec<u8>> {
     let source = export.tensors;
-    let n = p.shape[0];
-    let order = match p.layer {
-        Some((_, Some(heads))) => {
-            rope_row_order(n, heads, export.config.head_dim(), true).map_err(|e| e.context(source.describe(&p.from)))?
-        }
-        _ => (0..n).collect(),
+    // Rows along the first dimension (a 0-d tensor is one row).
+    let n = p.shape.first().copied().unwrap_or(1);
+    let order = match p.rope_heads {
+        Some(heads) => rope_row_order(n, heads, export.config.head_dim(), true).map_err(|e| e.context(source.describe(&p.from)))?,
+        None => (0..n).collect(),
     };
-    let Some((layout, _)) = p.layer.filter(|(l, _)| l.bits > 0) else {
+    let Some(layout) = p.stored else {
         let e = source.entry(&p.from).ok_or_else(|| candle_core::Error::Msg(format!("{}: missing", source.describe(&p.from))))?;
         let bytes = source.read_bytes(&p.from)?;
         let count: usize = p.shape.iter().product();
@@ -353,17 +343,7 @@ fn tensor_bytes(export: &GgufExport, p: &Planned, report: &mut GgufReport) -> Re
         scales: &scales,
         zero_points: &zero_points,
     };
-    let expected = n * if layout.bits == 4 { rows.k / 2 } else { rows.k };
-    if values.len() != expected || scales.len() != 2 * n * rows.k.div_ceil(layout.group) {
-        bail!(
-            "{}: {} value bytes and {} scale bytes do not fit {n}×{} weights in groups of {}",
-            source.describe(layer),
-            values.len(),
-            scales.len(),
-            rows.k,
-            layout.group
-        )
-    }
+    rows.check().map_err(|e| e.context(source.describe(layer)))?;
     let exact = rows.blocks_align();
     match (p.ty, exact) {
         (GgmlType::Q8_0, true) if layout.bits == 8 => {
