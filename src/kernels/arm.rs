@@ -183,6 +183,8 @@ unsafe fn tile<const R: usize, const V: usize, const SUMS: bool, const DOT: bool
     let (a_step, w_step) = op.scale_steps();
     let (a, sa) = op.row_pointers::<R>(i0);
     let (w, sw) = op.block_pointers::<V>(b0);
+    // Values between a block's consecutive groups in the scales, zero points and sums.
+    let ss: [usize; V] = std::array::from_fn(|v| op.weights.side_stride(b0 + v));
     let (ao, ws) = op.offset_pointers::<R, V>(i0, b0);
     // SAFETY: NEON register arithmetic only; NEON is part of every aarch64 target.
     let zero = unsafe { vdupq_n_s32(0) };
@@ -197,8 +199,8 @@ unsafe fn tile<const R: usize, const V: usize, const SUMS: bool, const DOT: bool
             z.as_ptr()
         }
     });
-    // SAFETY: with zero points a block has 8 per group (group g's at 8·g when grouped).
-    let zeros_of = |v: usize, g: usize| unsafe { int4_zero_bytes(if zp[v].is_null() { zp[v] } else { zp[v].add(BLOCK_ROWS * g) }) };
+    // SAFETY: with zero points a block has 8 per group (group g's at ss[v]·g when grouped).
+    let zeros_of = |v: usize, g: usize| unsafe { int4_zero_bytes(if zp[v].is_null() { zp[v] } else { zp[v].add(ss[v] * g) }) };
     for g in 0..segs {
         let mut acc = [[[zero; 4]; V]; R];
         let q_end = ((g + 1) * seg_quads).min(quads);
@@ -239,7 +241,7 @@ unsafe fn tile<const R: usize, const V: usize, const SUMS: bool, const DOT: bool
                 } else {
                     // SAFETY: one activation scale per row or per segment; a block has 8
                     // scales per weight group (one group when w_step is 0).
-                    let (s, scales) = unsafe { (*sa[r].add(g * a_step), sw[v].add(BLOCK_ROWS * g * w_step)) };
+                    let (s, scales) = unsafe { (*sa[r].add(g * a_step), sw[v].add(ss[v] * g * w_step)) };
                     for h in 0..2 {
                         // SAFETY: scales h·4..h·4 + 4 of the block's 8 for this group.
                         let scale = unsafe { vmulq_n_f32(load_scales(scales.add(4 * h)), s) };
@@ -251,7 +253,7 @@ unsafe fn tile<const R: usize, const V: usize, const SUMS: bool, const DOT: bool
                         // the segments are the weight groups, or one segment spans the row).
                         // SAFETY: with offsets each row has one offset per segment (or one), and
                         // a block 8 sums per group beside its scales.
-                        let (o, group_sums) = unsafe { (*ao[r].add(g * a_step), ws[v].add(BLOCK_ROWS * g * w_step)) };
+                        let (o, group_sums) = unsafe { (*ao[r].add(g * a_step), ws[v].add(ss[v] * g * w_step)) };
                         for h in 0..2 {
                             // SAFETY: sums and scales h·4..h·4 + 4 of the group's 8.
                             let terms = unsafe {
@@ -288,7 +290,7 @@ unsafe fn tile<const R: usize, const V: usize, const SUMS: bool, const DOT: bool
                         // SAFETY: NEON register arithmetic only; NEON is part of every aarch64 target.
                         let q = unsafe { vshrq_n_s32::<24>(vshlq_s32(quad, to_top)) };
                         // SAFETY: group g's 8 scales exist in every block (c < K); half h of them.
-                        let wf = unsafe { vmulq_f32(vcvtq_f32_s32(q), load_scales(sw[v].add(BLOCK_ROWS * g + 4 * h))) };
+                        let wf = unsafe { vmulq_f32(vcvtq_f32_s32(q), load_scales(sw[v].add(ss[v] * g + 4 * h))) };
                         // SAFETY: NEON register arithmetic only; NEON is part of every aarch64 target.
                         y[r][v][h] = unsafe { vfmaq_n_f32(y[r][v][h], wf, x) };
                     }
@@ -466,6 +468,8 @@ unsafe fn weight_only_tile<const R: usize>(x: &[f32], i0: usize, weights: &Packe
     let quads = stride / 4;
     let (segs, seg_quads) = segments(k, stride, weights.group_size());
     let (w, sw) = (weights.block(b).as_ptr(), weights.block_scales(b).as_ptr());
+    // Values between the block's consecutive groups in its scales.
+    let ss = weights.side_stride(b) * (segs > 1) as usize;
     // SAFETY: NEON register arithmetic only; NEON is part of every aarch64 target.
     let zero = unsafe { vdupq_n_f32(0.0) };
     let mut y = [[zero; 2]; R];
@@ -492,7 +496,7 @@ unsafe fn weight_only_tile<const R: usize>(x: &[f32], i0: usize, weights: &Packe
         }
         for h in 0..2 {
             // SAFETY: 8 scales per group (a single group when per channel).
-            let s = unsafe { load_scales(sw.add(BLOCK_ROWS * g * (segs > 1) as usize + 4 * h)) };
+            let s = unsafe { load_scales(sw.add(ss * g + 4 * h)) };
             for r in 0..R {
                 // SAFETY: NEON register arithmetic only; NEON is part of every aarch64 target.
                 y[r][h] = unsafe { vfmaq_f32(y[r][h], acc[r][h], s) };

@@ -83,14 +83,16 @@ pub const BLOCK_ROWS: usize = 8;
 /// (`vpdpbusd` on VNNI, `vpmaddubsw` + `vpmaddwd` on AVX2) leaves eight outputs' partial sums in
 /// eight lanes, with no horizontal reduction. `K` is zero-padded to a multiple of [`CHUNK`] and
 /// `N` to a multiple of 8 (padding rows have scale 0). Blocks are stored in stream order
-/// (`stream_slot`) so that a decoding tile's eight streams run on across panels. Scales stay
-/// in block order, eight per block and group: `scales[(b·groups + g)·8 + r] = sw[8b + r, g]`,
-/// one vector load per block and group.
+/// (`stream_slot`) so that a decoding tile's eight streams run on across panels. Scales are
+/// eight per block and group, one vector load each, laid out panel by panel (`side_offset`):
+/// in a panel of `P` blocks starting at block `8p`, `sw[8b + r, g]` is at
+/// `64·p·groups + (g·P + b − 8p)·8 + r`, so a decoding tile's scales for one group are one
+/// contiguous run, and the scales of a whole layer one memory stream.
 ///
 /// Int4 weights ([`WeightQuant::Int4`]) keep the same blocks at half the bytes: byte
 /// `32·p + 4·r + t` of a block holds `w[8b + r, 8p + t]` in its low nibble and
 /// `w[8b + r, 8p + 4 + t]` in its high one, each as the unsigned `u = q + z` (`z` = 8 when
-/// symmetric, else the group's zero point, kept in block order like the scales). One 32-byte
+/// symmetric, else the group's zero point, laid out like the scales). One 32-byte
 /// load then gives two quads: `u & 15` and `(u >> 4) & 15`, minus `z`, are the signed bytes the
 /// int8 tiles multiply.
 #[derive(Debug, Clone)]
@@ -101,7 +103,7 @@ pub struct PackedInt8Weights {
     stride: usize,
     /// 8, or 4 for nibbles.
     bits: u32,
-    /// Int4 zero points `z[n,g] ∈ [0, 15]` in block order like the scales; `None`: 8 for
+    /// Int4 zero points `z[n,g] ∈ [0, 15]` laid out like the scales; `None`: 8 for
     /// symmetric int4 (and 0 for int8).
     zero_points: Option<Arc<Vec<u8>>>,
     /// Shared: the packed weights never change, so clones (a model copied to compare it with
@@ -110,7 +112,7 @@ pub struct PackedInt8Weights {
     scales: Arc<Vec<f16>>,
     /// `Σ_g sw[n,g] · Σ_{k∈g} qw[n,k]`: what an activation zero point of 1 would add to row `n`.
     zero_point_terms: Arc<Vec<f32>>,
-    /// `S[n,g] = Σ_{k∈g} qw[n,k]` in block order like the scales (`[(b·groups + g)·8 + r]`), for
+    /// `S[n,g] = Σ_{k∈g} qw[n,k]` laid out like the scales, for
     /// activations with a per-group offset (`|S| ≤ 127·group` fits `i16` for groups of at most
     /// [`MAX_SUMMED_GROUP`]): made from the packed bytes the first time a layer asks
     /// ([`Self::prepare_group_sums`]), so weight-only, static and symmetric layers do not hold them.
@@ -181,10 +183,7 @@ impl PackedInt8Weights {
         let (groups, blocks) = (k.div_ceil(group), n.div_ceil(BLOCK_ROWS));
         let zero = |j: usize, g: usize| rows.zero_points.get(j * groups + g).copied().unwrap_or(8);
         let mut data = super::memory::zeroed::<i8>(blocks * BLOCK_ROWS * stride / 2);
-        let mut block_of_slot = vec![0usize; blocks];
-        for b in 0..blocks {
-            block_of_slot[stream_slot(b, blocks)] = b;
-        }
+        let block_of_slot = blocks_in_stream_order(blocks);
         data.par_chunks_mut(BLOCK_ROWS * stride / 2).zip(&block_of_slot).for_each(|(dst, &b)| {
             for r in 0..BLOCK_ROWS {
                 let j = b * BLOCK_ROWS + r;
@@ -208,7 +207,7 @@ impl PackedInt8Weights {
             let mut zp = vec![8u8; blocks * BLOCK_ROWS * groups];
             for j in 0..n {
                 for g in 0..groups {
-                    zp[Self::scale_offset(groups, j, g)] = zero(j, g);
+                    zp[side_offset(groups, blocks, j, g)] = zero(j, g);
                 }
             }
             packed.zero_points = Some(Arc::new(zp));
@@ -240,10 +239,7 @@ impl PackedInt8Weights {
         let stride = k.next_multiple_of(CHUNK);
         let groups = k.div_ceil(group);
         let blocks = n.div_ceil(BLOCK_ROWS);
-        let mut block_of_slot = vec![0usize; blocks];
-        for b in 0..blocks {
-            block_of_slot[stream_slot(b, blocks)] = b;
-        }
+        let block_of_slot = blocks_in_stream_order(blocks);
         let rows_of = |b: usize| (b * BLOCK_ROWS..((b + 1) * BLOCK_ROWS).min(n)).enumerate();
         let mut data = super::memory::zeroed::<i8>(if values.is_empty() { 0 } else { blocks * BLOCK_ROWS * stride });
         data.par_chunks_mut(BLOCK_ROWS * stride).zip(&block_of_slot).for_each(|(dst, &b)| {
@@ -255,10 +251,14 @@ impl PackedInt8Weights {
             }
         });
         let mut packed_scales = vec![f16::ZERO; blocks * BLOCK_ROWS * groups];
-        packed_scales.par_chunks_mut(BLOCK_ROWS * groups).enumerate().for_each(|(b, dst)| {
-            for (r, j) in rows_of(b) {
-                for g in 0..groups {
-                    dst[g * BLOCK_ROWS + r] = scales[j * groups + g];
+        // One panel's scales per task: row j of its block v, group g, at (g·width + v)·8 + j % 8.
+        packed_scales.par_chunks_mut(PANEL_BLOCKS * BLOCK_ROWS * groups).enumerate().for_each(|(p, dst)| {
+            let first = p * PANEL_BLOCKS;
+            for b in first..(first + PANEL_BLOCKS).min(blocks) {
+                for (_, j) in rows_of(b) {
+                    for g in 0..groups {
+                        dst[side_offset(groups, blocks, j, g) - first * BLOCK_ROWS * groups] = scales[j * groups + g];
+                    }
                 }
             }
         });
@@ -289,7 +289,7 @@ impl PackedInt8Weights {
         for (j, (row, sw)) in values.chunks_mut(k).zip(scales.chunks_mut(groups)).enumerate() {
             row.iter_mut().enumerate().for_each(|(c, v)| *v = self.value(j, c));
             for (g, s) in sw.iter_mut().enumerate() {
-                *s = self.scales[Self::scale_offset(groups, j, g)];
+                *s = self.scales[self.side_offset(j, g)];
             }
         }
         let zero_points = match &self.zero_points {
@@ -324,23 +324,40 @@ impl PackedInt8Weights {
     #[inline]
     pub fn zero_point(&self, j: usize, g: usize) -> u8 {
         match (&self.zero_points, self.bits) {
-            (Some(z), _) => z[Self::scale_offset(self.groups(), j, g)],
+            (Some(z), _) => z[self.side_offset(j, g)],
             (None, 4) => 8,
             _ => 0,
         }
     }
 
-    /// The int4 zero points of block `b`, `groups()` runs of eight (like its scales); empty
+    /// The int4 zero points of block `b` from its group 0 on, laid out like its scales; empty
     /// when there are none (int8 or symmetric int4).
     #[inline]
     pub fn block_zero_points(&self, b: usize) -> &[u8] {
-        let len = BLOCK_ROWS * self.groups();
-        self.zero_points.as_deref().map_or(&[], |z| &z[b * len..(b + 1) * len])
+        self.zero_points.as_deref().map_or(&[], |z| &z[self.side_run(z, b)])
     }
 
+    /// Where output channel `j`'s group `g` lies in the per-group arrays (scales, zero points,
+    /// group sums).
     #[inline]
-    fn scale_offset(groups: usize, j: usize, g: usize) -> usize {
-        ((j / BLOCK_ROWS) * groups + g) * BLOCK_ROWS + j % BLOCK_ROWS
+    fn side_offset(&self, j: usize, g: usize) -> usize {
+        side_offset(self.groups(), self.blocks(), j, g)
+    }
+
+    /// Block `b`'s values in a per-group array, from its group 0 to its panel's end: group `g`'s
+    /// eight start [`Self::side_stride`]`(b) · g` values in.
+    #[inline]
+    fn side_run<T>(&self, side: &'_ [T], b: usize) -> std::ops::Range<usize> {
+        let panel_end = (b / PANEL_BLOCKS * PANEL_BLOCKS + PANEL_BLOCKS).min(self.blocks());
+        let end = (panel_end * BLOCK_ROWS * self.groups()).min(side.len());
+        side_offset(self.groups(), self.blocks(), b * BLOCK_ROWS, 0).min(end)..end
+    }
+
+    /// How far apart two consecutive groups of block `b` lie in the per-group arrays (scales,
+    /// zero points, group sums), in values: eight per block of its panel.
+    #[inline]
+    pub fn side_stride(&self, b: usize) -> usize {
+        BLOCK_ROWS * panel_width(b, self.blocks())
     }
 
     /// Output channels `N`.
@@ -380,11 +397,11 @@ impl PackedInt8Weights {
         &self.data[at * len..(at + 1) * len]
     }
 
-    /// The scales of block `b`: `groups()` runs of eight, one per output channel.
+    /// The scales of block `b` from its group 0 on: eight per group, one per output channel,
+    /// group `g`'s at [`Self::side_stride`]`(b) · g` (the panel's other blocks lie between).
     #[inline]
     pub fn block_scales(&self, b: usize) -> &[f16] {
-        let len = BLOCK_ROWS * self.groups();
-        &self.scales[b * len..(b + 1) * len]
+        &self.scales[self.side_run(&self.scales, b)]
     }
 
     /// Makes the per-group weight sums that affine activations need (once; clones share them):
@@ -404,25 +421,23 @@ impl PackedInt8Weights {
         self.group_sums.get_or_init(|| {
             let (groups, group, k) = (self.groups(), self.group, self.k);
             let mut sums = vec![0i16; self.blocks() * BLOCK_ROWS * groups];
-            for (b, dst) in sums.chunks_mut(BLOCK_ROWS * groups).enumerate() {
+            for j in 0..self.n {
                 for g in 0..groups {
                     // |Σ| ≤ 127·256 < 2¹⁵; padding rows are zeros.
-                    for r in 0..BLOCK_ROWS.min(self.n - b * BLOCK_ROWS) {
-                        let j = b * BLOCK_ROWS + r;
-                        dst[g * BLOCK_ROWS + r] = (g * group..((g + 1) * group).min(k)).map(|c| self.value(j, c) as i16).sum();
-                    }
+                    sums[self.side_offset(j, g)] = (g * group..((g + 1) * group).min(k)).map(|c| self.value(j, c) as i16).sum();
                 }
             }
             sums
         })
     }
 
-    /// The weight sums of block `b`, `groups()` runs of eight (`S[8b + r, g]` at `8g + r`);
+    /// The weight sums of block `b` from its group 0 on, laid out like its scales (`S[8b + r, g]`
+    /// at `side_stride(b)·g + r`);
     /// empty when the groups are larger than [`MAX_SUMMED_GROUP`].
     #[inline]
     pub fn block_group_sums(&self, b: usize) -> &[i16] {
-        let len = BLOCK_ROWS * self.groups();
-        self.group_sums().get(b * len..(b + 1) * len).unwrap_or_default()
+        let sums = self.group_sums();
+        &sums[self.side_run(sums, b)]
     }
 
     /// Whether per-group weight sums can be kept (groups of at most [`MAX_SUMMED_GROUP`]).
@@ -434,7 +449,7 @@ impl PackedInt8Weights {
     /// output `j` (needs [`Self::has_group_sums`]; 0 otherwise).
     #[inline]
     pub fn group_term(&self, j: usize, g: usize) -> f32 {
-        self.group_sums().get(Self::scale_offset(self.groups(), j, g)).map_or(0.0, |&s| self.scale(j, g) * s as f32)
+        self.group_sums().get(self.side_offset(j, g)).map_or(0.0, |&s| self.scale(j, g) * s as f32)
     }
 
     /// The quantized weight `w[j, c]` (for int4, `u − z`).
@@ -451,7 +466,7 @@ impl PackedInt8Weights {
     /// The scale of output channel `j` for input group `g`.
     #[inline]
     pub fn scale(&self, j: usize, g: usize) -> f32 {
-        self.scales[Self::scale_offset(self.groups(), j, g)].to_f32()
+        self.scales[self.side_offset(j, g)].to_f32()
     }
 
     /// Quantized weights of output channel `j`, unpacked.
@@ -744,6 +759,31 @@ pub fn quantize_weight_rows_with(n: usize, k: usize, how: WeightQuant, row: impl
 /// eight blocks, 64 outputs).
 const PANEL_BLOCKS: usize = 8;
 
+/// The block stored in each slot: the inverse of [`stream_slot`].
+fn blocks_in_stream_order(blocks: usize) -> Vec<usize> {
+    let mut block_of_slot = vec![0usize; blocks];
+    for b in 0..blocks {
+        block_of_slot[stream_slot(b, blocks)] = b;
+    }
+    block_of_slot
+}
+
+/// Blocks in block `b`'s panel (of `blocks`): [`PANEL_BLOCKS`], or fewer in a last, partial one.
+fn panel_width(b: usize, blocks: usize) -> usize {
+    (blocks - b / PANEL_BLOCKS * PANEL_BLOCKS).min(PANEL_BLOCKS)
+}
+
+/// Where output channel `j`'s group `g` lies in a per-group array (scales, zero points, group
+/// sums) of `blocks` blocks: panel by panel, and within a panel group by group, the eight
+/// values of each of its blocks side by side. A decoding tile reads a panel's group `g` for
+/// all its blocks at once, so each of these arrays is one memory stream beside the eight of the
+/// weights (streams beyond a dozen or so read memory slower: docs/kernels.md).
+fn side_offset(groups: usize, blocks: usize, j: usize, g: usize) -> usize {
+    let b = j / BLOCK_ROWS;
+    let (p, v) = (b / PANEL_BLOCKS, b % PANEL_BLOCKS);
+    ((p * PANEL_BLOCKS * groups) + g * panel_width(b, blocks) + v) * BLOCK_ROWS + j % BLOCK_ROWS
+}
+
 /// Panels whose blocks are stored stream by stream (see [`stream_slot`]).
 const STREAM_PANELS: usize = 8;
 
@@ -789,6 +829,28 @@ pub(crate) fn quantize_symmetric(x: &[f32], inv: f32, q: &mut [i8]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn side_offsets_are_a_permutation() {
+        for blocks in 0..20 {
+            for groups in 1..5 {
+                let mut seen = vec![false; blocks * BLOCK_ROWS * groups];
+                for j in 0..blocks * BLOCK_ROWS {
+                    for g in 0..groups {
+                        let at = side_offset(groups, blocks, j, g);
+                        assert!(at < seen.len() && !seen[at], "{blocks} blocks, {groups} groups: row {j}, group {g} -> {at}");
+                        seen[at] = true;
+                    }
+                }
+            }
+        }
+        // 9 blocks of 3 groups: a whole panel, then a panel of one block. Row 21 is block 2,
+        // row 5; its group 1 is at (1·8 + 2)·8 + 5 = 85. Row 67 is block 8 (the last panel, one
+        // block wide, starting at 8·3·8 = 192), row 3; its group 2 is at 192 + (2·1 + 0)·8 + 3.
+        assert_eq!(side_offset(3, 9, 21, 1), 85);
+        assert_eq!(side_offset(3, 9, 67, 2), 211);
+        assert_eq!((panel_width(2, 9), panel_width(8, 9)), (8, 1));
+    }
 
     #[test]
     fn stream_slots_are_a_permutation() {

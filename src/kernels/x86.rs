@@ -252,6 +252,8 @@ macro_rules! int8_tiles {
                 let ua: [*const u8; R] = std::array::from_fn(|r| op.abs.as_ptr().wrapping_add((i0 + r) * stride));
                 let na: [*const u8; R] = std::array::from_fn(|r| op.neg_mask.as_ptr().wrapping_add((i0 + r) * stride));
                 let (w, sw) = op.block_pointers::<V>(b0);
+                // Values between a block's consecutive groups in the scales, zero points and sums.
+                let ss: [usize; V] = std::array::from_fn(|v| op.weights.side_stride(b0 + v));
                 let (ao, ws) = op.offset_pointers::<R, V>(i0, b0);
                 let mut y = [[_mm256_setzero_ps(); V]; R];
                 // Int4: each block's zero points (null when symmetric).
@@ -269,14 +271,19 @@ macro_rules! int8_tiles {
                     let q_end = if SQ > 0 { (g + 1) * SQ } else { ((g + 1) * seg_quads).min(quads) };
                     let mut acc: [[__m256i; V]; R];
                     if W4 {
-                        let z: [__m256i; V] = std::array::from_fn(|v| {
-                            // SAFETY: with zero points a block has 8 per group.
-                            unsafe { int4_zero_lanes(if zp[v].is_null() { zp[v] } else { zp[v].add(BLOCK_ROWS * g * w_step) }) }
-                        });
-                        acc = std::array::from_fn(|r| {
-                            let t = term(r);
-                            std::array::from_fn(|v| _mm256_mullo_epi32(z[v], t))
-                        });
+                        if zp[0].is_null() {
+                            // Symmetric: every channel's zero point is 8.
+                            acc = std::array::from_fn(|r| [_mm256_slli_epi32::<3>(term(r)); V]);
+                        } else {
+                            let z: [__m256i; V] = std::array::from_fn(|v| {
+                                // SAFETY: with zero points a block has 8 per group.
+                                unsafe { int4_zero_lanes(zp[v].add(ss[v] * g * w_step)) }
+                            });
+                            acc = std::array::from_fn(|r| {
+                                let t = term(r);
+                                std::array::from_fn(|v| _mm256_mullo_epi32(z[v], t))
+                            });
+                        }
                         let low = _mm256_set1_epi8(15);
                         // Segments are whole pairs of quads (the int4 group rule), so each
                         // 32-byte load feeds quads q and q + 1: its low and high nibbles. The
@@ -357,7 +364,7 @@ macro_rules! int8_tiles {
                             let s = _mm256_set1_ps(unsafe { *sa[r].add(g * a_step) });
                             for v in 0..V {
                                 // SAFETY: a block has 8 scales per weight group.
-                                let scale = _mm256_mul_ps(unsafe { load_scales(sw[v].add(BLOCK_ROWS * g)) }, s);
+                                let scale = _mm256_mul_ps(unsafe { load_scales(sw[v].add(ss[v] * g)) }, s);
                                 y[r][v] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r][v]), scale, y[r][v]);
                             }
                         }
@@ -365,7 +372,7 @@ macro_rules! int8_tiles {
                             // Affine activations: y += o[i,g] · sw[n,g] · S[n,g].
                             for v in 0..V {
                                 // SAFETY: with offsets a block has 8 scales and 8 sums per group.
-                                let terms = unsafe { group_terms(sw[v].add(BLOCK_ROWS * g), ws[v].add(BLOCK_ROWS * g)) };
+                                let terms = unsafe { group_terms(sw[v].add(ss[v] * g), ws[v].add(ss[v] * g)) };
                                 for r in 0..R {
                                     // SAFETY: with offsets each row has one offset, or one per segment when a_step is 1.
                                     let o = _mm256_set1_ps(unsafe { *ao[r].add(g * a_step) });
@@ -407,12 +414,12 @@ macro_rules! int8_tiles {
                                 // weight bytes and 8 scales.
                                 let (quad, scales) = unsafe {
                                     let quad = if W4 {
-                                        let z = if zp[v].is_null() { zp[v] } else { zp[v].add(BLOCK_ROWS * g) };
+                                        let z = if zp[v].is_null() { zp[v] } else { zp[v].add(ss[v] * g) };
                                         int4_quad(w[v], c / 4, int4_zero_bytes(z))
                                     } else {
                                         _mm256_loadu_si256(w[v].add(32 * (c / 4)) as *const __m256i)
                                     };
-                                    (quad, load_scales(sw[v].add(BLOCK_ROWS * g)))
+                                    (quad, load_scales(sw[v].add(ss[v] * g)))
                                 };
                                 let q = _mm256_srai_epi32(_mm256_sll_epi32(quad, to_top), 24);
                                 let wf = _mm256_mul_ps(_mm256_cvtepi32_ps(q), scales);
@@ -573,9 +580,11 @@ unsafe fn weight_only_tile<const R: usize, const W4: bool>(
     let (w, sw) = (weights.block(b).as_ptr(), weights.block_scales(b).as_ptr());
     let mut y = [_mm256_setzero_ps(); R];
     let zeros = weights.block_zero_points(b);
+    // Values between the block's consecutive groups in its scales and zero points.
+    let ss = weights.side_stride(b) * (segs > 1) as usize;
     for g in 0..segs {
         let mut acc = [_mm256_setzero_ps(); R];
-        let zeros = if zeros.is_empty() { std::ptr::null() } else { zeros[BLOCK_ROWS * g * (segs > 1) as usize..].as_ptr() };
+        let zeros = if zeros.is_empty() { std::ptr::null() } else { zeros[ss * g..].as_ptr() };
         // SAFETY: int4 zero points, when kept, are 8 per block and group (the slice above).
         let zero = if W4 { unsafe { int4_zero_bytes(zeros) } } else { _mm256_setzero_si256() };
         for q in g * seg_quads..((g + 1) * seg_quads).min(quads) {
@@ -597,7 +606,7 @@ unsafe fn weight_only_tile<const R: usize, const W4: bool>(
             }
         }
         // SAFETY: 8 scales per group (a single group when per channel).
-        let s = unsafe { load_scales(sw.add(BLOCK_ROWS * g * (segs > 1) as usize)) };
+        let s = unsafe { load_scales(sw.add(ss * g)) };
         for r in 0..R {
             y[r] = _mm256_fmadd_ps(acc[r], s, y[r]);
         }
