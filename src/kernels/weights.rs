@@ -419,12 +419,47 @@ impl PackedInt8Weights {
         // One plain pass (no parallel tasks inside the initialisation: a worker waiting on them
         // could otherwise be handed another task that asks for these same sums).
         self.group_sums.get_or_init(|| {
-            let (groups, group, k) = (self.groups(), self.group, self.k);
-            let mut sums = vec![0i16; self.blocks() * BLOCK_ROWS * groups];
-            for j in 0..self.n {
+            let (groups, blocks, quads) = (self.groups(), self.blocks(), self.stride / 4);
+            let mut sums = vec![0i16; blocks * BLOCK_ROWS * groups];
+            // Per block, straight from its bytes: quad q (columns 4q..4q + 4, all in one group
+            // as groups are multiples of 4 or span the row) of row r is bytes 32q + 4r.. for
+            // int8, and for int4 the low (q even) or high nibbles of bytes 32·⌊q/2⌋ + 4r.., as
+            // u = w + z. Padding columns hold zeros (u = z), so whole padded groups are summed.
+            if groups > 1 && self.group % 4 != 0 {
+                // Groups that split quads (int8 only): value by value.
+                for j in 0..self.n {
+                    for g in 0..groups {
+                        let columns = g * self.group..((g + 1) * self.group).min(self.k);
+                        sums[self.side_offset(j, g)] = columns.map(|c| self.value(j, c) as i16).sum();
+                    }
+                }
+                return sums;
+            }
+            let mut raw = vec![0i32; BLOCK_ROWS * groups];
+            for b in 0..blocks {
+                raw.fill(0);
+                let block = self.block(b);
+                for q in 0..quads {
+                    let g = (4 * q / self.group).min(groups - 1);
+                    for r in 0..BLOCK_ROWS {
+                        let quad = if self.bits == 4 {
+                            let shift = 4 * (q % 2);
+                            block[32 * (q / 2) + 4 * r..][..4].iter().map(|&v| ((v as u8 >> shift) & 15) as i32).sum::<i32>()
+                        } else {
+                            block[32 * q + 4 * r..][..4].iter().map(|&v| v as i32).sum::<i32>()
+                        };
+                        raw[g * BLOCK_ROWS + r] += quad;
+                    }
+                }
                 for g in 0..groups {
-                    // |Σ| ≤ 127·256 < 2¹⁵; padding rows are zeros.
-                    sums[self.side_offset(j, g)] = (g * group..((g + 1) * group).min(k)).map(|c| self.value(j, c) as i16).sum();
+                    // Columns of group g as padded (the last group takes the padding).
+                    let columns = if g + 1 == groups { self.stride - g * self.group } else { self.group };
+                    for r in 0..BLOCK_ROWS.min(self.n.saturating_sub(b * BLOCK_ROWS)) {
+                        let j = b * BLOCK_ROWS + r;
+                        let z = self.zero_point(j, g) as i32 * (self.bits == 4) as i32;
+                        // |Σ| ≤ 127·256 < 2¹⁵.
+                        sums[self.side_offset(j, g)] = (raw[g * BLOCK_ROWS + r] - z * columns as i32) as i16;
+                    }
                 }
             }
             sums
@@ -829,6 +864,54 @@ pub(crate) fn quantize_symmetric(x: &[f32], inv: f32, q: &mut [i8]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn group_sums_are_the_sums_of_the_values() {
+        // A small LCG: values in [-127, 127] (int8) or [0, 15] as u (int4), zero points in [0, 15].
+        let mut state = 12345u32;
+        let mut next = move |m: u32| {
+            state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            (state >> 8) % m
+        };
+        // (n, k, group, bits, zero points): grouped, per channel, tails in both directions.
+        for (n, k, group, bits, asym) in [
+            (13usize, 70usize, 32usize, 8u32, false),
+            (9, 40, 40, 8, false),
+            (70, 96, 32, 8, false),
+            (17, 72, 24, 4, false),
+            (75, 67, 32, 4, true),
+        ] {
+            let groups = k.div_ceil(group);
+            let values: Vec<i8> =
+                (0..n * k).map(|_| if bits == 4 { (next(16) as i32 - 8) as i8 } else { (next(255) as i32 - 127) as i8 }).collect();
+            let zero_points: Vec<u8> = if asym { (0..n * groups).map(|_| next(16) as u8).collect() } else { vec![] };
+            // Int4 values as u − z stay in [−z, 15 − z].
+            let values = if asym {
+                values
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &v)| ((v + 8) as u8 as i32 - zero_points[(i / k) * groups + (i % k) / group] as i32) as i8)
+                    .collect()
+            } else {
+                values
+            };
+            let scales = vec![f16::ONE; n * groups];
+            let rows = Int8Rows { n, k, group, bits, values: values.clone(), scales, zero_points };
+            let w = PackedInt8Weights::from_rows(&rows).unwrap();
+            assert!(w.prepare_group_sums());
+            for j in 0..n {
+                for g in 0..groups {
+                    let want: i32 = values[j * k + g * group..j * k + ((g + 1) * group).min(k)].iter().map(|&v| v as i32).sum();
+                    let (b, r) = (j / BLOCK_ROWS, j % BLOCK_ROWS);
+                    assert_eq!(
+                        w.block_group_sums(b)[w.side_stride(b) * g + r] as i32,
+                        want,
+                        "{n}×{k}/{group} int{bits}: row {j}, group {g}"
+                    );
+                }
+            }
+        }
+    }
 
     #[test]
     fn side_offsets_are_a_permutation() {
