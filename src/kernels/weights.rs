@@ -425,7 +425,7 @@ impl PackedInt8Weights {
             // as groups are multiples of 4 or span the row) of row r is bytes 32q + 4r.. for
             // int8, and for int4 the low (q even) or high nibbles of bytes 32·⌊q/2⌋ + 4r.., as
             // u = w + z. Padding columns hold zeros (u = z), so whole padded groups are summed.
-            if groups > 1 && self.group % 4 != 0 {
+            if groups > 1 && !self.group.is_multiple_of(4) {
                 // Groups that split quads (int8 only): value by value.
                 for j in 0..self.n {
                     for g in 0..groups {
