@@ -427,22 +427,20 @@ pub unsafe fn int8_segment_sums(op: &Int8Operands, dot: bool, sums: &mut [i32]) 
     }
 }
 
-/// One weight quad widened to floats: entry `t` holds `w[8b + l, 4q + t]` for channels 0–3
-/// (`[t][0]`) and 4–7 (`[t][1]`). A table lookup turns each register's 4×4 (channel × input)
-/// bytes around, then each run of four is sign-extended twice and converted.
-///
-/// # Safety
-/// `packed` points at 32 readable bytes.
+/// One weight quad, its two registers of signed bytes (channels 0–3, then 4–7, four inputs
+/// each), widened to floats: entry `t` holds `w[8b + l, 4q + t]` for channels 0–3 (`[t][0]`)
+/// and 4–7 (`[t][1]`). A table lookup turns each register's 4×4 (channel × input) bytes
+/// around, then each run of four is sign-extended twice and converted.
 #[inline(always)]
-unsafe fn widen_quad(packed: *const i8) -> [[float32x4_t; 2]; 4] {
+fn widen_quad(quad: [int8x16_t; 2]) -> [[float32x4_t; 2]; 4] {
     const TRANSPOSE: [u8; 16] = [0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15];
     // SAFETY: TRANSPOSE is 16 bytes, the one register loaded.
     let index = unsafe { vld1q_u8(TRANSPOSE.as_ptr()) };
     // SAFETY: NEON register arithmetic only; NEON is part of every aarch64 target.
     let mut out = [[unsafe { vdupq_n_f32(0.0) }; 2]; 4];
     for h in 0..2 {
-        // SAFETY: the caller points at 32 readable bytes.
-        let v = unsafe { vqtbl1q_s8(vld1q_s8(packed.add(16 * h)), index) };
+        // SAFETY: NEON register arithmetic only; NEON is part of every aarch64 target.
+        let v = unsafe { vqtbl1q_s8(quad[h], index) };
         // SAFETY: NEON register arithmetic only; NEON is part of every aarch64 target.
         let (lo, hi) = (unsafe { vmovl_s8(vget_low_s8(v)) }, unsafe { vmovl_high_s8(v) });
         // SAFETY: NEON register arithmetic only; NEON is part of every aarch64 target.
@@ -457,13 +455,51 @@ unsafe fn widen_quad(packed: *const i8) -> [[float32x4_t; 2]; 4] {
     out
 }
 
-/// `R` float rows against one weight block, weights widened once per quad for all rows.
+/// `acc[r] += Σ_t x[i0 + r, 4q + t] · wq[t]`: one widened weight quad ([`widen_quad`]) against
+/// quad `q` of `R` float rows.
+///
+/// # Safety
+/// Rows `i0..i0+R` of `x` hold `stride` floats each, quad `q` among them.
+#[inline(always)]
+unsafe fn add_float_quad<const R: usize>(
+    acc: &mut [[float32x4_t; 2]; R],
+    wq: &[[float32x4_t; 2]; 4],
+    x: &[f32],
+    i0: usize,
+    stride: usize,
+    q: usize,
+) {
+    for r in 0..R {
+        // SAFETY: quad q's four values are inside row i0 + r (caller).
+        let xq = unsafe { vld1q_f32(x.as_ptr().add((i0 + r) * stride + 4 * q)) };
+        for h in 0..2 {
+            // SAFETY: NEON register arithmetic only; NEON is part of every aarch64 target.
+            acc[r][h] = unsafe { vfmaq_laneq_f32::<0>(acc[r][h], wq[0][h], xq) };
+            // SAFETY: NEON register arithmetic only; NEON is part of every aarch64 target.
+            acc[r][h] = unsafe { vfmaq_laneq_f32::<1>(acc[r][h], wq[1][h], xq) };
+            // SAFETY: NEON register arithmetic only; NEON is part of every aarch64 target.
+            acc[r][h] = unsafe { vfmaq_laneq_f32::<2>(acc[r][h], wq[2][h], xq) };
+            // SAFETY: NEON register arithmetic only; NEON is part of every aarch64 target.
+            acc[r][h] = unsafe { vfmaq_laneq_f32::<3>(acc[r][h], wq[3][h], xq) };
+        }
+    }
+}
+
+/// `R` float rows against one weight block, weights widened once per quad for all rows; int4
+/// weights (`W4`) unpacked a pair of quads at a time, as the int8 tiles take them.
 ///
 /// # Safety
 /// `x` rows `i0..i0+R` of `padded` floats exist; `out` has `R` rows of 8 writable floats at
-/// stride `row_len`; the weight group size is `K` or a multiple of 4.
+/// stride `row_len`; the weight group size is `K` or a multiple of 4 (of 8 for int4).
 #[inline(always)]
-unsafe fn weight_only_tile<const R: usize>(x: &[f32], i0: usize, weights: &PackedInt8Weights, b: usize, out: *mut f32, row_len: usize) {
+unsafe fn weight_only_tile<const R: usize, const W4: bool>(
+    x: &[f32],
+    i0: usize,
+    weights: &PackedInt8Weights,
+    b: usize,
+    out: *mut f32,
+    row_len: usize,
+) {
     let (k, stride) = (weights.in_features(), weights.padded_in_features());
     let quads = stride / 4;
     let (segs, seg_quads) = segments(k, stride, weights.group_size());
@@ -473,24 +509,28 @@ unsafe fn weight_only_tile<const R: usize>(x: &[f32], i0: usize, weights: &Packe
     // SAFETY: NEON register arithmetic only; NEON is part of every aarch64 target.
     let zero = unsafe { vdupq_n_f32(0.0) };
     let mut y = [[zero; 2]; R];
+    let zeros = weights.block_zero_points(b);
     for g in 0..segs {
         let mut acc = [[zero; 2]; R];
-        for q in g * seg_quads..((g + 1) * seg_quads).min(quads) {
-            // SAFETY: a block holds 32·quads bytes; each x row holds 4·quads floats.
-            let wq = unsafe { widen_quad(w.add(32 * q)) };
-            for r in 0..R {
-                // SAFETY: rows i0..i0+R of x exist, each of stride = 4·quads floats (caller), so
-                // quad q's four values are inside row i0 + r.
-                let xq = unsafe { vld1q_f32(x.as_ptr().add((i0 + r) * stride + 4 * q)) };
-                for h in 0..2 {
-                    // SAFETY: NEON register arithmetic only; NEON is part of every aarch64 target.
-                    acc[r][h] = unsafe { vfmaq_laneq_f32::<0>(acc[r][h], wq[0][h], xq) };
-                    // SAFETY: NEON register arithmetic only; NEON is part of every aarch64 target.
-                    acc[r][h] = unsafe { vfmaq_laneq_f32::<1>(acc[r][h], wq[1][h], xq) };
-                    // SAFETY: NEON register arithmetic only; NEON is part of every aarch64 target.
-                    acc[r][h] = unsafe { vfmaq_laneq_f32::<2>(acc[r][h], wq[2][h], xq) };
-                    // SAFETY: NEON register arithmetic only; NEON is part of every aarch64 target.
-                    acc[r][h] = unsafe { vfmaq_laneq_f32::<3>(acc[r][h], wq[3][h], xq) };
+        let q_end = ((g + 1) * seg_quads).min(quads);
+        if W4 {
+            // SAFETY: with zero points a block has 8 per group, group g's at ss·g.
+            let z = unsafe { int4_zero_bytes(if zeros.is_empty() { std::ptr::null() } else { zeros.as_ptr().add(ss * g) }) };
+            // Int4 segments are whole pairs of quads (the int4 group rule).
+            for q in (g * seg_quads..q_end).step_by(2) {
+                // SAFETY: an int4 block holds 16·quads bytes, pair q/2 at 16·q; each x row holds
+                // 4·quads floats (caller), quads q and q + 1 among them.
+                for (d, quad) in unsafe { int4_quad_pair(w, q, z) }.into_iter().enumerate() {
+                    // SAFETY: quads q and q + 1 are inside every row of x (as above).
+                    unsafe { add_float_quad(&mut acc, &widen_quad(quad), x, i0, stride, q + d) };
+                }
+            }
+        } else {
+            for q in g * seg_quads..q_end {
+                // SAFETY: a block holds 32·quads bytes; each x row holds 4·quads floats (caller).
+                unsafe {
+                    let quad = [vld1q_s8(w.add(32 * q)), vld1q_s8(w.add(32 * q + 16))];
+                    add_float_quad(&mut acc, &widen_quad(quad), x, i0, stride, q);
                 }
             }
         }
@@ -522,9 +562,11 @@ pub unsafe fn weight_only_blocks(x: &[f32], m: usize, weights: &PackedInt8Weight
     // SAFETY: the caller's contract (x, the group size); weight_only_tiles keeps rows, blocks
     // and `at` in range.
     weight_only_tiles(m, blocks, out, |rows, i, b, at| unsafe {
-        match rows {
-            4 => weight_only_tile::<4>(x, i, weights, b, at, row_len),
-            _ => weight_only_tile::<1>(x, i, weights, b, at, row_len),
+        match (rows, weights.bits()) {
+            (4, 4) => weight_only_tile::<4, true>(x, i, weights, b, at, row_len),
+            (_, 4) => weight_only_tile::<1, true>(x, i, weights, b, at, row_len),
+            (4, _) => weight_only_tile::<4, false>(x, i, weights, b, at, row_len),
+            _ => weight_only_tile::<1, false>(x, i, weights, b, at, row_len),
         }
     })
 }

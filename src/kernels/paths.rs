@@ -52,7 +52,7 @@ pub(crate) struct Kernels {
     /// Whether the int8 tiles also read int4 weights (x86, NEON); the others leave int4 layers
     /// to the portable code.
     int4_tiles: bool,
-    /// Whether the weight-only tiles also read int4 weights (x86).
+    /// Whether the weight-only tiles also read int4 weights (x86, NEON).
     int4_weight_only: bool,
 }
 
@@ -174,6 +174,7 @@ impl Kernels {
                     int8_segment_sums: Some(if dot { neon::int8_segment_sums_dot } else { neon::int8_segment_sums }),
                     weight_only_blocks: Some(arm::weight_only_blocks),
                     int4_tiles: true,
+                    int4_weight_only: true,
                     ..Self::PORTABLE
                 }
             }
