@@ -18,6 +18,7 @@ use crate::kernels::{Int8Rows, PackedInt8Weights, WeightQuant};
 use crate::observer::Observer;
 use crate::quant::{QParams, QSpec};
 use candle_core::{bail, DType, Result, Tensor};
+use rayon::prelude::*;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
@@ -123,7 +124,9 @@ pub fn inverse_cholesky(h: &[f64], k: usize) -> Result<Vec<f64>> {
         a[i * k + i] += DAMPING * mean.max(f64::MIN_POSITIVE);
     }
     // H = R·Rᵀ with R upper (a Cholesky factorisation from the last column back); then
-    // H⁻¹ = R⁻ᵀ·R⁻¹, so U = R⁻¹ is the upper factor wanted.
+    // H⁻¹ = R⁻ᵀ·R⁻¹, so U = R⁻¹ is the upper factor wanted. Both steps run on rayon's pool
+    // where the work is large; every value is computed by the same operations in the same
+    // order whichever thread does it, so the result does not depend on the thread count.
     let mut r = vec![0f64; k * k];
     let dot = |x: &[f64], y: &[f64]| -> f64 { x.iter().zip(y).map(|(a, b)| a * b).sum() };
     for j in (0..k).rev() {
@@ -133,33 +136,55 @@ pub fn inverse_cholesky(h: &[f64], k: usize) -> Result<Vec<f64>> {
             bail!("GPTQ: the input second moment is not positive definite at column {j} (pivot {d})")
         }
         let d = d.sqrt();
-        r[rj + j] = d;
-        for i in 0..j {
-            let ri = i * k;
-            let v = (a[ri + j] - dot(&r[ri + j + 1..ri + k], &r[rj + j + 1..rj + k])) / d;
-            r[ri + j] = v;
+        let (above, row_j) = r.split_at_mut(rj);
+        row_j[j] = d;
+        let row_j = &row_j[j + 1..k];
+        // Column j of the rows above: R[i,j] = (H[i,j] − R[i, j+1..]·R[j, j+1..]) / R[j,j].
+        let entry = |(i, ri): (usize, &mut [f64])| ri[j] = (a[i * k + j] - dot(&ri[j + 1..], row_j)) / d;
+        if j * (k - j) >= PARALLEL_MIN_WORK {
+            above.par_chunks_mut(k).enumerate().for_each(entry);
+        } else {
+            above.chunks_mut(k).enumerate().for_each(entry);
         }
     }
-    // U = R⁻¹ (upper), rows from the last: U[i, ..] = (e_i − Σ_{t>i} R[i,t]·U[t, ..]) / R[i,i].
+    // U = R⁻¹ (upper), rows from the last: U[i, ..] = (e_i − Σ_{t>i} R[i,t]·U[t, ..]) / R[i,i],
+    // the sum taken over t in order for every column; wide rows split by columns.
     let mut u = vec![0f64; k * k];
     for i in (0..k).rev() {
         let (row, below) = u.split_at_mut((i + 1) * k);
-        let row = &mut row[i * k..];
-        row[i] = 1.0;
-        for t in i + 1..k {
-            let f = r[i * k + t];
-            row[t..].iter_mut().zip(&below[(t - i - 1) * k + t..(t - i) * k]).for_each(|(x, &y)| *x -= f * y);
+        let row = &mut row[i * k + i..];
+        row[0] = 1.0;
+        let (ri, d) = (&r[i * k..(i + 1) * k], r[i * k + i]);
+        // Columns c0.. of the row: every t > i in order, U[t, c] zero for c < t.
+        let update = |c0: usize, part: &mut [f64]| {
+            for t in i + 1..k {
+                let start = t.max(c0);
+                if start >= c0 + part.len() {
+                    break;
+                }
+                let f = ri[t];
+                let below_t = &below[(t - i - 1) * k + start..(t - i - 1) * k + c0 + part.len()];
+                part[start - c0..].iter_mut().zip(below_t).for_each(|(x, &y)| *x -= f * y);
+            }
+            part.iter_mut().for_each(|x| *x /= d);
+        };
+        let width = k - i;
+        if width * width / 2 >= PARALLEL_MIN_WORK {
+            let chunk = width.div_ceil(rayon::current_num_threads().max(1)).max(64);
+            row.par_chunks_mut(chunk).enumerate().for_each(|(p, part)| update(i + p * chunk, part));
+        } else {
+            update(i, row);
         }
-        let d = r[i * k + i];
-        row[i..].iter_mut().for_each(|x| *x /= d);
     }
     Ok(u)
 }
 
+/// Multiply-adds below which a step of [`inverse_cholesky`] runs on the calling thread.
+const PARALLEL_MIN_WORK: usize = 1 << 16;
+
 /// GPTQ-rounds a row-major `N × K` float weight with the upper factor `u` of its damped inverse
 /// Hessian ([`inverse_cholesky`]) into int4 (`how` = [`WeightQuant::Int4`]) rows.
 pub fn gptq_rows(weight: &[f32], n: usize, k: usize, u: &[f64], how: WeightQuant) -> Result<Int8Rows> {
-    use rayon::prelude::*;
     let WeightQuant::Int4 { group, zero_point } = how else { bail!("GPTQ here rounds to int4 weights, got {how:?}") };
     if weight.len() != n * k || u.len() != k * k {
         bail!("GPTQ: a {n}×{k} weight needs {} values and a {k}×{k} factor, got {} and {}", n * k, weight.len(), u.len())

@@ -31,6 +31,7 @@
 //! [`convert`](mod@convert) → [`checkpoint`], [`models`]; [`runtime`] holds the process-wide
 //! settings. The root re-exports what a candle user needs to quantize a model of their own.
 
+pub mod awq;
 pub mod calibration;
 pub mod checkpoint;
 pub mod convert;

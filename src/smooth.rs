@@ -102,26 +102,32 @@ pub fn apply_smoothing(model: &mut (impl Smoothable + ?Sized), factors: &Smoothi
             _ => {}
         }
     }
-    model.visit_smoothing_groups(&mut |g| {
-        let Some(s) = g.readers.first().and_then(|l| factors.get(l.name())) else { return Ok(()) };
-        let divided = |t: &Tensor| -> Result<Tensor> { t.div(&Tensor::from_slice(s, s.len(), t.device())?.to_dtype(t.dtype())?) };
-        match g.source {
-            SmoothSource::RmsNorm(norm) => *norm = RmsNorm::new(divided(norm.weight())?, norm.eps()),
-            SmoothSource::LayerNorm(norm) => {
-                let bias = norm.bias().map(divided).transpose()?;
-                let eps = norm.eps();
-                *norm = match bias {
-                    Some(b) => LayerNorm::new(divided(norm.weight())?, b, eps),
-                    None => LayerNorm::new_no_bias(divided(norm.weight())?, eps),
-                };
-            }
-            SmoothSource::Linear(l) => l.scale_down_output_channels(s)?,
-        }
-        for l in g.readers {
-            l.scale_input_channels(s)?;
-        }
-        Ok(())
+    model.visit_smoothing_groups(&mut |g| match g.readers.first().and_then(|l| factors.get(l.name())) {
+        Some(s) => fold_factors(g, s),
+        None => Ok(()),
     })
+}
+
+/// Folds one group's factors `s` (as many as its input channels) into the float model: the
+/// producer's output divided by `s`, the readers' weight columns multiplied by it.
+pub fn fold_factors(g: SmoothGroup<'_>, s: &[f32]) -> Result<()> {
+    let divided = |t: &Tensor| -> Result<Tensor> { t.div(&Tensor::from_slice(s, s.len(), t.device())?.to_dtype(t.dtype())?) };
+    match g.source {
+        SmoothSource::RmsNorm(norm) => *norm = RmsNorm::new(divided(norm.weight())?, norm.eps()),
+        SmoothSource::LayerNorm(norm) => {
+            let bias = norm.bias().map(divided).transpose()?;
+            let eps = norm.eps();
+            *norm = match bias {
+                Some(b) => LayerNorm::new(divided(norm.weight())?, b, eps),
+                None => LayerNorm::new_no_bias(divided(norm.weight())?, eps),
+            };
+        }
+        SmoothSource::Linear(l) => l.scale_down_output_channels(s)?,
+    }
+    for l in g.readers {
+        l.scale_input_channels(s)?;
+    }
+    Ok(())
 }
 
 /// `s_j = max|X_j|^α / max|W_j|^(1−α)` for every input channel, `1` where either maximum is 0

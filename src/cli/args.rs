@@ -161,13 +161,14 @@ pub struct ModelArgs {
     #[arg(long)]
     pub int8_layers: Vec<String>,
     /// How int4 weights are rounded: rtn (round to nearest on a per-group searched grid, no
-    /// data) or gptq (error-compensating rounding from a calibration run over --calibration-text).
+    /// data); or, from a calibration run over --calibration-text, gptq (error-compensating
+    /// rounding), awq (activation-aware channel scaling, then round to nearest) or awq-gptq (both).
     #[arg(long, value_enum, default_value_t = Method::Rtn)]
     pub method: Method,
-    /// Text whose windows calibrate --method gptq (use another text than the one you evaluate on).
+    /// Text whose windows calibrate --method gptq/awq/awq-gptq (use another text than the one you evaluate on).
     #[arg(long)]
     pub calibration_text: Option<PathBuf>,
-    /// Windows of 512 tokens of --calibration-text that --method gptq runs.
+    /// Windows of 512 tokens of --calibration-text that a calibrated --method runs.
     #[arg(long, default_value_t = 16)]
     pub calibration_windows: usize,
     /// Multiply activations with |x| above this in float (LLM.int8()-style); 0 = off.
@@ -247,6 +248,18 @@ pub enum Method {
     /// GPTQ: each column's rounding error spread over the columns not yet rounded, weighted by
     /// the layer's calibration inputs.
     Gptq,
+    /// AWQ: input channels scaled by their calibration magnitude to the power searched per
+    /// group of layers (folded into the norm or layer before), then round to nearest.
+    Awq,
+    /// AWQ's scaling, then GPTQ's rounding of the scaled weights.
+    AwqGptq,
+}
+
+impl Method {
+    /// Whether the method reads a calibration run.
+    pub fn calibrated(self) -> bool {
+        self != Method::Rtn
+    }
 }
 
 /// How dynamic activations are quantized (`--act-scheme`).
@@ -274,8 +287,8 @@ pub fn quant_config(args: &ModelArgs) -> Result<QuantConfig> {
     if args.weight_zero_point && args.bits != 4 {
         bail!("--weight-zero-point is for --bits 4 (int8 weights are symmetric)")
     }
-    if args.method == Method::Gptq && args.bits != 4 {
-        bail!("--method gptq rounds int4 weights: add --bits 4")
+    if args.method.calibrated() && args.bits != 4 {
+        bail!("--method {} rounds int4 weights: add --bits 4", crate::models::method_name(args.method))
     }
     if args.bits == 4 && !matches!(args.mode, Mode::Dynamic | Mode::WeightOnly) {
         bail!("--bits 4 works with --mode dynamic or weight-only (candle's own 4-bit baselines are --mode q4_0 and q4k)")

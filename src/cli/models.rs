@@ -9,6 +9,7 @@ use candle_quant::calibration::Calibration;
 use candle_quant::convert::{ConversionReport, Quantizable};
 use candle_quant::generate::{apply_chat_template, encode};
 use candle_quant::io::{self, LanguageModel, ModelSource};
+use clap::ValueEnum;
 
 /// Opens the model named by `--model`, or the default one (offline copy → hub → fetch).
 pub fn open_model(spec: Option<&str>) -> Result<io::OpenedDecoder> {
@@ -102,19 +103,21 @@ pub fn quantized(lm: &LanguageModel, args: &ModelArgs) -> Result<(LanguageModel,
         shown.set_position(p.done);
     });
     let calibration = if args.mode == Mode::Static { Some(smoothed_for_static(args, &mut q.model)?) } else { None };
-    if args.method == Method::Gptq {
-        gptq_weights(&mut q, args, &cfg)?;
+    if args.method.calibrated() {
+        calibrated_weights(&mut q, args, &cfg)?;
     }
     let report = args.mode.convert(&mut q.model, &cfg, calibration.as_ref())?;
     pb.finish();
     Ok((q, report))
 }
 
-/// `--method gptq`: the float `lm`'s layers that `cfg` makes int4 get GPTQ-rounded weights from
-/// windows of `--calibration-text` (the conversion that follows keeps them).
-fn gptq_weights(lm: &mut LanguageModel, args: &ModelArgs, cfg: &candle_quant::QuantConfig) -> Result<()> {
+/// A calibrated `--method`: the float `lm`'s layers that `cfg` makes int4 get scaled (AWQ,
+/// folded into the float model) and/or GPTQ-rounded weights from windows of
+/// `--calibration-text`; the conversion that follows keeps GPTQ's weights and rounds AWQ's
+/// scaled ones to nearest.
+fn calibrated_weights(lm: &mut LanguageModel, args: &ModelArgs, cfg: &candle_quant::QuantConfig) -> Result<()> {
     let Some(path) = &args.calibration_text else {
-        bail!("--method gptq needs --calibration-text FILE (a text unlike the one you evaluate on)")
+        bail!("--method {} needs --calibration-text FILE (a text unlike the one you evaluate on)", method_name(args.method))
     };
     let body = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let tokens = candle_quant::generate::encode_text(lm, &body)?;
@@ -130,7 +133,7 @@ fn gptq_weights(lm: &mut LanguageModel, args: &ModelArgs, cfg: &candle_quant::Qu
         bail!("{}: holds {} tokens, too few for one calibration window", path.display(), tokens.len())
     }
     let started = std::time::Instant::now();
-    let pb = bar(windows.len(), "GPTQ: calibration windows");
+    let pb = bar(windows.len(), "calibration windows");
     let hessians = candle_quant::gptq::collect_hessians(&mut lm.model, cfg, |model| {
         for (i, w) in windows.iter().enumerate() {
             candle_quant::CausalLm::forward(model, w, &mut candle_quant::CausalLm::new_cache(model), false)?;
@@ -139,21 +142,45 @@ fn gptq_weights(lm: &mut LanguageModel, args: &ModelArgs, cfg: &candle_quant::Qu
         Ok(())
     })?;
     pb.finish();
-    let collected = started.elapsed().as_secs_f64();
-    let pb = bar(0, "GPTQ: rounding layers");
-    let report = candle_quant::gptq::quantize_gptq(&mut lm.model, cfg, &hessians, |done, total| {
-        pb.set_length(total as u64);
-        pb.set_position(done as u64);
-    })?;
-    pb.finish();
-    eprintln!(
-        "GPTQ: {} layers from {} windows of {} in {collected:.1} s + {:.1} s",
-        report.converted.len(),
-        windows.len(),
-        path.display(),
-        started.elapsed().as_secs_f64() - collected
-    );
+    eprintln!("calibration: {} windows of {} in {:.1} s", windows.len(), path.display(), started.elapsed().as_secs_f64());
+    let step = |label: &'static str| {
+        let pb = bar(0, label);
+        let shown = pb.clone();
+        (pb, move |done: usize, total: usize| {
+            shown.set_length(total as u64);
+            shown.set_position(done as u64);
+        })
+    };
+    if matches!(args.method, Method::Awq | Method::AwqGptq) {
+        let started = std::time::Instant::now();
+        let (pb, progress) = step("AWQ: scaling groups");
+        let report = candle_quant::awq::awq(&mut lm.model, cfg, &hessians, progress)?;
+        pb.finish();
+        let (kept, rtn) = report.groups.iter().fold((0.0, 0.0), |(a, b), g| (a + g.error, b + g.rtn_error));
+        let mut alphas: Vec<f32> = report.groups.iter().map(|g| g.alpha).collect();
+        alphas.sort_by(f32::total_cmp);
+        eprintln!(
+            "AWQ: {} of {} groups scaled (median α {:.2}); output error on the calibration inputs {:.1} % of round to nearest's, in {:.1} s",
+            report.factors.len(),
+            report.groups.len(),
+            alphas.get(alphas.len() / 2).copied().unwrap_or(0.0),
+            100.0 * kept / rtn.max(f64::MIN_POSITIVE),
+            started.elapsed().as_secs_f64()
+        );
+    }
+    if matches!(args.method, Method::Gptq | Method::AwqGptq) {
+        let started = std::time::Instant::now();
+        let (pb, progress) = step("GPTQ: rounding layers");
+        let report = candle_quant::gptq::quantize_gptq(&mut lm.model, cfg, &hessians, progress)?;
+        pb.finish();
+        eprintln!("GPTQ: {} layers in {:.1} s", report.converted.len(), started.elapsed().as_secs_f64());
+    }
     Ok(())
+}
+
+/// `--method`'s value as typed.
+pub fn method_name(method: Method) -> String {
+    method.to_possible_value().map(|v| v.get_name().to_string()).unwrap_or_default()
 }
 
 /// The `--calibration` file of `--mode static`, its SmoothQuant factors (if any) folded into the

@@ -683,6 +683,18 @@ impl Int8Rows {
         &self.scales
     }
 
+    /// The weight these rows stand for, row-major: `ŵ[j, c] = s[j, c / group] · q[j, c]`
+    /// (int4 values are already `u − z`).
+    pub fn dequantized(&self) -> Vec<f32> {
+        let groups = self.groups();
+        let mut out = Vec::with_capacity(self.values.len());
+        for (j, row) in self.values.chunks(self.k.max(1)).enumerate() {
+            let scales = &self.scales[j * groups..(j + 1) * groups];
+            out.extend(row.iter().enumerate().map(|(c, &q)| scales[c / self.group].to_f32() * q as f32));
+        }
+        out
+    }
+
     /// The values and the scales, moved out.
     pub fn into_parts(self) -> (Vec<i8>, Vec<f16>) {
         (self.values, self.scales)

@@ -97,3 +97,45 @@ fn gptq_beats_round_to_nearest_on_its_calibration_inputs() {
         assert!(out_err(kept) < 0.8 * e_rtn);
     }
 }
+
+/// The factor is the same to the last bit however rayon splits the work: at `K` = 600 (both
+/// steps parallel) it equals a plain one-thread evaluation of the same recurrences:
+/// `R[i,j] = (H[i,j] − Σ_{t>j} R[i,t]·R[j,t]) / R[j,j]` from the last column, then
+/// `U[i,c] = (δ_ic − Σ_{i<t≤c} R[i,t]·U[t,c]) / R[i,i]` from the last row, sums in order.
+#[test]
+fn inverse_factor_does_not_depend_on_the_split() {
+    let k = 600;
+    let mut rng = common::Rng::new(5);
+    let a = rng.normals(k * 2 * k, 1.0);
+    let mut h = vec![0f64; k * k];
+    for t in 0..2 * k {
+        for r in 0..k {
+            for c in 0..k {
+                h[r * k + c] += (a[t * k + r] * a[t * k + c]) as f64;
+            }
+        }
+    }
+    let got = inverse_cholesky(&h, k).unwrap();
+    let lambda = DAMPING * (0..k).map(|i| h[i * k + i]).sum::<f64>() / k as f64;
+    let mut r = vec![0f64; k * k];
+    for j in (0..k).rev() {
+        let s: f64 = (j + 1..k).map(|t| r[j * k + t] * r[j * k + t]).sum();
+        r[j * k + j] = (h[j * k + j] + lambda - s).sqrt();
+        for i in 0..j {
+            let s: f64 = (j + 1..k).map(|t| r[i * k + t] * r[j * k + t]).sum();
+            r[i * k + j] = (h[i * k + j] - s) / r[j * k + j];
+        }
+    }
+    let mut u = vec![0f64; k * k];
+    for i in (0..k).rev() {
+        for c in i..k {
+            let mut x = if c == i { 1.0 } else { 0.0 };
+            for t in i + 1..=c {
+                x -= r[i * k + t] * u[t * k + c];
+            }
+            u[i * k + c] = x / r[i * k + i];
+        }
+    }
+    let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    assert!(bits(&got) == bits(&u), "the factor differs from the one-thread recurrences");
+}

@@ -503,3 +503,50 @@ fn smoothing_keeps_the_float_logits_and_helps_static_int8() {
     assert!(r_smooth.kld < r_plain.kld, "smoothed KL {} vs plain {}", r_smooth.kld, r_plain.kld);
     assert!(r_group.kld < r_smooth.kld && r_group.kld < 0.05, "per-group KL {} vs smoothed per-tensor {}", r_group.kld, r_smooth.kld);
 }
+
+/// AWQ on the first two blocks of SmolLM2, calibrated on a paragraph: the folded factors leave
+/// the float logits as they were (1e-4 of the largest), no group's output error on the
+/// calibration inputs exceeds round to nearest's (α = 0 is among those tried), the Hessians it
+/// hands on are those of the smoothed model's inputs, and the int4 model moves less from f32 on
+/// that paragraph than round to nearest's.
+#[test]
+fn awq_keeps_the_float_logits_and_beats_round_to_nearest_on_its_inputs() {
+    let lm = smollm2();
+    let text = encode(lm, "Alice was beginning to get very tired of sitting by her sister on the bank, and of having nothing to do: once or twice she had peeped into the book her sister was reading, but it had no pictures or conversations in it, and what is the use of a book, thought Alice, without pictures or conversations?").unwrap();
+    let cfg = QuantConfig::default()
+        .include("model.layers.0.*")
+        .include("model.layers.1.*")
+        .weight(candle_quant::WeightQuant::Int4 { group: 32, zero_point: false });
+    let logits = |m: &candle_quant::models::Decoder| m.forward(&text, &mut Default::default(), true).unwrap();
+    let hessians_of = |m: &mut candle_quant::models::Decoder| {
+        candle_quant::gptq::collect_hessians(m, &cfg, |m| m.forward(&text, &mut Default::default(), false).map(|_| ())).unwrap()
+    };
+    let before = logits(&lm.model);
+    let mut scaled = lm.model.clone();
+    let hessians = hessians_of(&mut scaled);
+    assert_eq!(hessians.len(), 14, "7 layers in each of 2 blocks");
+    let report = candle_quant::awq::awq(&mut scaled, &cfg, &hessians, |_, _| {}).unwrap();
+    assert_eq!(report.groups.len(), 6, "q/k/v, gate/up and down of 2 blocks");
+    assert_eq!(report.skipped.len(), 84, "the other 28 blocks");
+    assert!(!report.factors.is_empty());
+    for g in &report.groups {
+        assert!(g.error <= g.rtn_error && g.error > 0.0, "{g:?}");
+    }
+    let scale = before.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    let diff = (logits(&scaled) - &before).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    assert!(diff <= 1e-4 * scale, "AWQ moved the float logits by {diff} (largest {scale})");
+    // The rescaled Hessian of a scaled layer is the one its smoothed inputs give.
+    let name = report.factors.keys().next().unwrap().clone();
+    let handed = hessians[&name].lock().unwrap().sum.clone().unwrap();
+    let fresh = hessians_of(&mut scaled.clone())[&name].lock().unwrap().sum.clone().unwrap();
+    let top = fresh.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    let gap = (handed - &fresh).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    assert!(gap <= 1e-3 * top, "{name}: rescaled Hessian off by {gap} (largest {top})");
+
+    let mut plain = lm.model.clone();
+    quantize_weight_only(&mut plain, &cfg).unwrap();
+    quantize_weight_only(&mut scaled, &cfg).unwrap();
+    let r_plain = evaluate(&lm.model, &plain, &text, 64, |_| {}).unwrap();
+    let r_awq = evaluate(&lm.model, &scaled, &text, 64, |_| {}).unwrap();
+    assert!(r_awq.kld < r_plain.kld, "AWQ KL {} vs round to nearest {}", r_awq.kld, r_plain.kld);
+}
