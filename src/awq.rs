@@ -66,10 +66,6 @@ struct Rounded {
     hessian: Tensor,
 }
 
-fn lock(h: &Mutex<Hessian>) -> Result<std::sync::MutexGuard<'_, Hessian>> {
-    h.lock().map_err(|_| candle_core::Error::Msg("a Hessian observer panicked".into()))
-}
-
 /// AWQ over every group of `model` that has a layer `config` makes int4: each group's factors
 /// searched from its layers' Hessians ([`crate::gptq::collect_hessians`]) and folded into the
 /// float model, one group after another. The Hessians of the layers scaled are rescaled to the
@@ -96,7 +92,7 @@ pub fn awq(
         let mut rounded = Vec::new();
         for l in &g.readers {
             let Some(handle) = hessians.get(l.name()) else { continue };
-            let Some(hessian) = lock(handle)?.sum.clone() else { bail!("AWQ: layer '{}' saw no calibration input", l.name()) };
+            let Some(hessian) = Hessian::locked(handle)?.sum.clone() else { bail!("AWQ: layer '{}' saw no calibration input", l.name()) };
             let weight = l.float_equivalent()?.weight().to_dtype(DType::F32)?;
             rounded.push(Rounded { name: l.name().to_string(), how: config.weight_for(l.name()), weight, hessian });
         }
@@ -129,7 +125,7 @@ pub fn awq(
             for r in &rounded {
                 let h = r.hessian.broadcast_div(&col)?.broadcast_div(&col.t()?)?;
                 if let Some(handle) = hessians.get(&r.name) {
-                    lock(handle)?.sum = Some(h);
+                    Hessian::locked(handle)?.sum = Some(h);
                 }
             }
             report.factors.insert(key.clone(), s);

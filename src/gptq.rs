@@ -34,6 +34,13 @@ pub struct Hessian {
     pub rows: usize,
 }
 
+impl Hessian {
+    /// The Hessian behind a shared handle (an error if an observer panicked holding it).
+    pub fn locked(h: &Mutex<Hessian>) -> Result<std::sync::MutexGuard<'_, Hessian>> {
+        h.lock().map_err(|_| candle_core::Error::Msg("a Hessian observer panicked".into()))
+    }
+}
+
 /// An [`Observer`] that accumulates a layer's input second moment into a shared [`Hessian`]
 /// (it yields no qparams: GPTQ reads the Hessian instead).
 #[derive(Debug)]
@@ -54,7 +61,7 @@ impl Observer for HessianObserver {
         let k = x.dims().last().copied().unwrap_or(0);
         let x = x.to_dtype(DType::F32)?.reshape(((), k))?;
         let xtx = x.t()?.matmul(&x)?;
-        let mut h = self.hessian.lock().map_err(|_| candle_core::Error::Msg("a Hessian observer panicked".into()))?;
+        let mut h = Hessian::locked(&self.hessian)?;
         h.sum = Some(match h.sum.take() {
             Some(s) => (s + xtx)?,
             None => xtx,
@@ -243,7 +250,7 @@ pub fn quantize_gptq(
             report.skipped.push(name);
             return Ok(());
         };
-        let h = handle.lock().map_err(|_| candle_core::Error::Msg("a Hessian observer panicked".into()))?;
+        let h = Hessian::locked(handle)?;
         let Some(sum) = h.sum.as_ref() else { bail!("GPTQ: layer '{name}' saw no calibration input") };
         let (n, k) = (layer.out_features(), layer.in_features());
         let hv: Vec<f64> = sum.flatten_all()?.to_vec1::<f32>()?.into_iter().map(f64::from).collect();
