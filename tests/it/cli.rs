@@ -176,6 +176,19 @@ fn bad_arguments_fail_with_a_message() {
     let out = cli(&["bench", "--threads", "0"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--threads"), "{}", String::from_utf8_lossy(&out.stderr));
+    // Calibrated rounding: int4 only, and it needs a text to calibrate on.
+    let text = common::model_file("texts/alice29.txt");
+    let text = text.to_str().unwrap();
+    let out = cli(&["eval", "--method", "awq", "--text", text]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--method awq rounds int4 weights"), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = cli(&["eval", "--bits", "4", "--weight-group", "32", "--method", "awq-gptq", "--text", text]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--method awq-gptq needs --calibration-text"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// `quantize` writes a folder that `generate` runs as int8 and that `compare` measures against
