@@ -72,7 +72,8 @@ struct Rounded {
 /// inputs they now see, `H / (s·sᵀ)`, so [`crate::gptq::quantize_gptq`] may round the scaled
 /// weights next; otherwise the usual conversion rounds them to nearest. Layers without a
 /// Hessian (not selected, so kept float) take the factors exactly. `progress(done, total)`
-/// after each group.
+/// after each group. Every layer of a group and its producer must still be float; an error
+/// names the layer, and leaves the groups before it scaled (the float function unchanged).
 pub fn awq(
     model: &mut (impl Smoothable + ?Sized),
     config: &QuantConfig,
