@@ -73,7 +73,7 @@ struct Rounded {
 /// weights next; otherwise the usual conversion rounds them to nearest. Layers without a
 /// Hessian (not selected, so kept float) take the factors exactly. `progress(done, total)`
 /// after each group. Every layer of a group and its producer must still be float; an error
-/// names the layer, and leaves the groups before it scaled (the float function unchanged).
+/// names the layer and leaves the groups before it scaled (the float function unchanged).
 pub fn awq(
     model: &mut (impl Smoothable + ?Sized),
     config: &QuantConfig,

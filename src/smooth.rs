@@ -11,7 +11,7 @@
 //! linear layers that read only its output). [`smooth`] and [`apply_smoothing`] work on any
 //! such model.
 
-use crate::nn::QLinear;
+use crate::nn::{QLinear, QLinearKind};
 use candle_core::{bail, Result, Tensor};
 use candle_nn::{LayerNorm, RmsNorm};
 use std::collections::BTreeMap;
@@ -109,8 +109,16 @@ pub fn apply_smoothing(model: &mut (impl Smoothable + ?Sized), factors: &Smoothi
 }
 
 /// Folds one group's factors `s` (as many as its input channels) into the float model: the
-/// producer's output divided by `s`, the readers' weight columns multiplied by it.
+/// producer's output divided by `s`, the readers' weight columns multiplied by it. Nothing is
+/// changed unless every linear layer involved is float.
 pub fn fold_factors(g: SmoothGroup<'_>, s: &[f32]) -> Result<()> {
+    let producer = match &g.source {
+        SmoothSource::Linear(l) => Some(&**l),
+        _ => None,
+    };
+    if let Some(l) = producer.into_iter().chain(g.readers.iter().map(|l| &**l)).find(|l| !matches!(l.kind(), QLinearKind::Float(_))) {
+        bail!("layer '{}' is {}: only float layers can be smoothed", l.name(), l.kind_name())
+    }
     let divided = |t: &Tensor| -> Result<Tensor> { t.div(&Tensor::from_slice(s, s.len(), t.device())?.to_dtype(t.dtype())?) };
     match g.source {
         SmoothSource::RmsNorm(norm) => *norm = RmsNorm::new(divided(norm.weight())?, norm.eps()),

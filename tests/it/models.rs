@@ -486,6 +486,14 @@ fn smoothing_keeps_the_float_logits_and_helps_static_int8() {
     let bad: std::collections::BTreeMap<String, Vec<f32>> = [("model.layers.0.mlp.up_proj".to_string(), vec![1.0; 576])].into();
     assert!(candle_quant::smooth::apply_smoothing(&mut other, &bad).unwrap_err().to_string().contains("up_proj"));
     assert_eq!(logits(&other).to_vec2::<f32>().unwrap(), before.to_vec2::<f32>().unwrap());
+    // A group with a layer already int8 is refused, naming it, before its norm is divided.
+    let mut part = lm.model.clone();
+    quantize_dynamic(&mut part, &QuantConfig::default().include("model.layers.0.self_attn.k_proj")).unwrap();
+    let part_before = logits(&part);
+    let halves: std::collections::BTreeMap<String, Vec<f32>> = [("model.layers.0.self_attn.q_proj".to_string(), vec![2.0; 576])].into();
+    let e = candle_quant::smooth::apply_smoothing(&mut part, &halves).unwrap_err().to_string();
+    assert!(e.contains("model.layers.0.self_attn.k_proj") && e.contains("float"), "{e}");
+    assert!(logits(&part).to_vec2::<f32>().unwrap() == part_before.to_vec2::<f32>().unwrap(), "a refused group changed the model");
 
     // Static int8 (min/max per tensor) of both, calibrated on the same text, scored on it; and
     // the plain model with one range per 32 input channels, which beats both.
