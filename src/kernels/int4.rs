@@ -11,6 +11,7 @@
 //! then the least-squares scale for the chosen levels (`s = Σ w·q / Σ q²`), kept where it does
 //! better.
 
+use super::paths::Kernels;
 use super::weights::{Int8Rows, MAX_IN_FEATURES};
 use crate::quant::SCALE_EPS;
 use candle_core::{bail, Result};
@@ -22,22 +23,18 @@ const STEPS: usize = 12;
 /// `Σ h·(w − s·(q − z))²` for the levels `round(w / s) + z` clamped to `[lo, hi]`, written to
 /// `q` as `level − z` (small integers, exact in `f32`); `h` is the importance of each weight
 /// (`WEIGHTED`), else 1. Eight running sums, each over every eighth weight, added in order at
-/// the end: the AVX2 lanes and the portable loop do the same operations in the same order.
-fn levels<const WEIGHTED: bool>(w: &[f32], h: &[f32], s: f32, z: i32, (lo, hi): (i32, i32), q: &mut [f32]) -> f32 {
+/// the end: the vector path of `kernels` ([`Kernels::int4_levels`]) and [`levels_portable`] do
+/// the same operations in the same order.
+fn levels<const WEIGHTED: bool>(kernels: &Kernels, w: &[f32], h: &[f32], s: f32, z: i32, (lo, hi): (i32, i32), q: &mut [f32]) -> f32 {
     let (inv, lo, hi) = (1.0 / s, (lo - z) as f32, (hi - z) as f32);
     // `clamp(round(x / s) + z, lo, hi) − z = clamp(round(x / s), lo − z, hi − z)`, in float
     // (exact: small integers).
     let whole = w.len() / 8 * 8;
     let (wl, ql) = (&w[..whole], &mut q[..whole]);
-    #[cfg(target_arch = "x86_64")]
-    let mut sums = if std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: the CPU has AVX2; `wl`, `ql` (and `h` when weighted) hold `whole` values.
-        unsafe { levels_avx2::<WEIGHTED>(wl, h, s, inv, (lo, hi), ql) }
-    } else {
-        levels_portable::<WEIGHTED>(wl, h, s, inv, (lo, hi), ql)
+    let mut sums = match kernels.int4_levels(wl, WEIGHTED.then_some(h), s, (lo, hi), ql) {
+        Some(sums) => sums,
+        None => levels_portable::<WEIGHTED>(wl, h, s, inv, (lo, hi), ql),
     };
-    #[cfg(not(target_arch = "x86_64"))]
-    let mut sums = levels_portable::<WEIGHTED>(wl, h, s, inv, (lo, hi), ql);
     for (c, (qv, &x)) in q.iter_mut().zip(w).enumerate().skip(whole) {
         let l = round_even(x * inv).clamp(lo, hi);
         *qv = l;
@@ -61,34 +58,6 @@ fn levels_portable<const WEIGHTED: bool>(w: &[f32], h: &[f32], s: f32, inv: f32,
     sums
 }
 
-/// [`levels_portable`] in AVX2 registers (`f32::clamp`'s NaN rules keep the portable loop from
-/// vectorizing). The levels are finite, where `max`/`min` and `clamp`
-/// agree (a `−0.0` may come out `+0.0`: the same level, the same error).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn levels_avx2<const WEIGHTED: bool>(w: &[f32], h: &[f32], s: f32, inv: f32, (lo, hi): (f32, f32), q: &mut [f32]) -> [f32; 8] {
-    use std::arch::x86_64::*;
-    let (vs, vinv, vlo, vhi, magic) =
-        (_mm256_set1_ps(s), _mm256_set1_ps(inv), _mm256_set1_ps(lo), _mm256_set1_ps(hi), _mm256_set1_ps(MAGIC));
-    let mut acc = _mm256_setzero_ps();
-    let mut out = [0f32; 8];
-    // SAFETY: every load and store is 8 values at `c < w.len()`, a multiple of 8, within `w`,
-    // `q` and (weighted) `h`, all at least `w.len()` long.
-    unsafe {
-        for c in (0..w.len()).step_by(8) {
-            let x = _mm256_loadu_ps(w.as_ptr().add(c));
-            let r = _mm256_sub_ps(_mm256_add_ps(_mm256_mul_ps(x, vinv), magic), magic);
-            let l = _mm256_min_ps(_mm256_max_ps(r, vlo), vhi);
-            _mm256_storeu_ps(q.as_mut_ptr().add(c), l);
-            let d = _mm256_sub_ps(x, _mm256_mul_ps(vs, l));
-            let e = if WEIGHTED { _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(h.as_ptr().add(c)), d), d) } else { _mm256_mul_ps(d, d) };
-            acc = _mm256_add_ps(acc, e);
-        }
-        _mm256_storeu_ps(out.as_mut_ptr(), acc);
-    }
-    out
-}
-
 /// `v` rounded to the nearest integer, ties to even, as `f32::round_ties_even` (a libm call on
 /// x86_64 without SSE4.1) but inline: adding and taking back `1.5·2²³` leaves no fraction bits
 /// below the units, so the addition itself rounds (to nearest even, the default mode). Exact for
@@ -100,7 +69,7 @@ fn round_even(v: f32) -> f32 {
 }
 
 /// `1.5·2²³`: see [`round_even`].
-const MAGIC: f32 = 12_582_912.0;
+pub(super) const MAGIC: f32 = 12_582_912.0;
 
 /// The best `(scale, zero point)` of one group and its values `q` (signed, `q = u − z`):
 /// symmetric (`z` = 8 implied, returned as 8) or with a zero point; the least squared error.
@@ -118,6 +87,7 @@ pub(crate) fn quantize_group_weighted(w: &[f32], importance: &[f32], zero_point:
 }
 
 fn search_group<const WEIGHTED: bool>(w: &[f32], h: &[f32], zero_point: bool, q: &mut [i8]) -> Result<(f16, u8)> {
+    let kernels = Kernels::best();
     let mut best = Best { err: f32::INFINITY, scale: f16::ONE, zero: 8, trial: vec![0f32; w.len()], kept: vec![0f32; w.len()] };
     let (lo, hi) = w.iter().fold((0f32, 0f32), |(lo, hi), &v| (lo.min(v), hi.max(v)));
     if !(lo.is_finite() && hi.is_finite()) {
@@ -133,14 +103,14 @@ fn search_group<const WEIGHTED: bool>(w: &[f32], h: &[f32], zero_point: bool, q:
         for i in 0..STEPS {
             let s = range / 15.0 * (1.0 - 0.25 * i as f32 / STEPS as f32);
             for z in [(-lo / s).round(), 15.0 - (hi / s).round()] {
-                best.consider::<WEIGHTED>(w, h, s, (z as i32).clamp(0, 15))?;
+                best.consider::<WEIGHTED>(&kernels, w, h, s, (z as i32).clamp(0, 15))?;
             }
         }
     } else {
         for i in 0..STEPS {
             let d = 7.0 + 1.5 * i as f32 / (STEPS - 1) as f32;
             for sign in [1.0, -1.0] {
-                best.consider::<WEIGHTED>(w, h, sign * amax / d, 8)?;
+                best.consider::<WEIGHTED>(&kernels, w, h, sign * amax / d, 8)?;
             }
         }
     }
@@ -149,7 +119,7 @@ fn search_group<const WEIGHTED: bool>(w: &[f32], h: &[f32], zero_point: bool, q:
     let (wq, qq) =
         best.kept.iter().zip(w).enumerate().fold((0f32, 0f32), |(a, b), (c, (&qf, &x))| (a + imp(c) * x * qf, b + imp(c) * qf * qf));
     if qq > 0.0 {
-        best.consider::<WEIGHTED>(w, h, wq / qq, best.zero as i32)?;
+        best.consider::<WEIGHTED>(&kernels, w, h, wq / qq, best.zero as i32)?;
     }
     q.iter_mut().zip(&best.kept).for_each(|(q, &l)| *q = l as i8);
     Ok((best.scale, best.zero))
@@ -167,7 +137,7 @@ struct Best {
 impl Best {
     /// Tries scale `s` (rounded to `f16` first) with zero point `z`; its levels become the kept
     /// ones when it does better than the best so far.
-    fn consider<const WEIGHTED: bool>(&mut self, w: &[f32], h: &[f32], s: f32, z: i32) -> Result<()> {
+    fn consider<const WEIGHTED: bool>(&mut self, kernels: &Kernels, w: &[f32], h: &[f32], s: f32, z: i32) -> Result<()> {
         let scale = f16::from_f32(s);
         if !scale.is_finite() {
             bail!("int4 weight scale {s} does not fit an f16 (weights must stay below {})", f16::MAX.to_f32() * 7.0)
@@ -175,7 +145,7 @@ impl Best {
         if scale.to_f32() == 0.0 {
             return Ok(());
         }
-        let err = levels::<WEIGHTED>(w, h, scale.to_f32(), z, (0, 15), &mut self.trial);
+        let err = levels::<WEIGHTED>(kernels, w, h, scale.to_f32(), z, (0, 15), &mut self.trial);
         if err < self.err {
             (self.err, self.scale, self.zero) = (err, scale, z as u8);
             std::mem::swap(&mut self.trial, &mut self.kept);
@@ -240,36 +210,31 @@ mod tests {
         }
     }
 
-    /// The AVX2 lanes give the portable lanes' levels and sums, bit for bit, weighted or not,
-    /// on random weights, scales and zero points.
+    /// Every vector path's lanes give the portable lanes' levels and sums, bit for bit, weighted
+    /// or not, on random weights, scales and zero points.
     #[test]
     fn level_lanes_agree() {
-        #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx2") {
-            let mut x = 0.377f32;
-            let mut next = || {
-                x = (x * 1.37 + 0.71) % 7.0 - 3.5;
-                x
-            };
-            for trial in 0..200 {
-                let n = 8 * (1 + trial % 16);
-                let w: Vec<f32> = (0..n).map(|_| next()).collect();
-                let h: Vec<f32> = (0..n).map(|_| next().abs()).collect();
-                let s = 0.05 + next().abs() / 8.0;
-                let z = (trial % 16) as f32;
-                let bounds = (-z, 15.0 - z);
-                let (mut qa, mut qb) = (vec![0f32; n], vec![0f32; n]);
-                for weighted in [false, true] {
-                    let a = if weighted { levels_portable::<true> } else { levels_portable::<false> }(&w, &h, s, 1.0 / s, bounds, &mut qa);
-                    // SAFETY: this CPU has AVX2 (checked above); all slices hold n values.
-                    let b = unsafe {
-                        match weighted {
-                            true => levels_avx2::<true>(&w, &h, s, 1.0 / s, bounds, &mut qb),
-                            false => levels_avx2::<false>(&w, &h, s, 1.0 / s, bounds, &mut qb),
-                        }
-                    };
-                    assert_eq!(a.map(f32::to_bits), b.map(f32::to_bits), "trial {trial}, weighted {weighted}");
-                    assert!(qa.iter().zip(&qb).all(|(p, q)| p == q), "trial {trial}");
+        use crate::kernels::Isa;
+        let mut x = 0.377f32;
+        let mut next = || {
+            x = (x * 1.37 + 0.71) % 7.0 - 3.5;
+            x
+        };
+        let tables: Vec<Kernels> = Isa::supported().into_iter().map(|isa| Kernels::of(isa).unwrap()).collect();
+        for trial in 0..200 {
+            let n = 8 * (1 + trial % 16);
+            let w: Vec<f32> = (0..n).map(|_| next()).collect();
+            let h: Vec<f32> = (0..n).map(|_| next().abs()).collect();
+            let s = 0.05 + next().abs() / 8.0;
+            let z = (trial % 16) as f32;
+            let bounds = (-z, 15.0 - z);
+            let (mut qa, mut qb) = (vec![0f32; n], vec![0f32; n]);
+            for weighted in [false, true] {
+                let a = if weighted { levels_portable::<true> } else { levels_portable::<false> }(&w, &h, s, 1.0 / s, bounds, &mut qa);
+                for k in &tables {
+                    let Some(b) = k.int4_levels(&w, weighted.then_some(&h), s, bounds, &mut qb) else { continue };
+                    assert_eq!(a.map(f32::to_bits), b.map(f32::to_bits), "{:?}, trial {trial}, weighted {weighted}", k.isa());
+                    assert!(qa.iter().zip(&qb).all(|(p, q)| p == q), "{:?}, trial {trial}", k.isa());
                 }
             }
         }

@@ -29,6 +29,7 @@ type SoftmaxNumerators = unsafe fn(&mut [f32]) -> (f32, f32);
 type SumsOfSquares = unsafe fn(&[f32], usize, &mut [f32]);
 type SumsAndSquares = unsafe fn(&[f32], usize, &mut [f32], &mut [f32]);
 type QuantizeRowGroups32 = unsafe fn(&[f32], f32, &mut [f32], &mut [i8], &mut Vec<usize>) -> bool;
+type Int4Levels = unsafe fn(&[f32], Option<&[f32]>, f32, (f32, f32), &mut [f32]) -> [f32; 8];
 
 /// The vector kernels of one supported path; `None` where it has none (the portable code runs).
 #[derive(Clone, Copy)]
@@ -49,6 +50,7 @@ pub(crate) struct Kernels {
     sums_of_squares: Option<SumsOfSquares>,
     sums_and_squares: Option<SumsAndSquares>,
     quantize_row_groups32: Option<QuantizeRowGroups32>,
+    int4_levels: Option<Int4Levels>,
     /// Whether the int8 tiles also read int4 weights (x86, NEON); the others leave int4 layers
     /// to the portable code.
     int4_tiles: bool,
@@ -106,6 +108,7 @@ impl Kernels {
         sums_of_squares: None,
         sums_and_squares: None,
         quantize_row_groups32: None,
+        int4_levels: None,
         int4_tiles: false,
         int4_weight_only: false,
     };
@@ -159,6 +162,7 @@ impl Kernels {
                     sums_of_squares: Some(x86::sums_of_squares),
                     sums_and_squares: Some(x86::sums_and_squares),
                     quantize_row_groups32: Some(x86::quantize_row_groups32),
+                    int4_levels: Some(x86::int4_levels),
                     int4_tiles: true,
                     int4_weight_only: true,
                 }
@@ -386,6 +390,22 @@ impl Kernels {
         );
         // SAFETY: the table's path is supported; the lengths are asserted above.
         Some(unsafe { f(x, limit, scales, q, above) })
+    }
+
+    /// The eight-lane part of the int4 grid search (see [`x86::int4_levels`]) for scale `s`
+    /// and level bounds `(lo, hi)`, with importances `h` or none: `None` when the path has no
+    /// vector version (the caller then runs the portable lanes).
+    pub fn int4_levels(&self, w: &[f32], h: Option<&[f32]>, s: f32, bounds: (f32, f32), q: &mut [f32]) -> Option<[f32; 8]> {
+        let f = self.int4_levels?;
+        assert!(
+            w.len().is_multiple_of(8) && q.len() >= w.len() && h.is_none_or(|h| h.len() >= w.len()),
+            "int4 grid search: {} weights, {} levels, {:?} importances",
+            w.len(),
+            q.len(),
+            h.map(<[f32]>::len)
+        );
+        // SAFETY: the table's path is supported; the lengths are asserted above.
+        Some(unsafe { f(w, h, s, bounds, q) })
     }
 
     /// Exact GELU in place; `false` (nothing done) when the path has no vector version.

@@ -19,6 +19,40 @@ pub fn available() -> bool {
     is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c")
 }
 
+/// The eight-lane part of the int4 grid search (`int4::levels_portable`) in registers: for each
+/// eighth weight, `l = clamp(round_even(w / s), lo, hi)` written to `q` and `h·(w − s·l)²` (or
+/// `(w − s·l)²` without importances `h`) summed in its lane. `max`/`min` stand in for `clamp`:
+/// the levels are finite, where they agree (a `−0.0` may come out `+0.0`: the same level, the
+/// same error). Bit for bit the portable lanes.
+///
+/// # Safety
+/// AVX2 available; `w.len()` a multiple of 8, and `q` (and `h`) at least as long.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn int4_levels(w: &[f32], h: Option<&[f32]>, s: f32, (lo, hi): (f32, f32), q: &mut [f32]) -> [f32; 8] {
+    let (vs, vinv, vlo, vhi, magic) =
+        (_mm256_set1_ps(s), _mm256_set1_ps(1.0 / s), _mm256_set1_ps(lo), _mm256_set1_ps(hi), _mm256_set1_ps(super::int4::MAGIC));
+    let mut acc = _mm256_setzero_ps();
+    let mut out = [0f32; 8];
+    // SAFETY: every load and store is 8 values at `c < w.len()`, within `w`, `q` and `h`
+    // (caller).
+    unsafe {
+        for c in (0..w.len()).step_by(8) {
+            let x = _mm256_loadu_ps(w.as_ptr().add(c));
+            let r = _mm256_sub_ps(_mm256_add_ps(_mm256_mul_ps(x, vinv), magic), magic);
+            let l = _mm256_min_ps(_mm256_max_ps(r, vlo), vhi);
+            _mm256_storeu_ps(q.as_mut_ptr().add(c), l);
+            let d = _mm256_sub_ps(x, _mm256_mul_ps(vs, l));
+            let e = match h {
+                Some(h) => _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(h.as_ptr().add(c)), d), d),
+                None => _mm256_mul_ps(d, d),
+            };
+            acc = _mm256_add_ps(acc, e);
+        }
+        _mm256_storeu_ps(out.as_mut_ptr(), acc);
+    }
+    out
+}
+
 /// Eight `f16` weight scales widened to `f32`.
 ///
 /// # Safety
