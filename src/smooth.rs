@@ -110,7 +110,7 @@ pub fn apply_smoothing(model: &mut (impl Smoothable + ?Sized), factors: &Smoothi
 
 /// Folds one group's factors `s` (as many as its input channels) into the float model: the
 /// producer's output divided by `s`, the readers' weight columns multiplied by it. Nothing is
-/// changed unless every linear layer involved is float.
+/// changed unless every linear layer involved is float and every reader has `s.len()` inputs.
 pub fn fold_factors(g: SmoothGroup<'_>, s: &[f32]) -> Result<()> {
     let producer = match &g.source {
         SmoothSource::Linear(l) => Some(&**l),
@@ -118,6 +118,9 @@ pub fn fold_factors(g: SmoothGroup<'_>, s: &[f32]) -> Result<()> {
     };
     if let Some(l) = producer.into_iter().chain(g.readers.iter().map(|l| &**l)).find(|l| !matches!(l.kind(), QLinearKind::Float(_))) {
         bail!("layer '{}' is {}: only float layers can be smoothed", l.name(), l.kind_name())
+    }
+    if let Some(l) = g.readers.iter().find(|l| l.in_features() != s.len()) {
+        bail!("layer '{}': {} smoothing factors for {} inputs", l.name(), s.len(), l.in_features())
     }
     let divided = |t: &Tensor| -> Result<Tensor> { t.div(&Tensor::from_slice(s, s.len(), t.device())?.to_dtype(t.dtype())?) };
     match g.source {
