@@ -61,6 +61,8 @@ pub struct AwqReport {
 /// A layer of a group that will be rounded: its float weight and input second moment.
 struct Rounded {
     name: String,
+    /// Where its Hessian is shared (rescaled when the group is folded).
+    handle: Arc<Mutex<Hessian>>,
     how: WeightQuant,
     weight: Tensor,
     hessian: Tensor,
@@ -95,7 +97,7 @@ pub fn awq(
             let Some(handle) = hessians.get(l.name()) else { continue };
             let Some(hessian) = Hessian::locked(handle)?.sum.clone() else { bail!("AWQ: layer '{}' saw no calibration input", l.name()) };
             let weight = l.float_equivalent()?.weight().to_dtype(DType::F32)?;
-            rounded.push(Rounded { name: l.name().to_string(), how: config.weight_for(l.name()), weight, hessian });
+            rounded.push(Rounded { name: l.name().to_string(), handle: handle.clone(), how: config.weight_for(l.name()), weight, hessian });
         }
         if !rounded.iter().any(|r| r.how.bits() == 4) {
             report.skipped.push(format!("{key}: no layer of its group has int4 weights"));
@@ -124,10 +126,7 @@ pub fn awq(
             fold_factors(g, &s)?;
             let col = Tensor::from_slice(&s, (s.len(), 1), &candle_core::Device::Cpu)?;
             for r in &rounded {
-                let h = r.hessian.broadcast_div(&col)?.broadcast_div(&col.t()?)?;
-                if let Some(handle) = hessians.get(&r.name) {
-                    Hessian::locked(handle)?.sum = Some(h);
-                }
+                Hessian::locked(&r.handle)?.sum = Some(r.hessian.broadcast_div(&col)?.broadcast_div(&col.t()?)?);
             }
             report.factors.insert(key.clone(), s);
         }
@@ -203,7 +202,7 @@ mod tests {
         let weight = Tensor::from_vec(w.clone(), (n, k), &device).unwrap();
         let hessian = xt.t().unwrap().matmul(&xt).unwrap();
         let how = WeightQuant::Int4 { group: 16, zero_point: false };
-        let r = Rounded { name: "l".into(), how, weight: weight.clone(), hessian };
+        let r = Rounded { name: "l".into(), handle: Default::default(), how, weight: weight.clone(), hessian };
         let s: Vec<f32> = (0..k).map(|j| 0.5 + (j % 5) as f32 * 0.3).collect();
         let got = scaled_rounding_error(&r, &s).unwrap();
         let row = Tensor::from_slice(&s, (1, k), &device).unwrap();
