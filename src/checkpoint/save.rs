@@ -4,7 +4,7 @@
 
 use super::scheme::{CheckpointScheme, LayerScheme};
 use crate::convert::Quantizable;
-use crate::nn::QLinearKind;
+use crate::nn::{QLinear, QLinearKind};
 use crate::progress::Progress;
 use crate::source::memory::MemorySource;
 use crate::source::{write_shards, Dtype, TensorSource, WriteReport};
@@ -122,18 +122,7 @@ pub fn quantized_tensors(model: &mut (impl Quantizable + ?Sized)) -> Result<(Box
         }
         match (LayerScheme::of(layer), layer.kind()) {
             (Some(scheme), kind) => {
-                let (w, _) = layer.int8_parts().ok_or_else(|| candle_core::Error::Msg(format!("layer '{name}' lost its weights")))?;
-                let rows = w.to_rows();
-                let (n, k, g, bits) = (rows.out_features(), rows.in_features(), rows.groups(), rows.bits());
-                let [values, scales, zero_points] = super::planned::stored_parts(rows);
-                match bits {
-                    4 => mem.push(format!("{name}.weight"), Dtype::U8, vec![n, k.div_ceil(2)], values)?,
-                    _ => mem.push(format!("{name}.weight"), Dtype::I8, vec![n, k], values)?,
-                }
-                mem.push(format!("{name}.weight_scale"), Dtype::F16, vec![n, g], scales)?;
-                if !zero_points.is_empty() {
-                    mem.push(format!("{name}.weight_zero_point"), Dtype::U8, vec![n, g], zero_points)?;
-                }
+                push_int8_weights(&mut mem, layer)?;
                 if let QLinearKind::Static(s) = kind {
                     let p = s.activation_qparams();
                     let (scales, zero_points) = (&p.scales, &p.zero_points);
@@ -152,6 +141,12 @@ pub fn quantized_tensors(model: &mut (impl Quantizable + ?Sized)) -> Result<(Box
         }
         Ok(())
     })?;
+    let mut tables = vec![];
+    model.visit_tables(&mut |table| {
+        push_int8_weights(&mut mem, table)?;
+        tables.push(table.name().to_string());
+        Ok(())
+    })?;
     // The most common scheme is the default; the others are listed.
     let Some(default) = most_common(schemes.iter().map(|(_, s)| s)) else { bail!("the model has no int8 layer to save") };
     let mut quantization = CheckpointScheme::new(default);
@@ -159,7 +154,29 @@ pub fn quantized_tensors(model: &mut (impl Quantizable + ?Sized)) -> Result<(Box
         quantization.set(&name, scheme);
     }
     quantization.excluded = excluded;
+    for table in tables {
+        quantization.add_table(&table);
+    }
     Ok((Box::new(mem), quantization))
+}
+
+/// `layer`'s int8 (or int4) weights as a checkpoint stores them: `NAME.weight`, `NAME.weight_scale`
+/// and, for asymmetric int4, `NAME.weight_zero_point`.
+fn push_int8_weights(mem: &mut MemorySource, layer: &QLinear) -> Result<()> {
+    let name = layer.name();
+    let (w, _) = layer.int8_parts().ok_or_else(|| candle_core::Error::Msg(format!("layer '{name}' lost its weights")))?;
+    let rows = w.to_rows();
+    let (n, k, g, bits) = (rows.out_features(), rows.in_features(), rows.groups(), rows.bits());
+    let [values, scales, zero_points] = super::planned::stored_parts(rows);
+    match bits {
+        4 => mem.push(format!("{name}.weight"), Dtype::U8, vec![n, k.div_ceil(2)], values)?,
+        _ => mem.push(format!("{name}.weight"), Dtype::I8, vec![n, k], values)?,
+    }
+    mem.push(format!("{name}.weight_scale"), Dtype::F16, vec![n, g], scales)?;
+    if !zero_points.is_empty() {
+        mem.push(format!("{name}.weight_zero_point"), Dtype::U8, vec![n, g], zero_points)?;
+    }
+    Ok(())
 }
 
 fn most_common<'a>(schemes: impl Iterator<Item = &'a LayerScheme>) -> Option<LayerScheme> {

@@ -13,10 +13,11 @@ use std::path::Path;
 
 /// `quantization_config.quant_method` of this format.
 pub const QUANT_METHOD: &str = "candle-quant";
-/// The newest `quantization_config.format_version`: 2 adds int4 weights (`weight_bits: 4`).
-/// A folder without int4 layers is still written as version 1, which older builds read;
-/// versions 1 and 2 are read.
-pub const FORMAT_VERSION: u32 = 2;
+/// The newest `quantization_config.format_version`: 2 adds int4 weights (`weight_bits: 4`), 3
+/// int8 embedding tables (`tables`). A folder is written with the oldest version that holds
+/// it, so one without either is still version 1, which older builds read; versions 1 to 3
+/// are read.
+pub const FORMAT_VERSION: u32 = 3;
 
 /// The `quantization_config` object of a checkpoint's `config.json`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -24,7 +25,7 @@ pub const FORMAT_VERSION: u32 = 2;
 pub struct CheckpointScheme {
     /// Always [`QUANT_METHOD`].
     pub quant_method: String,
-    /// 1, or 2 ([`FORMAT_VERSION`]) when some layer has int4 weights.
+    /// 1; 2 when some layer has int4 weights; 3 ([`FORMAT_VERSION`]) when `tables` is not empty.
     pub format_version: u32,
     /// How int8 layers not listed in `layers` work.
     pub default: LayerScheme,
@@ -34,6 +35,11 @@ pub struct CheckpointScheme {
     /// Linear layers kept in float (informative: they have no `weight_scale`).
     #[serde(default)]
     pub excluded: Vec<String>,
+    /// Lookup tables stored as int8 rows (`NAME.weight` `I8 [rows, width]` with one `f16`
+    /// scale per row in `NAME.weight_scale`), not linear layers: an untied model's token
+    /// embeddings once its `lm_head` is quantized (version 3).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tables: Vec<String>,
 }
 
 /// How one int8 layer computes. Group sizes count input channels per scale; `None` means one
@@ -306,7 +312,15 @@ impl CheckpointScheme {
     /// A config whose default is `default`, listing exceptions and float layers.
     pub fn new(default: LayerScheme) -> Self {
         let format_version = default.version();
-        Self { quant_method: QUANT_METHOD.into(), format_version, default, layers: BTreeMap::new(), excluded: vec![] }
+        Self { quant_method: QUANT_METHOD.into(), format_version, default, layers: BTreeMap::new(), excluded: vec![], tables: vec![] }
+    }
+
+    /// Records `name` as an int8 lookup table (format version 3).
+    pub fn add_table(&mut self, name: &str) {
+        if !self.tables.iter().any(|t| t == name) {
+            self.tables.push(name.to_string());
+            self.format_version = self.format_version.max(3);
+        }
     }
 
     /// The scheme of the int8 layer called `name`.
@@ -347,10 +361,14 @@ impl CheckpointScheme {
     /// Errors when a layer the checkpoint holds as int8 was not visited, is float in the
     /// model, or when the config names a layer that is not int8 in the checkpoint.
     pub fn apply(&self, model: &mut (impl Quantizable + ?Sized), source: &dyn TensorSource) -> Result<ConversionReport> {
-        let int8: BTreeSet<String> =
+        let mut int8: BTreeSet<String> =
             source.entries().iter().filter_map(|e| e.name.strip_suffix(".weight_scale")).map(str::to_string).collect();
-        if let Some(name) = self.layers.keys().find(|n| !int8.contains(*n)) {
+        if let Some(name) = self.layers.keys().chain(&self.tables).find(|n| !int8.contains(*n)) {
             bail!("quantization_config lists layer '{name}', which has no int8 weights in the checkpoint")
+        }
+        // Tables are read by the model's loader (rows looked up), not converted here.
+        for table in &self.tables {
+            int8.remove(table);
         }
         let mut report = ConversionReport::default();
         model.visit_linears(&mut |layer| {

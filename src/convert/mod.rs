@@ -28,6 +28,14 @@ pub trait Quantizable {
         let _ = f;
         Ok(())
     }
+
+    /// Calls `f` on every lookup table the model holds as int8 rows (a [`QLinear`] named as
+    /// the checkpoint names the table, whose rows are read, never multiplied), so that
+    /// [`crate::checkpoint::save_quantized`] can save it. The default shows none.
+    fn visit_tables(&self, f: &mut dyn FnMut(&QLinear) -> Result<()>) -> Result<()> {
+        let _ = f;
+        Ok(())
+    }
 }
 
 impl Quantizable for QLinear {
@@ -44,6 +52,10 @@ impl<T: Quantizable> Quantizable for [T] {
     fn visit_tensors(&self, f: &mut dyn FnMut(&str, &Tensor) -> Result<()>) -> Result<()> {
         self.iter().try_for_each(|m| m.visit_tensors(f))
     }
+
+    fn visit_tables(&self, f: &mut dyn FnMut(&QLinear) -> Result<()>) -> Result<()> {
+        self.iter().try_for_each(|m| m.visit_tables(f))
+    }
 }
 
 impl<T: Quantizable> Quantizable for Vec<T> {
@@ -54,6 +66,10 @@ impl<T: Quantizable> Quantizable for Vec<T> {
     fn visit_tensors(&self, f: &mut dyn FnMut(&str, &Tensor) -> Result<()>) -> Result<()> {
         self.as_slice().visit_tensors(f)
     }
+
+    fn visit_tables(&self, f: &mut dyn FnMut(&QLinear) -> Result<()>) -> Result<()> {
+        self.as_slice().visit_tables(f)
+    }
 }
 
 impl<T: Quantizable> Quantizable for Option<T> {
@@ -63,6 +79,10 @@ impl<T: Quantizable> Quantizable for Option<T> {
 
     fn visit_tensors(&self, f: &mut dyn FnMut(&str, &Tensor) -> Result<()>) -> Result<()> {
         self.as_ref().map_or(Ok(()), |m| m.visit_tensors(f))
+    }
+
+    fn visit_tables(&self, f: &mut dyn FnMut(&QLinear) -> Result<()>) -> Result<()> {
+        self.as_ref().map_or(Ok(()), |m| m.visit_tables(f))
     }
 }
 

@@ -7,8 +7,9 @@ pub mod hf;
 
 use crate::checkpoint::{plan_layers, write_checkpoint, CheckpointScheme, Int8Kind, PlannedSource, SaveOptions};
 use crate::convert::{ConversionReport, QuantConfig};
+use crate::kernels::WeightQuant;
 use crate::models::bert::{Bert, BertConfig};
-use crate::models::{Decoder, DecoderConfig};
+use crate::models::{Decoder, DecoderConfig, EMBED_TOKENS};
 use crate::progress::Progress;
 use crate::source::{read_json, SafetensorsSource, SourceBackend, TensorSource, WriteReport};
 use candle_core::{bail, Result};
@@ -301,10 +302,11 @@ impl OpenedDecoder {
             bail!("{}: already a quantized checkpoint", self.source)
         }
         let names = Decoder::linear_layer_names(&self.config);
-        let (quantization, layers) = plan_layers(&names, config, kind)?;
+        let (mut quantization, mut layers) = plan_layers(&names, config, kind)?;
         let mut renamed = HashMap::new();
         let tied = self.config.tie_word_embeddings && self.tensors.entry("lm_head.weight").is_none();
-        if tied && layers.iter().any(|(n, _)| n == "lm_head") {
+        let head_quantized = layers.iter().any(|(n, _)| n == "lm_head");
+        if tied && head_quantized {
             renamed.insert("lm_head".to_string(), "model.embed_tokens.weight".to_string());
         }
         // Groups that cannot work together are refused before anything is written.
@@ -315,6 +317,13 @@ impl OpenedDecoder {
                     crate::nn::check_dynamic_groups(name, config.activation_for(name), *how, k)?;
                 }
             }
+        }
+        // An untied embedding table follows its quantized `lm_head` into int8 rows, as a tied
+        // one does by being that `lm_head`.
+        let table = format!("{EMBED_TOKENS}.weight");
+        if !tied && head_quantized && self.tensors.entry(&table).is_some_and(|e| e.dtype.is_float()) {
+            layers.push((EMBED_TOKENS.to_string(), WeightQuant::PerChannel));
+            quantization.add_table(EMBED_TOKENS);
         }
         Ok((PlannedSource::new(self.tensors.clone(), &layers, &renamed)?, quantization))
     }

@@ -18,6 +18,9 @@ use candle_nn::{Embedding, Linear, RmsNorm, VarBuilder};
 /// computes the rest as it reaches them), so a config's context length never sizes an allocation.
 const ROPE_TABLE: usize = 8192;
 
+/// The token embedding table's name in checkpoints (`model.embed_tokens.weight`).
+pub(crate) const EMBED_TOKENS: &str = "model.embed_tokens";
+
 /// `(cos, sin)` of `p · f` for positions `p ∈ from..from + n` and frequencies `inv_freq`, each
 /// `[n, inv_freq.len()]`.
 fn rope_rows(inv_freq: &[f32], from: usize, n: usize) -> Result<(Tensor, Tensor)> {
@@ -74,12 +77,17 @@ enum TokenEmbeddings {
     /// looking rows up there (`q · scale`, rounded like every int8 weight) spares keeping the
     /// float table beside its int8 copy: 113 MB of SmolLM2-135M's 538.
     LmHead { dtype: DType },
+    /// An untied table as int8 rows (`[vocab, hidden]`, one scale per row), looked up as the
+    /// tied `lm_head`'s are: what the table becomes once the untied `lm_head` is int8, a quarter
+    /// of the `f32` table (Llama-2-7B: 131 MB instead of 524).
+    Int8 { table: QLinear, dtype: DType },
 }
 
 /// The decoder with its language-model head.
 ///
-/// With tied embeddings, quantizing `lm_head` to int8 (any conversion that visits it) also makes
-/// the token embeddings come from its int8 rows, and the float table is dropped.
+/// Quantizing `lm_head` to int8 (any conversion that visits it) also makes the token embeddings
+/// int8 rows: with tied embeddings they come from `lm_head`'s rows, untied ones are quantized
+/// one scale per row; the float table is dropped either way.
 #[derive(Debug, Clone)]
 pub struct Decoder {
     embed_tokens: TokenEmbeddings,
@@ -92,6 +100,21 @@ pub struct Decoder {
     ropes: Vec<(Tensor, Tensor)>,
     config: DecoderConfig,
     differentiable: bool,
+}
+
+/// Rows `tokens` (`ids` as a tensor) of a table held as `layer`'s weights, `[tokens, hidden]` in
+/// `dtype`: dequantized int8 rows (`q · scale`), or the float weights' rows when the layer was
+/// made float again by hand.
+fn looked_up(layer: &QLinear, tokens: &[u32], ids: &Tensor, dtype: DType) -> Result<Tensor> {
+    let Some((w, _)) = layer.int8_parts() else {
+        return layer.float_equivalent()?.weight().index_select(ids, 0)?.to_dtype(dtype);
+    };
+    let h = layer.in_features();
+    let mut rows = vec![0f32; tokens.len() * h];
+    for (&t, row) in tokens.iter().zip(rows.chunks_mut(h)) {
+        w.dequantize_row(t as usize, row)?;
+    }
+    Tensor::from_vec(rows, (tokens.len(), h), &Device::Cpu)?.to_dtype(dtype)
 }
 
 /// RMSNorm from basic ops that carry gradients, or the same arithmetic as candle's fused kernel
@@ -308,7 +331,13 @@ impl Decoder {
         // embeddings, so no float table is ever built.
         let (has_table, has_head) = (vb.contains_tensor("model.embed_tokens.weight"), vb.contains_tensor("lm_head.weight"));
         let tied_lm_head = cfg.tie_word_embeddings && !(has_table && has_head);
-        let (embed_tokens, lm_head) = if has_table {
+        let (embed_tokens, lm_head) = if has_table && vb.contains_tensor("model.embed_tokens.weight_scale") {
+            if tied_lm_head {
+                bail!("model.embed_tokens: an int8 embedding table needs its own lm_head.weight (the model ties them)")
+            }
+            let table = QLinear::load(hidden, vocab, false, m.pp("embed_tokens"))?;
+            (TokenEmbeddings::Int8 { table, dtype: DType::F32 }, QLinear::load(hidden, vocab, false, vb.pp("lm_head"))?)
+        } else if has_table {
             let e = candle_nn::embedding(vocab, hidden, m.pp("embed_tokens")).map_err(|e| e.context("loading model.embed_tokens"))?;
             let head = if tied_lm_head {
                 QLinear::from_linear(&Linear::new(e.embeddings().clone(), None), "lm_head")?
@@ -420,26 +449,29 @@ impl Decoder {
         let ids = Tensor::new(tokens, &Device::Cpu)?;
         match &self.embed_tokens {
             TokenEmbeddings::Float(e) => e.forward(&ids),
-            TokenEmbeddings::LmHead { dtype } => {
-                let Some((w, _)) = self.lm_head.int8_parts() else {
-                    // lm_head was given another kind by hand since: its float weights are the table.
-                    return self.lm_head.float_equivalent()?.weight().index_select(&ids, 0)?.to_dtype(*dtype);
-                };
-                let h = self.config.hidden_size;
-                let mut rows = vec![0f32; tokens.len() * h];
-                for (&t, row) in tokens.iter().zip(rows.chunks_mut(h)) {
-                    w.dequantize_row(t as usize, row)?;
-                }
-                Tensor::from_vec(rows, (tokens.len(), h), &Device::Cpu)?.to_dtype(*dtype)
-            }
+            TokenEmbeddings::LmHead { dtype } => looked_up(&self.lm_head, tokens, &ids, *dtype),
+            TokenEmbeddings::Int8 { table, dtype } => looked_up(table, tokens, &ids, *dtype),
         }
     }
 
-    /// Drops the float embedding table once the tied `lm_head` holds the same matrix as int8.
-    fn share_tied_embeddings(&mut self) {
-        if let (true, true, TokenEmbeddings::Float(e)) = (self.tied_lm_head, self.lm_head.is_int8(), &self.embed_tokens) {
-            self.embed_tokens = TokenEmbeddings::LmHead { dtype: e.embeddings().dtype() };
+    /// Makes the embeddings int8 rows once `lm_head` is int8: a tied model's become `lm_head`'s
+    /// rows, an untied model's table is quantized one `f16` scale per row (as a checkpoint
+    /// stores it, so a model converted in memory and one loaded from its folder agree).
+    fn quantize_embeddings(&mut self) -> Result<()> {
+        let TokenEmbeddings::Float(e) = &self.embed_tokens else { return Ok(()) };
+        if !self.lm_head.is_int8() {
+            return Ok(());
         }
+        let dtype = e.embeddings().dtype();
+        self.embed_tokens = if self.tied_lm_head {
+            TokenEmbeddings::LmHead { dtype }
+        } else {
+            let weights = e.embeddings().to_dtype(DType::F32)?;
+            let mut table = QLinear::from_linear(&Linear::new(weights, None), EMBED_TOKENS)?;
+            table.quantize_weight_only(crate::kernels::WeightQuant::PerChannel)?;
+            TokenEmbeddings::Int8 { table, dtype }
+        };
+        Ok(())
     }
 
     /// Bytes of all weights: embeddings, norms and every linear layer (a tied `lm_head` and the
@@ -449,6 +481,7 @@ impl Decoder {
         let table = match &self.embed_tokens {
             TokenEmbeddings::Float(e) => bytes(e.embeddings()),
             TokenEmbeddings::LmHead { .. } => 0,
+            TokenEmbeddings::Int8 { table, .. } => table.weight_bytes(),
         };
         let mut total = table + self.norms().iter().map(|(_, n)| bytes(n.weight())).sum::<usize>();
         for b in &self.layers {
@@ -498,8 +531,14 @@ impl Quantizable for Decoder {
             }
         }
         f(&mut self.lm_head)?;
-        self.share_tied_embeddings();
-        Ok(())
+        self.quantize_embeddings()
+    }
+
+    fn visit_tables(&self, f: &mut dyn FnMut(&QLinear) -> Result<()>) -> Result<()> {
+        match &self.embed_tokens {
+            TokenEmbeddings::Int8 { table, .. } => f(table),
+            _ => Ok(()),
+        }
     }
 
     fn visit_tensors(&self, f: &mut dyn FnMut(&str, &Tensor) -> Result<()>) -> Result<()> {

@@ -14,6 +14,7 @@ mod kv_cache;
 
 pub use config::{DecoderConfig, Variant};
 pub use decoder::Decoder;
+pub(crate) use decoder::EMBED_TOKENS;
 pub use kv_cache::KvCache;
 
 /// The decoder under its former module name: `models::llama::{Llama, LlamaConfig, KvCache}`.

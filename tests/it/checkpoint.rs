@@ -124,6 +124,80 @@ fn smollm2_checkpoint_round_trip_is_bit_identical() {
     assert!(e.contains("holds the input"), "{e}");
 }
 
+/// A tiny untied Llama (vocabulary 30522, hidden 64).
+const UNTIED_LLAMA: &str = r#"{"model_type": "llama", "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
+ "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+ "max_position_embeddings": 128, "vocab_size": 30522, "tie_word_embeddings": false, "eos_token_id": 102}"#;
+
+/// An untied model's embedding table follows its int8 `lm_head` into int8 rows, one `f16` scale
+/// per row: streamed into a folder (format version 3, the table listed), quantized while
+/// loading, quantized in memory and saved from memory, all the same model; every looked-up row
+/// within half a step of the float row; a folder whose `lm_head` stays float keeps the float
+/// table (version 1); a table the config lists but the folder lacks is refused by name.
+#[test]
+fn untied_embedding_table_is_stored_as_int8_rows() {
+    let scratch = common::Scratch::new("ckpt-untied-table");
+    let tensors = common::tiny_llama(21);
+    let float_dir = scratch.join("float");
+    std::fs::create_dir_all(&float_dir).unwrap();
+    common::write_model(&float_dir, &tensors, 1, UNTIED_LLAMA);
+    let source = ModelSource::Folder(float_dir.clone());
+    let prompt = [101, 7592, 2088, 1010, 102, 7];
+    let cfg = QuantConfig::default();
+    let mut in_memory = io::load_decoder(&source, &mut |_| {}).unwrap();
+    quantize_dynamic(&mut in_memory.model, &cfg).unwrap();
+    let want = logits_and_greedy(&in_memory, &prompt);
+
+    let dir = scratch.join("int8");
+    io::open_decoder(&source).unwrap().quantize_to(&dir, &cfg, Int8Kind::Dynamic, &SaveOptions::default(), |_| {}).unwrap();
+    let ckpt = QuantizedCheckpoint::open(&dir).unwrap();
+    let entry = |name: &str| ckpt.source().entry(name).map(|e| (e.dtype, e.shape.clone()));
+    assert_eq!(entry("model.embed_tokens.weight"), Some((Dtype::I8, vec![30522, 64])));
+    assert_eq!(entry("model.embed_tokens.weight_scale"), Some((Dtype::F16, vec![30522, 1])));
+    assert_eq!((ckpt.quantization().tables.clone(), ckpt.quantization().format_version), (vec!["model.embed_tokens".to_string()], 3));
+    let loaded = io::load_decoder(&ModelSource::Folder(dir.clone()), &mut |_| {}).unwrap();
+    assert_eq!(logits_and_greedy(&loaded, &prompt), want, "folder vs in-memory quantization");
+    let (in_situ, _) = io::open_decoder(&source).unwrap().load_int8(&cfg, Int8Kind::Dynamic, &mut |_| {}).unwrap();
+    assert_eq!(logits_and_greedy(&in_situ, &prompt), want, "quantized while loading vs in memory");
+
+    // Rows: q = round(x / s), s = max|x| / 127 rounded to f16, so |x − q·s| ≤ s/2 (+ rounding).
+    let table = &tensors["model.embed_tokens.weight"];
+    let looked_up = loaded.model.embed(&prompt).unwrap().to_vec2::<f32>().unwrap();
+    for (&t, row) in prompt.iter().zip(&looked_up) {
+        let x = table.get(t as usize).unwrap().to_vec1::<f32>().unwrap();
+        let step = x.iter().fold(0f32, |m, v| m.max(v.abs())) / 127.0;
+        let worst = x.iter().zip(row).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(worst <= 0.5 * step * 1.002 + 1e-6, "token {t}: error {worst}, step {step}");
+        assert!(worst > 0.0, "token {t}: the row was not quantized");
+    }
+
+    // Saved from memory: the same tensors, and the same model back.
+    let saved = scratch.join("saved");
+    save_quantized(&mut in_memory.model, &saved, &SaveOptions::default()).unwrap();
+    let back = QuantizedCheckpoint::open(&saved).unwrap();
+    assert_eq!(back.quantization().tables, vec!["model.embed_tokens".to_string()]);
+    for name in ["model.embed_tokens.weight", "model.embed_tokens.weight_scale"] {
+        assert_eq!(back.source().read_bytes(name).unwrap(), ckpt.source().read_bytes(name).unwrap(), "{name}");
+    }
+
+    // lm_head kept float: so is the table, and the folder stays version 1.
+    let float_head = scratch.join("float-head");
+    let keep = QuantConfig::default().exclude("lm_head");
+    io::open_decoder(&source).unwrap().quantize_to(&float_head, &keep, Int8Kind::Dynamic, &SaveOptions::default(), |_| {}).unwrap();
+    let kept = QuantizedCheckpoint::open(&float_head).unwrap();
+    assert_eq!(kept.source().entry("model.embed_tokens.weight").map(|e| e.dtype), Some(Dtype::F32));
+    assert_eq!((kept.quantization().tables.len(), kept.quantization().format_version), (0, 1));
+    io::load_decoder(&ModelSource::Folder(float_head), &mut |_| {}).unwrap();
+
+    // The config lists a table the folder holds in float: refused, naming it.
+    edit_config(&dir, |c| c["quantization_config"]["tables"] = serde_json::json!(["model.norm"]));
+    let e = match io::load_decoder(&ModelSource::Folder(dir.clone()), &mut |_| {}) {
+        Ok(_) => panic!("a listed table without int8 rows should fail"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(e.contains("model.norm"), "{e}");
+}
+
 /// A model of a user's own: two layers and a float tensor, built the candle way.
 struct Tiny {
     fc1: QLinear,

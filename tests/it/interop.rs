@@ -106,14 +106,15 @@ fn gguf_round_trips_are_bit_identical_for_every_kind_it_holds_exactly() {
     let ours = quantized_folder(&scratch, &exact_kinds());
     let file = scratch.join("model.gguf");
     let report = write_gguf(&file, &export(&ours), false, |_| {}).unwrap();
-    // 2 layers × 7 linears + lm_head.
-    assert_eq!((report.exact_layers, report.lossy.len(), report.dropped.len()), (15, 0, 0), "{report:?}");
+    // 2 layers × 7 linears + lm_head + the int8 embedding table (token_embd, Q8_0).
+    assert_eq!((report.exact_layers, report.lossy.len(), report.dropped.len()), (16, 0, 0), "{report:?}");
     let back = io::open_decoder(&ModelSource::Gguf(file.clone())).unwrap();
     let q = back.quantization.as_ref().expect("a Q8_0/Q4_0 file reads as int8/int4 layers");
     assert!(q.excluded.is_empty());
+    assert_eq!(q.tables, ["model.embed_tokens"], "the Q8_0 table comes back as int8 rows");
     let layers: Vec<String> =
         ours.tensors.entries().iter().filter_map(|e| e.name.strip_suffix(".weight_scale")).map(String::from).collect();
-    assert_eq!(layers.len(), 15);
+    assert_eq!(layers.len(), 16);
     for layer in &layers {
         assert_eq!(weights_of(&*ours.tensors, layer), weights_of(&*back.tensors, layer), "{layer}");
     }
@@ -156,7 +157,7 @@ fn candles_gguf_reader_sees_our_weights() {
     let ours = quantized_folder(&scratch, &config);
     let file = scratch.join("model.gguf");
     let report = write_gguf(&file, &export(&ours), false, |_| {}).unwrap();
-    assert_eq!(report.exact_layers, 11, "{report:?}");
+    assert_eq!(report.exact_layers, 12, "{report:?}");
     let lossy: Vec<(&str, GgmlType)> = report.lossy.iter().map(|l| (l.layer.as_str(), l.written_as)).collect();
     assert_eq!(
         lossy,
@@ -190,6 +191,7 @@ fn candles_gguf_reader_sees_our_weights() {
         ("blk.0.ffn_up.weight", "model.layers.0.mlp.up_proj", None),
         ("blk.1.ffn_down.weight", "model.layers.1.mlp.down_proj", None),
         ("output.weight", "lm_head", None),
+        ("token_embd.weight", "model.embed_tokens", None),
     ] {
         let theirs = content.tensor(&mut f, gguf, &Device::Cpu).unwrap().dequantize(&Device::Cpu).unwrap();
         let mut ours = float(layer);
@@ -318,8 +320,22 @@ fn compressed_tensors_round_trips_are_bit_identical() {
         [96i64, 64].iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>()
     );
     let back = io::open_decoder(&ModelSource::Folder(dir.clone())).unwrap();
-    let layers: Vec<String> =
-        ours.tensors.entries().iter().filter_map(|e| e.name.strip_suffix(".weight_scale")).map(String::from).collect();
+    let tables = &ours.quantization.as_ref().unwrap().tables;
+    assert_eq!(tables, &["model.embed_tokens"]);
+    let layers: Vec<String> = ours
+        .tensors
+        .entries()
+        .iter()
+        .filter_map(|e| e.name.strip_suffix(".weight_scale"))
+        .filter(|l| !tables.iter().any(|t| t == l))
+        .map(String::from)
+        .collect();
+    // The int8 embedding table goes out as f32 (engines look embeddings up in a float table):
+    // each row q · s, exactly.
+    let (q, s) = weights_of(&*ours.tensors, "model.embed_tokens");
+    let want: Vec<u8> = q.iter().zip(&s).flat_map(|(&q, &s)| (q as f32 * half::f16::from_bits(s).to_f32()).to_le_bytes()).collect();
+    assert_eq!(back.tensors.entry("model.embed_tokens.weight").map(|e| e.dtype), Some(Dtype::F32));
+    assert!(back.tensors.read_bytes("model.embed_tokens.weight").unwrap() == want, "the float table is the int8 rows dequantized");
     for layer in &layers {
         assert_eq!(weights_of(&*ours.tensors, layer), weights_of(&*back.tensors, layer), "{layer}");
         assert_eq!(zero_points_of(&*ours.tensors, layer), zero_points_of(&*back.tensors, layer), "{layer}");
@@ -331,7 +347,7 @@ fn compressed_tensors_round_trips_are_bit_identical() {
     let options = back.save_options_for(&again, &SaveOptions::default()).unwrap();
     write_checkpoint(&again, &*back.tensors, back.quantization.as_ref().unwrap(), &options, |_| {}).unwrap();
     let again = QuantizedCheckpoint::open(&again).unwrap();
-    for e in ours.tensors.entries() {
+    for e in ours.tensors.entries().iter().filter(|e| !e.name.starts_with("model.embed_tokens.")) {
         assert_eq!(ours.tensors.read_bytes(&e.name).unwrap(), again.source().read_bytes(&e.name).unwrap(), "{}", e.name);
     }
     // Every scheme comes back as it was (the outlier threshold as this toolkit's default, which

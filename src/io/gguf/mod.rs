@@ -207,6 +207,11 @@ fn open_gguf(path: &Path, keep_blocks: bool) -> Result<GgufModel> {
     let kinds: Option<Vec<Option<WeightQuant>>> = linear.iter().map(|&(_, t)| block_kind(t)).collect();
     let stored = keep_blocks && kinds.as_ref().is_some_and(|k| k.iter().any(Option::is_some));
     let mut quantization: Option<CheckpointScheme> = None;
+    // An untied embedding table in Q8_0 or Q4_0 blocks stays int8 (int4) rows beside such layers.
+    let mut tables = vec![];
+    let table_of = |gguf: &str| {
+        (has_output && hf_name(gguf, gemma3).as_deref() == Some("model.embed_tokens.weight")).then(|| "model.embed_tokens".to_string())
+    };
     let defaults = crate::QuantConfig::default();
     let (mut entries, mut names) = (Vec::new(), HashMap::new());
     for (name, _) in infos {
@@ -225,17 +230,22 @@ fn open_gguf(path: &Path, keep_blocks: bool) -> Result<GgufModel> {
                 info.ggml_dtype
             )
         }
-        let layer = layer_of(name).filter(|_| stored);
+        let table = table_of(name);
+        let layer = layer_of(name).or(table.clone()).filter(|_| stored);
         let kind = block_kind(info.ggml_dtype).flatten();
         let (Some(layer), Some(how), &[n, k]) = (layer, kind, shape.as_slice()) else {
             names.insert(hf.clone(), (name.clone(), entries.len(), Part::Float));
             entries.push(Entry { name: hf, dtype: Dtype::F32, shape });
             continue;
         };
-        let scheme = LayerScheme::dynamic(&defaults, defaults.activation, how);
-        match &mut quantization {
-            None => quantization = Some(CheckpointScheme::new(scheme)),
-            Some(q) => q.set(&layer, scheme),
+        if table.is_some() {
+            tables.push(layer.clone());
+        } else {
+            let scheme = LayerScheme::dynamic(&defaults, defaults.activation, how);
+            match &mut quantization {
+                None => quantization = Some(CheckpointScheme::new(scheme)),
+                Some(q) => q.set(&layer, scheme),
+            }
         }
         let values = match how {
             WeightQuant::Int4 { .. } => Entry { name: format!("{layer}.weight"), dtype: Dtype::U8, shape: vec![n, k / 2] },
@@ -249,6 +259,7 @@ fn open_gguf(path: &Path, keep_blocks: bool) -> Result<GgufModel> {
     }
     if let Some(q) = &mut quantization {
         q.excluded = linear.iter().filter(|&&(_, t)| block_kind(t).flatten().is_none()).filter_map(|(n, _)| layer_of(n)).collect();
+        tables.iter().for_each(|t| q.add_table(t));
     }
     let chat_template = meta(&content, "tokenizer.chat_template", path).and_then(|v| v.to_string().cloned()).ok();
     // llama.cpp permutes Llama's q/k rows for its RoPE; Gemma's are stored as they are.
