@@ -157,7 +157,7 @@ pub struct ModelArgs {
     /// With --bits 4 (or --mode q4_0 / q4k): layer-name patterns that keep 8-bit weights (int8,
     /// or Q8_0; glob, repeatable; mixed precision). Default: lm_head (also the tied embedding),
     /// as llama.cpp's 4-bit files keep their output layer at 6 bits or more; `none` makes every
-    /// layer 4-bit.
+    /// layer 4-bit. An untied embedding table is int8 rows whenever lm_head is quantized.
     #[arg(long)]
     pub int8_layers: Vec<String>,
     /// How int4 weights are rounded: rtn (round to nearest on a per-group searched grid, no

@@ -4,7 +4,7 @@
 use crate::convert::Quantizable;
 use crate::nn::attention::{packed_self_attention, unpack_sequences};
 use crate::nn::{forward_shared, ops, QLinear, QLinearKind};
-use crate::smooth::{SmoothGroup, Smoothable};
+use crate::smooth::{SmoothGroup, SmoothSource, Smoothable};
 use candle_core::{bail, Device, Module, Result, Tensor, D};
 use candle_nn::{Embedding, LayerNorm, VarBuilder};
 use serde::Deserialize;
@@ -304,15 +304,25 @@ impl Quantizable for Bert {
     }
 }
 
-/// BERT declares no SmoothQuant group: its blocks are post-norm, so every LayerNorm's output is
-/// both the next linear layers' input and the residual stream (dividing it would change the
-/// model), and the feed-forward output layer reads GELU's output, which no scale passes through.
+/// BERT's one SmoothQuant group per block: `value` → the attention output layer. Attention mixes
+/// value channel `c` only with channel `c` of other positions (`probs · V`, heads side by side),
+/// so dividing `value`'s output channels (rows and bias) by `s` and multiplying `attn_out`'s
+/// input columns by `s` leaves the model's function unchanged. Nothing else can take factors:
+/// the blocks are post-norm, so every LayerNorm's output is both the next linear layers' input
+/// and the residual stream (dividing it would change the model), and the feed-forward output
+/// layer reads GELU's output, which no scale passes through.
 impl Smoothable for Bert {
-    fn visit_smoothing_groups(&mut self, _f: &mut dyn FnMut(SmoothGroup<'_>) -> Result<()>) -> Result<()> {
+    fn visit_smoothing_groups(&mut self, f: &mut dyn FnMut(SmoothGroup<'_>) -> Result<()>) -> Result<()> {
+        for l in &mut self.layers {
+            f(SmoothGroup { source: SmoothSource::Linear(&mut l.value), readers: vec![&mut l.attn_out] })?;
+        }
         Ok(())
     }
 
     fn unsmoothed(&self) -> Vec<String> {
-        vec!["every layer: post-norm blocks (each LayerNorm's output is also the residual stream)".into()]
+        vec![
+            "query, key, value, intermediate: post-norm blocks (each LayerNorm's output is also the residual stream)".into(),
+            "output: reads GELU's output".into(),
+        ]
     }
 }

@@ -80,7 +80,7 @@ enum TokenEmbeddings {
     /// An untied table as int8 rows (`[vocab, hidden]`, one scale per row), looked up as the
     /// tied `lm_head`'s are: what the table becomes once the untied `lm_head` is int8, a quarter
     /// of the `f32` table (Llama-2-7B: 131 MB instead of 524).
-    Int8 { table: QLinear, dtype: DType },
+    Int8 { table: Box<QLinear>, dtype: DType },
 }
 
 /// The decoder with its language-model head.
@@ -336,7 +336,7 @@ impl Decoder {
                 bail!("model.embed_tokens: an int8 embedding table needs its own lm_head.weight (the model ties them)")
             }
             let table = QLinear::load(hidden, vocab, false, m.pp("embed_tokens"))?;
-            (TokenEmbeddings::Int8 { table, dtype: DType::F32 }, QLinear::load(hidden, vocab, false, vb.pp("lm_head"))?)
+            (TokenEmbeddings::Int8 { table: Box::new(table), dtype: DType::F32 }, QLinear::load(hidden, vocab, false, vb.pp("lm_head"))?)
         } else if has_table {
             let e = candle_nn::embedding(vocab, hidden, m.pp("embed_tokens")).map_err(|e| e.context("loading model.embed_tokens"))?;
             let head = if tied_lm_head {
@@ -469,7 +469,7 @@ impl Decoder {
             let weights = e.embeddings().to_dtype(DType::F32)?;
             let mut table = QLinear::from_linear(&Linear::new(weights, None), EMBED_TOKENS)?;
             table.quantize_weight_only(crate::kernels::WeightQuant::PerChannel)?;
-            TokenEmbeddings::Int8 { table, dtype }
+            TokenEmbeddings::Int8 { table: Box::new(table), dtype }
         };
         Ok(())
     }

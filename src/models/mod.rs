@@ -14,6 +14,7 @@ mod kv_cache;
 
 pub use config::{DecoderConfig, Variant};
 pub use decoder::Decoder;
+#[cfg_attr(not(feature = "hub"), allow(unused_imports))]
 pub(crate) use decoder::EMBED_TOKENS;
 pub use kv_cache::KvCache;
 

@@ -197,7 +197,8 @@ fn minilm_int8_embeddings_stay_close_and_keep_the_ranking() {
 /// MiniLM's weights are genuine float (no 4-bit grid to line up with). Int4 in groups of 32
 /// keeps embeddings close to f32's (cosine over six sentences: round to nearest symmetric mean
 /// 0.9726, with zero points 0.9761 — candle's Q4_0 gives 0.9705, Q4_1 0.9754), and GPTQ from
-/// 32 lines of another text does better than round to nearest (0.979 with zero points).
+/// 32 lines of another text does better than round to nearest (0.979 with zero points), with
+/// AWQ's factors on `value` → attention output first too (0.980: the one group BERT has).
 #[test]
 fn minilm_int4_embeddings_stay_close() {
     let enc = minilm();
@@ -230,6 +231,19 @@ fn minilm_int4_embeddings_stay_close() {
     quantize_dynamic(&mut q, &int4(true)).unwrap();
     let gptq = mean_cosine(&q);
     assert!(gptq > rtn[1], "GPTQ {gptq} vs round to nearest {}", rtn[1]);
+    // AWQ's factors on the one path BERT can take them (value → attention output), then GPTQ.
+    let mut q = enc.model.clone();
+    let hessians = candle_quant::gptq::collect_hessians(&mut q, &int4(true), |m| {
+        lines.iter().try_for_each(|l| m.embed(enc.tokenizer.encode(*l, true).unwrap().get_ids()).map(|_| ()))
+    })
+    .unwrap();
+    let report = candle_quant::awq::awq(&mut q, &int4(true), &hessians, |_, _| {}).unwrap();
+    assert_eq!(report.groups.len(), 6, "{report:?}");
+    candle_quant::gptq::quantize_gptq(&mut q, &int4(true), &hessians, |_, _| {}).unwrap();
+    quantize_dynamic(&mut q, &int4(true)).unwrap();
+    let awq_gptq = mean_cosine(&q);
+    println!("mean cosine: rtn {rtn:?}, gptq {gptq}, awq-gptq {awq_gptq}");
+    assert!(awq_gptq > rtn[1], "AWQ + GPTQ {awq_gptq} vs round to nearest {}", rtn[1]);
 }
 
 #[test]
