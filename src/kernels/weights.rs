@@ -178,32 +178,93 @@ impl PackedInt8Weights {
 
     /// Int4 rows into nibble blocks (see the type's docs): `u = q + z`, padding `u = z` (a zero).
     fn pack_int4(rows: &Int8Rows) -> Self {
-        let mut packed = Self::pack_checked(rows.n, rows.k, rows.group, &[], &rows.scales);
-        let (n, k, group, stride) = (rows.n, rows.k, rows.group, packed.stride);
-        let (groups, blocks) = (k.div_ceil(group), n.div_ceil(BLOCK_ROWS));
+        let (k, groups) = (rows.k, rows.groups());
         let zero = |j: usize, g: usize| rows.zero_points.get(j * groups + g).copied().unwrap_or(8);
+        Self::pack_nibbles(rows.n, k, rows.group, &rows.scales, &rows.zero_points, |j, u| {
+            for (c, (&q, u)) in rows.values[j * k..(j + 1) * k].iter().zip(u).enumerate() {
+                *u = (q as i32 + zero(j, c / rows.group) as i32) as u8;
+            }
+        })
+    }
+
+    /// Packs int4 weights straight from a checkpoint's bytes (two a byte, column `c` in the low
+    /// nibble of byte `c/2` when even: the unsigned `u = q + z`), with `f16` scales and, when
+    /// asymmetric, zero points `[n, groups]` in `[0, 15]` (else `z = 8`): no row-major copy.
+    pub fn from_int4_bytes(n: usize, k: usize, group: usize, bytes: &[u8], scales: &[f16], zero_points: Option<&[u8]>) -> Result<Self> {
+        let row_bytes = k.div_ceil(2);
+        if n.checked_mul(row_bytes) != Some(bytes.len()) {
+            bail!("int4 weights {n}×{k}: expected {n}×{row_bytes} bytes (two values a byte), got {}", bytes.len())
+        }
+        let group = check_scales(n, k, check_int4_group(k, group)?, scales, true)?;
+        let groups = k.div_ceil(group);
+        let zero_points = zero_points.unwrap_or_default();
+        if !zero_points.is_empty() && zero_points.len() != n * groups {
+            bail!("int4 weights {n}×{k} in groups of {group}: expected {n}×{groups} zero points, got {}", zero_points.len())
+        }
+        if let Some(i) = zero_points.iter().position(|&z| z > 15) {
+            bail!("int4 zero point at row {}, group {} is {}: zero points lie in [0, 15]", i / groups, i % groups, zero_points[i])
+        }
+        Ok(Self::pack_nibbles(n, k, group, scales, zero_points, |j, u| {
+            for (c, u) in u.iter_mut().enumerate() {
+                *u = (bytes[j * row_bytes + c / 2] >> (4 * (c % 2))) & 15;
+            }
+        }))
+    }
+
+    /// Int4 weights into nibble blocks: `row(j, u)` writes row `j`'s unsigned nibbles
+    /// `u = q + z` (`K` of them); padding columns and rows get `u = z` (a zero weight).
+    /// `zero_points` empty means symmetric (`z = 8`).
+    fn pack_nibbles(n: usize, k: usize, group: usize, scales: &[f16], zero_points: &[u8], row: impl Fn(usize, &mut [u8]) + Sync) -> Self {
+        let mut packed = Self::pack_checked(n, k, group, &[], scales);
+        let stride = packed.stride;
+        let (groups, blocks) = (k.div_ceil(group), n.div_ceil(BLOCK_ROWS));
+        let zero = |j: usize, g: usize| zero_points.get(j * groups + g).copied().unwrap_or(8);
         let mut data = super::memory::zeroed::<i8>(blocks * BLOCK_ROWS * stride / 2);
         let block_of_slot = blocks_in_stream_order(blocks);
-        data.par_chunks_mut(BLOCK_ROWS * stride / 2).zip(&block_of_slot).for_each(|(dst, &b)| {
-            for r in 0..BLOCK_ROWS {
-                let j = b * BLOCK_ROWS + r;
-                // Column c's nibble: pair c/8, quad c/4 (low nibbles when even), lane r, byte c%4.
-                let mut put = |c: usize, u: u8| dst[32 * (c / 8) + 4 * r + c % 4] |= (u << (4 * ((c / 4) % 2))) as i8;
-                if j >= n {
-                    (0..stride).for_each(|c| put(c, 8));
-                    continue;
-                }
-                for (g, run) in rows.values[j * k..(j + 1) * k].chunks(group).enumerate() {
-                    let z = zero(j, g) as i32;
-                    for (c, &q) in (g * group..).zip(run) {
-                        put(c, (q as i32 + z) as u8);
+        // Each block's rows, and `Σ_g sw · Σ_{c∈g} q` of each row (the zero-point terms).
+        let terms: Vec<[f32; BLOCK_ROWS]> = data
+            .par_chunks_mut(BLOCK_ROWS * stride / 2)
+            .zip(&block_of_slot)
+            .map_init(
+                || vec![0u8; k],
+                |u, (dst, &b)| {
+                    let mut terms = [0f32; BLOCK_ROWS];
+                    for (r, term) in terms.iter_mut().enumerate() {
+                        let j = b * BLOCK_ROWS + r;
+                        // Column c's nibble: pair c/8, quad c/4 (low nibbles when even), lane r, byte c%4.
+                        let mut put = |c: usize, u: u8| dst[32 * (c / 8) + 4 * r + c % 4] |= (u << (4 * ((c / 4) % 2))) as i8;
+                        if j >= n {
+                            (0..stride).for_each(|c| put(c, 8));
+                            continue;
+                        }
+                        row(j, u);
+                        for (c, &v) in u.iter().enumerate() {
+                            put(c, v);
+                        }
+                        // Padding: the last group's zero point, a zero weight.
+                        (k..stride).for_each(|c| put(c, zero(j, groups - 1)));
+                        *term = u
+                            .chunks(group)
+                            .enumerate()
+                            .map(|(g, run)| {
+                                let z = zero(j, g) as i32;
+                                scales[j * groups + g].to_f32() * run.iter().map(|&v| v as i32 - z).sum::<i32>() as f32
+                            })
+                            .sum();
                     }
+                    terms
+                },
+            )
+            .collect();
+        let mut zero_point_terms = vec![0f32; n];
+        for (&b, terms) in block_of_slot.iter().zip(&terms) {
+            for (r, &t) in terms.iter().enumerate() {
+                if let Some(slot) = zero_point_terms.get_mut(b * BLOCK_ROWS + r) {
+                    *slot = t;
                 }
-                // Padding: the last group's zero point, a zero weight.
-                (k..stride).for_each(|c| put(c, zero(j, groups - 1)));
             }
-        });
-        if !rows.zero_points.is_empty() {
+        }
+        if !zero_points.is_empty() {
             let mut zp = vec![8u8; blocks * BLOCK_ROWS * groups];
             for j in 0..n {
                 for g in 0..groups {
@@ -212,15 +273,7 @@ impl PackedInt8Weights {
             }
             packed.zero_points = Some(Arc::new(zp));
         }
-        packed.zero_point_terms = Arc::new(
-            rows.values
-                .par_chunks(k)
-                .zip(rows.scales.par_chunks(groups))
-                .map(|(row, s)| {
-                    row.chunks(group).zip(s).map(|(g, &sw)| sw.to_f32() * g.iter().map(|&v| v as i32).sum::<i32>() as f32).sum()
-                })
-                .collect(),
-        );
+        packed.zero_point_terms = Arc::new(zero_point_terms);
         packed.bits = 4;
         packed.data = Arc::new(data);
         packed
@@ -723,6 +776,15 @@ fn check_rows(n: usize, k: usize, group: usize, values: &[i8], scales: &[f16]) -
 /// Shapes and scales, whatever the bits (int4 scales may be negative: the sign lets a group's
 /// extreme take the level −8); returns the group size, at most `k`.
 fn check_shapes(n: usize, k: usize, group: usize, values: &[i8], scales: &[f16], signed: bool) -> Result<usize> {
+    if n.checked_mul(k) != Some(values.len()) {
+        bail!("int8 weights {n}×{k}: {} values given", values.len())
+    }
+    check_scales(n, k, group, scales, signed)
+}
+
+/// The shape rules every weight shares, and its scales' (one per row and group, finite and
+/// positive; `signed` (int4): finite and non-zero); returns the group size, at most `k`.
+fn check_scales(n: usize, k: usize, group: usize, scales: &[f16], signed: bool) -> Result<usize> {
     if n == 0 || k == 0 || group == 0 {
         bail!("int8 weights must not be empty: {n}×{k} with groups of {group}")
     }
@@ -731,9 +793,6 @@ fn check_shapes(n: usize, k: usize, group: usize, values: &[i8], scales: &[f16],
     }
     let group = group.min(k);
     let groups = k.div_ceil(group);
-    if n.checked_mul(k) != Some(values.len()) {
-        bail!("int8 weights {n}×{k}: {} values given", values.len())
-    }
     if n * groups != scales.len() {
         bail!("int8 weights {n}×{k} in groups of {group}: expected {n}×{groups} scales, got {}", scales.len())
     }
@@ -876,6 +935,45 @@ pub(crate) fn quantize_symmetric(x: &[f32], inv: f32, q: &mut [i8]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Packing a checkpoint's int4 bytes directly gives the very blocks, scales, zero points
+    /// and zero-point terms that unpacking them to rows and packing those does: odd `K`, rows
+    /// not a multiple of 8, one group per row, with and without zero points.
+    #[test]
+    fn int4_bytes_pack_as_their_rows_do() {
+        let mut state = 777u32;
+        let mut next = move |m: u32| {
+            state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            (state >> 8) % m
+        };
+        for (n, k, group, asym) in
+            [(13usize, 67usize, 32usize, true), (16, 64, 64, false), (9, 40, 8, true), (70, 96, 32, false), (3, 5, 5, true)]
+        {
+            let groups = k.div_ceil(group);
+            let bytes: Vec<u8> = (0..n * k.div_ceil(2)).map(|_| next(256) as u8).collect();
+            // An odd K's last high nibble is 0, as the format says.
+            let bytes: Vec<u8> =
+                bytes.iter().enumerate().map(|(i, &b)| if k % 2 == 1 && i % k.div_ceil(2) == k / 2 { b & 15 } else { b }).collect();
+            let scales: Vec<f16> =
+                (0..n * groups).map(|_| f16::from_f32((next(1000) as f32 + 1.0) * 1e-4 * if next(2) == 0 { -1.0 } else { 1.0 })).collect();
+            let zero_points: Option<Vec<u8>> = asym.then(|| (0..n * groups).map(|_| next(16) as u8).collect());
+            let direct = PackedInt8Weights::from_int4_bytes(n, k, group, &bytes, &scales, zero_points.as_deref()).unwrap();
+            let rows = Int8Rows::from_int4_bytes(n, k, group, &bytes, scales.clone(), zero_points.clone()).unwrap();
+            let via_rows = PackedInt8Weights::from_rows(&rows).unwrap();
+            let shape = |p: &PackedInt8Weights| (p.n, p.k, p.group, p.stride, p.bits);
+            assert_eq!(shape(&direct), shape(&via_rows), "{n}×{k}/{group}");
+            assert_eq!(direct.data, via_rows.data, "{n}×{k}/{group}: blocks");
+            assert_eq!(direct.scales, via_rows.scales);
+            assert_eq!(direct.zero_points, via_rows.zero_points);
+            let bits = |p: &PackedInt8Weights| p.zero_point_terms.iter().map(|t| t.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&direct), bits(&via_rows), "{n}×{k}/{group}: zero-point terms");
+        }
+        let err = |r: Result<PackedInt8Weights>| r.unwrap_err().to_string();
+        let one = [f16::ONE; 2];
+        assert!(err(PackedInt8Weights::from_int4_bytes(2, 8, 8, &[0; 7], &one, None)).contains("2×4 bytes"));
+        assert!(err(PackedInt8Weights::from_int4_bytes(2, 8, 8, &[0; 8], &one, Some(&[3, 16]))).contains("zero point at row 1"));
+        assert!(err(PackedInt8Weights::from_int4_bytes(2, 8, 8, &[0; 8], &one[..1], None)).contains("scales"));
+    }
 
     #[test]
     fn group_sums_are_the_sums_of_the_values() {

@@ -139,9 +139,9 @@ impl QLinear {
                 false => None,
             };
             let zero_points = zero_points.map(|z| cpu_slice::<u8, _>(&z, <[u8]>::to_vec)).transpose()?;
-            let scales = cpu_slice::<half::f16, _>(&scales, <[half::f16]>::to_vec)?;
-            let rows = cpu_slice::<u8, _>(&values, |bytes| Int8Rows::from_int4_bytes(n, k, group, bytes, scales, zero_points))??;
-            PackedInt8Weights::from_rows(&rows)?
+            cpu_slice::<u8, _>(&values, |bytes| {
+                cpu_slice::<half::f16, _>(&scales, |s| PackedInt8Weights::from_int4_bytes(n, k, group, bytes, s, zero_points.as_deref()))
+            })???
         } else {
             bail!(
                 "'{name}.weight' has shape {:?} in the checkpoint, but the model builds '{name}' as {k} → {n}: [{n}, {k}] for int8 or [{n}, {}] for int4",
