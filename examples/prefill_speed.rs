@@ -17,7 +17,7 @@ fn main() -> Result<()> {
     candle_quant::runtime::keep_freed_buffers();
     let arg = |i: usize, d: usize| std::env::args().nth(i).map_or(Ok(d), |s| s.parse::<usize>());
     let precision = std::env::args().nth(1).unwrap_or_else(|| "int8".into());
-    if !matches!(precision.as_str(), "f32" | "int8") {
+    if !matches!(precision.as_str(), "f32" | "int8" | "int4") {
         bail!("precision '{precision}': expected f32 or int8")
     }
     let (runs, tokens) = (arg(2, 5)?, arg(3, 512)?);
@@ -25,6 +25,12 @@ fn main() -> Result<()> {
     let mut lm = io::load_decoder(&ModelSource::Gguf(path), &mut |_| {})?;
     if precision == "int8" {
         quantize_dynamic(&mut lm.model, &QuantConfig::default())?;
+    }
+    if precision == "int4" {
+        let c = QuantConfig::default()
+            .weight(candle_quant::WeightQuant::Int4 { group: 32, zero_point: false })
+            .override_weight("lm_head", candle_quant::WeightQuant::PerGroup(32));
+        quantize_dynamic(&mut lm.model, &c)?;
     }
     let text = std::fs::read_to_string(io::models_dir().join("texts/alice29.txt"))?;
     let encoding = lm.tokenizer.encode(text, false).map_err(anyhow::Error::msg)?;

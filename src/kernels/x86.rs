@@ -327,10 +327,13 @@ macro_rules! int8_tiles {
                             let chunk_end = (chunk + NIBBLE_CHUNK).min(q_end);
                             let mut sums = [[_mm256_setzero_si256(); V]; R];
                             for q in (chunk..chunk_end).step_by(2) {
-                                let acts: [[__m256i; 2]; R] = std::array::from_fn(|r| {
+                                // Plain loops, no closures: a closure the compiler leaves out of
+                                // line here costs the int4 prefill twice its time.
+                                let mut acts = [[_mm256_setzero_si256(); 2]; R];
+                                for (act, &row) in acts.iter_mut().zip(&a) {
                                     // SAFETY: quads q and q + 1 lie inside every padded row.
-                                    [q, q + 1].map(|quad| unsafe { broadcast_quad(a[r] as *const u8, quad) })
-                                });
+                                    *act = unsafe { [broadcast_quad(row as *const u8, q), broadcast_quad(row as *const u8, q + 1)] };
+                                }
                                 for v in 0..V {
                                     // SAFETY: an int4 block holds 16·quads bytes, pair q/2 at 16·q.
                                     let raw = unsafe { _mm256_loadu_si256(w[v].add(16 * q) as *const __m256i) };
