@@ -196,14 +196,8 @@ impl PackedInt8Weights {
             bail!("int4 weights {n}×{k}: expected {n}×{row_bytes} bytes (two values a byte), got {}", bytes.len())
         }
         let group = check_scales(n, k, check_int4_group(k, group)?, scales, true)?;
-        let groups = k.div_ceil(group);
         let zero_points = zero_points.unwrap_or_default();
-        if !zero_points.is_empty() && zero_points.len() != n * groups {
-            bail!("int4 weights {n}×{k} in groups of {group}: expected {n}×{groups} zero points, got {}", zero_points.len())
-        }
-        if let Some(i) = zero_points.iter().position(|&z| z > 15) {
-            bail!("int4 zero point at row {}, group {} is {}: zero points lie in [0, 15]", i / groups, i % groups, zero_points[i])
-        }
+        check_zero_points(n, k, group, zero_points)?;
         Ok(Self::pack_nibbles(n, k, group, scales, zero_points, |j, u| {
             for (c, u) in u.iter_mut().enumerate() {
                 *u = (bytes[j * row_bytes + c / 2] >> (4 * (c % 2))) & 15;
@@ -638,12 +632,7 @@ impl Int8Rows {
         check_shapes(n, k, group, &values, &scales, true)?;
         let groups = k.div_ceil(group);
         let zero_points = zero_points.unwrap_or_default();
-        if !zero_points.is_empty() && zero_points.len() != n * groups {
-            bail!("int4 weights {n}×{k} in groups of {group}: expected {n}×{groups} zero points, got {}", zero_points.len())
-        }
-        if let Some(i) = zero_points.iter().position(|&z| z > 15) {
-            bail!("int4 zero point at row {}, group {} is {}: zero points lie in [0, 15]", i / groups, i % groups, zero_points[i])
-        }
+        check_zero_points(n, k, group, &zero_points)?;
         // Rows in parallel, a group at a time (one zero point each).
         let outside = values.par_chunks(k).enumerate().find_map_first(|(j, row)| {
             row.chunks(group).enumerate().find_map(|(g, run)| {
@@ -761,6 +750,18 @@ fn check_int4_group(k: usize, group: usize) -> Result<usize> {
         bail!("int4 weight groups must be a multiple of 8 input channels (32, 64, 128) or span the row of {k}; got {group}")
     }
     Ok(group.min(k))
+}
+
+/// Int4 zero points: none (symmetric), or one per row and group, each in `[0, 15]`.
+fn check_zero_points(n: usize, k: usize, group: usize, zero_points: &[u8]) -> Result<()> {
+    let groups = k.div_ceil(group);
+    if !zero_points.is_empty() && zero_points.len() != n * groups {
+        bail!("int4 weights {n}×{k} in groups of {group}: expected {n}×{groups} zero points, got {}", zero_points.len())
+    }
+    if let Some(i) = zero_points.iter().position(|&z| z > 15) {
+        bail!("int4 zero point at row {}, group {} is {}: zero points lie in [0, 15]", i / groups, i % groups, zero_points[i])
+    }
+    Ok(())
 }
 
 /// The rules of [`Int8Rows`]; returns the group size, at most `k`.
