@@ -315,9 +315,25 @@ impl CheckpointScheme {
         Self { quant_method: QUANT_METHOD.into(), format_version, default, layers: BTreeMap::new(), excluded: vec![], tables: vec![] }
     }
 
+    /// Whether `name` is an int8 lookup table (listed in `tables`), not a layer.
+    pub fn is_table(&self, name: &str) -> bool {
+        self.tables.iter().any(|t| t == name)
+    }
+
+    /// Input channels per weight scale of the stored layer or table `name`, `k` inputs wide: its
+    /// scheme's group; a table has no scheme, so the group its `weight_scale` `[rows, G]`
+    /// implies, `⌈k / G⌉`.
+    pub fn weight_group(&self, source: &dyn TensorSource, name: &str, k: usize) -> usize {
+        if !self.is_table(name) {
+            return self.scheme_for(name).weight_quant().group_in(k);
+        }
+        let groups = source.entry(&format!("{name}.weight_scale")).and_then(|s| s.shape.get(1).copied()).unwrap_or(1);
+        k.div_ceil(groups.max(1))
+    }
+
     /// Records `name` as an int8 lookup table (format version 3).
     pub fn add_table(&mut self, name: &str) {
-        if !self.tables.iter().any(|t| t == name) {
+        if !self.is_table(name) {
             self.tables.push(name.to_string());
             self.format_version = self.format_version.max(3);
         }

@@ -56,14 +56,13 @@ impl<'a> CompressedTensorsView<'a> {
             origins.push(o);
         };
         let tied = source.entry("model.embed_tokens.weight").is_none() && source.entry("lm_head.weight_scale").is_some();
-        let is_table = |layer: &str| quantization.tables.iter().any(|t| t == layer);
         for e in source.entries() {
             let name = e.name.as_str();
             if name.ends_with(".input_scale") || name.ends_with(".input_zero_point") {
                 continue;
             }
             // An int8 table goes out as float (engines look embeddings up in a float table).
-            if [".weight_scale", ".weight_zero_point"].iter().any(|s| name.strip_suffix(s).is_some_and(is_table)) {
+            if [".weight_scale", ".weight_zero_point"].iter().any(|s| name.strip_suffix(s).is_some_and(|l| quantization.is_table(l))) {
                 continue;
             }
             let layer = name.strip_suffix(".weight").filter(|l| source.entry(&format!("{l}.weight_scale")).is_some());
@@ -74,15 +73,13 @@ impl<'a> CompressedTensorsView<'a> {
                 if k == 0 {
                     bail!("{}: a quantized weight with no input channels", source.describe(name))
                 }
-                if is_table(layer) {
-                    let groups = source.entry(&format!("{layer}.weight_scale")).and_then(|s| s.shape.get(1).copied()).unwrap_or(1);
-                    let group = k.div_ceil(groups.max(1));
+                let group = quantization.weight_group(source, layer, k);
+                if quantization.is_table(layer) {
                     let table = Entry { name: e.name.clone(), dtype: Dtype::F32, shape: vec![n, k] };
                     push(table, Origin::Embeddings { layer: layer.into(), bits, n, k, group });
                     continue;
                 }
                 if tied && layer == "lm_head" {
-                    let group = quantization.scheme_for(layer).weight_quant().group_in(k);
                     let embed = Entry { name: "model.embed_tokens.weight".into(), dtype: Dtype::F32, shape: vec![n, k] };
                     push(embed, Origin::Embeddings { layer: layer.into(), bits, n, k, group });
                 }
@@ -223,12 +220,8 @@ fn scheme_json(scheme: &LayerScheme) -> Result<Value> {
 /// `source` (those with a `weight_scale`) under `quantization`: one config group per scheme,
 /// float layers in `ignore`. Also what the format cannot say (outlier thresholds).
 pub fn quantization_config(source: &dyn TensorSource, quantization: &CheckpointScheme) -> Result<(Value, Vec<String>)> {
-    let layers: Vec<&str> = source
-        .entries()
-        .iter()
-        .filter_map(|e| e.name.strip_suffix(".weight_scale"))
-        .filter(|l| !quantization.tables.iter().any(|t| t == l))
-        .collect();
+    let layers: Vec<&str> =
+        source.entries().iter().filter_map(|e| e.name.strip_suffix(".weight_scale")).filter(|l| !quantization.is_table(l)).collect();
     let mut groups: Vec<(Value, Vec<String>)> = vec![];
     let mut dropped = vec![];
     for layer in &layers {

@@ -9,7 +9,8 @@ use crate::checkpoint::{plan_layers, write_checkpoint, CheckpointScheme, Int8Kin
 use crate::convert::{ConversionReport, QuantConfig};
 use crate::kernels::WeightQuant;
 use crate::models::bert::{Bert, BertConfig};
-use crate::models::{Decoder, DecoderConfig, EMBED_TOKENS};
+use crate::models::decoder::EMBED_TOKENS;
+use crate::models::{Decoder, DecoderConfig};
 use crate::progress::Progress;
 use crate::source::{read_json, SafetensorsSource, SourceBackend, TensorSource, WriteReport};
 use candle_core::{bail, Result};

@@ -178,11 +178,11 @@ impl PackedInt8Weights {
 
     /// Int4 rows into nibble blocks (see the type's docs): `u = q + z`, padding `u = z` (a zero).
     fn pack_int4(rows: &Int8Rows) -> Self {
-        let (k, groups) = (rows.k, rows.groups());
-        let zero = |j: usize, g: usize| rows.zero_points.get(j * groups + g).copied().unwrap_or(8);
-        Self::pack_nibbles(rows.n, k, rows.group, &rows.scales, &rows.zero_points, |j, u| {
-            for (c, (&q, u)) in rows.values[j * k..(j + 1) * k].iter().zip(u).enumerate() {
-                *u = (q as i32 + zero(j, c / rows.group) as i32) as u8;
+        let (k, group, groups) = (rows.k, rows.group, rows.groups());
+        Self::pack_nibbles(rows.n, k, group, &rows.scales, &rows.zero_points, |j, u| {
+            for (g, (run, u)) in rows.values[j * k..(j + 1) * k].chunks(group).zip(u.chunks_mut(group)).enumerate() {
+                let z = rows.zero_points.get(j * groups + g).copied().unwrap_or(8) as i32;
+                run.iter().zip(u).for_each(|(&q, u)| *u = (q as i32 + z) as u8);
             }
         })
     }

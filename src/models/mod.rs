@@ -14,8 +14,6 @@ mod kv_cache;
 
 pub use config::{DecoderConfig, Variant};
 pub use decoder::Decoder;
-#[cfg_attr(not(feature = "hub"), allow(unused_imports))]
-pub(crate) use decoder::EMBED_TOKENS;
 pub use kv_cache::KvCache;
 
 /// The decoder under its former module name: `models::llama::{Llama, LlamaConfig, KvCache}`.

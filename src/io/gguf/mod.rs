@@ -210,7 +210,8 @@ fn open_gguf(path: &Path, keep_blocks: bool) -> Result<GgufModel> {
     // An untied embedding table in Q8_0 or Q4_0 blocks stays int8 (int4) rows beside such layers.
     let mut tables = vec![];
     let table_of = |gguf: &str| {
-        (has_output && hf_name(gguf, gemma3).as_deref() == Some("model.embed_tokens.weight")).then(|| "model.embed_tokens".to_string())
+        (has_output && hf_name(gguf, gemma3).as_deref() == Some("model.embed_tokens.weight"))
+            .then(|| crate::models::decoder::EMBED_TOKENS.to_string())
     };
     let defaults = crate::QuantConfig::default();
     let (mut entries, mut names) = (Vec::new(), HashMap::new());

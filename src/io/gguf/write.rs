@@ -230,12 +230,9 @@ fn plan(export: &GgufExport) -> Result<(Vec<Planned>, GgufReport)> {
         let bits = if e.dtype == Dtype::U8 { 4 } else { 8 };
         // Int4 rows hold two values a byte (an odd count would fail GGUF's multiple of 32 below).
         let k = if bits == 4 { 2 * k_stored } else { k_stored };
-        // An int8 table (untied embeddings) has its own grid: one scale per row.
-        let table = export.quantization.tables.iter().any(|t| t == layer);
-        let group = match table {
-            true => k.div_ceil(source.entry(&format!("{layer}.weight_scale")).and_then(|s| s.shape.get(1).copied()).unwrap_or(1).max(1)),
-            false => scheme.weight_quant().group_in(k),
-        };
+        // An int8 table (untied embeddings) has no scheme: its grid is its scales'.
+        let table = export.quantization.is_table(layer);
+        let group = export.quantization.weight_group(source, layer, k);
         let zero_points = source.entry(&format!("{layer}.weight_zero_point")).is_some();
         if !k.is_multiple_of(QK) {
             bail!("{}: {k} input channels: GGUF blocks need a multiple of {QK}", source.describe(name))
